@@ -1,0 +1,615 @@
+"""
+The client-facing TLS engine: L{ServerContext} and L{Connection}.
+
+L{Connection} offers the part of pyOpenSSL's C{Connection} that Twisted's
+L{TLSMemoryBIOProtocol} calls, and raises pyOpenSSL's exceptions, so a
+Twisted server uses it unchanged: L{ServerContext} provides
+L{IOpenSSLServerConnectionCreator} and goes where a Twisted TLS server takes
+a context factory.  What pyOpenSSL cannot do, and this engine exists for, is
+an external, asynchronous session cache:
+
+    - every session OpenSSL makes is handed to C{on_new_session} as its id
+      and DER bytes; OpenSSL itself stores nothing;
+    - session ids are 32 bytes that name this node (L{sslshare.sessionid}),
+      for TLS 1.2 sessions and TLS 1.3 stateful tickets alike;
+    - a ClientHello that offers one of our session ids (TLS 1.2: the legacy
+      session id; TLS 1.3: a PSK identity) pauses the handshake.  The
+      connection tells its lookup listener (the TLS protocol, when it
+      provides L{ISessionLookupListener}), answers Twisted's
+      C{do_handshake} with C{WantReadError} until L{Connection.supply} is
+      called with the DER bytes, or C{None}, and then goes on: resumed, or
+      full when nothing usable was supplied.
+
+The pause uses OpenSSL's client-hello callback, which may run several times
+for one ClientHello (OpenSSL calls it again when the handshake is retried,
+and again for a second ClientHello after a HelloRetryRequest): the connection
+remembers the request and its answer, and asks only once.  The listener is
+called from L{Connection.do_handshake}, never from inside OpenSSL, so it may
+answer at once (a local hit) or later from the reactor.
+
+Bad input never crashes the engine: a malformed extension, a foreign session
+id, a DER that does not parse, or one from another session id context, a
+protocol version or session that does not match, all end in a full handshake
+or in OpenSSL's own alert, and each is counted in L{ServerContext.counters}.
+
+This module does no network I/O and holds no policy on where sessions live.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+from OpenSSL.SSL import (
+    Error,
+    SysCallError,
+    WantReadError,
+    WantWriteError,
+    WantX509LookupError,
+    ZeroReturnError,
+)
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import Interface, implementer
+
+from sslshare import _openssl, sessionid
+
+TLS_1_2 = _openssl.TLS_1_2
+TLS_1_3 = _openssl.TLS_1_3
+_VERSIONS = {"1.2": TLS_1_2, "1.3": TLS_1_3}
+_VERSION_NAMES = {TLS_1_2: "TLSv1.2", TLS_1_3: "TLSv1.3"}
+
+# Mozilla's "intermediate" TLS 1.2 list: forward secret AEAD suites only.
+DEFAULT_TLS12_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+))
+DEFAULT_TLS13_SUITES = ("TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:"
+                        "TLS_CHACHA20_POLY1305_SHA256")
+DEFAULT_GROUPS = "X25519:P-256:P-384"
+DEFAULT_SESSION_LIFETIME = 3600
+
+# TLS extension numbers (RFC 6066, RFC 8446).
+_EXTENSION_SERVER_NAME = 0
+_EXTENSION_PSK = 41
+_EXTENSION_SUPPORTED_VERSIONS = 43
+_HOST_NAME = 0
+
+
+class TLSConfigurationError(Exception):
+    """
+    A server context could not be built; the message names the file or
+    setting and the reason.
+    """
+
+
+class MalformedExtension(ValueError):
+    """
+    A ClientHello extension does not parse.
+    """
+
+
+@attrs.frozen
+class VirtualService:
+    """
+    One certificate and the names it answers for.
+
+    @ivar name: the service name, unique in a context; also what the session
+        id context is derived from (with the cluster name).
+    @ivar certificate_chain: path of a PEM file, leaf first.
+    @ivar private_key: path of the PEM private key (RSA or EC).
+    @ivar server_names: the SNI names that select this service; C{"*.x.y"}
+        matches one label.  The first service of a context is also the
+        default, for clients that send no name or an unknown one.
+    @ivar id_context: the session id context, at most 32 bytes.
+    """
+
+    name: str
+    certificate_chain: str
+    private_key: str
+    id_context: bytes
+    server_names: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class LookupRequest:
+    """
+    A session a client offered, which the handshake waits for.
+
+    @ivar session_id: the 32-byte sslshare session id (TLS 1.2 session id or
+        TLS 1.3 PSK identity).
+    @ivar protocol: C{"TLSv1.2"} or C{"TLSv1.3"}: the version the session
+        must have.
+    @ivar service: the name of the virtual service the client reached.
+    """
+
+    session_id: bytes
+    protocol: str
+    service: str
+
+
+class ISessionLookupListener(Interface):
+    """
+    Whoever answers a paused handshake: in sslshare, the TLS protocol of the
+    connection (the object passed to C{set_app_data}).
+    """
+
+    def lookup_requested(connection: Connection, request: LookupRequest) -> None:
+        """
+        The handshake of C{connection} waits for the session of
+        C{request}.  Call C{connection.supply(der or None)} once, now or
+        later, then let Twisted drive the handshake again.
+        """
+
+
+NewSessionCallback = Callable[["Connection", bytes, bytes], None]
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerContext:
+    """
+    Everything the engine needs to accept TLS connections for a set of
+    virtual services, and the counters of what happened to them.
+
+    @ivar counters: event name -> count.  C{full} and C{resumed} handshakes;
+        C{lookups} (handshakes paused for a session), C{lookup_misses} (the
+        answer was C{None}); the reasons a supplied session was refused
+        (C{bad_der}, C{wrong_session}, C{context_mismatch},
+        C{version_mismatch}, C{expired}) and a supplied session OpenSSL did
+        not resume (C{not_resumed}); offered keys that could not be ours
+        (C{foreign_session_id}, C{malformed_psk}); and C{failed:<reason>}
+        for handshakes that ended in an error.
+    """
+
+    def __init__(
+        self,
+        services: Sequence[VirtualService],
+        owner_tag: bytes,
+        on_new_session: NewSessionCallback | None = None,
+        alpn: Sequence[bytes] = (),
+        minimum_version: str = "1.2",
+        maximum_version: str = "1.3",
+        tls12_ciphers: str = DEFAULT_TLS12_CIPHERS,
+        tls13_suites: str = DEFAULT_TLS13_SUITES,
+        groups: str = DEFAULT_GROUPS,
+        session_lifetime: int = DEFAULT_SESSION_LIFETIME,
+    ) -> None:
+        if not services:
+            raise TLSConfigurationError("a server needs at least one service")
+        if len(owner_tag) != sessionid.OWNER_TAG_LENGTH:
+            raise TLSConfigurationError(
+                f"owner tag must be {sessionid.OWNER_TAG_LENGTH} bytes")
+        try:
+            self.minimum_version = _VERSIONS[minimum_version]
+            self.maximum_version = _VERSIONS[maximum_version]
+        except KeyError as e:
+            raise TLSConfigurationError(
+                f"TLS version {e.args[0]!r} is not supported: use 1.2 or 1.3"
+            ) from None
+        if self.minimum_version > self.maximum_version:
+            raise TLSConfigurationError(
+                f"minimum TLS version {minimum_version} is above the "
+                f"maximum {maximum_version}")
+        self.owner_tag = owner_tag
+        self.on_new_session = on_new_session
+        self.alpn = tuple(alpn)
+        self.session_lifetime = session_lifetime
+        self.counters: Counter[str] = Counter()
+        self._services: list[tuple[VirtualService, _openssl.NativeContext]] = []
+        self._by_name: dict[str, int] = {}
+        seen_services = set()
+        for service in services:
+            if service.name in seen_services:
+                raise TLSConfigurationError(
+                    f"service {service.name!r} is defined twice")
+            seen_services.add(service.name)
+            native = self._native_context(
+                service, tls12_ciphers, tls13_suites, groups)
+            for name in service.server_names:
+                name = name.lower()
+                if name in self._by_name:
+                    raise TLSConfigurationError(
+                        f"server name {name!r} belongs to two services")
+                self._by_name[name] = len(self._services)
+            self._services.append((service, native))
+
+    def _native_context(self, service: VirtualService, tls12_ciphers: str,
+                        tls13_suites: str, groups: str) -> _openssl.NativeContext:
+        for what, path in (("certificate chain", service.certificate_chain),
+                           ("private key", service.private_key)):
+            if not os.access(path, os.R_OK):
+                raise TLSConfigurationError(
+                    f"{path}: cannot read the {what} of service "
+                    f"{service.name!r}: "
+                    + ("no such file" if not os.path.exists(path)
+                       else "permission denied"))
+        if not 0 < len(service.id_context) <= sessionid.ID_CONTEXT_LENGTH:
+            raise TLSConfigurationError(
+                f"service {service.name!r}: session id context must be 1 to "
+                f"{sessionid.ID_CONTEXT_LENGTH} bytes")
+        native = _openssl.NativeContext()
+        steps: list[tuple[str, Callable[[], None]]] = [
+            (service.certificate_chain,
+             lambda: native.load_certificate_chain(service.certificate_chain)),
+            (service.private_key,
+             lambda: native.load_private_key(service.private_key)),
+            ("versions", lambda: native.set_versions(
+                self.minimum_version, self.maximum_version)),
+            ("ciphers", lambda: native.set_ciphers(tls12_ciphers, tls13_suites)),
+            ("groups", lambda: native.set_groups(groups)),
+            ("session id context",
+             lambda: native.set_session_id_context(service.id_context)),
+            # One TLS 1.3 ticket per handshake: each stateful ticket is a
+            # session of its own that the cluster would have to carry.
+            ("tickets", lambda: native.set_tls13_tickets(1)),
+        ]
+        for what, step in steps:
+            try:
+                step()
+            except _openssl.NativeError as e:
+                raise TLSConfigurationError(
+                    f"{what}: service {service.name!r}: {e}") from None
+        native.set_session_lifetime(self.session_lifetime)
+        return native
+
+    @property
+    def services(self) -> list[VirtualService]:
+        return [service for service, _ in self._services]
+
+    def _select(self, server_name: str | None) -> int:
+        if server_name is None:
+            return 0
+        index = self._by_name.get(server_name)
+        if index is None and "." in server_name:
+            index = self._by_name.get("*." + server_name.split(".", 1)[1])
+        return 0 if index is None else index
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> Connection:
+        """
+        A new server-side L{Connection} for Twisted's TLS protocol.
+        """
+        connection = Connection(self)
+        connection.set_app_data(tlsProtocol)
+        return connection
+
+
+class Connection:
+    """
+    One server-side TLS connection over memory BIOs; see the module
+    docstring for the pause on a ClientHello.
+    """
+
+    def __init__(self, context: ServerContext) -> None:
+        self._context = context
+        self._service_index = 0
+        self._native = _openssl.NativeConnection(context._services[0][1], self)
+        self._app_data: Any = None
+        self._request: LookupRequest | None = None
+        self._answered = False
+        self._notified = False
+        self._supplied: _openssl.NativeSession | None = None
+        self._handshake_done = False
+
+    # What Twisted's TLS protocol calls, as pyOpenSSL spells it.
+
+    def set_app_data(self, data: Any) -> None:
+        self._app_data = data
+
+    def get_app_data(self) -> Any:
+        return self._app_data
+
+    def set_accept_state(self) -> None:
+        """
+        Nothing to do: the engine is server-only and accepts from the start.
+        """
+
+    def set_connect_state(self) -> None:
+        raise NotImplementedError("sslshare's engine is server-side only")
+
+    def do_handshake(self) -> None:
+        while True:
+            if self._request is not None and not self._answered:
+                raise WantReadError()
+            result = self._native.handshake()
+            if result == _openssl.RESULT_OK:
+                self._finish_handshake()
+                return
+            if result == _openssl.RESULT_WANT_CLIENT_HELLO and not self._notified:
+                self._notified = True
+                self._app_data.lookup_requested(self, self._request)
+                continue
+            self._raise(result, during_handshake=True)
+
+    def bio_write(self, data: bytes) -> int:
+        if not data:
+            return 0
+        return self._native.feed(bytes(data))
+
+    def bio_read(self, size: int) -> bytes:
+        data = self._native.take_output(size)
+        if not data:
+            raise WantReadError()
+        return data
+
+    def bio_shutdown(self) -> None:
+        self._native.mark_input_eof()
+
+    def recv(self, size: int) -> bytes:
+        data, result = self._native.read(size)
+        if result != _openssl.RESULT_OK:
+            self._raise(result)
+        return data
+
+    read = recv
+
+    def send(self, data: bytes) -> int:
+        count, result = self._native.write(bytes(data))
+        if result != _openssl.RESULT_OK:
+            self._raise(result)
+        return count
+
+    write = send
+
+    def shutdown(self) -> bool:
+        done, result = self._native.shutdown()
+        if result != _openssl.RESULT_OK:
+            self._raise(result)
+        return done
+
+    def pending(self) -> int:
+        return self._native.pending()
+
+    def get_peer_certificate(self) -> None:
+        """
+        Always C{None}: clients are not asked for certificates.
+        """
+        return None
+
+    def get_alpn_proto_negotiated(self) -> bytes:
+        return self._native.alpn_selected()
+
+    def get_servername(self) -> bytes | None:
+        return self._native.server_name()
+
+    def get_protocol_version_name(self) -> str:
+        return _VERSION_NAMES.get(self._native.protocol_version(), "unknown")
+
+    def get_cipher_name(self) -> str | None:
+        return self._native.cipher_name()
+
+    def export_keying_material(self, label: bytes, olen: int,
+                               context: bytes | None = None) -> bytes:
+        try:
+            return self._native.export_keying_material(label, olen,
+                                                       context or b"")
+        except _openssl.NativeError as e:
+            raise Error([("SSL routines", "", str(e))]) from None
+
+    # sslshare's own.
+
+    @property
+    def service(self) -> VirtualService:
+        """
+        The virtual service this connection reached (the default one until
+        the ClientHello has been read).
+        """
+        return self._context._services[self._service_index][0]
+
+    @property
+    def lookup_request(self) -> LookupRequest | None:
+        return self._request
+
+    def session_reused(self) -> bool:
+        return self._native.session_reused()
+
+    def get_session_id(self) -> bytes:
+        """
+        The id of the connection's current session: after a TLS 1.3
+        handshake, the id of the ticket just issued.
+        """
+        return self._native.session_id()
+
+    def supply(self, der: bytes | None) -> None:
+        """
+        Answer the lookup this connection's handshake waits for: the DER of
+        the session, or C{None} for a full handshake.  What cannot be used
+        (see L{ServerContext.counters}) also gives a full handshake.
+        """
+        if self._request is None or self._answered:
+            raise RuntimeError("no session lookup is waiting for an answer")
+        self._answered = True
+        counters = self._context.counters
+        if der is None:
+            counters["lookup_misses"] += 1
+            return
+        try:
+            session = _openssl.NativeSession.from_der(der)
+        except ValueError:
+            counters["bad_der"] += 1
+            return
+        refusal = self._refusal(session.details())
+        if refusal is not None:
+            counters[refusal] += 1
+            return
+        self._supplied = session
+
+    def _refusal(self, fields: _openssl.SessionFields) -> str | None:
+        request = self._request
+        assert request is not None
+        if fields.session_id != request.session_id:
+            return "wrong_session"
+        if fields.id_context != self.service.id_context:
+            return "context_mismatch"
+        if _VERSION_NAMES.get(fields.protocol_version) != request.protocol:
+            return "version_mismatch"
+        if fields.created + fields.lifetime <= time.time() or not fields.resumable:
+            return "expired"
+        return None
+
+    def _finish_handshake(self) -> None:
+        if self._handshake_done:
+            return
+        self._handshake_done = True
+        counters = self._context.counters
+        if self._native.session_reused():
+            counters["resumed"] += 1
+        else:
+            counters["full"] += 1
+            if self._supplied is not None:
+                counters["not_resumed"] += 1
+        # The supplied session is OpenSSL's now, or was not wanted.
+        self._supplied = None
+
+    def _raise(self, result: int, during_handshake: bool = False) -> None:
+        if result == _openssl.RESULT_WANT_READ:
+            raise WantReadError()
+        if result == _openssl.RESULT_WANT_WRITE:
+            raise WantWriteError()
+        if result == _openssl.RESULT_WANT_X509_LOOKUP:
+            raise WantX509LookupError()
+        if result == _openssl.RESULT_ZERO_RETURN:
+            raise ZeroReturnError()
+        errors = _openssl.take_errors()
+        if during_handshake:
+            reason = errors[-1][1] if errors else "unexpected eof"
+            self._context.counters[f"failed:{reason}"] += 1
+        if result == _openssl.RESULT_SYSCALL and not errors:
+            raise SysCallError(-1, "Unexpected EOF")
+        raise Error([(library, "", reason) for library, reason in errors])
+
+    # What OpenSSL asks through the trampolines (see sslshare._openssl).
+
+    def _on_client_hello(self, hello: _openssl.ClientHello) -> int:
+        if self._request is not None:
+            return (_openssl.HELLO_SUCCESS if self._answered
+                    else _openssl.HELLO_RETRY)
+        context = self._context
+        try:
+            server_name = _server_name(hello.extension(_EXTENSION_SERVER_NAME))
+        except MalformedExtension:
+            # OpenSSL parses it again and answers with a decode_error alert.
+            return _openssl.HELLO_SUCCESS
+        self._service_index = context._select(server_name)
+        if self._service_index:
+            hello.use_context(context._services[self._service_index][1])
+        request = self._lookup(hello)
+        if request is None or not ISessionLookupListener.providedBy(
+                self._app_data):
+            return _openssl.HELLO_SUCCESS
+        context.counters["lookups"] += 1
+        self._request = request
+        return _openssl.HELLO_RETRY
+
+    def _lookup(self, hello: _openssl.ClientHello) -> LookupRequest | None:
+        counters = self._context.counters
+        if self._negotiates_tls13(hello):
+            body = hello.extension(_EXTENSION_PSK)
+            if body is None:
+                return None
+            try:
+                identities = _psk_identities(body)
+            except MalformedExtension:
+                counters["malformed_psk"] += 1
+                return None
+            key = next((i for i in identities if sessionid.is_session_id(i)),
+                       None)
+            if key is None:
+                counters["foreign_session_id"] += 1
+                return None
+            return LookupRequest(key, "TLSv1.3", self.service.name)
+        key = hello.legacy_session_id()
+        if not key:
+            return None
+        if not sessionid.is_session_id(key):
+            counters["foreign_session_id"] += 1
+            return None
+        return LookupRequest(key, "TLSv1.2", self.service.name)
+
+    def _negotiates_tls13(self, hello: _openssl.ClientHello) -> bool:
+        if self._context.maximum_version < TLS_1_3:
+            return False
+        body = hello.extension(_EXTENSION_SUPPORTED_VERSIONS)
+        if body is None:
+            return False
+        try:
+            return TLS_1_3 in _supported_versions(body)
+        except MalformedExtension:
+            return False
+
+    def _on_new_session_id(self) -> bytes:
+        return sessionid.new_session_id(self._context.owner_tag)
+
+    def _on_new_session(self, session_id: bytes, der: bytes) -> None:
+        if self._context.on_new_session is not None and der:
+            self._context.on_new_session(self, session_id, der)
+
+    def _on_get_session(self, session_id: bytes) -> _openssl.NativeSession | None:
+        if self._supplied is None or self._request is None:
+            return None
+        if session_id != self._request.session_id:
+            return None
+        return self._supplied
+
+    def _on_select_alpn(self, offered: list[bytes]) -> bytes | None:
+        return next((name for name in self._context.alpn if name in offered),
+                    None)
+
+
+def _u16_prefixed(body: bytes, position: int) -> tuple[bytes, int]:
+    if position + 2 > len(body):
+        raise MalformedExtension("truncated length")
+    (length,) = struct.unpack_from("!H", body, position)
+    end = position + 2 + length
+    if end > len(body):
+        raise MalformedExtension("length past the end")
+    return body[position + 2:end], end
+
+
+def _server_name(body: bytes | None) -> str | None:
+    """
+    The host name of a server_name extension (RFC 6066, section 3).
+    """
+    if body is None:
+        return None
+    names, end = _u16_prefixed(body, 0)
+    if end != len(body):
+        raise MalformedExtension("bytes after the server name list")
+    position = 0
+    while position < len(names):
+        name_type = names[position]
+        name, position = _u16_prefixed(names, position + 1)
+        if name_type == _HOST_NAME:
+            try:
+                return name.decode("ascii").lower()
+            except UnicodeDecodeError:
+                raise MalformedExtension("host name is not ASCII") from None
+    return None
+
+
+def _psk_identities(body: bytes) -> list[bytes]:
+    """
+    The identities of a pre_shared_key extension (RFC 8446, 4.2.11).
+    """
+    identities_block, _ = _u16_prefixed(body, 0)
+    if not identities_block:
+        raise MalformedExtension("no identities")
+    identities = []
+    position = 0
+    while position < len(identities_block):
+        identity, position = _u16_prefixed(identities_block, position)
+        if position + 4 > len(identities_block):
+            raise MalformedExtension("truncated ticket age")
+        position += 4
+        identities.append(identity)
+    return identities
+
+
+def _supported_versions(body: bytes) -> list[int]:
+    if not body or body[0] + 1 != len(body) or body[0] % 2:
+        raise MalformedExtension("bad supported_versions length")
+    return [version for (version,) in struct.iter_unpack("!H", body[1:])]
