@@ -149,8 +149,9 @@ _SSL_CTRL_SET_SESS_CACHE_MODE = 44
 _SSL_CTRL_SET_GROUPS_LIST = 92
 _SSL_CTRL_SET_MIN_PROTO_VERSION = 123
 _SSL_CTRL_SET_MAX_PROTO_VERSION = 124
+_SSL_SESS_CACHE_SERVER = 0x0002
 # Server cache, but OpenSSL neither stores nor looks up anything itself.
-_SSL_SESS_CACHE_SERVER_NO_INTERNAL = 0x0002 | 0x0100 | 0x0200
+_SSL_SESS_CACHE_SERVER_NO_INTERNAL = _SSL_SESS_CACHE_SERVER | 0x0100 | 0x0200
 _SSL_OP_NO_TICKET = 1 << 14
 _SSL_OP_NO_COMPRESSION = 1 << 17
 _SSL_OP_CIPHER_SERVER_PREFERENCE = 1 << 22
@@ -511,12 +512,19 @@ class NativeContext:
     the trampolines, and nothing of OpenSSL's own cache.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, internal_cache: bool = False) -> None:
+        """
+        @param internal_cache: leave sessions to OpenSSL's own in-memory
+            cache and install no callbacks: plain OpenSSL, which the engine
+            benchmark measures the engine against.
+        """
         ctx = _lib.SSL_CTX_new(_lib.TLS_server_method())
         _check(ctx != ffi.NULL, "SSL_CTX_new")
         self._ctx = ffi.gc(ctx, _lib.SSL_CTX_free)
-        _lib.SSL_CTX_ctrl(ctx, _SSL_CTRL_SET_SESS_CACHE_MODE,
-                          _SSL_SESS_CACHE_SERVER_NO_INTERNAL, ffi.NULL)
+        _lib.SSL_CTX_ctrl(
+            ctx, _SSL_CTRL_SET_SESS_CACHE_MODE,
+            _SSL_SESS_CACHE_SERVER if internal_cache
+            else _SSL_SESS_CACHE_SERVER_NO_INTERNAL, ffi.NULL)
         # NO_TICKET: TLS 1.2 without stateless tickets, and TLS 1.3 with
         # stateful tickets whose identity is the session id (DESIGN.md).
         _lib.SSL_CTX_set_options(
@@ -532,6 +540,8 @@ class NativeContext:
             | _SSL_MODE_RELEASE_BUFFERS,
             ffi.NULL,
         )
+        if internal_cache:
+            return
         _lib.SSL_CTX_sess_set_new_cb(ctx, _new_session_trampoline)
         _lib.SSL_CTX_sess_set_get_cb(ctx, _get_session_trampoline)
         _lib.SSL_CTX_set_generate_session_id(ctx, _generate_session_id_trampoline)
