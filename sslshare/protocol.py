@@ -57,6 +57,14 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
     _pendingLookup: Deferred[None] | None = None
     _answerArrivesLater = False
 
+    def makeConnection(self, transport: Any) -> None:
+        # A handshake is a few small flights each way: Nagle's algorithm
+        # would hold the last one for the peer's delayed ACK (up to 40 ms).
+        setNoDelay = getattr(transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
+        super().makeConnection(transport)
+
     def lookup_requested(self, connection: Connection,
                          request: LookupRequest) -> None:
         lookup = maybeDeferred(self.factory.lookup, request)

@@ -148,6 +148,17 @@ class ISessionLookupListener(Interface):
 
 
 NewSessionCallback = Callable[["Connection", bytes, bytes], None]
+SessionFields = _openssl.SessionFields
+
+
+def session_fields(der: bytes) -> SessionFields:
+    """
+    What a session holds: id, id context, protocol version, cipher, master
+    key (a secret, kept out of C{repr}), creation time and lifetime.
+
+    @raise ValueError: C{der} is not an encoded TLS session.
+    """
+    return _openssl.NativeSession.from_der(der).details()
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -432,22 +443,22 @@ class Connection:
         except ValueError:
             counters["bad_der"] += 1
             return
-        refusal = self._refusal(session.details())
+        refusal = self._refusal(session.identity())
         if refusal is not None:
             counters[refusal] += 1
             return
         self._supplied = session
 
-    def _refusal(self, fields: _openssl.SessionFields) -> str | None:
+    def _refusal(self, found: _openssl.SessionIdentity) -> str | None:
         request = self._request
         assert request is not None
-        if fields.session_id != request.session_id:
+        if found.session_id != request.session_id:
             return "wrong_session"
-        if fields.id_context != self.service.id_context:
+        if found.id_context != self.service.id_context:
             return "context_mismatch"
-        if _VERSION_NAMES.get(fields.protocol_version) != request.protocol:
+        if _VERSION_NAMES.get(found.protocol_version) != request.protocol:
             return "version_mismatch"
-        if fields.created + fields.lifetime <= time.time() or not fields.resumable:
+        if found.expires <= time.time() or not found.resumable:
             return "expired"
         return None
 
@@ -489,14 +500,17 @@ class Connection:
             return (_openssl.HELLO_SUCCESS if self._answered
                     else _openssl.HELLO_RETRY)
         context = self._context
-        try:
-            server_name = _server_name(hello.extension(_EXTENSION_SERVER_NAME))
-        except MalformedExtension:
-            # OpenSSL parses it again and answers with a decode_error alert.
-            return _openssl.HELLO_SUCCESS
-        self._service_index = context._select(server_name)
-        if self._service_index:
-            hello.use_context(context._services[self._service_index][1])
+        # With one service there is nothing for SNI to choose.
+        if len(context._services) > 1:
+            try:
+                server_name = _server_name(
+                    hello.extension(_EXTENSION_SERVER_NAME))
+            except MalformedExtension:
+                # OpenSSL parses it again and answers with decode_error.
+                return _openssl.HELLO_SUCCESS
+            self._service_index = context._select(server_name)
+            if self._service_index:
+                hello.use_context(context._services[self._service_index][1])
         request = self._lookup(hello)
         if request is None or not ISessionLookupListener.providedBy(
                 self._app_data):
@@ -533,6 +547,8 @@ class Connection:
     def _negotiates_tls13(self, hello: _openssl.ClientHello) -> bool:
         if self._context.maximum_version < TLS_1_3:
             return False
+        if self._context.minimum_version == TLS_1_3:
+            return True
         body = hello.extension(_EXTENSION_SUPPORTED_VERSIONS)
         if body is None:
             return False
@@ -593,19 +609,32 @@ def _server_name(body: bytes | None) -> str | None:
 
 def _psk_identities(body: bytes) -> list[bytes]:
     """
-    The identities of a pre_shared_key extension (RFC 8446, 4.2.11).
+    The identities of a pre_shared_key extension (RFC 8446, 4.2.11), which
+    must be whole: one binder of at least 32 bytes per identity, and nothing
+    after the binders.
     """
-    identities_block, _ = _u16_prefixed(body, 0)
-    if not identities_block:
-        raise MalformedExtension("no identities")
+    identities_block, position = _u16_prefixed(body, 0)
+    binders_block, end = _u16_prefixed(body, position)
+    if end != len(body):
+        raise MalformedExtension("bytes after the binders")
     identities = []
     position = 0
     while position < len(identities_block):
         identity, position = _u16_prefixed(identities_block, position)
-        if position + 4 > len(identities_block):
-            raise MalformedExtension("truncated ticket age")
+        if not identity or position + 4 > len(identities_block):
+            raise MalformedExtension("empty identity or truncated ticket age")
         position += 4
         identities.append(identity)
+    binders = 0
+    position = 0
+    while position < len(binders_block):
+        length = binders_block[position]
+        position += 1 + length
+        if length < 32 or position > len(binders_block):
+            raise MalformedExtension("short or truncated binder")
+        binders += 1
+    if not identities or binders != len(identities):
+        raise MalformedExtension("identities and binders do not pair up")
     return identities
 
 

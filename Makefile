@@ -1,0 +1,58 @@
+# `make test` on a fresh Debian 12 machine with Python 3.11 installs whatever
+# is missing (Debian packages, then a .venv) and runs the test suite.
+
+PYTHON ?= python3
+VENV := .venv
+# Inside the venv, so that deleting .venv also forgets that it was set up.
+STAMP := $(VENV)/.sslshare-installed
+TESTS ?= tests
+TRIAL_ARGS ?=
+
+# The tests drive stock clients (openssl s_client, curl) and start their own
+# redis-server and PostgreSQL; CI has them all so that nothing is skipped.
+APT_PACKAGES := openssl curl redis-server postgresql
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: test venv system-deps demo bench clean
+
+test: system-deps venv
+	$(VENV)/bin/python -m twisted.trial $(TRIAL_ARGS) $(TESTS)
+
+venv: $(STAMP)
+
+# Order-only: Debian's python3 needs python3-venv (from system-deps) to make a
+# venv, but a venv that exists is not remade each time system-deps runs.
+$(VENV)/bin/python: | system-deps
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.cfg setup.py | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install --upgrade pip
+	$(VENV)/bin/python -m pip install -e '.[test,postgres,redis]'
+	touch $@
+
+# Checks first, so that a machine that has everything never touches apt.
+system-deps:
+	@missing=""; \
+	for pkg in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q 'install ok installed' \
+	        || missing="$$missing $$pkg"; \
+	done; \
+	[ -x $(VENV)/bin/python ] || $(PYTHON) -c 'import ensurepip' 2>/dev/null \
+	    || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    $(SUDO) apt-get update \
+	    && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	        apt-get install -y --no-install-recommends $$missing; \
+	fi
+
+demo:
+	@echo "make demo arrives with issue 4"
+	@exit 1
+
+bench: venv
+	$(VENV)/bin/python benchmarks/engine.py
+
+clean:
+	rm -rf _trial_temp* build dist *.egg-info twisted/plugins/dropin.cache .ci/test.log
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

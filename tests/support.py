@@ -1,0 +1,473 @@
+"""
+Helpers shared by the tests.
+
+Certificates: one test CA and the server identities it signs, written as PEM
+files that both our engine and stock clients (Python C{ssl}, C{openssl
+s_client}) load.  Generating an RSA-2048 key takes a noticeable part of a
+second, so tests that only need I{a} PKI share one per process through
+L{pki}; a test that changes the files makes its own with L{make_pki}.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import functools
+import ipaddress
+import os
+import shutil
+import socket
+import ssl
+import struct
+import tempfile
+import weakref
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.task import deferLater
+from twisted.protocols.basic import LineReceiver
+from twisted.python.filepath import FilePath
+
+from sslshare import sessionid, tls
+from sslshare.protocol import SessionResumingTLSFactory
+
+
+@attrs.frozen
+class PKI:
+    """
+    Paths of the PEM files written by L{make_pki}.  Each chain file holds the
+    server certificate, then the CA certificate; each key file holds the
+    unencrypted PKCS#8 key of its chain's server certificate.
+
+    @ivar ca_cert: the CA certificate, for clients to verify against.
+    @ivar rsa_chain: C{localhost} and C{127.0.0.1}, RSA-2048 key.
+    @ivar ec_chain: C{localhost} and C{127.0.0.1}, P-256 key.
+    @ivar other_chain: C{other.test} only, P-256 key: a second virtual service.
+    """
+
+    ca_cert: str
+    rsa_chain: str
+    rsa_key: str
+    ec_chain: str
+    ec_key: str
+    other_chain: str
+    other_key: str
+
+    def chain(self, kind: str) -> str:
+        """
+        The C{localhost} chain whose key is of C{kind}, C{"rsa"} or C{"ec"}.
+        """
+        return {"rsa": self.rsa_chain, "ec": self.ec_chain}[kind]
+
+    def key(self, kind: str) -> str:
+        """
+        The key of L{chain}C{(kind)}.
+        """
+        return {"rsa": self.rsa_key, "ec": self.ec_key}[kind]
+
+
+# Back-dated against clock skew between this process and a client's checks.
+_NOT_BEFORE = datetime.timedelta(days=1)
+_LIFETIME = datetime.timedelta(days=30)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _builder(subject: str, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _NOT_BEFORE)
+        .not_valid_after(now + _LIFETIME)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
+def _make_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = "sslshare test CA"
+    certificate = (
+        _builder(name, _name(name), key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False,
+                key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False),
+            critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return certificate, key
+
+
+def _make_server(ca: x509.Certificate, ca_key, key, names: list[x509.GeneralName]):
+    # Key encipherment is what a TLS 1.2 RSA key exchange needs; an EC key
+    # cannot encipher, so it claims signatures only.
+    is_rsa = isinstance(key, rsa.RSAPrivateKey)
+    return (
+        _builder(str(names[0].value), ca.subject, key.public_key())
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False,
+                key_encipherment=is_rsa, data_encipherment=False,
+                key_agreement=False, key_cert_sign=False, crl_sign=False,
+                encipher_only=False, decipher_only=False),
+            critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        # Python 3.13's default client context verifies strictly (RFC 5280),
+        # which requires the authority key identifier.
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def _pem(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def _write(directory: str, filename: str, data: bytes) -> str:
+    path = os.path.join(directory, filename)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def make_pki(directory: FilePath | str) -> PKI:
+    """
+    Generate a CA and three server identities signed by it, and write them to
+    C{directory} (created if missing, as for a path from C{TestCase.mktemp}).
+    """
+    if isinstance(directory, FilePath):
+        directory = directory.path
+    os.makedirs(directory, exist_ok=True)
+    ca, ca_key = _make_ca()
+    localhost = [x509.DNSName("localhost"),
+                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    paths = {"ca_cert": _write(directory, "ca.pem", _pem(ca))}
+    for prefix, names, key in [
+        ("rsa", localhost, rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+        ("ec", localhost, ec.generate_private_key(ec.SECP256R1())),
+        ("other", [x509.DNSName("other.test")], ec.generate_private_key(ec.SECP256R1())),
+    ]:
+        certificate = _make_server(ca, ca_key, key, names)
+        paths[f"{prefix}_chain"] = _write(
+            directory, f"{prefix}-chain.pem", _pem(certificate) + _pem(ca))
+        paths[f"{prefix}_key"] = _write(
+            directory, f"{prefix}-key.pem", key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()))
+    return PKI(**paths)
+
+
+@functools.cache
+def pki() -> PKI:
+    """
+    The PKI shared by every test of this process, made on first use in a
+    temporary directory that is removed when the process exits.  Tests must
+    not change its files.
+    """
+    directory = tempfile.mkdtemp(prefix="sslshare-pki-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return make_pki(directory)
+
+
+LOOKUP_DELAY = 0.02
+
+
+class OneShotEcho(Protocol):
+    """
+    Sends back the first bytes it gets, then closes: a client that waits for
+    the answer has read everything the server sent before it (TLS 1.3
+    tickets included).
+    """
+
+    def dataReceived(self, data):
+        self.transport.write(data)
+        self.transport.loseConnection()
+
+
+class TLSServer:
+    """
+    One engine context listening on 127.0.0.1, answering lookups from
+    C{sessions} after a reactor delay (replace C{lookup} to change that).
+    """
+
+    def __init__(self, testcase, chain=None, key=None, *, owner, sessions,
+                 services=None, service_name="web", **context_options):
+        if services is None:
+            services = [tls.VirtualService(
+                service_name, chain, key,
+                sessionid.service_id_context("test", service_name),
+                ("localhost",))]
+        self.sessions = sessions
+        self.owner_tag = sessionid.owner_tag("test", owner)
+        self.context = tls.ServerContext(
+            services, self.owner_tag, on_new_session=self._made,
+            **context_options)
+        self.lookup = self._delayed_lookup
+        # Weak, so that a long test does not keep every connection alive.
+        self.protocols = weakref.WeakSet()
+        factory = SessionResumingTLSFactory(
+            self.context, lambda request: self.lookup(request),
+            Factory.forProtocol(OneShotEcho))
+        original = factory.buildProtocol
+
+        def build(address):
+            protocol = original(address)
+            self.protocols.add(protocol)
+            return protocol
+
+        factory.buildProtocol = build
+        self.listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.port = self.listening.getHost().port
+        testcase.addCleanup(self.stop)
+
+    def _made(self, connection, session_id, der):
+        self.sessions[session_id] = der
+
+    def _delayed_lookup(self, request):
+        return deferLater(reactor, LOOKUP_DELAY, self.sessions.get,
+                          request.session_id)
+
+    def stop(self):
+        for protocol in list(self.protocols):
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+        return self.listening.stopListening()
+
+
+class SharingPair:
+    """
+    Two independent contexts of nodes node1 and node2 sharing one dict of
+    DER bytes.
+    """
+
+    def __init__(self, testcase, chain, key, second_service="web", **options):
+        self.sessions = {}
+        self.first = TLSServer(testcase, chain, key, owner="node1",
+                               sessions=self.sessions, **options)
+        self.second = TLSServer(testcase, chain, key, owner="node2",
+                                sessions=self.sessions,
+                                service_name=second_service, **options)
+
+
+@attrs.frozen
+class ClientResult:
+    version: str
+    reused: bool
+    echo: bytes
+    session: ssl.SSLSession | None
+    peer_names: list[str]
+    alpn: str | None
+
+
+@functools.cache
+def _client_context(ca_cert, version, verify, alpn):
+    # Python's ssl resumes a session only with the context that made it, so
+    # the rounds of one test share contexts.
+    context = ssl.create_default_context(cafile=ca_cert)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = context.maximum_version = getattr(
+        ssl.TLSVersion, version.replace(".", "_"))
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    return context
+
+
+def python_client_round(port, ca_cert, version, session=None,
+                        server_hostname="localhost", verify=True, alpn=None):
+    """
+    One connection with Python's C{ssl}: handshake (offering C{session}),
+    send C{hello}, read the echo until the server closes.  Blocking: run it
+    in a thread.
+    """
+    context = _client_context(ca_cert, version, verify, tuple(alpn or ()))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with context.wrap_socket(raw, server_hostname=server_hostname,
+                                 session=session) as client:
+            client.sendall(b"hello")
+            echo = b""
+            while chunk := client.recv(1024):
+                echo += chunk
+            names = []
+            certificate = client.getpeercert()
+            if certificate:
+                names = [value for kind, value in
+                         certificate.get("subjectAltName", ()) if kind == "DNS"]
+            return ClientResult(client.version(), client.session_reused, echo,
+                                client.session, names,
+                                client.selected_alpn_protocol())
+
+
+class _Collect(ProcessProtocol):
+    def __init__(self, stdin):
+        self.stdin = stdin
+        self.output = []
+        self.done = Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.stdin)
+        self.transport.closeStdin()
+
+    def outReceived(self, data):
+        self.output.append(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.done.callback(b"".join(self.output).decode("utf-8", "replace"))
+
+
+def s_client_round(port, ca_cert, version, session_out=None, session_in=None):
+    """
+    One connection with C{openssl s_client}; fires with its output.
+    """
+    arguments = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                 "-servername", "localhost", "-CAfile", ca_cert,
+                 "-verify_return_error", "-ign_eof",
+                 "-tls1_3" if version == "TLSv1.3" else "-tls1_2"]
+    if session_out:
+        arguments += ["-sess_out", session_out]
+    if session_in:
+        arguments += ["-sess_in", session_in]
+    collector = _Collect(b"hello\n")
+    reactor.spawnProcess(collector, "openssl", arguments, env=None)
+    return collector.done
+
+
+class _LookupAnswerer(LineReceiver):
+    delimiter = b"\n"
+
+    def lineReceived(self, line):
+        der = self.factory.sessions.get(bytes.fromhex(line.decode("ascii")))
+        self.sendLine(der.hex().encode("ascii") if der else b"-")
+
+
+class _LookupAsker(LineReceiver):
+    delimiter = b"\n"
+
+    def __init__(self):
+        self.answer = Deferred()
+
+    def lineReceived(self, line):
+        self.answer.callback(None if line == b"-" else bytes.fromhex(line.decode()))
+        self.transport.loseConnection()
+
+
+class NetworkLookup:
+    """
+    Lookups answered over a TCP round trip to a line server on 127.0.0.1.
+    """
+
+    def __init__(self, testcase, sessions):
+        factory = Factory.forProtocol(_LookupAnswerer)
+        factory.sessions = sessions
+        self.listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        testcase.addCleanup(self.listening.stopListening)
+
+    def lookup(self, request):
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1",
+                                      self.listening.getHost().port)
+        asker = _LookupAsker()
+        connected = connectProtocol(endpoint, asker)
+        connected.addCallback(
+            lambda protocol: protocol.sendLine(request.session_id.hex().encode()))
+        return connected.addCallback(lambda _: asker.answer)
+
+
+def _u8(data):
+    return bytes((len(data),)) + data
+
+
+def _u16(data):
+    return struct.pack("!H", len(data)) + data
+
+
+def _extension(kind, body):
+    return struct.pack("!H", kind) + _u16(body)
+
+
+def psk_extension(identities):
+    """
+    A pre_shared_key extension body offering C{identities}, with binders of
+    the right shape (and wrong value).
+    """
+    listed = b"".join(_u16(identity) + b"\0\0\0\0" for identity in identities)
+    binders = b"".join(_u8(b"\0" * 32) for _ in identities)
+    return _u16(listed) + _u16(binders)
+
+
+def client_hello(tls13, psk=None, session_id=b"", legacy_version=0x0303,
+                 server_name="localhost"):
+    """
+    A ClientHello record built by hand, for the inputs no stock client sends.
+    """
+    extensions = [
+        _extension(0, _u16(b"\0" + _u16(server_name.encode("ascii")))),
+        _extension(10, _u16(b"\x00\x1d\x00\x17")),           # groups
+        _extension(11, b"\x01\x00"),                         # point formats
+        _extension(13, _u16(b"\x04\x03\x08\x04\x04\x01")),   # signatures
+    ]
+    suites = b"\xc0\x2b\xc0\x2f"
+    if tls13:
+        public = x25519.X25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        suites = b"\x13\x01" + suites
+        extensions += [
+            _extension(43, b"\x02\x03\x04"),                  # TLS 1.3 only
+            _extension(45, b"\x01\x01"),                      # psk_dhe_ke
+            _extension(51, _u16(b"\x00\x1d" + _u16(public))),
+        ]
+        if psk is not None:
+            # pre_shared_key must come last.
+            extensions.append(_extension(41, psk))
+    body = (struct.pack("!H", legacy_version) + b"\x11" * 32 + _u8(session_id)
+            + _u16(suites) + b"\x01\x00" + _u16(b"".join(extensions)))
+    handshake = b"\x01" + struct.pack("!I", len(body))[1:] + body
+    return b"\x16\x03\x01" + _u16(handshake)
+
+
+def read_records(port, data, timeout=0.5):
+    """
+    Send C{data} to a server and parse the TLS records it answers with until
+    it closes or goes quiet for C{timeout} seconds.  Blocking.
+
+    @return: a list of (content type, body).
+    """
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+        raw.sendall(data)
+        try:
+            while chunk := raw.recv(65536):
+                received += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    records = []
+    while len(received) >= 5:
+        length = struct.unpack("!H", received[3:5])[0]
+        records.append((received[0], received[5:5 + length]))
+        received = received[5 + length:]
+    return records

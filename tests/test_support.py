@@ -1,0 +1,87 @@
+"""
+The test PKI: its files load into Python's C{ssl} and a stock client that
+trusts the CA accepts each server identity under its names.
+"""
+
+import os
+import ssl
+
+import attrs
+from twisted.trial.unittest import TestCase
+
+from tests import support
+
+
+def _handshake(server_context: ssl.SSLContext, client_context: ssl.SSLContext,
+               server_hostname: str) -> None:
+    """
+    Run a TLS handshake between two contexts through memory buffers; raise
+    C{ssl.SSLError} if either side refuses the other.
+    """
+    client_in, client_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server_in, server_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context.wrap_bio(client_in, client_out,
+                                     server_hostname=server_hostname)
+    server = server_context.wrap_bio(server_in, server_out, server_side=True)
+    pending = {client, server}
+    # A TLS 1.3 handshake is done in two round trips; a few more rounds only
+    # make a broken handshake fail on the assertion rather than hang.
+    for _ in range(5):
+        for side in list(pending):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                continue
+            pending.discard(side)
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+        if not pending:
+            return
+    raise AssertionError(f"handshake with {server_hostname} did not finish")
+
+
+class MakePKITests(TestCase):
+
+    def test_writes_every_file(self):
+        directory = self.mktemp()
+        pki = support.make_pki(directory)
+        for path in attrs.astuple(pki):
+            self.assertEqual(os.path.dirname(path), directory)
+            self.assertGreater(os.path.getsize(path), 0)
+
+    def test_chains_load_with_their_keys(self):
+        pki = support.pki()
+        for chain, key in [(pki.rsa_chain, pki.rsa_key),
+                           (pki.ec_chain, pki.ec_key),
+                           (pki.other_chain, pki.other_key)]:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(chain, key)
+
+    def _handshake_as(self, chain, key, server_hostname):
+        pki = support.pki()
+        client_context = ssl.create_default_context(cafile=pki.ca_cert)
+        # As Python 3.13's default context does: the certificates must satisfy
+        # RFC 5280, not only OpenSSL's lenient defaults.
+        client_context.verify_flags |= ssl.VERIFY_X509_STRICT
+        server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_context.load_cert_chain(chain, key)
+        _handshake(server_context, client_context, server_hostname)
+
+    def test_client_accepts_rsa_certificate_for_localhost(self):
+        pki = support.pki()
+        self._handshake_as(pki.rsa_chain, pki.rsa_key, "localhost")
+
+    def test_client_accepts_ec_certificate_for_loopback_address(self):
+        pki = support.pki()
+        self._handshake_as(pki.ec_chain, pki.ec_key, "127.0.0.1")
+
+    def test_client_accepts_other_certificate_for_its_name(self):
+        pki = support.pki()
+        self._handshake_as(pki.other_chain, pki.other_key, "other.test")
+
+    def test_client_refuses_localhost_certificate_for_other_name(self):
+        pki = support.pki()
+        self.assertRaises(ssl.SSLCertVerificationError, self._handshake_as,
+                          pki.ec_chain, pki.ec_key, "other.test")
+
+    def test_one_pki_per_process(self):
+        self.assertIs(support.pki(), support.pki())
