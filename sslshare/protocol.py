@@ -20,6 +20,13 @@ How a handshake pauses and resumes, once:
  5. A lookup that fails, or is cancelled because the client went away, is a
     miss: a full handshake, never a dropped or hung client.
 
+Inside the TLS protocol, L{BackendProxy} carries the plaintext to and from
+the backend endpoint once the handshake is done: each side is the other's
+producer, so a slow reader on one side pauses the other (back-pressure),
+and the backend closing its side ends the TLS connection once everything it
+sent has gone out (half-close).  A handshake that does not finish within
+the handshake timeout is aborted.
+
 This module holds no crypto: the engine does the TLS, C{lookup} says where
 sessions come from.
 """
@@ -28,8 +35,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -43,7 +59,18 @@ from sslshare.tls import (
     ServerContext,
 )
 
-Lookup = Callable[[LookupRequest], "Deferred[bytes | None] | bytes | None"]
+
+class Found(TypingProtocol):
+    """
+    What a lookup finds: the session's DER and the name of its source.
+    L{sslshare.recovery.Recovered} is one.
+    """
+
+    der: bytes
+    source: str
+
+
+Lookup = Callable[[LookupRequest], "Deferred[Found | None] | Found | None"]
 
 
 @implementer(ISessionLookupListener)
@@ -51,11 +78,15 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
     """
     A TLS server protocol whose handshake waits for the session a client
     offers.
+
+    @ivar recoveredFrom: the source of the session supplied to the
+        handshake, or C{None}.
     """
 
     _log = Logger()
     _pendingLookup: Deferred[None] | None = None
     _answerArrivesLater = False
+    recoveredFrom: str | None = None
 
     def makeConnection(self, transport: Any) -> None:
         # A handshake is a few small flights each way: Nagle's algorithm
@@ -81,11 +112,15 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
                 reason, session=sessionid.describe(request.session_id))
         return None
 
-    def _supply(self, der: bytes | None, connection: Connection) -> None:
+    def _supply(self, found: Found | None, connection: Connection) -> None:
         self._pendingLookup = None
         if self._lostTLSConnection:
             return
-        connection.supply(der)
+        if found is None:
+            connection.supply(None)
+        else:
+            self.recoveredFrom = found.source
+            connection.supply(found.der)
         if self._answerArrivesLater:
             self.dataReceived(b"")
 
@@ -102,8 +137,8 @@ class SessionResumingTLSFactory(TLSMemoryBIOFactory):
     Wraps C{wrappedFactory} in TLS served by C{context}, asking C{lookup}
     for the sessions clients offer.
 
-    @ivar lookup: called with a L{LookupRequest}; returns the DER of the
-        session, C{None}, or a Deferred of either.
+    @ivar lookup: called with a L{LookupRequest}; returns a L{Found}, C{None},
+        or a Deferred of either.
     """
 
     protocol = SessionResumingTLSProtocol
@@ -113,3 +148,113 @@ class SessionResumingTLSFactory(TLSMemoryBIOFactory):
         super().__init__(context, False, wrappedFactory)
         self.context = context
         self.lookup = lookup
+
+
+HandshakeDone = Callable[[Connection, "str | None"], None]
+
+
+@implementer(IHandshakeListener)
+class BackendProxy(Protocol):
+    """
+    The plaintext side of one client connection: bytes to and from the
+    backend, once the handshake is done.
+    """
+
+    _log = Logger()
+    factory: BackendProxyFactory
+    _backend: _BackendSide | None = None
+    _timeout: Any = None
+
+    def connectionMade(self) -> None:
+        self._pending: list[bytes] = []
+        self._timeout = self.factory.clock.callLater(
+            self.factory.handshake_timeout, self._handshakeTimedOut)
+
+    def _handshakeTimedOut(self) -> None:
+        self._timeout = None
+        self.factory.handshake_done(None, None)
+        self.transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+        tls = self.transport
+        self.factory.handshake_done(tls.getHandle(), tls.recoveredFrom)
+        # Client bytes wait in the kernel until the backend can take them.
+        tls.pauseProducing()
+        connecting = connectProtocol(self.factory.backend, _BackendSide(self))
+        connecting.addCallbacks(self._backendConnected, self._backendFailed)
+
+    def _backendConnected(self, backend: _BackendSide) -> None:
+        if not self.transport.connected:
+            backend.transport.loseConnection()
+            return
+        self._backend = backend
+        for data in self._pending:
+            backend.transport.write(data)
+        self._pending = []
+        self.transport.registerProducer(backend.transport, True)
+        backend.transport.registerProducer(self.transport, True)
+        self.transport.resumeProducing()
+
+    def _backendFailed(self, reason: Failure) -> None:
+        self._log.warn("backend unreachable, closing the client: {why}",
+                       why=reason.getErrorMessage())
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._backend is None:
+            self._pending.append(data)
+        else:
+            self._backend.transport.write(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+        if self._backend is not None:
+            # Whatever the client sent still goes out before the close.
+            self._backend.transport.loseConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class _BackendSide(Protocol):
+    def __init__(self, client: BackendProxy) -> None:
+        self.client = client
+
+    def dataReceived(self, data: bytes) -> None:
+        self.client.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        # The backend has said all it will say: close TLS once it is sent.
+        self.client.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Nothing to do: the client side closes on its own.
+        """
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.client.transport.loseConnection()
+
+
+class BackendProxyFactory(Factory):
+    """
+    Makes L{BackendProxy} protocols.
+
+    @param backend: where the plaintext goes.
+    @param handshake_done: told of each handshake's end: the engine
+        connection and the source of its session (or C{None}), or
+        C{(None, None)} when the handshake timed out.
+    """
+
+    protocol = BackendProxy
+
+    def __init__(self, backend: IStreamClientEndpoint,
+                 handshake_done: HandshakeDone, clock: IReactorTime,
+                 handshake_timeout: float) -> None:
+        self.backend = backend
+        self.handshake_done = handshake_done
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout

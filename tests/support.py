@@ -206,6 +206,21 @@ class OneShotEcho(Protocol):
         self.transport.loseConnection()
 
 
+@attrs.frozen
+class Found:
+    der: bytes = attrs.field(repr=False)
+    source: str = "test"
+
+
+def found_in(sessions, session_id, take=dict.get):
+    """
+    What a lookup in the dict C{sessions} finds, as the TLS protocol
+    expects it.
+    """
+    der = take(sessions, session_id, None)
+    return None if der is None else Found(der)
+
+
 class TLSServer:
     """
     One engine context listening on 127.0.0.1, answering lookups from
@@ -246,7 +261,7 @@ class TLSServer:
         self.sessions[session_id] = der
 
     def _delayed_lookup(self, request):
-        return deferLater(reactor, LOOKUP_DELAY, self.sessions.get,
+        return deferLater(reactor, LOOKUP_DELAY, found_in, self.sessions,
                           request.session_id)
 
     def stop(self):
@@ -373,7 +388,8 @@ class _LookupAsker(LineReceiver):
         self.answer = Deferred()
 
     def lineReceived(self, line):
-        self.answer.callback(None if line == b"-" else bytes.fromhex(line.decode()))
+        self.answer.callback(
+            None if line == b"-" else Found(bytes.fromhex(line.decode())))
         self.transport.loseConnection()
 
 

@@ -23,7 +23,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from tests import support
-from tests.support import SharingPair
+from tests.support import SharingPair, found_in
 
 HANDSHAKES_PER_VERSION = 10_000
 WARM_UP = 500
@@ -64,8 +64,8 @@ class LeakTests(TestCase):
             for server in (pair.first, pair.second):
                 server.lookup = (
                     lambda request, sessions=pair.sessions, take=take:
-                    deferLater(reactor, 0, take, sessions,
-                               request.session_id, None))
+                    deferLater(reactor, 0, found_in, sessions,
+                               request.session_id, take))
             pairs[version] = pair
             yield self._resume(pair, version, WARM_UP)
         gc.collect()
