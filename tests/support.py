@@ -36,6 +36,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.filepath import FilePath
 
 from sslshare import sessionid, tls
+from sslshare.state import SessionState
 from sslshare.protocol import SessionResumingTLSFactory
 
 
@@ -487,3 +488,21 @@ def read_records(port, data, timeout=0.5):
         records.append((received[0], received[5:5 + length]))
         received = received[5 + length:]
     return records
+
+
+def session_state(**fields):
+    """
+    A valid L{sslshare.state.SessionState} of a fresh session of node1,
+    created at time 0 and expiring at 100, with C{fields} overriding any
+    field.
+    """
+    values = dict(
+        session_id=sessionid.new_session_id(sessionid.owner_tag("test", "node1")),
+        id_context=sessionid.service_id_context("test", "web"),
+        der=os.urandom(135),
+        owner="node1",
+        created=0.0,
+        expires=100.0,
+    )
+    values.update(fields)
+    return SessionState(**values)

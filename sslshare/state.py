@@ -1,0 +1,424 @@
+"""
+The state of one TLS session as the cluster carries it, and its sealing.
+
+L{SessionState} is what moves between nodes and rests in a repository: the
+session id and its context, the DER bytes of the OpenSSL session (a secret:
+it holds the master key), the node that holds it now, its lifetime, and the
+checkpoint of its record digest.  Its binary encoding is strict and
+versioned; decoding checks every length and field, so bytes from a peer or
+from storage either become a valid state or raise L{StateFormatError}:
+
+    offset  size  field
+    0       1     format, always 1
+    1       32    session id (L{sslshare.sessionid} layout)
+    33      1     n: length of the session id context, 1..32
+    34      n     session id context
+            2     m: length of the owner's node id in UTF-8, 1..256
+            m     owner: 1..64 printable characters
+            8     created, unix time, IEEE 754 binary64
+            8     expires, the same; not before created
+            8     seq, unsigned
+            1     d: digest length, 0 or 32
+            d     digest
+            2     k: DER length, 1..MAX_DER_LENGTH
+            k     DER
+    (nothing after)
+
+All integers are big-endian.  L{StateKeys} seals a state for the wire and
+for storage with AES-GCM under the cluster state key:
+
+    offset  size  field
+    0       1     format, always 1
+    1       4     key id: the first 4 bytes of SHA-256 of the key
+    5       12    nonce, random
+    17      ...   ciphertext of the encoding, then the 16-byte tag
+
+The additional data binds a blob to its session id and context, so a blob
+filed under another session never opens.  The first key seals and every key
+opens, which lets a cluster rotate keys.  Random 96-bit nonces are safe for
+about 2**32 seals under one key (NIST SP 800-38D): rotate before that.
+
+This module does no I/O beyond reading a key file, and never puts a DER or
+a key into a message, a log or a C{repr}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import re
+import struct
+from collections.abc import Sequence
+
+import attrs
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sslshare import sessionid
+
+STATE_FORMAT = 1
+SEAL_FORMAT = 1
+MAX_ID_CONTEXT_LENGTH = sessionid.ID_CONTEXT_LENGTH
+MAX_OWNER_CHARACTERS = 64
+# Four bytes of UTF-8 at most per character.
+MAX_OWNER_BYTES = 4 * MAX_OWNER_CHARACTERS
+DIGEST_LENGTH = 32
+# An OpenSSL session is about 135 bytes, a few KiB with a client
+# certificate; the bound keeps a sealed state under MAX_SEALED_LENGTH.
+MAX_DER_LENGTH = 12 * 1024
+MAX_ENCODED_LENGTH = (1 + sessionid.SESSION_ID_LENGTH + 1 + MAX_ID_CONTEXT_LENGTH
+                      + 2 + MAX_OWNER_BYTES + 8 + 8 + 8 + 1 + DIGEST_LENGTH
+                      + 2 + MAX_DER_LENGTH)
+KEY_LENGTH = 32
+KEY_ID_LENGTH = 4
+NONCE_LENGTH = 12
+TAG_LENGTH = 16
+_SEAL_HEADER_LENGTH = 1 + KEY_ID_LENGTH + NONCE_LENGTH
+# The cluster channel refuses sealed blobs above this size.
+MAX_SEALED_LENGTH = 16 * 1024
+_AAD_PREFIX = b"sslshare state v1\0"
+_MAX_SEQ = 2 ** 64 - 1
+_TIMES_AND_SEQ = struct.Struct("!ddQ")
+_KEY_LINE = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class StateFormatError(ValueError):
+    """
+    Bytes are not an encoded L{SessionState}; the message says which field
+    is wrong and how.
+    """
+
+
+class SealError(ValueError):
+    """
+    A sealed blob cannot be opened: too short or too long, an unknown format
+    or key, failed authentication, or a state for another session.
+    """
+
+
+class StateKeyError(Exception):
+    """
+    A state key file is unusable.
+
+    @ivar path: the file.
+    @ivar reason: what is wrong with it.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _unix_time(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"a time must be a number, not {type(value).__name__}")
+    return float(value)
+
+
+def _problem(state: SessionState) -> str | None:
+    """
+    What makes C{state} invalid, or C{None}.  Messages name the field and
+    lengths, never the bytes of a secret.
+    """
+    for name in ("session_id", "id_context", "der", "digest"):
+        value = getattr(state, name)
+        if type(value) is not bytes:
+            return f"{name} must be bytes, not {type(value).__name__}"
+    if not sessionid.is_session_id(state.session_id):
+        return (f"session id is not an sslshare session id "
+                f"({len(state.session_id)} bytes)")
+    if not 0 < len(state.id_context) <= MAX_ID_CONTEXT_LENGTH:
+        return (f"session id context must be 1 to {MAX_ID_CONTEXT_LENGTH} "
+                f"bytes, not {len(state.id_context)}")
+    if not 0 < len(state.der) <= MAX_DER_LENGTH:
+        return f"DER must be 1 to {MAX_DER_LENGTH} bytes, not {len(state.der)}"
+    if type(state.owner) is not str:
+        return f"owner must be a str, not {type(state.owner).__name__}"
+    if not 0 < len(state.owner) <= MAX_OWNER_CHARACTERS:
+        return (f"owner must be 1 to {MAX_OWNER_CHARACTERS} characters, "
+                f"not {len(state.owner)}")
+    # Owners reach logs: no control characters, no lone surrogates.
+    if not state.owner.isprintable():
+        return "owner has unprintable characters"
+    if not (math.isfinite(state.created) and math.isfinite(state.expires)):
+        return "created and expires must be finite"
+    if state.expires < state.created:
+        return "expires is before created"
+    if type(state.seq) is not int or not 0 <= state.seq <= _MAX_SEQ:
+        return "seq must be an int from 0 to 2**64 - 1"
+    if len(state.digest) not in (0, DIGEST_LENGTH):
+        return (f"digest must be empty or {DIGEST_LENGTH} bytes, "
+                f"not {len(state.digest)}")
+    return None
+
+
+@attrs.frozen
+class SessionState:
+    """
+    One TLS session as the cluster carries it.  Every instance is valid
+    (the constructor raises C{ValueError} or C{TypeError} otherwise), so
+    every instance encodes.
+
+    @ivar session_id: the 32-byte sslshare session id.
+    @ivar id_context: the session id context of its service, 1..32 bytes.
+    @ivar der: the OpenSSL session; a secret, kept out of C{repr} and
+        compared in constant time.
+    @ivar owner: the node id of the node that holds it now.
+    @ivar created: unix time.
+    @ivar expires: unix time, not before C{created}.
+    @ivar seq: the number of records the digest covers.
+    @ivar digest: C{b""} or the 32-byte running digest.
+    """
+
+    session_id: bytes
+    id_context: bytes
+    der: bytes = attrs.field(
+        repr=False, eq=attrs.cmp_using(eq=hmac.compare_digest), hash=False)
+    owner: str
+    created: float = attrs.field(converter=_unix_time)
+    expires: float = attrs.field(converter=_unix_time)
+    seq: int = 0
+    digest: bytes = b""
+
+    def __attrs_post_init__(self) -> None:
+        problem = _problem(self)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def encode(self) -> bytes:
+        """
+        The binary encoding (see the module docstring).
+        """
+        owner = self.owner.encode("utf-8")
+        return b"".join((
+            bytes((STATE_FORMAT,)), self.session_id,
+            bytes((len(self.id_context),)), self.id_context,
+            struct.pack("!H", len(owner)), owner,
+            _TIMES_AND_SEQ.pack(self.created, self.expires, self.seq),
+            bytes((len(self.digest),)), self.digest,
+            struct.pack("!H", len(self.der)), self.der,
+        ))
+
+    @classmethod
+    def decode(cls, data: bytes) -> SessionState:
+        """
+        The state C{data} encodes.
+
+        @raise StateFormatError: C{data} is not exactly one valid encoding.
+        """
+        reader = _Reader(data)
+        version = reader.byte("format")
+        if version != STATE_FORMAT:
+            raise StateFormatError(f"unknown state format {version}")
+        session_id = reader.take(sessionid.SESSION_ID_LENGTH, "session id")
+        id_context = reader.take(
+            reader.length(1, "session id context", 1, MAX_ID_CONTEXT_LENGTH),
+            "session id context")
+        owner_bytes = reader.take(
+            reader.length(2, "owner", 1, MAX_OWNER_BYTES), "owner")
+        created, expires, seq = _TIMES_AND_SEQ.unpack(
+            reader.take(_TIMES_AND_SEQ.size, "times and seq"))
+        digest_length = reader.byte("digest length")
+        if digest_length not in (0, DIGEST_LENGTH):
+            raise StateFormatError(
+                f"digest length must be 0 or {DIGEST_LENGTH}, not {digest_length}")
+        digest = reader.take(digest_length, "digest")
+        der = reader.take(reader.length(2, "DER", 1, MAX_DER_LENGTH), "DER")
+        if reader.remaining:
+            raise StateFormatError(
+                f"{reader.remaining} bytes after the end of the state")
+        try:
+            owner = owner_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            raise StateFormatError("owner is not UTF-8") from None
+        try:
+            return cls(session_id=session_id, id_context=id_context, der=der,
+                       owner=owner, created=created, expires=expires,
+                       seq=seq, digest=digest)
+        except ValueError as e:
+            raise StateFormatError(str(e)) from None
+
+    def with_owner(self, owner: str) -> SessionState:
+        """
+        This state, held by C{owner}.
+        """
+        return attrs.evolve(self, owner=owner)
+
+    def expired(self, now: float) -> bool:
+        """
+        Whether the session is past its lifetime at unix time C{now}.
+        """
+        return now >= self.expires
+
+
+class _Reader:
+    """
+    Reads fields off an encoding, checking each length before it slices.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        # memoryview first: bytes(5) would be five zero bytes.
+        self._data = bytes(memoryview(data))
+        self._offset = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._offset
+
+    def take(self, size: int, what: str) -> bytes:
+        if size > self.remaining:
+            raise StateFormatError(
+                f"truncated at {what}: {size} bytes needed, "
+                f"{self.remaining} left")
+        start = self._offset
+        self._offset += size
+        return self._data[start:self._offset]
+
+    def byte(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def length(self, size: int, what: str, least: int, most: int) -> int:
+        value = int.from_bytes(self.take(size, f"{what} length"), "big")
+        if not least <= value <= most:
+            raise StateFormatError(
+                f"{what} length must be {least} to {most}, not {value}")
+        return value
+
+
+def key_id(key: bytes) -> bytes:
+    """
+    The id a sealed blob names its key by: the first 4 bytes of SHA-256 of
+    the key.  Not a secret.
+    """
+    return hashlib.sha256(key).digest()[:KEY_ID_LENGTH]
+
+
+def _aad(session_id: bytes, id_context: bytes) -> bytes:
+    return _AAD_PREFIX + session_id + id_context
+
+
+class StateKeys:
+    """
+    Cluster state keys: the first seals, all open (rotation, issue 9).
+    """
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        """
+        @param keys: 32-byte AES-256 keys, the sealing key first.
+        @raise ValueError: no keys, a key of another length, or two keys
+            with the same key id.
+        """
+        if not keys:
+            raise ValueError("no state keys")
+        self._ciphers: dict[bytes, AESGCM] = {}
+        ids = []
+        for index, key in enumerate(keys):
+            if type(key) is not bytes or len(key) != KEY_LENGTH:
+                raise ValueError(f"state key {index + 1} is not {KEY_LENGTH} bytes")
+            identifier = key_id(key)
+            if identifier in self._ciphers:
+                raise ValueError(
+                    f"state key {index + 1} has the key id of an earlier key "
+                    f"({identifier.hex()})")
+            self._ciphers[identifier] = AESGCM(key)
+            ids.append(identifier)
+        self.key_ids: tuple[bytes, ...] = tuple(ids)
+
+    def __repr__(self) -> str:
+        return f"<StateKeys ids={','.join(i.hex() for i in self.key_ids)}>"
+
+    @classmethod
+    def from_file(cls, path: str) -> StateKeys:
+        """
+        Keys from a text file: one key per line as 64 hex characters; blank
+        lines and lines starting with C{#} are ignored; the first key seals.
+
+        @raise StateKeyError: the file cannot be read or holds no valid keys.
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise StateKeyError(path, e.strerror or str(e)) from None
+        except UnicodeDecodeError:
+            raise StateKeyError(path, "not a text file") from None
+        keys = []
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            # The line itself is (nearly) a key: describe it, never quote it.
+            if not _KEY_LINE.fullmatch(line):
+                raise StateKeyError(
+                    path, f"line {number}: a key must be 64 hex characters, "
+                    f"found {len(line)} characters"
+                    + ("" if len(line) != 64 else " that are not all hex"))
+            keys.append(bytes.fromhex(line))
+        if not keys:
+            raise StateKeyError(path, "no keys")
+        try:
+            return cls(keys)
+        except ValueError as e:
+            raise StateKeyError(path, str(e)) from None
+
+    @staticmethod
+    def generate() -> bytes:
+        """
+        A new random state key.
+        """
+        return os.urandom(KEY_LENGTH)
+
+    def seal(self, state: SessionState) -> bytes:
+        """
+        C{state}, encrypted and authenticated under the sealing key.
+        """
+        identifier = self.key_ids[0]
+        nonce = os.urandom(NONCE_LENGTH)
+        ciphertext = self._ciphers[identifier].encrypt(
+            nonce, state.encode(), _aad(state.session_id, state.id_context))
+        return bytes((SEAL_FORMAT,)) + identifier + nonce + ciphertext
+
+    def open(self, blob: bytes, session_id: bytes,
+             id_context: bytes) -> SessionState:
+        """
+        The state sealed in C{blob}, which must be that of C{session_id} in
+        C{id_context}.
+
+        @raise SealError: C{blob} does not open to that session's state.
+        """
+        def fail(reason: str) -> SealError:
+            return SealError(
+                f"sealed state of session {sessionid.describe(session_id)}: "
+                f"{reason}")
+
+        if len(blob) < _SEAL_HEADER_LENGTH + TAG_LENGTH:
+            raise fail(f"too short ({len(blob)} bytes)")
+        if len(blob) > MAX_SEALED_LENGTH:
+            raise fail(f"too long ({len(blob)} bytes)")
+        blob = bytes(memoryview(blob))
+        if blob[0] != SEAL_FORMAT:
+            raise fail(f"unknown seal format {blob[0]}")
+        identifier = blob[1:1 + KEY_ID_LENGTH]
+        cipher = self._ciphers.get(identifier)
+        if cipher is None:
+            raise fail(f"unknown key id {identifier.hex()}")
+        nonce = blob[1 + KEY_ID_LENGTH:_SEAL_HEADER_LENGTH]
+        try:
+            plaintext = cipher.decrypt(
+                nonce, blob[_SEAL_HEADER_LENGTH:], _aad(session_id, id_context))
+        except InvalidTag:
+            raise fail("authentication failed (tampered, or sealed for "
+                       "another session or context)") from None
+        try:
+            state = SessionState.decode(plaintext)
+        except StateFormatError as e:
+            raise fail(f"bad state inside: {e}") from None
+        # The additional data already binds both; a node that sealed under
+        # the wrong ones would still be caught here.
+        if not (hmac.compare_digest(state.session_id, session_id)
+                and hmac.compare_digest(state.id_context, id_context)):
+            raise fail("it holds another session's state")
+        return state
