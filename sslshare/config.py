@@ -1,0 +1,747 @@
+"""
+A node's configuration: one TOML file, parsed once into frozen values.
+
+L{load} reads the file with C{tomllib} and returns a L{NodeConfig}; code past
+this module sees attrs values only, never a dict from TOML.  Everything a user
+can get wrong is checked here, before a socket is opened, and reported as a
+L{ConfigError} whose message is one line naming the file, the dotted key and
+the reason::
+
+    conf/node1.toml: cluster.peers.node4: endpoint 'tcp:host=x' is invalid: ...
+
+Elements of arrays are named by their index from 0 (C{node.listen[1]},
+C{tls.service[0].certificate}).  What is checked:
+
+    - TOML syntax (the reason carries tomllib's line and column), UTF-8;
+    - unknown keys, which are nearly always typos (the message suggests the
+      nearest known key), missing required keys, and the TOML type of every
+      value (an integer is not a boolean, C{1.2} is not C{"1.2"});
+    - ranges (C{lookup_budget_ms} 1..10000, C{session_lifetime_s}
+      60..86400, C{store_max_bytes} at least 64 KiB, ...);
+    - file paths: relative ones are taken from the directory of the
+      configuration file and stored absolute; certificates, keys, the CA and
+      the state key file must exist and be readable regular files.  Their
+      contents are not parsed here: the TLS layer and L{sslshare.state} do
+      that and name the file when it is wrong;
+    - endpoint strings, by building them with Twisted's C{serverFromString}
+      or C{clientFromString} (nothing listens or connects);
+    - the cluster: node ids, peers that are not this node, and
+      authorizations that name only known nodes and known commands.
+
+This module never opens a socket, creates a directory (C{state_dir} is made
+by the service) or reads a certificate, and holds no defaults anywhere but
+here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import math
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+from twisted.internet.endpoints import clientFromString, serverFromString
+
+# The AMP commands a peer may be allowed to send (sslshare.cluster).
+COMMANDS = ("Checkpoint", "FetchSession", "Purge", "Stats")
+
+TLS_VERSIONS = ("1.2", "1.3")
+REPOSITORY_KINDS = ("sqlite", "postgres", "redis")
+REPOSITORY_TOPOLOGIES = ("repository", "both")
+
+DEFAULT_LOOKUP_BUDGET_MS = 50
+DEFAULT_SESSION_LIFETIME_S = 3600
+DEFAULT_STORE_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_HANDSHAKE_TIMEOUT_S = 10
+MIN_STORE_MAX_BYTES = 64 * 1024
+
+# The keys each table accepts.  conf/example.toml documents every one of them
+# (a test holds it to that).  [cluster.peers] is not here: its keys are node
+# ids.
+TABLE_KEYS: Mapping[str, frozenset[str]] = {
+    "": frozenset({"node", "tls", "cluster", "repository"}),
+    "node": frozenset({
+        "id", "cluster", "listen", "backend", "state_dir", "lookup_budget_ms",
+        "session_lifetime_s", "store_max_bytes", "handshake_timeout_s",
+        "metrics_listen"}),
+    "tls": frozenset({"min_version", "max_version", "alpn", "service"}),
+    "tls.service": frozenset({"name", "certificate", "key", "server_names"}),
+    "cluster": frozenset({
+        "listen", "ca", "certificate", "key", "state_key", "peers",
+        "authorize"}),
+    "cluster.authorize": frozenset(COMMANDS),
+    "repository": frozenset({
+        "kind", "topology", "path", "dsn", "url", "password_file", "tls"}),
+}
+
+# Node ids and cluster names go into certificate URIs
+# (sslshare://<cluster>/<node id>), which service_identity compares as
+# lower-case host names: allowing upper case would let two spellings of one
+# name disagree.
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_NAME_RULE = ("1 to 64 characters of a-z, 0-9, '.', '_' and '-', starting "
+              "with a letter or a digit")
+_SERVER_NAME = re.compile(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+
+# sslshare wraps these endpoints in its own TLS: an ssl:/tls: endpoint there
+# would put TLS inside TLS.
+_TLS_ENDPOINT_TYPES = frozenset({"ssl", "tls"})
+
+
+class ConfigError(Exception):
+    """
+    A configuration file cannot be used.  C{str()} is one line,
+    C{"<file>: <dotted.key>: <reason>"}, or C{"<file>: <reason>"} when the
+    whole file is at fault (it cannot be read, or is not TOML).
+
+    @ivar path: the configuration file, as given to L{load}.
+    @ivar key: the dotted key at fault, or C{""}.
+    @ivar reason: what is wrong.
+    """
+
+    def __init__(self, path: str, key: str, reason: str) -> None:
+        # One line, whatever a library put in its message.
+        reason = re.sub(r"\s*[\r\n]+\s*", " ", reason).strip()
+        super().__init__(path, key, reason)
+        self.path = path
+        self.key = key
+        self.reason = reason
+
+    def __str__(self) -> str:
+        if self.key:
+            return f"{self.path}: {self.key}: {self.reason}"
+        return f"{self.path}: {self.reason}"
+
+
+@attrs.frozen
+class ServiceConfig:
+    """
+    One virtual service of the client-facing TLS server.
+
+    @ivar name: unique among the node's services; with the cluster name it
+        makes the session id context, so it must be the same on every node.
+    @ivar certificate: absolute path of the PEM chain, leaf first.
+    @ivar key: absolute path of the PEM private key.
+    @ivar server_names: lower-case SNI names (C{"*.example.com"} matches one
+        label); the first service is also the default.
+    """
+
+    name: str
+    certificate: str
+    key: str
+    server_names: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class TLSConfig:
+    """
+    The client-facing TLS server: its services and protocol settings.
+    """
+
+    services: tuple[ServiceConfig, ...]
+    min_version: str = "1.2"
+    max_version: str = "1.3"
+    alpn: tuple[bytes, ...] = ()
+
+
+@attrs.frozen
+class ClusterConfig:
+    """
+    The node-to-node channel: this node's identity, its peers, and who may
+    send which command.
+
+    @ivar listen: server endpoint string for peers' AMP connections, or
+        C{None} when no peer may connect to this node.
+    @ivar ca: absolute path of the cluster CA certificate.
+    @ivar certificate: absolute path of this node's certificate (and chain).
+    @ivar key: absolute path of this node's private key.
+    @ivar state_key: absolute path of the cluster state key file.
+    @ivar peers: (node id, client endpoint string) pairs, sorted by id.
+    @ivar authorize: (command, node ids allowed to send it) for every
+        command of L{COMMANDS}, sorted by command.
+    """
+
+    listen: str | None
+    ca: str
+    certificate: str
+    key: str
+    state_key: str
+    peers: tuple[tuple[str, str], ...]
+    authorize: tuple[tuple[str, frozenset[str]], ...]
+
+    def peer_endpoint(self, node_id: str) -> str:
+        """
+        The client endpoint string of peer C{node_id}.
+
+        @raise KeyError: C{node_id} is not a peer.
+        """
+        for peer, endpoint in self.peers:
+            if peer == node_id:
+                return endpoint
+        raise KeyError(node_id)
+
+    def allowed(self, command: str, node_id: str) -> bool:
+        """
+        Whether C{node_id} may send C{command}; C{False} for an unknown
+        command.
+        """
+        for name, nodes in self.authorize:
+            if name == command:
+                return node_id in nodes
+        return False
+
+
+def _redact_password(url: str | None) -> str:
+    # A DSN or URL may carry a password; reprs end up in logs.
+    if url is None:
+        return "None"
+    try:
+        parts = urlsplit(url)
+        if parts.password is not None:
+            netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+            url = urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "'<unparsed>'"
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url)
+
+
+@attrs.frozen
+class RepositoryConfig:
+    """
+    The central session repository (issue 5 builds the backends).
+
+    @ivar kind: C{"sqlite"}, C{"postgres"} or C{"redis"}.
+    @ivar topology: C{"both"}: recover from the owner peer, then from the
+        repository; C{"repository"}: from the repository only.
+    @ivar path: absolute path of the SQLite file (sqlite only).
+    @ivar dsn: the libpq connection string (postgres only).
+    @ivar url: C{redis://}, C{rediss://} or C{unix://} URL (redis only).
+    @ivar password_file: absolute path of a file holding the password
+        (postgres and redis).
+    @ivar tls: connect to the server over TLS (postgres and redis).
+    """
+
+    kind: str
+    topology: str = "both"
+    path: str | None = None
+    dsn: str | None = attrs.field(default=None, repr=_redact_password)
+    url: str | None = attrs.field(default=None, repr=_redact_password)
+    password_file: str | None = None
+    tls: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class NodeConfig:
+    """
+    Everything one node runs with.
+
+    @ivar path: absolute path of the configuration file.
+    @ivar node_id: this node's id, as in its certificate's URI.
+    @ivar cluster_name: the cluster's name, as in the certificates' URIs.
+    @ivar listen: server endpoint strings for TLS clients (at least one).
+    @ivar backend: client endpoint string of the plaintext backend.
+    @ivar state_dir: absolute path of the node's own directory; the service
+        creates it.
+    @ivar lookup_budget: seconds a paused handshake may wait for a session.
+    @ivar session_lifetime: seconds a TLS session stays resumable.
+    @ivar store_max_bytes: bound of the in-memory session store.
+    @ivar handshake_timeout: seconds a client has to finish its handshake.
+    @ivar metrics_listen: server endpoint string for metrics, or C{None}.
+    """
+
+    path: str
+    node_id: str
+    cluster_name: str
+    listen: tuple[str, ...]
+    backend: str
+    state_dir: str
+    lookup_budget: float = DEFAULT_LOOKUP_BUDGET_MS / 1000
+    session_lifetime: int = DEFAULT_SESSION_LIFETIME_S
+    store_max_bytes: int = DEFAULT_STORE_MAX_BYTES
+    handshake_timeout: float = float(DEFAULT_HANDSHAKE_TIMEOUT_S)
+    tls: TLSConfig
+    cluster: ClusterConfig
+    repository: RepositoryConfig | None = None
+    metrics_listen: str | None = None
+
+    @property
+    def topology(self) -> str:
+        """
+        Where sessions are recovered from: C{"peers"} without a repository,
+        else the repository's topology.
+        """
+        return "peers" if self.repository is None else self.repository.topology
+
+
+def load(path: str, reactor: Any = None) -> NodeConfig:
+    """
+    Read and check the configuration file at C{path}.
+
+    @param reactor: the reactor endpoint strings are built with; the global
+        one when C{None}.
+    @raise ConfigError: the file is missing, unreadable, not TOML, or any
+        value in it is wrong.
+    """
+    if reactor is None:
+        # Imported here: importing the global reactor installs it, which a
+        # caller that passes its own reactor does not want.
+        from twisted.internet import reactor
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(path, "", f"not UTF-8 text: {e.reason} (at line "
+                                    f"{line}, column {column})") from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"not valid TOML: {e}") from None
+    return _Reader(path, reactor).node(document)
+
+
+# The TOML names of Python's values, for "expected X, got Y".
+def _toml_type(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), (int, "an integer"),
+                       (float, "a float"), (str, "a string"),
+                       (list, "an array"), (dict, "a table"),
+                       (datetime.datetime, "a date-time"),
+                       (datetime.date, "a date"), (datetime.time, "a time")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+class _Table:
+    """
+    One TOML table being read: checks its keys against those it accepts,
+    and the type of each value it hands out.
+    """
+
+    def __init__(self, reader: _Reader, key: str, data: dict[str, Any],
+                 known: Iterable[str], noun: str = "key") -> None:
+        self.reader = reader
+        self.key = key
+        self.data = data
+        known = sorted(known)
+        # Before anything is read: a typo'd key is the likely cause of a
+        # "missing key" error that would otherwise come first.
+        for name in data:
+            if name not in known:
+                reason = f"unknown {noun}"
+                # A stricter cutoff than difflib's 0.6, which offers
+                # "cluster" for "colour".
+                close = difflib.get_close_matches(name, known, n=1,
+                                                  cutoff=0.7)
+                if close:
+                    reason += f" (did you mean {close[0]!r}?)"
+                elif noun != "key":
+                    reason += f" (known: {', '.join(known)})"
+                raise reader.error(_join(key, name), reason)
+
+    def child(self, name: str) -> str:
+        return _join(self.key, name)
+
+    def value(self, name: str, check: Callable[[str, Any], Any],
+              default: Any = None, required: bool = False) -> Any:
+        if name not in self.data:
+            if required:
+                raise self.reader.error(self.child(name), "missing required key")
+            return default
+        return check(self.child(name), self.data[name])
+
+    def table(self, name: str, known: Iterable[str], required: bool = False,
+              noun: str = "key") -> _Table | None:
+        data = self.value(name, self.reader.table_value, required=required)
+        if data is None:
+            return None
+        return _Table(self.reader, self.child(name), data, known, noun)
+
+
+class _Reader:
+    """
+    The checks of one configuration file: each method takes the dotted key
+    and the TOML value, and returns the checked value or raises
+    L{ConfigError}.
+    """
+
+    def __init__(self, path: str, reactor: Any) -> None:
+        self.path = path
+        self.directory = os.path.dirname(os.path.abspath(path))
+        self.reactor = reactor
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.path, key, reason)
+
+    def expect(self, key: str, value: Any, kinds: tuple[type, ...],
+               expected: str) -> None:
+        # bool is an int in Python, never in TOML.
+        if isinstance(value, bool) and bool not in kinds \
+                or not isinstance(value, kinds):
+            hint = ""
+            if expected.startswith("a string") and isinstance(value, float):
+                hint = f" (write it in quotes: \"{value}\")"
+            raise self.error(key, f"expected {expected}, got "
+                                  f"{_toml_type(value)} {_shown(value)}{hint}")
+
+    # Scalars.
+
+    def table_value(self, key: str, value: Any) -> dict[str, Any]:
+        self.expect(key, value, (dict,), "a table")
+        return value
+
+    def string(self, key: str, value: Any) -> str:
+        self.expect(key, value, (str,), "a string")
+        if not value.strip():
+            raise self.error(key, "must not be empty")
+        return value
+
+    def boolean(self, key: str, value: Any) -> bool:
+        self.expect(key, value, (bool,), "a boolean (true or false)")
+        return value
+
+    def integer(self, low: int, high: int | None) -> Callable[[str, Any], int]:
+        def check(key: str, value: Any) -> int:
+            self.expect(key, value, (int,), "an integer")
+            if value < low or (high is not None and value > high):
+                bounds = (f"from {low} to {high}" if high is not None
+                          else f"at least {low}")
+                raise self.error(key, f"{value} is out of range: must be "
+                                      f"{bounds}")
+            return value
+        return check
+
+    def seconds(self, low: float, high: float) -> Callable[[str, Any], float]:
+        def check(key: str, value: Any) -> float:
+            self.expect(key, value, (int, float), "a number")
+            if not (math.isfinite(value) and low < value <= high):
+                raise self.error(key, f"{value} is out of range: must be "
+                                      f"above {low} and at most {high}")
+            return float(value)
+        return check
+
+    def choice(self, choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+        def check(key: str, value: Any) -> str:
+            self.expect(key, value, (str,), "a string")
+            if value not in choices:
+                raise self.error(key, f"{value!r} is not one of "
+                                      + ", ".join(map(repr, choices)))
+            return value
+        return check
+
+    def name(self, key: str, value: Any) -> str:
+        self.string(key, value)
+        if not _NAME.fullmatch(value):
+            raise self.error(key, f"{value!r} is not a valid name: use "
+                                  f"{_NAME_RULE}")
+        return value
+
+    def strings(self, key: str, value: Any) -> list[tuple[str, str]]:
+        """
+        An array of strings, as (element key, string) pairs.
+        """
+        self.expect(key, value, (list,), "an array of strings")
+        return [(f"{key}[{i}]", self.string(f"{key}[{i}]", item))
+                for i, item in enumerate(value)]
+
+    # Files.
+
+    def file_path(self, key: str, value: Any) -> str:
+        """
+        An absolute path, not necessarily existing.
+        """
+        self.string(key, value)
+        return os.path.normpath(os.path.join(self.directory, value))
+
+    def readable_file(self, key: str, value: Any) -> str:
+        path = self.file_path(key, value)
+        shown = repr(value) if path == value else f"{value!r} ({path})"
+        try:
+            # O_NONBLOCK: a FIFO put there by mistake must not hang load().
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise self.error(key, f"cannot read {shown}: {e.strerror}") from None
+        try:
+            mode = os.fstat(fd).st_mode
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(mode):
+            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise self.error(key, f"cannot read {shown}: {what}")
+        return path
+
+    # Endpoints.
+
+    def _endpoint(self, key: str, value: Any, build: Callable[[Any, str], Any],
+                  side: str, plain: bool, lowest_port: int) -> str:
+        self.string(key, value)
+        kind = value.split(":", 1)[0].strip().lower()
+        if plain and kind in _TLS_ENDPOINT_TYPES:
+            raise self.error(key, f"endpoint {value!r} is invalid: sslshare "
+                                  f"adds TLS itself here, use a plain {side} "
+                                  f"endpoint such as tcp:")
+        try:
+            endpoint = build(self.reactor, value)
+        except KeyError as e:
+            raise self.error(key, f"endpoint {value!r} is invalid: missing "
+                                  f"{e.args[0]!r}") from None
+        except Exception as e:
+            # Anything that fails while Twisted parses the user's string
+            # (ValueError, TypeError, IndexError from a plugin's parser,
+            # OSError from an ssl: endpoint's missing certificate) is a fault
+            # of that string.
+            raise self.error(key, f"endpoint {value!r} is invalid: "
+                                  f"{e or type(e).__name__}") from None
+        # Twisted does not range-check TCP ports; its endpoints keep the
+        # port in _port.  Without that attribute the check is skipped.
+        port = getattr(endpoint, "_port", None)
+        if isinstance(port, int) and not lowest_port <= port <= 65535:
+            raise self.error(key, f"endpoint {value!r} is invalid: port "
+                                  f"{port} is not in {lowest_port}..65535")
+        return value
+
+    def server_endpoint(self, plain: bool = True) -> Callable[[str, Any], str]:
+        return lambda key, value: self._endpoint(
+            key, value, serverFromString, "server", plain, 0)
+
+    def client_endpoint(self, plain: bool = True) -> Callable[[str, Any], str]:
+        return lambda key, value: self._endpoint(
+            key, value, clientFromString, "client", plain, 1)
+
+    # Tables.
+
+    def node(self, document: dict[str, Any]) -> NodeConfig:
+        top = _Table(self, "", document, TABLE_KEYS[""])
+        node = top.table("node", TABLE_KEYS["node"], required=True)
+        assert node is not None
+        node_id = node.value("id", self.name, required=True)
+        cluster_name = node.value("cluster", self.name, required=True)
+        listen = node.value("listen", self.listen, required=True)
+        backend = node.value("backend", self.client_endpoint(plain=False),
+                             required=True)
+        state_dir = node.value(
+            "state_dir", self.file_path,
+            default=os.path.join(self.directory, "state", node_id))
+        budget_ms = node.value("lookup_budget_ms", self.integer(1, 10000),
+                               default=DEFAULT_LOOKUP_BUDGET_MS)
+        lifetime = node.value("session_lifetime_s", self.integer(60, 86400),
+                              default=DEFAULT_SESSION_LIFETIME_S)
+        store_max_bytes = node.value(
+            "store_max_bytes", self.integer(MIN_STORE_MAX_BYTES, None),
+            default=DEFAULT_STORE_MAX_BYTES)
+        handshake_timeout = node.value(
+            "handshake_timeout_s", self.seconds(0, 300),
+            default=float(DEFAULT_HANDSHAKE_TIMEOUT_S))
+        metrics_listen = node.value("metrics_listen",
+                                    self.server_endpoint(plain=False))
+        tls_table = top.table("tls", TABLE_KEYS["tls"], required=True)
+        assert tls_table is not None
+        cluster_table = top.table("cluster", TABLE_KEYS["cluster"],
+                                  required=True)
+        assert cluster_table is not None
+        repository_table = top.table("repository", TABLE_KEYS["repository"])
+        return NodeConfig(
+            path=os.path.abspath(self.path),
+            node_id=node_id,
+            cluster_name=cluster_name,
+            listen=listen,
+            backend=backend,
+            state_dir=state_dir,
+            lookup_budget=budget_ms / 1000,
+            session_lifetime=lifetime,
+            store_max_bytes=store_max_bytes,
+            handshake_timeout=handshake_timeout,
+            metrics_listen=metrics_listen,
+            tls=self.tls(tls_table),
+            cluster=self.cluster(cluster_table, node_id),
+            repository=(None if repository_table is None
+                        else self.repository(repository_table)),
+        )
+
+    def listen(self, key: str, value: Any) -> tuple[str, ...]:
+        check = self.server_endpoint()
+        if isinstance(value, str):
+            return (check(key, value),)
+        self.expect(key, value, (str, list),
+                    "a string or an array of strings")
+        if not value:
+            raise self.error(key, "needs at least one endpoint")
+        return tuple(check(item_key, item)
+                     for item_key, item in self.strings(key, value))
+
+    def tls(self, table: _Table) -> TLSConfig:
+        min_version = table.value("min_version", self.tls_version, default="1.2")
+        max_version = table.value("max_version", self.tls_version, default="1.3")
+        if TLS_VERSIONS.index(min_version) > TLS_VERSIONS.index(max_version):
+            raise self.error(table.child("min_version"),
+                             f"{min_version!r} is above tls.max_version "
+                             f"{max_version!r}")
+        alpn = table.value("alpn", self.alpn, default=())
+        services = table.value("service", self.services, required=True)
+        return TLSConfig(services=services, min_version=min_version,
+                         max_version=max_version, alpn=alpn)
+
+    def tls_version(self, key: str, value: Any) -> str:
+        self.expect(key, value, (str,), "a string")
+        if value not in TLS_VERSIONS:
+            raise self.error(key, f"TLS version {value!r} is not supported: "
+                                  f"use \"1.2\" or \"1.3\"")
+        return value
+
+    def alpn(self, key: str, value: Any) -> tuple[bytes, ...]:
+        protocols: list[bytes] = []
+        for item_key, item in self.strings(key, value):
+            encoded = item.encode("utf-8")
+            if len(encoded) > 255:
+                raise self.error(item_key, "an ALPN protocol name is at most "
+                                           "255 bytes")
+            if encoded in protocols:
+                raise self.error(item_key, f"{item!r} is listed twice")
+            protocols.append(encoded)
+        return tuple(protocols)
+
+    def services(self, key: str, value: Any) -> tuple[ServiceConfig, ...]:
+        if isinstance(value, dict):
+            raise self.error(key, "expected an array of tables: write "
+                                  "[[tls.service]], with two brackets")
+        self.expect(key, value, (list,), "an array of tables ([[tls.service]])")
+        if not value:
+            raise self.error(key, "needs at least one service")
+        services: list[ServiceConfig] = []
+        names: dict[str, str] = {}
+        server_names: dict[str, str] = {}
+        for i, item in enumerate(value):
+            item_key = f"{key}[{i}]"
+            table = _Table(self, item_key, self.table_value(item_key, item),
+                           TABLE_KEYS["tls.service"])
+            name = table.value("name", self.name, required=True)
+            if name in names:
+                raise self.error(table.child("name"),
+                                 f"service {name!r} is already defined by "
+                                 f"{names[name]}")
+            names[name] = item_key
+            certificate = table.value("certificate", self.readable_file,
+                                      required=True)
+            private_key = table.value("key", self.readable_file, required=True)
+            listed = []
+            for name_key, server_name in table.value(
+                    "server_names", self.strings, default=[]):
+                server_name = server_name.lower()
+                if not _SERVER_NAME.fullmatch(server_name):
+                    raise self.error(name_key, f"{server_name!r} is not a "
+                                               f"host name or *.wildcard")
+                if server_name in server_names:
+                    raise self.error(name_key, f"{server_name!r} is already a "
+                                               f"name of "
+                                               f"{server_names[server_name]}")
+                server_names[server_name] = f"service {name!r}"
+                listed.append(server_name)
+            services.append(ServiceConfig(name=name, certificate=certificate,
+                                          key=private_key,
+                                          server_names=tuple(listed)))
+        return tuple(services)
+
+    def cluster(self, table: _Table, node_id: str) -> ClusterConfig:
+        listen = table.value("listen", self.server_endpoint())
+        ca = table.value("ca", self.readable_file, required=True)
+        certificate = table.value("certificate", self.readable_file,
+                                  required=True)
+        private_key = table.value("key", self.readable_file, required=True)
+        state_key = table.value("state_key", self.readable_file, required=True)
+        peers: list[tuple[str, str]] = []
+        peers_table = table.value("peers", self.table_value, default={})
+        peers_key = table.child("peers")
+        endpoint = self.client_endpoint()
+        for peer, description in peers_table.items():
+            peer_key = _join(peers_key, peer)
+            if not _NAME.fullmatch(peer):
+                raise self.error(peer_key, f"{peer!r} is not a valid node id: "
+                                           f"use {_NAME_RULE}")
+            if peer == node_id:
+                raise self.error(peer_key, f"{peer!r} is this node "
+                                           f"(node.id): a node is not its "
+                                           f"own peer")
+            peers.append((peer, endpoint(peer_key, description)))
+        peers.sort()
+        peer_ids = frozenset(peer for peer, _ in peers)
+        # The `sslshare stats` command connects with the node's own
+        # certificate, so Stats is open to the node itself by default.
+        authorize = {command: peer_ids for command in COMMANDS}
+        authorize["Stats"] = peer_ids | {node_id}
+        authorize_table = table.table("authorize", COMMANDS, noun="command")
+        if authorize_table is not None:
+            known = peer_ids | {node_id}
+            for command in COMMANDS:
+                nodes = authorize_table.value(command, self.strings)
+                if nodes is None:
+                    continue
+                for item_key, named in nodes:
+                    if named not in known:
+                        raise self.error(
+                            item_key, f"{named!r} is neither a peer "
+                                      f"(cluster.peers) nor this node "
+                                      f"({node_id!r})")
+                authorize[command] = frozenset(named for _, named in nodes)
+        return ClusterConfig(
+            listen=listen, ca=ca, certificate=certificate, key=private_key,
+            state_key=state_key, peers=tuple(peers),
+            authorize=tuple(sorted(authorize.items())))
+
+    def repository(self, table: _Table) -> RepositoryConfig:
+        kind = table.value("kind", self.choice(REPOSITORY_KINDS), required=True)
+        topology = table.value("topology", self.choice(REPOSITORY_TOPOLOGIES),
+                               default="both")
+        # Which keys each kind takes; the others are mistakes, not options.
+        takes = {
+            "sqlite": ("path",),
+            "postgres": ("dsn", "password_file", "tls"),
+            "redis": ("url", "password_file", "tls"),
+        }[kind]
+        for name in ("path", "dsn", "url", "password_file", "tls"):
+            if name in table.data and name not in takes:
+                raise self.error(table.child(name),
+                                 f"not used by kind {kind!r} (it takes "
+                                 f"{', '.join(takes)})")
+        path = dsn = url = None
+        if kind == "sqlite":
+            path = table.value("path", self.file_path, required=True)
+        elif kind == "postgres":
+            dsn = table.value("dsn", self.string, required=True)
+        else:
+            url = table.value("url", self.redis_url, required=True)
+        return RepositoryConfig(
+            kind=kind, topology=topology, path=path, dsn=dsn, url=url,
+            password_file=table.value("password_file", self.readable_file),
+            tls=table.value("tls", self.boolean, default=False))
+
+    def redis_url(self, key: str, value: Any) -> str:
+        self.string(key, value)
+        try:
+            scheme = urlsplit(value).scheme
+        except ValueError as e:
+            raise self.error(key, f"not a URL: {e}") from None
+        if scheme not in ("redis", "rediss", "unix"):
+            raise self.error(key, f"{_redact_password(value)} is not a "
+                                  f"redis://, rediss:// or unix:// URL")
+        return value

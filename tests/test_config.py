@@ -1,0 +1,875 @@
+"""
+The TOML configuration: what a valid file becomes, and the one-line error
+each kind of mistake gets.
+
+Certificate and key files are empty placeholders here: L{sslshare.config}
+checks only that they exist and can be read, and the TLS layer parses them
+later.  The demo configurations (conf/node1..3.toml, conf/example.toml) are
+loaded against a real demo PKI, made by L{sslshare.pki.init_pki} as
+C{sslshare pki init} makes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import attrs
+from twisted.trial.unittest import SkipTest, TestCase
+
+from sslshare import config, pki
+from sslshare.config import ConfigError
+
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    "conf")
+
+NODE = """\
+[node]
+id = "node1"
+cluster = "demo"
+listen = "tcp:8441:interface=127.0.0.1"
+backend = "tcp:host=127.0.0.1:port=8080"
+"""
+
+TLS = """\
+[[tls.service]]
+name = "web"
+certificate = "pki/web.pem"
+key = "pki/web-key.pem"
+"""
+
+CLUSTER = """\
+[cluster]
+listen = "tcp:7441:interface=127.0.0.1"
+ca = "pki/ca.pem"
+certificate = "pki/node1.pem"
+key = "pki/node1-key.pem"
+state_key = "pki/state.key"
+
+[cluster.peers]
+node3 = "tcp:host=127.0.0.1:port=7443"
+node2 = "tcp:host=127.0.0.1:port=7442"
+"""
+
+PLACEHOLDERS = ("web.pem", "web-key.pem", "other.pem", "other-key.pem",
+                "ca.pem", "node1.pem", "node1-key.pem", "state.key",
+                "password")
+
+DEMO_NODES = ("node1", "node2", "node3")
+DEMO_PKI_FILES = ("ca.pem", "ca-key.pem", "localhost-chain.pem",
+                  "localhost-key.pem", "state.key") + tuple(
+    name for node in DEMO_NODES for name in (f"{node}.pem", f"{node}-key.pem"))
+
+
+def edited(text: str, old: str, new: str) -> str:
+    """
+    C{text} with C{old} replaced by C{new}; C{old} must be there, so that a
+    test never checks an edit that did not happen.
+    """
+    assert old in text, f"{old!r} not in the template"
+    return text.replace(old, new)
+
+
+class _ConfigTestCase(TestCase):
+    """
+    A directory with placeholder PKI files under C{pki/}, and helpers to
+    write a configuration file next to them and load it.
+    """
+
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(self.directory, "pki"))
+        for name in PLACEHOLDERS:
+            open(os.path.join(self.directory, "pki", name), "w").close()
+        self.path = os.path.join(self.directory, "node.toml")
+
+    def write(self, node=NODE, tls=TLS, cluster=CLUSTER, extra=""):
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write("\n".join((node, tls, cluster, extra)))
+        return self.path
+
+    def load(self, **sections):
+        return config.load(self.write(**sections))
+
+    def error(self, **sections):
+        """
+        The L{ConfigError} loading these sections raises; its message must
+        be one line.
+        """
+        error = self.assertRaises(ConfigError, self.load, **sections)
+        self.assertNotIn("\n", str(error))
+        return error
+
+    def assertError(self, error, key, reason):
+        self.assertEqual((error.path, error.key, error.reason),
+                         (self.path, key, reason))
+        self.assertEqual(str(error), f"{self.path}: {key}: {reason}")
+
+    def pki_path(self, name):
+        return os.path.join(self.directory, "pki", name)
+
+
+class ValidConfigTests(_ConfigTestCase):
+    """
+    What a valid file becomes.
+    """
+
+    def test_minimal_config_gets_the_documented_defaults(self):
+        node = self.load()
+        self.assertEqual(
+            (node.node_id, node.cluster_name, node.lookup_budget,
+             node.session_lifetime, node.store_max_bytes,
+             node.handshake_timeout, node.metrics_listen, node.repository,
+             node.topology),
+            ("node1", "demo", 0.050, 3600, 64 * 1024 * 1024, 10.0, None, None,
+             "peers"))
+        self.assertEqual((node.tls.min_version, node.tls.max_version,
+                          node.tls.alpn), ("1.2", "1.3", ()))
+
+    def test_state_dir_defaults_to_state_slash_node_id_beside_the_file(self):
+        node = self.load()
+        self.assertEqual(node.state_dir,
+                         os.path.join(self.directory, "state", "node1"))
+
+    def test_state_dir_is_not_created_by_load(self):
+        node = self.load(node=NODE + 'state_dir = "run/node1"\n')
+        self.assertEqual(node.state_dir,
+                         os.path.join(self.directory, "run", "node1"))
+        self.assertFalse(os.path.exists(node.state_dir))
+
+    def test_relative_paths_are_taken_from_the_file_directory(self):
+        # A relative config path, from another working directory.
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(os.path.join(self.directory, "pki"))
+        self.write()
+        node = config.load(os.path.join("..", "node.toml"))
+        self.assertEqual(node.path, self.path)
+        self.assertEqual(
+            (node.tls.services[0].certificate, node.tls.services[0].key,
+             node.cluster.ca, node.cluster.certificate, node.cluster.key,
+             node.cluster.state_key),
+            tuple(map(self.pki_path, ("web.pem", "web-key.pem", "ca.pem",
+                                      "node1.pem", "node1-key.pem",
+                                      "state.key"))))
+
+    def test_absolute_paths_are_kept(self):
+        node = self.load(tls=edited(TLS, '"pki/web.pem"',
+                                    f'"{self.pki_path("other.pem")}"'))
+        self.assertEqual(node.tls.services[0].certificate,
+                         self.pki_path("other.pem"))
+
+    def test_listen_takes_one_string(self):
+        self.assertEqual(self.load().listen, ("tcp:8441:interface=127.0.0.1",))
+
+    def test_listen_takes_an_array(self):
+        node = self.load(node=edited(
+            NODE, 'listen = "tcp:8441:interface=127.0.0.1"',
+            'listen = ["tcp:8441:interface=127.0.0.1", "unix:/tmp/x.sock"]'))
+        self.assertEqual(node.listen,
+                         ("tcp:8441:interface=127.0.0.1", "unix:/tmp/x.sock"))
+
+    def test_every_optional_node_key_is_read(self):
+        node = self.load(node=NODE + """
+lookup_budget_ms = 120
+session_lifetime_s = 600
+store_max_bytes = 65536
+handshake_timeout_s = 2.5
+metrics_listen = "tcp:9441:interface=127.0.0.1"
+""")
+        self.assertEqual(
+            (node.lookup_budget, node.session_lifetime, node.store_max_bytes,
+             node.handshake_timeout, node.metrics_listen),
+            (0.120, 600, 65536, 2.5, "tcp:9441:interface=127.0.0.1"))
+
+    def test_tls_settings_are_read_and_alpn_becomes_bytes(self):
+        node = self.load(tls='[tls]\nmin_version = "1.3"\nmax_version = "1.3"\n'
+                             'alpn = ["h2", "http/1.1"]\n' + TLS)
+        self.assertEqual((node.tls.min_version, node.tls.max_version,
+                          node.tls.alpn), ("1.3", "1.3", (b"h2", b"http/1.1")))
+
+    def test_services_keep_their_order_and_server_names_lower_cased(self):
+        node = self.load(tls=TLS + 'server_names = ["LocalHost"]\n' + """
+[[tls.service]]
+name = "other"
+certificate = "pki/other.pem"
+key = "pki/other-key.pem"
+server_names = ["other.test", "*.other.test"]
+""")
+        self.assertEqual(
+            [(s.name, s.server_names) for s in node.tls.services],
+            [("web", ("localhost",)),
+             ("other", ("other.test", "*.other.test"))])
+
+    def test_peers_are_sorted_by_node_id(self):
+        self.assertEqual(self.load().cluster.peers,
+                         (("node2", "tcp:host=127.0.0.1:port=7442"),
+                          ("node3", "tcp:host=127.0.0.1:port=7443")))
+
+    def test_peer_endpoint_names_a_peers_endpoint(self):
+        self.assertEqual(self.load().cluster.peer_endpoint("node3"),
+                         "tcp:host=127.0.0.1:port=7443")
+
+    def test_peer_endpoint_of_a_stranger_raises_key_error(self):
+        self.assertRaises(KeyError, self.load().cluster.peer_endpoint, "node9")
+
+    def test_cluster_listen_is_optional(self):
+        node = self.load(cluster=edited(
+            CLUSTER, 'listen = "tcp:7441:interface=127.0.0.1"\n', ""))
+        self.assertIsNone(node.cluster.listen)
+
+    def test_peers_are_optional(self):
+        node = self.load(cluster=CLUSTER.split("[cluster.peers]")[0])
+        self.assertEqual(node.cluster.peers, ())
+
+    def test_default_authorization_allows_every_peer_every_command(self):
+        cluster = self.load().cluster
+        self.assertEqual(
+            [(command, cluster.allowed(command, "node2"),
+              cluster.allowed(command, "node3")) for command in config.COMMANDS],
+            [(command, True, True) for command in config.COMMANDS])
+
+    def test_default_authorization_lets_the_node_itself_ask_only_stats(self):
+        cluster = self.load().cluster
+        self.assertEqual(
+            {command: cluster.allowed(command, "node1")
+             for command in config.COMMANDS},
+            {"Checkpoint": False, "FetchSession": False, "Purge": False,
+             "Stats": True})
+
+    def test_authorize_replaces_the_default_of_the_commands_it_names(self):
+        cluster = self.load(cluster=CLUSTER + """
+[cluster.authorize]
+Purge = []
+FetchSession = ["node2"]
+""").cluster
+        self.assertEqual(
+            dict(cluster.authorize),
+            {"Checkpoint": frozenset({"node2", "node3"}),
+             "FetchSession": frozenset({"node2"}),
+             "Purge": frozenset(),
+             "Stats": frozenset({"node1", "node2", "node3"})})
+
+    def test_allowed_is_false_for_an_unknown_command(self):
+        self.assertFalse(self.load().cluster.allowed("Shutdown", "node2"))
+
+    def test_allowed_is_false_for_a_stranger(self):
+        self.assertFalse(self.load().cluster.allowed("FetchSession", "node9"))
+
+    def test_sqlite_repository_path_is_absolute_and_need_not_exist(self):
+        node = self.load(extra='[repository]\nkind = "sqlite"\n'
+                               'path = "state/sessions.sqlite3"\n')
+        self.assertEqual(
+            node.repository,
+            config.RepositoryConfig(
+                kind="sqlite", topology="both",
+                path=os.path.join(self.directory, "state", "sessions.sqlite3")))
+        self.assertEqual(node.topology, "both")
+
+    def test_postgres_repository_with_topology_password_file_and_tls(self):
+        node = self.load(extra="""
+[repository]
+kind = "postgres"
+topology = "repository"
+dsn = "host=db dbname=sslshare"
+password_file = "pki/password"
+tls = true
+""")
+        self.assertEqual(
+            node.repository,
+            config.RepositoryConfig(
+                kind="postgres", topology="repository",
+                dsn="host=db dbname=sslshare",
+                password_file=self.pki_path("password"), tls=True))
+        self.assertEqual(node.topology, "repository")
+
+    def test_redis_repository(self):
+        node = self.load(extra='[repository]\nkind = "redis"\n'
+                               'url = "rediss://cache:6380/0"\n')
+        self.assertEqual(node.repository.url, "rediss://cache:6380/0")
+
+    def test_passwords_in_dsn_or_url_stay_out_of_repr(self):
+        postgres = config.RepositoryConfig(
+            kind="postgres", dsn="postgresql://u:hunter2@db/x")
+        keywords = config.RepositoryConfig(
+            kind="postgres", dsn="host=db password=hunter2 dbname=x")
+        redis = config.RepositoryConfig(kind="redis",
+                                        url="redis://:hunter2@cache/0")
+        for value in (postgres, keywords, redis):
+            self.assertNotIn("hunter2", repr(value))
+            self.assertIn("***", repr(value))
+
+    def test_values_are_frozen(self):
+        node = self.load()
+        self.assertRaises(attrs.exceptions.FrozenInstanceError,
+                          setattr, node, "node_id", "node9")
+        self.assertRaises(attrs.exceptions.FrozenInstanceError,
+                          setattr, node.cluster, "peers", ())
+
+    def test_no_dict_from_toml_gets_past_load(self):
+        def values(thing):
+            if attrs.has(type(thing)):
+                for field in attrs.fields(type(thing)):
+                    yield from values(getattr(thing, field.name))
+            elif isinstance(thing, (tuple, frozenset)):
+                for item in thing:
+                    yield from values(item)
+            else:
+                yield thing
+        node = self.load(tls="[tls]\nalpn = [\"h2\"]\n" + TLS,
+                         cluster=CLUSTER + "[cluster.authorize]\nPurge = []\n",
+                         extra='[repository]\nkind = "sqlite"\npath = "x"\n')
+        self.assertEqual(
+            [value for value in values(node) if isinstance(value, (dict, list))],
+            [])
+
+
+class FileErrorTests(_ConfigTestCase):
+    """
+    The configuration file itself cannot be used: the message names the
+    file and has no key.
+    """
+
+    def test_missing_file(self):
+        path = os.path.join(self.directory, "absent.toml")
+        error = self.assertRaises(ConfigError, config.load, path)
+        self.assertEqual(str(error),
+                         f"{path}: cannot read: No such file or directory")
+        self.assertEqual(error.key, "")
+
+    def test_directory_instead_of_a_file(self):
+        error = self.assertRaises(ConfigError, config.load, self.directory)
+        self.assertEqual(str(error), f"{self.directory}: cannot read: "
+                                     f"Is a directory")
+
+    def test_unreadable_file(self):
+        path = self.write()
+        os.chmod(path, 0)
+        if os.geteuid() != 0:
+            error = self.assertRaises(ConfigError, config.load, path)
+            message = str(error)
+        else:
+            # Root reads a file of mode 000; a child without the capability
+            # to override file permissions does not.
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                raise SkipTest("running as root and setpriv is missing: "
+                               "cannot make a file unreadable")
+            child = subprocess.run(
+                [setpriv, "--bounding-set=-dac_override,-dac_read_search",
+                 sys.executable, "-c",
+                 "import sys\n"
+                 "from sslshare import config\n"
+                 "try: config.load(sys.argv[1])\n"
+                 "except config.ConfigError as e: print(e)\n",
+                 path], capture_output=True, text=True, timeout=60)
+            self.assertEqual(child.stderr, "")
+            message = child.stdout.rstrip("\n")
+        self.assertEqual(message, f"{path}: cannot read: Permission denied")
+
+    def test_toml_syntax_error_names_the_line(self):
+        error = self.error(node=edited(NODE, '"tcp:host=127.0.0.1:port=8080"',
+                                       "tcp:host=127.0.0.1:port=8080"))
+        self.assertEqual(error.key, "")
+        self.assertEqual(str(error), f"{self.path}: not valid TOML: Invalid "
+                                     f"value (at line 5, column 11)")
+
+    def test_key_defined_twice_is_a_syntax_error(self):
+        error = self.error(node=NODE + 'id = "node2"\n')
+        self.assertEqual(error.reason, "not valid TOML: Cannot overwrite a "
+                                       "value (at line 6, column 13)")
+
+    def test_text_that_is_not_utf8(self):
+        with open(self.path, "wb") as f:
+            f.write(b'[node]\nid = "n\xe9ud"\n')
+        error = self.assertRaises(ConfigError, config.load, self.path)
+        self.assertEqual(str(error), f"{self.path}: not UTF-8 text: invalid "
+                                     f"continuation byte (at line 2, column 8)")
+
+    def test_error_message_stays_on_one_line(self):
+        error = ConfigError("x.toml", "node.id", "first\nsecond\r\n  third")
+        self.assertEqual(str(error), "x.toml: node.id: first second third")
+
+
+class KeyErrorTests(_ConfigTestCase):
+    """
+    Keys that are missing, unknown, or of the wrong type.
+    """
+
+    def test_missing_required_key(self):
+        self.assertError(
+            self.error(node=edited(NODE, 'backend = "tcp:host=127.0.0.1:'
+                                         'port=8080"\n', "")),
+            "node.backend", "missing required key")
+
+    def test_missing_required_table(self):
+        self.assertError(self.error(cluster=""), "cluster",
+                         "missing required key")
+
+    def test_missing_required_key_in_a_service(self):
+        self.assertError(self.error(tls=edited(TLS, 'key = "pki/web-key.pem"\n',
+                                               "")),
+                         "tls.service[0].key", "missing required key")
+
+    def test_unknown_key_suggests_the_nearest_known_one(self):
+        self.assertError(
+            self.error(node=edited(NODE, "listen =", "lisen =")),
+            "node.lisen", "unknown key (did you mean 'listen'?)")
+
+    def test_unknown_key_without_a_near_one(self):
+        self.assertError(self.error(node=NODE + "colour = 3\n"),
+                         "node.colour", "unknown key")
+
+    def test_unknown_key_in_a_service(self):
+        self.assertError(
+            self.error(tls=edited(TLS, "certificate =", "certficate =")),
+            "tls.service[0].certficate",
+            "unknown key (did you mean 'certificate'?)")
+
+    def test_unknown_table(self):
+        self.assertError(self.error(extra="[repositry]\nkind = \"sqlite\"\n"),
+                         "repositry", "unknown key (did you mean 'repository'?)")
+
+    def test_string_where_an_integer_is_expected(self):
+        self.assertError(self.error(node=NODE + 'lookup_budget_ms = "50"\n'),
+                         "node.lookup_budget_ms",
+                         "expected an integer, got a string '50'")
+
+    def test_float_where_an_integer_is_expected(self):
+        self.assertError(self.error(node=NODE + "session_lifetime_s = 60.5\n"),
+                         "node.session_lifetime_s",
+                         "expected an integer, got a float 60.5")
+
+    def test_boolean_is_not_an_integer(self):
+        self.assertError(self.error(node=NODE + "store_max_bytes = true\n"),
+                         "node.store_max_bytes",
+                         "expected an integer, got a boolean True")
+
+    def test_integer_where_a_string_is_expected(self):
+        self.assertError(self.error(node=edited(NODE, 'id = "node1"', "id = 1")),
+                         "node.id", "expected a string, got an integer 1")
+
+    def test_unquoted_tls_version_is_a_float_with_a_hint(self):
+        self.assertError(
+            self.error(tls="[tls]\nmin_version = 1.2\n" + TLS),
+            "tls.min_version",
+            'expected a string, got a float 1.2 (write it in quotes: "1.2")')
+
+    def test_table_where_a_string_is_expected(self):
+        self.assertError(
+            self.error(cluster=edited(CLUSTER, 'node2 = "tcp:host=127.0.0.1:'
+                                               'port=7442"',
+                                      "node2 = { host = \"x\" }")),
+            "cluster.peers.node2", "expected a string, got a table {'host': 'x'}")
+
+    def test_string_where_a_table_is_expected(self):
+        # A top-level key must come before the first table.
+        self.assertError(self.error(node='repository = "sqlite"\n' + NODE),
+            "repository", "expected a table, got a string 'sqlite'")
+
+    def test_string_where_a_boolean_is_expected(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'
+                             'url = "redis://x"\ntls = "yes"\n'),
+            "repository.tls",
+            "expected a boolean (true or false), got a string 'yes'")
+
+    def test_array_element_of_the_wrong_type(self):
+        self.assertError(
+            self.error(node=edited(NODE, 'listen = "tcp:8441:interface='
+                                         '127.0.0.1"',
+                                   'listen = ["tcp:8441", 8442]')),
+            "node.listen[1]", "expected a string, got an integer 8442")
+
+    def test_empty_string_is_refused(self):
+        self.assertError(self.error(node=edited(NODE, 'id = "node1"', 'id = ""')),
+                         "node.id", "must not be empty")
+
+    def test_node_id_with_upper_case_is_refused(self):
+        self.assertError(
+            self.error(node=edited(NODE, 'id = "node1"', 'id = "Node1"')),
+            "node.id", "'Node1' is not a valid name: use 1 to 64 characters "
+                       "of a-z, 0-9, '.', '_' and '-', starting with a letter "
+                       "or a digit")
+
+
+class RangeErrorTests(_ConfigTestCase):
+    """
+    Numbers outside the range the node can work with.
+    """
+
+    def test_lookup_budget_ms_zero(self):
+        self.assertError(self.error(node=NODE + "lookup_budget_ms = 0\n"),
+                         "node.lookup_budget_ms",
+                         "0 is out of range: must be from 1 to 10000")
+
+    def test_lookup_budget_ms_above_ten_seconds(self):
+        self.assertError(self.error(node=NODE + "lookup_budget_ms = 10001\n"),
+                         "node.lookup_budget_ms",
+                         "10001 is out of range: must be from 1 to 10000")
+
+    def test_session_lifetime_below_a_minute(self):
+        self.assertError(self.error(node=NODE + "session_lifetime_s = 59\n"),
+                         "node.session_lifetime_s",
+                         "59 is out of range: must be from 60 to 86400")
+
+    def test_store_max_bytes_below_64_kib(self):
+        self.assertError(self.error(node=NODE + "store_max_bytes = 65535\n"),
+                         "node.store_max_bytes",
+                         "65535 is out of range: must be at least 65536")
+
+    def test_handshake_timeout_zero(self):
+        self.assertError(self.error(node=NODE + "handshake_timeout_s = 0\n"),
+                         "node.handshake_timeout_s",
+                         "0 is out of range: must be above 0 and at most 300")
+
+    def test_handshake_timeout_infinite(self):
+        self.assertError(self.error(node=NODE + "handshake_timeout_s = inf\n"),
+                         "node.handshake_timeout_s",
+                         "inf is out of range: must be above 0 and at most 300")
+
+
+class FileReferenceErrorTests(_ConfigTestCase):
+    """
+    Files the configuration names that cannot be read.
+    """
+
+    def test_missing_certificate_names_the_key_and_the_path(self):
+        self.assertError(
+            self.error(tls=edited(TLS, "pki/web.pem", "pki/absent.pem")),
+            "tls.service[0].certificate",
+            f"cannot read 'pki/absent.pem' ({self.pki_path('absent.pem')}): "
+            f"No such file or directory")
+
+    def test_missing_state_key(self):
+        os.remove(self.pki_path("state.key"))
+        self.assertError(
+            self.error(), "cluster.state_key",
+            f"cannot read 'pki/state.key' ({self.pki_path('state.key')}): "
+            f"No such file or directory")
+
+    def test_directory_instead_of_a_key_file(self):
+        self.assertError(
+            self.error(cluster=edited(CLUSTER, 'key = "pki/node1-key.pem"',
+                                      'key = "pki"')),
+            "cluster.key",
+            f"cannot read 'pki' ({os.path.join(self.directory, 'pki')}): "
+            f"a directory")
+
+    def test_fifo_instead_of_a_file_does_not_hang(self):
+        os.remove(self.pki_path("ca.pem"))
+        os.mkfifo(self.pki_path("ca.pem"))
+        self.assertError(
+            self.error(), "cluster.ca",
+            f"cannot read 'pki/ca.pem' ({self.pki_path('ca.pem')}): "
+            f"not a regular file")
+
+    def test_missing_password_file(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\nurl = "redis://x"\n'
+                             'password_file = "pki/nope"\n'),
+            "repository.password_file",
+            f"cannot read 'pki/nope' ({self.pki_path('nope')}): "
+            f"No such file or directory")
+
+
+class EndpointErrorTests(_ConfigTestCase):
+    """
+    Endpoint strings that Twisted cannot build, or that sslshare refuses.
+    """
+
+    def test_client_endpoint_without_port(self):
+        error = self.error(cluster=CLUSTER + 'node4 = "tcp:host=x"\n')
+        self.assertEqual(error.key, "cluster.peers.node4")
+        self.assertTrue(
+            str(error).startswith(f"{self.path}: cluster.peers.node4: endpoint "
+                                  f"'tcp:host=x' is invalid: "), str(error))
+        self.assertIn("port", error.reason)
+
+    def test_unknown_endpoint_type(self):
+        self.assertError(
+            self.error(node=edited(NODE, '"tcp:8441:interface=127.0.0.1"',
+                                   '"tpc:8441"')),
+            "node.listen",
+            "endpoint 'tpc:8441' is invalid: Unknown endpoint type: 'tpc'")
+
+    def test_client_syntax_where_a_server_endpoint_is_expected(self):
+        error = self.error(cluster=edited(
+            CLUSTER, 'listen = "tcp:7441:interface=127.0.0.1"',
+            'listen = "tcp:host=127.0.0.1:port=7441"'))
+        self.assertEqual(error.key, "cluster.listen")
+        self.assertIn("unexpected keyword argument 'host'", error.reason)
+
+    def test_misspelt_endpoint_parameter(self):
+        error = self.error(node=edited(NODE, "interface=", "interfac="))
+        self.assertEqual(error.key, "node.listen")
+        self.assertIn("unexpected keyword argument 'interfac'", error.reason)
+
+    def test_port_that_is_not_a_number(self):
+        error = self.error(node=edited(NODE, "port=8080", "port=http"))
+        self.assertEqual(error.key, "node.backend")
+        self.assertIn("invalid literal for int()", error.reason)
+
+    def test_port_out_of_range(self):
+        self.assertError(
+            self.error(node=edited(NODE, "port=8080", "port=80800")),
+            "node.backend", "endpoint 'tcp:host=127.0.0.1:port=80800' is "
+                            "invalid: port 80800 is not in 1..65535")
+
+    def test_tls_endpoint_refused_where_sslshare_adds_tls(self):
+        self.assertError(
+            self.error(cluster=edited(CLUSTER, '"tcp:host=127.0.0.1:port=7442"',
+                                      '"tls:127.0.0.1:7442"')),
+            "cluster.peers.node2",
+            "endpoint 'tls:127.0.0.1:7442' is invalid: sslshare adds TLS "
+            "itself here, use a plain client endpoint such as tcp:")
+
+    def test_ssl_listen_refused(self):
+        self.assertError(
+            self.error(node=edited(NODE, '"tcp:8441:interface=127.0.0.1"',
+                                   '"ssl:8441"')),
+            "node.listen",
+            "endpoint 'ssl:8441' is invalid: sslshare adds TLS itself here, "
+            "use a plain server endpoint such as tcp:")
+
+    def test_bad_endpoint_in_a_listen_array_names_its_index(self):
+        error = self.error(node=edited(
+            NODE, 'listen = "tcp:8441:interface=127.0.0.1"',
+            'listen = ["tcp:8441", "tcp:nope"]'))
+        self.assertEqual(error.key, "node.listen[1]")
+
+    def test_empty_listen_array(self):
+        self.assertError(
+            self.error(node=edited(NODE, 'listen = "tcp:8441:interface='
+                                         '127.0.0.1"', "listen = []")),
+            "node.listen", "needs at least one endpoint")
+
+    def test_bad_metrics_endpoint(self):
+        error = self.error(node=NODE + 'metrics_listen = "http:9441"\n')
+        self.assertEqual(error.key, "node.metrics_listen")
+
+
+class ClusterErrorTests(_ConfigTestCase):
+    """
+    Peers and authorizations that do not fit together.
+    """
+
+    def test_peer_equal_to_self(self):
+        self.assertError(
+            self.error(cluster=CLUSTER + 'node1 = "tcp:host=127.0.0.1:'
+                                         'port=7441"\n'),
+            "cluster.peers.node1",
+            "'node1' is this node (node.id): a node is not its own peer")
+
+    def test_peer_id_that_is_not_a_valid_name(self):
+        self.assertError(
+            self.error(cluster=CLUSTER + '"node 4" = "tcp:host=x:port=1"\n'),
+            "cluster.peers.node 4",
+            "'node 4' is not a valid node id: use 1 to 64 characters of a-z, "
+            "0-9, '.', '_' and '-', starting with a letter or a digit")
+
+    def test_authorize_naming_an_unknown_node(self):
+        self.assertError(
+            self.error(cluster=CLUSTER + '[cluster.authorize]\n'
+                                         'Purge = ["node2", "node4"]\n'),
+            "cluster.authorize.Purge[1]",
+            "'node4' is neither a peer (cluster.peers) nor this node ('node1')")
+
+    def test_authorize_naming_an_unknown_command(self):
+        self.assertError(
+            self.error(cluster=CLUSTER + '[cluster.authorize]\n'
+                                         'Shutdown = ["node2"]\n'),
+            "cluster.authorize.Shutdown",
+            "unknown command (known: Checkpoint, FetchSession, Purge, Stats)")
+
+    def test_authorize_command_misspelt(self):
+        self.assertError(
+            self.error(cluster=CLUSTER + '[cluster.authorize]\n'
+                                         'FetchSessions = ["node2"]\n'),
+            "cluster.authorize.FetchSessions",
+            "unknown command (did you mean 'FetchSession'?)")
+
+    def test_authorize_with_a_string_instead_of_an_array(self):
+        self.assertError(
+            self.error(cluster=CLUSTER + '[cluster.authorize]\n'
+                                         'Stats = "node2"\n'),
+            "cluster.authorize.Stats",
+            "expected an array of strings, got a string 'node2'")
+
+
+class TLSErrorTests(_ConfigTestCase):
+    """
+    TLS settings and services the server could not run with.
+    """
+
+    def test_unsupported_tls_version(self):
+        self.assertError(self.error(tls='[tls]\nmin_version = "1.1"\n' + TLS),
+                         "tls.min_version",
+                         "TLS version '1.1' is not supported: use \"1.2\" or "
+                         "\"1.3\"")
+
+    def test_min_version_above_max_version(self):
+        self.assertError(
+            self.error(tls='[tls]\nmin_version = "1.3"\nmax_version = "1.2"\n'
+                           + TLS),
+            "tls.min_version", "'1.3' is above tls.max_version '1.2'")
+
+    def test_duplicate_service_name(self):
+        self.assertError(self.error(tls=TLS + TLS), "tls.service[1].name",
+                         "service 'web' is already defined by tls.service[0]")
+
+    def test_server_name_of_two_services(self):
+        self.assertError(
+            self.error(tls=TLS + 'server_names = ["localhost"]\n'
+                       + edited(TLS, '"web"', '"other"')
+                       + 'server_names = ["LOCALHOST"]\n'),
+            "tls.service[1].server_names[0]",
+            "'localhost' is already a name of service 'web'")
+
+    def test_server_name_that_is_not_a_host_name(self):
+        self.assertError(
+            self.error(tls=TLS + 'server_names = ["local host"]\n'),
+            "tls.service[0].server_names[0]",
+            "'local host' is not a host name or *.wildcard")
+
+    def test_service_written_with_single_brackets(self):
+        self.assertError(
+            self.error(tls=edited(TLS, "[[tls.service]]", "[tls.service]")),
+            "tls.service", "expected an array of tables: write "
+                           "[[tls.service]], with two brackets")
+
+    def test_no_service(self):
+        self.assertError(self.error(tls="[tls]\nservice = []\n"),
+                         "tls.service", "needs at least one service")
+
+    def test_alpn_listed_twice(self):
+        self.assertError(
+            self.error(tls='[tls]\nalpn = ["h2", "h2"]\n' + TLS),
+            "tls.alpn[1]", "'h2' is listed twice")
+
+
+class RepositoryErrorTests(_ConfigTestCase):
+    """
+    A [repository] section issue 5's backends could not use.
+    """
+
+    def test_unknown_repository_kind(self):
+        self.assertError(self.error(extra='[repository]\nkind = "mysql"\n'),
+                         "repository.kind",
+                         "'mysql' is not one of 'sqlite', 'postgres', 'redis'")
+
+    def test_unknown_topology(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "sqlite"\npath = "x"\n'
+                             'topology = "peers"\n'),
+            "repository.topology", "'peers' is not one of 'repository', 'both'")
+
+    def test_key_of_another_kind(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "sqlite"\npath = "x"\n'
+                             'dsn = "host=db"\n'),
+            "repository.dsn", "not used by kind 'sqlite' (it takes path)")
+
+    def test_postgres_without_dsn(self):
+        self.assertError(self.error(extra='[repository]\nkind = "postgres"\n'),
+                         "repository.dsn", "missing required key")
+
+    def test_redis_url_with_another_scheme(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'
+                             'url = "http://u:hunter2@cache/"\n'),
+            "repository.url",
+            "http://u:***@cache/ is not a redis://, rediss:// or unix:// URL")
+
+
+def demo_tree(testcase):
+    """
+    A copy of conf/ beside a demo/pki/ made as C{sslshare pki init demo/pki
+    --cluster demo --nodes node1,node2,node3} makes it, in a new directory.
+    Returns that directory.
+    """
+    root = os.path.abspath(testcase.mktemp())
+    shutil.copytree(CONF, os.path.join(root, "conf"))
+    pki.init_pki(os.path.join(root, "demo", "pki"), "demo", DEMO_NODES)
+    return root
+
+
+class ShippedConfigTests(TestCase):
+    """
+    conf/node1..3.toml and conf/example.toml load against the demo PKI.
+    """
+
+    def setUp(self):
+        self.root = demo_tree(self)
+
+    def load(self, name):
+        return config.load(os.path.join(self.root, "conf", name))
+
+    def test_demo_pki_files_exist_under_the_expected_names(self):
+        self.assertEqual(
+            sorted(set(DEMO_PKI_FILES) - set(os.listdir(
+                os.path.join(self.root, "demo", "pki")))), [])
+
+    def test_demo_nodes_load(self):
+        pki_dir = os.path.join(self.root, "demo", "pki")
+        for number, node_id in enumerate(DEMO_NODES, 1):
+            node = self.load(f"{node_id}.toml")
+            self.assertEqual(
+                (node.node_id, node.cluster_name, node.listen, node.backend,
+                 node.cluster.listen, node.cluster.certificate,
+                 node.cluster.key, node.cluster.ca, node.cluster.state_key,
+                 node.state_dir, node.topology),
+                (node_id, "demo", (f"tcp:844{number}:interface=127.0.0.1",),
+                 "tcp:host=127.0.0.1:port=8080",
+                 f"tcp:744{number}:interface=127.0.0.1",
+                 os.path.join(pki_dir, f"{node_id}.pem"),
+                 os.path.join(pki_dir, f"{node_id}-key.pem"),
+                 os.path.join(pki_dir, "ca.pem"),
+                 os.path.join(pki_dir, "state.key"),
+                 os.path.join(self.root, "demo", "state", node_id), "peers"))
+            self.assertEqual(
+                [(s.name, s.certificate, s.key) for s in node.tls.services],
+                [("web", os.path.join(pki_dir, "localhost-chain.pem"),
+                  os.path.join(pki_dir, "localhost-key.pem"))])
+
+    def test_demo_nodes_peer_with_each_others_cluster_listen_port(self):
+        nodes = {node_id: self.load(f"{node_id}.toml") for node_id in DEMO_NODES}
+        for node_id, node in nodes.items():
+            expected = tuple(
+                (peer, "tcp:host=127.0.0.1:port=" +
+                 nodes[peer].cluster.listen.split(":")[1])
+                for peer in DEMO_NODES if peer != node_id)
+            self.assertEqual(node.cluster.peers, expected)
+
+    def test_example_loads(self):
+        example = self.load("example.toml")
+        node1 = self.load("node1.toml")
+        self.assertEqual(
+            (example.node_id, example.cluster, example.tls.services,
+             example.state_dir),
+            (node1.node_id, node1.cluster, node1.tls.services,
+             node1.state_dir))
+
+    def test_example_documents_every_key(self):
+        # Keys written out or commented out ("# key = ...") under their
+        # table's header, itself written out or commented out.
+        found: dict[str, set[str]] = {"": set()}
+        section = ""
+        with open(os.path.join(CONF, "example.toml"), encoding="utf-8") as f:
+            for line in f:
+                header = re.match(r"\s*#?\s*\[\[?([\w.]+)\]\]?\s*$", line)
+                if header:
+                    section = header.group(1)
+                    found.setdefault(section, set())
+                    parent, _, child = section.rpartition(".")
+                    found.setdefault(parent, set()).add(child)
+                    continue
+                key = re.match(r"\s*#?\s*(\w+)\s*=", line)
+                if key:
+                    found[section].add(key.group(1))
+        self.assertEqual(
+            {table: sorted(keys - found.get(table, set()))
+             for table, keys in config.TABLE_KEYS.items()},
+            {table: [] for table in config.TABLE_KEYS})
