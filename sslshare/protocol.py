@@ -164,6 +164,7 @@ class BackendProxy(Protocol):
     factory: BackendProxyFactory
     _backend: _BackendSide | None = None
     _timeout: Any = None
+    _linked = False
 
     def connectionMade(self) -> None:
         self._pending: list[bytes] = []
@@ -196,6 +197,7 @@ class BackendProxy(Protocol):
         self._pending = []
         self.transport.registerProducer(backend.transport, True)
         backend.transport.registerProducer(self.transport, True)
+        self._linked = True
         self.transport.resumeProducing()
 
     def _backendFailed(self, reason: Failure) -> None:
@@ -214,8 +216,19 @@ class BackendProxy(Protocol):
             self._timeout.cancel()
             self._timeout = None
         if self._backend is not None:
+            self.unlink()
             # Whatever the client sent still goes out before the close.
             self._backend.transport.loseConnection()
+
+    def unlink(self) -> None:
+        """
+        End the producer/consumer pairing of the two sides: a transport
+        with a producer registered waits for it before it closes.
+        """
+        if self._linked:
+            self._linked = False
+            self.transport.unregisterProducer()
+            self._backend.transport.unregisterProducer()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -228,6 +241,7 @@ class _BackendSide(Protocol):
 
     def readConnectionLost(self) -> None:
         # The backend has said all it will say: close TLS once it is sent.
+        self.client.unlink()
         self.client.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
@@ -236,6 +250,7 @@ class _BackendSide(Protocol):
         """
 
     def connectionLost(self, reason: Failure = None) -> None:
+        self.client.unlink()
         self.client.transport.loseConnection()
 
 

@@ -19,6 +19,7 @@ import shutil
 import socket
 import ssl
 import struct
+import sys
 import tempfile
 import weakref
 
@@ -36,8 +37,8 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.filepath import FilePath
 
 from sslshare import sessionid, tls
-from sslshare.state import SessionState
 from sslshare.protocol import SessionResumingTLSFactory
+from sslshare.state import SessionState
 
 
 @attrs.frozen
@@ -506,3 +507,174 @@ def session_state(**fields):
     )
     values.update(fields)
     return SessionState(**values)
+
+
+def free_port():
+    """
+    A TCP port on 127.0.0.1 that nothing listened on a moment ago, for
+    configurations that must name their ports before anything starts.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+_NODE_CONFIG = """\
+[node]
+id = "{node}"
+cluster = "test"
+listen = "tcp:{client_port}:interface=127.0.0.1"
+backend = "tcp:host=127.0.0.1:port={backend_port}"
+lookup_budget_ms = {budget_ms}
+state_dir = "state/{node}"
+
+[[tls.service]]
+name = "web"
+server_names = ["localhost"]
+certificate = "pki/localhost-chain.pem"
+key = "pki/localhost-key.pem"
+
+[cluster]
+listen = "tcp:{amp_port}:interface=127.0.0.1"
+ca = "pki/ca.pem"
+certificate = "pki/{node}.pem"
+key = "pki/{node}-key.pem"
+state_key = "pki/state.key"
+
+[cluster.peers]
+{peers}
+"""
+
+
+class LocalCluster:
+    """
+    A cluster of nodes of the test's own: a PKI made by
+    L{sslshare.pki.init_pki}, one TOML file per node with free ports, a
+    one-shot echo backend, and nodes started in this process with
+    L{sslshare.service.build_node} (or by the test as C{twistd} processes
+    from the same files).
+    """
+
+    def __init__(self, testcase, nodes=("node1", "node2", "node3"),
+                 budget_ms=300):
+        from sslshare import pki
+
+        self.directory = os.path.abspath(testcase.mktemp())
+        os.makedirs(self.directory)
+        self.pki = pki.init_pki(os.path.join(self.directory, "pki"), "test",
+                                nodes)
+        backend = reactor.listenTCP(0, Factory.forProtocol(OneShotEcho),
+                                    interface="127.0.0.1")
+        testcase.addCleanup(backend.stopListening)
+        self.ports = {node: free_port() for node in nodes}
+        self.amp_ports = amp_ports = {node: free_port() for node in nodes}
+        self.paths = {}
+        for node in nodes:
+            peers = "\n".join(
+                f'{peer} = "tcp:host=127.0.0.1:port={amp_ports[peer]}"'
+                for peer in nodes if peer != node)
+            path = os.path.join(self.directory, f"{node}.toml")
+            with open(path, "w") as f:
+                f.write(_NODE_CONFIG.format(
+                    node=node, client_port=self.ports[node],
+                    backend_port=backend.getHost().port, budget_ms=budget_ms,
+                    amp_port=amp_ports[node], peers=peers))
+            self.paths[node] = path
+        self.services = {}
+        self.nodes = {}
+        self.processes = {}
+        testcase.addCleanup(self.stop_all)
+
+    @property
+    def ca_cert(self):
+        return self.pki.ca_certificate
+
+    def start(self, node):
+        from sslshare import config
+        from sslshare.service import build_node
+
+        service, self.nodes[node] = build_node(
+            config.load(self.paths[node], reactor), reactor)
+        service.startService()
+        self.services[node] = service
+        return self.nodes[node]
+
+    def start_all(self):
+        for node in self.paths:
+            self.start(node)
+        return self.wait_linked()
+
+    async def _wait_linked(self, timeout=10.0):
+        deadline = reactor.seconds() + timeout
+        while reactor.seconds() < deadline:
+            if all(node.peer_links.connected_count() == len(self.paths) - 1
+                   for name, node in self.nodes.items()
+                   if name in self.services):
+                return
+            await deferLater(reactor, 0.05, lambda: None)
+        raise AssertionError("the nodes did not link up in time")
+
+    def wait_linked(self):
+        return Deferred.fromCoroutine(self._wait_linked())
+
+    def stop(self, node):
+        self.nodes.pop(node, None)
+        return self.services.pop(node).stopService()
+
+    def spawn(self, node):
+        """
+        Run C{node} as a C{twistd -n sslshare} process; fires once it
+        listens for clients.
+        """
+        process = _NodeProcess()
+        command = [sys.executable, "-c",
+                   "from twisted.scripts.twistd import run; run()",
+                   "-n", "--pidfile=", "--logfile",
+                   os.path.join(self.directory, f"{node}.log"),
+                   "sslshare", "--config", self.paths[node]]
+        self.processes[node] = reactor.spawnProcess(
+            process, command[0], command, env=os.environ)
+        return Deferred.fromCoroutine(
+            wait_for_port(self.ports[node], process.ended))
+
+    def kill(self, node, signal_name="KILL"):
+        """
+        Send C{node}'s process a signal; fires when it has ended.
+        """
+        transport = self.processes.pop(node)
+        transport.signalProcess(signal_name)
+        return transport.proto.ended
+
+    def stop_all(self):
+        from twisted.internet.defer import gatherResults
+
+        return gatherResults(
+            [self.stop(node) for node in list(self.services)]
+            + [self.kill(node, "TERM") for node in list(self.processes)])
+
+
+class _NodeProcess(ProcessProtocol):
+    def __init__(self):
+        self.ended = Deferred()
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
+
+
+async def wait_for_port(port, ended=None, timeout=20.0):
+    """
+    Wait until something listens on C{port} of 127.0.0.1.
+
+    @param ended: a Deferred that fires if the process meant to listen
+        ends first.
+    """
+    deadline = reactor.seconds() + timeout
+    while reactor.seconds() < deadline:
+        if ended is not None and ended.called:
+            raise AssertionError(f"the process for port {port} ended")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            await deferLater(reactor, 0.1, lambda: None)
+    raise AssertionError(f"nothing listened on port {port} in {timeout} s")

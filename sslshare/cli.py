@@ -1,0 +1,221 @@
+"""
+The C{sslshare} command: operator tools around a cluster.
+
+    sslshare pki init DIR --cluster NAME --nodes node1,node2,node3
+    sslshare stats --config FILE [--node NODE] [--json]
+    sslshare demo [--json] [--clients N] [--rounds N]
+
+Errors a user can cause end the command with one line on stderr and exit
+status 2; this module holds no session logic of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.endpoints import clientFromString, connectProtocol, wrapClientTLS
+from twisted.protocols.amp import AMP
+from twisted.python.failure import Failure
+
+from sslshare import cluster, config, pki
+
+T = TypeVar("T")
+
+
+class CommandError(Exception):
+    """
+    A mistake the user can fix; the message says what and where.
+    """
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    if not hasattr(arguments, "run"):
+        parser.print_help()
+        raise SystemExit(2)
+    try:
+        arguments.run(arguments)
+    except (CommandError, config.ConfigError, pki.PKIError, ValueError) as e:
+        sys.stderr.write(f"sslshare: {e}\n")
+        raise SystemExit(2) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sslshare",
+        description="Share TLS sessions across a cluster of TLS servers.")
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    pki_parser = commands.add_parser(
+        "pki", help="make a development PKI for a cluster")
+    pki_commands = pki_parser.add_subparsers(metavar="ACTION")
+    init = pki_commands.add_parser(
+        "init", help="write a CA, node certificates, a server certificate "
+        "and a state key into DIR")
+    init.add_argument("directory", metavar="DIR")
+    init.add_argument("--cluster", required=True, help="the cluster's name")
+    init.add_argument("--nodes", required=True,
+                      help="comma-separated node ids, e.g. node1,node2,node3")
+    init.add_argument("--server-name", action="append", dest="server_names",
+                      help="a name the server certificate answers for "
+                      "(repeatable; default: localhost)")
+    init.add_argument("--force", action="store_true",
+                      help="overwrite files that exist")
+    init.set_defaults(run=_pki_init)
+
+    stats = commands.add_parser(
+        "stats", help="print a node's counters, asked over the cluster "
+        "channel with the node's own certificate")
+    stats.add_argument("--config", required=True, metavar="FILE")
+    stats.add_argument("--node", help="ask this peer instead of the node "
+                       "of the configuration file")
+    stats.add_argument("--json", action="store_true",
+                       help="print one JSON object")
+    stats.set_defaults(run=_stats)
+
+    demo = commands.add_parser(
+        "demo", help="run a local 3-node cluster and show sessions "
+        "resuming across nodes")
+    demo.add_argument("--json", action="store_true",
+                      help="print the counts as one JSON object")
+    demo.add_argument("--clients", type=int, default=6,
+                      help="clients, half TLS 1.2 and half TLS 1.3 "
+                      "(default 6)")
+    demo.add_argument("--rounds", type=int, default=30,
+                      help="connections per client (default 30)")
+    demo.add_argument("--directory", default="demo",
+                      help="where the demo keeps its PKI, state and logs "
+                      "(default ./demo)")
+    demo.add_argument("--conf", default="conf",
+                      help="directory of node1.toml..node3.toml (default ./conf)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _pki_init(arguments: argparse.Namespace) -> None:
+    nodes = [node.strip() for node in arguments.nodes.split(",") if node.strip()]
+    if not nodes:
+        raise CommandError("--nodes: give at least one node id")
+    files = pki.init_pki(arguments.directory, arguments.cluster, nodes,
+                         tuple(arguments.server_names or ("localhost",)),
+                         force=arguments.force)
+    print(f"wrote a PKI for cluster {files.cluster!r} in {files.directory}:")
+    print(f"  cluster CA        {files.ca_certificate}")
+    for node in files.nodes:
+        print(f"  node {node.node_id:<12} {node.certificate}, {node.key}")
+    print(f"  server chain, key {files.server_chain}, {files.server_key}")
+    print(f"  state key         {files.state_key}")
+
+
+def ask_stats(reactor: Any, node_config: config.NodeConfig,
+              target: str) -> Awaitable[dict[str, Any]]:
+    """
+    Fire with the counters of node C{target}, asked with the certificate of
+    the node of C{node_config}.
+    """
+    endpoint = _amp_endpoint(node_config, target)
+    channel = cluster.ClusterTLS(
+        node_config.cluster.ca, node_config.cluster.certificate,
+        node_config.cluster.key, node_config.cluster_name,
+        node_config.node_id)
+
+    async def ask() -> dict[str, Any]:
+        protocol = await connectProtocol(
+            wrapClientTLS(channel.client_options(target),
+                          clientFromString(reactor, endpoint)), AMP())
+        try:
+            answer = await protocol.callRemote(cluster.Stats)
+        finally:
+            protocol.transport.loseConnection()
+        return json.loads(answer["counters"])
+
+    return ask()
+
+
+def _amp_endpoint(node_config: config.NodeConfig, target: str) -> str:
+    if target != node_config.node_id:
+        try:
+            return node_config.cluster.peer_endpoint(target)
+        except KeyError:
+            raise CommandError(
+                f"{node_config.path}: cluster.peers: no peer {target!r}") from None
+    listen = node_config.cluster.listen
+    if listen is None:
+        raise CommandError(f"{node_config.path}: cluster.listen: the node "
+                           "does not listen for peers, so it has no stats to ask")
+    return client_endpoint_for(listen)
+
+
+def client_endpoint_for(listen: str) -> str:
+    """
+    The client endpoint that reaches a C{tcp:} server endpoint on this host.
+    """
+    kind, _, rest = listen.partition(":")
+    if kind != "tcp":
+        raise CommandError(f"cannot reach listen endpoint {listen!r} from "
+                           "here: only tcp: endpoints are supported")
+    port, interface = None, "127.0.0.1"
+    for index, part in enumerate(rest.split(":")):
+        key, equals, value = part.partition("=")
+        if not equals and index == 0:
+            port = key
+        elif key == "port":
+            port = value
+        elif key == "interface" and value not in ("", "0.0.0.0", "::"):
+            interface = value
+    if port is None:
+        raise CommandError(f"listen endpoint {listen!r} names no port")
+    return f"tcp:host={interface}:port={port}"
+
+
+def run_in_reactor(work: Callable[[Any], Awaitable[T]]) -> T:
+    """
+    Run the coroutine function C{work(reactor)} to its end in the global
+    reactor, and return its result or raise its exception.  Unlike
+    C{task.react}, this returns to the caller.
+    """
+    from twisted.internet import reactor
+
+    outcome: list[Any] = []
+
+    def start() -> None:
+        finished = ensureDeferred(work(reactor))
+        finished.addBoth(outcome.append)
+        finished.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    (result,) = outcome
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def _stats(arguments: argparse.Namespace) -> None:
+    node_config = config.load(arguments.config)
+    target = arguments.node or node_config.node_id
+    _amp_endpoint(node_config, target)
+    try:
+        results = run_in_reactor(
+            lambda reactor: ask_stats(reactor, node_config, target))
+    except Exception as e:
+        raise CommandError(f"could not ask node {target!r} for its stats: "
+                           f"{e or type(e).__name__}") from None
+    if arguments.json:
+        print(json.dumps(results, sort_keys=True))
+        return
+    width = max((len(name) for name in results), default=0)
+    for name, value in sorted(results.items()):
+        print(f"{name:<{width}}  {value}")
+
+
+def _demo(arguments: argparse.Namespace) -> None:
+    from sslshare import demo
+
+    demo.run(arguments)

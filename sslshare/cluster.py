@@ -1,0 +1,1178 @@
+"""
+The node-to-node channel: AMP over mutual TLS, with node identity from
+certificates and authorization per command.
+
+Every node listens for its peers (L{PeerServerFactory}, wrapped in Twisted's
+L{TLSMemoryBIOFactory} with L{ClusterTLS.server_options}) and keeps one
+reconnecting client per peer (L{PeerLink}, gathered in L{Peers}).  Four AMP
+commands cross the channel: L{FetchSession} (move a sealed session to the
+asker), L{Checkpoint}, L{Purge} and L{Stats}.  What a node does with them is
+not this module's business: the server calls an L{ICommandHandler}.
+
+Identity.  Both ends present a certificate from the cluster CA whose SAN
+URI is C{sslshare://<cluster>/<node id>} (L{sslshare.pki.node_uri}).
+OpenSSL verifies the chain (trust root: the CA file only; extended key
+usage: clientAuth for the side that dials, serverAuth for the side that
+answers); a per-connection verify callback then reads the URI of the leaf:
+the server accepts any node id of its own cluster, the client only the one
+peer it dialled.  Anything else fails the handshake with an alert to the
+peer, and the callback keeps a L{PeerIdentityError} saying why for the
+protocol on top, which logs the refusal with its reason.  A peer's node id
+is only ever read from its verified certificate, never from anything it
+sends.
+
+Why not C{service_identity.URI_ID}: service_identity matches a URI-ID on
+scheme and host only (RFC 6125 6.5.2).  C{URI_ID("sslshare://demo/node1")}
+raises C{ValueError("Invalid DNS-ID")}, and its C{URIPattern} keeps
+C{"//demo/node1"}, lowercased, as a DNS pattern.  The node id lives in the
+path, so this module reads the SAN URIs with C{cryptography} (which is what
+service_identity's own C{extract_patterns} does) and compares exact strings;
+chain verification stays with OpenSSL.
+
+Authorization.  The server's responders ask C{allowed(command, node id)}
+before anything else; a refusal answers C{NOT_AUTHORIZED}, is logged with
+the peer and the command, counted in C{counters["refused_commands"]}, and
+the handler is never called.  Arguments are checked next (session ids are
+sslshare ids of 32 bytes, digests 0 or 32 bytes, sealed blobs at most
+L{MAX_SEALED} bytes): C{BAD_REQUEST}, counted in C{bad_requests}.  The
+server also checks what its handler answers, and L{fetch_from} checks what
+a peer answers: garbage becomes L{PeerProtocolError}.
+
+Connections that fail the handshake (no certificate, another CA, another
+cluster, a timeout) get no data; they are logged and counted in
+C{counters["refused_connections"]} (timeouts in C{handshake_timeouts}).
+
+Availability.  L{PeerLink.call} never waits for a connection: the recovery
+chain has a budget of tens of milliseconds, so a peer that is not connected
+right now fails the call at once with L{PeerUnavailable}; the link keeps
+reconnecting in the background (Twisted's L{ClientService}, exponential
+backoff that also grows while handshakes keep failing).
+
+This module never speaks TLS to clients, never reads configuration files
+other than the PEM files it is given, and never sees a session in clear: it
+carries sealed blobs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    fail,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.endpoints import clientFromString, wrapClientTLS
+from twisted.internet.error import ConnectingCancelledError, ConnectionClosed
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    TLSVersion,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from sslshare import pki, sessionid
+
+MAX_SEALED = 16 * 1024
+"""The largest sealed session blob the channel carries, in bytes."""
+
+DIGEST_LENGTHS = (0, 32)
+MAX_SEQ = 2**64 - 1
+FETCH_STATUSES = ("found", "redirect", "missing")
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+_log = Logger()
+
+
+# Errors.
+
+class NotAuthorized(Exception):
+    """
+    The peer may not run this command (AMP error C{NOT_AUTHORIZED}).
+    """
+
+
+class BadRequest(Exception):
+    """
+    A command's arguments are out of bounds (AMP error C{BAD_REQUEST}).
+    """
+
+
+class PeerUnavailable(Exception):
+    """
+    A peer cannot be asked right now: not connected, or the connection
+    ended while the question was out.
+
+    @ivar peer: the peer's node id.
+    @ivar reason: why, in words.
+    """
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"peer {peer}: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+class PeerProtocolError(Exception):
+    """
+    A peer answered something that breaks the protocol (a status that does
+    not exist, a missing or oversized field).
+    """
+
+
+class PeerIdentityError(Exception):
+    """
+    A certificate does not name an acceptable node, or does not chain to the
+    cluster CA.  The message names the certificate and the reason.
+    """
+
+
+class ClusterTLSError(Exception):
+    """
+    A node's own CA, certificate or key file is unusable.
+
+    @ivar path: the file.
+    @ivar reason: what is wrong with it.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+# The commands.  Every one answers the same two errors; anything else a
+# responder raises reaches the asker as AMP's UNKNOWN error and is logged
+# on the answering side.
+
+_ERRORS: dict[type[Exception], bytes] = {
+    NotAuthorized: b"NOT_AUTHORIZED",
+    BadRequest: b"BAD_REQUEST",
+}
+
+
+class FetchSession(amp.Command):
+    """
+    Give me the session C{session_id} (and forget it): C{found} with the
+    sealed state, C{redirect} to the C{holder} that took it, or C{missing}.
+    """
+
+    arguments = [(b"session_id", amp.String())]
+    response = [
+        (b"status", amp.Unicode()),
+        (b"sealed", amp.String(optional=True)),
+        (b"holder", amp.Unicode(optional=True)),
+    ]
+    errors = _ERRORS
+
+
+class Checkpoint(amp.Command):
+    """
+    The record digest of C{session_id} after C{seq} records (issue 6).
+    """
+
+    arguments = [
+        (b"session_id", amp.String()),
+        (b"seq", amp.Integer()),
+        (b"digest", amp.String()),
+    ]
+    response = [(b"accepted", amp.Boolean())]
+    errors = _ERRORS
+
+
+class Purge(amp.Command):
+    """
+    Forget the session C{session_id}.
+    """
+
+    arguments = [(b"session_id", amp.String())]
+    response = [(b"removed", amp.Boolean())]
+    errors = _ERRORS
+
+
+class Stats(amp.Command):
+    """
+    The node's counters, as a JSON object of name -> number.
+    """
+
+    arguments: list = []
+    response = [(b"counters", amp.Unicode())]
+    errors = _ERRORS
+
+
+COMMANDS: dict[str, type[amp.Command]] = {
+    command.__name__: command for command in (FetchSession, Checkpoint, Purge, Stats)
+}
+"""The channel's commands by name: the names authorization uses."""
+
+_COMMAND_NAMES = frozenset(command.commandName for command in COMMANDS.values())
+
+
+@attrs.frozen
+class FetchAnswer:
+    """
+    What a node answers to L{FetchSession}.
+
+    @ivar status: C{"found"}, C{"redirect"} or C{"missing"}.
+    @ivar sealed: with C{found} only: the sealed state (L{sslshare.state}),
+        at most L{MAX_SEALED} bytes.
+    @ivar holder: with C{redirect} only: the node id that holds it now.
+    """
+
+    status: str
+    sealed: bytes | None = attrs.field(default=None, repr=False)
+    holder: str | None = None
+
+
+class ICommandHandler(Interface):
+    """
+    What the node behind the channel does with its peers' commands.  The
+    C{requester} is the node id from the peer's verified certificate, and
+    it was allowed to run the command.  Each method may return its value or
+    a L{Deferred} that fires with it.
+    """
+
+    def fetch_session(session_id: bytes, requester: str) -> FetchAnswer | Deferred[FetchAnswer]:
+        """
+        Take the session away from this node for C{requester}.
+        """
+
+    def checkpoint(session_id: bytes, seq: int, digest: bytes,
+                   requester: str) -> bool | Deferred[bool]:
+        """
+        Record a digest checkpoint; whether it was newer than the last one.
+        """
+
+    def purge(session_id: bytes, requester: str) -> bool | Deferred[bool]:
+        """
+        Forget a session; whether there was one.
+        """
+
+    def stats() -> dict[str, int | float]:
+        """
+        The node's counters.
+        """
+
+
+# Checks shared by both ends.
+
+def _fetch_answer_problem(status: Any, sealed: Any, holder: Any) -> str | None:
+    if status not in FETCH_STATUSES:
+        return f"status {status!r} is not one of {', '.join(FETCH_STATUSES)}"
+    if status == "found":
+        if not isinstance(sealed, bytes) or not 0 < len(sealed) <= MAX_SEALED:
+            size = len(sealed) if isinstance(sealed, bytes) else "no"
+            return f"found with {size} sealed bytes (1..{MAX_SEALED} expected)"
+    elif sealed is not None:
+        return f"{status} with a sealed state"
+    if status == "redirect":
+        if not isinstance(holder, str) or pki.NAME_PATTERN.fullmatch(holder) is None:
+            return f"redirect to {holder!r}, which is not a node id"
+    elif holder is not None:
+        return f"{status} with a holder"
+    return None
+
+
+def _counters_problem(counters: Any) -> str | None:
+    if not isinstance(counters, dict):
+        return "counters are not an object"
+    for name, value in counters.items():
+        if not isinstance(name, str) or isinstance(value, bool) \
+                or not isinstance(value, int | float) \
+                or (isinstance(value, float) and not math.isfinite(value)):
+            return f"counter {name!r} is {value!r}, not a number"
+    return None
+
+
+def _check_session_id(session_id: bytes) -> None:
+    if not sessionid.is_session_id(session_id):
+        raise BadRequest(f"session id of {len(session_id)} bytes is not an "
+                         f"sslshare session id")
+
+
+# Identity.
+
+def _subject(certificate: x509.Certificate) -> str:
+    # Anyone may send a certificate: an unparsable subject is a finding,
+    # not a crash.
+    try:
+        return certificate.subject.rfc4514_string() or "(empty subject)"
+    except ValueError:
+        return "(unreadable subject)"
+
+
+def certificate_uris(certificate: x509.Certificate) -> list[str]:
+    """
+    The URIs in the subject alternative names of C{certificate}.
+
+    @raise PeerIdentityError: the extensions do not parse.
+    """
+    try:
+        names = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    except ValueError as e:
+        raise PeerIdentityError(
+            f"certificate {_subject(certificate)} has unreadable extensions "
+            f"({e})") from None
+    return names.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def node_identity(certificate: x509.Certificate, cluster: str) -> str:
+    """
+    The node id of C{cluster} that C{certificate} names in its one SAN URI
+    C{sslshare://<cluster>/<node id>}.  The certificate must have been
+    verified against the cluster CA already: this reads, it does not trust.
+
+    @raise PeerIdentityError: it names no node of C{cluster}, or several,
+        or an invalid node id.
+    """
+    pki.validate_name("cluster name", cluster)
+    prefix = f"{pki.URI_SCHEME}://{cluster}/"
+    uris = certificate_uris(certificate)
+    ours = [uri for uri in uris if uri.startswith(prefix)]
+    if len(ours) != 1:
+        named = ", ".join(uris) or "no URI"
+        count = "no node" if not ours else "several nodes"
+        raise PeerIdentityError(
+            f"certificate {_subject(certificate)} names {count} of cluster "
+            f"{cluster} ({named})")
+    node_id = ours[0][len(prefix):]
+    if pki.NAME_PATTERN.fullmatch(node_id) is None:
+        raise PeerIdentityError(
+            f"certificate {_subject(certificate)} names {ours[0]}, whose node "
+            f"id is not valid")
+    return node_id
+
+
+# OpenSSL's X509_V_ERR_* numbers for the refusals an operator will meet; the
+# rest are logged by number.
+_NOT_OUR_CA = "not issued by the cluster CA"
+_VERIFY_ERRORS = {
+    2: f"{_NOT_OUR_CA} (issuer certificate not found)",
+    9: "not yet valid",
+    10: "expired",
+    18: f"{_NOT_OUR_CA} (self-signed)",
+    19: f"{_NOT_OUR_CA} (self-signed certificate in the chain)",
+    20: f"{_NOT_OUR_CA} (unable to get the local issuer)",
+    21: f"{_NOT_OUR_CA} (unable to verify the first certificate)",
+    26: "not meant for this purpose (extended key usage)",
+}
+
+_VERIFY_MODE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+
+
+# Why the verify callback refused a connection, until the protocol on top
+# asks (L{_refusal}).  Weak: an entry lives no longer than its connection.
+_verify_refusals: weakref.WeakKeyDictionary[SSL.Connection, PeerIdentityError] = \
+    weakref.WeakKeyDictionary()
+
+
+def _verifier(check: Callable[[x509.Certificate], object]):
+    """
+    An OpenSSL verify callback: OpenSSL's chain verdict first, then
+    C{check} on the leaf.  A refusal is remembered for the connection and
+    fails the handshake the ordinary way, so that OpenSSL sends the peer an
+    alert saying why (aborting the connection instead would leave the peer
+    guessing, which matters with TLS 1.3, where a client learns of its
+    refusal only after its side of the handshake is done).
+    """
+
+    def verify(connection: SSL.Connection, certificate: crypto.X509,
+               error: int, depth: int, ok: int) -> bool:
+        try:
+            if ok and depth > 0:
+                return True
+            try:
+                leaf = certificate.to_cryptography()
+            except ValueError as e:
+                raise PeerIdentityError(
+                    f"certificate at depth {depth} does not parse ({e})") from None
+            if ok:
+                check(leaf)
+                return True
+            where = "" if depth == 0 else f" (depth {depth} of the chain)"
+            problem = PeerIdentityError(
+                f"certificate {_subject(leaf)}{where} refused: "
+                f"{_VERIFY_ERRORS.get(error, f'X509 verify error {error}')}")
+        except PeerIdentityError as e:
+            problem = e
+        except Exception:
+            # An exception must never escape into OpenSSL: it would be
+            # lost and the handshake would go on.
+            _log.failure("while verifying a peer certificate")
+            problem = PeerIdentityError("certificate check failed")
+        _verify_refusals[connection] = problem
+        return False
+
+    return verify
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _ServerCreator:
+    def __init__(self, context: SSL.Context, cluster: str) -> None:
+        self._context = context
+        self._cluster = cluster
+
+    def serverConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_verify(_VERIFY_MODE, _verifier(
+            lambda leaf: node_identity(leaf, self._cluster)))
+        return connection
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _ClientCreator:
+    def __init__(self, context: SSL.Context, cluster: str, peer: str) -> None:
+        self._context = context
+        self._cluster = cluster
+        self._peer = peer
+
+    def _check(self, leaf: x509.Certificate) -> None:
+        found = node_identity(leaf, self._cluster)
+        if found != self._peer:
+            raise PeerIdentityError(
+                f"certificate {_subject(leaf)} names "
+                f"{pki.node_uri(self._cluster, found)}, not "
+                f"{pki.node_uri(self._cluster, self._peer)}")
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_verify(_VERIFY_MODE, _verifier(self._check))
+        return connection
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ClusterTLSError(path, f"cannot read ({e.strerror})") from None
+
+
+def _load_certificates(path: str) -> list[x509.Certificate]:
+    try:
+        certificates = x509.load_pem_x509_certificates(_read(path))
+    except ValueError as e:
+        raise ClusterTLSError(path, f"not PEM certificates ({e})") from None
+    return certificates
+
+
+class ClusterTLS:
+    """
+    One node's TLS material for the cluster channel, loaded and checked
+    once: the CA file (one or more certificates: the trust roots), the
+    node's certificate file (its certificate first, then any chain) and key.
+
+    @ivar cluster: the cluster name.
+    @ivar node_id: this node's id, as its certificate names it.
+    """
+
+    def __init__(self, ca_path: str, certificate_path: str, key_path: str,
+                 cluster: str, node_id: str) -> None:
+        """
+        @raise ClusterTLSError: a file is unreadable or unusable: the key
+            does not match the certificate, the certificate does not name
+            C{sslshare://<cluster>/<node_id>}, or it does not chain to the
+            CA (or has expired).
+        @raise ValueError: C{cluster} or C{node_id} is not a valid name.
+        """
+        expected = pki.node_uri(cluster, node_id)
+        self.cluster = cluster
+        self.node_id = node_id
+        authorities = _load_certificates(ca_path)
+        chain = _load_certificates(certificate_path)
+        try:
+            key = serialization.load_pem_private_key(_read(key_path), None)
+        except (ValueError, TypeError) as e:
+            raise ClusterTLSError(
+                key_path, f"not an unencrypted PEM private key ({e})") from None
+        leaf = chain[0]
+        if key.public_key() != leaf.public_key():
+            raise ClusterTLSError(key_path, f"is not the key of {certificate_path}")
+        try:
+            found = node_identity(leaf, cluster)
+        except PeerIdentityError as e:
+            raise ClusterTLSError(certificate_path, f"{e}; expected {expected}") from None
+        if found != node_id:
+            raise ClusterTLSError(
+                certificate_path,
+                f"names {pki.node_uri(cluster, found)}, not {expected}")
+
+        roots = [crypto.X509.from_cryptography(c) for c in authorities]
+        extra = [crypto.X509.from_cryptography(c) for c in chain[1:]]
+        own = crypto.X509.from_cryptography(leaf)
+        # The same check the peers' OpenSSL will make, made now, so that a
+        # certificate from the wrong CA is a startup error, not a mystery.
+        store = crypto.X509Store()
+        for root in roots:
+            store.add_cert(root)
+        try:
+            crypto.X509StoreContext(store, own, extra).verify_certificate()
+        except crypto.X509StoreContextError as e:
+            raise ClusterTLSError(
+                certificate_path, f"does not verify against {ca_path} ({e})") from None
+
+        # cryptography objects where pyOpenSSL takes them (it deprecates its
+        # own X509 there); Twisted's trust root still wants its Certificate.
+        options = CertificateOptions(
+            privateKey=key,
+            certificate=leaf,
+            extraCertChain=chain[1:],
+            trustRoot=trustRootFromCertificates([Certificate(r) for r in roots]),
+            raiseMinimumTo=TLSVersion.TLSv1_2,
+        )
+        # One context serves both roles; per-connection verify callbacks
+        # make the difference.
+        self._context = options.getContext()
+
+    def __repr__(self) -> str:
+        return f"<ClusterTLS {pki.node_uri(self.cluster, self.node_id)}>"
+
+    def server_options(self) -> IOpenSSLServerConnectionCreator:
+        """
+        What the AMP listener's L{TLSMemoryBIOFactory} takes: it demands a
+        client certificate from the cluster CA naming a node of this
+        cluster.
+        """
+        return _ServerCreator(self._context, self.cluster)
+
+    def client_options(self, peer_node_id: str) -> IOpenSSLClientConnectionCreator:
+        """
+        What a connection to C{peer_node_id} takes: it presents this node's
+        certificate and accepts only a server certificate from the cluster
+        CA naming C{sslshare://<cluster>/<peer_node_id>}.
+        """
+        pki.validate_name("node id", peer_node_id)
+        return _ClientCreator(self._context, self.cluster, peer_node_id)
+
+
+# Both ends.
+
+class _HandshakeDeadline:
+    """
+    Aborts a connection whose TLS handshake is not done in time: a peer
+    that connects and says nothing must not hold a connection forever.
+    """
+
+    _deadline: Any = None
+
+    def _start_deadline(self, clock: IReactorTime, timeout: float) -> None:
+        self._deadline = clock.callLater(timeout, self._deadline_passed)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        self._handshake_timed_out()
+        self.transport.abortConnection()
+
+    def _handshake_timed_out(self) -> None:
+        raise NotImplementedError
+
+
+def _refusal(reason: Failure, transport: Any) -> str | None:
+    """
+    Why the connection of C{transport} (a TLS protocol) ended, if TLS
+    refused it: our verify callback's reason, or the alert the peer sent.
+    """
+    problem = _verify_refusals.pop(transport.getHandle(), None)
+    if problem is not None:
+        return str(problem)
+    return _tls_failure(reason)
+
+
+def _tls_failure(reason: Failure) -> str | None:
+    """
+    C{reason} in words, if it is a TLS failure.
+    """
+    if reason.check(PeerIdentityError):
+        return str(reason.value)
+    if reason.check(SSL.Error):
+        # pyOpenSSL's message is a list of (library, function, reason).
+        try:
+            why = "; ".join(entry[2] for entry in reason.value.args[0])
+        except (IndexError, TypeError):
+            why = reason.getErrorMessage()
+        return f"TLS handshake failed ({why or 'connection closed'})"
+    return None
+
+
+# The server.
+
+@implementer(IHandshakeListener)
+class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
+    factory: PeerServerFactory
+
+    peer_node_id: str | None = None
+    _refused = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._address = self.transport.getPeer()
+        self.factory._protocols.add(self)
+        self._start_deadline(self.factory.clock, self.factory.handshake_timeout)
+
+    def handshakeCompleted(self) -> None:
+        self._stop_deadline()
+        # The verify callback has checked this already; reading it again
+        # from the verified certificate is what sets the identity.
+        certificate = self.transport.getPeerCertificate()
+        try:
+            if certificate is None:
+                raise PeerIdentityError("no certificate")
+            node_id = node_identity(certificate.to_cryptography(),
+                                    self.factory.cluster)
+        except PeerIdentityError as e:
+            self._refuse(str(e))
+            self.transport.abortConnection()
+            return
+        self.peer_node_id = node_id
+        self.factory.counters["connections"] += 1
+        _log.info("peer {peer} connected from {address}", peer=node_id,
+                  address=self._address)
+
+    def _handshake_timed_out(self) -> None:
+        self._refused = True
+        self.factory.counters["handshake_timeouts"] += 1
+        _log.warn("dropped connection from {address}: no TLS handshake in "
+                  "{timeout} s", address=self._address,
+                  timeout=self.factory.handshake_timeout)
+
+    def _refuse(self, reason: str) -> None:
+        self._refused = True
+        self.factory.counters["refused_connections"] += 1
+        _log.warn("refused connection from {address}: {reason}",
+                  address=self._address, reason=reason)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._stop_deadline()
+        self.factory._protocols.discard(self)
+        if self.peer_node_id is None and not self._refused:
+            why = _refusal(reason, self.transport)
+            if why is not None:
+                self._refuse(why)
+        super().connectionLost(reason)
+
+    def locateResponder(self, name: bytes) -> Any:
+        # Only the channel's commands: not AMP's built-in StartTLS, which
+        # would try to start TLS inside TLS.
+        if name not in _COMMAND_NAMES:
+            return None
+        return super().locateResponder(name)
+
+    def _authorize(self, command: type[amp.Command]) -> str:
+        """
+        The requester's node id, if it may run C{command}; the first thing
+        every responder does.
+        """
+        name = command.__name__
+        peer = self.peer_node_id
+        if peer is None or not self.factory.allowed(name, peer):
+            self.factory.counters["refused_commands"] += 1
+            _log.warn("refused {command} from {peer} at {address}: not "
+                      "authorized", command=name, peer=peer or "(unknown)",
+                      address=self._address)
+            raise NotAuthorized(f"{peer or 'an unidentified peer'} may not "
+                                f"call {name} on {self.factory.node_id}")
+        self.factory.counters[f"commands:{name}"] += 1
+        return peer
+
+    def _bad_request(self, command: type[amp.Command], reason: str) -> BadRequest:
+        self.factory.counters["bad_requests"] += 1
+        _log.warn("bad {command} from {peer}: {reason}",
+                  command=command.__name__, peer=self.peer_node_id,
+                  reason=reason)
+        return BadRequest(reason)
+
+    def _session_id(self, command: type[amp.Command], session_id: bytes) -> None:
+        try:
+            _check_session_id(session_id)
+        except BadRequest as e:
+            raise self._bad_request(command, str(e)) from None
+
+    @FetchSession.responder
+    async def _fetch_session(self, session_id: bytes) -> dict[str, Any]:
+        requester = self._authorize(FetchSession)
+        self._session_id(FetchSession, session_id)
+        answer = await maybeDeferred(self.factory.handler.fetch_session,
+                                     session_id, requester)
+        if not isinstance(answer, FetchAnswer):
+            raise TypeError(f"fetch_session answered {type(answer).__name__}")
+        problem = _fetch_answer_problem(answer.status, answer.sealed, answer.holder)
+        if problem is not None:
+            # Our own handler's fault: logged here as AMP's unknown error.
+            raise ValueError(f"fetch_session answered {problem}")
+        response: dict[str, Any] = {"status": answer.status}
+        if answer.sealed is not None:
+            response["sealed"] = answer.sealed
+        if answer.holder is not None:
+            response["holder"] = answer.holder
+        return response
+
+    @Checkpoint.responder
+    async def _checkpoint(self, session_id: bytes, seq: int,
+                          digest: bytes) -> dict[str, Any]:
+        requester = self._authorize(Checkpoint)
+        self._session_id(Checkpoint, session_id)
+        if not 0 <= seq <= MAX_SEQ:
+            raise self._bad_request(Checkpoint, f"seq {seq} out of 0..2**64-1")
+        if len(digest) not in DIGEST_LENGTHS:
+            raise self._bad_request(
+                Checkpoint, f"digest of {len(digest)} bytes (0 or 32 expected)")
+        accepted = await maybeDeferred(self.factory.handler.checkpoint,
+                                       session_id, seq, digest, requester)
+        return {"accepted": bool(accepted)}
+
+    @Purge.responder
+    async def _purge(self, session_id: bytes) -> dict[str, Any]:
+        requester = self._authorize(Purge)
+        self._session_id(Purge, session_id)
+        removed = await maybeDeferred(self.factory.handler.purge,
+                                      session_id, requester)
+        return {"removed": bool(removed)}
+
+    @Stats.responder
+    def _stats(self) -> dict[str, Any]:
+        self._authorize(Stats)
+        counters = dict(self.factory.handler.stats())
+        for name, count in self.factory.counters.items():
+            counters[f"cluster.{name}"] = count
+        problem = _counters_problem(counters)
+        if problem is not None:
+            raise ValueError(f"stats answered {problem}")
+        return {"counters": json.dumps(counters, sort_keys=True, allow_nan=False)}
+
+
+class PeerServerFactory(Factory):
+    """
+    The AMP side of the channel that answers peers.  Listen with it wrapped
+    in TLS::
+
+        TLSMemoryBIOFactory(cluster_tls.server_options(), False, factory)
+
+    @ivar counters: C{connections} (identified peers), C{refused_connections},
+        C{handshake_timeouts}, C{refused_commands}, C{bad_requests}, and
+        C{commands:<name>} for each command let through.
+
+    Stopping the last listener that uses the factory also closes the
+    connections it accepted: a node that stops listening answers no one.
+    """
+
+    protocol = _PeerServerProtocol
+
+    def __init__(self, handler: ICommandHandler, cluster: str, node_id: str,
+                 allowed: Callable[[str, str], bool], *,
+                 clock: IReactorTime | None = None,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
+        """
+        @param handler: what runs the commands.
+        @param cluster: the cluster name: only its nodes are accepted.
+        @param node_id: this node's id (for the log and error messages).
+        @param allowed: C{(command name, requester node id) -> bool}, asked
+            before every command (names are the keys of L{COMMANDS}).
+        @param handshake_timeout: seconds a connection may take to finish
+            its TLS handshake.
+        """
+        pki.validate_name("cluster name", cluster)
+        pki.validate_name("node id", node_id)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.handler = handler
+        self.cluster = cluster
+        self.node_id = node_id
+        self.allowed = allowed
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+        self.counters: Counter[str] = Counter()
+        self._protocols: set[_PeerServerProtocol] = set()
+
+    def stopFactory(self) -> None:
+        # Aborted, not closed: a TLS close waits for the peer's close_notify,
+        # and a stalled peer would keep the connection open.
+        for protocol in list(self._protocols):
+            protocol.transport.abortConnection()
+
+
+# The client.
+
+@implementer(IHandshakeListener)
+class _PeerClientProtocol(amp.AMP, _HandshakeDeadline):
+    def __init__(self, link: PeerLink) -> None:
+        super().__init__()
+        self._link = link
+        self.handshake_done = False
+        # Whether the peer has answered anything on this connection: proof
+        # that it accepted our certificate (see PeerLink._lost).
+        self.answered = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_deadline(self._link.clock, self._link.handshake_timeout)
+
+    def handshakeCompleted(self) -> None:
+        self._stop_deadline()
+        self.handshake_done = True
+        self._link._ready(self)
+
+    def _handshake_timed_out(self) -> None:
+        _log.warn("peer {peer}: no TLS handshake in {timeout} s",
+                  peer=self._link.peer_node_id,
+                  timeout=self._link.handshake_timeout)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._stop_deadline()
+        refusal = _refusal(reason, self.transport)
+        super().connectionLost(reason)
+        self._link._lost(self, reason, refusal)
+
+    def locateResponder(self, name: bytes) -> Any:
+        # Peers ask us through our own server, never through this link.
+        return None
+
+
+class _LinkFactory(Factory):
+    def __init__(self, link: PeerLink) -> None:
+        self._link = link
+
+    def buildProtocol(self, addr: Any) -> _PeerClientProtocol:
+        return _PeerClientProtocol(self._link)
+
+
+@implementer(IStreamClientEndpoint)
+class _ObservedEndpoint:
+    """
+    An endpoint that tells its link about failed connection attempts, which
+    L{ClientService} otherwise keeps to itself.
+    """
+
+    def __init__(self, wrapped: IStreamClientEndpoint,
+                 failed: Callable[[Failure], None]) -> None:
+        self._wrapped = wrapped
+        self._failed = failed
+
+    def connect(self, factory: Any) -> Deferred:
+        def observe(reason: Failure) -> Failure:
+            # A cancelled attempt is the link stopping, not the peer failing.
+            if not reason.check(CancelledError, ConnectingCancelledError):
+                self._failed(reason)
+            return reason
+
+        return self._wrapped.connect(factory).addErrback(observe)
+
+
+def default_retry_policy() -> Callable[[int], float]:
+    """
+    Reconnection delays: 0.2 s doubling up to 30 s, plus up to 0.2 s of
+    jitter so that a restarted node is not hit by all its peers at once.
+    """
+    return backoffPolicy(initialDelay=0.2, maxDelay=30.0, factor=2.0,
+                         jitter=lambda: random.random() * 0.2)
+
+
+class PeerLink(Service):
+    """
+    The connection to one peer, kept up in the background.
+
+    @ivar peer_node_id: the peer; also this service's name.
+    @ivar counters: C{connects}, C{disconnects}, C{failed_attempts},
+        C{unavailable} (calls refused because not connected).
+    """
+
+    def __init__(self, peer_node_id: str,
+                 endpoint: str | IStreamClientEndpoint, tls: ClusterTLS, *,
+                 reactor: Any = None,
+                 retry_policy: Callable[[int], float] | None = None,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
+        """
+        @param endpoint: a client endpoint string (C{"tcp:host=...:port=..."})
+            or endpoint for the peer's AMP listener; TLS is added here.
+        @param retry_policy: seconds to wait before attempt N (1, 2, ...),
+            as for L{ClientService}; the attempt number also counts the
+            connections in a row that the peer refused at TLS.  Default:
+            L{default_retry_policy}.
+        """
+        if reactor is None:
+            from twisted.internet import reactor
+        self.peer_node_id = pki.validate_name("node id", peer_node_id)
+        self.name = peer_node_id
+        self.clock = reactor
+        self.handshake_timeout = handshake_timeout
+        self.counters: Counter[str] = Counter()
+        if isinstance(endpoint, str):
+            endpoint = clientFromString(reactor, endpoint)
+        self._endpoint = _ObservedEndpoint(
+            wrapClientTLS(tls.client_options(peer_node_id), endpoint),
+            lambda reason: self._attempt_failed(reason.getErrorMessage()))
+        policy = retry_policy or default_retry_policy()
+        self._protocol: _PeerClientProtocol | None = None
+        # Connections in a row that the peer refused (see _lost).
+        # ClientService restarts its own count at every TCP connection, so
+        # without this a peer that refuses our certificate would be retried
+        # at the shortest delay forever.
+        self._refusals = 0
+        self._waiters: list[list[Any]] = []
+        self._client = ClientService(
+            self._endpoint, _LinkFactory(self),
+            retryPolicy=lambda attempt: policy(attempt + self._refusals),
+            clock=reactor)
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "not connected"
+        return f"<PeerLink {self.peer_node_id} {state}>"
+
+    @property
+    def connected(self) -> bool:
+        """
+        Whether the peer can be asked right now: TLS is up and the peer's
+        certificate names the expected node.
+        """
+        return self._protocol is not None
+
+    def startService(self) -> None:
+        super().startService()
+        self._client.startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        stopped = self._client.stopService()
+        self._fail_waiters(lambda remaining: True, "link stopped")
+        return stopped
+
+    def call(self, command: type[amp.Command], **arguments: Any) -> Deferred[dict[str, Any]]:
+        """
+        Send C{command} to the peer.  Fails at once with L{PeerUnavailable}
+        when not connected; fails with it too if the connection ends before
+        the answer.  Cancelling the Deferred abandons the answer.
+        """
+        protocol = self._protocol
+        if protocol is None:
+            self.counters["unavailable"] += 1
+            return fail(PeerUnavailable(self.peer_node_id, "not connected"))
+
+        def answered(response: dict[str, Any]) -> dict[str, Any]:
+            protocol.answered = True
+            return response
+
+        def lost(reason: Failure) -> Failure:
+            if reason.check(ConnectionClosed, SSL.Error, PeerIdentityError):
+                why = _tls_failure(reason) or reason.getErrorMessage()
+                raise PeerUnavailable(
+                    self.peer_node_id, f"connection lost before the answer ({why})")
+            # An error answer (NOT_AUTHORIZED...) is an answer too.
+            protocol.answered = True
+            return reason
+
+        return protocol.callRemote(command, **arguments).addCallbacks(answered, lost)
+
+    def when_connected(self, fail_after_failures: int | None = None) -> Deferred[None]:
+        """
+        Fires when the link is connected (at once if it is).
+
+        @param fail_after_failures: fail with L{PeerUnavailable} after this
+            many failed connection attempts (TCP or TLS); C{None}: wait.
+        """
+        if self._protocol is not None:
+            return succeed(None)
+        waiter: list[Any] = []
+        waiting: Deferred[None] = Deferred(lambda d: self._waiters.remove(waiter))
+        waiter.extend([waiting, fail_after_failures])
+        self._waiters.append(waiter)
+        return waiting
+
+    def _ready(self, protocol: _PeerClientProtocol) -> None:
+        self._protocol = protocol
+        self.counters["connects"] += 1
+        _log.info("connected to peer {peer}", peer=self.peer_node_id)
+        waiters, self._waiters = self._waiters, []
+        for waiting, _ in waiters:
+            waiting.callback(None)
+
+    def _lost(self, protocol: _PeerClientProtocol, reason: Failure,
+              refusal: str | None) -> None:
+        """
+        The connection of C{protocol} ended, C{refusal} says why if TLS
+        refused it.  It counts as a failed attempt when it ended before the
+        handshake, and also when a TLS alert ended it before the peer
+        answered anything: with TLS 1.3 the server judges our certificate
+        after our side of the handshake is done, so its refusal arrives as
+        an alert on a connection that looked up.
+        """
+        if protocol is self._protocol:
+            self._protocol = None
+        if not self.running:
+            # Our own stopService closed it: nothing to report.
+            return
+        was_ready = protocol.handshake_done
+        if not was_ready or (refusal is not None and not protocol.answered):
+            self._refusals += 1
+            if was_ready:
+                self.counters["disconnects"] += 1
+            self._attempt_failed(refusal or reason.getErrorMessage())
+            return
+        self._refusals = 0
+        self.counters["disconnects"] += 1
+        _log.info("lost peer {peer}: {reason}", peer=self.peer_node_id,
+                  reason=reason.getErrorMessage())
+
+    def _attempt_failed(self, why: str) -> None:
+        self.counters["failed_attempts"] += 1
+        _log.warn("cannot connect to peer {peer}: {reason}",
+                  peer=self.peer_node_id, reason=why)
+        self._fail_waiters(lambda remaining: remaining is not None and remaining <= 1,
+                           why)
+        for waiter in self._waiters:
+            if waiter[1] is not None:
+                waiter[1] -= 1
+
+    def _fail_waiters(self, done: Callable[[int | None], bool], reason: str) -> None:
+        failing = [waiter for waiter in self._waiters if done(waiter[1])]
+        self._waiters = [waiter for waiter in self._waiters if not done(waiter[1])]
+        for waiting, _ in failing:
+            waiting.errback(PeerUnavailable(self.peer_node_id, reason))
+
+
+class Peers(MultiService):
+    """
+    A L{PeerLink} for every peer of this node.
+    """
+
+    def __init__(self, peers: Iterable[tuple[str, str | IStreamClientEndpoint]],
+                 tls: ClusterTLS, *, reactor: Any = None,
+                 retry_policy: Callable[[int], float] | None = None,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
+        """
+        @param peers: (node id, client endpoint string or endpoint) pairs.
+        @raise ValueError: a peer is listed twice, or is this node itself.
+        """
+        super().__init__()
+        for node_id, endpoint in peers:
+            if node_id == tls.node_id:
+                raise ValueError(f"node {node_id} cannot be its own peer")
+            if node_id in self.namedServices:
+                raise ValueError(f"peer {node_id} listed twice")
+            PeerLink(node_id, endpoint, tls, reactor=reactor,
+                     retry_policy=retry_policy,
+                     handshake_timeout=handshake_timeout).setServiceParent(self)
+
+    def link(self, node_id: str) -> PeerLink | None:
+        """
+        The link to C{node_id}, or C{None} if it is not a peer.
+        """
+        return self.namedServices.get(node_id)
+
+    @property
+    def links(self) -> tuple[PeerLink, ...]:
+        return tuple(self.services)
+
+    def connected_count(self) -> int:
+        """
+        How many peers are connected now.
+        """
+        return sum(1 for link in self.services if link.connected)
+
+    def fetch_session(self, node_id: str, session_id: bytes) -> Deferred[FetchAnswer]:
+        """
+        L{fetch_from} the link to C{node_id}; L{PeerUnavailable} if there
+        is none.
+        """
+        link = self.link(node_id)
+        if link is None:
+            return fail(PeerUnavailable(node_id, "not a peer of this node"))
+        return fetch_from(link, session_id)
+
+
+# What the recovery chain and the CLI call.
+
+def fetch_from(link: PeerLink, session_id: bytes) -> Deferred[FetchAnswer]:
+    """
+    Ask C{link}'s peer for C{session_id}.
+
+    @return: fires with the peer's L{FetchAnswer}, checked; fails with
+        L{PeerUnavailable}, L{NotAuthorized}, L{BadRequest}, or
+        L{PeerProtocolError} when the answer breaks the protocol.
+    """
+    try:
+        _check_session_id(session_id)
+    except BadRequest as e:
+        return fail(e)
+
+    def garbled(reason: Failure) -> Failure:
+        # AMP could not even parse the answer: a required field is absent
+        # (KeyError) or a text field is not UTF-8 (UnicodeDecodeError).
+        if reason.check(KeyError, ValueError):
+            raise PeerProtocolError(
+                f"peer {link.peer_node_id} answered FetchSession "
+                f"{sessionid.describe(session_id)} with an unreadable box "
+                f"({reason.getErrorMessage()})")
+        return reason
+
+    def checked(response: dict[str, Any]) -> FetchAnswer:
+        status = response.get("status")
+        sealed = response.get("sealed")
+        holder = response.get("holder")
+        problem = _fetch_answer_problem(status, sealed, holder)
+        if problem is not None:
+            raise PeerProtocolError(
+                f"peer {link.peer_node_id} answered FetchSession "
+                f"{sessionid.describe(session_id)} with {problem}")
+        return FetchAnswer(status, sealed, holder)
+
+    return link.call(FetchSession, session_id=session_id).addCallbacks(
+        checked, garbled)
+
+
+def stats_from(link: PeerLink) -> Deferred[dict[str, int | float]]:
+    """
+    The counters of C{link}'s peer, checked (a JSON object of numbers).
+    """
+    def garbled(reason: Failure) -> Failure:
+        if reason.check(KeyError, ValueError):
+            raise PeerProtocolError(
+                f"peer {link.peer_node_id} answered Stats with an unreadable "
+                f"box ({reason.getErrorMessage()})")
+        return reason
+
+    def checked(response: dict[str, Any]) -> dict[str, int | float]:
+        try:
+            counters = json.loads(response["counters"])
+        except ValueError as e:
+            raise PeerProtocolError(
+                f"peer {link.peer_node_id} answered Stats with bad JSON ({e})") from None
+        problem = _counters_problem(counters)
+        if problem is not None:
+            raise PeerProtocolError(
+                f"peer {link.peer_node_id} answered Stats: {problem}")
+        return counters
+
+    return link.call(Stats).addCallbacks(checked, garbled)

@@ -1,0 +1,232 @@
+"""
+C{sslshare demo}: a 3-node cluster on 127.0.0.1 resuming sessions across
+nodes, with stock clients.
+
+What it does, in order: make the demo PKI if it is missing; start a small
+HTTP backend in this process; start the nodes of C{conf/node1.toml} to
+C{node3.toml} as three real C{twistd sslshare} processes; let clients
+(Python's C{ssl}, half TLS 1.2 and half TLS 1.3) connect round-robin
+across the nodes, each offering the session of its previous connection;
+ask each node for its counters over the cluster channel; print them; stop
+the nodes.  Every connection after a client's first is resumable, and is
+resumed only if the node it reaches recovers the session from the node that
+made it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.web import resource, server
+
+from sslshare import cli, config, pki
+
+NODES = ("node1", "node2", "node3")
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+OUTCOMES = ("full", "resumed_local", "resumed_peer", "resumed_repository",
+            "failed")
+
+
+class _Hello(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        return b"hello from the sslshare demo backend\n"
+
+
+class _NodeProcess(ProcessProtocol):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ended: Deferred[None] = Deferred()
+        self.output: list[bytes] = []
+
+    def outReceived(self, data: bytes) -> None:
+        self.output.append(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+
+@attrs.frozen
+class Visit:
+    node: str
+    version: str
+    resumed: bool
+    ok: bool
+
+
+def _twistd() -> list[str]:
+    beside = shutil.which("twistd", path=os.path.dirname(sys.executable))
+    if beside:
+        return [beside]
+    return [sys.executable, "-c",
+            "from twisted.scripts.twistd import run; run()"]
+
+
+def _listen_port(node_config: config.NodeConfig) -> int:
+    return int(cli.client_endpoint_for(node_config.listen[0]).rsplit("=", 1)[1])
+
+
+def _backend_listen(node_config: config.NodeConfig) -> str:
+    fields = dict(part.split("=", 1) for part in
+                  node_config.backend.split(":")[1:] if "=" in part)
+    return f"tcp:{fields['port']}:interface={fields.get('host', '127.0.0.1')}"
+
+
+def _client(ca: str, version: str, ports: Sequence[tuple[str, int]],
+            rounds: int, first: int) -> list[Visit]:
+    """
+    One client: C{rounds} connections round-robin over C{ports}, each
+    offering the session of the one before.  Blocking: runs in a thread.
+    """
+    context = ssl.create_default_context(cafile=ca)
+    context.minimum_version = context.maximum_version = getattr(
+        ssl.TLSVersion, version.replace(".", "_"))
+    session = None
+    visits = []
+    for index in range(rounds):
+        node, port = ports[(first + index) % len(ports)]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with context.wrap_socket(raw, server_hostname="localhost",
+                                         session=session) as tls:
+                    tls.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                    answer = b""
+                    while chunk := tls.recv(4096):
+                        answer += chunk
+                    visits.append(Visit(node, version, tls.session_reused,
+                                        answer.startswith(b"HTTP/1.")))
+                    session = tls.session
+        except (OSError, ssl.SSLError):
+            visits.append(Visit(node, version, False, False))
+    return visits
+
+
+async def _wait_listening(reactor: Any, port: int,
+                          process: _NodeProcess) -> None:
+    deadline = reactor.seconds() + START_TIMEOUT
+    while reactor.seconds() < deadline:
+        if process.ended.called:
+            raise cli.CommandError(
+                f"{process.name} stopped at start:\n"
+                + b"".join(process.output).decode("utf-8", "replace"))
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            await deferLater(reactor, 0.2, lambda: None)
+    raise cli.CommandError(f"{process.name} did not listen on port {port} "
+                           f"within {START_TIMEOUT:.0f} s")
+
+
+async def _stop(reactor: Any, processes: list[tuple[Any, _NodeProcess]]) -> None:
+    for transport, process in processes:
+        if not process.ended.called:
+            transport.signalProcess(signal.SIGTERM)
+    stopping = DeferredList([process.ended for _, process in processes])
+    stopping.addTimeout(STOP_TIMEOUT, reactor)
+    try:
+        await stopping
+    except Exception:
+        for transport, process in processes:
+            if not process.ended.called:
+                transport.signalProcess(signal.SIGKILL)
+
+
+async def demo(reactor: Any, arguments: Any) -> dict[str, Any]:
+    configs = {}
+    pki_directory = os.path.join(arguments.directory, "pki")
+    if not os.path.exists(os.path.join(pki_directory, "ca.pem")):
+        pki.init_pki(pki_directory, "demo", NODES)
+    for node in NODES:
+        configs[node] = config.load(
+            os.path.join(arguments.conf, f"{node}.toml"), reactor)
+    os.makedirs(arguments.directory, exist_ok=True)
+    backend = await serverFromString(
+        reactor, _backend_listen(configs["node1"])).listen(
+            server.Site(_Hello()))
+    processes = []
+    try:
+        for node in NODES:
+            process = _NodeProcess(node)
+            transport = reactor.spawnProcess(
+                process, _twistd()[0],
+                [*_twistd(), "-n", "--pidfile=", "--logfile",
+                 os.path.join(arguments.directory, f"{node}.log"),
+                 "sslshare", "--config", configs[node].path],
+                env=os.environ)
+            processes.append((transport, process))
+        ports = [(node, _listen_port(configs[node])) for node in NODES]
+        for (node, port), (_, process) in zip(ports, processes):
+            await _wait_listening(reactor, port, process)
+        ca = configs["node1"].cluster.ca
+        clients = [
+            deferToThread(_client, ca, "TLSv1.2" if index % 2 == 0 else "TLSv1.3",
+                          ports, arguments.rounds, index)
+            for index in range(arguments.clients)
+        ]
+        visits = [visit for result in await DeferredList(
+            clients, fireOnOneErrback=True, consumeErrors=True)
+            for visit in result[1]]
+        counters = {}
+        for node in NODES:
+            counters[node] = await cli.ask_stats(reactor, configs["node1"], node)
+    finally:
+        await _stop(reactor, processes)
+        await backend.stopListening()
+    return _report(visits, counters, arguments.clients)
+
+
+def _report(visits: list[Visit], counters: dict[str, dict[str, Any]],
+            clients: int) -> dict[str, Any]:
+    per_node = {node: {outcome: int(counters[node].get(outcome, 0))
+                       for outcome in OUTCOMES} for node in NODES}
+    totals = {outcome: sum(row[outcome] for row in per_node.values())
+              for outcome in OUTCOMES}
+    resumable = len(visits) - clients
+    resumed = sum(visit.resumed for visit in visits)
+    return {
+        "connections": len(visits),
+        **totals,
+        "client_failures": sum(not visit.ok for visit in visits),
+        "resumable": resumable,
+        "resumed": resumed,
+        "per_node": per_node,
+    }
+
+
+def run(arguments: Any) -> None:
+    report = cli.run_in_reactor(lambda reactor: demo(reactor, arguments))
+    if arguments.json:
+        print(json.dumps({key: report[key] for key in (
+            "connections", "full", "resumed_local", "resumed_peer",
+            "resumed_repository", "failed")}))
+        return
+    print(f"{'node':<8}" + "".join(f"{name:>20}" for name in OUTCOMES))
+    for node, row in report["per_node"].items():
+        print(f"{node:<8}" + "".join(f"{row[name]:>20}" for name in OUTCOMES))
+    print(f"{'total':<8}" + "".join(f"{report[name]:>20}" for name in OUTCOMES))
+    share = report["resumed"] / report["resumable"] if report["resumable"] else 0
+    print(f"\n{report['connections']} connections by {arguments.clients} "
+          f"clients; {report['resumed']} of {report['resumable']} resumable "
+          f"connections resumed ({share:.1%}), "
+          f"{report['client_failures']} failed on the client side")

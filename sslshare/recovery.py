@@ -1,0 +1,236 @@
+"""
+Where a session offered by a client comes from: the recovery chain.
+
+L{Recovery.recover} reads top to bottom in the order the design fixes:
+
+    1. this node's own store;
+    2. the owner node named by the session id's owner tag, over AMP
+       C{FetchSession} (or, when this node is the owner and gave the session
+       away, the node its tombstone names); a redirect (the owner gave the
+       session away) is followed once;
+    3. the central repository, when one is configured;
+    4. nothing: a full handshake.
+
+The whole chain runs inside one time budget (C{addTimeout}); whatever is in
+flight when it runs out is cancelled and the answer is "nothing".  A source
+that fails, answers garbage or holds a blob that does not open is skipped,
+logged and counted, never fatal.  Concurrent lookups of one session id on
+this node are joined: one chain runs, every waiter gets its answer.
+
+A session recovered from elsewhere is held here from then on ("move, not
+copy"): its owner deleted it when it answered, so for a TLS 1.2 session,
+which keeps its id when resumed, this node stores it under its own name.
+A TLS 1.3 ticket is used once; the resumed handshake issues a new one,
+which the node stores as any new session.
+
+This module does no TLS and holds no sockets of its own: it talks to the
+store, the peer links and the repository it is given.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from sslshare import sessionid
+from sslshare.state import SealError, SessionState, StateKeys
+from sslshare.store import SessionStore
+from sslshare.tls import LookupRequest
+
+SOURCES = ("local", "peer", "repository")
+
+
+@attrs.frozen
+class Recovered:
+    """
+    A session found for a lookup, and where it was found (one of
+    L{SOURCES}).
+    """
+
+    state: SessionState
+    source: str
+
+    @property
+    def der(self) -> bytes:
+        return self.state.der
+
+
+class Recovery:
+    """
+    The recovery chain of one node.
+
+    @param owners: owner tag -> node id, for every node of the cluster.
+    @param fetch_from_peer: C{(node_id, session_id) -> Deferred[FetchAnswer]},
+        failing when the peer cannot be asked.
+    @param repository: the central repository (C{take(session_id)} ->
+        Deferred of a sealed blob or C{None}), or C{None}.
+    @param id_contexts: service name -> session id context.
+    @ivar counters: C{recovered_<source>}, C{misses}, C{timeouts},
+        C{joined}, C{peer_errors}, C{repository_errors}, C{unsealable},
+        C{redirects_followed}.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        node_id: str,
+        store: SessionStore,
+        keys: StateKeys,
+        owners: Mapping[bytes, str],
+        id_contexts: Mapping[str, bytes],
+        budget: float,
+        clock: IReactorTime,
+        fetch_from_peer: Callable[[str, bytes], Deferred[Any]] | None = None,
+        repository: Any = None,
+    ) -> None:
+        self.node_id = node_id
+        self.store = store
+        self.keys = keys
+        self.owners = dict(owners)
+        self.id_contexts = dict(id_contexts)
+        self.budget = budget
+        self.clock = clock
+        self.fetch_from_peer = fetch_from_peer
+        self.repository = repository
+        self.counters: Counter[str] = Counter()
+        self._in_flight: dict[bytes, list[Deferred[Recovered | None]]] = {}
+
+    def recover(self, request: LookupRequest) -> Deferred[Recovered | None]:
+        """
+        Find the session of C{request}; fires with a L{Recovered} or
+        C{None} within the budget, and never fails.
+        """
+        waiters = self._in_flight.get(request.session_id)
+        if waiters is not None:
+            self.counters["joined"] += 1
+            return self._wait(waiters)
+        waiters = self._in_flight[request.session_id] = []
+        waiter = self._wait(waiters)
+        chain = Deferred.fromCoroutine(self._chain(request))
+        chain.addTimeout(self.budget, self.clock)
+        chain.addErrback(self._gave_up, request)
+        chain.addCallback(self._answer_all, request)
+        return waiter
+
+    @staticmethod
+    def _wait(waiters: list[Deferred[Recovered | None]]
+              ) -> Deferred[Recovered | None]:
+        # A waiter that gives up (its client went away) leaves the others
+        # waiting; the chain itself runs on, bounded by the budget.
+        waiter: Deferred[Recovered | None] = Deferred(waiters.remove)
+        waiters.append(waiter)
+        return waiter
+
+    async def _chain(self, request: LookupRequest) -> Recovered | None:
+        context = self.id_contexts.get(request.service)
+        if context is None:
+            return None
+        local = self._from_store(request)
+        if local is not None:
+            return Recovered(local, "local")
+        found = await self._from_owner(request, context)
+        if found is None and self.repository is not None:
+            found = await self._from_repository(request, context)
+        if found is None:
+            self.counters["misses"] += 1
+            return None
+        self._hold(found, request)
+        return found
+
+    def _from_store(self, request: LookupRequest) -> SessionState | None:
+        # A TLS 1.2 session is resumed again and again under one id, so it
+        # stays; a TLS 1.3 ticket is single use.
+        if request.protocol == "TLSv1.2":
+            return self.store.get(request.session_id)
+        return self.store.take(request.session_id)
+
+    async def _from_owner(self, request: LookupRequest,
+                          context: bytes) -> Recovered | None:
+        owner = self.owners.get(sessionid.owner_of(request.session_id))
+        if owner == self.node_id:
+            # Made here and given away since: ask where it went.
+            owner = self.store.holder(request.session_id)
+        if owner is None or owner == self.node_id or self.fetch_from_peer is None:
+            return None
+        answer = await self._ask_peer(owner, request)
+        if answer is not None and answer.status == "redirect":
+            holder = answer.holder
+            if holder in (None, self.node_id, owner):
+                return None
+            self.counters["redirects_followed"] += 1
+            answer = await self._ask_peer(holder, request)
+        if answer is None or answer.status != "found":
+            return None
+        return self._open(answer.sealed, request, context, "peer")
+
+    async def _ask_peer(self, node_id: str, request: LookupRequest) -> Any:
+        try:
+            return await self.fetch_from_peer(node_id, request.session_id)
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.counters["peer_errors"] += 1
+            self._log.info(
+                "peer {peer} could not answer for session {session}: {why}",
+                peer=node_id, session=sessionid.describe(request.session_id),
+                why=str(e) or type(e).__name__)
+            return None
+
+    async def _from_repository(self, request: LookupRequest,
+                               context: bytes) -> Recovered | None:
+        try:
+            sealed = await self.repository.take(request.session_id)
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.counters["repository_errors"] += 1
+            self._log.info("repository could not answer for session "
+                           "{session}: {why}",
+                           session=sessionid.describe(request.session_id),
+                           why=str(e) or type(e).__name__)
+            return None
+        if sealed is None:
+            return None
+        return self._open(sealed, request, context, "repository")
+
+    def _open(self, sealed: bytes | None, request: LookupRequest,
+              context: bytes, source: str) -> Recovered | None:
+        try:
+            state = self.keys.open(sealed or b"", request.session_id, context)
+        except SealError as e:
+            self.counters["unsealable"] += 1
+            self._log.warn("discarded the state of session {session} from "
+                           "{source}: {why}",
+                           session=sessionid.describe(request.session_id),
+                           source=source, why=str(e))
+            return None
+        if state.expired(self.clock.seconds()):
+            return None
+        return Recovered(state, source)
+
+    def _hold(self, found: Recovered, request: LookupRequest) -> None:
+        if request.protocol == "TLSv1.2":
+            self.store.put(found.state.with_owner(self.node_id))
+
+    def _gave_up(self, reason: Any, request: LookupRequest) -> None:
+        if reason.check(TimeoutError, CancelledError):
+            self.counters["timeouts"] += 1
+        else:
+            self._log.failure("recovery of session {session} failed", reason,
+                              session=sessionid.describe(request.session_id))
+        return None
+
+    def _answer_all(self, result: Recovered | None,
+                    request: LookupRequest) -> None:
+        waiters = self._in_flight.pop(request.session_id, [])
+        if result is not None:
+            self.counters[f"recovered_{result.source}"] += 1
+        for waiter in waiters:
+            waiter.callback(result)

@@ -1,0 +1,124 @@
+"""
+The C{twistd sslshare} service: one node assembled from its configuration.
+
+L{makeService} builds a L{MultiService} whose children start and stop on
+their own: a listener per client endpoint, the AMP listener for peers, the
+peer links, and the store's expiry timer.  Everything here is wiring; what
+the parts do lives in their modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from sslshare import cluster, config, sessionid, tls
+from sslshare.node import Node
+from sslshare.protocol import BackendProxyFactory, SessionResumingTLSFactory
+from sslshare.recovery import Recovery
+from sslshare.state import StateKeyError, StateKeys
+from sslshare.store import SessionStore
+
+EXPIRY_INTERVAL = 30.0
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE"
+    longdesc = ("Run one sslshare node: a TLS server that shares its "
+                "sessions with the other nodes of its cluster.  Everything "
+                "the node needs is in the TOML file (see conf/example.toml).")
+    optParameters = [
+        ["config", "c", None, "The node's TOML configuration file."],
+    ]
+
+    def postOptions(self) -> None:
+        if self["config"] is None:
+            raise usage.UsageError("--config FILE is required")
+
+
+def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiService, Node]:
+    """
+    The node's service and its L{Node}, from a loaded configuration.
+
+    @raise tls.TLSConfigurationError: a certificate or key is unusable.
+    @raise StateKeyError: the state key file is unusable.
+    """
+    cluster_config = node_config.cluster
+    keys = StateKeys.from_file(cluster_config.state_key)
+    store = SessionStore(node_config.store_max_bytes, reactor)
+    peer_ids = [node_id for node_id, _ in cluster_config.peers]
+    owners = {sessionid.owner_tag(node_config.cluster_name, node_id): node_id
+              for node_id in [node_config.node_id, *peer_ids]}
+    services = [
+        tls.VirtualService(
+            service.name, service.certificate, service.key,
+            sessionid.service_id_context(node_config.cluster_name, service.name),
+            service.server_names)
+        for service in node_config.tls.services
+    ]
+    channel = cluster.ClusterTLS(cluster_config.ca, cluster_config.certificate,
+                                 cluster_config.key, node_config.cluster_name,
+                                 node_config.node_id)
+    peers = cluster.Peers(
+        [(node_id, clientFromString(reactor, endpoint))
+         for node_id, endpoint in cluster_config.peers],
+        channel)
+    recovery = Recovery(
+        node_config.node_id, store, keys, owners,
+        {service.name: service.id_context for service in services},
+        node_config.lookup_budget, reactor,
+        fetch_from_peer=peers.fetch_session,
+    )
+    node = Node(node_config.node_id, store, keys, recovery, reactor,
+                node_config.session_lifetime)
+    context = tls.ServerContext(
+        services, sessionid.owner_tag(node_config.cluster_name, node_config.node_id),
+        on_new_session=node.new_session,
+        alpn=node_config.tls.alpn,
+        minimum_version=node_config.tls.min_version,
+        maximum_version=node_config.tls.max_version,
+        session_lifetime=node_config.session_lifetime,
+    )
+    node.context = context
+    node.peer_links = peers
+
+    top = MultiService()
+    proxy = BackendProxyFactory(clientFromString(reactor, node_config.backend),
+                                node.handshake_done, reactor,
+                                node_config.handshake_timeout)
+    clients = SessionResumingTLSFactory(context, node.lookup, proxy)
+    for endpoint in node_config.listen:
+        StreamServerEndpointService(serverFromString(reactor, endpoint),
+                                    clients).setServiceParent(top)
+    if cluster_config.listen is not None:
+        amp = cluster.PeerServerFactory(node, node_config.cluster_name,
+                                        node_config.node_id,
+                                        cluster_config.allowed)
+        StreamServerEndpointService(
+            serverFromString(reactor, cluster_config.listen),
+            TLSMemoryBIOFactory(channel.server_options(), False, amp),
+        ).setServiceParent(top)
+        node.peer_server = amp
+    peers.setServiceParent(top)
+    TimerService(EXPIRY_INTERVAL, store.expire).setServiceParent(top)
+    return top, node
+
+
+def makeService(options: Options) -> IService:
+    """
+    The service C{twistd sslshare} runs.  A configuration the node cannot
+    use ends the command with one line naming the file, key and reason.
+    """
+    from twisted.internet import reactor
+
+    try:
+        node_config = config.load(options["config"], reactor)
+        service, _ = build_node(node_config, reactor)
+    except (config.ConfigError, tls.TLSConfigurationError, StateKeyError) as e:
+        raise SystemExit(f"sslshare: {e}") from None
+    return service

@@ -1,0 +1,657 @@
+"""
+The node-to-node channel (L{sslshare.cluster}) over real sockets on
+127.0.0.1: certificates from L{pki.init_pki}, nodes that fetch from each
+other, and everyone who must be refused: another CA, another cluster, no
+certificate, a command the peer may not run, a peer that answers garbage.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.protocols import amp
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from sslshare import cluster, pki, sessionid
+from sslshare.cluster import (
+    BadRequest,
+    Checkpoint,
+    ClusterTLS,
+    ClusterTLSError,
+    FetchAnswer,
+    FetchSession,
+    NotAuthorized,
+    PeerLink,
+    PeerProtocolError,
+    Peers,
+    PeerUnavailable,
+    Purge,
+    fetch_from,
+    stats_from,
+)
+
+NODES = ("node1", "node2", "node3")
+# Reconnect fast: the tests restart servers and wait for the links.
+FAST_RETRY = lambda attempt: 0.02  # noqa: E731
+
+
+def _session_id(owner="node1"):
+    return sessionid.new_session_id(sessionid.owner_tag("demo", owner))
+
+
+def _allow_all(command, node_id):
+    return True
+
+
+@inlineCallbacks
+def _wait_until(predicate, timeout=5.0):
+    """
+    Poll C{predicate} on the reactor until it holds; fail after C{timeout}.
+    """
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout:
+            raise AssertionError(f"condition not met in {timeout} s")
+        yield deferLater(reactor, 0.01, lambda: None)
+        waited += 0.01
+
+
+@implementer(cluster.ICommandHandler)
+class RecordingHandler:
+    """
+    A node's side of the commands, in memory: every call is recorded with
+    the requester the channel named.
+    """
+
+    def __init__(self):
+        self.calls = []
+        self.sealed = {}
+        self.holders = {}
+        self.pending = None
+
+    def fetch_session(self, session_id, requester):
+        self.calls.append(("fetch_session", session_id, requester))
+        if self.pending is not None:
+            return self.pending
+        if session_id in self.sealed:
+            return FetchAnswer("found", self.sealed.pop(session_id))
+        if session_id in self.holders:
+            return FetchAnswer("redirect", holder=self.holders[session_id])
+        return FetchAnswer("missing")
+
+    def checkpoint(self, session_id, seq, digest, requester):
+        self.calls.append(("checkpoint", session_id, seq, digest, requester))
+        return True
+
+    def purge(self, session_id, requester):
+        self.calls.append(("purge", session_id, requester))
+        return False
+
+    def stats(self):
+        return {"sessions": 3, "ratio": 0.5}
+
+
+class Node:
+    """
+    One node's AMP listener on 127.0.0.1, built the way the service builds
+    it: a server endpoint string, and the factory wrapped in TLS.
+    """
+
+    def __init__(self, testcase, tls, handler, allowed=_allow_all, **options):
+        self.testcase = testcase
+        self.tls = tls
+        self.handler = handler
+        self.factory = cluster.PeerServerFactory(handler, tls.cluster, tls.node_id,
+                                                 allowed, **options)
+        self.port = None
+        self.listening = None
+        testcase.addCleanup(self.stop)
+
+    @inlineCallbacks
+    def start(self, factory=None):
+        self.wrapper = TLSMemoryBIOFactory(self.tls.server_options(), False,
+                                           factory or self.factory)
+        port = self.port or 0
+        self.listening = yield serverFromString(
+            reactor, f"tcp:{port}:interface=127.0.0.1").listen(self.wrapper)
+        self.port = self.listening.getHost().port
+
+    @property
+    def endpoint(self):
+        return f"tcp:host=127.0.0.1:port={self.port}"
+
+    @inlineCallbacks
+    def stop(self):
+        if self.listening is not None:
+            listening, self.listening = self.listening, None
+            yield listening.stopListening()
+            for protocol in list(self.wrapper.protocols):
+                protocol.abortConnection()
+            yield _wait_until(lambda: not self.wrapper.protocols)
+
+
+class ClusterTestCase(TestCase):
+    """
+    A PKI for cluster C{demo} (nodes 1-3) per test, and helpers to run
+    nodes and links on it.
+    """
+
+    def setUp(self):
+        self.pki = pki.init_pki(self.mktemp(), "demo", NODES)
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def cluster_tls(self, node_id, files=None, ca=None, cluster_name="demo"):
+        files = files or self.pki.node(node_id)
+        return ClusterTLS(ca or self.pki.ca_certificate, files.certificate,
+                          files.key, cluster_name, node_id)
+
+    @inlineCallbacks
+    def node(self, node_id="node1", handler=None, **options):
+        node = Node(self, self.cluster_tls(node_id), handler or RecordingHandler(),
+                    **options)
+        yield node.start()
+        return node
+
+    def link(self, from_node, to_node, endpoint, tls=None):
+        link = PeerLink(to_node, endpoint, tls or self.cluster_tls(from_node),
+                        retry_policy=FAST_RETRY)
+        link.startService()
+        self.addCleanup(link.stopService)
+        return link
+
+    @inlineCallbacks
+    def connected_link(self, from_node, to_node, endpoint):
+        link = self.link(from_node, to_node, endpoint)
+        yield link.when_connected(fail_after_failures=3)
+        return link
+
+    def logged(self, text):
+        """
+        The log events whose format contains C{text}.
+        """
+        return [event for event in self.events
+                if text in (event.get("log_format") or "")]
+
+
+class FetchTests(ClusterTestCase):
+    """
+    A node fetches sessions from its peer through a L{PeerLink}.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        super().setUp()
+        self.server = yield self.node("node1")
+        self.link2 = yield self.connected_link("node2", "node1", self.server.endpoint)
+
+    @inlineCallbacks
+    def test_node_fetches_a_sealed_session_from_its_peer(self):
+        session_id = _session_id()
+        self.server.handler.sealed[session_id] = b"sealed state"
+        answer = yield fetch_from(self.link2, session_id)
+        self.assertEqual(answer, FetchAnswer("found", b"sealed state"))
+
+    @inlineCallbacks
+    def test_requester_is_the_node_its_certificate_names(self):
+        link3 = yield self.connected_link("node3", "node1", self.server.endpoint)
+        session_id = _session_id()
+        yield fetch_from(self.link2, session_id)
+        yield fetch_from(link3, session_id)
+        self.assertEqual([call[2] for call in self.server.handler.calls],
+                         ["node2", "node3"])
+
+    @inlineCallbacks
+    def test_redirect_names_the_holder(self):
+        session_id = _session_id()
+        self.server.handler.holders[session_id] = "node3"
+        answer = yield fetch_from(self.link2, session_id)
+        self.assertEqual(answer, FetchAnswer("redirect", holder="node3"))
+
+    @inlineCallbacks
+    def test_unknown_session_is_missing(self):
+        answer = yield fetch_from(self.link2, _session_id())
+        self.assertEqual(answer, FetchAnswer("missing"))
+
+    @inlineCallbacks
+    def test_checkpoint_reaches_the_handler(self):
+        session_id = _session_id()
+        response = yield self.link2.call(Checkpoint, session_id=session_id,
+                                         seq=7, digest=b"d" * 32)
+        self.assertEqual(response, {"accepted": True})
+        self.assertEqual(self.server.handler.calls,
+                         [("checkpoint", session_id, 7, b"d" * 32, "node2")])
+
+    @inlineCallbacks
+    def test_purge_answers_what_the_handler_says(self):
+        response = yield self.link2.call(Purge, session_id=_session_id())
+        self.assertEqual(response, {"removed": False})
+
+    @inlineCallbacks
+    def test_stats_carry_the_handler_counters_and_the_channel_counters(self):
+        counters = yield stats_from(self.link2)
+        self.assertEqual(counters["sessions"], 3)
+        self.assertEqual(counters["ratio"], 0.5)
+        self.assertEqual(counters["cluster.connections"], 1)
+        self.assertEqual(counters["cluster.commands:Stats"], 1)
+
+    @inlineCallbacks
+    def test_cancelled_fetch_fails_with_cancelled_error(self):
+        self.server.handler.pending = Deferred()
+        fetching = fetch_from(self.link2, _session_id())
+        yield _wait_until(lambda: self.server.handler.calls)
+        fetching.cancel()
+        yield self.assertFailure(fetching, CancelledError)
+        # The late answer is dropped and the link stays usable.
+        self.server.handler.pending.callback(FetchAnswer("missing"))
+        self.server.handler.pending = None
+        answer = yield fetch_from(self.link2, _session_id())
+        self.assertEqual(answer.status, "missing")
+
+    @inlineCallbacks
+    def test_peers_fetch_session_goes_through_the_named_link(self):
+        peers = Peers([("node1", self.server.endpoint),
+                       ("node3", "tcp:host=127.0.0.1:port=1")],
+                      self.cluster_tls("node2"), retry_policy=FAST_RETRY)
+        peers.startService()
+        self.addCleanup(peers.stopService)
+        yield peers.link("node1").when_connected(fail_after_failures=3)
+        answer = yield peers.fetch_session("node1", _session_id())
+        self.assertEqual(answer.status, "missing")
+        self.assertEqual(peers.connected_count(), 1)
+
+    def test_peers_fetch_from_a_node_that_is_not_a_peer_fails_at_once(self):
+        peers = Peers([], self.cluster_tls("node2"))
+        failure = self.failureResultOf(peers.fetch_session("node7", _session_id()))
+        failure.trap(PeerUnavailable)
+
+
+class BadRequestTests(ClusterTestCase):
+    """
+    Arguments out of bounds are refused before the handler sees them.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        super().setUp()
+        self.server = yield self.node("node1")
+        self.link2 = yield self.connected_link("node2", "node1", self.server.endpoint)
+
+    @inlineCallbacks
+    def test_session_id_of_31_bytes_is_a_bad_request(self):
+        yield self.assertFailure(
+            self.link2.call(FetchSession, session_id=_session_id()[:31]), BadRequest)
+        self.assertEqual(self.server.handler.calls, [])
+        self.assertEqual(self.server.factory.counters["bad_requests"], 1)
+
+    @inlineCallbacks
+    def test_digest_of_16_bytes_is_a_bad_request(self):
+        yield self.assertFailure(
+            self.link2.call(Checkpoint, session_id=_session_id(), seq=1,
+                            digest=b"d" * 16),
+            BadRequest)
+        self.assertEqual(self.server.handler.calls, [])
+
+    @inlineCallbacks
+    def test_negative_seq_is_a_bad_request(self):
+        yield self.assertFailure(
+            self.link2.call(Checkpoint, session_id=_session_id(), seq=-1,
+                            digest=b""),
+            BadRequest)
+        self.assertEqual(self.server.handler.calls, [])
+
+    def test_fetch_from_refuses_a_bad_session_id_without_asking(self):
+        self.failureResultOf(fetch_from(self.link2, b"short"), BadRequest)
+
+
+class AuthorizationTests(ClusterTestCase):
+    """
+    An authenticated node that asks for a command it may not run.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        super().setUp()
+
+        def allowed(command, node_id):
+            return not (command == "Purge" and node_id == "node2")
+
+        self.server = yield self.node("node1", allowed=allowed)
+        self.link2 = yield self.connected_link("node2", "node1", self.server.endpoint)
+
+    @inlineCallbacks
+    def test_command_not_allowed_is_refused_and_counted(self):
+        yield self.assertFailure(self.link2.call(Purge, session_id=_session_id()),
+                                 NotAuthorized)
+        self.assertEqual(self.server.factory.counters["refused_commands"], 1)
+
+    @inlineCallbacks
+    def test_handler_is_not_called_for_a_refused_command(self):
+        yield self.assertFailure(self.link2.call(Purge, session_id=_session_id()),
+                                 NotAuthorized)
+        self.assertEqual(self.server.handler.calls, [])
+
+    @inlineCallbacks
+    def test_refusal_is_logged_with_peer_and_command(self):
+        yield self.assertFailure(self.link2.call(Purge, session_id=_session_id()),
+                                 NotAuthorized)
+        [event] = self.logged("not authorized")
+        self.assertEqual((event["peer"], event["command"]), ("node2", "Purge"))
+
+    @inlineCallbacks
+    def test_allowed_command_still_runs(self):
+        yield self.assertFailure(self.link2.call(Purge, session_id=_session_id()),
+                                 NotAuthorized)
+        answer = yield fetch_from(self.link2, _session_id())
+        self.assertEqual(answer.status, "missing")
+
+    @inlineCallbacks
+    def test_another_node_may_run_the_command(self):
+        link3 = yield self.connected_link("node3", "node1", self.server.endpoint)
+        response = yield link3.call(Purge, session_id=_session_id())
+        self.assertEqual(response, {"removed": False})
+
+
+def _no_data(result):
+    """
+    Whether a L{_stock_client_attempt} got nothing from the server.
+    """
+    return isinstance(result, Exception) or result == b""
+
+
+def _stock_client_attempt(port, ca, certificate=None, key=None):
+    """
+    A handshake with Python's C{ssl}, verifying the server's chain only,
+    then one read.  Returns the bytes read or the exception met.  Blocking.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(ca)
+    context.check_hostname = False
+    if certificate:
+        context.load_cert_chain(certificate, key)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with context.wrap_socket(raw) as client:
+                # With TLS 1.3 the server judges our certificate after our
+                # side of the handshake is done: its verdict comes here.
+                client.sendall(b"\0\x0cFetchSession")
+                return client.recv(1024)
+    except (ssl.SSLError, OSError) as e:
+        return e
+
+
+class RefusedConnectionTests(ClusterTestCase):
+    """
+    Who may not connect at all.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        super().setUp()
+        self.server = yield self.node("node1")
+
+    def _intruder_files(self, node_id="node2"):
+        other = pki.init_pki(self.mktemp(), "demo", [node_id])
+        # The intruder trusts our CA, so that it accepts our server and our
+        # server alone decides.
+        bundle = os.path.join(other.directory, "both-cas.pem")
+        with open(bundle, "wb") as out:
+            for path in (self.pki.ca_certificate, other.ca_certificate):
+                with open(path, "rb") as f:
+                    out.write(f.read())
+        return other, bundle
+
+    @inlineCallbacks
+    def test_node_with_certificate_from_another_ca_is_refused(self):
+        other, bundle = self._intruder_files()
+        intruder = self.cluster_tls("node2", files=other.node("node2"), ca=bundle)
+        self.link("node2", "node1", self.server.endpoint, tls=intruder)
+        counters = self.server.factory.counters
+        yield _wait_until(lambda: counters["refused_connections"] >= 1)
+        self.assertEqual(counters["connections"], 0)
+        self.assertEqual(self.server.handler.calls, [])
+
+    @inlineCallbacks
+    def test_refusal_by_the_server_is_a_failed_attempt_for_the_link(self):
+        # TLS 1.3: the refusal arrives as an alert after the client's side
+        # of the handshake; the link must not take it for a working peer.
+        other, bundle = self._intruder_files()
+        intruder = self.cluster_tls("node2", files=other.node("node2"), ca=bundle)
+        link = self.link("node2", "node1", self.server.endpoint, tls=intruder)
+        yield _wait_until(lambda: link.counters["failed_attempts"] >= 2)
+        self.assertFalse(link.connected)
+
+    @inlineCallbacks
+    def test_refused_connection_is_logged_with_the_reason(self):
+        other, bundle = self._intruder_files()
+        result = yield deferToThread(
+            _stock_client_attempt, self.server.port, bundle,
+            other.node("node2").certificate, other.node("node2").key)
+        self.assertTrue(_no_data(result), "the server answered an intruder")
+        [event] = self.logged("refused connection")
+        self.assertIn("not issued by the cluster CA", event["reason"])
+
+    @inlineCallbacks
+    def test_client_without_certificate_is_refused(self):
+        result = yield deferToThread(_stock_client_attempt, self.server.port,
+                                     self.pki.ca_certificate)
+        self.assertTrue(_no_data(result), "the server answered a client without a certificate")
+        self.assertEqual(self.server.factory.counters["refused_connections"], 1)
+
+    @inlineCallbacks
+    def test_node_of_another_cluster_is_refused(self):
+        # Same CA, but the certificate names a node of cluster "other".
+        node9 = pki.add_node(self.pki.directory, "other", "node9")
+        result = yield deferToThread(_stock_client_attempt, self.server.port,
+                                     self.pki.ca_certificate, node9.certificate,
+                                     node9.key)
+        self.assertTrue(_no_data(result), "the server answered another cluster's node")
+        self.assertEqual(self.server.factory.counters["refused_connections"], 1)
+        [event] = self.logged("refused connection")
+        self.assertIn("sslshare://other/node9", event["reason"])
+
+    @inlineCallbacks
+    def test_client_certificate_without_node_uri_is_refused(self):
+        # The client-facing server certificate is from the same CA, but it
+        # names no node (and is not meant for client authentication).
+        result = yield deferToThread(_stock_client_attempt, self.server.port,
+                                     self.pki.ca_certificate, self.pki.server_chain,
+                                     self.pki.server_key)
+        self.assertTrue(_no_data(result))
+        self.assertEqual(self.server.factory.counters["refused_connections"], 1)
+
+    @inlineCallbacks
+    def test_connection_without_handshake_is_dropped(self):
+        node = yield self.node("node1", handshake_timeout=0.05)
+        raw = socket.create_connection(("127.0.0.1", node.port))
+        self.addCleanup(raw.close)
+        yield _wait_until(lambda: node.factory.counters["handshake_timeouts"] == 1)
+        yield _wait_until(lambda: not node.wrapper.protocols)
+
+    @inlineCallbacks
+    def test_link_refuses_a_server_that_names_another_node(self):
+        link = self.link("node2", "node3", self.server.endpoint)
+        failure = yield self.assertFailure(
+            link.when_connected(fail_after_failures=1), PeerUnavailable)
+        self.assertIn("names sslshare://demo/node1, not sslshare://demo/node3",
+                      str(failure))
+        self.assertFalse(link.connected)
+
+
+class LinkTests(ClusterTestCase):
+    """
+    Availability of a L{PeerLink}: at once or not at all, and back after
+    the peer restarts.
+    """
+
+    def _unused_port(self):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        return port
+
+    def test_call_on_a_link_that_never_connected_fails_at_once(self):
+        link = self.link("node2", "node1",
+                         f"tcp:host=127.0.0.1:port={self._unused_port()}")
+        failure = self.failureResultOf(fetch_from(link, _session_id()))
+        failure.trap(PeerUnavailable)
+        self.assertEqual(link.counters["unavailable"], 1)
+
+    @inlineCallbacks
+    def test_call_after_the_peer_went_away_fails_at_once(self):
+        server = yield self.node("node1")
+        link = yield self.connected_link("node2", "node1", server.endpoint)
+        yield server.stop()
+        yield _wait_until(lambda: not link.connected)
+        self.failureResultOf(fetch_from(link, _session_id()), PeerUnavailable)
+
+    @inlineCallbacks
+    def test_stopping_the_listener_closes_the_peers_connections(self):
+        server = yield self.node("node1")
+        link = yield self.connected_link("node2", "node1", server.endpoint)
+        yield server.listening.stopListening()
+        yield _wait_until(lambda: not link.connected)
+
+    @inlineCallbacks
+    def test_link_reconnects_after_the_server_restarts(self):
+        server = yield self.node("node1")
+        link = yield self.connected_link("node2", "node1", server.endpoint)
+        yield server.stop()
+        yield _wait_until(lambda: not link.connected)
+        yield server.start()
+        yield link.when_connected()
+        answer = yield fetch_from(link, _session_id())
+        self.assertEqual(answer.status, "missing")
+        self.assertEqual(link.counters["connects"], 2)
+
+    @inlineCallbacks
+    def test_question_out_when_connection_ends_fails_with_peer_unavailable(self):
+        handler = RecordingHandler()
+        handler.pending = Deferred()
+        server = yield self.node("node1", handler=handler)
+        link = yield self.connected_link("node2", "node1", server.endpoint)
+        fetching = fetch_from(link, _session_id())
+        yield _wait_until(lambda: handler.calls)
+        yield server.stop()
+        yield self.assertFailure(fetching, PeerUnavailable)
+
+    def test_peers_refuse_to_link_a_node_to_itself(self):
+        self.assertRaises(ValueError, Peers, [("node2", "tcp:host=127.0.0.1:port=1")],
+                          self.cluster_tls("node2"))
+
+
+class _RogueFetch(amp.Command):
+    """
+    FetchSession as a broken peer answers it: any field, of any bytes.
+    """
+
+    commandName = b"FetchSession"
+    arguments = [(b"session_id", amp.String())]
+    response = [
+        (b"status", amp.String(optional=True)),
+        (b"sealed", amp.String(optional=True)),
+        (b"holder", amp.String(optional=True)),
+    ]
+
+
+class _RogueProtocol(amp.AMP):
+    """
+    A peer with a valid certificate that answers FetchSession with
+    C{answer}, fields the real server would never send included.
+    """
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+
+    @_RogueFetch.responder
+    def fetch(self, session_id):
+        return self.answer
+
+
+class GarbageAnswerTests(ClusterTestCase):
+    """
+    L{fetch_from} turns an answer that breaks the protocol into
+    L{PeerProtocolError}: the peer here is authentic but broken.
+    """
+
+    @inlineCallbacks
+    def _fetch(self, answer):
+        rogue = Node(self, self.cluster_tls("node1"), None)
+        yield rogue.start(Factory.forProtocol(lambda: _RogueProtocol(answer)))
+        link = yield self.connected_link("node2", "node1", rogue.endpoint)
+        yield self.assertFailure(fetch_from(link, _session_id()), PeerProtocolError)
+
+    def test_unknown_status(self):
+        return self._fetch({"status": b"stolen"})
+
+    def test_no_status(self):
+        return self._fetch({})
+
+    def test_status_that_is_not_utf8(self):
+        return self._fetch({"status": b"\xff"})
+
+    def test_found_without_sealed_state(self):
+        return self._fetch({"status": b"found"})
+
+    def test_found_with_sealed_state_over_16_kib(self):
+        return self._fetch({"status": b"found",
+                            "sealed": b"s" * (cluster.MAX_SEALED + 1)})
+
+    def test_redirect_without_holder(self):
+        return self._fetch({"status": b"redirect"})
+
+    def test_redirect_to_a_name_that_is_no_node_id(self):
+        return self._fetch({"status": b"redirect", "holder": b"../etc"})
+
+    def test_missing_with_sealed_state(self):
+        return self._fetch({"status": b"missing", "sealed": b"s"})
+
+
+class ClusterTLSLoadTests(ClusterTestCase):
+    """
+    A node's own TLS material is checked when it is loaded.
+    """
+
+    def test_certificate_of_another_node_is_refused(self):
+        files = self.pki.node("node1")
+        error = self.assertRaises(ClusterTLSError, ClusterTLS,
+                                  self.pki.ca_certificate, files.certificate,
+                                  files.key, "demo", "node2")
+        self.assertEqual(error.path, files.certificate)
+        self.assertIn("sslshare://demo/node2", str(error))
+
+    def test_key_of_another_certificate_is_refused(self):
+        error = self.assertRaises(ClusterTLSError, ClusterTLS,
+                                  self.pki.ca_certificate,
+                                  self.pki.node("node1").certificate,
+                                  self.pki.node("node2").key, "demo", "node1")
+        self.assertEqual(error.path, self.pki.node("node2").key)
+
+    def test_certificate_from_another_ca_is_refused(self):
+        other = pki.init_pki(self.mktemp(), "demo", ["node1"])
+        error = self.assertRaises(ClusterTLSError, ClusterTLS,
+                                  self.pki.ca_certificate,
+                                  other.node("node1").certificate,
+                                  other.node("node1").key, "demo", "node1")
+        self.assertEqual(error.path, other.node("node1").certificate)
+
+    def test_missing_file_is_named(self):
+        missing = os.path.join(self.pki.directory, "nope.pem")
+        error = self.assertRaises(ClusterTLSError, ClusterTLS, missing,
+                                  self.pki.node("node1").certificate,
+                                  self.pki.node("node1").key, "demo", "node1")
+        self.assertEqual(error.path, missing)

@@ -1,0 +1,202 @@
+"""
+Cluster nodes, in this process and as C{twistd sslshare} processes, over
+real sockets: sessions move from node to node, a node that is gone costs
+at most the lookup budget, and a bad configuration stops C{twistd} with one
+line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from tests.support import LocalCluster, python_client_round, s_client_round
+
+
+class MovingSessionTests(TestCase):
+    """
+    A session made on node1 resumes on node2, then on node3, and is held by
+    exactly one node at a time.
+    """
+
+    @inlineCallbacks
+    def _resumes_around_the_cluster(self, version):
+        cluster = LocalCluster(self)
+        yield cluster.start_all()
+        first = yield deferToThread(
+            python_client_round, cluster.ports["node1"], cluster.ca_cert, version)
+        self.assertFalse(first.reused)
+        session = first.session
+        for node in ("node2", "node3"):
+            result = yield deferToThread(
+                python_client_round, cluster.ports[node], cluster.ca_cert,
+                version, session)
+            self.assertTrue(result.reused, f"not resumed on {node}")
+            self.assertEqual(result.echo, b"hello")
+            self.assertEqual(cluster.nodes[node].counters["resumed_peer"], 1)
+            session = result.session
+        return cluster
+
+    def test_tls12_session_from_node1_resumes_on_node2_then_node3(self):
+        return self._resumes_around_the_cluster("TLSv1.2")
+
+    def test_tls13_session_from_node1_resumes_on_node2_then_node3(self):
+        return self._resumes_around_the_cluster("TLSv1.3")
+
+    @inlineCallbacks
+    def test_node1_no_longer_holds_a_session_node2_took(self):
+        cluster = LocalCluster(self)
+        yield cluster.start_all()
+        first = yield deferToThread(
+            python_client_round, cluster.ports["node1"], cluster.ca_cert,
+            "TLSv1.2")
+        node1, node2 = cluster.nodes["node1"], cluster.nodes["node2"]
+        session_id = first.session.id
+        self.assertEqual(node1.store.get(session_id).owner, "node1")
+        yield deferToThread(python_client_round, cluster.ports["node2"],
+                            cluster.ca_cert, "TLSv1.2", first.session)
+        self.assertIsNone(node1.store.get(session_id))
+        self.assertEqual(node1.store.holder(session_id), "node2")
+        self.assertEqual(node2.store.get(session_id).owner, "node2")
+
+    @inlineCallbacks
+    def test_session_given_away_comes_back_through_its_maker(self):
+        """
+        node1 made the session and gave it to node2; node3 asks node1 (the
+        owner the id names) and follows the redirect to node2.
+        """
+        cluster = LocalCluster(self)
+        yield cluster.start_all()
+        result = yield deferToThread(
+            python_client_round, cluster.ports["node1"], cluster.ca_cert,
+            "TLSv1.2")
+        for node in ("node2", "node3", "node1", "node2"):
+            result = yield deferToThread(
+                python_client_round, cluster.ports[node], cluster.ca_cert,
+                "TLSv1.2", result.session)
+            self.assertTrue(result.reused, f"not resumed on {node}")
+        self.assertGreaterEqual(
+            cluster.nodes["node3"].recovery.counters["redirects_followed"], 1)
+
+    @inlineCallbacks
+    def test_s_client_session_moves_across_nodes(self):
+        for version in ("TLSv1.2", "TLSv1.3"):
+            cluster = LocalCluster(self)
+            yield cluster.start_all()
+            session_file = self.mktemp()
+            first = yield s_client_round(cluster.ports["node1"], cluster.ca_cert,
+                                         version, session_out=session_file)
+            self.assertIn("New, " + version, first)
+            for node in ("node2", "node3"):
+                out = self.mktemp()
+                result = yield s_client_round(
+                    cluster.ports[node], cluster.ca_cert, version,
+                    session_in=session_file, session_out=out)
+                self.assertIn("Reused, " + version, result)
+                # A resumed TLS 1.2 session keeps its id: s_client writes
+                # no new file for it.
+                if os.path.exists(out):
+                    session_file = out
+            yield cluster.stop_all()
+
+
+class FailingPeerTests(TestCase):
+    """
+    A peer that is killed, or stalls, turns its sessions into full
+    handshakes within the lookup budget; nothing hangs.  node1 runs as a
+    C{twistd} process, so that killing it is what an operator would see.
+    """
+
+    @inlineCallbacks
+    def _session_of_node1_then_kill_it(self, version):
+        cluster = LocalCluster(self, nodes=("node1", "node2"), budget_ms=100)
+        yield cluster.spawn("node1")
+        cluster.start("node2")
+        yield cluster.wait_linked()
+        first = yield deferToThread(
+            python_client_round, cluster.ports["node1"], cluster.ca_cert, version)
+        yield cluster.kill("node1")
+        return cluster, first
+
+    @inlineCallbacks
+    def _full_within_budget(self, cluster, first, version):
+        started = time.monotonic()
+        second = yield deferToThread(
+            python_client_round, cluster.ports["node2"], cluster.ca_cert,
+            version, first.session)
+        elapsed = time.monotonic() - started
+        self.assertFalse(second.reused)
+        self.assertEqual(second.echo, b"hello")
+        # The budget is 100 ms; the rest is one full handshake and the echo.
+        self.assertLess(elapsed, 1.0)
+        self.assertEqual(cluster.nodes["node2"].counters["full"], 1)
+
+    @inlineCallbacks
+    def test_session_of_a_killed_node_gives_full_handshake(self):
+        cluster, first = yield self._session_of_node1_then_kill_it("TLSv1.3")
+        yield self._full_within_budget(cluster, first, "TLSv1.3")
+
+    @inlineCallbacks
+    def test_stalled_peer_costs_at_most_the_budget(self):
+        """
+        node1's cluster port is taken over by a server that accepts and
+        never answers.
+        """
+        cluster, first = yield self._session_of_node1_then_kill_it("TLSv1.2")
+        silent = reactor.listenTCP(cluster.amp_ports["node1"],
+                                   Factory.forProtocol(Protocol),
+                                   interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        # Let node2's link reconnect to the silent server.
+        yield deferLater(reactor, 1.5, lambda: None)
+        yield self._full_within_budget(cluster, first, "TLSv1.2")
+
+
+class TwistdTests(TestCase):
+    """
+    The node as operators run it: C{twistd -n sslshare --config FILE}.
+    """
+
+    def _twistd(self, *arguments):
+        return [sys.executable, "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n", "--pidfile=", *arguments]
+
+    @inlineCallbacks
+    def test_bad_configuration_is_one_line_and_nonzero_exit(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('[node]\nid = "node1"\n')
+        command = self._twistd("sslshare", "--config", path)
+        out, err, code = yield getProcessOutputAndValue(
+            command[0], command[1:], env=os.environ)
+        self.assertNotEqual(code, 0)
+        lines = err.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, err.decode())
+        self.assertIn(path, lines[0])
+        self.assertNotIn("Traceback", err.decode())
+
+    @inlineCallbacks
+    def test_session_from_twistd_node1_resumes_on_twistd_node2(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        for node in ("node1", "node2"):
+            yield cluster.spawn(node)
+        # The nodes link up on their own, with backoff.
+        yield deferLater(reactor, 1.0, lambda: None)
+        for version in ("TLSv1.2", "TLSv1.3"):
+            first = yield deferToThread(
+                python_client_round, cluster.ports["node1"], cluster.ca_cert,
+                version)
+            second = yield deferToThread(
+                python_client_round, cluster.ports["node2"], cluster.ca_cert,
+                version, first.session)
+            self.assertTrue(second.reused, version)
