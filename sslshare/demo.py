@@ -138,6 +138,28 @@ async def _wait_listening(reactor: Any, port: int,
                            f"within {START_TIMEOUT:.0f} s")
 
 
+async def _wait_linked(reactor: Any, asking: config.NodeConfig) -> None:
+    """
+    Wait until every node has its links to both peers up: until then a
+    node cannot ask the others, and the demo would show full handshakes
+    that say nothing about sharing.
+    """
+    deadline = reactor.seconds() + START_TIMEOUT
+    waiting = list(NODES)
+    while waiting and reactor.seconds() < deadline:
+        try:
+            counters = await cli.ask_stats(reactor, asking, waiting[0])
+        except Exception:
+            counters = {}
+        if counters.get("peers.connected") == len(NODES) - 1:
+            waiting.pop(0)
+        else:
+            await deferLater(reactor, 0.2, lambda: None)
+    if waiting:
+        raise cli.CommandError(f"{waiting[0]} did not link to its peers "
+                               f"within {START_TIMEOUT:.0f} s")
+
+
 async def _stop(reactor: Any, processes: list[tuple[Any, _NodeProcess]]) -> None:
     for transport, process in processes:
         if not process.ended.called:
@@ -178,6 +200,7 @@ async def demo(reactor: Any, arguments: Any) -> dict[str, Any]:
         ports = [(node, _listen_port(configs[node])) for node in NODES]
         for (node, port), (_, process) in zip(ports, processes):
             await _wait_listening(reactor, port, process)
+        await _wait_linked(reactor, configs["node1"])
         ca = configs["node1"].cluster.ca
         clients = [
             deferToThread(_client, ca, "TLSv1.2" if index % 2 == 0 else "TLSv1.3",
