@@ -7,6 +7,7 @@ line.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -200,3 +201,50 @@ class TwistdTests(TestCase):
                 python_client_round, cluster.ports["node2"], cluster.ca_cert,
                 version, first.session)
             self.assertTrue(second.reused, version)
+
+
+class OperatorToolTests(TestCase):
+    """
+    C{sslshare stats} and C{sslshare pki init}, as an operator types them.
+    """
+
+    def _sslshare(self, *arguments):
+        return getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from sslshare.cli import main; main()", *arguments],
+            env=os.environ)
+
+    @inlineCallbacks
+    def test_stats_prints_a_nodes_counters_over_the_cluster_channel(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        yield cluster.start_all()
+        yield deferToThread(python_client_round, cluster.ports["node1"],
+                            cluster.ca_cert, "TLSv1.3")
+        output, error, code = yield self._sslshare(
+            "stats", "--config", cluster.paths["node2"], "--node", "node1",
+            "--json")
+        self.assertEqual(code, 0, error.decode())
+        counters = json.loads(output)
+        self.assertEqual(counters["full"], 1)
+        self.assertEqual(counters["peers.connected"], 1)
+
+    @inlineCallbacks
+    def test_stats_of_a_node_that_is_down_is_one_line(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        output, error, code = yield self._sslshare(
+            "stats", "--config", cluster.paths["node1"])
+        self.assertEqual(code, 2)
+        self.assertEqual(len(error.decode().strip().splitlines()), 1, error)
+        self.assertIn("node1", error.decode())
+
+    @inlineCallbacks
+    def test_pki_init_refuses_to_overwrite(self):
+        directory = self.mktemp()
+        arguments = ("pki", "init", directory, "--cluster", "c",
+                     "--nodes", "a,b")
+        _, error, code = yield self._sslshare(*arguments)
+        self.assertEqual(code, 0, error.decode())
+        self.assertTrue(os.path.exists(os.path.join(directory, "a.pem")))
+        _, error, code = yield self._sslshare(*arguments)
+        self.assertEqual(code, 2)
+        self.assertIn("exists", error.decode())

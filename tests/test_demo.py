@@ -1,0 +1,52 @@
+"""
+C{sslshare demo} end to end, as C{make demo} runs it: the shipped
+C{conf/node*.toml}, a PKI made on first use, three C{twistd} nodes.  It
+uses the fixed ports of the shipped files (8441-8443, 7441-7443, 8080).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
+
+CONF = os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf")
+DEMO_PORTS = (8441, 8442, 8443, 7441, 7442, 7443, 8080)
+
+
+def _busy(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+class DemoTests(TestCase):
+    timeout = 180
+
+    @inlineCallbacks
+    def test_demo_json_reports_every_resumable_connection_resumed(self):
+        busy = [port for port in DEMO_PORTS if _busy(port)]
+        if busy:
+            raise SkipTest(f"the demo's ports are in use: {busy}")
+        root = os.path.abspath(self.mktemp())
+        shutil.copytree(CONF, os.path.join(root, "conf"))
+        output, error, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from sslshare.cli import main; main()", "demo", "--json",
+             "--clients", "4", "--rounds", "10",
+             "--directory", os.path.join(root, "demo"),
+             "--conf", os.path.join(root, "conf")],
+            env=os.environ, path=root)
+        self.assertEqual(code, 0, error.decode())
+        counts = json.loads(output)
+        self.assertEqual(counts["connections"], 40)
+        self.assertEqual(counts["failed"], 0)
+        self.assertEqual(counts["full"], 4)
+        # Every connection after a client's first lands on another node.
+        self.assertEqual(counts["resumed_peer"], 36)
+        self.assertEqual(counts["resumed_repository"], 0)
