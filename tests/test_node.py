@@ -7,19 +7,23 @@ line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
+import ssl
 import sys
 import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from sslshare.tls import LookupRequest
 from tests.support import LocalCluster, python_client_round, s_client_round
 
 
@@ -248,3 +252,93 @@ class OperatorToolTests(TestCase):
         _, error, code = yield self._sslshare(*arguments)
         self.assertEqual(code, 2)
         self.assertIn("exists", error.decode())
+
+
+class JoinedLookupTests(TestCase):
+    """
+    Concurrent lookups of one session on one node share one recovery.
+    """
+
+    @inlineCallbacks
+    def test_two_lookups_of_one_session_ask_the_owner_once(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        yield cluster.start_all()
+        first = yield deferToThread(
+            python_client_round, cluster.ports["node1"], cluster.ca_cert,
+            "TLSv1.2")
+        request = LookupRequest(first.session.id, "TLSv1.2", "web")
+        node2 = cluster.nodes["node2"]
+        answers = yield gatherResults(
+            [node2.recovery.recover(request), node2.recovery.recover(request)])
+        self.assertEqual([answer.source for answer in answers], ["peer", "peer"])
+        self.assertEqual(answers[0].state, answers[1].state)
+        self.assertEqual(node2.recovery.counters["joined"], 1)
+        self.assertEqual(cluster.nodes["node1"].counters["sessions_given"], 1)
+
+
+class _Sink(Protocol):
+    """
+    Reads an 8-byte length and that many bytes, answers their SHA-256, and
+    closes.
+    """
+
+    def connectionMade(self):
+        self.received = b""
+
+    def dataReceived(self, data):
+        self.received += data
+        if len(self.received) >= 8:
+            length = int.from_bytes(self.received[:8], "big")
+            if len(self.received) - 8 >= length:
+                self.transport.write(
+                    hashlib.sha256(self.received[8:8 + length]).digest())
+                self.transport.loseConnection()
+
+
+class _Source(Protocol):
+    """
+    Sends BULK bytes as soon as a client connects, then closes.
+    """
+
+    def connectionMade(self):
+        self.transport.write(BULK)
+        self.transport.loseConnection()
+
+
+BULK = os.urandom(4 * 1024 * 1024)
+
+
+def _bulk_client(port, ca_cert, payload):
+    context = ssl.create_default_context(cafile=ca_cert)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as client:
+            if payload:
+                client.sendall(len(payload).to_bytes(8, "big") + payload)
+            received = b""
+            while chunk := client.recv(65536):
+                received += chunk
+            return received
+
+
+class ProxyTests(TestCase):
+    """
+    Plaintext goes through the node intact both ways, and the backend
+    closing its side ends the client's connection after its last byte.
+    """
+
+    @inlineCallbacks
+    def test_four_megabytes_from_client_reach_the_backend_intact(self):
+        cluster = LocalCluster(self, nodes=("node1",), backend=_Sink)
+        cluster.start("node1")
+        answer = yield deferToThread(_bulk_client, cluster.ports["node1"],
+                                     cluster.ca_cert, BULK)
+        self.assertEqual(answer, hashlib.sha256(BULK).digest())
+
+    @inlineCallbacks
+    def test_four_megabytes_from_backend_reach_the_client_intact(self):
+        cluster = LocalCluster(self, nodes=("node1",), backend=_Source)
+        cluster.start("node1")
+        received = yield deferToThread(_bulk_client, cluster.ports["node1"],
+                                       cluster.ca_cert, b"")
+        self.assertEqual(len(received), len(BULK))
+        self.assertEqual(received, BULK)
