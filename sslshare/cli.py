@@ -23,6 +23,7 @@ from twisted.protocols.amp import AMP
 from twisted.python.failure import Failure
 
 from sslshare import cluster, config, pki
+from sslshare.errors import FileError
 
 T = TypeVar("T")
 
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2)
     try:
         arguments.run(arguments)
-    except (CommandError, config.ConfigError, pki.PKIError, ValueError) as e:
+    except (CommandError, config.ConfigError, FileError, ValueError) as e:
         sys.stderr.write(f"sslshare: {e}\n")
         raise SystemExit(2) from None
 

@@ -98,6 +98,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from sslshare import pki, sessionid
+from sslshare.errors import FileError
 
 MAX_SEALED = 16 * 1024
 """The largest sealed session blob the channel carries, in bytes."""
@@ -153,18 +154,10 @@ class PeerIdentityError(Exception):
     """
 
 
-class ClusterTLSError(Exception):
+class ClusterTLSError(FileError):
     """
     A node's own CA, certificate or key file is unusable.
-
-    @ivar path: the file.
-    @ivar reason: what is wrong with it.
     """
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 # The commands.  Every one answers the same two errors; anything else a

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sslshare.errors import FileError
 from sslshare.state import StateKeys
 
 URI_SCHEME = "sslshare"
@@ -71,18 +72,10 @@ SERVER_KEY = "localhost-key.pem"
 STATE_KEY = "state.key"
 
 
-class PKIError(Exception):
+class PKIError(FileError):
     """
     A PKI file cannot be written or read.
-
-    @ivar path: the file (or directory) concerned.
-    @ivar reason: what is wrong with it.
     """
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 @attrs.frozen

@@ -18,10 +18,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from sslshare import cluster, config, sessionid, tls
+from sslshare.errors import FileError
 from sslshare.node import Node
 from sslshare.protocol import BackendProxyFactory, SessionResumingTLSFactory
 from sslshare.recovery import Recovery
-from sslshare.state import StateKeyError, StateKeys
+from sslshare.state import StateKeys
 from sslshare.store import SessionStore
 
 EXPIRY_INTERVAL = 30.0
@@ -119,6 +120,6 @@ def makeService(options: Options) -> IService:
     try:
         node_config = config.load(options["config"], reactor)
         service, _ = build_node(node_config, reactor)
-    except (config.ConfigError, tls.TLSConfigurationError, StateKeyError) as e:
+    except (config.ConfigError, tls.TLSConfigurationError, FileError) as e:
         raise SystemExit(f"sslshare: {e}") from None
     return service

@@ -57,6 +57,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sslshare import sessionid
+from sslshare.errors import FileError
 
 STATE_FORMAT = 1
 SEAL_FORMAT = 1
@@ -98,18 +99,10 @@ class SealError(ValueError):
     """
 
 
-class StateKeyError(Exception):
+class StateKeyError(FileError):
     """
     A state key file is unusable.
-
-    @ivar path: the file.
-    @ivar reason: what is wrong with it.
     """
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def _unix_time(value: float) -> float:
