@@ -40,11 +40,12 @@ import re
 import secrets
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sslshare.errors import FileError
@@ -185,7 +186,7 @@ def init_pki(directory: str, cluster: str, nodes: Sequence[str],
         _refuse_existing(paths.values())
 
     ca_key = _new_key()
-    ca = _ca_certificate(cluster, ca_key)
+    ca = ca_certificate(cluster, ca_key)
     ca_pem = _certificate_pem(ca)
     _write(paths[CA_CERTIFICATE], ca_pem, 0o644, force)
     _write(paths[CA_KEY], _key_pem(ca_key), 0o600, force)
@@ -196,7 +197,7 @@ def init_pki(directory: str, cluster: str, nodes: Sequence[str],
                                       ca_pem, force))
 
     server_key = _new_key()
-    server = _leaf(ca, ca_key, server_key, server_names[0], san,
+    server = issue_certificate(ca, ca_key, server_key, server_names[0], san,
                    [ExtendedKeyUsageOID.SERVER_AUTH])
     _write(paths[SERVER_CHAIN], _certificate_pem(server) + ca_pem, 0o644, force)
     _write(paths[SERVER_KEY], _key_pem(server_key), 0o600, force)
@@ -373,7 +374,10 @@ def _builder(subject: str, issuer: x509.Name, public_key,
     )
 
 
-def _ca_certificate(cluster: str, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+def ca_certificate(cluster: str, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    """
+    A self-signed CA certificate for C{cluster}, signed by C{key}.
+    """
     # A random tag tells two CAs of the same cluster name apart in logs.
     name = f"sslshare cluster {cluster} CA {secrets.token_hex(3)}"
     return (
@@ -390,18 +394,25 @@ def _ca_certificate(cluster: str, key: ec.EllipticCurvePrivateKey) -> x509.Certi
     )
 
 
-def _leaf(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
-          key: ec.EllipticCurvePrivateKey, common_name: str,
-          names: list[x509.GeneralName], usages: list) -> x509.Certificate:
+def issue_certificate(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+                      key: Any, common_name: str,
+                      names: list[x509.GeneralName],
+                      usages: list) -> x509.Certificate:
+    """
+    A certificate for C{key} (EC or RSA) signed by C{ca}, naming C{names}
+    (subject alternative names) for the extended key C{usages}.
+    """
+    # An EC key signs (ECDHE) and never enciphers; an RSA key may be asked
+    # to by a TLS 1.2 RSA key exchange.
+    enciphers = isinstance(key, rsa.RSAPrivateKey)
     return (
         _builder(common_name, ca.subject, key.public_key(), _LEAF_LIFETIME)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            # An EC key signs (ECDHE); it never enciphers.
             x509.KeyUsage(
                 digital_signature=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False,
+                key_encipherment=enciphers, data_encipherment=False,
                 key_agreement=False, key_cert_sign=False, crl_sign=False,
                 encipher_only=False, decipher_only=False),
             critical=True)
@@ -418,7 +429,7 @@ def _issue_node(directory: str, cluster: str, node_id: str,
                 ca: x509.Certificate, ca_key, ca_pem: bytes,
                 force: bool) -> NodeFiles:
     key = _new_key()
-    certificate = _leaf(
+    certificate = issue_certificate(
         ca, ca_key, key, node_id,
         [x509.UniformResourceIdentifier(node_uri(cluster, node_id))],
         [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH])

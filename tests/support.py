@@ -11,7 +11,6 @@ L{pki}; a test that changes the files makes its own with L{make_pki}.
 from __future__ import annotations
 
 import atexit
-import datetime
 import functools
 import ipaddress
 import os
@@ -25,9 +24,9 @@ import weakref
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -36,6 +35,7 @@ from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineReceiver
 from twisted.python.filepath import FilePath
 
+from sslshare import pki as pki_files
 from sslshare import sessionid, tls
 from sslshare.protocol import SessionResumingTLSFactory
 from sslshare.state import SessionState
@@ -75,74 +75,6 @@ class PKI:
         return {"rsa": self.rsa_key, "ec": self.ec_key}[kind]
 
 
-# Back-dated against clock skew between this process and a client's checks.
-_NOT_BEFORE = datetime.timedelta(days=1)
-_LIFETIME = datetime.timedelta(days=30)
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _builder(subject: str, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _NOT_BEFORE)
-        .not_valid_after(now + _LIFETIME)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-    )
-
-
-def _make_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = "sslshare test CA"
-    certificate = (
-        _builder(name, _name(name), key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False, content_commitment=False,
-                key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False),
-            critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return certificate, key
-
-
-def _make_server(ca: x509.Certificate, ca_key, key, names: list[x509.GeneralName]):
-    # Key encipherment is what a TLS 1.2 RSA key exchange needs; an EC key
-    # cannot encipher, so it claims signatures only.
-    is_rsa = isinstance(key, rsa.RSAPrivateKey)
-    return (
-        _builder(str(names[0].value), ca.subject, key.public_key())
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False,
-                key_encipherment=is_rsa, data_encipherment=False,
-                key_agreement=False, key_cert_sign=False, crl_sign=False,
-                encipher_only=False, decipher_only=False),
-            critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        # Python 3.13's default client context verifies strictly (RFC 5280),
-        # which requires the authority key identifier.
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-
 def _pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
@@ -162,7 +94,8 @@ def make_pki(directory: FilePath | str) -> PKI:
     if isinstance(directory, FilePath):
         directory = directory.path
     os.makedirs(directory, exist_ok=True)
-    ca, ca_key = _make_ca()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = pki_files.ca_certificate("test", ca_key)
     localhost = [x509.DNSName("localhost"),
                  x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     paths = {"ca_cert": _write(directory, "ca.pem", _pem(ca))}
@@ -171,7 +104,9 @@ def make_pki(directory: FilePath | str) -> PKI:
         ("ec", localhost, ec.generate_private_key(ec.SECP256R1())),
         ("other", [x509.DNSName("other.test")], ec.generate_private_key(ec.SECP256R1())),
     ]:
-        certificate = _make_server(ca, ca_key, key, names)
+        certificate = pki_files.issue_certificate(
+            ca, ca_key, key, str(names[0].value), names,
+            [ExtendedKeyUsageOID.SERVER_AUTH])
         paths[f"{prefix}_chain"] = _write(
             directory, f"{prefix}-chain.pem", _pem(certificate) + _pem(ca))
         paths[f"{prefix}_key"] = _write(
@@ -557,11 +492,9 @@ class LocalCluster:
 
     def __init__(self, testcase, nodes=("node1", "node2", "node3"),
                  budget_ms=300, backend=OneShotEcho):
-        from sslshare import pki
-
         self.directory = os.path.abspath(testcase.mktemp())
         os.makedirs(self.directory)
-        self.pki = pki.init_pki(os.path.join(self.directory, "pki"), "test",
+        self.pki = pki_files.init_pki(os.path.join(self.directory, "pki"), "test",
                                 nodes)
         backend = reactor.listenTCP(0, Factory.forProtocol(backend),
                                     interface="127.0.0.1")
