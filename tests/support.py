@@ -853,6 +853,7 @@ class PostgresServer:
         self.data = os.path.join(self.directory, "data")
         self.log = os.path.join(self.directory, "postgres.log")
         self.process = None
+        self._roles_made = False
         self._chown(self.directory)
         self._run([os.path.join(self.bin, "initdb"), "-D", self.data,
                    "-A", "trust", "-U", "postgres", "-E", "UTF8",
@@ -925,6 +926,15 @@ class PostgresServer:
         finally:
             log.close()
         _wait_until(self._answers, self.process, "postgres", self.log)
+        if not self._roles_made:
+            self.execute("CREATE ROLE sslshare_password LOGIN PASSWORD "
+                         "'" + self.PASSWORD + "'")
+            self.execute("CREATE ROLE sslshare_tls LOGIN")
+            # Each has a schema of its own, first on its search path
+            # ("$user"), so its table is its own.
+            self.execute("CREATE SCHEMA AUTHORIZATION sslshare_password")
+            self.execute("CREATE SCHEMA AUTHORIZATION sslshare_tls")
+            self._roles_made = True
         return self
 
     def _answers(self):

@@ -1,0 +1,605 @@
+"""
+The central session repository: where sealed session states rest outside
+the nodes, for a node that cannot ask the owner, or for a cluster that
+recovers from the repository only.
+
+L{ISessionRepository} is the whole contract.  A repository holds, per
+session id, one I{sealed} blob (L{sslshare.state.StateKeys.seal}), its
+expiry time, and the session's checkpoint (record count and running digest,
+issue 6) in separate fields beside the blob.  It never sees a plaintext
+state, a DER or a key: sealing and opening are the caller's job.
+
+Three backends share the code in this module:
+
+    - L{sslshare.repository.sqlite}: one SQLite file, the embedded default
+      (no server);
+    - L{sslshare.repository.postgres}: a PostgreSQL table, through psycopg 3;
+    - L{sslshare.repository.redis}: one Redis hash per session, with TTLs.
+
+All three drivers block, so every operation runs in a thread pool of the
+repository's own (L{twisted.python.threadpool.ThreadPool}, started by
+C{start} and stopped by C{close}) and comes back as a Deferred: the reactor
+never waits for storage.  Counters and logs are touched in the reactor
+thread only.
+
+What is true of every backend:
+
+    - C{take} reads and deletes in one atomic step, so of any number of
+      nodes racing for a session exactly one gets the blob; a blob is never
+      served after its expiry time.
+    - A checkpoint is accepted only when its C{seq} is higher than the one
+      stored (one atomic compare-and-set) and only for a live blob.
+    - A C{put} over an existing blob replaces the blob and its expiry and
+      keeps the stored checkpoint, which must never go backwards.
+    - Everything read back from storage is checked (id, blob and digest
+      lengths, types); a bad row is deleted, logged and counted in
+      C{bad_rows}, and reads as absent.  It never crashes a caller.
+    - Driver failures (server down, refused password, full disk) fail the
+      Deferred with L{RepositoryError}, counted in C{errors}; the next
+      operation tries again, so a repository recovers by itself when its
+      server returns.  Connections are made per worker thread, on first
+      use, with short timeouts, and made again after they break.
+
+Time: "now" is the given reactor's C{seconds()}, read in the reactor thread
+when the operation is called; expiry times are unix times like it.
+
+This module does no sealing and never logs a blob.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Attribute, Interface, implementer
+
+from sslshare import sessionid
+from sslshare.state import DIGEST_LENGTH, MAX_SEALED_LENGTH
+
+T = TypeVar("T")
+
+# Checkpoints are signed 64-bit integers in SQLite and PostgreSQL.
+MAX_SEQ = 2 ** 63 - 1
+# Seconds a connection attempt or a single command may take before it
+# fails: the recovery chain waits for tens of milliseconds, so a server that
+# does not answer must free its worker thread soon.
+DEFAULT_TIMEOUT = 2.0
+DEFAULT_THREADS = 4
+COUNTERS = ("puts", "takes", "hits", "misses", "expired", "errors",
+            "bad_rows", "checkpoints", "stale_checkpoints", "purges")
+
+
+class RepositoryError(Exception):
+    """
+    A repository operation failed: its server is unreachable or refused
+    it, or its file is unusable.  The message names the repository, the
+    operation and the reason (never a password or a blob).
+    """
+
+
+class ISessionRepository(Interface):
+    """
+    Where sealed session states rest outside the nodes.  Every method
+    returns a Deferred and never blocks the reactor.
+    """
+
+    counters = Attribute(
+        "A collections.Counter of the operations and their outcomes.")
+
+    def start() -> Deferred[None]:
+        """
+        Start the worker threads and prepare the storage (create the schema
+        if missing; idempotent).  A server that is down now does not fail
+        this call: the repository logs it and tries again on use.
+        """
+
+    def close() -> Deferred[None]:
+        """
+        Finish the operations in flight, close the connections, stop the
+        worker threads.
+        """
+
+    def put(session_id: bytes, sealed: bytes, expires: float) -> Deferred[None]:
+        """
+        Store the sealed blob of C{session_id} until C{expires} (unix
+        time), replacing any blob stored under that id.
+        """
+
+    def take(session_id: bytes) -> Deferred[bytes | None]:
+        """
+        Read and delete the blob of C{session_id} in one atomic step.
+
+        @return: the blob, or C{None} when there is none, it expired, it is
+            malformed, or another caller took it first.
+        """
+
+    def checkpoint(session_id: bytes, seq: int, digest: bytes) -> Deferred[bool]:
+        """
+        Record that the session's first C{seq} records hash to C{digest},
+        if C{seq} is higher than the stored one and the blob is live.
+
+        @return: whether it was recorded.
+        """
+
+    def checkpoint_of(session_id: bytes) -> Deferred[tuple[int, bytes] | None]:
+        """
+        The stored C{(seq, digest)} of a live blob (C{(0, b"")} before the
+        first checkpoint), or C{None} when there is no live blob.
+        """
+
+    def purge(session_id: bytes) -> Deferred[bool]:
+        """
+        Delete the blob of C{session_id}; whether there was one.
+        """
+
+    def expire() -> Deferred[int]:
+        """
+        Delete the expired blobs; how many.  The node calls it now and
+        then; a backend whose server expires keys by itself returns 0.
+        """
+
+
+@attrs.frozen
+class Outcome:
+    """
+    What a worker thread found, for the reactor thread to count and log:
+    C{kind} is C{"hit"} (C{value} is the result), C{"miss"}, C{"expired"}
+    or C{"bad"} (C{value} says what was wrong with the stored row).
+    """
+
+    kind: str
+    value: Any = attrs.field(default=None, repr=False)
+
+
+MISS = Outcome("miss")
+EXPIRED = Outcome("expired")
+
+
+def sealed_problem(sealed: object) -> str | None:
+    """
+    What is wrong with a blob read back from storage, or C{None}.
+    """
+    if not isinstance(sealed, bytes):
+        return f"the blob is a {type(sealed).__name__}, not bytes"
+    if not 0 < len(sealed) <= MAX_SEALED_LENGTH:
+        return f"the blob is {len(sealed)} bytes (1..{MAX_SEALED_LENGTH} expected)"
+    return None
+
+
+def checkpoint_problem(seq: object, digest: object) -> str | None:
+    """
+    What is wrong with a checkpoint read back from storage, or C{None}.
+    """
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        return f"the checkpoint seq is not an integer in 0..{MAX_SEQ}"
+    if not isinstance(digest, bytes):
+        return f"the digest is a {type(digest).__name__}, not bytes"
+    if len(digest) not in (0, DIGEST_LENGTH):
+        return f"the digest is {len(digest)} bytes (0 or {DIGEST_LENGTH} expected)"
+    return None
+
+
+def id_problem(found: object, wanted: bytes) -> str | None:
+    """
+    What is wrong with a session id read back from storage for C{wanted},
+    or C{None}.
+    """
+    if not isinstance(found, bytes):
+        return f"the session id is a {type(found).__name__}, not bytes"
+    if len(found) != sessionid.SESSION_ID_LENGTH:
+        return (f"the session id is {len(found)} bytes "
+                f"({sessionid.SESSION_ID_LENGTH} expected)")
+    if found != wanted:
+        return "the row is filed under another session id"
+    return None
+
+
+def as_bytes(value: object) -> object:
+    """
+    C{value} as C{bytes} when a driver returned a buffer type for a binary
+    column; anything else unchanged, for the checks to reject.
+    """
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    return value
+
+
+def read_secret_file(path: str) -> str:
+    """
+    The password in the file at C{path}: its first line, without the line
+    end.
+
+    @raise RepositoryError: the file cannot be read or is not UTF-8.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise RepositoryError(f"password file {path}: cannot read: "
+                              f"{e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RepositoryError(f"password file {path}: not UTF-8") from None
+    lines = text.splitlines()
+    if not lines or not lines[0]:
+        raise RepositoryError(f"password file {path}: the first line is empty")
+    return lines[0]
+
+
+def _argument_problem(session_id: object) -> str | None:
+    if not isinstance(session_id, bytes):
+        return f"session id must be bytes, not {type(session_id).__name__}"
+    if len(session_id) != sessionid.SESSION_ID_LENGTH:
+        return (f"session id must be {sessionid.SESSION_ID_LENGTH} bytes, "
+                f"not {len(session_id)}")
+    return None
+
+
+@implementer(ISessionRepository)
+class ThreadedRepository:
+    """
+    What the backends share: the worker threads, one connection per worker
+    thread, argument checks, counters and logs.  A backend implements the
+    C{_do_*} methods, which run in a worker thread, and L{_connect},
+    L{_disconnect} and L{_driver_errors}.
+
+    @ivar counters: C{puts}, C{takes}, C{hits} (takes that got a blob),
+        C{misses} (takes that got C{None}, whatever the reason),
+        C{expired} (blobs a take found expired, plus those C{expire}
+        removed), C{errors} (operations that failed), C{bad_rows}
+        (malformed rows discarded), C{checkpoints} (accepted),
+        C{stale_checkpoints} (refused: not higher, or no live blob),
+        C{purges} (blobs purged).
+    """
+
+    _log = Logger()
+    kind = "?"
+
+    def __init__(self, reactor: Any, *, threads: int = DEFAULT_THREADS,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
+        self._reactor = reactor
+        self.timeout = timeout
+        self.threads = threads
+        self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
+        self._pool: ThreadPool | None = None
+        self._local = threading.local()
+        self._connections_lock = threading.Lock()
+        self._connections: list[Any] = []
+        self._shutdown_trigger: Any = None
+
+    # -- naming ------------------------------------------------------------
+
+    def describe(self) -> str:
+        """
+        Which repository this is, for messages: kind and target, never a
+        password.
+        """
+        return self.kind
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+    # -- life cycle --------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        if self._pool is not None:
+            return fail(RepositoryError(f"{self.describe()}: already started"))
+        self._pool = ThreadPool(minthreads=0, maxthreads=self.threads,
+                                name=f"sslshare-repository-{self.kind}")
+        self._pool.start()
+        # A node that never calls close must still let the process exit:
+        # the workers are not daemon threads.
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+            "during", "shutdown", self._stop_pool)
+        started = self._call("start", self._do_start)
+        started.addErrback(self._start_failed)
+        return started
+
+    def _start_failed(self, reason: Failure) -> Failure | None:
+        if self._start_must_succeed():
+            self._shut_down()
+            return reason
+        self._log.warn("{repository} cannot be used yet ({why}); every call "
+                       "will try again", repository=self.describe(),
+                       why=reason.getErrorMessage())
+        return None
+
+    def _start_must_succeed(self) -> bool:
+        # A server may be down when a node starts, and come back later; a
+        # local file that cannot be opened is a configuration error.
+        return False
+
+    def close(self) -> Deferred[None]:
+        self._shut_down()
+        return succeed(None)
+
+    def _shut_down(self) -> None:
+        if self._shutdown_trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+        # Blocks while the operations already queued finish; every one is
+        # bounded by the driver timeouts, as adbapi's close is.
+        self._stop_pool()
+
+    def _stop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            self._disconnect(connection)
+        self._local = threading.local()
+
+    # -- worker threads ----------------------------------------------------
+
+    def _connect(self) -> Any:
+        """
+        Open a connection (in a worker thread).
+        """
+        raise NotImplementedError
+
+    def _disconnect(self, connection: Any) -> None:
+        """
+        Close C{connection}, ignoring errors (any thread).
+        """
+        raise NotImplementedError
+
+    def _driver_errors(self) -> tuple[type[BaseException], ...]:
+        """
+        The exception types of the driver that become L{RepositoryError}.
+        """
+        raise NotImplementedError
+
+    def _is_broken(self, connection: Any, error: BaseException) -> bool:
+        """
+        Whether C{error} left C{connection} unusable, so that it must be
+        replaced (and a call on it that had been idle may be retried once).
+        """
+        return True
+
+    def _connection(self) -> tuple[Any, bool]:
+        """
+        This worker thread's connection, made if missing; and whether it
+        is fresh.
+        """
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            return connection, False
+        connection = self._connect()
+        self._local.connection = connection
+        with self._connections_lock:
+            self._connections.append(connection)
+        return connection, True
+
+    def _drop_connection(self, connection: Any) -> None:
+        self._local.connection = None
+        with self._connections_lock:
+            if connection in self._connections:
+                self._connections.remove(connection)
+        self._disconnect(connection)
+
+    def _with_connection(self, operation: str,
+                         function: Callable[..., T], *arguments: Any) -> T:
+        """
+        Run C{function(connection, *arguments)} in this worker thread.  A
+        connection that broke is replaced; when it had been idle (its
+        server may have restarted since) the call is tried once more on a
+        fresh one.  A take tried again cannot serve a blob twice: at worst
+        the first attempt deleted it and the second finds nothing.
+        """
+        errors = self._driver_errors()
+        for attempt in (1, 2):
+            try:
+                connection, fresh = self._connection()
+            except errors as e:
+                raise RepositoryError(
+                    f"{self.describe()}: {operation}: cannot connect: "
+                    f"{_one_line(e)}") from e
+            try:
+                return function(connection, *arguments)
+            except errors as e:
+                broken = self._is_broken(connection, e)
+                if broken:
+                    self._drop_connection(connection)
+                if broken and not fresh and attempt == 1:
+                    continue
+                raise RepositoryError(
+                    f"{self.describe()}: {operation}: {_one_line(e)}") from e
+        raise AssertionError("unreachable")
+
+    def _call(self, operation: str, function: Callable[..., T],
+              *arguments: Any) -> Deferred[T]:
+        if self._pool is None:
+            return fail(RepositoryError(
+                f"{self.describe()}: {operation}: not started"))
+        called = deferToThreadPool(self._reactor, self._pool,
+                                   self._with_connection, operation, function,
+                                   *arguments)
+        called.addErrback(self._failed, operation)
+        return called
+
+    def _failed(self, reason: Failure, operation: str) -> Failure:
+        self.counters["errors"] += 1
+        return reason
+
+    def _discarded(self, outcome: Outcome, session_id: bytes) -> None:
+        self.counters["bad_rows"] += 1
+        self._log.warn("{repository} discarded the malformed row of session "
+                       "{session}: {why}", repository=self.describe(),
+                       session=sessionid.describe(session_id),
+                       why=outcome.value)
+
+    # -- the operations ----------------------------------------------------
+
+    def _now(self) -> float:
+        return float(self._reactor.seconds())
+
+    def put(self, session_id: bytes, sealed: bytes,
+            expires: float) -> Deferred[None]:
+        problem = _argument_problem(session_id) or sealed_problem(sealed)
+        if problem is None and (isinstance(expires, bool)
+                                or not isinstance(expires, (int, float))
+                                or not math.isfinite(expires)):
+            problem = "expires must be a finite number"
+        if problem is not None:
+            return fail(ValueError(f"put: {problem}"))
+        self.counters["puts"] += 1
+        return self._call("put", self._do_put, session_id, sealed,
+                          float(expires), self._now())
+
+    def take(self, session_id: bytes) -> Deferred[bytes | None]:
+        problem = _argument_problem(session_id)
+        if problem is not None:
+            return fail(ValueError(f"take: {problem}"))
+        self.counters["takes"] += 1
+        taken = self._call("take", self._do_take, session_id, self._now())
+        return taken.addCallback(self._taken, session_id)
+
+    def _taken(self, outcome: Outcome, session_id: bytes) -> bytes | None:
+        if outcome.kind == "hit":
+            self.counters["hits"] += 1
+            return outcome.value
+        if outcome.kind == "bad":
+            self._discarded(outcome, session_id)
+        elif outcome.kind == "expired":
+            self.counters["expired"] += 1
+        self.counters["misses"] += 1
+        return None
+
+    def checkpoint(self, session_id: bytes, seq: int,
+                   digest: bytes) -> Deferred[bool]:
+        problem = _argument_problem(session_id)
+        if problem is None:
+            problem = checkpoint_problem(seq, digest)
+        if problem is not None:
+            return fail(ValueError(f"checkpoint: {problem}"))
+        recorded = self._call("checkpoint", self._do_checkpoint, session_id,
+                              seq, digest, self._now())
+        return recorded.addCallback(self._checkpointed)
+
+    def _checkpointed(self, accepted: bool) -> bool:
+        self.counters["checkpoints" if accepted else "stale_checkpoints"] += 1
+        return accepted
+
+    def checkpoint_of(self, session_id: bytes
+                      ) -> Deferred[tuple[int, bytes] | None]:
+        problem = _argument_problem(session_id)
+        if problem is not None:
+            return fail(ValueError(f"checkpoint_of: {problem}"))
+        found = self._call("checkpoint_of", self._do_checkpoint_of,
+                           session_id, self._now())
+        return found.addCallback(self._checkpoint_found, session_id)
+
+    def _checkpoint_found(self, outcome: Outcome,
+                          session_id: bytes) -> tuple[int, bytes] | None:
+        if outcome.kind == "hit":
+            return outcome.value
+        if outcome.kind == "bad":
+            self._discarded(outcome, session_id)
+        return None
+
+    def purge(self, session_id: bytes) -> Deferred[bool]:
+        problem = _argument_problem(session_id)
+        if problem is not None:
+            return fail(ValueError(f"purge: {problem}"))
+        purged = self._call("purge", self._do_purge, session_id)
+        return purged.addCallback(self._purged)
+
+    def _purged(self, removed: bool) -> bool:
+        if removed:
+            self.counters["purges"] += 1
+        return removed
+
+    def expire(self) -> Deferred[int]:
+        expired = self._call("expire", self._do_expire, self._now())
+        return expired.addCallback(self._expired)
+
+    def _expired(self, count: int) -> int:
+        self.counters["expired"] += count
+        return count
+
+    # -- what a backend implements (worker threads) ------------------------
+
+    def _do_start(self, connection: Any) -> None:
+        raise NotImplementedError
+
+    def _do_put(self, connection: Any, session_id: bytes, sealed: bytes,
+                expires: float, now: float) -> None:
+        raise NotImplementedError
+
+    def _do_take(self, connection: Any, session_id: bytes,
+                 now: float) -> Outcome:
+        raise NotImplementedError
+
+    def _do_checkpoint(self, connection: Any, session_id: bytes, seq: int,
+                       digest: bytes, now: float) -> bool:
+        raise NotImplementedError
+
+    def _do_checkpoint_of(self, connection: Any, session_id: bytes,
+                          now: float) -> Outcome:
+        raise NotImplementedError
+
+    def _do_purge(self, connection: Any, session_id: bytes) -> bool:
+        raise NotImplementedError
+
+    def _do_expire(self, connection: Any, now: float) -> int:
+        raise NotImplementedError
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def from_config(config: Any, reactor: Any, state_dir: str
+                ) -> ISessionRepository:
+    """
+    The repository a node's C{[repository]} section describes (a
+    L{sslshare.config.RepositoryConfig}), not started yet.
+
+    @param state_dir: the node's own directory; an SQLite repository with
+        no C{path} keeps C{sessions.sqlite3} there.
+    @raise RepositoryError: the backend's driver is not installed, or its
+        password file cannot be read.
+    """
+    if config.kind == "sqlite":
+        from sslshare.repository.sqlite import SQLiteRepository
+
+        path = config.path or os.path.join(state_dir, "sessions.sqlite3")
+        return SQLiteRepository(path, reactor)
+    password = None
+    if config.password_file is not None:
+        password = read_secret_file(config.password_file)
+    if config.kind == "postgres":
+        try:
+            from sslshare.repository.postgres import PostgresRepository
+        except ImportError as e:
+            raise RepositoryError(
+                f"repository kind 'postgres' needs psycopg 3 (pip install "
+                f"'sslshare[postgres]'): {e}") from None
+        return PostgresRepository(config.dsn, reactor, password=password,
+                                  tls=config.tls)
+    if config.kind == "redis":
+        try:
+            from sslshare.repository.redis import RedisRepository
+        except ImportError as e:
+            raise RepositoryError(
+                f"repository kind 'redis' needs redis-py (pip install "
+                f"'sslshare[redis]'): {e}") from None
+        return RedisRepository(config.url, reactor, password=password,
+                               tls=config.tls)
+    raise RepositoryError(f"unknown repository kind {config.kind!r}")
