@@ -1099,13 +1099,44 @@ class Peers(MultiService):
         L{fetch_from} the link to C{node_id}; L{PeerUnavailable} if there
         is none.
         """
+        return self._call(node_id, fetch_from, session_id)
+
+    def purge_session(self, node_id: str, session_id: bytes) -> Deferred[bool]:
+        """
+        Tell C{node_id} to drop C{session_id}; fires with whether it held
+        it.  L{PeerUnavailable} if it is not a peer or not connected.
+        """
+        return self._call(node_id, purge_on, session_id)
+
+    def _call(self, node_id: str, operation: Callable[[PeerLink, bytes], Deferred[Any]],
+              session_id: bytes) -> Deferred[Any]:
         link = self.link(node_id)
         if link is None:
             return fail(PeerUnavailable(node_id, "not a peer of this node"))
-        return fetch_from(link, session_id)
+        return operation(link, session_id)
 
 
 # What the recovery chain and the CLI call.
+
+def purge_on(link: PeerLink, session_id: bytes) -> Deferred[bool]:
+    """
+    Ask the peer behind C{link} to drop C{session_id}; fires with whether
+    it held it.
+    """
+    try:
+        _check_session_id(session_id)
+    except BadRequest as e:
+        return fail(e)
+
+    def checked(response: dict[str, Any]) -> bool:
+        removed = response.get("removed")
+        if not isinstance(removed, bool):
+            raise PeerProtocolError(f"peer {link.peer_node_id} answered "
+                                    f"Purge with {removed!r}")
+        return removed
+
+    return link.call(Purge, session_id=session_id).addCallback(checked)
+
 
 def fetch_from(link: PeerLink, session_id: bytes) -> Deferred[FetchAnswer]:
     """

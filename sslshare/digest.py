@@ -84,10 +84,10 @@ from typing import Any, Protocol
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sslshare import sessionid
+from sslshare.logs import RateLimitedWarning
 
 DIGEST_LENGTH = 32
 EXPORTER_LABEL = b"EXPORTER-sslshare-digest"
@@ -362,37 +362,17 @@ class CheckpointPolicy:
     retry_max: float = attrs.field(default=5.0, validator=_positive)
 
 
-class FailureLog:
+class FailureLog(RateLimitedWarning):
     """
     Warnings for failed checkpoint writes, at most one per C{interval}
     seconds however many sessions fail: a store outage fails every session
     at once.  A node shares one among its pipelines.
     """
 
-    _log = Logger()
-
-    def __init__(self, clock: IReactorTime, interval: float = 10.0,
-                 log: Logger | None = None) -> None:
-        self._clock = clock
-        self._interval = interval
-        if log is not None:
-            self._log = log
-        self._quiet_until = -math.inf
-        self._suppressed = 0
-
     def failed(self, session_id: bytes, seq: int, reason: Failure) -> None:
-        now = self._clock.seconds()
-        if now < self._quiet_until:
-            self._suppressed += 1
-            return
-        self._log.warn(
-            "checkpoint {seq} of session {session} failed: {why} "
-            "({suppressed} more failures not logged since the last warning)",
-            seq=seq, session=sessionid.describe(session_id),
-            why=reason.getErrorMessage() or reason.type.__name__,
-            suppressed=self._suppressed)
-        self._suppressed = 0
-        self._quiet_until = now + self._interval
+        self.warn("checkpoint {seq} of session {session} failed: {why}",
+                  seq=seq, session=sessionid.describe(session_id),
+                  why=reason.getErrorMessage() or reason.type.__name__)
 
 
 Write = Callable[[bytes, int, bytes], "Deferred[bool] | bool"]

@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from sslshare import sessionid
 from sslshare.cluster import FetchAnswer, ICommandHandler
+from sslshare.logs import RateLimitedWarning
 from sslshare.recovery import Recovered, Recovery
 from sslshare.state import SessionState, StateKeys
 from sslshare.store import SessionStore
@@ -32,15 +33,19 @@ class Node:
 
     @ivar counters: handshakes by outcome (C{full}, C{resumed_local},
         C{resumed_peer}, C{resumed_repository}, C{handshake_timeouts}),
-        C{sessions_made}, C{sessions_given}.
+        C{sessions_made}, C{sessions_given}, C{repository_put_failures}.
+    @ivar repository: the central repository every new session is also
+        written to, or C{None}.
     """
 
     _log = Logger()
 
     def __init__(self, node_id: str, store: SessionStore, keys: StateKeys,
                  recovery: Recovery, clock: IReactorTime,
-                 session_lifetime: int) -> None:
+                 session_lifetime: int, repository: Any = None) -> None:
         self.node_id = node_id
+        self.repository = repository
+        self._warnings = RateLimitedWarning(clock)
         self.store = store
         self.keys = keys
         self.recovery = recovery
@@ -73,6 +78,16 @@ class Node:
             return
         self.store.put(state)
         self.counters["sessions_made"] += 1
+        if self.repository is not None:
+            writing = self.repository.put(session_id, self.keys.seal(state),
+                                          state.expires)
+            writing.addErrback(self._repository_put_failed)
+
+    def _repository_put_failed(self, reason: Any) -> None:
+        # Fail open: the session stays resumable through this node.
+        self.counters["repository_put_failures"] += 1
+        self._warnings.warn("could not write a new session to the "
+                            "repository: {why}", why=reason.getErrorMessage())
 
     def lookup(self, request: LookupRequest) -> Deferred[Recovered | None]:
         return self.recovery.recover(request)
@@ -130,6 +145,9 @@ class Node:
             numbers[f"recovery.{name}"] = count
         for name, count in self.store.counters.items():
             numbers[f"store.{name}"] = count
+        if self.repository is not None:
+            for name, count in self.repository.counters.items():
+                numbers[f"repository.{name}"] = count
         numbers["store.sessions"] = len(self.store)
         numbers["store.bytes"] = self.store.bytes_used
         if self.peer_links is not None:

@@ -39,6 +39,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from sslshare import sessionid
+from sslshare.logs import RateLimitedWarning
 from sslshare.state import SealError, SessionState, StateKeys
 from sslshare.store import SessionStore
 from sslshare.tls import LookupRequest
@@ -68,12 +69,15 @@ class Recovery:
     @param owners: owner tag -> node id, for every node of the cluster.
     @param fetch_from_peer: C{(node_id, session_id) -> Deferred[FetchAnswer]},
         failing when the peer cannot be asked.
-    @param repository: the central repository (C{take(session_id)} ->
-        Deferred of a sealed blob or C{None}), or C{None}.
+    @param repository: the central repository
+        (L{sslshare.repository.ISessionRepository}), or C{None}.
+    @param purge_on_peer: C{(node_id, session_id) -> Deferred}, telling a
+        peer to drop a session this node took from the repository.
     @param id_contexts: service name -> session id context.
     @ivar counters: C{recovered_<source>}, C{misses}, C{timeouts},
         C{joined}, C{peer_errors}, C{repository_errors}, C{unsealable},
-        C{redirects_followed}.
+        C{redirects_followed}, C{repository_<put|purge>_failures},
+        C{peer_purge_failures}.
     """
 
     _log = Logger()
@@ -89,6 +93,7 @@ class Recovery:
         clock: IReactorTime,
         fetch_from_peer: Callable[[str, bytes], Deferred[Any]] | None = None,
         repository: Any = None,
+        purge_on_peer: Callable[[str, bytes], Deferred[Any]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.store = store
@@ -99,6 +104,8 @@ class Recovery:
         self.clock = clock
         self.fetch_from_peer = fetch_from_peer
         self.repository = repository
+        self.purge_on_peer = purge_on_peer
+        self._warnings = RateLimitedWarning(clock)
         self.counters: Counter[str] = Counter()
         self._in_flight: dict[bytes, list[Deferred[Recovered | None]]] = {}
 
@@ -146,10 +153,14 @@ class Recovery:
 
     def _from_store(self, request: LookupRequest) -> SessionState | None:
         # A TLS 1.2 session is resumed again and again under one id, so it
-        # stays; a TLS 1.3 ticket is single use.
+        # stays; a TLS 1.3 ticket is single use, here and in the repository.
         if request.protocol == "TLSv1.2":
             return self.store.get(request.session_id)
-        return self.store.take(request.session_id)
+        state = self.store.take(request.session_id)
+        if state is not None and self.repository is not None:
+            self._repository_write("purge", self.repository.purge(
+                request.session_id))
+        return state
 
     async def _from_owner(self, request: LookupRequest,
                           context: bytes) -> Recovered | None:
@@ -216,8 +227,41 @@ class Recovery:
         return Recovered(state, source)
 
     def _hold(self, found: Recovered, request: LookupRequest) -> None:
+        """
+        Make this node the one holder of what it recovered: a TLS 1.2
+        session (which keeps its id) is stored here, and the repository's
+        copy names this node; a used TLS 1.3 ticket leaves the repository.
+        A session taken from the repository may still sit in the store of
+        the node that held it: that node is told to drop it.
+        """
+        session_id = request.session_id
         if request.protocol == "TLSv1.2":
-            self.store.put(found.state.with_owner(self.node_id))
+            mine = found.state.with_owner(self.node_id)
+            self.store.put(mine)
+            if self.repository is not None:
+                self._repository_write("put", self.repository.put(
+                    session_id, self.keys.seal(mine), mine.expires))
+        elif self.repository is not None and found.source != "repository":
+            self._repository_write("purge", self.repository.purge(session_id))
+        previous = found.state.owner
+        if (found.source == "repository" and previous != self.node_id
+                and self.purge_on_peer is not None):
+            purging = self.purge_on_peer(previous, session_id)
+            purging.addErrback(self._purge_failed, previous)
+
+    def _repository_write(self, what: str, writing: Deferred[Any]) -> None:
+        # Fail open: the handshake goes on, the node keeps serving.
+        def failed(reason: Any) -> None:
+            self.counters[f"repository_{what}_failures"] += 1
+            self._warnings.warn("repository {what} failed: {why}", what=what,
+                                why=reason.getErrorMessage())
+
+        writing.addErrback(failed)
+
+    def _purge_failed(self, reason: Any, peer: str) -> None:
+        # Best effort: a peer that cannot be told is usually a peer that is
+        # down, and lost what it held.
+        self.counters["peer_purge_failures"] += 1
 
     def _gave_up(self, reason: Any, request: LookupRequest) -> None:
         if reason.check(TimeoutError, CancelledError):

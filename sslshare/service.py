@@ -3,16 +3,18 @@ The C{twistd sslshare} service: one node assembled from its configuration.
 
 L{makeService} builds a L{MultiService} whose children start and stop on
 their own: a listener per client endpoint, the AMP listener for peers, the
-peer links, and the store's expiry timer.  Everything here is wiring; what
+peer links, the repository when one is configured, and the expiry timers.  Everything here is wiring; what
 the parts do lives in their modules.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -22,6 +24,7 @@ from sslshare.errors import FileError
 from sslshare.node import Node
 from sslshare.protocol import BackendProxyFactory, SessionResumingTLSFactory
 from sslshare.recovery import Recovery
+from sslshare.repository import ISessionRepository, RepositoryError, from_config
 from sslshare.state import StateKeys
 from sslshare.store import SessionStore
 
@@ -47,10 +50,19 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
     The node's service and its L{Node}, from a loaded configuration.
 
     @raise tls.TLSConfigurationError: a certificate or key is unusable.
-    @raise StateKeyError: the state key file is unusable.
+    @raise FileError: the state key file, a node certificate or key, or
+        the state directory is unusable.
+    @raise RepositoryError: the repository's driver or password file is
+        missing.
     """
     cluster_config = node_config.cluster
     keys = StateKeys.from_file(cluster_config.state_key)
+    try:
+        os.makedirs(node_config.state_dir, exist_ok=True)
+    except OSError as e:
+        raise FileError(node_config.state_dir,
+                        f"cannot make the node's state directory: "
+                        f"{e.strerror}") from None
     store = SessionStore(node_config.store_max_bytes, reactor)
     peer_ids = [node_id for node_id, _ in cluster_config.peers]
     owners = {sessionid.owner_tag(node_config.cluster_name, node_id): node_id
@@ -69,14 +81,22 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
         [(node_id, clientFromString(reactor, endpoint))
          for node_id, endpoint in cluster_config.peers],
         channel)
+    repository = None
+    if node_config.repository is not None:
+        repository = from_config(node_config.repository, reactor,
+                                 node_config.state_dir)
     recovery = Recovery(
         node_config.node_id, store, keys, owners,
         {service.name: service.id_context for service in services},
         node_config.lookup_budget, reactor,
-        fetch_from_peer=peers.fetch_session,
+        # The repository topology asks the repository only.
+        fetch_from_peer=(None if node_config.topology == "repository"
+                         else peers.fetch_session),
+        repository=repository,
+        purge_on_peer=peers.purge_session,
     )
     node = Node(node_config.node_id, store, keys, recovery, reactor,
-                node_config.session_lifetime)
+                node_config.session_lifetime, repository)
     context = tls.ServerContext(
         services, sessionid.owner_tag(node_config.cluster_name, node_config.node_id),
         on_new_session=node.new_session,
@@ -107,7 +127,29 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
         node.peer_server = amp
     peers.setServiceParent(top)
     TimerService(EXPIRY_INTERVAL, store.expire).setServiceParent(top)
+    if repository is not None:
+        _RepositoryService(repository).setServiceParent(top)
+        TimerService(EXPIRY_INTERVAL, repository.expire).setServiceParent(top)
     return top, node
+
+
+class _RepositoryService(Service):
+    """
+    Connects the repository when the node starts and closes it when the
+    node stops; a repository that is down at start is not fatal (the
+    backends retry on every call).
+    """
+
+    def __init__(self, repository: ISessionRepository) -> None:
+        self.repository = repository
+
+    def startService(self) -> Deferred[None]:
+        super().startService()
+        return self.repository.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.repository.close()
 
 
 def makeService(options: Options) -> IService:
@@ -120,6 +162,7 @@ def makeService(options: Options) -> IService:
     try:
         node_config = config.load(options["config"], reactor)
         service, _ = build_node(node_config, reactor)
-    except (config.ConfigError, tls.TLSConfigurationError, FileError) as e:
+    except (config.ConfigError, tls.TLSConfigurationError, FileError,
+            RepositoryError) as e:
         raise SystemExit(f"sslshare: {e}") from None
     return service
