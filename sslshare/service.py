@@ -13,18 +13,21 @@ import os
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from sslshare import cluster, config, sessionid, tls
 from sslshare.errors import FileError
+from sslshare.logs import RateLimitedWarning
 from sslshare.node import Node
 from sslshare.protocol import BackendProxyFactory, SessionResumingTLSFactory
 from sslshare.recovery import Recovery
-from sslshare.repository import ISessionRepository, RepositoryError, from_config
+from sslshare.repository import ISessionRepository, from_config
 from sslshare.state import StateKeys
 from sslshare.store import SessionStore
 
@@ -128,41 +131,43 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
     peers.setServiceParent(top)
     TimerService(EXPIRY_INTERVAL, store.expire).setServiceParent(top)
     if repository is not None:
-        _RepositoryService(repository).setServiceParent(top)
-        TimerService(EXPIRY_INTERVAL, repository.expire).setServiceParent(top)
+        _RepositoryService(repository, reactor).setServiceParent(top)
     return top, node
 
 
 class _RepositoryService(Service):
     """
-    Connects the repository when the node starts and closes it when the
-    node stops; a repository that is down at start is not fatal (the
-    backends retry on every call).
+    Connects the repository when the node starts, removes its expired
+    sessions every L{EXPIRY_INTERVAL} once it is connected, and closes it
+    when the node stops.  A repository that is down is never fatal: the
+    backends retry on every call, and the node keeps serving.
     """
 
-    def __init__(self, repository: ISessionRepository) -> None:
+    _log = Logger()
+
+    def __init__(self, repository: ISessionRepository, clock: Any) -> None:
         self.repository = repository
+        self._expiry = LoopingCall(self._expire)
+        self._expiry.clock = clock
+        self._warnings = RateLimitedWarning(clock, EXPIRY_INTERVAL * 10)
 
     def startService(self) -> Deferred[None]:
         super().startService()
-        return self.repository.start()
+        starting = self.repository.start()
+        starting.addCallback(
+            lambda _: self._expiry.start(EXPIRY_INTERVAL, now=False) and None)
+        return starting
+
+    def _expire(self) -> Deferred[None]:
+        def failed(reason: Any) -> None:
+            self._warnings.warn("could not remove expired sessions from the "
+                                "repository: {why}",
+                                why=reason.getErrorMessage())
+
+        return self.repository.expire().addErrback(failed)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self._expiry.running:
+            self._expiry.stop()
         return self.repository.close()
-
-
-def makeService(options: Options) -> IService:
-    """
-    The service C{twistd sslshare} runs.  A configuration the node cannot
-    use ends the command with one line naming the file, key and reason.
-    """
-    from twisted.internet import reactor
-
-    try:
-        node_config = config.load(options["config"], reactor)
-        service, _ = build_node(node_config, reactor)
-    except (config.ConfigError, tls.TLSConfigurationError, FileError,
-            RepositoryError) as e:
-        raise SystemExit(f"sslshare: {e}") from None
-    return service

@@ -491,7 +491,11 @@ class LocalCluster:
     """
 
     def __init__(self, testcase, nodes=("node1", "node2", "node3"),
-                 budget_ms=300, backend=OneShotEcho):
+                 budget_ms=300, backend=OneShotEcho, repository=None):
+        """
+        @param repository: the body of a C{[repository]} section, or
+            C{None}; C{{directory}} in it names the cluster's directory.
+        """
         self.directory = os.path.abspath(testcase.mktemp())
         os.makedirs(self.directory)
         self.pki = pki_files.init_pki(os.path.join(self.directory, "pki"), "test",
@@ -512,6 +516,9 @@ class LocalCluster:
                     node=node, client_port=self.ports[node],
                     backend_port=backend.getHost().port, budget_ms=budget_ms,
                     amp_port=amp_ports[node], peers=peers))
+                if repository is not None:
+                    f.write("\n[repository]\n"
+                            + repository.format(directory=self.directory))
             self.paths[node] = path
         self.services = {}
         self.nodes = {}

@@ -1,0 +1,207 @@
+"""
+Nodes sharing sessions through the central repository, on each backend
+against the real thing: a session outlives the node that made it, a
+tampered blob gives a full handshake, and a repository that dies turns
+lookups into full handshakes within the budget until it comes back.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests.support import (
+    LocalCluster,
+    PostgresServer,
+    RedisServer,
+    ServerUnavailable,
+    python_client_round,
+    shared_server,
+)
+
+
+async def _until(predicate, timeout=5.0):
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError("the condition did not come true in time")
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+class _RepositoryTopology:
+    """
+    The tests every backend passes; subclasses say how to reach their
+    server and how to tamper with a stored blob.
+    """
+
+    topology = "repository"
+
+    def section(self):
+        raise NotImplementedError
+
+    def tamper(self, cluster, session_id):
+        raise NotImplementedError
+
+    def _cluster(self, budget_ms=300):
+        return LocalCluster(
+            self, nodes=("node1", "node2"), budget_ms=budget_ms,
+            repository=f'topology = "{self.topology}"\n' + self.section())
+
+    @inlineCallbacks
+    def _made_on_node1(self, cluster, version):
+        yield cluster.start_all()
+        first = yield deferToThread(
+            python_client_round, cluster.ports["node1"], cluster.ca_cert,
+            version)
+        repository = cluster.nodes["node1"].repository
+        yield _until(lambda: repository.counters["puts"] >= 1)
+        return first
+
+    @inlineCallbacks
+    def _resumes_with_node1_stopped(self, version):
+        cluster = self._cluster()
+        first = yield self._made_on_node1(cluster, version)
+        yield cluster.stop("node1")
+        second = yield deferToThread(
+            python_client_round, cluster.ports["node2"], cluster.ca_cert,
+            version, first.session)
+        self.assertTrue(second.reused)
+        self.assertEqual(cluster.nodes["node2"].counters["resumed_repository"], 1)
+
+    def test_tls12_session_resumes_on_node2_with_node1_stopped(self):
+        return self._resumes_with_node1_stopped("TLSv1.2")
+
+    def test_tls13_session_resumes_on_node2_with_node1_stopped(self):
+        return self._resumes_with_node1_stopped("TLSv1.3")
+
+    @inlineCallbacks
+    def test_session_taken_from_the_repository_is_held_by_one_node(self):
+        cluster = self._cluster()
+        first = yield self._made_on_node1(cluster, "TLSv1.2")
+        node1, node2 = cluster.nodes["node1"], cluster.nodes["node2"]
+        second = yield deferToThread(
+            python_client_round, cluster.ports["node2"], cluster.ca_cert,
+            "TLSv1.2", first.session)
+        self.assertTrue(second.reused)
+        session_id = first.session.id
+        # node2 told node1, the previous holder, to drop its copy.
+        yield _until(lambda: node1.store.get(session_id) is None)
+        self.assertEqual(node2.store.get(session_id).owner, "node2")
+
+    @inlineCallbacks
+    def test_tampered_blob_gives_full_handshake(self):
+        cluster = self._cluster()
+        # TLS 1.2: the client's session id is the server's (a TLS 1.3
+        # client names its ticket by a hash of it).
+        first = yield self._made_on_node1(cluster, "TLSv1.2")
+        yield cluster.stop("node1")
+        yield deferToThread(self.tamper, cluster, first.session.id)
+        second = yield deferToThread(
+            python_client_round, cluster.ports["node2"], cluster.ca_cert,
+            "TLSv1.2", first.session)
+        self.assertFalse(second.reused)
+        self.assertEqual(second.echo, b"hello")
+        self.assertEqual(cluster.nodes["node2"].recovery.counters["unsealable"], 1)
+
+
+class SQLiteTopologyTests(_RepositoryTopology, TestCase):
+    def section(self):
+        return 'kind = "sqlite"\npath = "{directory}/sessions.sqlite3"\n'
+
+    def tamper(self, cluster, session_id):
+        with sqlite3.connect(f"{cluster.directory}/sessions.sqlite3") as db:
+            (sealed,) = db.execute("SELECT sealed FROM sslshare_sessions "
+                                   "WHERE session_id = ?",
+                                   (session_id,)).fetchone()
+            db.execute("UPDATE sslshare_sessions SET sealed = ? "
+                       "WHERE session_id = ?",
+                       (bytes(sealed[:-1]) + bytes([sealed[-1] ^ 1]),
+                        session_id))
+
+
+class _ServerTopology(_RepositoryTopology):
+    """
+    Backends behind a server, which can also die and come back.
+    """
+
+    server_class = None
+
+    def server(self):
+        try:
+            return shared_server(self.kind)
+        except ServerUnavailable as e:
+            raise SkipTest(str(e))
+
+    @inlineCallbacks
+    def test_repository_killed_gives_full_handshakes_then_sharing_returns(self):
+        try:
+            server = self.server_class()
+        except ServerUnavailable as e:
+            raise SkipTest(str(e))
+        self.addCleanup(server.remove)
+        server.start()
+        self._own = server
+        cluster = self._cluster(budget_ms=200)
+        first = yield self._made_on_node1(cluster, "TLSv1.2")
+        yield cluster.stop("node1")
+        server.stop()
+        started = time.monotonic()
+        second = yield deferToThread(
+            python_client_round, cluster.ports["node2"], cluster.ca_cert,
+            "TLSv1.2", first.session)
+        self.assertFalse(second.reused)
+        self.assertLess(time.monotonic() - started, 2.0)
+        server.start()
+        # A session made now is shared again, without restarting a node.
+        cluster.start("node1")
+        third = yield deferToThread(
+            python_client_round, cluster.ports["node1"], cluster.ca_cert,
+            "TLSv1.3")
+        yield deferLater(reactor, 0.3, lambda: None)
+        yield cluster.stop("node1")
+        fourth = yield deferToThread(
+            python_client_round, cluster.ports["node2"], cluster.ca_cert,
+            "TLSv1.3", third.session)
+        self.assertTrue(fourth.reused)
+
+
+class RedisTopologyTests(_ServerTopology, TestCase):
+    kind = "redis"
+    server_class = RedisServer
+
+    def section(self):
+        server = getattr(self, "_own", None) or self.server()
+        return f'kind = "redis"\nurl = "{server.url}"\n'
+
+    def tamper(self, cluster, session_id):
+        import redis
+
+        from sslshare.repository.redis import key as session_key
+
+        server = getattr(self, "_own", None) or self.server()
+        client = redis.Redis.from_url(server.url)
+        key = session_key(session_id)
+        sealed = client.hget(key, "sealed")
+        client.hset(key, "sealed", sealed[:-1] + bytes([sealed[-1] ^ 1]))
+
+
+class PostgresTopologyTests(_ServerTopology, TestCase):
+    kind = "postgres"
+    server_class = PostgresServer
+
+    def section(self):
+        server = getattr(self, "_own", None) or self.server()
+        return f'kind = "postgres"\ndsn = "{server.dsn()}"\n'
+
+    def tamper(self, cluster, session_id):
+        server = getattr(self, "_own", None) or self.server()
+        server.execute(
+            "UPDATE sslshare_sessions SET sealed = overlay(sealed placing "
+            "'\\x00'::bytea from 40 for 1) WHERE session_id = %s",
+            session_id)
