@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.task import LoopingCall
@@ -27,7 +27,7 @@ from sslshare.logs import RateLimitedWarning
 from sslshare.node import Node
 from sslshare.protocol import BackendProxyFactory, SessionResumingTLSFactory
 from sslshare.recovery import Recovery
-from sslshare.repository import ISessionRepository, from_config
+from sslshare.repository import ISessionRepository, RepositoryError, from_config
 from sslshare.state import StateKeys
 from sslshare.store import SessionStore
 
@@ -171,3 +171,19 @@ class _RepositoryService(Service):
         if self._expiry.running:
             self._expiry.stop()
         return self.repository.close()
+
+
+def makeService(options: Options) -> IService:
+    """
+    The service C{twistd sslshare} runs.  A configuration the node cannot
+    use ends the command with one line naming the file, key and reason.
+    """
+    from twisted.internet import reactor
+
+    try:
+        node_config = config.load(options["config"], reactor)
+        service, _ = build_node(node_config, reactor)
+    except (config.ConfigError, tls.TLSConfigurationError, FileError,
+            RepositoryError) as e:
+        raise SystemExit(f"sslshare: {e}") from None
+    return service

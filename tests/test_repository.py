@@ -612,7 +612,7 @@ class PostgresRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
 
     def own_server(self):
         try:
-            server = PostgresServer()
+            server = PostgresServer(tls=pki())
         except ServerUnavailable as e:
             raise SkipTest(str(e)) from None
         self.addCleanup(server.remove)

@@ -1,0 +1,396 @@
+"""
+Throwaway database servers: a real C{redis-server} or PostgreSQL started
+in a temporary directory on a free port of 127.0.0.1, for the demo, the
+benchmarks and the tests.
+
+Each server is a child process (C{subprocess}, not the reactor, so that it
+can start before a reactor runs and outlive one), with its files in a fresh
+temporary directory removed when it goes.  Start-up and shutdown block for
+a few milliseconds.
+
+Running as root: PostgreSQL's initdb and postgres refuse root, so when this
+process runs as root both run as an unprivileged user ("postgres" when that
+user exists, as after C{apt-get install postgresql}, else "nobody"), which
+owns the temporary directory (made under /tmp, which every user can reach).
+
+Nothing here is used by a running node.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+
+class ServerFailed(Exception):
+    """
+    A server did not start or answer in time; the message ends with the
+    tail of its log.
+    """
+
+
+def free_port():
+    """
+    A TCP port on 127.0.0.1 that nothing listened on a moment ago, for
+    configurations that must name their ports before anything starts.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+
+class ServerUnavailable(Exception):
+    """
+    A server binary a test needs is not installed; the message says which
+    and where it was looked for (tests turn it into a skip).
+    """
+
+
+def redis_server_binary():
+    """
+    The path of C{redis-server}, from the C{PATH} or C{/usr/bin}.
+
+    @raise ServerUnavailable: not installed.
+    """
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK)
+        else None)
+    if found is None:
+        raise ServerUnavailable(
+            "redis-server not found on the PATH or in /usr/bin "
+            "(Debian: apt-get install redis-server)")
+    return found
+
+
+def postgres_binaries():
+    """
+    The directory holding C{initdb} and C{postgres}: the one of C{initdb}
+    on the C{PATH}, else the newest C{/usr/lib/postgresql/*/bin}.
+
+    @raise ServerUnavailable: not installed.
+    """
+    candidates = []
+    initdb = shutil.which("initdb")
+    if initdb is not None:
+        candidates.append(os.path.dirname(os.path.realpath(initdb)))
+
+    def version(path):
+        number = path.split(os.sep)[-2]
+        return int(number) if number.isdigit() else 0
+
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version,
+                         reverse=True)
+    for directory in candidates:
+        if all(os.access(os.path.join(directory, name), os.X_OK)
+               for name in ("initdb", "postgres")):
+            return directory
+    raise ServerUnavailable(
+        "PostgreSQL's initdb and postgres not found on the PATH or in "
+        "/usr/lib/postgresql/*/bin (Debian: apt-get install postgresql)")
+
+
+def _wait_until(ready, process, what, log_path=None, timeout=20.0):
+    """
+    Call C{ready()} until it is true; fail if C{process} ends first or
+    C{timeout} seconds pass.  Blocking.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerFailed(f"{what} ended with status {process.returncode}"
+                                 + _log_tail(log_path))
+        if ready():
+            return
+        time.sleep(0.02)
+    raise ServerFailed(f"{what} was not ready in {timeout} s"
+                         + _log_tail(log_path))
+
+
+def _log_tail(path):
+    if path is None:
+        return ""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return ":\n" + "".join(f.readlines()[-20:])
+    except OSError:
+        return ""
+
+
+class RedisServer:
+    """
+    A C{redis-server} on 127.0.0.1 with no persistence, in a temporary
+    directory:
+
+        redis-server --port <port> --bind 127.0.0.1 --save '' \\
+            --appendonly no --dir <tmp> [--requirepass <password>]
+
+    With C{tls} (a L{PKI}), it listens with TLS only (C{--port 0
+    --tls-port <port>}), with the PKI's EC localhost certificate, and does
+    not ask clients for certificates.
+
+    @ivar port: its TCP port; the same across L{stop} and L{start}.
+    """
+
+    def __init__(self, password=None, tls=None):
+        self.binary = redis_server_binary()
+        self.password = password
+        self.tls = tls
+        self.port = free_port()
+        self.directory = tempfile.mkdtemp(prefix="sslshare-redis-")
+        self.process = None
+
+    @property
+    def url(self):
+        """
+        The C{redis://} (or C{rediss://}) URL of the server, without the
+        password.
+        """
+        scheme = "rediss" if self.tls is not None else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
+
+    def arguments(self):
+        arguments = [self.binary, "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--dir", self.directory,
+                     "--logfile", os.path.join(self.directory, "redis.log")]
+        if self.tls is None:
+            arguments += ["--port", str(self.port)]
+        else:
+            arguments += ["--port", "0", "--tls-port", str(self.port),
+                          "--tls-cert-file", self.tls.ec_chain,
+                          "--tls-key-file", self.tls.ec_key,
+                          "--tls-ca-cert-file", self.tls.ca_cert,
+                          "--tls-auth-clients", "no"]
+        if self.password is not None:
+            arguments += ["--requirepass", self.password]
+        return arguments
+
+    def start(self):
+        """
+        Start the server and wait until it answers.  Blocking.
+        """
+        self.process = subprocess.Popen(
+            self.arguments(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_until(self._answers, self.process, "redis-server",
+                    os.path.join(self.directory, "redis.log"))
+        return self
+
+    def _answers(self):
+        # A TCP connection is enough: redis-server listens only once it
+        # is ready to serve.
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self, sig=signal.SIGKILL):
+        """
+        Stop the server (by default as a crash: C{SIGKILL}) and wait until
+        it has ended.  Blocking.
+        """
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(10)
+        self.process = None
+
+    def remove(self):
+        """
+        Stop the server and remove its directory.
+        """
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _unprivileged_user():
+    """
+    (uid, gid) to run PostgreSQL as when this process is root, else
+    C{None}.
+    """
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return entry.pw_uid, entry.pw_gid
+    raise ServerUnavailable("running as root, and neither a postgres nor a "
+                            "nobody user exists to run PostgreSQL as")
+
+
+class PostgresServer:
+    """
+    A PostgreSQL cluster of its own in a temporary directory, made with
+
+        initdb -D <tmp>/data -A trust -U postgres -E UTF8 --locale=C \\
+            --no-sync --no-instructions
+
+    and run as the postmaster itself (not through C{pg_ctl}, which
+    detaches: the test needs the process to kill it):
+
+        postgres -D <tmp>/data -p <port> -k <tmp> \\
+            -c listen_addresses=127.0.0.1 -c fsync=off ...
+
+    When this process is root, both run as the user from
+    L{_unprivileged_user} (C{subprocess} C{user=}/C{group=}, no
+    supplementary groups: what C{setpriv --reuid --regid --clear-groups}
+    does), and that user owns the directory.
+
+    Authentication: C{trust} for everyone, except two roles that prove
+    the repository's options: C{sslshare_password} (password
+    L{PASSWORD}, C{scram-sha-256}) and C{sslshare_tls} (C{trust}, over
+    TLS only).  TLS is on, with the EC localhost certificate of L{pki}.
+
+    @ivar port: its TCP port; the same across L{stop} and L{start}.
+    """
+
+    PASSWORD = "correct horse battery staple"
+
+    def __init__(self, tls=None):
+        """
+        @param tls: an object with C{ec_chain} and C{ec_key} paths, to
+            accept TLS with that certificate; C{None} for plain TCP only.
+        """
+        self.tls = tls
+        self.bin = postgres_binaries()
+        self.user = _unprivileged_user()
+        self.port = free_port()
+        self.directory = tempfile.mkdtemp(prefix="sslshare-pg-")
+        self.data = os.path.join(self.directory, "data")
+        self.log = os.path.join(self.directory, "postgres.log")
+        self.process = None
+        self._roles_made = False
+        self._chown(self.directory)
+        self._run([os.path.join(self.bin, "initdb"), "-D", self.data,
+                   "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                   "--locale=C", "--no-sync", "--no-instructions"])
+        self._configure()
+
+    def _chown(self, path):
+        if self.user is not None:
+            os.chown(path, *self.user)
+
+    def _as_user(self):
+        if self.user is None:
+            return {}
+        return {"user": self.user[0], "group": self.user[1], "extra_groups": []}
+
+    def _run(self, arguments):
+        result = subprocess.run(arguments, stdin=subprocess.DEVNULL,
+                                capture_output=True, cwd=self.directory,
+                                **self._as_user())
+        if result.returncode != 0:
+            raise ServerFailed(
+                f"{' '.join(arguments)} failed ({result.returncode}):\n"
+                + result.stderr.decode("utf-8", "replace"))
+
+    def _configure(self):
+        # The server reads its key only when the key is private to it.
+        if self.tls is not None:
+            for source, name in [(self.tls.ec_chain, "server.crt"),
+                                 (self.tls.ec_key, "server.key")]:
+                target = os.path.join(self.data, name)
+                shutil.copyfile(source, target)
+                os.chmod(target, 0o600)
+                self._chown(target)
+        hba = os.path.join(self.data, "pg_hba.conf")
+        with open(hba) as f:
+            original = f.read()
+        # The first matching line wins: the two special roles come first.
+        with open(hba, "w") as f:
+            f.write("host all sslshare_password 127.0.0.1/32 scram-sha-256\n"
+                    "hostssl all sslshare_tls 127.0.0.1/32 trust\n"
+                    "hostnossl all sslshare_tls 127.0.0.1/32 reject\n"
+                    + original)
+
+    def dsn(self, user="postgres"):
+        """
+        A libpq connection string for C{user} on the server's TCP port.
+        """
+        return (f"host=127.0.0.1 port={self.port} dbname=postgres "
+                f"user={user}")
+
+    def start(self):
+        """
+        Start the postmaster and wait until it accepts connections.
+        Blocking.
+        """
+        arguments = [os.path.join(self.bin, "postgres"), "-D", self.data,
+                     "-p", str(self.port), "-k", self.directory,
+                     "-c", "listen_addresses=127.0.0.1",
+                     # A throwaway cluster: durability buys nothing.
+                     "-c", "fsync=off", "-c", "synchronous_commit=off",
+                     "-c", "full_page_writes=off",
+                     "-c", "max_connections=40"]
+        if self.tls is not None:
+            arguments += ["-c", "ssl=on", "-c", "ssl_cert_file=server.crt",
+                          "-c", "ssl_key_file=server.key"]
+        log = open(self.log, "ab")
+        try:
+            self.process = subprocess.Popen(
+                arguments, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                cwd=self.directory, **self._as_user())
+        finally:
+            log.close()
+        _wait_until(self._answers, self.process, "postgres", self.log)
+        if not self._roles_made:
+            self.execute("CREATE ROLE sslshare_password LOGIN PASSWORD "
+                         "'" + self.PASSWORD + "'")
+            self.execute("CREATE ROLE sslshare_tls LOGIN")
+            # Each has a schema of its own, first on its search path
+            # ("$user"), so its table is its own.
+            self.execute("CREATE SCHEMA AUTHORIZATION sslshare_password")
+            self.execute("CREATE SCHEMA AUTHORIZATION sslshare_tls")
+            self._roles_made = True
+        return self
+
+    def _answers(self):
+        import psycopg
+
+        try:
+            psycopg.connect(self.dsn(), connect_timeout=2,
+                            sslmode="disable").close()
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    def execute(self, statement, *parameters):
+        """
+        Run one SQL statement as the superuser; the rows it returns, if
+        any.  Blocking.
+        """
+        import psycopg
+
+        with psycopg.connect(self.dsn(), autocommit=True,
+                             sslmode="disable") as connection:
+            cursor = connection.execute(statement, parameters or None)
+            return cursor.fetchall() if cursor.description else None
+
+    def stop(self, sig=signal.SIGQUIT):
+        """
+        Stop the server and wait until it has ended.  Blocking.  The
+        default, C{SIGQUIT}, is PostgreSQL's immediate shutdown: every
+        backend ends at once, connections break, and the next start runs
+        crash recovery (a C{SIGKILL} of the postmaster alone would leave
+        its backends running).
+        """
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(20)
+        self.process = None
+
+    def remove(self):
+        """
+        Stop the server and remove its directory.
+        """
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
