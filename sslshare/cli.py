@@ -4,6 +4,7 @@ The C{sslshare} command: operator tools around a cluster.
     sslshare pki init DIR --cluster NAME --nodes node1,node2,node3
     sslshare stats --config FILE [--node NODE] [--json]
     sslshare demo [--json] [--clients N] [--rounds N]
+                  [--repository sqlite|redis|postgres]
 
 Errors a user can cause end the command with one line on stderr and exit
 status 2; this module holds no session logic of its own.
@@ -95,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
                       "(default ./demo)")
     demo.add_argument("--conf", default="conf",
                       help="directory of node1.toml..node3.toml (default ./conf)")
+    demo.add_argument("--repository", choices=("sqlite", "redis", "postgres"),
+                      help="share sessions through a central repository of "
+                      "this kind instead of asking peers (redis and postgres: "
+                      "the demo starts a throwaway server)")
     demo.set_defaults(run=_demo)
     return parser
 

@@ -33,7 +33,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web import resource, server
 
-from sslshare import cli, config, pki
+from sslshare import cli, config, pki, throwaway
 
 NODES = ("node1", "node2", "node3")
 START_TIMEOUT = 30.0
@@ -174,15 +174,68 @@ async def _stop(reactor: Any, processes: list[tuple[Any, _NodeProcess]]) -> None
                 transport.signalProcess(signal.SIGKILL)
 
 
+def _repository_section(kind: str, directory: str,
+                        servers: list[Any]) -> str:
+    """
+    The C{[repository]} section of the demo's nodes for C{kind}, starting
+    the server it needs (appended to C{servers}, to be removed at the end).
+    """
+    if kind == "sqlite":
+        path = os.path.join(os.path.abspath(directory), "sessions.sqlite3")
+        return f'kind = "sqlite"\npath = "{path}"\n'
+    server = (throwaway.RedisServer() if kind == "redis"
+              else throwaway.PostgresServer())
+    servers.append(server)
+    server.start()
+    if kind == "redis":
+        return f'kind = "redis"\nurl = "{server.url}"\n'
+    return f'kind = "postgres"\ndsn = "{server.dsn()}"\n'
+
+
+def _with_repository(conf: str, directory: str, section: str) -> str:
+    """
+    Copies of the demo's node files with a repository section, in
+    C{<directory>/conf}; the shipped files name their PKI and state as
+    C{../demo/...}, which the copies name absolutely.
+    """
+    target = os.path.join(directory, "conf")
+    os.makedirs(target, exist_ok=True)
+    demo = os.path.abspath(directory) + os.sep
+    for node in NODES:
+        with open(os.path.join(conf, f"{node}.toml"), encoding="utf-8") as f:
+            text = f.read().replace('"../demo/', '"' + demo)
+        with open(os.path.join(target, f"{node}.toml"), "w",
+                  encoding="utf-8") as f:
+            f.write(text + '\n[repository]\ntopology = "repository"\n'
+                    + section)
+    return target
+
+
 async def demo(reactor: Any, arguments: Any) -> dict[str, Any]:
     configs = {}
     pki_directory = os.path.join(arguments.directory, "pki")
     if not os.path.exists(os.path.join(pki_directory, "ca.pem")):
         pki.init_pki(pki_directory, "demo", NODES)
-    for node in NODES:
-        configs[node] = config.load(
-            os.path.join(arguments.conf, f"{node}.toml"), reactor)
     os.makedirs(arguments.directory, exist_ok=True)
+    servers: list[Any] = []
+    try:
+        conf = arguments.conf
+        if arguments.repository is not None:
+            conf = _with_repository(conf, arguments.directory,
+                                    _repository_section(arguments.repository,
+                                                        arguments.directory,
+                                                        servers))
+        for node in NODES:
+            configs[node] = config.load(
+                os.path.join(conf, f"{node}.toml"), reactor)
+        return await _run_cluster(reactor, arguments, configs)
+    finally:
+        for server in servers:
+            server.remove()
+
+
+async def _run_cluster(reactor: Any, arguments: Any,
+                       configs: dict[str, config.NodeConfig]) -> dict[str, Any]:
     backend = await serverFromString(
         reactor, _backend_listen(configs["node1"])).listen(
             server.Site(_Hello()))

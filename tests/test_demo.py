@@ -16,6 +16,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
+from sslshare.throwaway import ServerUnavailable, redis_server_binary
+
 CONF = os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf")
 DEMO_PORTS = (8441, 8442, 8443, 7441, 7442, 7443, 8080)
 
@@ -29,7 +31,7 @@ class DemoTests(TestCase):
     timeout = 180
 
     @inlineCallbacks
-    def test_demo_json_reports_every_resumable_connection_resumed(self):
+    def _demo(self, *options):
         busy = [port for port in DEMO_PORTS if _busy(port)]
         if busy:
             raise SkipTest(f"the demo's ports are in use: {busy}")
@@ -40,13 +42,37 @@ class DemoTests(TestCase):
             ["-c", "from sslshare.cli import main; main()", "demo", "--json",
              "--clients", "4", "--rounds", "10",
              "--directory", os.path.join(root, "demo"),
-             "--conf", os.path.join(root, "conf")],
+             "--conf", os.path.join(root, "conf"), *options],
             env=os.environ, path=root)
         self.assertEqual(code, 0, error.decode())
         counts = json.loads(output)
         self.assertEqual(counts["connections"], 40)
         self.assertEqual(counts["failed"], 0)
+        return counts
+
+    @inlineCallbacks
+    def test_demo_json_reports_every_resumable_connection_resumed(self):
+        counts = yield self._demo()
         self.assertEqual(counts["full"], 4)
         # Every connection after a client's first lands on another node.
         self.assertEqual(counts["resumed_peer"], 36)
         self.assertEqual(counts["resumed_repository"], 0)
+
+    @inlineCallbacks
+    def test_demo_through_sqlite_resumes_from_the_repository(self):
+        counts = yield self._demo("--repository", "sqlite")
+        self.assertEqual(counts["resumed_peer"], 0)
+        # A new session is written to the repository asynchronously: a
+        # client that comes back faster than the write may miss it.
+        self.assertGreaterEqual(counts["resumed_repository"], 35)
+        self.assertEqual(counts["full"] + counts["resumed_repository"], 40)
+
+    @inlineCallbacks
+    def test_demo_through_redis_resumes_from_the_repository(self):
+        try:
+            redis_server_binary()
+        except ServerUnavailable as e:
+            raise SkipTest(str(e))
+        counts = yield self._demo("--repository", "redis")
+        self.assertGreaterEqual(counts["resumed_repository"], 35)
+        self.assertEqual(counts["full"] + counts["resumed_repository"], 40)
