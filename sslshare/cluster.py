@@ -199,6 +199,18 @@ class Checkpoint(amp.Command):
     errors = _ERRORS
 
 
+class Backup(amp.Command):
+    """
+    Keep this sealed copy of C{session_id}: the sender holds the session,
+    and the receiver is its backup node, asked when the holder is gone
+    (issue 6).
+    """
+
+    arguments = [(b"session_id", amp.String()), (b"sealed", amp.String())]
+    response = [(b"kept", amp.Boolean())]
+    errors = _ERRORS
+
+
 class Purge(amp.Command):
     """
     Forget the session C{session_id}.
@@ -220,7 +232,8 @@ class Stats(amp.Command):
 
 
 COMMANDS: dict[str, type[amp.Command]] = {
-    command.__name__: command for command in (FetchSession, Checkpoint, Purge, Stats)
+    command.__name__: command
+    for command in (FetchSession, Backup, Checkpoint, Purge, Stats)
 }
 """The channel's commands by name: the names authorization uses."""
 
@@ -265,6 +278,13 @@ class ICommandHandler(Interface):
     def purge(session_id: bytes, requester: str) -> bool | Deferred[bool]:
         """
         Forget a session; whether there was one.
+        """
+
+    def backup(session_id: bytes, sealed: bytes,
+               requester: str) -> bool | Deferred[bool]:
+        """
+        Keep a sealed copy of a session C{requester} holds; whether it was
+        kept.
         """
 
     def stats() -> dict[str, int | float]:
@@ -747,6 +767,18 @@ class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
                                        session_id, seq, digest, requester)
         return {"accepted": bool(accepted)}
 
+    @Backup.responder
+    async def _backup(self, session_id: bytes, sealed: bytes) -> dict[str, Any]:
+        requester = self._authorize(Backup)
+        self._session_id(Backup, session_id)
+        if not 0 < len(sealed) <= MAX_SEALED:
+            raise self._bad_request(
+                Backup, f"sealed state of {len(sealed)} bytes "
+                f"(1..{MAX_SEALED} expected)")
+        kept = await maybeDeferred(self.factory.handler.backup,
+                                   session_id, sealed, requester)
+        return {"kept": bool(kept)}
+
     @Purge.responder
     async def _purge(self, session_id: bytes) -> dict[str, Any]:
         requester = self._authorize(Purge)
@@ -1101,6 +1133,25 @@ class Peers(MultiService):
         """
         return self._call(node_id, fetch_from, session_id)
 
+    def backup_session(self, node_id: str, session_id: bytes,
+                       sealed: bytes) -> Deferred[bool]:
+        """
+        Give C{node_id} a sealed copy of C{session_id} to keep; fires with
+        whether it kept it.
+        """
+        return self._call(node_id, lambda link, sid: _boolean(
+            link, Backup, "kept", session_id=sid, sealed=sealed), session_id)
+
+    def checkpoint_session(self, node_id: str, session_id: bytes, seq: int,
+                           digest: bytes) -> Deferred[bool]:
+        """
+        Send C{node_id} the digest checkpoint of C{session_id}; fires with
+        whether it was newer than the one it had.
+        """
+        return self._call(node_id, lambda link, sid: _boolean(
+            link, Checkpoint, "accepted", session_id=sid, seq=seq,
+            digest=digest), session_id)
+
     def purge_session(self, node_id: str, session_id: bytes) -> Deferred[bool]:
         """
         Tell C{node_id} to drop C{session_id}; fires with whether it held
@@ -1123,19 +1174,25 @@ def purge_on(link: PeerLink, session_id: bytes) -> Deferred[bool]:
     Ask the peer behind C{link} to drop C{session_id}; fires with whether
     it held it.
     """
+    return _boolean(link, Purge, "removed", session_id=session_id)
+
+
+def _boolean(link: PeerLink, command: type[amp.Command], answer: str,
+             **arguments: Any) -> Deferred[bool]:
     try:
-        _check_session_id(session_id)
+        _check_session_id(arguments["session_id"])
     except BadRequest as e:
         return fail(e)
 
     def checked(response: dict[str, Any]) -> bool:
-        removed = response.get("removed")
-        if not isinstance(removed, bool):
-            raise PeerProtocolError(f"peer {link.peer_node_id} answered "
-                                    f"Purge with {removed!r}")
-        return removed
+        value = response.get(answer)
+        if not isinstance(value, bool):
+            raise PeerProtocolError(
+                f"peer {link.peer_node_id} answered {command.__name__} "
+                f"with {answer}={value!r}")
+        return value
 
-    return link.call(Purge, session_id=session_id).addCallback(checked)
+    return link.call(command, **arguments).addCallback(checked)
 
 
 def fetch_from(link: PeerLink, session_id: bytes) -> Deferred[FetchAnswer]:

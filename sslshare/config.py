@@ -49,8 +49,10 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 from twisted.internet.endpoints import clientFromString, serverFromString
 
+from sslshare.digest import MODES, CheckpointPolicy
+
 # The AMP commands a peer may be allowed to send (sslshare.cluster).
-COMMANDS = ("Checkpoint", "FetchSession", "Purge", "Stats")
+COMMANDS = ("Backup", "Checkpoint", "FetchSession", "Purge", "Stats")
 
 TLS_VERSIONS = ("1.2", "1.3")
 REPOSITORY_KINDS = ("sqlite", "postgres", "redis")
@@ -70,7 +72,8 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
     "node": frozenset({
         "id", "cluster", "listen", "backend", "state_dir", "lookup_budget_ms",
         "session_lifetime_s", "store_max_bytes", "handshake_timeout_s",
-        "metrics_listen"}),
+        "metrics_listen", "checkpoint", "checkpoint_period_ms",
+        "checkpoint_bound"}),
     "tls": frozenset({"min_version", "max_version", "alpn", "service"}),
     "tls.service": frozenset({"name", "certificate", "key", "server_names"}),
     "cluster": frozenset({
@@ -80,6 +83,9 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
     "repository": frozenset({
         "kind", "topology", "path", "dsn", "url", "password_file", "tls"}),
 }
+
+CHECKPOINT_MODES = MODES
+DEFAULT_CHECKPOINT_BOUND = CheckpointPolicy().bound
 
 # Node ids and cluster names go into certificate URIs
 # (sslshare://<cluster>/<node id>), which service_identity compares as
@@ -254,6 +260,10 @@ class NodeConfig:
     @ivar store_max_bytes: bound of the in-memory session store.
     @ivar handshake_timeout: seconds a client has to finish its handshake.
     @ivar metrics_listen: server endpoint string for metrics, or C{None}.
+    @ivar checkpoint: when the running digest of each connection's records
+        is checkpointed outside the node (C{every-record}, C{interval}
+        with its period, or C{off}), and how many unacknowledged records
+        pause a connection.
     """
 
     path: str
@@ -266,6 +276,7 @@ class NodeConfig:
     session_lifetime: int = DEFAULT_SESSION_LIFETIME_S
     store_max_bytes: int = DEFAULT_STORE_MAX_BYTES
     handshake_timeout: float = float(DEFAULT_HANDSHAKE_TIMEOUT_S)
+    checkpoint: CheckpointPolicy = CheckpointPolicy()
     tls: TLSConfig
     cluster: ClusterConfig
     repository: RepositoryConfig | None = None
@@ -555,6 +566,14 @@ class _Reader:
             default=float(DEFAULT_HANDSHAKE_TIMEOUT_S))
         metrics_listen = node.value("metrics_listen",
                                     self.server_endpoint(plain=False))
+        checkpoint = CheckpointPolicy(
+            mode=node.value("checkpoint", self.choice(CHECKPOINT_MODES),
+                            default="every-record"),
+            period=node.value("checkpoint_period_ms", self.integer(1, 3600000),
+                              default=1000) / 1000,
+            bound=node.value("checkpoint_bound", self.integer(1, 1000000),
+                             default=DEFAULT_CHECKPOINT_BOUND),
+        )
         tls_table = top.table("tls", TABLE_KEYS["tls"], required=True)
         assert tls_table is not None
         cluster_table = top.table("cluster", TABLE_KEYS["cluster"],
@@ -573,6 +592,7 @@ class _Reader:
             store_max_bytes=store_max_bytes,
             handshake_timeout=handshake_timeout,
             metrics_listen=metrics_listen,
+            checkpoint=checkpoint,
             tls=self.tls(tls_table),
             cluster=self.cluster(cluster_table, node_id),
             repository=(None if repository_table is None

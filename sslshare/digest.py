@@ -88,6 +88,7 @@ from twisted.python.failure import Failure
 
 from sslshare import sessionid
 from sslshare.logs import RateLimitedWarning
+from sslshare.tls import CLIENT_TO_SERVER, SERVER_TO_CLIENT
 
 DIGEST_LENGTH = 32
 EXPORTER_LABEL = b"EXPORTER-sslshare-digest"
@@ -95,8 +96,6 @@ EXPORTER_LENGTH = 32
 SESSION_ID_LENGTH = sessionid.SESSION_ID_LENGTH
 MAX_RECORD_LENGTH = 2 ** 14
 MAX_SEQ = 2 ** 64 - 1
-CLIENT_TO_SERVER = 0
-SERVER_TO_CLIENT = 1
 DIRECTION_NAMES = {"c2s": CLIENT_TO_SERVER, "s2c": SERVER_TO_CLIENT}
 MODES = ("every-record", "interval", "off")
 

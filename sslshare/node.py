@@ -1,6 +1,9 @@
 """
-What one cluster node does with sessions: keep the ones it makes, give one
-away (move, not copy) when a peer asks for it, and count what happens.
+What one cluster node does with sessions: keep the ones it makes (with a
+copy in the repository or at the session's backup node), give one away
+(move, not copy) when a peer asks for it, keep the running digest of every
+connection's records and checkpoint it outside the node, and count what
+happens.
 
 L{Node} is the glue between the engine's hooks (a new session, a finished
 handshake), the recovery chain, and the peer channel's commands
@@ -9,7 +12,9 @@ handshake), the recovery chain, and the peer channel's commands
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -19,9 +24,16 @@ from zope.interface import implementer
 
 from sslshare import sessionid
 from sslshare.cluster import FetchAnswer, ICommandHandler
+from sslshare.digest import (
+    CheckpointPipeline,
+    CheckpointPolicy,
+    FailureLog,
+    RunningDigest,
+    exporter,
+)
 from sslshare.logs import RateLimitedWarning
 from sslshare.recovery import Recovered, Recovery
-from sslshare.state import SessionState, StateKeys
+from sslshare.state import SealError, SessionState, StateKeys
 from sslshare.store import SessionStore
 from sslshare.tls import Connection, LookupRequest, ServerContext
 
@@ -33,7 +45,10 @@ class Node:
 
     @ivar counters: handshakes by outcome (C{full}, C{resumed_local},
         C{resumed_peer}, C{resumed_repository}, C{handshake_timeouts}),
-        C{sessions_made}, C{sessions_given}, C{repository_put_failures}.
+        C{sessions_made}, C{sessions_given}, C{repository_put_failures},
+        C{backups_kept}, C{backups_refused}, C{backup_failures}.
+    @ivar checkpoint_counters: the checkpoint pipelines' C{written},
+        C{rejected}, C{coalesced}, C{failed}, C{pauses}.
     @ivar repository: the central repository every new session is also
         written to, or C{None}.
     """
@@ -42,18 +57,35 @@ class Node:
 
     def __init__(self, node_id: str, store: SessionStore, keys: StateKeys,
                  recovery: Recovery, clock: IReactorTime,
-                 session_lifetime: int, repository: Any = None) -> None:
+                 session_lifetime: int, repository: Any = None,
+                 peers: Any = None,
+                 backup_of: Callable[[bytes, str], str | None] | None = None,
+                 checkpoint_policy: CheckpointPolicy = CheckpointPolicy(),
+                 ) -> None:
         self.node_id = node_id
-        self.repository = repository
-        self._warnings = RateLimitedWarning(clock)
         self.store = store
         self.keys = keys
         self.recovery = recovery
         self.clock = clock
         self.session_lifetime = session_lifetime
+        self.repository = repository
+        self.peer_links = peers
+        self.backup_of = backup_of
+        self.checkpoint_policy = checkpoint_policy
         self.counters: Counter[str] = Counter()
+        self.checkpoint_counters: Counter[str] = Counter()
         self.context: ServerContext | None = None
-        self.peer_links: Any = None
+        self._warnings = RateLimitedWarning(clock)
+        self._checkpoint_failures = FailureLog(clock)
+        # Weak: a pipeline lives as long as its connection.
+        self._pipelines: weakref.WeakSet[CheckpointPipeline] = weakref.WeakSet()
+
+    def stop(self) -> None:
+        """
+        Stop every connection's checkpoint pipeline: the node is going.
+        """
+        for pipeline in list(self._pipelines):
+            pipeline.stop()
 
     # The engine's hooks.
 
@@ -82,6 +114,27 @@ class Node:
             writing = self.repository.put(session_id, self.keys.seal(state),
                                           state.expires)
             writing.addErrback(self._repository_put_failed)
+        else:
+            self._send_backup(state)
+
+    def _send_backup(self, state: SessionState) -> None:
+        backup = self._backup_node(state.session_id)
+        if backup is None:
+            return
+        sending = self.peer_links.backup_session(
+            backup, state.session_id, self.keys.seal(state))
+        sending.addErrback(self._backup_failed, backup)
+
+    def _backup_node(self, session_id: bytes) -> str | None:
+        if self.peer_links is None or self.backup_of is None:
+            return None
+        return self.backup_of(session_id, self.node_id)
+
+    def _backup_failed(self, reason: Any, backup: str) -> None:
+        # Fail open: the session stays resumable while this node lives.
+        self.counters["backup_failures"] += 1
+        self._warnings.warn("could not give node {peer} its backup copy: "
+                            "{why}", peer=backup, why=reason.getErrorMessage())
 
     def _repository_put_failed(self, reason: Any) -> None:
         # Fail open: the session stays resumable through this node.
@@ -93,13 +146,75 @@ class Node:
         return self.recovery.recover(request)
 
     def handshake_done(self, connection: Connection | None,
-                       source: str | None) -> None:
+                       found: Any = None,
+                       pause: Callable[[], object] | None = None,
+                       resume: Callable[[], object] | None = None,
+                       ) -> CheckpointPipeline | None:
+        """
+        Count a finished handshake, and start the running digest of its
+        records (continuing the chain of a resumed session).
+
+        @param found: what the lookup found for it (a L{Recovered}), if
+            anything.
+        @param pause: stops the connection's traffic while the checkpoint
+            store lags past its bound; C{resume} starts it again.
+        @return: the connection's checkpoint pipeline, to flush when it
+            closes; C{None} when checkpoints are off or the handshake timed
+            out (C{connection} is C{None}).
+        """
         if connection is None:
             self.counters["handshake_timeouts"] += 1
-        elif connection.session_reused():
-            self.counters[f"resumed_{source or 'local'}"] += 1
-        else:
+            return None
+        if not connection.session_reused():
             self.counters["full"] += 1
+            found = None
+        else:
+            self.counters[f"resumed_{getattr(found, 'source', 'local')}"] += 1
+        if self.checkpoint_policy.mode == "off":
+            return None
+        return self._record(connection, getattr(found, "state", None),
+                            pause, resume)
+
+    def _record(self, connection: Connection, state: SessionState | None,
+                pause: Callable[[], object] | None,
+                resume: Callable[[], object] | None) -> CheckpointPipeline:
+        session_id = connection.get_session_id()
+        if state is not None and state.seq > 0:
+            chain = RunningDigest.resume(state.seq, state.digest)
+            start = (state.seq, state.digest)
+            if session_id != state.session_id:
+                # TLS 1.3: the chain goes on under the ticket just issued.
+                self.store.update_checkpoint(session_id, state.seq, state.digest)
+        else:
+            chain = RunningDigest.start(session_id,
+                                        exporter(connection, session_id))
+            start = (0, b"")
+        pipeline = CheckpointPipeline(
+            session_id, self._write_checkpoint, self.clock,
+            self.checkpoint_policy, start=start, pause=pause, resume=resume,
+            counters=self.checkpoint_counters,
+            failure_log=self._checkpoint_failures)
+        self._pipelines.add(pipeline)
+        update, enqueue = chain.update, pipeline.enqueue
+        connection.record_observer = (
+            lambda direction, data: enqueue(*update(direction, data)))
+        return pipeline
+
+    def _write_checkpoint(self, session_id: bytes, seq: int,
+                          digest: bytes) -> Deferred[bool] | bool:
+        """
+        Where a checkpoint goes: this node's store, and outside the node —
+        the repository when there is one, else the session's backup node.
+        """
+        self.store.update_checkpoint(session_id, seq, digest)
+        if self.repository is not None:
+            return self.repository.checkpoint(session_id, seq, digest)
+        backup = self._backup_node(session_id)
+        if backup is None:
+            # A cluster of one: there is nowhere outside.
+            return True
+        return self.peer_links.checkpoint_session(backup, session_id, seq,
+                                                  digest)
 
     # What peers ask (ICommandHandler); the requester is the node id from
     # the peer's verified certificate.
@@ -125,7 +240,33 @@ class Node:
         return self.store.update_checkpoint(session_id, seq, digest)
 
     def purge(self, session_id: bytes, requester: str) -> bool:
-        return self.store.discard(session_id)
+        """
+        Drop this node's copy of a session C{requester} now holds, leaving
+        a tombstone that sends whoever asks here to it.
+        """
+        state = self.store.take(session_id)
+        if state is None:
+            return False
+        self.store.tombstone(session_id, requester, state.expires)
+        return True
+
+    def backup(self, session_id: bytes, sealed: bytes, requester: str) -> bool:
+        """
+        Keep a copy of a session C{requester} holds, if it opens as one of
+        this node's services and names C{requester} as its holder.
+        """
+        for context in self.recovery.id_contexts.values():
+            try:
+                state = self.keys.open(sealed, session_id, context)
+            except SealError:
+                continue
+            if state.owner != requester:
+                break
+            self.store.put(state)
+            self.counters["backups_kept"] += 1
+            return True
+        self.counters["backups_refused"] += 1
+        return False
 
     def stats(self) -> dict[str, int | float]:
         """
@@ -148,6 +289,8 @@ class Node:
         if self.repository is not None:
             for name, count in self.repository.counters.items():
                 numbers[f"repository.{name}"] = count
+        for name, count in self.checkpoint_counters.items():
+            numbers[f"checkpoint.{name}"] = count
         numbers["store.sessions"] = len(self.store)
         numbers["store.bytes"] = self.store.bytes_used
         if self.peer_links is not None:

@@ -42,6 +42,7 @@ from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
+    IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
 )
@@ -79,14 +80,14 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
     A TLS server protocol whose handshake waits for the session a client
     offers.
 
-    @ivar recoveredFrom: the source of the session supplied to the
-        handshake, or C{None}.
+    @ivar recovered: what the lookup found for the handshake (a L{Found}),
+        or C{None}.
     """
 
     _log = Logger()
     _pendingLookup: Deferred[None] | None = None
     _answerArrivesLater = False
-    recoveredFrom: str | None = None
+    recovered: Found | None = None
 
     def makeConnection(self, transport: Any) -> None:
         # A handshake is a few small flights each way: Nagle's algorithm
@@ -119,7 +120,7 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
         if found is None:
             connection.supply(None)
         else:
-            self.recoveredFrom = found.source
+            self.recovered = found
             connection.supply(found.der)
         if self._answerArrivesLater:
             self.dataReceived(b"")
@@ -150,7 +151,7 @@ class SessionResumingTLSFactory(TLSMemoryBIOFactory):
         self.lookup = lookup
 
 
-HandshakeDone = Callable[[Connection, "str | None"], None]
+HandshakeDone = Callable[..., Any]
 
 
 @implementer(IHandshakeListener)
@@ -165,6 +166,7 @@ class BackendProxy(Protocol):
     _backend: _BackendSide | None = None
     _timeout: Any = None
     _linked = False
+    _checkpoints: Any = None
 
     def connectionMade(self) -> None:
         self._pending: list[bytes] = []
@@ -173,7 +175,7 @@ class BackendProxy(Protocol):
 
     def _handshakeTimedOut(self) -> None:
         self._timeout = None
-        self.factory.handshake_done(None, None)
+        self.factory.handshake_done(None)
         self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
@@ -181,7 +183,9 @@ class BackendProxy(Protocol):
             self._timeout.cancel()
             self._timeout = None
         tls = self.transport
-        self.factory.handshake_done(tls.getHandle(), tls.recoveredFrom)
+        self._gates = (_Gate(tls), _Gate(None))
+        self._checkpoints = self.factory.handshake_done(
+            tls.getHandle(), tls.recovered, self._hold, self._release)
         # Client bytes wait in the kernel until the backend can take them.
         tls.pauseProducing()
         connecting = connectProtocol(self.factory.backend, _BackendSide(self))
@@ -195,10 +199,12 @@ class BackendProxy(Protocol):
         for data in self._pending:
             backend.transport.write(data)
         self._pending = []
-        self.transport.registerProducer(backend.transport, True)
-        backend.transport.registerProducer(self.transport, True)
+        client, server = self._gates
+        server.attach(backend.transport)
+        self.transport.registerProducer(server, True)
+        backend.transport.registerProducer(client, True)
         self._linked = True
-        self.transport.resumeProducing()
+        client.resumeProducing()
 
     def _backendFailed(self, reason: Failure) -> None:
         self._log.warn("backend unreachable, closing the client: {why}",
@@ -219,6 +225,20 @@ class BackendProxy(Protocol):
             self.unlink()
             # Whatever the client sent still goes out before the close.
             self._backend.transport.loseConnection()
+        if self._checkpoints is not None:
+            # The last records' checkpoint gets a moment to reach the store.
+            flushing = self._checkpoints.flush()
+            flushing.addTimeout(self.factory.flush_timeout, self.factory.clock)
+            flushing.addBoth(lambda _: self._checkpoints.stop())
+
+    def _hold(self) -> None:
+        # The checkpoint store lags: both directions wait for it.
+        for gate in self._gates:
+            gate.hold()
+
+    def _release(self) -> None:
+        for gate in self._gates:
+            gate.release()
 
     def unlink(self) -> None:
         """
@@ -229,6 +249,53 @@ class BackendProxy(Protocol):
             self._linked = False
             self.transport.unregisterProducer()
             self._backend.transport.unregisterProducer()
+
+
+@implementer(IPushProducer)
+class _Gate:
+    """
+    A producer that two parties may pause: the consumer it is registered
+    with (flow control) and the checkpoint pipeline (C{hold}).  It runs only
+    when neither holds it, so one cannot undo the other's pause.
+    """
+
+    def __init__(self, producer: Any) -> None:
+        self.producer = producer
+        self._paused = False
+        self._held = False
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._apply()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._apply()
+
+    def stopProducing(self) -> None:
+        if self.producer is not None:
+            self.producer.stopProducing()
+
+    def attach(self, producer: Any) -> None:
+        self.producer = producer
+        if self._held:
+            producer.pauseProducing()
+
+    def hold(self) -> None:
+        self._held = True
+        self._apply()
+
+    def release(self) -> None:
+        self._held = False
+        self._apply()
+
+    def _apply(self) -> None:
+        if self.producer is None:
+            return
+        if self._paused or self._held:
+            self.producer.pauseProducing()
+        else:
+            self.producer.resumeProducing()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -259,12 +326,17 @@ class BackendProxyFactory(Factory):
     Makes L{BackendProxy} protocols.
 
     @param backend: where the plaintext goes.
-    @param handshake_done: told of each handshake's end: the engine
-        connection and the source of its session (or C{None}), or
-        C{(None, None)} when the handshake timed out.
+    @param handshake_done: told of each handshake's end, as
+        C{handshake_done(connection, found, pause, resume)}: the engine
+        connection, what the lookup found for it (or C{None}), and two
+        callables that stop and restart the connection's traffic; it may
+        return the connection's checkpoint pipeline, flushed at close.  A
+        handshake that timed out is told as C{handshake_done(None)}.
     """
 
     protocol = BackendProxy
+
+    flush_timeout = 1.0
 
     def __init__(self, backend: IStreamClientEndpoint,
                  handshake_done: HandshakeDone, clock: IReactorTime,

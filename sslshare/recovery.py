@@ -6,8 +6,9 @@ L{Recovery.recover} reads top to bottom in the order the design fixes:
     1. this node's own store;
     2. the owner node named by the session id's owner tag, over AMP
        C{FetchSession} (or, when this node is the owner and gave the session
-       away, the node its tombstone names); a redirect (the owner gave the
-       session away) is followed once;
+       away, the node its tombstone names); when that node cannot answer,
+       its backup node, which keeps a copy; a redirect (the session was
+       given away) is followed once;
     3. the central repository, when one is configured;
     4. nothing: a full handshake.
 
@@ -44,22 +45,53 @@ from sslshare.state import SealError, SessionState, StateKeys
 from sslshare.store import SessionStore
 from sslshare.tls import LookupRequest
 
+# "peer": another node's session, fetched from it now or kept here as its
+# backup copy.
 SOURCES = ("local", "peer", "repository")
 
 
 @attrs.frozen
 class Recovered:
     """
-    A session found for a lookup, and where it was found (one of
-    L{SOURCES}).
+    A session found for a lookup, where it was found (one of L{SOURCES}),
+    and the peer that gave it, if one did.
     """
 
     state: SessionState
     source: str
+    giver: str | None = None
 
     @property
     def der(self) -> bytes:
         return self.state.der
+
+
+class BackupRing:
+    """
+    Which node keeps the backup copy of a session: in the ring of the
+    cluster's node ids in sorted order, the first after the node that made
+    the session (its id's owner tag) that is not the session's holder.
+    Every node computes the same answer from the id alone, so whoever looks
+    for a session whose holder is gone knows where the copy is.
+    """
+
+    def __init__(self, owners: Mapping[bytes, str]) -> None:
+        self._owners = dict(owners)
+        self._nodes = sorted(set(self._owners.values()))
+
+    def __call__(self, session_id: bytes, holder: str) -> str | None:
+        try:
+            owner = self._owners.get(sessionid.owner_of(session_id))
+        except ValueError:
+            return None
+        if owner is None:
+            return None
+        start = self._nodes.index(owner)
+        for step in range(1, len(self._nodes) + 1):
+            node = self._nodes[(start + step) % len(self._nodes)]
+            if node != holder:
+                return node
+        return None
 
 
 class Recovery:
@@ -72,12 +104,16 @@ class Recovery:
     @param repository: the central repository
         (L{sslshare.repository.ISessionRepository}), or C{None}.
     @param purge_on_peer: C{(node_id, session_id) -> Deferred}, telling a
-        peer to drop a session this node took from the repository.
+        peer to drop its copy of a session this node now holds.
+    @param backup_on_peer: C{(node_id, session_id, sealed) -> Deferred},
+        giving a peer the copy it keeps as the session's backup node.
+    @param backup_of: C{(session_id, holder) -> node id or None}: the
+        backup node of a session while C{holder} holds it.
     @param id_contexts: service name -> session id context.
     @ivar counters: C{recovered_<source>}, C{misses}, C{timeouts},
         C{joined}, C{peer_errors}, C{repository_errors}, C{unsealable},
-        C{redirects_followed}, C{repository_<put|purge>_failures},
-        C{peer_purge_failures}.
+        C{redirects_followed}, C{backups_asked},
+        C{repository_<put|purge>_failures}, C{peer_<backup|purge>_failures}.
     """
 
     _log = Logger()
@@ -94,6 +130,8 @@ class Recovery:
         fetch_from_peer: Callable[[str, bytes], Deferred[Any]] | None = None,
         repository: Any = None,
         purge_on_peer: Callable[[str, bytes], Deferred[Any]] | None = None,
+        backup_on_peer: Callable[[str, bytes, bytes], Deferred[Any]] | None = None,
+        backup_of: Callable[[bytes, str], str | None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.store = store
@@ -105,6 +143,8 @@ class Recovery:
         self.fetch_from_peer = fetch_from_peer
         self.repository = repository
         self.purge_on_peer = purge_on_peer
+        self.backup_on_peer = backup_on_peer
+        self.backup_of = backup_of
         self._warnings = RateLimitedWarning(clock)
         self.counters: Counter[str] = Counter()
         self._in_flight: dict[bytes, list[Deferred[Recovered | None]]] = {}
@@ -140,9 +180,15 @@ class Recovery:
         if context is None:
             return None
         local = self._from_store(request)
-        if local is not None:
+        if local is not None and local.owner == self.node_id:
             return Recovered(local, "local")
-        found = await self._from_owner(request, context)
+        if local is not None:
+            # A backup copy another node gave this one: the session comes
+            # from a peer all the same, and is held here from now on.
+            found = Recovered(local, "peer")
+            self._hold(found, request)
+            return found
+        found = await self._from_peers(request, context)
         if found is None and self.repository is not None:
             found = await self._from_repository(request, context)
         if found is None:
@@ -162,24 +208,34 @@ class Recovery:
                 request.session_id))
         return state
 
-    async def _from_owner(self, request: LookupRequest,
+    async def _from_peers(self, request: LookupRequest,
                           context: bytes) -> Recovered | None:
-        owner = self.owners.get(sessionid.owner_of(request.session_id))
+        session_id = request.session_id
+        owner = self.owners.get(sessionid.owner_of(session_id))
         if owner == self.node_id:
             # Made here and given away since: ask where it went.
-            owner = self.store.holder(request.session_id)
+            owner = self.store.holder(session_id)
         if owner is None or owner == self.node_id or self.fetch_from_peer is None:
             return None
+        giver = owner
         answer = await self._ask_peer(owner, request)
+        if answer is None and self.backup_of is not None:
+            # The owner cannot answer: its backup node keeps a copy.
+            backup = self.backup_of(session_id, owner)
+            if backup not in (None, self.node_id):
+                self.counters["backups_asked"] += 1
+                giver = backup
+                answer = await self._ask_peer(backup, request)
         if answer is not None and answer.status == "redirect":
             holder = answer.holder
-            if holder in (None, self.node_id, owner):
+            if holder in (None, self.node_id, giver):
                 return None
             self.counters["redirects_followed"] += 1
+            giver = holder
             answer = await self._ask_peer(holder, request)
         if answer is None or answer.status != "found":
             return None
-        return self._open(answer.sealed, request, context, "peer")
+        return self._open(answer.sealed, request, context, "peer", giver)
 
     async def _ask_peer(self, node_id: str, request: LookupRequest) -> Any:
         try:
@@ -209,10 +265,11 @@ class Recovery:
             return None
         if sealed is None:
             return None
-        return self._open(sealed, request, context, "repository")
+        return self._open(sealed, request, context, "repository", None)
 
     def _open(self, sealed: bytes | None, request: LookupRequest,
-              context: bytes, source: str) -> Recovered | None:
+              context: bytes, source: str,
+              giver: str | None) -> Recovered | None:
         try:
             state = self.keys.open(sealed or b"", request.session_id, context)
         except SealError as e:
@@ -224,30 +281,49 @@ class Recovery:
             return None
         if state.expired(self.clock.seconds()):
             return None
-        return Recovered(state, source)
+        return Recovered(state, source, giver)
 
     def _hold(self, found: Recovered, request: LookupRequest) -> None:
         """
-        Make this node the one holder of what it recovered: a TLS 1.2
-        session (which keeps its id) is stored here, and the repository's
-        copy names this node; a used TLS 1.3 ticket leaves the repository.
-        A session taken from the repository may still sit in the store of
-        the node that held it: that node is told to drop it.
+        Make this node the one holder of what it recovered ("move, not
+        copy"): every other copy the cluster may keep is dropped, and a
+        TLS 1.2 session (which keeps its id) is stored here with a fresh
+        copy in the repository or at this node's backup for it.  A used
+        TLS 1.3 ticket is dropped everywhere.
         """
         session_id = request.session_id
+        previous = found.state.owner
+        others = {previous}
+        if self.backup_of is not None and self.repository is None:
+            others.add(self.backup_of(session_id, previous))
+        others -= {None, self.node_id, found.giver}
         if request.protocol == "TLSv1.2":
             mine = found.state.with_owner(self.node_id)
             self.store.put(mine)
             if self.repository is not None:
                 self._repository_write("put", self.repository.put(
                     session_id, self.keys.seal(mine), mine.expires))
+            elif self.backup_on_peer is not None:
+                backup = self.backup_of(session_id, self.node_id)
+                if backup is not None:
+                    # The new copy replaces the old one there.
+                    others.discard(backup)
+                    self._peer_write("backup", backup, self.backup_on_peer(
+                        backup, session_id, self.keys.seal(mine)))
         elif self.repository is not None and found.source != "repository":
             self._repository_write("purge", self.repository.purge(session_id))
-        previous = found.state.owner
-        if (found.source == "repository" and previous != self.node_id
-                and self.purge_on_peer is not None):
-            purging = self.purge_on_peer(previous, session_id)
-            purging.addErrback(self._purge_failed, previous)
+        if self.purge_on_peer is not None:
+            for node in sorted(others):
+                self._peer_write("purge", node,
+                                 self.purge_on_peer(node, session_id))
+
+    def _peer_write(self, what: str, peer: str, writing: Deferred[Any]) -> None:
+        # Best effort: a peer that cannot be told is usually a peer that is
+        # down, and lost what it held.
+        def failed(reason: Any) -> None:
+            self.counters[f"peer_{what}_failures"] += 1
+
+        writing.addErrback(failed)
 
     def _repository_write(self, what: str, writing: Deferred[Any]) -> None:
         # Fail open: the handshake goes on, the node keeps serving.
@@ -257,11 +333,6 @@ class Recovery:
                                 why=reason.getErrorMessage())
 
         writing.addErrback(failed)
-
-    def _purge_failed(self, reason: Any, peer: str) -> None:
-        # Best effort: a peer that cannot be told is usually a peer that is
-        # down, and lost what it held.
-        self.counters["peer_purge_failures"] += 1
 
     def _gave_up(self, reason: Any, request: LookupRequest) -> None:
         if reason.check(TimeoutError, CancelledError):

@@ -26,7 +26,7 @@ from sslshare.errors import FileError
 from sslshare.logs import RateLimitedWarning
 from sslshare.node import Node
 from sslshare.protocol import BackendProxyFactory, SessionResumingTLSFactory
-from sslshare.recovery import Recovery
+from sslshare.recovery import BackupRing, Recovery
 from sslshare.repository import ISessionRepository, RepositoryError, from_config
 from sslshare.state import StateKeys
 from sslshare.store import SessionStore
@@ -84,6 +84,7 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
         [(node_id, clientFromString(reactor, endpoint))
          for node_id, endpoint in cluster_config.peers],
         channel)
+    backup_ring = BackupRing(owners)
     repository = None
     if node_config.repository is not None:
         repository = from_config(node_config.repository, reactor,
@@ -97,9 +98,12 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
                          else peers.fetch_session),
         repository=repository,
         purge_on_peer=peers.purge_session,
+        backup_on_peer=peers.backup_session,
+        backup_of=backup_ring,
     )
     node = Node(node_config.node_id, store, keys, recovery, reactor,
-                node_config.session_lifetime, repository)
+                node_config.session_lifetime, repository, peers, backup_ring,
+                node_config.checkpoint)
     context = tls.ServerContext(
         services, sessionid.owner_tag(node_config.cluster_name, node_config.node_id),
         on_new_session=node.new_session,
@@ -109,7 +113,6 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
         session_lifetime=node_config.session_lifetime,
     )
     node.context = context
-    node.peer_links = peers
 
     top = MultiService()
     proxy = BackendProxyFactory(clientFromString(reactor, node_config.backend),
@@ -132,7 +135,21 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
     TimerService(EXPIRY_INTERVAL, store.expire).setServiceParent(top)
     if repository is not None:
         _RepositoryService(repository, reactor).setServiceParent(top)
+    _NodeService(node).setServiceParent(top)
     return top, node
+
+
+class _NodeService(Service):
+    """
+    Stops the node's checkpoint pipelines when the node stops.
+    """
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.node.stop()
 
 
 class _RepositoryService(Service):

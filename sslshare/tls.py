@@ -74,6 +74,10 @@ DEFAULT_TLS13_SUITES = ("TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:"
 DEFAULT_GROUPS = "X25519:P-256:P-384"
 DEFAULT_SESSION_LIFETIME = 3600
 
+# Directions of a record, as the running digest numbers them.
+CLIENT_TO_SERVER = 0
+SERVER_TO_CLIENT = 1
+
 # TLS extension numbers (RFC 6066, RFC 8446).
 _EXTENSION_SERVER_NAME = 0
 _EXTENSION_PSK = 41
@@ -295,6 +299,15 @@ class Connection:
     docstring for the pause on a ClientHello.
     """
 
+    record_observer: Callable[[int, bytes], object] | None = None
+    """
+    Called with (direction, plaintext) for every record read or written
+    (the running digest, issue 6): one C{SSL_read} yields at most one
+    record, and with partial writes enabled (see L{sslshare._openssl}) one
+    C{SSL_write} of at most 16 KiB, which is what Twisted hands us, makes
+    exactly one.
+    """
+
     def __init__(self, context: ServerContext) -> None:
         self._context = context
         self._service_index = 0
@@ -354,14 +367,20 @@ class Connection:
         data, result = self._native.read(size)
         if result != _openssl.RESULT_OK:
             self._raise(result)
+        if self.record_observer is not None:
+            self.record_observer(CLIENT_TO_SERVER, data)
         return data
 
     read = recv
 
     def send(self, data: bytes) -> int:
-        count, result = self._native.write(bytes(data))
+        data = bytes(data)
+        count, result = self._native.write(data)
         if result != _openssl.RESULT_OK:
             self._raise(result)
+        if self.record_observer is not None:
+            self.record_observer(
+                SERVER_TO_CLIENT, data if count == len(data) else data[:count])
         return count
 
     write = send

@@ -236,8 +236,8 @@ server_names = ["other.test", "*.other.test"]
         self.assertEqual(
             {command: cluster.allowed(command, "node1")
              for command in config.COMMANDS},
-            {"Checkpoint": False, "FetchSession": False, "Purge": False,
-             "Stats": True})
+            {"Backup": False, "Checkpoint": False, "FetchSession": False,
+             "Purge": False, "Stats": True})
 
     def test_authorize_replaces_the_default_of_the_commands_it_names(self):
         cluster = self.load(cluster=CLUSTER + """
@@ -247,7 +247,8 @@ FetchSession = ["node2"]
 """).cluster
         self.assertEqual(
             dict(cluster.authorize),
-            {"Checkpoint": frozenset({"node2", "node3"}),
+            {"Backup": frozenset({"node2", "node3"}),
+             "Checkpoint": frozenset({"node2", "node3"}),
              "FetchSession": frozenset({"node2"}),
              "Purge": frozenset(),
              "Stats": frozenset({"node1", "node2", "node3"})})
@@ -682,7 +683,8 @@ class ClusterErrorTests(_ConfigTestCase):
             self.error(cluster=CLUSTER + '[cluster.authorize]\n'
                                          'Shutdown = ["node2"]\n'),
             "cluster.authorize.Shutdown",
-            "unknown command (known: Checkpoint, FetchSession, Purge, Stats)")
+            "unknown command (known: Backup, Checkpoint, FetchSession, Purge, "
+            "Stats)")
 
     def test_authorize_command_misspelt(self):
         self.assertError(
