@@ -842,6 +842,13 @@ class PeerServerFactory(Factory):
         self.counters: Counter[str] = Counter()
         self._protocols: set[_PeerServerProtocol] = set()
 
+    def connected_peers(self) -> set[str]:
+        """
+        The node ids of the peers connected to this node right now.
+        """
+        return {protocol.peer_node_id for protocol in self._protocols
+                if getattr(protocol, "peer_node_id", None) is not None}
+
     def stopFactory(self) -> None:
         # Aborted, not closed: a TLS close waits for the peer's close_notify,
         # and a stalled peer would keep the connection open.

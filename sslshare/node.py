@@ -75,6 +75,8 @@ class Node:
         self.counters: Counter[str] = Counter()
         self.checkpoint_counters: Counter[str] = Counter()
         self.context: ServerContext | None = None
+        # The AMP factory answering peers, when the node listens for them.
+        self.peer_server: Any = None
         self._warnings = RateLimitedWarning(clock)
         self._checkpoint_failures = FailureLog(clock)
         # Weak: a pipeline lives as long as its connection.

@@ -553,6 +553,23 @@ class LocalCluster:
     def wait_linked(self):
         return Deferred.fromCoroutine(self._wait_linked())
 
+    def wait_linked_to(self, peer, timeout=10.0):
+        """
+        Wait until every node started in this process has its link to
+        C{peer} up, and C{peer} its link to it (C{peer} may be a C{twistd}
+        process).
+        """
+        async def linked():
+            deadline = reactor.seconds() + timeout
+            while not all(node.peer_links.link(peer).connected
+                          and peer in node.peer_server.connected_peers()
+                          for node in self.nodes.values()):
+                if reactor.seconds() > deadline:
+                    raise AssertionError(f"no link to {peer} in time")
+                await deferLater(reactor, 0.05, lambda: None)
+
+        return Deferred.fromCoroutine(linked())
+
     def stop(self, node):
         self.nodes.pop(node, None)
         return self.services.pop(node).stopService()
