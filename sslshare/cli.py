@@ -3,6 +3,7 @@ The C{sslshare} command: operator tools around a cluster.
 
     sslshare pki init DIR --cluster NAME --nodes node1,node2,node3
     sslshare stats --config FILE [--node NODE] [--json]
+    sslshare digest verify TRANSCRIPT ... (see --help)
     sslshare demo [--json] [--clients N] [--rounds N]
                   [--repository sqlite|redis|postgres]
 
@@ -13,6 +14,7 @@ status 2; this module holds no session logic of its own.
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -80,6 +82,36 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true",
                        help="print one JSON object")
     stats.set_defaults(run=_stats)
+
+    digest = commands.add_parser(
+        "digest", help="audit a session's running digest of records")
+    digest_commands = digest.add_subparsers(metavar="ACTION")
+    verify = digest_commands.add_parser(
+        "verify", help="recompute the digest from a recorded transcript and "
+        "compare it with the stored checkpoint",
+        description="TRANSCRIPT holds JSON lines {\"direction\": \"c2s\" or "
+        "\"s2c\", \"record\": \"<hex plaintext>\"}, one record each, in the "
+        "order the node saw them (see sslshare/digest.py for the encoding). "
+        "The chain starts at the session's first record (--session-id and "
+        "--exporter) or after a checkpoint (--from-seq and --from-digest). "
+        "Exit status 0: the checkpoint matches; 1: it does not.")
+    verify.add_argument("transcript", metavar="TRANSCRIPT",
+                        help="the transcript file, - for standard input")
+    verify.add_argument("--session-id", metavar="HEX",
+                        help="the session id (64 hex digits)")
+    verify.add_argument("--exporter", metavar="HEX",
+                        help="the connection's exporter value (64 hex "
+                        "digits): with --session-id, start at the first record")
+    verify.add_argument("--from-seq", type=int, metavar="N",
+                        help="start after the checkpoint with this seq")
+    verify.add_argument("--from-digest", metavar="HEX",
+                        help="the digest of that checkpoint")
+    verify.add_argument("--checkpoint", metavar="SEQ:HEX",
+                        help="the stored checkpoint to compare with")
+    verify.add_argument("--config", metavar="FILE",
+                        help="read the stored checkpoint of --session-id "
+                        "from this node's repository instead")
+    verify.set_defaults(run=_digest_verify)
 
     demo = commands.add_parser(
         "demo", help="run a local 3-node cluster and show sessions "
@@ -219,6 +251,82 @@ def _stats(arguments: argparse.Namespace) -> None:
     width = max((len(name) for name in results), default=0)
     for name, value in sorted(results.items()):
         print(f"{name:<{width}}  {value}")
+
+
+def _hex(option: str, value: str | None, length: int | None = 32) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        decoded = bytes.fromhex(value)
+    except ValueError:
+        raise CommandError(f"{option}: not hexadecimal") from None
+    if length is not None and len(decoded) != length:
+        raise CommandError(f"{option}: {len(decoded)} bytes, {length} expected")
+    return decoded
+
+
+def _stored_checkpoint(arguments: argparse.Namespace,
+                       session_id: bytes | None) -> tuple[int, bytes]:
+    if arguments.checkpoint is not None:
+        seq, _, digest = arguments.checkpoint.partition(":")
+        if not seq.isdigit():
+            raise CommandError("--checkpoint: give SEQ:HEX, such as 12:ab…")
+        return int(seq), _hex("--checkpoint", digest) or b""
+    if arguments.config is None:
+        raise CommandError("give the stored checkpoint: --checkpoint SEQ:HEX, "
+                           "or --config FILE to read it from the repository")
+    if session_id is None:
+        raise CommandError("--config needs --session-id")
+    node_config = config.load(arguments.config)
+    if node_config.repository is None:
+        raise CommandError(f"{node_config.path}: no [repository]: this node "
+                           "keeps checkpoints in memory only; give "
+                           "--checkpoint SEQ:HEX")
+    from sslshare.repository import from_config
+
+    async def read(reactor: Any) -> Any:
+        repository = from_config(node_config.repository, reactor,
+                                 node_config.state_dir)
+        await repository.start()
+        try:
+            return await repository.checkpoint_of(session_id)
+        finally:
+            await repository.close()
+
+    found = run_in_reactor(read)
+    if found is None:
+        raise CommandError(f"the repository holds no session "
+                           f"{session_id.hex()[:12]}…")
+    return found
+
+
+def _digest_verify(arguments: argparse.Namespace) -> None:
+    from sslshare import digest
+
+    session_id = _hex("--session-id", arguments.session_id)
+    stored_seq, stored_digest = _stored_checkpoint(arguments, session_id)
+    try:
+        source = (sys.stdin if arguments.transcript == "-"
+                  else open(arguments.transcript, encoding="utf-8"))
+    except OSError as e:
+        raise CommandError(f"{arguments.transcript}: {e.strerror}") from None
+    with source:
+        try:
+            seq, computed = digest.verify_transcript(
+                source, session_id=None if arguments.exporter is None
+                else session_id,
+                exporter=_hex("--exporter", arguments.exporter),
+                start_seq=arguments.from_seq,
+                start_digest=_hex("--from-digest", arguments.from_digest),
+                until_seq=stored_seq)
+        except ValueError as e:
+            raise CommandError(f"{arguments.transcript}: {e}") from None
+    if seq == stored_seq and hmac.compare_digest(computed, stored_digest):
+        print(f"match: the transcript gives the stored checkpoint, seq {seq}")
+        return
+    print(f"MISMATCH: the transcript gives seq {seq} digest {computed.hex()}; "
+          f"the store holds seq {stored_seq} digest {stored_digest.hex()}")
+    raise SystemExit(1)
 
 
 def _demo(arguments: argparse.Namespace) -> None:

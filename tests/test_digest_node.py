@@ -9,15 +9,19 @@ third node from its backup copy, its chain continuing.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import socket
 import ssl
 import struct
+import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from sslshare import node as node_module
@@ -84,7 +88,10 @@ def _h0(session_id, exporter):
                           + exporter).digest()
 
 
-class DigestAcrossNodesTests(TestCase):
+class _ExporterRecording:
+    """
+    Tests that read the exporter values the nodes compute.
+    """
 
     def setUp(self):
         # The exporter value is a secret of the connection; the test reads
@@ -98,6 +105,9 @@ class DigestAcrossNodesTests(TestCase):
             return value
 
         self.patch(node_module, "exporter", recording)
+
+
+class DigestAcrossNodesTests(_ExporterRecording, TestCase):
 
     @inlineCallbacks
     def test_checkpoint_after_two_nodes_is_the_recomputed_chain(self):
@@ -158,3 +168,80 @@ class DigestAcrossNodesTests(TestCase):
         held = cluster.nodes["node3"].store.get(session.id)
         # The chain continues from the backup's checkpoint, not from zero.
         self.assertEqual((held.seq, held.digest), _chain(anchor, records2))
+
+
+def _transcript(path, records):
+    with open(path, "w") as f:
+        for direction, plaintext in records:
+            f.write(json.dumps({"direction": ("c2s", "s2c")[direction],
+                                "record": plaintext.hex()}) + "\n")
+
+
+class DigestVerifyCommandTests(_ExporterRecording, TestCase):
+    """
+    C{sslshare digest verify}: an operator's audit of a session from its
+    transcript.
+    """
+
+    def _verify(self, *arguments):
+        return getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from sslshare.cli import main; main()", "digest", "verify",
+             *arguments], env=os.environ)
+
+    @inlineCallbacks
+    def _session_through_sqlite(self):
+        cluster = LocalCluster(
+            self, nodes=("node1",), backend=_Echo,
+            repository='kind = "sqlite"\npath = "{directory}/s.sqlite3"\n')
+        yield cluster.start_all()
+        session, _, records = yield deferToThread(
+            _conversation, cluster.ports["node1"], cluster.ca_cert,
+            [b"audit me %d" % n for n in range(4)])
+        repository = cluster.nodes["node1"].repository
+        # The last checkpoint travels after the last echo.
+        while (yield repository.checkpoint_of(session.id)) != (
+                len(records), cluster.nodes["node1"].store.get(session.id).digest):
+            yield deferLater(reactor, 0.05, lambda: None)
+        transcript = self.mktemp()
+        _transcript(transcript, records)
+        return cluster, session.id, transcript, records
+
+    @inlineCallbacks
+    def test_transcript_matches_the_checkpoint_in_the_repository(self):
+        cluster, session_id, transcript, records = (
+            yield self._session_through_sqlite())
+        output, error, code = yield self._verify(
+            transcript, "--session-id", session_id.hex(),
+            "--exporter", self.exporters[session_id].hex(),
+            "--config", cluster.paths["node1"])
+        self.assertEqual(code, 0, error.decode())
+        self.assertIn(f"match: the transcript gives the stored checkpoint, "
+                      f"seq {len(records)}", output.decode())
+
+    @inlineCallbacks
+    def test_altered_transcript_is_a_mismatch(self):
+        cluster, session_id, transcript, records = (
+            yield self._session_through_sqlite())
+        seq, digest = _chain((0, _h0(session_id, self.exporters[session_id])),
+                             records)
+        records[2] = (records[2][0], b"something else")
+        _transcript(transcript, records)
+        output, error, code = yield self._verify(
+            transcript, "--session-id", session_id.hex(),
+            "--exporter", self.exporters[session_id].hex(),
+            "--checkpoint", f"{seq}:{digest.hex()}")
+        self.assertEqual(code, 1, error.decode())
+        self.assertIn("MISMATCH", output.decode())
+
+    @inlineCallbacks
+    def test_bad_transcript_line_is_named(self):
+        transcript = self.mktemp()
+        with open(transcript, "w") as f:
+            f.write('{"direction": "c2s", "record": "zz"}\n')
+        output, error, code = yield self._verify(
+            transcript, "--from-seq", "1", "--from-digest", "00" * 32,
+            "--checkpoint", "2:" + "00" * 32)
+        self.assertEqual(code, 2)
+        self.assertIn("line 1", error.decode())
+        self.assertEqual(len(error.decode().strip().splitlines()), 1)

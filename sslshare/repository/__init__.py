@@ -275,6 +275,7 @@ class ThreadedRepository:
         self.threads = threads
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self._pool: ThreadPool | None = None
+        self._start_waiters: list[Deferred[None]] | None = None
         self._local = threading.local()
         self._connections_lock = threading.Lock()
         self._connections: list[Any] = []
@@ -304,9 +305,19 @@ class ThreadedRepository:
         # the workers are not daemon threads.
         self._shutdown_trigger = self._reactor.addSystemEventTrigger(
             "during", "shutdown", self._stop_pool)
+        # Calls made before the schema exists wait for it: a node starts
+        # serving (and writing sessions) without waiting for its repository.
+        self._start_waiters = []
         started = self._call("start", self._do_start)
         started.addErrback(self._start_failed)
+        started.addBoth(self._started)
         return started
+
+    def _started(self, result: Any) -> Any:
+        waiters, self._start_waiters = self._start_waiters, None
+        for waiter in waiters or ():
+            waiter.callback(None)
+        return result
 
     def _start_failed(self, reason: Failure) -> Failure | None:
         if self._start_must_succeed():
@@ -426,6 +437,11 @@ class ThreadedRepository:
         if self._pool is None:
             return fail(RepositoryError(
                 f"{self.describe()}: {operation}: not started"))
+        if self._start_waiters is not None and operation != "start":
+            waiting: Deferred[None] = Deferred()
+            self._start_waiters.append(waiting)
+            return waiting.addCallback(
+                lambda _: self._call(operation, function, *arguments))
         called = deferToThreadPool(self._reactor, self._pool,
                                    self._with_connection, operation, function,
                                    *arguments)
