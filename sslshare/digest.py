@@ -432,6 +432,7 @@ class CheckpointPipeline:
         # mode; the newest at the last tick or flush in interval mode), and
         # has answered for this one: their gap is the backlog.
         self._due_seq = start[0]
+        self._overdue_seq = start[0]
         self._answered_seq = start[0]
         self._send_when_free = False
         self._tick: IDelayedCall | None = None
@@ -448,9 +449,12 @@ class CheckpointPipeline:
     @property
     def backlog(self) -> int:
         """
-        Records due at the store that it has not answered for.
+        Records the store should have answered for by now and has not: in
+        every-record mode all that are due; in interval mode those due at
+        an earlier tick than the last, so that a store that keeps up with
+        the period never pauses the connection.
         """
-        return self._due_seq - self._answered_seq
+        return self._overdue_seq - self._answered_seq
 
     def enqueue(self, seq: int, digest: bytes) -> None:
         """
@@ -474,7 +478,7 @@ class CheckpointPipeline:
             self.counters["coalesced"] += 1
         self._waiting = (seq, digest)
         if mode == "every-record":
-            self._due_seq = seq
+            self._due_seq = self._overdue_seq = seq
             if self._in_flight is None:
                 self._send()
             self._check_pressure()
@@ -612,6 +616,7 @@ class CheckpointPipeline:
     def _ticked(self) -> None:
         self._tick = None
         if self._waiting is not None:
+            self._overdue_seq = self._due_seq
             self._due_seq = self._waiting[0]
             if self._retry is None:
                 self._send_soon()
@@ -620,7 +625,7 @@ class CheckpointPipeline:
     def _check_pressure(self) -> None:
         if self._stopped:
             return
-        backlog = self._due_seq - self._answered_seq
+        backlog = self.backlog
         if not self.paused:
             if backlog > self.policy.bound:
                 self.paused = True

@@ -573,15 +573,31 @@ class IntervalTests(PipelineTestCase):
         self.assertTrue(self.successResultOf(done))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_records_waiting_for_the_period_do_not_pause(self):
+    def test_store_that_keeps_up_with_the_period_never_pauses(self):
         pipeline = self.pipeline(mode="interval", period=2, bound=4)
-        for step in checkpoints(100):
-            pipeline.enqueue(*step)
-        self.assertFalse(pipeline.paused)
+        seqs = iter(checkpoints(300))
+        for _ in range(3):
+            for _ in range(100):
+                pipeline.enqueue(*next(seqs))
+            # A tick sends the newest; the store answers a second later.
+            self.elapse(2)
+            self.assertFalse(pipeline.paused)
+        self.assertEqual(pipeline.counters["pauses"], 0)
+
+    def test_store_slower_than_the_period_pauses(self):
+        self.slow.delay = 5
+        pipeline = self.pipeline(mode="interval", period=2, bound=4)
+        seqs = iter(checkpoints(200))
+        for _ in range(100):
+            pipeline.enqueue(*next(seqs))
         self.elapse(2)
-        # Now 100 records are due and unanswered.
+        self.assertFalse(pipeline.paused)
+        for _ in range(100):
+            pipeline.enqueue(*next(seqs))
+        # The next tick finds the last tick's records still unanswered.
+        self.elapse(2)
         self.assertTrue(pipeline.paused)
-        self.elapse(1)
+        self.elapse(5)
         self.assertFalse(pipeline.paused)
 
 
