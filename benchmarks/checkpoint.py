@@ -149,33 +149,6 @@ COUNTER_NAMES = ("checkpoint.written", "checkpoint.coalesced",
                  "checkpoint.failed", "checkpoint.rejected",
                  "checkpoint.pauses")
 
-NODE_CONFIG = """\
-[node]
-id = "{node}"
-cluster = "{cluster}"
-listen = "tcp:{client_port}:interface=127.0.0.1"
-backend = "tcp:host=127.0.0.1:port={backend_port}"
-state_dir = "state/{mode}/{node}"
-checkpoint = "{mode}"
-
-[[tls.service]]
-name = "web"
-server_names = ["localhost"]
-certificate = "pki/localhost-chain.pem"
-key = "pki/localhost-key.pem"
-
-[cluster]
-listen = "tcp:{amp_port}:interface=127.0.0.1"
-ca = "pki/ca.pem"
-certificate = "pki/{node}.pem"
-key = "pki/{node}-key.pem"
-state_key = "pki/state.key"
-
-[cluster.peers]
-{peers}
-"""
-
-
 class BenchmarkError(Exception):
     """
     A part of the benchmark did not start or misbehaved; the message says
@@ -329,6 +302,8 @@ class Cluster:
     """
 
     def __init__(self, directory: str, mode: str, backend_port: int) -> None:
+        from tests.support import NODE_CONFIG
+
         self.directory = directory
         self.mode = mode
         self.client_ports = {node: _free_port() for node in NODES}
@@ -343,10 +318,12 @@ class Cluster:
             path = os.path.join(directory, f"{mode}-{node}.toml")
             with open(path, "w") as f:
                 f.write(NODE_CONFIG.format(
-                    node=node, cluster=CLUSTER, mode=mode,
+                    node=node, cluster=CLUSTER,
                     client_port=self.client_ports[node],
-                    backend_port=backend_port, amp_port=amp_ports[node],
-                    peers=peers))
+                    backend_port=backend_port,
+                    state_dir=f"state/{mode}/{node}",
+                    node_options=f'checkpoint = "{mode}"',
+                    amp_port=amp_ports[node], peers=peers))
             self.paths[node] = path
             self.logs[node] = os.path.join(directory, f"{mode}-{node}.log")
 
@@ -493,25 +470,16 @@ def _quartiles(values: list[float]) -> list[float]:
 
 
 def machine() -> dict[str, Any]:
-    from sslshare import _openssl
+    from benchmarks.engine import machine as engine_machine
     from twisted import version as twisted_version
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "load_average_1m_at_start": os.getloadavg()[0],
-        "node_openssl": _openssl.library_version(),
-        "client_openssl": ssl.OPENSSL_VERSION,
-        "python": platform.python_version(),
-        "twisted": twisted_version.short(),
-        "kernel": platform.release(),
-    }
+    facts = engine_machine()
+    # The node's OpenSSL serves; the client here is Python's ssl.
+    facts["node_openssl"] = facts.pop("server_openssl")
+    facts["client_openssl"] = ssl.OPENSSL_VERSION
+    facts["twisted"] = twisted_version.short()
+    facts["kernel"] = platform.release()
+    return facts
 
 
 def run(quick: bool, profile: str | None, keep: bool, breakdown: bool,

@@ -450,14 +450,14 @@ def session_state(**fields):
     return SessionState(**values)
 
 
-_NODE_CONFIG = """\
+NODE_CONFIG = """\
 [node]
 id = "{node}"
-cluster = "test"
+cluster = "{cluster}"
 listen = "tcp:{client_port}:interface=127.0.0.1"
 backend = "tcp:host=127.0.0.1:port={backend_port}"
-lookup_budget_ms = {budget_ms}
-state_dir = "state/{node}"
+state_dir = "{state_dir}"
+{node_options}
 
 [[tls.service]]
 name = "web"
@@ -474,6 +474,11 @@ state_key = "pki/state.key"
 
 [cluster.peers]
 {peers}
+"""
+"""
+A node of a local cluster whose PKI is in C{pki/} beside its file (as
+L{sslshare.pki.init_pki} writes it); C{node_options} are more lines of its
+C{[node]} table.  Also used by C{benchmarks/checkpoint.py}.
 """
 
 
@@ -508,9 +513,11 @@ class LocalCluster:
                 for peer in nodes if peer != node)
             path = os.path.join(self.directory, f"{node}.toml")
             with open(path, "w") as f:
-                f.write(_NODE_CONFIG.format(
-                    node=node, client_port=self.ports[node],
-                    backend_port=backend.getHost().port, budget_ms=budget_ms,
+                f.write(NODE_CONFIG.format(
+                    node=node, cluster="test", client_port=self.ports[node],
+                    backend_port=backend.getHost().port,
+                    state_dir=f"state/{node}",
+                    node_options=f"lookup_budget_ms = {budget_ms}",
                     amp_port=amp_ports[node], peers=peers))
                 if repository is not None:
                     f.write("\n[repository]\n"
