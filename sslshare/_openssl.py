@@ -682,6 +682,9 @@ class NativeConnection:
     def output_pending(self) -> int:
         return _lib.BIO_ctrl_pending(self._from_ssl)
 
+    def input_pending(self) -> int:
+        return _lib.BIO_ctrl_pending(self._into_ssl)
+
     def take_output(self, size: int) -> bytes:
         size = min(size, _lib.BIO_ctrl_pending(self._from_ssl))
         if size <= 0:

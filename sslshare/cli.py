@@ -6,6 +6,7 @@ The C{sslshare} command: operator tools around a cluster.
     sslshare digest verify TRANSCRIPT ... (see --help)
     sslshare demo [--json] [--clients N] [--rounds N]
                   [--repository sqlite|redis|postgres]
+    sslshare probe ADDR [ADDR ...] [--ca FILE] [--server-name NAME] [--json]
 
 Errors a user can cause end the command with one line on stderr and exit
 status 2; this module holds no session logic of its own.
@@ -133,6 +134,39 @@ def _parser() -> argparse.ArgumentParser:
                       "this kind instead of asking peers (redis and postgres: "
                       "the demo starts a throwaway server)")
     demo.set_defaults(run=_demo)
+
+    probe = commands.add_parser(
+        "probe", help="connect to each address in turn, offering the "
+        "session per the relatedness rules, and show which resumed",
+        description="Exit status 0: every server that was offered a "
+        "session resumed it; 1: one did not, or a connection failed.")
+    probe.add_argument("addresses", metavar="ADDR", nargs="+",
+                       help="HOST:PORT, [IPv6]:PORT, or HOST (port 443)")
+    probe.add_argument("--ca", metavar="FILE",
+                       help="trust this CA (PEM) instead of the system's")
+    probe.add_argument("--server-name", metavar="NAME",
+                       help="the name to verify and send as SNI "
+                       "(default: each address's host)")
+    probe.add_argument("--tls", choices=("1.2", "1.3"),
+                       help="use only this TLS version")
+    probe.add_argument("--group", action="append", default=[],
+                       metavar="NAME=MEMBER,...",
+                       help="related servers: addresses, networks or DNS "
+                       "names (repeatable)")
+    probe.add_argument("--ipv4-prefix", type=int, default=24, metavar="N",
+                       help="IPv4 addresses sharing N leading bits are "
+                       "related (default 24; -1 turns the rule off)")
+    probe.add_argument("--ipv6-prefix", type=int, default=64, metavar="N",
+                       help="the same for IPv6 (default 64; -1: off)")
+    probe.add_argument("--request", default="HEAD / HTTP/1.0\\r\\nHost: "
+                       "{host}\\r\\n\\r\\n",
+                       help="sent after each handshake, with \\r \\n "
+                       "escapes and {host} (default: an HTTP HEAD request)")
+    probe.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                       help="give up on one address after S seconds")
+    probe.add_argument("--json", action="store_true",
+                       help="print one JSON object per address, as a list")
+    probe.set_defaults(run=_probe)
     return parser
 
 
@@ -333,3 +367,65 @@ def _demo(arguments: argparse.Namespace) -> None:
     from sslshare import demo
 
     demo.run(arguments)
+
+
+def _probe(arguments: argparse.Namespace) -> None:
+    from twisted.internet.ssl import Certificate, TLSVersion
+
+    from sslshare import client
+
+    groups = []
+    for text in arguments.group:
+        name, equals, members = text.partition("=")
+        if not equals:
+            raise CommandError(f"--group {text!r}: give NAME=MEMBER,MEMBER")
+        try:
+            groups.append(client.AddressGroup.parse(name, members.split(",")))
+        except client.RelatednessError as e:
+            raise CommandError(f"--group: {e}") from None
+    try:
+        relatedness = client.RelatednessPolicy(
+            tuple(groups),
+            ipv4_prefix=None if arguments.ipv4_prefix < 0 else arguments.ipv4_prefix,
+            ipv6_prefix=None if arguments.ipv6_prefix < 0 else arguments.ipv6_prefix)
+    except client.RelatednessError as e:
+        raise CommandError(str(e)) from None
+    trust = None
+    if arguments.ca is not None:
+        try:
+            with open(arguments.ca, "rb") as f:
+                trust = Certificate.loadPEM(f.read())
+        except OSError as e:
+            raise CommandError(f"{arguments.ca}: {e.strerror}") from None
+        except Exception:
+            raise CommandError(f"{arguments.ca}: not a PEM certificate") from None
+    extra: dict[str, Any] = {}
+    if arguments.tls == "1.2":
+        extra["lowerMaximumSecurityTo"] = TLSVersion.TLSv1_2
+    elif arguments.tls == "1.3":
+        extra["raiseMinimumTo"] = TLSVersion.TLSv1_3
+    policy = client.SessionSharingPolicy(trust, relatedness,
+                                         extraCertificateOptions=extra)
+    request = (arguments.request.replace("\\r", "\r").replace("\\n", "\n")
+               .encode("utf-8"))
+    results = run_in_reactor(lambda reactor: client.probe(
+        reactor, arguments.addresses, policy, arguments.server_name,
+        request, arguments.timeout))
+    if arguments.json:
+        print(json.dumps([result.as_json() for result in results], indent=1))
+    else:
+        rows = [("ADDRESS", "TLS", "CIPHER", "RESUMED", "HANDSHAKE")]
+        for result in results:
+            if result.error is not None:
+                rows.append((result.target, "-", "-", "error", result.error))
+                continue
+            resumed = ("yes" if result.resumed else
+                       "NO (offered)" if result.offered else "no")
+            rows.append((result.target, result.version, result.cipher,
+                         resumed, f"{result.seconds * 1000:.1f} ms"))
+        widths = [max(len(row[column]) for row in rows) for column in range(4)]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width
+                            in zip(row, widths)) + "  " + row[4])
+    if any(result.failed for result in results):
+        raise SystemExit(1)

@@ -74,6 +74,10 @@ DEFAULT_TLS13_SUITES = ("TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:"
 DEFAULT_GROUPS = "X25519:P-256:P-384"
 DEFAULT_SESSION_LIFETIME = 3600
 
+# A paused handshake waits for at most the lookup budget, but a client may
+# keep sending meanwhile: past this many bytes it is not a client.
+MAX_INPUT_WHILE_PAUSED = 64 * 1024
+
 # Directions of a record, as the running digest numbers them.
 CLIENT_TO_SERVER = 0
 SERVER_TO_CLIENT = 1
@@ -338,6 +342,12 @@ class Connection:
     def do_handshake(self) -> None:
         while True:
             if self._request is not None and not self._answered:
+                if self._native.input_pending() > MAX_INPUT_WHILE_PAUSED:
+                    self._context.counters[
+                        "failed:too much input while paused"] += 1
+                    raise Error([("sslshare", "", "the client sent more "
+                                  "than a ClientHello's worth while its "
+                                  "handshake waited for its session")])
                 raise WantReadError()
             result = self._native.handshake()
             if result == _openssl.RESULT_OK:

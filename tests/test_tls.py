@@ -378,6 +378,22 @@ class BadInputTests(TestCase):
             self.server.context.counters["failed:unsupported protocol"], 1)
 
     @inlineCallbacks
+    def test_flood_while_paused_is_cut_off(self):
+        """
+        A client that keeps sending while its handshake waits for a
+        session is dropped once it has sent more than a ClientHello's worth,
+        without waiting for the lookup.
+        """
+        self.server.lookup = lambda request: Deferred()
+        known = sessionid.new_session_id(self.server.owner_tag)
+        hello = client_hello(tls13=True, psk=psk_extension([known]))
+        records = yield self._answer_to(hello + b"\x17\x03\x03" * 40000)
+        self.assertEqual(
+            self.server.context.counters["failed:too much input while paused"], 1)
+        # No ServerHello: the handshake never went on.
+        self.assertNotIn(22, [kind for kind, _ in records])
+
+    @inlineCallbacks
     def test_client_gone_while_paused_leaks_nothing(self):
         """
         The client offers a session and hangs up while the lookup is in
