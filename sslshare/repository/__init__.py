@@ -365,9 +365,13 @@ class ThreadedRepository:
 
     def _disconnect(self, connection: Any) -> None:
         """
-        Close C{connection}, ignoring errors (any thread).
+        Close C{connection}, ignoring the driver's errors (any thread): a
+        connection being dropped is usually broken already.
         """
-        raise NotImplementedError
+        try:
+            connection.close()
+        except self._driver_errors():
+            pass
 
     def _driver_errors(self) -> tuple[type[BaseException], ...]:
         """

@@ -164,12 +164,6 @@ class PostgresRepository(ThreadedRepository):
             raise
         return connection
 
-    def _disconnect(self, connection: psycopg.Connection) -> None:
-        try:
-            connection.close()
-        except psycopg.Error:
-            pass
-
     def _create_schema(self, connection: psycopg.Connection) -> None:
         with connection.transaction():
             connection.execute("SELECT pg_advisory_xact_lock(%s)",

@@ -133,6 +133,9 @@ class _Client:
     checkpoint: Any
     checkpoint_of: Any
 
+    def close(self) -> None:
+        self.client.close()
+
 
 class RedisRepository(ThreadedRepository):
     """
@@ -202,12 +205,6 @@ class RedisRepository(ThreadedRepository):
                        client.register_script(_TAKE),
                        client.register_script(_CHECKPOINT),
                        client.register_script(_CHECKPOINT_OF))
-
-    def _disconnect(self, connection: _Client) -> None:
-        try:
-            connection.client.close()
-        except redis.RedisError:
-            pass
 
     def _do_start(self, connection: _Client) -> None:
         connection.client.ping()

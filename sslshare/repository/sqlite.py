@@ -123,12 +123,6 @@ class SQLiteRepository(ThreadedRepository):
             raise
         return connection
 
-    def _disconnect(self, connection: sqlite3.Connection) -> None:
-        try:
-            connection.close()
-        except sqlite3.Error:
-            pass
-
     def _do_start(self, connection: sqlite3.Connection) -> None:
         for statement in _SCHEMA:
             connection.execute(statement)
