@@ -219,8 +219,10 @@ class Recovery:
             return None
         giver = owner
         answer = await self._ask_peer(owner, request)
-        if answer is None and self.backup_of is not None:
-            # The owner cannot answer: its backup node keeps a copy.
+        if (answer is None and self.backup_of is not None
+                and self.repository is None):
+            # The owner cannot answer: its backup node keeps a copy (with
+            # a repository, the repository does instead).
             backup = self.backup_of(session_id, owner)
             if backup not in (None, self.node_id):
                 self.counters["backups_asked"] += 1
