@@ -278,7 +278,7 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: str,
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise BenchmarkError(f"the node for port {port} ended: "
-                                 f"{_tail(log)}")
+                                 f"{log_tail(log)}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -287,7 +287,7 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: str,
     raise BenchmarkError(f"nothing listened on port {port} in {timeout} s")
 
 
-def _tail(path: str, lines: int = 15) -> str:
+def log_tail(path: str, lines: int = 15) -> str:
     try:
         with open(path) as f:
             return "".join(f.readlines()[-lines:])
@@ -338,7 +338,7 @@ class Cluster:
             command += ["sslshare", "--config", self.paths[node]]
             with open(self.logs[node] + ".stderr", "w") as errors:
                 self.processes[node] = subprocess.Popen(
-                    command, cwd=ROOT, env=_environment(),
+                    command, cwd=ROOT, env=environment(),
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=errors)
 
@@ -353,7 +353,7 @@ class Cluster:
                 return
             time.sleep(0.2)
         raise BenchmarkError(f"the {self.mode} cluster's nodes did not link "
-                             f"up in 30 s: {_tail(self.logs['node1'])}")
+                             f"up in 30 s: {log_tail(self.logs['node1'])}")
 
     def pid(self, node: str) -> int:
         return self.processes[node].pid
@@ -365,7 +365,7 @@ class Cluster:
         done = subprocess.run(
             [sys.executable, "-c", "from sslshare.cli import main; main()",
              "stats", "--config", self.paths[node], "--json"],
-            cwd=ROOT, env=_environment(), capture_output=True, text=True,
+            cwd=ROOT, env=environment(), capture_output=True, text=True,
             timeout=30)
         if done.returncode != 0:
             raise BenchmarkError(f"sslshare stats of {self.mode} {node} "
@@ -384,7 +384,7 @@ class Cluster:
                 process.wait()
 
 
-def _environment() -> dict[str, str]:
+def environment() -> dict[str, str]:
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(
         [ROOT] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p])
