@@ -54,19 +54,24 @@ from sslshare.repository import (
 KEY_PREFIX = b"sslshare:session:"
 _SEQ_DIGITS = 20
 
-_PUT = """
-redis.call('HSET', KEYS[1], 'sealed', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-
-_TAKE = """
+# Scripts that read a session's hash start here: a missing key is a miss,
+# any other type is a bad row, dropped.
+_HASH_OR_DISCARD = """
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind == 'none' then return {'miss'} end
 if kind ~= 'hash' then
     redis.call('DEL', KEYS[1])
     return {'bad', 'the key holds a ' .. kind .. ', not a hash'}
 end
+"""
+
+_PUT = """
+redis.call('HSET', KEYS[1], 'sealed', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+_TAKE = _HASH_OR_DISCARD + """
 local sealed = redis.call('HGET', KEYS[1], 'sealed')
 redis.call('DEL', KEYS[1])
 if not sealed then return {'bad', 'the hash has no blob'} end
@@ -85,13 +90,7 @@ redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'digest', ARGV[2])
 return 1
 """
 
-_CHECKPOINT_OF = """
-local kind = redis.call('TYPE', KEYS[1]).ok
-if kind == 'none' then return {'miss'} end
-if kind ~= 'hash' then
-    redis.call('DEL', KEYS[1])
-    return {'bad', 'the key holds a ' .. kind .. ', not a hash'}
-end
+_CHECKPOINT_OF = _HASH_OR_DISCARD + """
 if redis.call('HEXISTS', KEYS[1], 'sealed') == 0 then
     redis.call('DEL', KEYS[1])
     return {'bad', 'the hash has no blob'}
