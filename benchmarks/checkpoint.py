@@ -272,19 +272,23 @@ def _free_port() -> int:
     return free_port()
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, log: str,
-                   timeout: float = 30.0) -> None:
+def wait_for_port(name: str, port: int, process: subprocess.Popen, log: str,
+                  timeout: float = 30.0) -> None:
+    """
+    Wait until C{process} (called C{name} in errors) listens on C{port}.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise BenchmarkError(f"the node for port {port} ended: "
-                                 f"{log_tail(log)}")
+            raise BenchmarkError(f"{name} ended with status "
+                                 f"{process.returncode}: {log_tail(log)}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.1)
-    raise BenchmarkError(f"nothing listened on port {port} in {timeout} s")
+    raise BenchmarkError(f"{name} did not listen on port {port} in "
+                         f"{timeout} s: {log_tail(log)}")
 
 
 def log_tail(path: str, lines: int = 15) -> str:
@@ -344,7 +348,8 @@ class Cluster:
 
     def wait_ready(self) -> None:
         for node in NODES:
-            _wait_for_port(self.client_ports[node], self.processes[node],
+            wait_for_port(f"{self.mode} {node}", self.client_ports[node],
+                          self.processes[node],
                            self.logs[node])
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

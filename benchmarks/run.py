@@ -71,7 +71,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.checkpoint import environment, log_tail  # noqa: E402
+from benchmarks.checkpoint import (  # noqa: E402
+    BenchmarkError,
+    environment,
+    log_tail,
+    wait_for_port,
+)
 
 RESULTS_JSON = os.path.join(ROOT, "benchmarks", "results.json")
 
@@ -89,13 +94,6 @@ FULL = {"clients": 4, "connections": 1000}
 
 # Debian package providing each command.
 PACKAGES = {"haproxy": "haproxy", "nginx": "nginx-light"}
-
-
-class BenchmarkError(Exception):
-    """
-    A part of the benchmark did not start or misbehaved; the message says
-    which and why.
-    """
 
 
 # The client (role _client).
@@ -169,18 +167,7 @@ class Processes:
     def wait_for_port(self, process: subprocess.Popen, port: int,
                       timeout: float = 30.0) -> None:
         name, log = next((n, lg) for n, p, lg in self._running if p is process)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise BenchmarkError(f"{name} ended with status "
-                                     f"{process.returncode}: {log_tail(log)}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise BenchmarkError(f"{name} did not listen on port {port} in "
-                             f"{timeout} s: {log_tail(log)}")
+        wait_for_port(name, port, process, log, timeout)
 
     def stop_all(self) -> None:
         for _, process, _ in self._running:
