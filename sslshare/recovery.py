@@ -181,6 +181,10 @@ class Recovery:
             return None
         local = self._from_store(request)
         if local is not None and local.owner == self.node_id:
+            if request.protocol != "TLSv1.2":
+                # A used ticket must not live on as the backup copy either.
+                self._purge_elsewhere(request.session_id, {
+                    self._backup_node(request.session_id, self.node_id)})
             return Recovered(local, "local")
         if local is not None:
             # A backup copy another node gave this one: the session comes
@@ -295,10 +299,8 @@ class Recovery:
         """
         session_id = request.session_id
         previous = found.state.owner
-        others = {previous}
-        if self.backup_of is not None and self.repository is None:
-            others.add(self.backup_of(session_id, previous))
-        others -= {None, self.node_id, found.giver}
+        others = {previous, self._backup_node(session_id, previous)}
+        others -= {found.giver}
         if request.protocol == "TLSv1.2":
             mine = found.state.with_owner(self.node_id)
             self.store.put(mine)
@@ -314,10 +316,27 @@ class Recovery:
                         backup, session_id, self.keys.seal(mine)))
         elif self.repository is not None and found.source != "repository":
             self._repository_write("purge", self.repository.purge(session_id))
-        if self.purge_on_peer is not None:
-            for node in sorted(others):
-                self._peer_write("purge", node,
-                                 self.purge_on_peer(node, session_id))
+        self._purge_elsewhere(session_id, others)
+
+    def _backup_node(self, session_id: bytes, holder: str) -> str | None:
+        """
+        The peer keeping the backup copy of C{session_id} while C{holder}
+        holds it, or C{None} when the repository keeps it instead.
+        """
+        if self.backup_of is None or self.repository is not None:
+            return None
+        return self.backup_of(session_id, holder)
+
+    def _purge_elsewhere(self, session_id: bytes,
+                         nodes: set[str | None]) -> None:
+        """
+        Tell C{nodes} (C{None} and this node left out) to drop their copy
+        of C{session_id}.
+        """
+        if self.purge_on_peer is None:
+            return
+        for node in sorted(nodes - {None, self.node_id}):
+            self._peer_write("purge", node, self.purge_on_peer(node, session_id))
 
     def _peer_write(self, what: str, peer: str, writing: Deferred[Any]) -> None:
         # Best effort: a peer that cannot be told is usually a peer that is

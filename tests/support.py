@@ -560,6 +560,20 @@ class LocalCluster:
     def wait_linked(self):
         return Deferred.fromCoroutine(self._wait_linked())
 
+    def settled(self):
+        """
+        Fires once every command the in-process nodes have sent their peers
+        so far has been handled: a C{Stats} round trip on every link, since
+        AMP answers a connection's commands in order.
+        """
+        from twisted.internet.defer import gatherResults
+
+        from sslshare.cluster import stats_from
+
+        return gatherResults([stats_from(link)
+                              for node in self.nodes.values()
+                              for link in node.peer_links.links])
+
     def wait_linked_to(self, peer, timeout=10.0):
         """
         Wait until every node started in this process has its link to

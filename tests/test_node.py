@@ -74,6 +74,35 @@ class MovingSessionTests(TestCase):
         self.assertEqual(node2.store.get(session_id).owner, "node2")
 
     @inlineCallbacks
+    def test_tls13_ticket_used_on_its_node_is_not_resumed_from_its_backup(self):
+        """
+        A TLS 1.3 ticket is single use: once node1 resumed it from its own
+        store, the backup copy node2 kept of it is gone too, so the same
+        ticket offered again (to node2, its backup node) gets a full
+        handshake.
+        """
+        cluster = LocalCluster(self)
+        yield cluster.start_all()
+        first = yield deferToThread(
+            python_client_round, cluster.ports["node1"], cluster.ca_cert,
+            "TLSv1.3")
+        yield cluster.settled()
+        node2 = cluster.nodes["node2"]
+        self.assertEqual(len(node2.store), 1)
+        again = yield deferToThread(
+            python_client_round, cluster.ports["node1"], cluster.ca_cert,
+            "TLSv1.3", first.session)
+        self.assertTrue(again.reused)
+        yield cluster.settled()
+        # The backup of the new ticket node1 issued, and nothing else.
+        self.assertEqual(len(node2.store), 1)
+        replayed = yield deferToThread(
+            python_client_round, cluster.ports["node2"], cluster.ca_cert,
+            "TLSv1.3", first.session)
+        self.assertFalse(replayed.reused)
+        self.assertEqual(node2.counters["resumed_peer"], 0)
+
+    @inlineCallbacks
     def test_session_given_away_comes_back_through_its_maker(self):
         """
         The session goes round the cluster and back to node1, which made it
