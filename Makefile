@@ -50,8 +50,11 @@ system-deps:
 demo: system-deps venv
 	$(VENV)/bin/sslshare demo
 
-bench: venv
-	$(VENV)/bin/python benchmarks/engine.py
+# Quick by default (under three minutes); `make bench BENCH_ARGS=` for the
+# full run (under twenty).  Writes benchmarks/RESULTS.md and results.json.
+BENCH_ARGS ?= --quick
+bench: system-deps venv
+	$(VENV)/bin/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf _trial_temp* build dist *.egg-info twisted/plugins/dropin.cache .ci/test.log

@@ -1,65 +1,58 @@
 """
-The benchmark run of issue 8: starts everything it measures itself, on
-127.0.0.1, with bounded request counts, and writes C{benchmarks/results.json}.
+The benchmark run of issue 8: what sslshare exists for, measured as ratios
+in one run and set beside what an operator would otherwise deploy.  It
+starts everything it measures itself, on 127.0.0.1, with bounded request
+counts and durations, and writes C{benchmarks/RESULTS.md} and
+C{benchmarks/results.json}.
 
-Usage, from the root of a checkout (also C{make bench})::
+Usage, from the root of a checkout (C{make bench} runs C{--quick})::
 
     .venv/bin/python benchmarks/run.py [--quick] [--keep]
 
-C{--quick} takes well under three minutes; C{--keep} leaves the temporary
-directory (configurations, PKI, logs) in place.
+C{--quick} takes under three minutes, the full run under twenty; C{--keep}
+leaves the temporary directory (configurations, PKI, logs) in place.
 
-Measured so far (one function per measurement, so that the others of
-issue 8 -- handshake rates, against nginx, the checkpoint ratio, memory --
-can be added beside it, calling C{benchmarks/engine.py},
-C{repository.py} and C{checkpoint.py} rather than copying them):
+The measurements, each made by the module named (whose docstring says how):
 
-    1. B{Cross-node resumption}, L{cross_node_resumption}.  Three servers
-       behind one HAProxy (C{mode tcp}, C{balance roundrobin}), each
-       client connecting through HAProxy again and again, offering the
-       session of its previous connection: the fraction of those offers
-       that resume, for TLS 1.2 and TLS 1.3 separately, for three
-       deployments of the three servers:
+    1. B{Cross-node resumption} (L{cross_node_resumption}, this file).
+       Three servers behind one HAProxy (C{mode tcp}, C{balance
+       roundrobin}), client processes (L{benchmarks.load}) each connecting
+       through it again and again, offering the session of its previous
+       connection: the fraction of those offers that resume, TLS 1.2 and
+       1.3, for three sslshare nodes of one cluster, the same nodes with no
+       peers (sharing off, expect about 1/3), and three nginx instances
+       each with its own C{ssl_session_cache} (expect about 1/3).
+    2. B{Handshake rate}, server side (L{benchmarks.rates}): full,
+       resumed from the local store, from a peer, from each repository
+       backend, over real sockets with client processes; and the lookup
+       latency, p50 and p99, per source (C{benchmarks/repository.py},
+       which times each lookup inside one process).
+    3. B{Against nginx} (L{benchmarks.rates}): one nginx worker and one
+       sslshare node, same certificate, same clients: full and resumed
+       handshakes per second, and sslshare/nginx.
+    4. B{Checkpoint cost} (C{benchmarks/checkpoint.py}): bulk throughput
+       with checkpoints every record against off.
+    5. B{Memory} (L{benchmarks.memory}): bytes per stored session at 100k
+       and 1M sessions.
 
-         - C{sslshare}: three C{twistd -n sslshare} nodes of one cluster,
-           each with the other two as peers;
-         - C{sharing_off}: the same nodes, same PKI, with no
-           C{[cluster.peers]}: each resumes only the sessions it made
-           (expect about 1/3);
-         - C{nginx}: three nginx instances, each with its own
-           C{ssl_session_cache} and C{ssl_session_tickets off} (so that
-           only the server-side cache can resume, as with sslshare; with
-           tickets on, each instance would have its own ticket key and the
-           result would be the same) (expect about 1/3).
-
-       The sslshare nodes proxy to one backend, Python's C{http.server};
-       nginx answers C{return 200} itself.  The clients are separate
-       processes (this file, role C{_client}): Python's C{ssl}, blocking
-       sockets, C{TCP_NODELAY}, one HTTP/1.0 GET per connection read to
-       EOF (in TLS 1.3 the session ticket comes after the handshake, with
-       the response), and the session of each connection offered on the
-       next.  A connection is counted as I{resumable} when it offers a
-       session, which is every connection but a client's first, and
-       I{resumed} when C{SSLSocket.session_reused}.  The clients run
-       concurrently, so HAProxy's rotation spreads each client's
-       connections over the three servers.  What is measured is a
-       fraction, not a rate: the clients' speed changes the order in which
-       connections reach the servers, not whether a session can be found.
-
-This script measures; it never asserts a number.  HAProxy and nginx are
-installed with apt-get when missing (as root, or with sudo).
+The full run also measures the TLS engine against plain OpenSSL
+(C{benchmarks/engine.py}, issue 3).  The load generator's CPU is reported
+beside each rate.  This script measures; it never asserts a number, and
+RESULTS.md holds no number this run did not produce.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import io
 import json
 import os
 import platform
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -71,386 +64,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.checkpoint import (  # noqa: E402
-    BenchmarkError,
-    environment,
-    log_tail,
-    wait_for_port,
-)
+from benchmarks import deploy, memory, rates  # noqa: E402
+from benchmarks.checkpoint import BenchmarkError, environment  # noqa: E402
+from benchmarks.load import VERSIONS, Load, run_clients  # noqa: E402
 
 RESULTS_JSON = os.path.join(ROOT, "benchmarks", "results.json")
+RESULTS_MD = os.path.join(ROOT, "benchmarks", "RESULTS.md")
 
 NODES = ("node1", "node2", "node3")
-CLUSTER = "bench"
-VERSIONS = {"tls1.2": ssl.TLSVersion.TLSv1_2, "tls1.3": ssl.TLSVersion.TLSv1_3}
 MODES = ("sslshare", "sharing_off", "nginx")
-GOAL = 0.999
+RESUMPTION_GOAL = 0.999
+PEER_GOAL = 0.9
 
-# Per mode and TLS version: client processes x connections each.  The
-# default gives about 4000 resumable connections per cell, so that one
-# failure shows against the goal of 99.9%.
+# Measurement 1, per mode and TLS version: client processes x connections
+# each.  The full run gives about 4000 resumable connections per cell, so
+# that one failure shows against the goal of 99.9%.
 QUICK = {"clients": 4, "connections": 30}
 FULL = {"clients": 4, "connections": 1000}
 
-# Debian package providing each command.
-PACKAGES = {"haproxy": "haproxy", "nginx": "nginx-light"}
 
-
-# The client (role _client).
-
-def run_client(port: int, ca_certificate: str, version: str,
-               connections: int) -> None:
-    """
-    Make C{connections} sequential connections to C{port}, each offering
-    the previous one's session, and print one JSON line of counts.
-    """
-    context = ssl.create_default_context(cafile=ca_certificate)
-    context.minimum_version = context.maximum_version = VERSIONS[version]
-    session = None
-    counts = {"connections": 0, "resumable": 0, "resumed": 0,
-              "errors": 0, "wrong_version": 0, "bad_response": 0}
-    for _ in range(connections):
-        try:
-            with socket.create_connection(("127.0.0.1", port),
-                                          timeout=30) as raw:
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                with context.wrap_socket(raw, server_hostname="localhost",
-                                         session=session) as tls:
-                    tls.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                    response = b""
-                    while chunk := tls.recv(65536):
-                        response += chunk
-                    counts["connections"] += 1
-                    if session is not None:
-                        counts["resumable"] += 1
-                        counts["resumed"] += tls.session_reused
-                    if tls.version() != {"tls1.2": "TLSv1.2",
-                                         "tls1.3": "TLSv1.3"}[version]:
-                        counts["wrong_version"] += 1
-                    if not response.startswith(b"HTTP/1."):
-                        counts["bad_response"] += 1
-                    # Read after the response: a TLS 1.3 ticket arrives
-                    # after the handshake.
-                    session = tls.session
-        except (OSError, ssl.SSLError) as e:
-            # A failed connection offers nothing next time: the next one
-            # starts afresh and is not counted as resumable.
-            counts["errors"] += 1
-            reason = f"{type(e).__name__}: {e}"[:120]
-            counts.setdefault("error_reasons", {}).setdefault(reason, 0)
-            counts["error_reasons"][reason] += 1
-            session = None
-    print(json.dumps(counts), flush=True)
-
-
-# Processes.
-
-class Processes:
-    """
-    Every long-running process this script starts, so that all of them end
-    when it does, on success, error or Ctrl-C.
-    """
-
-    def __init__(self) -> None:
-        self._running: list[tuple[str, subprocess.Popen, str]] = []
-
-    def start(self, name: str, command: list[str], log: str,
-              cwd: str = ROOT) -> subprocess.Popen:
-        with open(log, "ab") as output:
-            process = subprocess.Popen(
-                command, cwd=cwd, env=environment(), stdin=subprocess.DEVNULL,
-                stdout=output, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        self._running.append((name, process, log))
-        return process
-
-    def wait_for_port(self, process: subprocess.Popen, port: int,
-                      timeout: float = 30.0) -> None:
-        name, log = next((n, lg) for n, p, lg in self._running if p is process)
-        wait_for_port(name, port, process, log, timeout)
-
-    def stop_all(self) -> None:
-        for _, process, _ in self._running:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for _, process, _ in self._running:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self._running.clear()
-
-
-_handed_out: set[int] = set()
-
-
-def _free_port() -> int:
-    """
-    A free port of 127.0.0.1 not handed out before in this run: each
-    L{free_port} closes its socket, so two calls can name the same port,
-    and a node whose client port is another's cluster port would make the
-    balancer send a third of the connections to the wrong listener.
-    """
-    from sslshare.throwaway import free_port
-
-    while (port := free_port()) in _handed_out:
-        pass
-    _handed_out.add(port)
-    return port
-
-
-def ensure_command(command: str) -> str:
-    """
-    The path of C{command}, installing its Debian package with apt-get
-    when it is missing.
-    """
-    found = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
-    if found:
-        return found
-    package = PACKAGES[command]
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    print(f"installing {package} (for {command}) with apt-get", file=sys.stderr)
-    environment = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for step in (["apt-get", "update", "-qq"],
-                 ["apt-get", "install", "-y", "-qq", package]):
-        done = subprocess.run(sudo + step, env=environment,
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BenchmarkError(f"{' '.join(step)} failed: {done.stderr[-2000:]}")
-    found = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
-    if not found:
-        raise BenchmarkError(f"{command} is missing after installing {package}")
-    return found
-
-
-# The three deployments behind HAProxy.
-
-def start_backend(processes: Processes, directory: str) -> int:
-    """
-    Python's C{http.server} on a free port, serving a one-file directory;
-    the sslshare nodes' backend.
-    """
-    root = os.path.join(directory, "www")
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "index.html"), "w") as f:
-        f.write("ok\n")
-    port = _free_port()
-    process = processes.start(
-        "backend", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
-                    "--directory", root, str(port)],
-        os.path.join(directory, "backend.log"))
-    processes.wait_for_port(process, port)
-    return port
-
-
-def start_sslshare(processes: Processes, directory: str, backend_port: int,
-                   sharing: bool) -> list[int]:
-    """
-    Three C{twistd -n sslshare} nodes from TOML files written into
-    C{directory} (whose C{pki/} holds the PKI), each with the other two as
-    peers when C{sharing}, with none otherwise; their client ports.
-    """
-    from tests.support import NODE_CONFIG
-
-    mode = "sslshare" if sharing else "sharing_off"
-    client_ports = {node: _free_port() for node in NODES}
-    amp_ports = {node: _free_port() for node in NODES}
-    started = {}
-    for node in NODES:
-        peers = "\n".join(
-            f'{peer} = "tcp:host=127.0.0.1:port={amp_ports[peer]}"'
-            for peer in NODES if peer != node and sharing)
-        path = os.path.join(directory, f"{mode}-{node}.toml")
-        with open(path, "w") as f:
-            f.write(NODE_CONFIG.format(
-                node=node, cluster=CLUSTER, client_port=client_ports[node],
-                backend_port=backend_port, state_dir=f"state/{mode}/{node}",
-                node_options="", amp_port=amp_ports[node], peers=peers))
-        log = os.path.join(directory, f"{mode}-{node}.log")
-        started[node] = processes.start(
-            f"{mode} {node}",
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", "--logfile", log, "sslshare", "--config", path],
-            log + ".stderr")
-    for node in NODES:
-        processes.wait_for_port(started[node], client_ports[node])
-    if sharing:
-        _wait_linked(directory, mode)
-    return [client_ports[node] for node in NODES]
-
-
-def node_stats(directory: str, mode: str, node: str) -> dict[str, Any] | None:
-    """
-    A node's counters from C{sslshare stats --json}, or C{None} when it
-    does not answer.
-    """
-    done = subprocess.run(
-        [sys.executable, "-c", "from sslshare.cli import main; main()",
-         "stats", "--config", os.path.join(directory, f"{mode}-{node}.toml"),
-         "--json"],
-        cwd=ROOT, env=environment(), capture_output=True, text=True,
-        timeout=30)
-    return json.loads(done.stdout) if done.returncode == 0 else None
-
-
-def handshake_counters(directory: str, mode: str) -> dict[str, int]:
-    """
-    The handshake outcomes (C{full}, C{resumed_local}, C{resumed_peer},
-    ...) summed over the three nodes: the servers' side of the clients'
-    counts.
-    """
-    total: dict[str, int] = {}
-    for node in NODES:
-        stats = node_stats(directory, mode, node)
-        if stats is None:
-            raise BenchmarkError(f"sslshare stats of {mode} {node} failed")
-        # The node's own counters, not the engine's (engine.full etc.
-        # count the same handshakes again).
-        for key in ("full", "resumed_local", "resumed_peer",
-                    "resumed_repository", "handshake_timeouts", "failed"):
-            total[key] = total.get(key, 0) + stats.get(key, 0)
-    return total
-
-
-def _wait_linked(directory: str, mode: str, timeout: float = 30.0) -> None:
-    """
-    Wait until each node has both peers connected, so that the first
-    connections do not race the peer links.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all((node_stats(directory, mode, node) or {}).get("peers.connected")
-               == len(NODES) - 1 for node in NODES):
-            return
-        time.sleep(0.3)
-    raise BenchmarkError(f"the {mode} nodes did not all link up in {timeout} s: "
-                         f"{log_tail(os.path.join(directory, f'{mode}-node1.log'))}")
-
-
-NGINX_CONFIG = """\
-{user}
-daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        server_name localhost;
-        ssl_certificate {certificate};
-        ssl_certificate_key {key};
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_session_cache shared:S{index}:1m;
-        ssl_session_timeout 10m;
-        ssl_session_tickets off;
-        location / {{ return 200 "ok\\n"; }}
-    }}
-}}
-"""
-
-
-def start_nginx(processes: Processes, directory: str) -> list[int]:
-    """
-    Three nginx instances, each with its own session cache, serving the
-    cluster's localhost certificate; their ports.
-    """
-    nginx = ensure_command("nginx")
-    pki = os.path.join(directory, "pki")
-    ports = []
-    for index in range(1, len(NODES) + 1):
-        prefix = os.path.join(directory, f"nginx{index}")
-        os.makedirs(prefix, exist_ok=True)
-        port = _free_port()
-        configuration = os.path.join(prefix, "nginx.conf")
-        with open(configuration, "w") as f:
-            f.write(NGINX_CONFIG.format(
-                # As root, nginx's workers would run as nobody, who cannot
-                # read the temporary directory (mode 0700).
-                user="user root;" if os.geteuid() == 0 else "",
-                prefix=prefix, port=port, index=index,
-                certificate=os.path.join(pki, "localhost-chain.pem"),
-                key=os.path.join(pki, "localhost-key.pem")))
-        process = processes.start(
-            f"nginx{index}", [nginx, "-p", prefix, "-c", configuration],
-            os.path.join(prefix, "stderr.log"))
-        processes.wait_for_port(process, port)
-        ports.append(port)
-    return ports
-
-
-HAPROXY_CONFIG = """\
-global
-    maxconn 1024
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-listen balancer
-    bind 127.0.0.1:{port}
-    balance roundrobin
-{servers}
-"""
-
-
-def start_haproxy(processes: Processes, directory: str, name: str,
-                  ports: list[int]) -> int:
-    """
-    HAProxy, C{mode tcp}, round robin over C{ports}; its port.
-    """
-    haproxy = ensure_command("haproxy")
-    port = _free_port()
-    configuration = os.path.join(directory, f"haproxy-{name}.cfg")
-    with open(configuration, "w") as f:
-        f.write(HAPROXY_CONFIG.format(port=port, servers="\n".join(
-            f"    server s{i} 127.0.0.1:{server}" for i, server in
-            enumerate(ports, 1))))
-    process = processes.start(
-        f"haproxy ({name})", [haproxy, "-f", configuration, "-db"],
-        os.path.join(directory, f"haproxy-{name}.log"))
-    processes.wait_for_port(process, port)
-    return port
-
-
-def run_clients(port: int, ca_certificate: str, version: str, clients: int,
-                connections: int) -> dict[str, Any]:
-    """
-    C{clients} client processes at once through C{port}; their counts
-    summed.
-    """
-    started = [subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "_client", str(port),
-         ca_certificate, version, str(connections)],
-        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-        for _ in range(clients)]
-    total: dict[str, Any] = {}
-    try:
-        for process in started:
-            output, _ = process.communicate(timeout=600)
-            if process.returncode != 0:
-                raise BenchmarkError(f"a client ended with status "
-                                     f"{process.returncode}")
-            for key, value in json.loads(output).items():
-                if key == "error_reasons":
-                    reasons = total.setdefault(key, {})
-                    for reason, count in value.items():
-                        reasons[reason] = reasons.get(reason, 0) + count
-                else:
-                    total[key] = total.get(key, 0) + value
-    finally:
-        for process in started:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    return total
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 # Measurement 1.
@@ -462,40 +96,81 @@ def cross_node_resumption(directory: str, settings: dict[str, int]
     fraction of resumable connections resumed, and the raw counts.
     """
     ca_certificate = os.path.join(directory, "pki", "ca.pem")
-    starters: dict[str, Callable[[Processes, str], list[int]]] = {
-        "sslshare": lambda processes, d: start_sslshare(
-            processes, d, start_backend(processes, d), sharing=True),
-        "sharing_off": lambda processes, d: start_sslshare(
-            processes, d, start_backend(processes, d), sharing=False),
-        "nginx": start_nginx,
-    }
+
+    def sslshare(processes: deploy.Processes, peers: bool) -> list[deploy.Node]:
+        mode = "sslshare" if peers else "sharing_off"
+        return deploy.start_sslshare(
+            processes, directory, mode,
+            deploy.start_backend(processes, directory), NODES, peers=peers)
+
+    def nginx(processes: deploy.Processes) -> list[int]:
+        return [deploy.start_nginx(processes, directory, f"nginx{index}")[0]
+                for index in range(1, len(NODES) + 1)]
+
     fractions: dict[str, dict[str, float | None]] = {}
     counts: dict[str, dict[str, dict[str, Any]]] = {}
     for mode in MODES:
-        processes = Processes()
+        processes = deploy.Processes()
         try:
-            servers = starters[mode](processes, directory)
-            balancer = start_haproxy(processes, directory, mode, servers)
+            nodes = [] if mode == "nginx" else sslshare(
+                processes, peers=mode == "sslshare")
+            ports = nginx(processes) if mode == "nginx" else [
+                node.port for node in nodes]
+            balancer = deploy.start_haproxy(processes, directory, mode, ports)
             fractions[mode], counts[mode] = {}, {}
             for version in VERSIONS:
-                before = (handshake_counters(directory, mode)
-                          if mode != "nginx" else {})
-                total = run_clients(balancer, ca_certificate, version,
-                                    settings["clients"], settings["connections"])
-                if mode != "nginx":
+                before = deploy.handshake_counters(nodes)
+                total = run_clients(
+                    Load(ports=(balancer,), version=version,
+                         connections=settings["connections"]),
+                    ca_certificate, settings["clients"])
+                if nodes:
                     # Per version: the nodes' counters are cumulative.
-                    after = handshake_counters(directory, mode)
-                    total["server"] = {key: after[key] - before.get(key, 0)
+                    after = deploy.handshake_counters(nodes)
+                    total["server"] = {key: after[key] - before[key]
                                        for key in after}
                 counts[mode][version] = total
                 fractions[mode][version] = (
                     total["resumed"] / total["resumable"]
                     if total["resumable"] else None)
-                print(f"  {mode} {version}: {total}", file=sys.stderr)
+                progress(f"  {mode} {version}: resumed {total['resumed']} of "
+                         f"{total['resumable']} resumable, "
+                         f"{total['errors']} errors")
         finally:
             processes.stop_all()
-    return {"fractions": fractions, "counts": counts, "goal": GOAL,
+    return {"fractions": fractions, "counts": counts, "goal": RESUMPTION_GOAL,
             "settings": dict(settings)}
+
+
+# Measurements made by the other scripts, as their --json output.
+
+def script_json(script: str, arguments: list[str]) -> dict[str, Any]:
+    """
+    Run C{benchmarks/script} with C{--json}, its progress going to this
+    run's standard error; its result.
+    """
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", script),
+               *arguments, "--json"]
+    done = subprocess.run(command, cwd=ROOT, env=environment(),
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          text=True, timeout=1800)
+    if done.returncode != 0:
+        raise BenchmarkError(f"{shlex.join(command)} ended with status "
+                             f"{done.returncode}")
+    result = json.loads(done.stdout)
+    result["command"] = shlex.join([os.path.relpath(sys.executable, ROOT),
+                                    f"benchmarks/{script}", *arguments])
+    return result
+
+
+def table_of(print_table: Callable[[dict], None], result: dict) -> str:
+    """
+    What a script's own C{print_table} prints for C{result}.
+    """
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        print_table(result)
+    return output.getvalue().rstrip()
 
 
 # Output.
@@ -514,6 +189,9 @@ def machine() -> dict[str, Any]:
             done = subprocess.run([path] + arguments, capture_output=True,
                                   text=True)
             facts[command] = (done.stdout or done.stderr).splitlines()[0].strip()
+    facts["commit"] = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT,
+        capture_output=True, text=True).stdout.strip() or "unknown"
     return facts
 
 
@@ -521,20 +199,138 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _met(met: bool) -> str:
+    return "**met**" if met else "**not met**"
+
+
+def results_json(command: str, facts: dict[str, Any], measured: dict[str, Any],
+                 seconds: float) -> dict[str, Any]:
+    """
+    C{results.json}: the keys of issue 8 first, then the detail they come
+    from.
+    """
+    handshake_rates = measured["rates"]["kinds"]
+    results = {
+        "command": command,
+        "machine": facts,
+        "seconds": round(seconds, 1),
+        "cross_node_resumption": measured["cross_node_resumption"]["fractions"],
+        "handshakes_per_s": {
+            version: {kind: figures["handshakes_per_s"]
+                      for kind, figures in kinds.items()}
+            for version, kinds in handshake_rates.items()},
+        "lookup_ms": measured["lookups"]["lookup_ms"],
+        "vs_nginx": {
+            version: {key: value for key, value in ratios.items()
+                      if key.endswith("_vs_nginx")}
+            for version, ratios in measured["rates"]["ratios"].items()},
+        "peer_vs_local_capacity": {
+            version: ratios["peer_vs_local_capacity"]
+            for version, ratios in measured["rates"]["ratios"].items()},
+        "checkpoint_ratio": measured["checkpoint"]["checkpoint_ratio"],
+        "bytes_per_session": measured["memory"]["bytes_per_session"],
+        "detail": measured,
+    }
+    return results
+
+
 def report(command: str, facts: dict[str, Any], measured: dict[str, Any],
            seconds: float) -> str:
     """
-    The Markdown that RESULTS.md would hold for this run.
+    RESULTS.md for this run.
     """
-    resumption = measured["cross_node_resumption"]
+    today = datetime.date.today().isoformat()
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `{command}` on {today} in {seconds:.0f} s; every number "
+        f"below comes from that one run on this machine (2 cores, shared "
+        f"and noisy): compare within the run, not across runs. How each is "
+        f"measured: the docstring of `benchmarks/run.py` and of the module it "
+        f"names.",
+        "",
+    ]
+    lines += headline(measured)
+    lines += ["", "Machine:", ""]
+    lines += [f"- {key}: {value}" for key, value in facts.items()]
+    lines += ["", *resumption_section(measured["cross_node_resumption"])]
+    lines += ["", *rates_section(measured["rates"], measured["lookups"])]
+    checkpoint = measured["checkpoint"]
+    from benchmarks import checkpoint as checkpoint_script
+
+    lines += ["", "## 4. Checkpoint cost (issue 6)", "",
+              f"`{checkpoint['command']}`:", "", "```",
+              table_of(checkpoint_script.print_table, checkpoint), "```"]
+    lines += ["", *memory_section(measured["memory"])]
+    if "engine" in measured:
+        from benchmarks import engine
+
+        lines += ["", "## TLS engine against plain OpenSSL (issue 3)", "",
+                  f"`{measured['engine']['command']}`:", "", "```",
+                  table_of(engine.print_table, measured["engine"]), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def headline(measured: dict[str, Any]) -> list[str]:
+    """
+    The table README.rst shows: one line per question, its goal, and
+    whether this run met it.
+    """
+    resumption = measured["cross_node_resumption"]["fractions"]
+    kinds = measured["rates"]["kinds"]
+    ratios = measured["rates"]["ratios"]
+    version = "tls1.3" if "tls1.3" in kinds else next(iter(kinds))
+    lookups = measured["lookups"]["lookup_ms"]
+    checkpoint = measured["checkpoint"]["checkpoint_ratio"]
+    per_session = measured["memory"]["bytes_per_session"]
+    worst_share = min(value for value in resumption["sslshare"].values()
+                      if value is not None)
+    peer = min(r["peer_vs_local_capacity"] for r in ratios.values())
+    largest = max(per_session, key=int)
+    rows = [
+        ("Cross-node resumption behind round robin, sslshare (TLS 1.2 / 1.3)",
+         " / ".join(_percent(resumption["sslshare"][v]) for v in VERSIONS),
+         f">= {100 * RESUMPTION_GOAL:.1f}%: {_met(worst_share >= RESUMPTION_GOAL)}"),
+        ("... same nodes, sharing off / 3 nginx with own caches",
+         " / ".join(_percent(resumption[mode]["tls1.3"])
+                    for mode in ("sharing_off", "nginx")) + " (TLS 1.3)",
+         "expected about 33%"),
+        ("Peer-resumed / local-resumed, handshakes per server CPU second",
+         ", ".join(f"{v}: {r['peer_vs_local_capacity']:.2f}"
+                   for v, r in ratios.items()),
+         f">= {PEER_GOAL}: {_met(peer >= PEER_GOAL)}"),
+        (f"Handshakes/s into a 3-node cluster ({version}): full / resumed "
+         f"local / peer; 2 nodes sharing sqlite / redis / postgres",
+         " / ".join(f"{kinds[version][kind]['handshakes_per_s']:.0f}"
+                    for kind in rates.CLUSTER_KINDS), ""),
+        (f"sslshare / nginx, one worker each ({version}): full / resumed "
+         f"handshakes per s",
+         f"{ratios[version]['full_rate_vs_nginx']:.2f} / "
+         f"{ratios[version]['resumed_rate_vs_nginx']:.2f}", "stated, no goal"),
+        ("Lookup p50 / p99 ms: local, peer, sqlite, redis, postgres",
+         ", ".join(f"{lookups[source]['p50']:.2f}/{lookups[source]['p99']:.2f}"
+                   for source in lookups), ""),
+        ("Bulk throughput, checkpoint every record / off (16 KiB / 1 KiB records)",
+         f"{checkpoint['16KiB']:.2f} / {checkpoint['1KiB']:.2f}",
+         f">= 0.9 at 16 KiB: {_met(checkpoint['16KiB'] >= 0.9)}"),
+        (f"Bytes per stored session at {int(largest):,} sessions",
+         f"{per_session[largest]:.0f}",
+         f"< {memory.GOAL}: {_met(per_session[largest] < memory.GOAL)}"),
+    ]
+    lines = ["| measured | this run | goal |", "|---|---|---|"]
+    lines += [f"| {what} | {value} | {goal} |" for what, value, goal in rows]
+    return lines
+
+
+def resumption_section(resumption: dict[str, Any]) -> list[str]:
     settings = resumption["settings"]
     lines = [
-        "## Cross-node resumption (3 servers behind HAProxy round robin)",
+        "## 1. Cross-node resumption (3 servers behind HAProxy round robin)",
         "",
-        f"{settings['clients']} concurrent clients x {settings['connections']} "
-        f"sequential connections each, per mode and TLS version; a connection "
-        f"is resumable when it offers the previous connection's session. "
-        f"Goal for sslshare: >= {100 * GOAL:.1f}%.",
+        f"{settings['clients']} concurrent client processes x "
+        f"{settings['connections']} sequential connections each, per mode and "
+        f"TLS version; a connection is resumable when it offers the previous "
+        f"connection's session.",
         "",
         "| mode | TLS 1.2 resumed | TLS 1.3 resumed |",
         "|---|---|---|",
@@ -556,21 +352,104 @@ def report(command: str, facts: dict[str, Any], measured: dict[str, Any],
             if server is not None:
                 lines.append(f"- {mode} {version}: " + ", ".join(
                     f"{key} {value}" for key, value in sorted(server.items())))
-    lines += ["", "Command:", "", f"    {command}", "",
-              f"Run took {seconds:.0f} s. Machine:", ""]
-    lines += [f"- {key}: {value}" for key, value in facts.items()]
-    return "\n".join(lines)
+    lines += ["", "Client CPU seconds per mode and version: " + ", ".join(
+        f"{mode} {version} {resumption['counts'][mode][version]['cpu_s']:.1f}"
+        for mode in MODES for version in VERSIONS) + "."]
+    return lines
+
+
+def rates_section(measured: dict[str, Any], lookups: dict[str, Any]) -> list[str]:
+    settings = measured["settings"]
+    lines = [
+        "## 2 and 3. Handshake rates, server side, and against nginx",
+        "",
+        f"{settings['clients']} client processes for {settings['seconds']:g} s "
+        f"per kind and TLS version. *server µs* is the CPU time of every "
+        f"server process of the kind per handshake (independent of the share "
+        f"of the 2 cores the clients took); *capacity* its inverse; *busy* "
+        f"the server CPU seconds per second (1.0 = one core saturated); "
+        f"*clients* the load generator's CPU seconds per second. The sslshare "
+        f"nodes proxy to one nginx worker answering plain HTTP, whose CPU is "
+        f"not counted; nginx answers itself. *served as* is what the nodes "
+        f"counted.",
+        "",
+    ]
+    for version, kinds in measured["kinds"].items():
+        lines += [f"### {version}", "",
+                  "| kind | handshakes/s | resumed | server µs | capacity/s "
+                  "| busy | clients | errors | served as |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for kind, f in kinds.items():
+            served = ", ".join(f"{key} {value}" for key, value
+                               in sorted(f["server_counts"].items()))
+            lines.append(
+                f"| {kind} | {f['handshakes_per_s']:.0f} | "
+                f"{_percent(f['resumed_fraction'])} | "
+                f"{f['server_cpu_us_per_handshake']:.0f} | "
+                f"{f['handshakes_per_server_cpu_s']:.0f} | "
+                f"{f['server_busy']:.2f} | {f['client_busy']:.2f} | "
+                f"{f['errors']} | {served or '-'} |")
+        ratios = measured["ratios"][version]
+        lines += ["", "Ratios: " + ", ".join(
+            f"{key} {value:.2f}" for key, value in ratios.items()) + ".", ""]
+    lines += [f"Goal: peer-resumed >= {PEER_GOAL} x local (capacity): " + ", ".join(
+        f"{version} {_met(r['peer_vs_local_capacity'] >= PEER_GOAL)} "
+        f"({r['peer_vs_local_capacity']:.2f})"
+        for version, r in measured["ratios"].items()) + ".", ""]
+    from benchmarks import repository
+
+    lines += ["### Lookup latency by source", "",
+              f"`{lookups['command']}` (every lookup timed inside one process, "
+              f"one handshake at a time):", "", "```",
+              table_of(repository.print_table, lookups), "```"]
+    return lines
+
+
+def memory_section(measured: dict[str, Any]) -> list[str]:
+    lines = ["## 5. Memory per stored session", "",
+             f"TLS {measured['tls']} sessions (P-256), each with a 32-byte "
+             f"digest, in one store; resident set growth over the count. Goal "
+             f"< {measured['goal']} bytes.", "",
+             "| sessions | bytes per session | DER bytes | store's own estimate |",
+             "|---|---|---|---|"]
+    for count, figures in measured["detail"].items():
+        lines.append(f"| {int(count):,} | {figures['bytes_per_session']:.0f} | "
+                     f"{figures['der_bytes']} | "
+                     f"{figures['store_estimate_per_session']:.0f} |")
+    return lines
+
+
+def measure_all(directory: str, quick: bool) -> dict[str, Any]:
+    """
+    Every measurement, in order, with progress on standard error.
+    """
+    measured: dict[str, Any] = {}
+    progress("1. cross-node resumption")
+    measured["cross_node_resumption"] = cross_node_resumption(
+        directory, QUICK if quick else FULL)
+    progress("2, 3. handshake rates, sslshare and nginx")
+    measured["rates"] = rates.run(directory, rates.QUICK if quick else rates.FULL,
+                                  progress)
+    progress("2. lookup latency by source (benchmarks/repository.py)")
+    measured["lookups"] = script_json("repository.py",
+                                      ["--quick"] if quick else [])
+    progress("4. checkpoint cost (benchmarks/checkpoint.py)")
+    measured["checkpoint"] = script_json("checkpoint.py",
+                                         ["--quick"] if quick else [])
+    progress("5. memory per stored session")
+    measured["memory"] = memory.measure()
+    if not quick:
+        progress("TLS engine against plain OpenSSL (benchmarks/engine.py)")
+        measured["engine"] = script_json("engine.py", [])
+    return measured
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_client"]:
-        port, ca_certificate, version, connections = argv[1:5]
-        run_client(int(port), ca_certificate, version, int(connections))
-        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="fewer connections: under three minutes")
+                        help="fewer connections and shorter windows: under "
+                        "three minutes, without the engine benchmark")
     parser.add_argument("--keep", action="store_true",
                         help="leave the temporary directory in place")
     options = parser.parse_args(argv)
@@ -588,34 +467,32 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     directory = tempfile.mkdtemp(prefix="sslshare-bench-")
     try:
-        init_pki(os.path.join(directory, "pki"), CLUSTER, NODES)
-        ensure_command("haproxy")
-        ensure_command("nginx")
+        init_pki(os.path.join(directory, "pki"), deploy.CLUSTER, NODES)
+        deploy.ensure_command("haproxy")
+        deploy.ensure_command("nginx")
         facts = machine()
-        measured = {"cross_node_resumption": cross_node_resumption(
-            directory, QUICK if options.quick else FULL)}
+        measured = measure_all(directory, options.quick)
     finally:
         if options.keep:
-            print(f"kept {directory}", file=sys.stderr)
+            progress(f"kept {directory}")
         else:
             shutil.rmtree(directory, ignore_errors=True)
     seconds = time.monotonic() - started
-    results = {
-        "command": command,
-        "machine": facts,
-        "seconds": round(seconds, 1),
-        "cross_node_resumption": measured["cross_node_resumption"]["fractions"],
-        "cross_node_resumption_detail": measured["cross_node_resumption"],
-    }
     with open(RESULTS_JSON, "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(results_json(command, facts, measured, seconds), f, indent=2)
         f.write("\n")
-    print(report(command, facts, measured, seconds))
-    print(f"\nwrote {os.path.relpath(RESULTS_JSON, ROOT)}", file=sys.stderr)
+    text = report(command, facts, measured, seconds)
+    with open(RESULTS_MD, "w") as f:
+        f.write(text)
+    print("\n".join(headline(measured)))
+    progress(f"\nwrote {os.path.relpath(RESULTS_MD, ROOT)} and "
+             f"{os.path.relpath(RESULTS_JSON, ROOT)} in {seconds:.0f} s")
 
 
 if __name__ == "__main__":
     try:
         main()
+    except BenchmarkError as e:
+        sys.exit(f"benchmark run: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted; every process this run started was stopped")

@@ -91,6 +91,37 @@ def _backend_listen(node_config: config.NodeConfig) -> str:
     return f"tcp:{fields['port']}:interface={fields.get('host', '127.0.0.1')}"
 
 
+@attrs.frozen
+class Fetched:
+    """
+    One HTTP/1.0 GET over TLS, as its client saw it.
+    """
+
+    version: str
+    reused: bool
+    answer: bytes
+    session: ssl.SSLSession
+
+
+def get_over_tls(context: ssl.SSLContext, port: int,
+                 session: ssl.SSLSession | None, timeout: float = 10) -> Fetched:
+    """
+    Connect to C{port} of 127.0.0.1 offering C{session}, send one GET and
+    read the answer until the server closes.  The session is read after
+    the answer: a TLS 1.3 ticket comes after the handshake.  Blocking.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with context.wrap_socket(raw, server_hostname="localhost",
+                                 session=session) as tls:
+            tls.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+            return Fetched(tls.version() or "", tls.session_reused, answer,
+                           tls.session)
+
+
 def _client(ca: str, version: str, ports: Sequence[tuple[str, int]],
             rounds: int, first: int) -> list[Visit]:
     """
@@ -105,19 +136,13 @@ def _client(ca: str, version: str, ports: Sequence[tuple[str, int]],
     for index in range(rounds):
         node, port = ports[(first + index) % len(ports)]
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                with context.wrap_socket(raw, server_hostname="localhost",
-                                         session=session) as tls:
-                    tls.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                    answer = b""
-                    while chunk := tls.recv(4096):
-                        answer += chunk
-                    visits.append(Visit(node, version, tls.session_reused,
-                                        answer.startswith(b"HTTP/1.")))
-                    session = tls.session
+            fetched = get_over_tls(context, port, session)
         except (OSError, ssl.SSLError):
             visits.append(Visit(node, version, False, False))
+            continue
+        visits.append(Visit(node, version, fetched.reused,
+                            fetched.answer.startswith(b"HTTP/1.")))
+        session = fetched.session
     return visits
 
 

@@ -681,3 +681,14 @@ def shared_server(kind):
     if isinstance(found, ServerUnavailable):
         raise found
     return found
+
+
+def resident_bytes() -> int:
+    """
+    This process's resident set size (C{VmRSS}), in bytes.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")

@@ -23,20 +23,12 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from tests import support
-from tests.support import SharingPair, found_in
+from tests.support import SharingPair, found_in, resident_bytes
 
 HANDSHAKES_PER_VERSION = 10_000
 WARM_UP = 500
 RSS_GROWTH_BOUND = 3 * 1024 * 1024
 CLIENT = os.path.join(os.path.dirname(__file__), "resuming_client.py")
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 class LeakTests(TestCase):
