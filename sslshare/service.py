@@ -100,6 +100,8 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
         purge_on_peer=peers.purge_session,
         backup_on_peer=peers.backup_session,
         backup_of=backup_ring,
+        max_lookups=node_config.max_concurrent_lookups,
+        max_lookups_per_client=node_config.max_lookups_per_client,
     )
     node = Node(node_config.node_id, store, keys, recovery, reactor,
                 node_config.session_lifetime, repository, peers, backup_ring,

@@ -1,0 +1,298 @@
+"""
+Hostile input against running nodes, over real sockets: malformed and
+oversized ClientHellos, session ids and PSK identities of every length,
+floods of lookups for sessions that do not exist, slow clients, and peers
+that send the cluster channel garbage.  Every case must end cleanly (an
+alert, a closed connection, or a handshake that goes on) and the node must
+go on serving an ordinary client afterwards.
+
+Each test prints one line of figures ("hostile ...: N cases, ...") for the
+project's records.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import Counter
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from sslshare import sessionid
+from tests.support import (
+    LocalCluster,
+    client_hello,
+    exchange,
+    fragment,
+    psk_extension,
+    python_client_round,
+)
+
+HANDSHAKE_TIMEOUT = 1.0
+# Far above anything a case should take: only a hang reaches it.
+DEADLINE = HANDSHAKE_TIMEOUT + 15.0
+CLEAN = frozenset({"alert", "closed", "handshake"})
+
+
+def report(what, outcomes, controls):
+    """
+    Print the figures of one batch of hostile cases.
+    """
+    tally = ", ".join(f"{count} {outcome}" for outcome, count
+                      in sorted(Counter(outcomes).items()))
+    print(f"\nhostile {what}: {len(outcomes)} cases ({tally}), "
+          f"{outcomes.count('hung')} hung, node served {controls} control "
+          f"clients", flush=True)
+
+
+def session_id_of(node, cluster="test"):
+    """
+    A session id that names C{node} as its owner, which nobody holds.
+    """
+    return sessionid.new_session_id(sessionid.owner_tag(cluster, node))
+
+
+def in_batches(cases, run, size=100):
+    """
+    C{run(case)} for every case, C{size} at a time; fires with the
+    outcomes in order.
+    """
+    async def batches():
+        outcomes = []
+        for start in range(0, len(cases), size):
+            outcomes += await gatherResults(
+                [run(case) for case in cases[start:start + size]])
+        return outcomes
+
+    return Deferred.fromCoroutine(batches())
+
+
+class _HostileClusterTestCase(TestCase):
+    """
+    node1 and node2 in this process, with a short handshake timeout; an
+    ordinary client must get a full handshake from node1 and resume it on
+    node2 after each batch of hostile cases.
+    """
+
+    node_options = f"handshake_timeout_s = {HANDSHAKE_TIMEOUT}\n"
+
+    @inlineCallbacks
+    def setUp(self):
+        self.cluster = LocalCluster(self, nodes=("node1", "node2"),
+                                    node_options=self.node_options)
+        yield self.cluster.start_all()
+        self.controls = 0
+
+    @inlineCallbacks
+    def assert_still_serving(self, version="TLSv1.2"):
+        """
+        An ordinary client gets a session from node1 and resumes it on
+        node2.
+        """
+        first = yield deferToThread(
+            python_client_round, self.cluster.ports["node1"],
+            self.cluster.ca_cert, version)
+        second = yield deferToThread(
+            python_client_round, self.cluster.ports["node2"],
+            self.cluster.ca_cert, version, first.session)
+        self.assertEqual((first.echo, second.echo), (b"hello", b"hello"))
+        self.assertTrue(second.reused, "the control client did not resume")
+        self.controls += 2
+
+    def send(self, chunks, node="node2", **options):
+        options.setdefault("deadline", DEADLINE)
+        return exchange(self.cluster.ports[node], chunks, **options)
+
+    def assertOutcomes(self, cases, outcomes):
+        """
+        Every case ended as it should: C{cases} are (name, bytes, expected
+        outcomes) triples.
+        """
+        wrong = [(name, outcome) for (name, _, expected), outcome
+                 in zip(cases, outcomes) if outcome not in expected]
+        self.assertEqual(wrong, [])
+
+
+class ClientHelloTests(_HostileClusterTestCase):
+    """
+    ClientHellos that are cut short, too large, split oddly, or not
+    ClientHellos at all.
+    """
+
+    def _malformed_cases(self):
+        hello12 = client_hello(False)
+        hello13 = client_hello(True)
+        huge_length = hello12[:6] + b"\xff\xff\xff" + hello12[9:]
+        cases = []
+        for cut in (1, 3, 5, 6, 9, 40, len(hello12) // 2, len(hello12) - 1):
+            # The server waits for the rest, until the handshake timeout.
+            cases.append((f"truncated at {cut}", hello12[:cut], {"closed"}))
+        for size in (1, 2, 7, 100, 16384):
+            cases.append((f"TLS 1.2 in records of {size}",
+                          fragment(hello12, size), {"handshake"}))
+            cases.append((f"TLS 1.3 in records of {size}",
+                          fragment(hello13, size), {"handshake"}))
+        cases += [
+            ("record of 16 KiB + 1 of garbage",
+             b"\x16\x03\x01" + struct.pack("!H", 16385) + os.urandom(16385),
+             {"alert"}),
+            ("record claiming 64 KiB", b"\x16\x03\x01\xff\xff" + b"\x01" * 1000,
+             {"alert"}),
+            ("hello claiming 16 MiB", huge_length, {"alert"}),
+            ("hello claiming 16 MiB, sent in full",
+             fragment(b"\x16\x03\x01\x00\x00\x01\xff\xff\xff"
+                      + b"\0" * 200000, 16384), {"alert"}),
+            ("hello claiming fewer bytes than it has",
+             hello12[:6] + b"\x00\x00\x10" + hello12[9:], {"alert"}),
+            ("zero-length record", b"\x16\x03\x01\x00\x00",
+             {"alert", "closed"}),
+            ("application data first", b"\x17\x03\x03\x00\x05hello", {"alert"}),
+            ("change cipher spec first", b"\x14\x03\x03\x00\x01\x01", {"alert"}),
+            ("alert first", b"\x15\x03\x03\x00\x02\x02\x28",
+             {"alert", "closed"}),
+            ("SSL 2 hello", b"\x80\x2e\x01\x00\x02" + os.urandom(44), CLEAN),
+            ("HTTP request", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+             {"alert", "closed"}),
+            ("hello for SSL 3", client_hello(False, legacy_version=0x0300),
+             {"alert"}),
+            ("two hellos in a row", hello12 + hello12, CLEAN),
+            ("nothing", b"", {"closed"}),
+        ]
+        # ClientHellos over 16 KiB: a padding extension of 40 KiB.
+        cases.append(("hello of 40 KiB across records", fragment(
+            _with_extension(hello12, 21, b"\0" * 40000), 16384), CLEAN))
+        for seed in range(60):
+            junk = os.urandom(1 + seed * 37)
+            cases.append((f"{len(junk)} random bytes", junk, CLEAN))
+            cases.append((f"record header and {len(junk)} random bytes",
+                          b"\x16\x03\x01" + struct.pack("!H", len(junk)) + junk,
+                          CLEAN))
+        return cases
+
+    @inlineCallbacks
+    def test_malformed_client_hellos_end_cleanly(self):
+        cases = self._malformed_cases()
+        outcomes = yield in_batches(
+            cases, lambda case: self.send([case[1]] if case[1] else []))
+        self.assertOutcomes(cases, outcomes)
+        yield self.assert_still_serving()
+        yield self.assert_still_serving("TLSv1.3")
+        report("ClientHellos", outcomes, self.controls)
+
+    @inlineCallbacks
+    def test_tls12_session_ids_of_every_length(self):
+        """
+        Lengths up to 32 are what TLS allows, and become full handshakes;
+        longer ones break the protocol and are refused.
+        """
+        cases = []
+        for length in range(256):
+            expected = {"handshake"} if length <= 32 else {"alert"}
+            cases.append((f"random id of {length}", os.urandom(length),
+                          expected))
+            if length != 32:
+                cases.append((f"id of {length} in our format",
+                              session_id_of("node1")[:length].ljust(length, b"\1"),
+                              expected))
+        cases += [
+            ("unknown node", session_id_of("node9"), {"handshake"}),
+            ("another cluster", session_id_of("node1", "other"), {"handshake"}),
+            ("node2 itself, unknown id", session_id_of("node2"), {"handshake"}),
+            ("node1, which does not have it", session_id_of("node1"),
+             {"handshake"}),
+        ]
+        outcomes = yield in_batches(cases, lambda case: self.send(
+            [client_hello(False, session_id=case[1])]))
+        self.assertOutcomes(cases, outcomes)
+        node1, node2 = self.cluster.nodes["node1"], self.cluster.nodes["node2"]
+        # The four ids of our format: only node1's was asked of anyone.
+        self.assertEqual(node2.recovery.counters["misses"], 4)
+        self.assertEqual(node1.peer_server.counters["commands:FetchSession"], 1)
+        yield self.assert_still_serving()
+        report("TLS 1.2 session ids", outcomes, self.controls)
+
+    @inlineCallbacks
+    def test_tls13_psk_identities_of_every_length(self):
+        lengths = [*range(32), *range(33, 256), 1000, 16000, 30000, 65000]
+        cases = []
+        for length in lengths:
+            # An empty identity breaks the protocol; the others are
+            # identities of tickets nobody issued.
+            expected = {"alert"} if length == 0 else {"handshake"}
+            cases.append((f"identity of {length}", [os.urandom(length)],
+                          expected))
+        cases += [
+            ("unknown node", [session_id_of("node9")], {"handshake"}),
+            ("node2 itself, unknown id", [session_id_of("node2")],
+             {"handshake"}),
+            ("node1, which does not have it", [session_id_of("node1")],
+             {"handshake"}),
+            ("foreign, then node1's", [os.urandom(20), session_id_of("node1")],
+             {"handshake"}),
+            ("twenty of node1's", [session_id_of("node1") for _ in range(20)],
+             {"handshake"}),
+        ]
+
+        def hello(identities):
+            record = client_hello(True, psk=psk_extension(identities))
+            return fragment(record, 16384)
+
+        outcomes = yield in_batches(
+            cases, lambda case: self.send([hello(case[1])]))
+        self.assertOutcomes(cases, outcomes)
+        yield self.assert_still_serving("TLSv1.3")
+        report("TLS 1.3 PSK identities", outcomes, self.controls)
+
+    @inlineCallbacks
+    def test_thousands_of_unknown_ids_are_no_amplifier(self):
+        """
+        Each ClientHello naming node1 costs node1 at most one FetchSession,
+        and every one of them gets its full handshake.  They all come from
+        one address, 200 at a time: past max_lookups_per_client (100 by
+        default) node2 does not even ask.
+        """
+        count = 2000
+        cases = [(f"unknown id {i}", session_id_of("node1"), {"handshake"})
+                 for i in range(count)]
+        outcomes = yield in_batches(cases, lambda case: self.send(
+            [client_hello(False, session_id=case[1])]), size=200)
+        self.assertOutcomes(cases, outcomes)
+        node1, node2 = self.cluster.nodes["node1"], self.cluster.nodes["node2"]
+        asked = node1.peer_server.counters["commands:FetchSession"]
+        lookups = node2.recovery.counters
+        self.assertEqual(asked, lookups["misses"])
+        self.assertEqual(lookups["misses"] + lookups["lookups_shed_per_client"],
+                         count)
+        yield self.assert_still_serving()
+        report(f"unknown ids ({asked} FetchSession for {count} hellos)",
+               outcomes, self.controls)
+
+
+def _with_extension(record, kind, body):
+    """
+    The ClientHello record C{record} with one more extension, lengths
+    fixed; the record may then be over 16 KiB (L{fragment} it).
+    """
+    hello = record[5:]
+    extensions_at = _extensions_offset(hello)
+    extension = struct.pack("!HH", kind, len(body)) + body
+    old_length = struct.unpack("!H", hello[extensions_at:extensions_at + 2])[0]
+    rest = hello[extensions_at + 2:]
+    message = (hello[4:extensions_at] + struct.pack("!H", old_length + len(extension))
+               + rest + extension)
+    handshake = b"\x01" + struct.pack("!I", len(message))[1:] + message
+    return record[:3] + struct.pack("!I", len(handshake))[2:] + handshake
+
+
+def _extensions_offset(hello):
+    # type(1) length(3) version(2) random(32), then session id, suites,
+    # compression methods.
+    at = 4 + 2 + 32
+    at += 1 + hello[at]
+    at += 2 + struct.unpack("!H", hello[at:at + 2])[0]
+    at += 1 + hello[at]
+    return at
