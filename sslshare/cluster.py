@@ -938,14 +938,16 @@ class PeerLink(Service):
 
     @ivar peer_node_id: the peer; also this service's name.
     @ivar counters: C{connects}, C{disconnects}, C{failed_attempts},
-        C{unavailable} (calls refused because not connected).
+        C{unavailable} (calls refused because not connected),
+        C{unanswered_bound} (fetches refused because too many wait).
     """
 
     def __init__(self, peer_node_id: str,
                  endpoint: str | IStreamClientEndpoint, tls: ClusterTLS, *,
                  reactor: Any = None,
                  retry_policy: Callable[[int], float] | None = None,
-                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_unanswered_fetches: int | None = None) -> None:
         """
         @param endpoint: a client endpoint string (C{"tcp:host=...:port=..."})
             or endpoint for the peer's AMP listener; TLS is added here.
@@ -953,9 +955,17 @@ class PeerLink(Service):
             as for L{ClientService}; the attempt number also counts the
             connections in a row that the peer refused at TLS.  Default:
             L{default_retry_policy}.
+        @param max_unanswered_fetches: how many L{FetchSession} questions
+            may wait for the peer's answer at once; past it L{call} fails
+            at once.  A question whose asker gave up still counts until
+            the peer answers or the connection ends: a peer that takes
+            questions and never answers must not pile them up without
+            bound.  C{None}: no bound.
         """
         if reactor is None:
             from twisted.internet import reactor
+        self.max_unanswered_fetches = max_unanswered_fetches
+        self._unanswered_fetches = 0
         self.peer_node_id = pki.validate_name("node id", peer_node_id)
         self.name = peer_node_id
         self.clock = reactor
@@ -1025,7 +1035,33 @@ class PeerLink(Service):
             protocol.answered = True
             return reason
 
-        return protocol.callRemote(command, **arguments).addCallbacks(answered, lost)
+        if command is not FetchSession:
+            return protocol.callRemote(command, **arguments).addCallbacks(
+                answered, lost)
+        if (self.max_unanswered_fetches is not None
+                and self._unanswered_fetches >= self.max_unanswered_fetches):
+            self.counters["unanswered_bound"] += 1
+            return fail(PeerUnavailable(
+                self.peer_node_id, f"{self._unanswered_fetches} questions "
+                                   f"are still unanswered"))
+        self._unanswered_fetches += 1
+        # AMP's own Deferred fires when the peer answers or the connection
+        # ends, whatever the asker does; the asker gets another one, which
+        # it may cancel.
+        asker: Deferred[dict[str, Any]] = Deferred()
+
+        def settled(result: dict[str, Any] | Failure) -> None:
+            self._unanswered_fetches -= 1
+            if asker.called:
+                return
+            if isinstance(result, Failure):
+                asker.errback(result)
+            else:
+                asker.callback(result)
+
+        protocol.callRemote(command, **arguments).addCallbacks(
+            answered, lost).addBoth(settled)
+        return asker
 
     def when_connected(self, fail_after_failures: int | None = None) -> Deferred[None]:
         """
@@ -1102,9 +1138,12 @@ class Peers(MultiService):
     def __init__(self, peers: Iterable[tuple[str, str | IStreamClientEndpoint]],
                  tls: ClusterTLS, *, reactor: Any = None,
                  retry_policy: Callable[[int], float] | None = None,
-                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_unanswered_fetches: int | None = None) -> None:
         """
         @param peers: (node id, client endpoint string or endpoint) pairs.
+        @param max_unanswered_fetches: the bound of each link (see
+            L{PeerLink}).
         @raise ValueError: a peer is listed twice, or is this node itself.
         """
         super().__init__()
@@ -1115,7 +1154,9 @@ class Peers(MultiService):
                 raise ValueError(f"peer {node_id} listed twice")
             PeerLink(node_id, endpoint, tls, reactor=reactor,
                      retry_policy=retry_policy,
-                     handshake_timeout=handshake_timeout).setServiceParent(self)
+                     handshake_timeout=handshake_timeout,
+                     max_unanswered_fetches=max_unanswered_fetches,
+                     ).setServiceParent(self)
 
     def link(self, node_id: str) -> PeerLink | None:
         """

@@ -20,9 +20,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from sslshare import sessionid
+from sslshare.cluster import ClusterTLS, ICommandHandler, PeerServerFactory
 from tests.support import (
     LocalCluster,
     client_hello,
@@ -296,3 +299,137 @@ def _extensions_offset(hello):
     at += 2 + struct.unpack("!H", hello[at:at + 2])[0]
     at += 1 + hello[at]
     return at
+
+
+@implementer(ICommandHandler)
+class _StallingHandler:
+    """
+    A peer that takes every FetchSession and never answers it.
+    """
+
+    def __init__(self):
+        self.fetches = []
+
+    def fetch_session(self, session_id, requester):
+        waiting = Deferred()
+        self.fetches.append(waiting)
+        return waiting
+
+    def checkpoint(self, session_id, seq, digest, requester):
+        return True
+
+    def purge(self, session_id, requester):
+        return False
+
+    def backup(self, session_id, sealed, requester):
+        return False
+
+    def stats(self):
+        return {}
+
+
+class LookupBoundTests(TestCase):
+    """
+    node1 is a peer that connects and takes questions but never answers:
+    node2 asks it at most max_concurrent_lookups FetchSession questions
+    at once, and no more than max_lookups_per_client for one client
+    address; every other handshake naming node1 is full at once.
+    """
+
+    budget_ms = 2000
+
+    @inlineCallbacks
+    def _start(self, total, per_client):
+        self.cluster = LocalCluster(
+            self, nodes=("node1", "node2"), budget_ms=self.budget_ms,
+            node_options=f"max_concurrent_lookups = {total}\n"
+                         f"max_lookups_per_client = {per_client}\n")
+        files = self.cluster.pki.node("node1")
+        channel = ClusterTLS(self.cluster.ca_cert, files.certificate, files.key,
+                             "test", "node1")
+        self.stalled = _StallingHandler()
+        amp = PeerServerFactory(self.stalled, "test", "node1",
+                                lambda command, peer: True)
+        listening = reactor.listenTCP(
+            self.cluster.amp_ports["node1"],
+            TLSMemoryBIOFactory(channel.server_options(), False, amp),
+            interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.node2 = self.cluster.start("node2")
+        yield self.node2.peer_links.link("node1").when_connected()
+        self.outcomes = []
+
+    def _hellos(self, count, source="127.0.0.1"):
+        """
+        C{count} ClientHellos offering sessions of node1, from C{source}.
+        """
+        attempts = [exchange(self.cluster.ports["node2"],
+                             [client_hello(False, session_id=session_id_of("node1"))],
+                             source=source, deadline=DEADLINE)
+                    for _ in range(count)]
+        for attempt in attempts:
+            attempt.addCallback(self.outcomes.append)
+        return gatherResults(attempts)
+
+    @inlineCallbacks
+    def _until(self, condition):
+        while not condition():
+            yield deferLater(reactor, 0.02, lambda: None)
+
+    @inlineCallbacks
+    def _served_meanwhile(self):
+        """
+        An ordinary client gets a full handshake, then resumes it from
+        node2's own store: local hits are never shed.
+        """
+        port, ca = self.cluster.ports["node2"], self.cluster.ca_cert
+        first = yield deferToThread(python_client_round, port, ca, "TLSv1.2")
+        second = yield deferToThread(python_client_round, port, ca, "TLSv1.2",
+                                     first.session)
+        self.assertTrue(second.reused)
+        return 2
+
+    @inlineCallbacks
+    def test_node_asks_a_stalled_peer_at_most_its_bound(self):
+        yield self._start(total=4, per_client=100)
+        counters = self.node2.recovery.counters
+        first = self._hellos(20)
+        # The 16 past the bound are full handshakes at once, while the 4
+        # admitted still wait for node1.
+        yield self._until(lambda: len(self.outcomes) == 16)
+        self.assertEqual(len(self.stalled.fetches), 4)
+        self.assertEqual((counters["lookups_shed"], counters["timeouts"]),
+                         (16, 0))
+        controls = yield self._served_meanwhile()
+        yield first
+        self.assertEqual(counters["timeouts"], 4)
+        # node2 gave up on its 4 questions, but node1 has not answered
+        # them: it is asked nothing more, and its sessions are full
+        # handshakes at once.
+        yield self._hellos(10)
+        self.assertEqual(len(self.stalled.fetches), 4)
+        self.assertEqual(counters["peer_errors"], 10)
+        link = self.node2.peer_links.link("node1")
+        self.assertEqual(link.counters["unanswered_bound"], 10)
+        self.assertEqual(set(self.outcomes), {"handshake"})
+        report("lookups at a stalled peer (at most 4 questions out)",
+               self.outcomes, controls)
+
+    @inlineCallbacks
+    def test_one_client_address_gets_at_most_its_share(self):
+        yield self._start(total=50, per_client=3)
+        counters = self.node2.recovery.counters
+        one = self._hellos(10, source="127.0.0.1")
+        yield self._until(lambda: len(self.outcomes) == 7)
+        self.assertEqual(len(self.stalled.fetches), 3)
+        self.assertEqual(counters["lookups_shed_per_client"], 7)
+        # Another address still gets its lookups.
+        other = self._hellos(3, source="127.0.0.2")
+        yield self._until(lambda: len(self.stalled.fetches) == 6)
+        controls = yield self._served_meanwhile()
+        yield gatherResults([one, other])
+        self.assertEqual(counters["lookups_shed_per_client"], 7)
+        self.assertEqual(counters["lookups_shed"], 0)
+        self.assertEqual(set(self.outcomes), {"handshake"})
+        report("lookups of one client address (at most 3 out)",
+               self.outcomes, controls)
