@@ -16,9 +16,12 @@ import os
 import struct
 from collections import Counter
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
@@ -31,6 +34,7 @@ from tests.support import (
     client_hello,
     exchange,
     fragment,
+    pki,
     psk_extension,
     python_client_round,
 )
@@ -433,3 +437,203 @@ class LookupBoundTests(TestCase):
         self.assertEqual(set(self.outcomes), {"handshake"})
         report("lookups of one client address (at most 3 out)",
                self.outcomes, controls)
+
+
+class SlowClientTests(_HostileClusterTestCase):
+    """
+    Clients that connect and say nothing, or send their ClientHello a byte
+    at a time, are cut at the handshake timeout while others are served.
+    """
+
+    @inlineCallbacks
+    def test_slow_and_silent_clients_are_cut_at_the_handshake_timeout(self):
+        hello = client_hello(False, session_id=session_id_of("node1"))
+        byte_by_byte = [hello[i:i + 1] for i in range(len(hello))]
+        attempts = (
+            [self.send([]) for _ in range(20)]
+            # Seconds to send in full: far past the timeout.
+            + [self.send(byte_by_byte, delay=0.05) for _ in range(20)]
+            + [self.send([hello[:len(hello) // 2]]) for _ in range(10)]
+            + [self.send([hello[:5]]) for _ in range(10)])
+        yield self.assert_still_serving()
+        yield self.assert_still_serving("TLSv1.3")
+        outcomes = yield gatherResults(attempts)
+        self.assertEqual(set(outcomes), {"closed"})
+        node2 = self.cluster.nodes["node2"]
+        self.assertEqual(node2.counters["handshake_timeouts"], len(attempts))
+        yield self.assert_still_serving()
+        report("slow and silent clients", outcomes, self.controls)
+
+
+def amp_box(*pairs):
+    """
+    An AMP box of (key, value) byte strings, encoded by hand so that it
+    may break AMP's own limits.
+    """
+    return b"".join(struct.pack("!H", len(key)) + key
+                    + struct.pack("!H", len(value)) + value
+                    for key, value in pairs) + b"\0\0"
+
+
+def amp_command(command, ask=b"1", **arguments):
+    pairs = [(b"_command", command)]
+    if ask is not None:
+        pairs.append((b"_ask", ask))
+    pairs += [(key.encode(), value) for key, value in arguments.items()]
+    return amp_box(*pairs)
+
+
+def amp_outcome(received, closed):
+    """
+    What an AMP server answered: C{"answer"}, C{"error <code>"} for the
+    first box it sent back, C{"closed"} if it closed without one; C{None}
+    while it is too early to say.
+    """
+    box, at = {}, 0
+    while at + 2 <= len(received):
+        length = struct.unpack("!H", received[at:at + 2])[0]
+        if length == 0:
+            if b"_error_code" in box:
+                return "error " + box[b"_error_code"].decode()
+            return "answer" if b"_answer" in box else "other"
+        key = received[at + 2:at + 2 + length]
+        at += 2 + length
+        if at + 2 > len(received):
+            break
+        size = struct.unpack("!H", received[at:at + 2])[0]
+        if at + 2 + size > len(received):
+            break
+        box[key] = received[at + 2:at + 2 + size]
+        at += 2 + size
+    return "closed" if closed else None
+
+
+def _client_tls(chain=None, key=None):
+    """
+    Client TLS options presenting the certificate in C{chain} (none if
+    C{None}); the server is not verified: the attacker does not care.
+    """
+    if chain is None:
+        return CertificateOptions()
+    with open(chain, "rb") as f:
+        certificate = x509.load_pem_x509_certificates(f.read())[0]
+    with open(key, "rb") as f:
+        private_key = serialization.load_pem_private_key(f.read(), None)
+    return CertificateOptions(privateKey=private_key, certificate=certificate)
+
+
+class ClusterChannelTests(_HostileClusterTestCase):
+    """
+    Boxes a peer with a valid certificate should never send, and
+    connections from those without one, at node1's cluster port; node1
+    keeps working with node2 all along.
+    """
+
+    def _amp(self, data, tls):
+        return exchange(self.cluster.amp_ports["node1"], [data], tls=tls,
+                        judge=amp_outcome, deadline=DEADLINE)
+
+    def _peer_cases(self):
+        own = session_id_of("node1")
+        bad = "error BAD_REQUEST"
+        cases = [
+            ("key of 256 bytes", amp_box((b"k" * 256, b"v")), {"closed"}),
+            ("key length 0xffff", b"\xff\xff" + os.urandom(200), {"closed"}),
+            ("key length 256, then garbage", b"\x01\x00" + os.urandom(300),
+             {"closed"}),
+            ("answer to no question", amp_box((b"_answer", b"1")), {"closed"}),
+            ("error to no question",
+             amp_box((b"_error", b"1"), (b"_error_code", b"X"),
+                     (b"_error_description", b"x")), {"closed"}),
+            ("empty box", b"\0\0", {"closed"}),
+            ("command and answer at once",
+             amp_box((b"_command", b"Stats"), (b"_ask", b"1"),
+                     (b"_answer", b"2")), {"closed"}),
+            ("unknown command", amp_command(b"Explode"), {"error UNHANDLED"}),
+            ("StartTLS", amp_command(b"StartTLS"), {"error UNHANDLED"}),
+            ("command name of 255 bytes", amp_command(b"X" * 255),
+             {"error UNHANDLED"}),
+            ("FetchSession of 64 KiB", amp_command(
+                b"FetchSession", session_id=b"\1" * 65535), {bad}),
+            ("FetchSession without id", amp_command(b"FetchSession"), {bad}),
+            ("FetchSession in format 2",
+             amp_command(b"FetchSession", session_id=b"\2" + own[1:]), {bad}),
+            ("FetchSession of an id nobody has",
+             amp_command(b"FetchSession", session_id=own), {"answer"}),
+            ("Checkpoint with a digest of 16",
+             amp_command(b"Checkpoint", session_id=own, seq=b"1",
+                         digest=b"d" * 16), {bad}),
+            ("Checkpoint without digest",
+             amp_command(b"Checkpoint", session_id=own, seq=b"1"), {bad}),
+            ("Backup of an empty blob",
+             amp_command(b"Backup", session_id=own, sealed=b""), {bad}),
+            ("Backup over 16 KiB",
+             amp_command(b"Backup", session_id=own, sealed=b"s" * 16385), {bad}),
+            ("Backup of a blob that does not open",
+             amp_command(b"Backup", session_id=own, sealed=os.urandom(200)),
+             {"answer"}),
+            ("Backup of a short id",
+             amp_command(b"Backup", session_id=own[:31], sealed=b"s" * 100),
+             {bad}),
+            ("Purge of a long id", amp_command(b"Purge", session_id=own + b"x"),
+             {bad}),
+            ("Stats with an argument it does not take",
+             amp_command(b"Stats", junk=b"x" * 1000), {"answer"}),
+            ("command without _ask, then Stats",
+             amp_command(b"FetchSession", ask=None, session_id=b"")
+             + amp_command(b"Stats"), {"closed"}),
+            ("200 bad FetchSession in a row",
+             b"".join(amp_command(b"FetchSession", ask=str(i).encode(),
+                                  session_id=b"x") for i in range(200)), {bad}),
+        ]
+        for length in (0, 1, 16, 31, 33, 64, 255, 1000):
+            cases.append((f"FetchSession id of {length}", amp_command(
+                b"FetchSession", session_id=os.urandom(length)), {bad}))
+        for seq in (b"-1", str(2 ** 64).encode(), b"abc", b"", b"9" * 5000,
+                    b"1e3", b"\xff"):
+            cases.append((f"Checkpoint seq {seq[:10]!r}", amp_command(
+                b"Checkpoint", session_id=own, seq=seq, digest=b""), {bad}))
+        return cases
+
+    @inlineCallbacks
+    def test_peer_with_a_valid_certificate_sending_garbage(self):
+        node2 = self.cluster.pki.node("node2")
+        tls = _client_tls(node2.certificate, node2.key)
+        cases = self._peer_cases()
+        outcomes = yield in_batches(cases, lambda case: self._amp(case[1], tls))
+        self.assertOutcomes(cases, outcomes)
+        counters = self.cluster.nodes["node1"].peer_server.counters
+        self.assertEqual(counters["protocol_errors"], outcomes.count("closed"))
+        self.assertEqual(counters["unknown_commands"],
+                         outcomes.count("error UNHANDLED"))
+        # The 200 boxes in a row are 200 bad requests, not one.
+        self.assertEqual(counters["bad_requests"],
+                         outcomes.count("error BAD_REQUEST") + 199)
+        yield self.assert_still_serving()
+        yield self.assert_still_serving("TLSv1.3")
+        report("cluster boxes from a peer", outcomes, self.controls)
+
+    @inlineCallbacks
+    def test_connections_without_a_valid_certificate(self):
+        box = amp_command(b"Stats")
+        cases = [
+            ("plain garbage", None, os.urandom(500)),
+            ("plain AMP box", None, box),
+            ("TLS without certificate", _client_tls(), box),
+            ("TLS with another CA's certificate",
+             _client_tls(pki().ec_chain, pki().ec_key), box),
+            ("TLS with the client-facing certificate",
+             _client_tls(self.cluster.pki.server_chain,
+                         self.cluster.pki.server_key), box),
+        ]
+        cases = [(name, (tls, data), {"closed"}) for name, tls, data in cases
+                 for _ in range(5)]
+        outcomes = yield in_batches(
+            cases, lambda case: self._amp(case[1][1], case[1][0]))
+        self.assertOutcomes(cases, outcomes)
+        counters = self.cluster.nodes["node1"].peer_server.counters
+        self.assertEqual(counters["refused_connections"], len(cases))
+        self.assertEqual(counters["commands:Stats"], 0)
+        yield self.assert_still_serving()
+        report("cluster connections without a valid certificate", outcomes,
+               self.controls)
