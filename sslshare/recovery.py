@@ -18,7 +18,9 @@ past this node's store is bounded: at most C{max_lookups} chains at the
 peers or the repository at once, and at most C{max_lookups_per_client} for
 one client address.  A lookup past either bound is not started (the
 answer is "nothing", a full handshake, counted): a flood of made-up
-session ids must not turn the node into an amplifier against its peers.  A source
+session ids must not turn the node into an amplifier against its peers.
+A chain whose client went away still counts until it ends (within the
+budget): the questions it asked are still out.  A source
 that fails, answers garbage or holds a blob that does not open is skipped,
 logged and counted, never fatal.  Concurrent lookups of one session id on
 this node are joined: one chain runs, every waiter gets its answer.

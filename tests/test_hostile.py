@@ -20,8 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
@@ -343,11 +343,12 @@ class LookupBoundTests(TestCase):
     budget_ms = 2000
 
     @inlineCallbacks
-    def _start(self, total, per_client):
+    def _start(self, total, per_client, more_options=""):
         self.cluster = LocalCluster(
             self, nodes=("node1", "node2"), budget_ms=self.budget_ms,
             node_options=f"max_concurrent_lookups = {total}\n"
-                         f"max_lookups_per_client = {per_client}\n")
+                         f"max_lookups_per_client = {per_client}\n"
+                         + more_options)
         files = self.cluster.pki.node("node1")
         channel = ClusterTLS(self.cluster.ca_cert, files.certificate, files.key,
                              "test", "node1")
@@ -418,6 +419,32 @@ class LookupBoundTests(TestCase):
         self.assertEqual(set(self.outcomes), {"handshake"})
         report("lookups at a stalled peer (at most 4 questions out)",
                self.outcomes, controls)
+
+    @inlineCallbacks
+    def test_lookup_of_a_client_cut_at_the_timeout_ends_within_the_budget(self):
+        """
+        A client that times out while its lookup waits does not take the
+        lookup with it: the chain (whose question is out at node1) counts
+        until the budget ends it, then the bound has room again.
+        """
+        yield self._start(total=2, per_client=2,
+                          more_options="handshake_timeout_s = 0.3\n")
+        counters = self.node2.recovery.counters
+        yield self._hellos(2)
+        self.assertEqual(self.node2.counters["handshake_timeouts"], 2)
+        self.assertEqual(counters["timeouts"], 0)
+        yield self._hellos(2)
+        self.assertEqual(counters["lookups_shed"], 2)
+        yield self._until(lambda: counters["timeouts"] == 2)
+        yield self._hellos(2)
+        self.assertEqual(counters["lookups_shed"], 2)
+        # node1 still holds the first two questions: the link asked no more.
+        self.assertEqual(len(self.stalled.fetches), 2)
+        self.assertEqual(self.node2.counters["handshake_timeouts"], 2)
+        self.assertEqual(sorted(set(self.outcomes)), ["closed", "handshake"])
+        controls = yield self._served_meanwhile()
+        report("lookups of clients cut at the timeout", self.outcomes,
+               controls)
 
     @inlineCallbacks
     def test_one_client_address_gets_at_most_its_share(self):
@@ -637,3 +664,27 @@ class ClusterChannelTests(_HostileClusterTestCase):
         yield self.assert_still_serving()
         report("cluster connections without a valid certificate", outcomes,
                self.controls)
+
+    @inlineCallbacks
+    def test_refusal_comes_before_unreadable_arguments(self):
+        """
+        node1's own certificate may ask node1 for Stats only: garbled
+        arguments of another command are refused as not authorized, not
+        read.
+        """
+        node1 = self.cluster.pki.node("node1")
+        tls = _client_tls(node1.certificate, node1.key)
+        own = session_id_of("node1")
+        cases = [
+            ("Checkpoint seq 'abc'", amp_command(
+                b"Checkpoint", session_id=own, seq=b"abc", digest=b""),
+             {"error NOT_AUTHORIZED"}),
+            ("FetchSession without id", amp_command(b"FetchSession"),
+             {"error NOT_AUTHORIZED"}),
+            ("Stats", amp_command(b"Stats"), {"answer"}),
+        ]
+        outcomes = yield in_batches(cases, lambda case: self._amp(case[1], tls))
+        self.assertOutcomes(cases, outcomes)
+        counters = self.cluster.nodes["node1"].peer_server.counters
+        self.assertEqual((counters["refused_commands"], counters["bad_requests"]),
+                         (2, 0))
