@@ -34,8 +34,13 @@ before anything else; a refusal answers C{NOT_AUTHORIZED}, is logged with
 the peer and the command, counted in C{counters["refused_commands"]}, and
 the handler is never called.  Arguments are checked next (session ids are
 sslshare ids of 32 bytes, digests 0 or 32 bytes, sealed blobs at most
-L{MAX_SEALED} bytes): C{BAD_REQUEST}, counted in C{bad_requests}.  The
-server also checks what its handler answers, and L{fetch_from} checks what
+L{MAX_SEALED} bytes), and so is what AMP parses them from (a missing
+argument, an integer that is not one): C{BAD_REQUEST}, counted in
+C{bad_requests}.  An unknown command gets AMP's C{UNHANDLED}, counted in
+C{unknown_commands}.  A box AMP itself cannot take (a key over 255 bytes,
+an answer to a question this side never asked, a command that asks for no
+answer) ends the connection, counted in C{protocol_errors}.  The server
+also checks what its handler answers, and L{fetch_from} checks what
 a peer answers: garbage becomes L{PeerProtocolError}.
 
 Connections that fail the handshake (no certificate, another CA, another
@@ -701,8 +706,58 @@ class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
         # Only the channel's commands: not AMP's built-in StartTLS, which
         # would try to start TLS inside TLS.
         if name not in _COMMAND_NAMES:
+            self.factory.counters["unknown_commands"] += 1
+            _log.warn("unknown command {command!r} from {peer} at {address}",
+                      command=name[:64], peer=self.peer_node_id or "(unknown)",
+                      address=self._address)
             return None
-        return super().locateResponder(name)
+        responder = super().locateResponder(name)
+
+        def parsed(box: amp.AmpBox) -> Any:
+            # AMP parses the arguments before the responder runs; what it
+            # cannot parse (a missing argument, an integer that is not one)
+            # is the asker's fault, not ours: BAD_REQUEST, and the
+            # connection stays up.
+            try:
+                return responder(box)
+            except (KeyError, ValueError, TypeError) as e:
+                command = COMMANDS[name.decode("ascii")]
+                try:
+                    self._authorize(command)
+                except NotAuthorized as refusal:
+                    raise amp.RemoteAmpError(b"NOT_AUTHORIZED",
+                                             str(refusal)) from None
+                raise amp.RemoteAmpError(
+                    b"BAD_REQUEST", str(self._bad_request(
+                        command, f"unreadable arguments "
+                                 f"({type(e).__name__}: {e})"[:200]))) from None
+
+        return parsed
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        # This side never asks, so no answer is due to it (AMP would raise
+        # out of dataReceived on an answer to no question, or a box that is
+        # neither); and our peers ask every question with _ask (AMP would
+        # log the failure of one without as an unhandled error).
+        if (amp.COMMAND not in box or amp.ASK not in box
+                or amp.ANSWER in box or amp.ERROR in box):
+            self._protocol_error(f"a box that is not a question (keys "
+                                 f"{sorted(box)[:8]!r})")
+            return
+        super().ampBoxReceived(box)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self._protocol_error(f"a key of {length} bytes (AMP allows 255)")
+
+    def _protocol_error(self, what: str) -> None:
+        """
+        The peer broke AMP itself: count it, say so, and drop it.
+        """
+        self.factory.counters["protocol_errors"] += 1
+        _log.warn("dropped {peer} at {address}: it sent {what}",
+                  peer=self.peer_node_id or "(unknown)",
+                  address=self._address, what=what)
+        self.transport.abortConnection()
 
     def _authorize(self, command: type[amp.Command]) -> str:
         """
@@ -807,8 +862,10 @@ class PeerServerFactory(Factory):
         TLSMemoryBIOFactory(cluster_tls.server_options(), False, factory)
 
     @ivar counters: C{connections} (identified peers), C{refused_connections},
-        C{handshake_timeouts}, C{refused_commands}, C{bad_requests}, and
-        C{commands:<name>} for each command let through.
+        C{handshake_timeouts}, C{refused_commands}, C{bad_requests},
+        C{unknown_commands}, C{protocol_errors} (boxes AMP cannot take,
+        which end the connection), and C{commands:<name>} for each command
+        let through.
 
     Stopping the last listener that uses the factory also closes the
     connections it accepted: a node that stops listening answers no one.
@@ -938,14 +995,16 @@ class PeerLink(Service):
 
     @ivar peer_node_id: the peer; also this service's name.
     @ivar counters: C{connects}, C{disconnects}, C{failed_attempts},
-        C{unavailable} (calls refused because not connected).
+        C{unavailable} (calls refused because not connected),
+        C{unanswered_bound} (fetches refused because too many wait).
     """
 
     def __init__(self, peer_node_id: str,
                  endpoint: str | IStreamClientEndpoint, tls: ClusterTLS, *,
                  reactor: Any = None,
                  retry_policy: Callable[[int], float] | None = None,
-                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_unanswered_fetches: int | None = None) -> None:
         """
         @param endpoint: a client endpoint string (C{"tcp:host=...:port=..."})
             or endpoint for the peer's AMP listener; TLS is added here.
@@ -953,9 +1012,17 @@ class PeerLink(Service):
             as for L{ClientService}; the attempt number also counts the
             connections in a row that the peer refused at TLS.  Default:
             L{default_retry_policy}.
+        @param max_unanswered_fetches: how many L{FetchSession} questions
+            may wait for the peer's answer at once; past it L{call} fails
+            at once.  A question whose asker gave up still counts until
+            the peer answers or the connection ends: a peer that takes
+            questions and never answers must not pile them up without
+            bound.  C{None}: no bound.
         """
         if reactor is None:
             from twisted.internet import reactor
+        self.max_unanswered_fetches = max_unanswered_fetches
+        self._unanswered_fetches = 0
         self.peer_node_id = pki.validate_name("node id", peer_node_id)
         self.name = peer_node_id
         self.clock = reactor
@@ -1025,7 +1092,33 @@ class PeerLink(Service):
             protocol.answered = True
             return reason
 
-        return protocol.callRemote(command, **arguments).addCallbacks(answered, lost)
+        if command is not FetchSession:
+            return protocol.callRemote(command, **arguments).addCallbacks(
+                answered, lost)
+        if (self.max_unanswered_fetches is not None
+                and self._unanswered_fetches >= self.max_unanswered_fetches):
+            self.counters["unanswered_bound"] += 1
+            return fail(PeerUnavailable(
+                self.peer_node_id, f"{self._unanswered_fetches} questions "
+                                   f"are still unanswered"))
+        self._unanswered_fetches += 1
+        # AMP's own Deferred fires when the peer answers or the connection
+        # ends, whatever the asker does; the asker gets another one, which
+        # it may cancel.
+        asker: Deferred[dict[str, Any]] = Deferred()
+
+        def settled(result: dict[str, Any] | Failure) -> None:
+            self._unanswered_fetches -= 1
+            if asker.called:
+                return
+            if isinstance(result, Failure):
+                asker.errback(result)
+            else:
+                asker.callback(result)
+
+        protocol.callRemote(command, **arguments).addCallbacks(
+            answered, lost).addBoth(settled)
+        return asker
 
     def when_connected(self, fail_after_failures: int | None = None) -> Deferred[None]:
         """
@@ -1102,9 +1195,12 @@ class Peers(MultiService):
     def __init__(self, peers: Iterable[tuple[str, str | IStreamClientEndpoint]],
                  tls: ClusterTLS, *, reactor: Any = None,
                  retry_policy: Callable[[int], float] | None = None,
-                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_unanswered_fetches: int | None = None) -> None:
         """
         @param peers: (node id, client endpoint string or endpoint) pairs.
+        @param max_unanswered_fetches: the bound of each link (see
+            L{PeerLink}).
         @raise ValueError: a peer is listed twice, or is this node itself.
         """
         super().__init__()
@@ -1115,7 +1211,9 @@ class Peers(MultiService):
                 raise ValueError(f"peer {node_id} listed twice")
             PeerLink(node_id, endpoint, tls, reactor=reactor,
                      retry_policy=retry_policy,
-                     handshake_timeout=handshake_timeout).setServiceParent(self)
+                     handshake_timeout=handshake_timeout,
+                     max_unanswered_fetches=max_unanswered_fetches,
+                     ).setServiceParent(self)
 
     def link(self, node_id: str) -> PeerLink | None:
         """

@@ -16,7 +16,8 @@ C{tls.service[0].certificate}).  What is checked:
     - unknown keys, which are nearly always typos (the message suggests the
       nearest known key), missing required keys, and the TOML type of every
       value (an integer is not a boolean, C{1.2} is not C{"1.2"});
-    - ranges (C{lookup_budget_ms} 1..10000, C{session_lifetime_s}
+    - ranges (C{lookup_budget_ms} 1..10000, C{max_concurrent_lookups} and
+      C{max_lookups_per_client} 1..1000000, C{session_lifetime_s}
       60..86400, C{store_max_bytes} at least 64 KiB, ...);
     - file paths: relative ones are taken from the directory of the
       configuration file and stored absolute; certificates, keys, the CA and
@@ -62,6 +63,9 @@ DEFAULT_LOOKUP_BUDGET_MS = 50
 DEFAULT_SESSION_LIFETIME_S = 3600
 DEFAULT_STORE_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10
+DEFAULT_MAX_CONCURRENT_LOOKUPS = 1000
+DEFAULT_MAX_LOOKUPS_PER_CLIENT = 100
+MAX_LOOKUP_BOUND = 1000000
 MIN_STORE_MAX_BYTES = 64 * 1024
 
 # The keys each table accepts.  conf/example.toml documents every one of them
@@ -73,7 +77,8 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
         "id", "cluster", "listen", "backend", "state_dir", "lookup_budget_ms",
         "session_lifetime_s", "store_max_bytes", "handshake_timeout_s",
         "metrics_listen", "checkpoint", "checkpoint_period_ms",
-        "checkpoint_bound"}),
+        "checkpoint_bound", "max_concurrent_lookups",
+        "max_lookups_per_client"}),
     "tls": frozenset({"min_version", "max_version", "alpn", "service"}),
     "tls.service": frozenset({"name", "certificate", "key", "server_names"}),
     "cluster": frozenset({
@@ -256,6 +261,9 @@ class NodeConfig:
     @ivar state_dir: absolute path of the node's own directory; the service
         creates it.
     @ivar lookup_budget: seconds a paused handshake may wait for a session.
+    @ivar max_concurrent_lookups: lookups this node may have out at once
+        (at its peers or the repository); past it a handshake is full.
+    @ivar max_lookups_per_client: the same bound for one client address.
     @ivar session_lifetime: seconds a TLS session stays resumable.
     @ivar store_max_bytes: bound of the in-memory session store.
     @ivar handshake_timeout: seconds a client has to finish its handshake.
@@ -273,6 +281,8 @@ class NodeConfig:
     backend: str
     state_dir: str
     lookup_budget: float = DEFAULT_LOOKUP_BUDGET_MS / 1000
+    max_concurrent_lookups: int = DEFAULT_MAX_CONCURRENT_LOOKUPS
+    max_lookups_per_client: int = DEFAULT_MAX_LOOKUPS_PER_CLIENT
     session_lifetime: int = DEFAULT_SESSION_LIFETIME_S
     store_max_bytes: int = DEFAULT_STORE_MAX_BYTES
     handshake_timeout: float = float(DEFAULT_HANDSHAKE_TIMEOUT_S)
@@ -556,6 +566,12 @@ class _Reader:
             default=os.path.join(self.directory, "state", node_id))
         budget_ms = node.value("lookup_budget_ms", self.integer(1, 10000),
                                default=DEFAULT_LOOKUP_BUDGET_MS)
+        max_lookups = node.value(
+            "max_concurrent_lookups", self.integer(1, MAX_LOOKUP_BOUND),
+            default=DEFAULT_MAX_CONCURRENT_LOOKUPS)
+        max_client_lookups = node.value(
+            "max_lookups_per_client", self.integer(1, MAX_LOOKUP_BOUND),
+            default=DEFAULT_MAX_LOOKUPS_PER_CLIENT)
         lifetime = node.value("session_lifetime_s", self.integer(60, 86400),
                               default=DEFAULT_SESSION_LIFETIME_S)
         store_max_bytes = node.value(
@@ -588,6 +604,8 @@ class _Reader:
             backend=backend,
             state_dir=state_dir,
             lookup_budget=budget_ms / 1000,
+            max_concurrent_lookups=max_lookups,
+            max_lookups_per_client=max_client_lookups,
             session_lifetime=lifetime,
             store_max_bytes=store_max_bytes,
             handshake_timeout=handshake_timeout,

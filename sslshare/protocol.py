@@ -37,6 +37,8 @@ from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
+import attrs
+
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import (
@@ -99,6 +101,10 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
 
     def lookup_requested(self, connection: Connection,
                          request: LookupRequest) -> None:
+        # A TCP client is known by its IP address, not its port: one host
+        # opening many connections is one client.
+        client = getattr(self.transport.getPeer(), "host", None)
+        request = attrs.evolve(request, client=client)
         lookup = maybeDeferred(self.factory.lookup, request)
         lookup.addErrback(self._lookupFailed, request)
         lookup.addCallback(self._supply, connection)

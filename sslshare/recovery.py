@@ -13,7 +13,14 @@ L{Recovery.recover} reads top to bottom in the order the design fixes:
     4. nothing: a full handshake.
 
 The whole chain runs inside one time budget (C{addTimeout}); whatever is in
-flight when it runs out is cancelled and the answer is "nothing".  A source
+flight when it runs out is cancelled and the answer is "nothing".  Asking
+past this node's store is bounded: at most C{max_lookups} chains at the
+peers or the repository at once, and at most C{max_lookups_per_client} for
+one client address.  A lookup past either bound is not started (the
+answer is "nothing", a full handshake, counted): a flood of made-up
+session ids must not turn the node into an amplifier against its peers.
+A chain whose client went away still counts until it ends (within the
+budget): the questions it asked are still out.  A source
 that fails, answers garbage or holds a blob that does not open is skipped,
 logged and counted, never fatal.  Concurrent lookups of one session id on
 this node are joined: one chain runs, every waiter gets its answer.
@@ -110,8 +117,13 @@ class Recovery:
     @param backup_of: C{(session_id, holder) -> node id or None}: the
         backup node of a session while C{holder} holds it.
     @param id_contexts: service name -> session id context.
+    @param max_lookups: how many chains may be out at the peers or the
+        repository at once; C{None}: no bound.
+    @param max_lookups_per_client: the same, for one client address
+        (L{LookupRequest.client}).
     @ivar counters: C{recovered_<source>}, C{misses}, C{timeouts},
-        C{joined}, C{peer_errors}, C{repository_errors}, C{unsealable},
+        C{joined}, C{lookups_shed}, C{lookups_shed_per_client},
+        C{peer_errors}, C{repository_errors}, C{unsealable},
         C{redirects_followed}, C{backups_asked},
         C{repository_<put|purge>_failures}, C{peer_<backup|purge>_failures}.
     """
@@ -132,6 +144,8 @@ class Recovery:
         purge_on_peer: Callable[[str, bytes], Deferred[Any]] | None = None,
         backup_on_peer: Callable[[str, bytes, bytes], Deferred[Any]] | None = None,
         backup_of: Callable[[bytes, str], str | None] | None = None,
+        max_lookups: int | None = None,
+        max_lookups_per_client: int | None = None,
     ) -> None:
         self.node_id = node_id
         self.store = store
@@ -145,9 +159,15 @@ class Recovery:
         self.purge_on_peer = purge_on_peer
         self.backup_on_peer = backup_on_peer
         self.backup_of = backup_of
+        self.max_lookups = max_lookups
+        self.max_lookups_per_client = max_lookups_per_client
         self._warnings = RateLimitedWarning(clock)
+        self._shed_warnings = RateLimitedWarning(clock)
         self.counters: Counter[str] = Counter()
         self._in_flight: dict[bytes, list[Deferred[Recovered | None]]] = {}
+        # Chains past the store, in all and by client address.
+        self._asking = 0
+        self._asking_for: Counter[str | None] = Counter()
 
     def recover(self, request: LookupRequest) -> Deferred[Recovered | None]:
         """
@@ -192,14 +212,45 @@ class Recovery:
             found = Recovered(local, "peer")
             self._hold(found, request)
             return found
-        found = await self._from_peers(request, context)
-        if found is None and self.repository is not None:
-            found = await self._from_repository(request, context)
+        if not self._admit(request.client):
+            return None
+        try:
+            found = await self._from_peers(request, context)
+            if found is None and self.repository is not None:
+                found = await self._from_repository(request, context)
+        finally:
+            self._release(request.client)
         if found is None:
             self.counters["misses"] += 1
             return None
         self._hold(found, request)
         return found
+
+    def _admit(self, client: str | None) -> bool:
+        """
+        Whether one more chain of C{client} may ask past the store; if so,
+        it counts until L{_release}.
+        """
+        if self.max_lookups is not None and self._asking >= self.max_lookups:
+            shed = "lookups_shed"
+        elif (self.max_lookups_per_client is not None
+              and self._asking_for[client] >= self.max_lookups_per_client):
+            shed = "lookups_shed_per_client"
+        else:
+            self._asking += 1
+            self._asking_for[client] += 1
+            return True
+        self.counters[shed] += 1
+        self._shed_warnings.warn("too many session lookups out ({shed}): full "
+                            "handshakes instead", shed=shed)
+        return False
+
+    def _release(self, client: str | None) -> None:
+        self._asking -= 1
+        self._asking_for[client] -= 1
+        if not self._asking_for[client]:
+            # Past clients leave nothing behind.
+            del self._asking_for[client]
 
     def _from_store(self, request: LookupRequest) -> SessionState | None:
         # A TLS 1.2 session is resumed again and again under one id, so it

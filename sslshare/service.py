@@ -83,7 +83,10 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
     peers = cluster.Peers(
         [(node_id, clientFromString(reactor, endpoint))
          for node_id, endpoint in cluster_config.peers],
-        channel)
+        channel,
+        # A peer that never answers holds no more questions than the
+        # node may have lookups out.
+        max_unanswered_fetches=node_config.max_concurrent_lookups)
     backup_ring = BackupRing(owners)
     repository = None
     if node_config.repository is not None:
@@ -100,6 +103,8 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
         purge_on_peer=peers.purge_session,
         backup_on_peer=peers.backup_session,
         backup_of=backup_ring,
+        max_lookups=node_config.max_concurrent_lookups,
+        max_lookups_per_client=node_config.max_lookups_per_client,
     )
     node = Node(node_config.node_id, store, keys, recovery, reactor,
                 node_config.session_lifetime, repository, peers, backup_ring,

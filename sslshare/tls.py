@@ -134,11 +134,15 @@ class LookupRequest:
     @ivar protocol: C{"TLSv1.2"} or C{"TLSv1.3"}: the version the session
         must have.
     @ivar service: the name of the virtual service the client reached.
+    @ivar client: the client's address (its IP address, for TCP), which
+        the engine does not know: the protocol on top fills it in, for
+        the bound on lookups per client.  C{None} when unknown.
     """
 
     session_id: bytes
     protocol: str
     service: str
+    client: str | None = None
 
 
 class ISessionLookupListener(Interface):

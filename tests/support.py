@@ -29,7 +29,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineReceiver
@@ -492,10 +496,12 @@ class LocalCluster:
     """
 
     def __init__(self, testcase, nodes=("node1", "node2", "node3"),
-                 budget_ms=300, backend=OneShotEcho, repository=None):
+                 budget_ms=300, backend=OneShotEcho, repository=None,
+                 node_options=""):
         """
         @param repository: the body of a C{[repository]} section, or
             C{None}; C{{directory}} in it names the cluster's directory.
+        @param node_options: more lines of every node's C{[node]} table.
         """
         self.directory = os.path.abspath(testcase.mktemp())
         os.makedirs(self.directory)
@@ -517,7 +523,8 @@ class LocalCluster:
                     node=node, cluster="test", client_port=self.ports[node],
                     backend_port=backend.getHost().port,
                     state_dir=f"state/{node}",
-                    node_options=f"lookup_budget_ms = {budget_ms}",
+                    node_options=f"lookup_budget_ms = {budget_ms}\n"
+                                 + node_options,
                     amp_port=amp_ports[node], peers=peers))
                 if repository is not None:
                     f.write("\n[repository]\n"
@@ -692,3 +699,103 @@ def resident_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def fragment(record, size):
+    """
+    The handshake bytes of the one TLS record C{record} cut into records
+    of at most C{size} bytes each (TLS lets a handshake message span
+    records, and ClientHellos over 16 KiB must).
+    """
+    header, body = record[:3], record[5:]
+    return b"".join(header + _u16(body[at:at + size])
+                    for at in range(0, len(body), size))
+
+
+def tls_outcome(received, closed):
+    """
+    What a TLS server did with what a client sent, from the bytes it sent
+    back: C{"handshake"} (a ServerHello came), C{"alert"}, C{"closed"}
+    (closed without a word), C{"other"} (bytes that are none of these, a
+    fault); C{None} while it is too early to say.
+    """
+    if len(received) >= 6:
+        if received[0] == 22 and received[5] == 2:
+            return "handshake"
+        if received[0] == 21:
+            return "alert"
+        return "other"
+    if closed:
+        return "closed" if not received else "other"
+    return None
+
+
+class _Exchange(Protocol):
+    """
+    Sends C{chunks}, C{delay} seconds apart, and fires C{done} with
+    C{judge(received, closed)} as soon as that is not C{None}, then
+    aborts the connection; C{"hung"} if nothing is decided in C{deadline}
+    seconds.
+    """
+
+    def __init__(self, chunks, delay, judge, deadline):
+        self.chunks = list(chunks)
+        self.delay = delay
+        self.judge = judge
+        self.received = b""
+        self.done = Deferred()
+        self._timers = [reactor.callLater(deadline, self._decide, "hung")]
+
+    def connectionMade(self):
+        self._send()
+
+    def _send(self):
+        while self.chunks and not self.done.called:
+            self.transport.write(self.chunks.pop(0))
+            if self.delay and self.chunks:
+                self._timers.append(reactor.callLater(self.delay, self._send))
+                return
+
+    def dataReceived(self, data):
+        self.received += data
+        outcome = self.judge(self.received, False)
+        if outcome is not None:
+            self._decide(outcome)
+
+    def connectionLost(self, reason):
+        self.transport = None
+        self._decide(self.judge(self.received, True) or "closed")
+
+    def _decide(self, outcome):
+        if self.done.called:
+            return
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        self.done.callback(outcome)
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+def exchange(port, chunks, *, delay=0.0, judge=tls_outcome, deadline=10.0,
+             source="127.0.0.1", tls=None):
+    """
+    Connect to C{port} of 127.0.0.1 from address C{source}, send
+    C{chunks} (C{delay} seconds apart), and fire with what C{judge} makes
+    of the answer (L{tls_outcome} by default), or C{"hung"} after
+    C{deadline} seconds, or C{"refused"} if the connection fails.
+
+    @param tls: client TLS options (an C{IOpenSSLClientConnectionCreator})
+        to speak over TLS, or C{None} for plain TCP.
+    """
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=deadline,
+                                  bindAddress=(source, 0))
+    if tls is not None:
+        endpoint = wrapClientTLS(tls, endpoint)
+    protocol = _Exchange(chunks, delay, judge, deadline)
+
+    def refused(reason):
+        protocol._decide("refused")
+
+    connectProtocol(endpoint, protocol).addErrback(refused)
+    return protocol.done

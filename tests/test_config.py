@@ -123,9 +123,10 @@ class ValidConfigTests(_ConfigTestCase):
             (node.node_id, node.cluster_name, node.lookup_budget,
              node.session_lifetime, node.store_max_bytes,
              node.handshake_timeout, node.metrics_listen, node.repository,
-             node.topology),
+             node.topology, node.max_concurrent_lookups,
+             node.max_lookups_per_client),
             ("node1", "demo", 0.050, 3600, 64 * 1024 * 1024, 10.0, None, None,
-             "peers"))
+             "peers", 1000, 100))
         self.assertEqual((node.tls.min_version, node.tls.max_version,
                           node.tls.alpn), ("1.2", "1.3", ()))
 
@@ -178,11 +179,14 @@ session_lifetime_s = 600
 store_max_bytes = 65536
 handshake_timeout_s = 2.5
 metrics_listen = "tcp:9441:interface=127.0.0.1"
+max_concurrent_lookups = 20
+max_lookups_per_client = 5
 """)
         self.assertEqual(
             (node.lookup_budget, node.session_lifetime, node.store_max_bytes,
-             node.handshake_timeout, node.metrics_listen),
-            (0.120, 600, 65536, 2.5, "tcp:9441:interface=127.0.0.1"))
+             node.handshake_timeout, node.metrics_listen,
+             node.max_concurrent_lookups, node.max_lookups_per_client),
+            (0.120, 600, 65536, 2.5, "tcp:9441:interface=127.0.0.1", 20, 5))
 
     def test_tls_settings_are_read_and_alpn_becomes_bytes(self):
         node = self.load(tls='[tls]\nmin_version = "1.3"\nmax_version = "1.3"\n'
@@ -510,6 +514,28 @@ class RangeErrorTests(_ConfigTestCase):
         self.assertError(self.error(node=NODE + "lookup_budget_ms = 10001\n"),
                          "node.lookup_budget_ms",
                          "10001 is out of range: must be from 1 to 10000")
+
+    def test_max_concurrent_lookups_zero(self):
+        self.assertError(self.error(node=NODE + "max_concurrent_lookups = 0\n"),
+                         "node.max_concurrent_lookups",
+                         "0 is out of range: must be from 1 to 1000000")
+
+    def test_max_concurrent_lookups_above_a_million(self):
+        self.assertError(
+            self.error(node=NODE + "max_concurrent_lookups = 1000001\n"),
+            "node.max_concurrent_lookups",
+            "1000001 is out of range: must be from 1 to 1000000")
+
+    def test_max_lookups_per_client_negative(self):
+        self.assertError(self.error(node=NODE + "max_lookups_per_client = -1\n"),
+                         "node.max_lookups_per_client",
+                         "-1 is out of range: must be from 1 to 1000000")
+
+    def test_max_lookups_per_client_above_a_million(self):
+        self.assertError(
+            self.error(node=NODE + "max_lookups_per_client = 1000001\n"),
+            "node.max_lookups_per_client",
+            "1000001 is out of range: must be from 1 to 1000000")
 
     def test_session_lifetime_below_a_minute(self):
         self.assertError(self.error(node=NODE + "session_lifetime_s = 59\n"),

@@ -1,8 +1,10 @@
 """
 Property tests for what the engine parses from the network before OpenSSL
 does: session ids, and the server_name, supported_versions and
-pre_shared_key extensions of a ClientHello.  Any bytes end in a value or
-in the parser's own error, never in anything else.
+pre_shared_key extensions of a ClientHello; and the sealed state blobs a
+peer or the repository hands back.  Any bytes end in a value or in the
+parser's own error, never in anything else.  (The state codec's own
+properties are in test_state.)
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from sslshare import sessionid, tls
-from tests.support import psk_extension
+from sslshare.state import SealError, StateKeys
+from tests.support import psk_extension, session_state
+from tests.test_state import properties, states
 
 
 class SessionIdTests(SynchronousTestCase):
@@ -83,3 +87,55 @@ class ExtensionParserTests(SynchronousTestCase):
         except tls.MalformedExtension:
             return
         self.assertEqual(len(versions) * 2 + 1, len(body))
+
+_first_key, _second_key = StateKeys.generate(), StateKeys.generate()
+_keys = StateKeys([_first_key, _second_key])
+_context = sessionid.service_id_context("test", "web")
+
+
+class SessionIdLayoutTests(SynchronousTestCase):
+    @properties
+    @given(st.binary(max_size=64))
+    def test_describe_any_bytes_is_a_short_text(self, candidate):
+        described = sessionid.describe(candidate)
+        self.assertLessEqual(len(described), 13)
+        self.assertTrue(candidate.hex().startswith(described.rstrip("…")))
+
+    @properties
+    @given(st.text(max_size=80), st.text(max_size=80))
+    def test_any_service_gets_a_context_of_32_bytes(self, cluster, service):
+        self.assertEqual(len(sessionid.service_id_context(cluster, service)),
+                         sessionid.ID_CONTEXT_LENGTH)
+
+
+class SealedBlobTests(SynchronousTestCase):
+    """
+    What a peer or the repository may hand back as a sealed state: any
+    bytes open to the state of that session or fail with L{SealError}.
+    """
+
+    @properties
+    @given(st.binary(max_size=600), st.binary(min_size=32, max_size=32))
+    def test_any_bytes_open_to_a_state_or_seal_error(self, blob, session_id):
+        try:
+            opened = _keys.open(blob, session_id, _context)
+        except SealError:
+            return
+        self.assertEqual(opened.session_id, session_id)
+
+    @properties
+    @given(states)
+    def test_any_state_opens_as_sealed_under_any_key_of_the_file(self, state):
+        blob = _keys.seal(state)
+        rotated = StateKeys([_second_key, _first_key])
+        for keys in (_keys, rotated):
+            self.assertEqual(
+                keys.open(blob, state.session_id, state.id_context), state)
+
+    @properties
+    @given(st.binary(min_size=1, max_size=200))
+    def test_another_key_never_opens_it(self, der):
+        state = session_state(der=der)
+        stranger = StateKeys([StateKeys.generate()])
+        self.assertRaises(SealError, stranger.open, _keys.seal(state),
+                          state.session_id, state.id_context)
