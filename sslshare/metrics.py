@@ -128,14 +128,19 @@ class _MetricsPage(Resource):
         return generate_latest(self.registry)
 
 
-class _QuietSite(Site):
+class MetricsSite(Site):
+    """
+    The metrics page's web site (its class name is what the log shows when
+    it starts listening).
+    """
+
     def log(self, request: Any) -> None:
         """
         No access log: a scrape every few seconds would fill the node's log.
         """
 
 
-def metrics_site(node: Node) -> Site:
+def metrics_site(node: Node) -> MetricsSite:
     """
     The web site serving C{/metrics} for C{node}.
     """
@@ -143,7 +148,7 @@ def metrics_site(node: Node) -> Site:
     registry.register(NodeCollector(node))
     root = Resource()
     root.putChild(b"metrics", _MetricsPage(registry))
-    return _QuietSite(root)
+    return MetricsSite(root)
 
 
 def metrics_service(node: Node, endpoint: IStreamServerEndpoint

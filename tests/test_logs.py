@@ -9,9 +9,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -173,3 +175,17 @@ class JSONLogTests(TestCase):
         self.assertEqual([event["peer"] for event in connected], ["node2"])
         self.assertTrue(any(event["log_namespace"].startswith("sslshare.")
                             for event in events))
+
+    @inlineCallbacks
+    def test_json_log_to_syslog_is_refused_in_one_line(self):
+        cluster = LocalCluster(self, nodes=("node1",),
+                               node_options='log_format = "json"')
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from twisted.scripts.twistd import run; run()", "-n",
+             "--pidfile=", "--syslog", "sslshare", "--config",
+             cluster.paths["node1"]], env=os.environ)
+        self.assertNotEqual(code, 0)
+        self.assertEqual(err.decode().strip().splitlines(), [
+            f"sslshare: {cluster.paths['node1']}: node.log_format: \"json\" "
+            f"is written to a file or stdout, not to syslog: drop --syslog"])
