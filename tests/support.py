@@ -624,6 +624,44 @@ class LocalCluster:
             + [self.kill(node, "TERM") for node in list(self.processes)])
 
 
+def connect_without_certificate(port, ca_cert):
+    """
+    Open TLS to C{port} of 127.0.0.1 with no client certificate (a node's
+    peer channel refuses it).  Blocking: run it in a thread.
+    """
+    context = ssl.create_default_context(cafile=ca_cert)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError):
+            pass
+
+
+def settle():
+    """
+    A moment for the purges and backup copies a node sends after a
+    handshake to arrive.
+    """
+    return deferLater(reactor, 0.2, lambda: None)
+
+
+def wait_until(condition, timeout=10.0):
+    """
+    Fire once C{condition()} is true; fail after C{timeout} seconds.
+    """
+    async def wait():
+        deadline = reactor.seconds() + timeout
+        while not condition():
+            if reactor.seconds() > deadline:
+                raise AssertionError("condition not met in time")
+            await deferLater(reactor, 0.05, lambda: None)
+
+    return Deferred.fromCoroutine(wait())
+
+
 async def scrape_metrics(port):
     """
     C{curl} the metrics page on C{port} of 127.0.0.1, and parse it with

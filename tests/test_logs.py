@@ -19,8 +19,13 @@ from twisted.trial.unittest import TestCase
 
 from sslshare import sessionid, tls
 from sslshare.logs import json_lines_observer
-from tests.support import LocalCluster, python_client_round
-from tests.test_metrics import _connect_without_certificate, _settle, _until
+from tests.support import (
+    LocalCluster,
+    connect_without_certificate,
+    python_client_round,
+    settle,
+    wait_until,
+)
 
 # A run of this many bytes of a key is a leak, whatever surrounds it.
 WINDOW = 12
@@ -110,11 +115,11 @@ class JSONLogTests(TestCase):
                     python_client_round, cluster.ports[node], cluster.ca_cert,
                     version, result.session)
                 self.assertTrue(result.reused)
-        yield deferToThread(_connect_without_certificate,
+        yield deferToThread(connect_without_certificate,
                             cluster.amp_ports["node1"], cluster.ca_cert)
-        yield _settle()
+        yield settle()
         yield cluster.stop("node2")
-        yield _until(lambda: not cluster.nodes["node1"].peer_links
+        yield wait_until(lambda: not cluster.nodes["node1"].peer_links
                      .link("node2").connected)
 
         # Ten sessions made (two full handshakes, eight resumptions that
@@ -154,7 +159,7 @@ class JSONLogTests(TestCase):
             "TLSv1.2")
         # node1 has given node2 the session's backup copy; take it back
         # there so that node1 also logs the session it gives away.
-        yield _settle()
+        yield settle()
         again = yield deferToThread(
             python_client_round, cluster.ports["node2"], cluster.ca_cert,
             "TLSv1.2", first.session)

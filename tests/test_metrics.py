@@ -7,17 +7,22 @@ over the cluster channel: the two views agree, and move by what happened.
 from __future__ import annotations
 
 import socket
-import ssl
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from sslshare import cli, config
 from sslshare.recovery import LOOKUP_SOURCES
-from tests.support import LocalCluster, python_client_round, scrape_metrics
+from tests.support import (
+    LocalCluster,
+    connect_without_certificate,
+    python_client_round,
+    scrape_metrics,
+    settle,
+    wait_until,
+)
 
 
 def _handshakes(samples, outcome):
@@ -39,11 +44,6 @@ def _stats(cluster, node):
     """
     return Deferred.fromCoroutine(cli.ask_stats(
         reactor, config.load(cluster.paths[node], reactor), node))
-
-
-def _settle():
-    # Purges and backup copies a resumption sends settle within a moment.
-    return deferLater(reactor, 0.2, lambda: None)
 
 
 class MetricsPageTests(TestCase):
@@ -97,7 +97,7 @@ class MetricsPageTests(TestCase):
         # nowhere, and the client gets a full handshake.
         replayed = yield self._round(cluster, "node3", "TLSv1.3", tls13.session)
         self.assertFalse(replayed.reused)
-        yield _settle()
+        yield settle()
 
         node1 = yield _scrape(cluster, "node1")
         self.assertEqual(_handshakes(node1, "full"), 2)
@@ -127,7 +127,7 @@ class MetricsPageTests(TestCase):
         cluster = LocalCluster(self, nodes=("node1", "node2"), metrics=True)
         yield cluster.start_all()
         first = yield self._round(cluster, "node1", "TLSv1.2")
-        yield _settle()
+        yield settle()
         resumed = yield self._round(cluster, "node2", "TLSv1.2", first.session)
         self.assertTrue(resumed.reused)
         samples = yield _scrape(cluster, "node2")
@@ -160,9 +160,9 @@ class MetricsPageTests(TestCase):
         first = yield self._round(cluster, "node1", "TLSv1.2")
         # node2 keeps the backup copy of node1's sessions (the ring after
         # node1); it arrives asynchronously.
-        yield _settle()
+        yield settle()
         yield cluster.stop("node1")
-        yield _until(lambda: not cluster.nodes["node3"].peer_links
+        yield wait_until(lambda: not cluster.nodes["node3"].peer_links
                      .link("node1").connected)
         resumed = yield self._round(cluster, "node3", "TLSv1.2", first.session)
         self.assertTrue(resumed.reused)
@@ -179,9 +179,9 @@ class MetricsPageTests(TestCase):
     def test_connection_without_a_node_certificate_is_a_refused_connection(self):
         cluster = LocalCluster(self, nodes=("node1", "node2"), metrics=True)
         yield cluster.start_all()
-        yield deferToThread(_connect_without_certificate,
+        yield deferToThread(connect_without_certificate,
                             cluster.amp_ports["node1"], cluster.ca_cert)
-        yield _until(lambda: cluster.nodes["node1"].peer_server
+        yield wait_until(lambda: cluster.nodes["node1"].peer_server
                      .counters["refused_connections"] == 1)
         samples = yield _scrape(cluster, "node1")
         self.assertEqual(
@@ -210,26 +210,3 @@ class MetricsPageTests(TestCase):
         with socket.socket() as probe:
             self.assertNotEqual(probe.connect_ex(
                 ("127.0.0.1", cluster.metrics_ports["node1"])), 0)
-
-
-def _connect_without_certificate(port, ca_cert):
-    context = ssl.create_default_context(cafile=ca_cert)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        try:
-            with context.wrap_socket(raw) as tls:
-                tls.recv(1)
-        except (ssl.SSLError, OSError):
-            pass
-
-
-def _until(condition, timeout=10.0):
-    async def wait():
-        deadline = reactor.seconds() + timeout
-        while not condition():
-            if reactor.seconds() > deadline:
-                raise AssertionError("condition not met in time")
-            await deferLater(reactor, 0.05, lambda: None)
-
-    return Deferred.fromCoroutine(wait())
