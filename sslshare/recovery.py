@@ -30,12 +30,11 @@ store, the peer links and the repository it is given.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
-
-import math
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
