@@ -648,6 +648,14 @@ def _tls_failure(reason: Failure) -> str | None:
 
 # The server.
 
+def _shown_address(address: Any) -> str:
+    # A log field: a string survives a JSON log, an IAddress does not.
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None or port is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @implementer(IHandshakeListener)
 class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
     factory: PeerServerFactory
@@ -657,7 +665,7 @@ class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._address = self.transport.getPeer()
+        self._address = _shown_address(self.transport.getPeer())
         self.factory._protocols.add(self)
         self._start_deadline(self.factory.clock, self.factory.handshake_timeout)
 
@@ -846,8 +854,7 @@ class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
     def _stats(self) -> dict[str, Any]:
         self._authorize(Stats)
         counters = dict(self.factory.handler.stats())
-        for name, count in self.factory.counters.items():
-            counters[f"cluster.{name}"] = count
+        counters.update(self.factory.stats())
         problem = _counters_problem(counters)
         if problem is not None:
             raise ValueError(f"stats answered {problem}")
@@ -898,6 +905,13 @@ class PeerServerFactory(Factory):
         self.handshake_timeout = handshake_timeout
         self.counters: Counter[str] = Counter()
         self._protocols: set[_PeerServerProtocol] = set()
+
+    def stats(self) -> dict[str, int]:
+        """
+        The channel's counters, named C{cluster.<counter>}.
+        """
+        return {f"cluster.{name}": count
+                for name, count in self.counters.items()}
 
     def connected_peers(self) -> set[str]:
         """

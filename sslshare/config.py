@@ -58,6 +58,7 @@ COMMANDS = ("Backup", "Checkpoint", "FetchSession", "Purge", "Stats")
 TLS_VERSIONS = ("1.2", "1.3")
 REPOSITORY_KINDS = ("sqlite", "postgres", "redis")
 REPOSITORY_TOPOLOGIES = ("repository", "both")
+LOG_FORMATS = ("text", "json")
 
 DEFAULT_LOOKUP_BUDGET_MS = 50
 DEFAULT_SESSION_LIFETIME_S = 3600
@@ -76,7 +77,7 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
     "node": frozenset({
         "id", "cluster", "listen", "backend", "state_dir", "lookup_budget_ms",
         "session_lifetime_s", "store_max_bytes", "handshake_timeout_s",
-        "metrics_listen", "checkpoint", "checkpoint_period_ms",
+        "metrics_listen", "log_format", "checkpoint", "checkpoint_period_ms",
         "checkpoint_bound", "max_concurrent_lookups",
         "max_lookups_per_client"}),
     "tls": frozenset({"min_version", "max_version", "alpn", "service"}),
@@ -268,6 +269,8 @@ class NodeConfig:
     @ivar store_max_bytes: bound of the in-memory session store.
     @ivar handshake_timeout: seconds a client has to finish its handshake.
     @ivar metrics_listen: server endpoint string for metrics, or C{None}.
+    @ivar log_format: how C{twistd} writes the node's log: C{"text"}
+        lines, or C{"json"}, one JSON object per line.
     @ivar checkpoint: when the running digest of each connection's records
         is checkpointed outside the node (C{every-record}, C{interval}
         with its period, or C{off}), and how many unacknowledged records
@@ -291,6 +294,7 @@ class NodeConfig:
     cluster: ClusterConfig
     repository: RepositoryConfig | None = None
     metrics_listen: str | None = None
+    log_format: str = "text"
 
     @property
     def topology(self) -> str:
@@ -582,6 +586,8 @@ class _Reader:
             default=float(DEFAULT_HANDSHAKE_TIMEOUT_S))
         metrics_listen = node.value("metrics_listen",
                                     self.server_endpoint(plain=False))
+        log_format = node.value("log_format", self.choice(LOG_FORMATS),
+                                default="text")
         checkpoint = CheckpointPolicy(
             mode=node.value("checkpoint", self.choice(CHECKPOINT_MODES),
                             default="every-record"),
@@ -610,6 +616,7 @@ class _Reader:
             store_max_bytes=store_max_bytes,
             handshake_timeout=handshake_timeout,
             metrics_listen=metrics_listen,
+            log_format=log_format,
             checkpoint=checkpoint,
             tls=self.tls(tls_table),
             cluster=self.cluster(cluster_table, node_id),

@@ -7,8 +7,9 @@ HTTP backend in this process; start the nodes of C{conf/node1.toml} to
 C{node3.toml} as three real C{twistd sslshare} processes; let clients
 (Python's C{ssl}, half TLS 1.2 and half TLS 1.3) connect round-robin
 across the nodes, each offering the session of its previous connection;
-ask each node for its counters over the cluster channel; print them; stop
-the nodes.  Every connection after a client's first is resumable, and is
+ask each node for its counters over the cluster channel, and read the
+handshake counters of its metrics page (C{metrics_listen}) too; print them;
+stop the nodes.  Every connection after a client's first is resumable, and is
 resumed only if the node it reaches recovers the session from the node that
 made it.
 """
@@ -32,14 +33,14 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web import resource, server
+from twisted.web.client import Agent, readBody
 
-from sslshare import cli, config, pki, throwaway
+from sslshare import cli, config, metrics, pki, throwaway
 
 NODES = ("node1", "node2", "node3")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-OUTCOMES = ("full", "resumed_local", "resumed_peer", "resumed_repository",
-            "failed")
+OUTCOMES = metrics.HANDSHAKE_OUTCOMES
 
 
 class _Hello(resource.Resource):
@@ -83,6 +84,31 @@ def _twistd() -> list[str]:
 
 def _listen_port(node_config: config.NodeConfig) -> int:
     return int(cli.client_endpoint_for(node_config.listen[0]).rsplit("=", 1)[1])
+
+
+def metrics_url(node_config: config.NodeConfig) -> str | None:
+    """
+    The URL of the node's metrics page, if it serves one.
+    """
+    if node_config.metrics_listen is None:
+        return None
+    fields = dict(part.split("=", 1) for part in cli.client_endpoint_for(
+        node_config.metrics_listen).split(":")[1:])
+    return f"http://{fields['host']}:{fields['port']}/metrics"
+
+
+async def _scraped_handshakes(reactor: Any, url: str) -> dict[str, int]:
+    """
+    The handshakes by outcome that the metrics page at C{url} shows.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = await Agent(reactor).request(b"GET", url.encode("ascii"))
+    page = (await readBody(response)).decode("utf-8")
+    return {sample.labels["outcome"]: int(sample.value)
+            for family in text_string_to_metric_families(page)
+            for sample in family.samples
+            if sample.name == "sslshare_handshakes_total"}
 
 
 def _backend_listen(node_config: config.NodeConfig) -> str:
@@ -279,6 +305,12 @@ async def _run_cluster(reactor: Any, arguments: Any,
         for (node, port), (_, process) in zip(ports, processes):
             await _wait_listening(reactor, port, process)
         await _wait_linked(reactor, configs["node1"])
+        urls = {node: url for node in NODES
+                if (url := metrics_url(configs[node])) is not None}
+        if not arguments.json:
+            for node, url in urls.items():
+                print(f"{node} metrics, while the demo runs: curl {url}",
+                      flush=True)
         ca = configs["node1"].cluster.ca
         clients = [
             deferToThread(_client, ca, "TLSv1.2" if index % 2 == 0 else "TLSv1.3",
@@ -291,18 +323,26 @@ async def _run_cluster(reactor: Any, arguments: Any,
         counters = {}
         for node in NODES:
             counters[node] = await cli.ask_stats(reactor, configs["node1"], node)
+        scraped = {node: await _scraped_handshakes(reactor, url)
+                   for node, url in urls.items()}
     finally:
         await _stop(reactor, processes)
         await backend.stopListening()
-    return _report(visits, counters, arguments.clients)
+    return _report(visits, counters, scraped, arguments.clients)
 
 
 def _report(visits: list[Visit], counters: dict[str, dict[str, Any]],
+            scraped: dict[str, dict[str, int]],
             clients: int) -> dict[str, Any]:
     per_node = {node: {outcome: int(counters[node].get(outcome, 0))
                        for outcome in OUTCOMES} for node in NODES}
     totals = {outcome: sum(row[outcome] for row in per_node.values())
               for outcome in OUTCOMES}
+    # The same outcomes as the metrics pages show them: what a Prometheus
+    # server scraping the nodes would have seen.
+    from_metrics = {outcome: sum(row.get(outcome, 0)
+                                 for row in scraped.values())
+                    for outcome in OUTCOMES}
     resumable = len(visits) - clients
     resumed = sum(visit.resumed for visit in visits)
     return {
@@ -312,6 +352,8 @@ def _report(visits: list[Visit], counters: dict[str, dict[str, Any]],
         "resumable": resumable,
         "resumed": resumed,
         "per_node": per_node,
+        "metrics_pages": len(scraped),
+        "from_metrics": from_metrics,
     }
 
 
@@ -320,7 +362,7 @@ def run(arguments: Any) -> None:
     if arguments.json:
         print(json.dumps({key: report[key] for key in (
             "connections", "full", "resumed_local", "resumed_peer",
-            "resumed_repository", "failed")}))
+            "resumed_repository", "failed", "from_metrics")}))
         return
     print(f"{'node':<8}" + "".join(f"{name:>20}" for name in OUTCOMES))
     for node, row in report["per_node"].items():
@@ -331,3 +373,9 @@ def run(arguments: Any) -> None:
           f"clients; {report['resumed']} of {report['resumable']} resumable "
           f"connections resumed ({share:.1%}), "
           f"{report['client_failures']} failed on the client side")
+    if report["metrics_pages"]:
+        counted = report["from_metrics"]
+        resumed = sum(count for name, count in counted.items()
+                      if name.startswith("resumed"))
+        print(f"per the nodes' metrics pages: {counted['full']} full, "
+              f"{resumed} resumed, {counted['failed']} failed handshakes")

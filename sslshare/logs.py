@@ -1,19 +1,47 @@
 """
-Warnings that an outage would repeat thousands of times: at most one per
-interval, with the count of those left out.
+How the node logs.
 
-A repository or peer that goes away fails every session at once; the
-operator needs to know that it happens and how often, not one line per
-session.
+Every event is a C{twisted.logger} event: a format string and named fields
+(C{session} is always L{sslshare.sessionid.describe}'s short prefix, never
+a secret), so that a JSON log keeps each field by name.
+
+L{RateLimitedWarning}: warnings that an outage would repeat thousands of
+times, at most one per interval, with the count of those left out.  A
+repository or peer that goes away fails every session at once; the operator
+needs to know that it happens and how often, not one line per session.
+
+L{json_lines_observer}: the observer of the C{log_format = "json"} option.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    Logger,
+    LogEvent,
+    eventAsJSON,
+    formatEvent,
+)
+
+
+def json_lines_observer(out: IO[Any]) -> ILogObserver:
+    """
+    An observer writing each event to C{out} as one line of JSON:
+    L{twisted.logger.eventAsJSON} (every field by name, C{log_format},
+    C{log_level}, C{log_time}, ...), with the formatted text in
+    C{log_text}.  Unlike L{twisted.logger.jsonFileLogObserver}, no record
+    separator starts the line, so that line-oriented tools read it.
+    """
+    return FileLogObserver(out, _json_line)
+
+
+def _json_line(event: LogEvent) -> str:
+    return eventAsJSON(dict(event, log_text=formatEvent(event))) + "\n"
 
 
 class RateLimitedWarning:

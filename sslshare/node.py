@@ -32,7 +32,7 @@ from sslshare.digest import (
     exporter,
 )
 from sslshare.logs import RateLimitedWarning
-from sslshare.recovery import Recovered, Recovery
+from sslshare.recovery import LOOKUP_SOURCES, Recovered, Recovery
 from sslshare.state import SealError, SessionState, StateKeys
 from sslshare.store import SessionStore
 from sslshare.tls import Connection, LookupRequest, ServerContext
@@ -289,8 +289,13 @@ class Node:
     def stats(self) -> dict[str, int | float]:
         """
         Every counter of this node, flat: the node's own, then the engine's
-        (C{engine.}), the recovery chain's (C{recovery.}) and the store's
-        (C{store.}).
+        (C{engine.}), the recovery chain's (C{recovery.}), the store's
+        (C{store.}), the repository's, the checkpoint pipelines', the count
+        and total seconds of the lookups that ended at each of
+        L{LOOKUP_SOURCES} (C{lookup.<source>.count}, C{.seconds}), whether
+        each peer is connected (C{peers.<node id>.connected}, 0 or 1) and
+        the peer channel's (C{cluster.}).  C{sslshare stats} and the
+        metrics page both show these numbers.
         """
         numbers: dict[str, int | float] = dict(self.counters)
         failed = 0
@@ -311,6 +316,14 @@ class Node:
             numbers[f"checkpoint.{name}"] = count
         numbers["store.sessions"] = len(self.store)
         numbers["store.bytes"] = self.store.bytes_used
+        for source in LOOKUP_SOURCES:
+            numbers[f"lookup.{source}.count"] = self.recovery.latency.count(source)
+            numbers[f"lookup.{source}.seconds"] = self.recovery.latency.sum(source)
         if self.peer_links is not None:
             numbers["peers.connected"] = self.peer_links.connected_count()
+            for link in self.peer_links.links:
+                numbers[f"peers.{link.peer_node_id}.connected"] = int(
+                    link.connected)
+        if self.peer_server is not None:
+            numbers.update(self.peer_server.stats())
         return numbers

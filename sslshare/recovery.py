@@ -37,6 +37,8 @@ store, the peer links and the repository it is given.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -56,21 +58,77 @@ from sslshare.tls import LookupRequest
 # backup copy.
 SOURCES = ("local", "peer", "repository")
 
+# Where a lookup ended, for its latency: this node's store (its own
+# sessions and the backup copies it keeps), the owner peer (or the node a
+# redirect named), the owner's backup node when the owner could not answer,
+# the repository, or nowhere (a miss or a timeout).  The latencies of these
+# paths differ by orders of magnitude, hence one histogram each.
+LOOKUP_SOURCES = ("local", "peer", "backup", "repository", "miss")
+
+# Upper bounds in seconds of the lookup latency buckets: from a local hit
+# (microseconds) to the largest lookup budget (10 s).
+LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                  0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
 
 @attrs.frozen
 class Recovered:
     """
     A session found for a lookup, where it was found (one of L{SOURCES}),
     and the peer that gave it, if one did.
+
+    @ivar found_at: the path the lookup took to it, one of
+        L{LOOKUP_SOURCES} but C{miss}; by default its C{source}.
     """
 
     state: SessionState
     source: str
     giver: str | None = None
+    found_at: str = attrs.field(
+        default=attrs.Factory(lambda self: self.source, takes_self=True))
 
     @property
     def der(self) -> bytes:
         return self.state.der
+
+
+class LatencyHistogram:
+    """
+    How long lookups took, by where they ended (L{LOOKUP_SOURCES}): a count
+    per bucket of L{LATENCY_BOUNDS}, and the count and sum of all.
+    """
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BOUNDS) -> None:
+        self.bounds = bounds
+        # One more bucket than bounds: above the last bound.
+        self._buckets = {source: [0] * (len(bounds) + 1)
+                         for source in LOOKUP_SOURCES}
+        self._sums = dict.fromkeys(LOOKUP_SOURCES, 0.0)
+
+    def observe(self, source: str, seconds: float) -> None:
+        self._buckets[source][bisect_left(self.bounds, seconds)] += 1
+        self._sums[source] += seconds
+
+    def count(self, source: str) -> int:
+        return sum(self._buckets[source])
+
+    def sum(self, source: str) -> float:
+        """
+        The seconds all lookups that ended at C{source} took.
+        """
+        return self._sums[source]
+
+    def cumulative(self, source: str) -> list[tuple[float, int]]:
+        """
+        (upper bound, lookups that took at most that long) for each bound,
+        then (infinity, all lookups): Prometheus' C{le} buckets.
+        """
+        counts, total = [], 0
+        for bound, count in zip((*self.bounds, math.inf),
+                                self._buckets[source]):
+            total += count
+            counts.append((bound, total))
+        return counts
 
 
 class BackupRing:
@@ -121,6 +179,7 @@ class Recovery:
         repository at once; C{None}: no bound.
     @param max_lookups_per_client: the same, for one client address
         (L{LookupRequest.client}).
+    @ivar latency: how long each lookup chain took, by where it ended.
     @ivar counters: C{recovered_<source>}, C{misses}, C{timeouts},
         C{joined}, C{lookups_shed}, C{lookups_shed_per_client},
         C{peer_errors}, C{repository_errors}, C{unsealable},
@@ -164,6 +223,7 @@ class Recovery:
         self._warnings = RateLimitedWarning(clock)
         self._shed_warnings = RateLimitedWarning(clock)
         self.counters: Counter[str] = Counter()
+        self.latency = LatencyHistogram()
         self._in_flight: dict[bytes, list[Deferred[Recovered | None]]] = {}
         # Chains past the store, in all and by client address.
         self._asking = 0
@@ -183,6 +243,7 @@ class Recovery:
         chain = Deferred.fromCoroutine(self._chain(request))
         chain.addTimeout(self.budget, self.clock)
         chain.addErrback(self._gave_up, request)
+        chain.addCallback(self._timed, self.clock.seconds())
         chain.addCallback(self._answer_all, request)
         return waiter
 
@@ -209,7 +270,7 @@ class Recovery:
         if local is not None:
             # A backup copy another node gave this one: the session comes
             # from a peer all the same, and is held here from now on.
-            found = Recovered(local, "peer")
+            found = Recovered(local, "peer", found_at="local")
             self._hold(found, request)
             return found
         if not self._admit(request.client):
@@ -241,8 +302,8 @@ class Recovery:
             self._asking_for[client] += 1
             return True
         self.counters[shed] += 1
-        self._shed_warnings.warn("too many session lookups out ({shed}): full "
-                            "handshakes instead", shed=shed)
+        self._shed_warnings.warn("too many session lookups out ({shed}): "
+                                 "full handshakes instead", shed=shed)
         return False
 
     def _release(self, client: str | None) -> None:
@@ -272,7 +333,7 @@ class Recovery:
             owner = self.store.holder(session_id)
         if owner is None or owner == self.node_id or self.fetch_from_peer is None:
             return None
-        giver = owner
+        giver, found_at = owner, "peer"
         answer = await self._ask_peer(owner, request)
         if (answer is None and self.backup_of is not None
                 and self.repository is None):
@@ -281,18 +342,19 @@ class Recovery:
             backup = self.backup_of(session_id, owner)
             if backup not in (None, self.node_id):
                 self.counters["backups_asked"] += 1
-                giver = backup
+                giver, found_at = backup, "backup"
                 answer = await self._ask_peer(backup, request)
         if answer is not None and answer.status == "redirect":
             holder = answer.holder
             if holder in (None, self.node_id, giver):
                 return None
             self.counters["redirects_followed"] += 1
-            giver = holder
+            giver, found_at = holder, "peer"
             answer = await self._ask_peer(holder, request)
         if answer is None or answer.status != "found":
             return None
-        return self._open(answer.sealed, request, context, "peer", giver)
+        return self._open(answer.sealed, request, context, "peer", giver,
+                          found_at)
 
     async def _ask_peer(self, node_id: str, request: LookupRequest) -> Any:
         try:
@@ -322,11 +384,12 @@ class Recovery:
             return None
         if sealed is None:
             return None
-        return self._open(sealed, request, context, "repository", None)
+        return self._open(sealed, request, context, "repository", None,
+                          "repository")
 
     def _open(self, sealed: bytes | None, request: LookupRequest,
-              context: bytes, source: str,
-              giver: str | None) -> Recovered | None:
+              context: bytes, source: str, giver: str | None,
+              found_at: str) -> Recovered | None:
         try:
             state = self.keys.open(sealed or b"", request.session_id, context)
         except SealError as e:
@@ -338,7 +401,7 @@ class Recovery:
             return None
         if state.expired(self.clock.seconds()):
             return None
-        return Recovered(state, source, giver)
+        return Recovered(state, source, giver, found_at)
 
     def _hold(self, found: Recovered, request: LookupRequest) -> None:
         """
@@ -413,6 +476,12 @@ class Recovery:
             self._log.failure("recovery of session {session} failed", reason,
                               session=sessionid.describe(request.session_id))
         return None
+
+    def _timed(self, result: Recovered | None,
+               started: float) -> Recovered | None:
+        self.latency.observe("miss" if result is None else result.found_at,
+                             self.clock.seconds() - started)
+        return result
 
     def _answer_all(self, result: Recovered | None,
                     request: LookupRequest) -> None:

@@ -3,27 +3,38 @@ The C{twistd sslshare} service: one node assembled from its configuration.
 
 L{makeService} builds a L{MultiService} whose children start and stop on
 their own: a listener per client endpoint, the AMP listener for peers, the
-peer links, the repository when one is configured, and the expiry timers.  Everything here is wiring; what
-the parts do lives in their modules.
+peer links, the repository when one is configured, the metrics listener
+when C{metrics_listen} is set, and the expiry timers.  Everything here is
+wiring; what the parts do lives in their modules.
+
+The log.  C{twistd} picks its log observer after C{makeService}: it makes
+the application, adds our service to it, then uses the application's
+L{ILogObserver} component if it has one, else its own text observer on
+C{--logfile} (C{twisted.application.app.AppLogger.start}).  With
+C{log_format = "json"} the service sets that component when it is added to
+the application: a JSON-lines observer on the file twistd would have used.
+C{twistd --logger} still overrides both.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+from typing import IO, Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 
-from sslshare import cluster, config, sessionid, tls
+from sslshare import cluster, config, metrics, sessionid, tls
 from sslshare.errors import FileError
-from sslshare.logs import RateLimitedWarning
+from sslshare.logs import RateLimitedWarning, json_lines_observer
 from sslshare.node import Node
 from sslshare.protocol import BackendProxyFactory, SessionResumingTLSFactory
 from sslshare.recovery import BackupRing, Recovery
@@ -136,6 +147,10 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
             TLSMemoryBIOFactory(channel.server_options(), False, amp),
         ).setServiceParent(top)
         node.peer_server = amp
+    if node_config.metrics_listen is not None:
+        metrics.metrics_service(
+            node, serverFromString(reactor, node_config.metrics_listen),
+        ).setServiceParent(top)
     peers.setServiceParent(top)
     TimerService(EXPIRY_INTERVAL, store.expire).setServiceParent(top)
     if repository is not None:
@@ -195,6 +210,45 @@ class _RepositoryService(Service):
         return self.repository.close()
 
 
+class _LoggingTo(MultiService):
+    """
+    Runs its child, and gives the twistd application it is added to the
+    log observer C{observer} (see the module's docstring).
+    """
+
+    def __init__(self, observer: ILogObserver, service: IService) -> None:
+        super().__init__()
+        self.observer = observer
+        service.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)
+
+
+def _twistd_log_file(node_config: config.NodeConfig,
+                     twistd_options: Any) -> IO[str]:
+    """
+    Where twistd would write its own log for C{twistd_options} (as
+    C{twisted.scripts._twistd_unix.UnixAppLogger} chooses it): stdout for
+    C{--logfile -}, or with C{--nodaemon} and no C{--logfile}; else the
+    C{--logfile}, by default C{twistd.log}.
+    """
+    if twistd_options is None:
+        return sys.stdout
+    where = f"sslshare: {node_config.path}: node.log_format: \"json\""
+    if twistd_options.get("syslog"):
+        raise SystemExit(f"{where} is written to a file or stdout, not to "
+                         f"syslog: drop --syslog")
+    path = twistd_options.get("logfile")
+    daemon = not twistd_options.get("nodaemon")
+    if path == "-" or (not path and not daemon):
+        if daemon:
+            raise SystemExit(f"{where}: a daemon cannot log to stdout")
+        return sys.stdout
+    return LogFile.fromFullPath(path or "twistd.log")
+
+
 def makeService(options: Options) -> IService:
     """
     The service C{twistd sslshare} runs.  A configuration the node cannot
@@ -208,4 +262,8 @@ def makeService(options: Options) -> IService:
     except (config.ConfigError, tls.TLSConfigurationError, FileError,
             RepositoryError) as e:
         raise SystemExit(f"sslshare: {e}") from None
+    if node_config.log_format == "json":
+        # options.parent: twistd's own options, when twistd runs us.
+        log_file = _twistd_log_file(node_config, options.parent)
+        return _LoggingTo(json_lines_observer(log_file), service)
     return service

@@ -497,11 +497,13 @@ class LocalCluster:
 
     def __init__(self, testcase, nodes=("node1", "node2", "node3"),
                  budget_ms=300, backend=OneShotEcho, repository=None,
-                 node_options=""):
+                 metrics=False, node_options=""):
         """
         @param repository: the body of a C{[repository]} section, or
             C{None}; C{{directory}} in it names the cluster's directory.
-        @param node_options: more lines of every node's C{[node]} table.
+        @param metrics: serve each node's metrics on a free port of its
+            own (C{metrics_ports}).
+        @param node_options: more lines of each node's C{[node]} table.
         """
         self.directory = os.path.abspath(testcase.mktemp())
         os.makedirs(self.directory)
@@ -512,19 +514,25 @@ class LocalCluster:
         testcase.addCleanup(backend.stopListening)
         self.ports = {node: free_port() for node in nodes}
         self.amp_ports = amp_ports = {node: free_port() for node in nodes}
+        self.metrics_ports = ({node: free_port() for node in nodes}
+                              if metrics else {})
         self.paths = {}
         for node in nodes:
             peers = "\n".join(
                 f'{peer} = "tcp:host=127.0.0.1:port={amp_ports[peer]}"'
                 for peer in nodes if peer != node)
+            options = f"lookup_budget_ms = {budget_ms}\n{node_options}"
+            if metrics:
+                options += (f'\nmetrics_listen = '
+                            f'"tcp:{self.metrics_ports[node]}:'
+                            f'interface=127.0.0.1"')
             path = os.path.join(self.directory, f"{node}.toml")
             with open(path, "w") as f:
                 f.write(NODE_CONFIG.format(
                     node=node, cluster="test", client_port=self.ports[node],
                     backend_port=backend.getHost().port,
                     state_dir=f"state/{node}",
-                    node_options=f"lookup_budget_ms = {budget_ms}\n"
-                                 + node_options,
+                    node_options=options,
                     amp_port=amp_ports[node], peers=peers))
                 if repository is not None:
                     f.write("\n[repository]\n"
@@ -632,6 +640,59 @@ class LocalCluster:
         return gatherResults(
             [self.stop(node) for node in list(self.services)]
             + [self.kill(node, "TERM") for node in list(self.processes)])
+
+
+def connect_without_certificate(port, ca_cert):
+    """
+    Open TLS to C{port} of 127.0.0.1 with no client certificate (a node's
+    peer channel refuses it).  Blocking: run it in a thread.
+    """
+    context = ssl.create_default_context(cafile=ca_cert)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError):
+            pass
+
+
+def wait_until(condition, timeout=10.0):
+    """
+    Fire once C{condition()} is true; fail after C{timeout} seconds.
+    """
+    async def wait():
+        deadline = reactor.seconds() + timeout
+        while not condition():
+            if reactor.seconds() > deadline:
+                raise AssertionError("condition not met in time")
+            await deferLater(reactor, 0.05, lambda: None)
+
+    return Deferred.fromCoroutine(wait())
+
+
+async def scrape_metrics(port):
+    """
+    C{curl} the metrics page on C{port} of 127.0.0.1, and parse it with
+    prometheus_client's parser.
+
+    @return: sample name -> {frozenset of label items: value}.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    output, error, code = await getProcessOutputAndValue(
+        "curl", ["--silent", "--show-error", "--fail", "--max-time", "10",
+                 f"http://127.0.0.1:{port}/metrics"], env=os.environ)
+    if code != 0:
+        raise AssertionError(f"curl failed ({code}): {error.decode()}")
+    samples = {}
+    for family in text_string_to_metric_families(output.decode("utf-8")):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[
+                frozenset(sample.labels.items())] = sample.value
+    return samples
 
 
 class _NodeProcess(ProcessProtocol):

@@ -181,12 +181,15 @@ handshake_timeout_s = 2.5
 metrics_listen = "tcp:9441:interface=127.0.0.1"
 max_concurrent_lookups = 20
 max_lookups_per_client = 5
+log_format = "json"
 """)
         self.assertEqual(
             (node.lookup_budget, node.session_lifetime, node.store_max_bytes,
              node.handshake_timeout, node.metrics_listen,
-             node.max_concurrent_lookups, node.max_lookups_per_client),
-            (0.120, 600, 65536, 2.5, "tcp:9441:interface=127.0.0.1", 20, 5))
+             node.max_concurrent_lookups, node.max_lookups_per_client,
+             node.log_format),
+            (0.120, 600, 65536, 2.5, "tcp:9441:interface=127.0.0.1", 20, 5,
+             "json"))
 
     def test_tls_settings_are_read_and_alpn_becomes_bytes(self):
         node = self.load(tls='[tls]\nmin_version = "1.3"\nmax_version = "1.3"\n'
@@ -676,6 +679,18 @@ class EndpointErrorTests(_ConfigTestCase):
     def test_bad_metrics_endpoint(self):
         error = self.error(node=NODE + 'metrics_listen = "http:9441"\n')
         self.assertEqual(error.key, "node.metrics_listen")
+        self.assertNotIn("\n", str(error))
+
+    def test_log_format_is_text_by_default(self):
+        self.assertEqual(self.load().log_format, "text")
+
+    def test_unknown_log_format(self):
+        self.assertError(self.error(node=NODE + 'log_format = "xml"\n'),
+                         "node.log_format", "'xml' is not one of 'text', 'json'")
+
+    def test_log_format_is_a_string(self):
+        self.assertError(self.error(node=NODE + "log_format = 1\n"),
+                         "node.log_format", "expected a string, got an integer 1")
 
 
 class ClusterErrorTests(_ConfigTestCase):

@@ -1,7 +1,8 @@
 """
 C{sslshare demo} end to end, as C{make demo} runs it: the shipped
 C{conf/node*.toml}, a PKI made on first use, three C{twistd} nodes.  It
-uses the fixed ports of the shipped files (8441-8443, 7441-7443, 8080).
+uses the fixed ports of the shipped files (8441-8443, 7441-7443,
+9441-9443, 8080).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from sslshare.throwaway import ServerUnavailable, redis_server_binary
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf")
-DEMO_PORTS = (8441, 8442, 8443, 7441, 7442, 7443, 8080)
+DEMO_PORTS = (8441, 8442, 8443, 7441, 7442, 7443, 9441, 9442, 9443, 8080)
 
 
 def _busy(port: int) -> bool:
@@ -48,6 +49,12 @@ class DemoTests(TestCase):
         counts = json.loads(output)
         self.assertEqual(counts["connections"], 40)
         self.assertEqual(counts["failed"], 0)
+        # The nodes' metrics pages, scraped before the nodes stopped, show
+        # what their stats show.
+        self.assertEqual(counts["from_metrics"],
+                         {outcome: counts[outcome] for outcome in (
+                             "full", "resumed_local", "resumed_peer",
+                             "resumed_repository", "failed")})
         return counts
 
     @inlineCallbacks
@@ -60,6 +67,7 @@ class DemoTests(TestCase):
         self.assertEqual(counts["resumed_peer"] + counts["resumed_local"], 36)
         self.assertGreaterEqual(counts["resumed_peer"], 34)
         self.assertEqual(counts["resumed_repository"], 0)
+        self.assertGreaterEqual(counts["from_metrics"]["resumed_peer"], 34)
 
     @inlineCallbacks
     def test_demo_through_sqlite_resumes_from_the_repository(self):

@@ -1,0 +1,159 @@
+"""
+A node's numbers for Prometheus: C{GET /metrics} on the C{metrics_listen}
+endpoint, in Prometheus' text format.
+
+Nothing is counted twice.  L{NodeCollector} reads L{Node.stats} (the numbers
+C{sslshare stats} shows) and the recovery chain's latency histogram at
+scrape time, so the page and the command always agree.  Each node has a
+registry of its own: several nodes may run in one process (the tests do),
+and prometheus_client's global registry would mix them.
+
+The page is rendered in the reactor thread, where the counters change:
+prometheus_client's own C{MetricsResource} renders in a thread pool, which
+would read them while they change.
+
+This module never changes a counter and holds no session data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from sslshare.node import Node
+from sslshare.recovery import LOOKUP_SOURCES
+
+# Handshake outcomes, as Node.stats() names them.
+HANDSHAKE_OUTCOMES = ("full", "resumed_local", "resumed_peer",
+                      "resumed_repository", "failed")
+# The checkpoint pipelines' counters (sslshare.digest.CheckpointPipeline).
+CHECKPOINT_EVENTS = ("written", "rejected", "coalesced", "failed", "pauses")
+
+
+class NodeCollector:
+    """
+    A prometheus_client collector of one node's numbers, read at each
+    scrape.
+    """
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.node.stats()
+        handshakes = CounterMetricFamily(
+            "sslshare_handshakes", "Client TLS handshakes by outcome: full, "
+            "resumed with the session from this node, a peer or the "
+            "repository, or failed (errors and timeouts).",
+            labels=["outcome"])
+        for outcome in HANDSHAKE_OUTCOMES:
+            handshakes.add_metric([outcome], stats.get(outcome, 0))
+        yield handshakes
+
+        latency = HistogramMetricFamily(
+            "sslshare_lookup_duration_seconds", "Time to look up the session "
+            "a client offered, by where the lookup ended: this node's store "
+            "(with the backup copies it keeps), the owner peer, the owner's "
+            "backup node, the repository, or miss (nothing found, or the "
+            "budget ran out).", labels=["source"])
+        histogram = self.node.recovery.latency
+        for source in LOOKUP_SOURCES:
+            latency.add_metric(
+                [source],
+                [("+Inf" if math.isinf(bound) else repr(bound), count)
+                 for bound, count in histogram.cumulative(source)],
+                stats[f"lookup.{source}.seconds"])
+        yield latency
+
+        peers = GaugeMetricFamily(
+            "sslshare_peer_connected", "Whether the link to each peer is up "
+            "(1) or not (0).", labels=["peer"])
+        prefix, suffix = "peers.", ".connected"
+        for name, value in sorted(stats.items()):
+            if name.startswith(prefix) and name.endswith(suffix) \
+                    and name != "peers.connected":
+                peers.add_metric([name[len(prefix):-len(suffix)]], value)
+        yield peers
+
+        checkpoints = CounterMetricFamily(
+            "sslshare_checkpoints", "Record digest checkpoints: written, "
+            "rejected by the store, coalesced, failed, and pauses of "
+            "connections while the store lagged.", labels=["event"])
+        for event in CHECKPOINT_EVENTS:
+            checkpoints.add_metric([event], stats.get(f"checkpoint.{event}", 0))
+        yield checkpoints
+
+        yield GaugeMetricFamily(
+            "sslshare_store_sessions", "Sessions in this node's memory store.",
+            value=stats["store.sessions"])
+        yield GaugeMetricFamily(
+            "sslshare_store_bytes", "Bytes used by this node's memory store.",
+            value=stats["store.bytes"])
+        yield CounterMetricFamily(
+            "sslshare_peer_refused_connections", "Connections to the peer "
+            "channel refused at TLS (no or a foreign certificate).",
+            value=stats.get("cluster.refused_connections", 0))
+        yield CounterMetricFamily(
+            "sslshare_peer_refused_commands", "Peer commands refused: the "
+            "peer is not authorized to send them.",
+            value=stats.get("cluster.refused_commands", 0))
+        yield CounterMetricFamily(
+            "sslshare_peer_bad_requests", "Peer commands with invalid "
+            "arguments.", value=stats.get("cluster.bad_requests", 0))
+
+
+class _MetricsPage(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self.registry)
+
+
+class MetricsSite(Site):
+    """
+    The metrics page's web site (its class name is what the log shows when
+    it starts listening).
+    """
+
+    def log(self, request: Any) -> None:
+        """
+        No access log: a scrape every few seconds would fill the node's log.
+        """
+
+
+def metrics_site(node: Node) -> MetricsSite:
+    """
+    The web site serving C{/metrics} for C{node}.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(node))
+    root = Resource()
+    root.putChild(b"metrics", _MetricsPage(registry))
+    return MetricsSite(root)
+
+
+def metrics_service(node: Node, endpoint: IStreamServerEndpoint
+                    ) -> StreamServerEndpointService:
+    """
+    A service that serves C{node}'s metrics on C{endpoint} while it runs.
+    """
+    return StreamServerEndpointService(endpoint, metrics_site(node))

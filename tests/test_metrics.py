@@ -1,0 +1,211 @@
+"""
+The metrics page of real nodes, scraped with curl while real clients make
+full and resumed handshakes, against the numbers C{sslshare stats} reads
+over the cluster channel: the two views agree, and move by what happened.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from sslshare import cli, config
+from sslshare.recovery import LOOKUP_SOURCES
+from tests.support import (
+    LocalCluster,
+    connect_without_certificate,
+    python_client_round,
+    scrape_metrics,
+    wait_until,
+)
+
+
+def _handshakes(samples, outcome):
+    return samples["sslshare_handshakes_total"][frozenset({("outcome", outcome)})]
+
+
+def _lookups(samples, source, suffix="count"):
+    return samples[f"sslshare_lookup_duration_seconds_{suffix}"][
+        frozenset({("source", source)})]
+
+
+def _scrape(cluster, node):
+    return Deferred.fromCoroutine(scrape_metrics(cluster.metrics_ports[node]))
+
+
+def _stats(cluster, node):
+    """
+    C{node}'s counters as C{sslshare stats} asks for them.
+    """
+    return Deferred.fromCoroutine(cli.ask_stats(
+        reactor, config.load(cluster.paths[node], reactor), node))
+
+
+class MetricsPageTests(TestCase):
+
+    def _round(self, cluster, node, version, session=None):
+        return deferToThread(python_client_round, cluster.ports[node],
+                             cluster.ca_cert, version, session)
+
+    def _assert_same_as_stats(self, samples, stats):
+        for outcome in ("full", "resumed_local", "resumed_peer",
+                        "resumed_repository", "failed"):
+            self.assertEqual(_handshakes(samples, outcome),
+                             stats.get(outcome, 0), outcome)
+        for source in LOOKUP_SOURCES:
+            self.assertEqual(_lookups(samples, source),
+                             stats[f"lookup.{source}.count"], source)
+            self.assertAlmostEqual(_lookups(samples, source, "sum"),
+                                   stats[f"lookup.{source}.seconds"])
+        self.assertEqual(samples["sslshare_store_sessions"][frozenset()],
+                         stats["store.sessions"])
+        self.assertEqual(samples["sslshare_store_bytes"][frozenset()],
+                         stats["store.bytes"])
+        for event in ("written", "rejected", "coalesced", "failed", "pauses"):
+            self.assertEqual(
+                samples["sslshare_checkpoints_total"][
+                    frozenset({("event", event)})],
+                stats.get(f"checkpoint.{event}", 0), event)
+        for labels, value in samples["sslshare_peer_connected"].items():
+            (peer,) = dict(labels).values()
+            self.assertEqual(value, stats[f"peers.{peer}.connected"])
+
+    @inlineCallbacks
+    def test_full_local_and_peer_resumptions_counted_as_stats_count_them(self):
+        # Three nodes: node2 keeps the backup copies of node1's sessions,
+        # so node3 has to fetch them from node1.
+        cluster = LocalCluster(self, metrics=True)
+        yield cluster.start_all()
+        before = yield _scrape(cluster, "node1")
+        self.assertEqual(_handshakes(before, "full"), 0)
+        self.assertEqual(_lookups(before, "local"), 0)
+
+        tls12 = yield self._round(cluster, "node1", "TLSv1.2")
+        again = yield self._round(cluster, "node1", "TLSv1.2", tls12.session)
+        self.assertTrue(again.reused)
+        moved = yield self._round(cluster, "node3", "TLSv1.2", tls12.session)
+        self.assertTrue(moved.reused)
+        tls13 = yield self._round(cluster, "node1", "TLSv1.3")
+        resumed = yield self._round(cluster, "node3", "TLSv1.3", tls13.session)
+        self.assertTrue(resumed.reused)
+        # A TLS 1.3 ticket is used once: offered again, node3 finds it
+        # nowhere, and the client gets a full handshake.
+        replayed = yield self._round(cluster, "node3", "TLSv1.3", tls13.session)
+        self.assertFalse(replayed.reused)
+        yield cluster.settled()
+
+        node1 = yield _scrape(cluster, "node1")
+        self.assertEqual(_handshakes(node1, "full"), 2)
+        self.assertEqual(_handshakes(node1, "resumed_local"), 1)
+        self.assertEqual(_handshakes(node1, "resumed_peer"), 0)
+        self.assertEqual(_lookups(node1, "local"), 1)
+        node3 = yield _scrape(cluster, "node3")
+        self.assertEqual(_handshakes(node3, "resumed_peer"), 2)
+        self.assertEqual(_handshakes(node3, "full"), 1)
+        self.assertEqual(_lookups(node3, "peer"), 2)
+        self.assertEqual(_lookups(node3, "miss"), 1)
+        self.assertEqual(_lookups(node3, "local"), 0)
+        self.assertGreater(_lookups(node3, "peer", "sum"), 0)
+        self.assertEqual(node3["sslshare_peer_connected"],
+                         {frozenset({("peer", "node1")}): 1,
+                          frozenset({("peer", "node2")}): 1})
+        self.assertGreater(node3["sslshare_store_sessions"][frozenset()], 0)
+        self.assertGreater(node3["sslshare_store_bytes"][frozenset()], 0)
+
+        for node, samples in (("node1", node1), ("node3", node3)):
+            stats = yield _stats(cluster, node)
+            self._assert_same_as_stats(samples, stats)
+
+    @inlineCallbacks
+    def test_backup_copy_kept_here_is_a_local_lookup_and_a_peer_resumption(self):
+        # Two nodes: each keeps the backup copies of the other's sessions.
+        cluster = LocalCluster(self, nodes=("node1", "node2"), metrics=True)
+        yield cluster.start_all()
+        first = yield self._round(cluster, "node1", "TLSv1.2")
+        yield cluster.settled()
+        resumed = yield self._round(cluster, "node2", "TLSv1.2", first.session)
+        self.assertTrue(resumed.reused)
+        samples = yield _scrape(cluster, "node2")
+        self.assertEqual(_lookups(samples, "local"), 1)
+        self.assertEqual(_lookups(samples, "peer"), 0)
+        self.assertEqual(_handshakes(samples, "resumed_peer"), 1)
+
+    @inlineCallbacks
+    def test_latency_buckets_are_cumulative_up_to_the_count(self):
+        cluster = LocalCluster(self, metrics=True)
+        yield cluster.start_all()
+        first = yield self._round(cluster, "node1", "TLSv1.2")
+        yield self._round(cluster, "node3", "TLSv1.2", first.session)
+        samples = yield _scrape(cluster, "node3")
+        buckets = sorted(
+            (float(dict(labels)["le"]), value)
+            for labels, value in samples[
+                "sslshare_lookup_duration_seconds_bucket"].items()
+            if dict(labels)["source"] == "peer")
+        counts = [value for _, value in buckets]
+        self.assertEqual(counts, sorted(counts))
+        self.assertEqual(buckets[-1], (float("inf"), 1))
+        # The lookup ends within its budget (300 ms), far from 10 s.
+        self.assertEqual(dict(buckets)[10.0], 1)
+
+    @inlineCallbacks
+    def test_session_from_the_owners_backup_node_is_counted_as_backup(self):
+        cluster = LocalCluster(self, metrics=True)
+        yield cluster.start_all()
+        first = yield self._round(cluster, "node1", "TLSv1.2")
+        # node2 keeps the backup copy of node1's sessions (the ring after
+        # node1); it arrives asynchronously.
+        yield cluster.settled()
+        yield cluster.stop("node1")
+        yield wait_until(lambda: not cluster.nodes["node3"].peer_links
+                     .link("node1").connected)
+        resumed = yield self._round(cluster, "node3", "TLSv1.2", first.session)
+        self.assertTrue(resumed.reused)
+        samples = yield _scrape(cluster, "node3")
+        self.assertEqual(_lookups(samples, "backup"), 1)
+        self.assertEqual(_lookups(samples, "peer"), 0)
+        self.assertEqual(_handshakes(samples, "resumed_peer"), 1)
+        self.assertEqual(samples["sslshare_peer_connected"][
+            frozenset({("peer", "node1")})], 0)
+        self.assertEqual(samples["sslshare_peer_connected"][
+            frozenset({("peer", "node2")})], 1)
+
+    @inlineCallbacks
+    def test_connection_without_a_node_certificate_is_a_refused_connection(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"), metrics=True)
+        yield cluster.start_all()
+        yield deferToThread(connect_without_certificate,
+                            cluster.amp_ports["node1"], cluster.ca_cert)
+        yield wait_until(lambda: cluster.nodes["node1"].peer_server
+                     .counters["refused_connections"] == 1)
+        samples = yield _scrape(cluster, "node1")
+        self.assertEqual(
+            samples["sslshare_peer_refused_connections_total"][frozenset()], 1)
+        self.assertEqual(
+            samples["sslshare_peer_refused_commands_total"][frozenset()], 0)
+        stats = yield _stats(cluster, "node1")
+        self.assertEqual(stats["cluster.refused_connections"], 1)
+
+    @inlineCallbacks
+    def test_nodes_in_one_process_keep_their_numbers_apart(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"), metrics=True)
+        yield cluster.start_all()
+        yield self._round(cluster, "node1", "TLSv1.3")
+        node1 = yield _scrape(cluster, "node1")
+        node2 = yield _scrape(cluster, "node2")
+        self.assertEqual(_handshakes(node1, "full"), 1)
+        self.assertEqual(_handshakes(node2, "full"), 0)
+
+    @inlineCallbacks
+    def test_metrics_stop_with_the_node(self):
+        cluster = LocalCluster(self, nodes=("node1",), metrics=True)
+        cluster.start("node1")
+        yield _scrape(cluster, "node1")
+        yield cluster.stop("node1")
+        with socket.socket() as probe:
+            self.assertNotEqual(probe.connect_ex(
+                ("127.0.0.1", cluster.metrics_ports["node1"])), 0)
