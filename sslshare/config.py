@@ -62,6 +62,8 @@ DEFAULT_LOOKUP_BUDGET_MS = 50
 DEFAULT_SESSION_LIFETIME_S = 3600
 DEFAULT_STORE_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10
+DEFAULT_DRAIN_TIMEOUT_S = 10
+MAX_DRAIN_TIMEOUT_S = 600
 MIN_STORE_MAX_BYTES = 64 * 1024
 
 # The keys each table accepts.  conf/example.toml documents every one of them
@@ -73,7 +75,7 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
         "id", "cluster", "listen", "backend", "state_dir", "lookup_budget_ms",
         "session_lifetime_s", "store_max_bytes", "handshake_timeout_s",
         "metrics_listen", "checkpoint", "checkpoint_period_ms",
-        "checkpoint_bound"}),
+        "checkpoint_bound", "drain_timeout_s"}),
     "tls": frozenset({"min_version", "max_version", "alpn", "service"}),
     "tls.service": frozenset({"name", "certificate", "key", "server_names"}),
     "cluster": frozenset({
@@ -259,6 +261,8 @@ class NodeConfig:
     @ivar session_lifetime: seconds a TLS session stays resumable.
     @ivar store_max_bytes: bound of the in-memory session store.
     @ivar handshake_timeout: seconds a client has to finish its handshake.
+    @ivar drain_timeout: seconds a stopping node gives its open client
+        connections and the handover of its sessions.
     @ivar metrics_listen: server endpoint string for metrics, or C{None}.
     @ivar checkpoint: when the running digest of each connection's records
         is checkpointed outside the node (C{every-record}, C{interval}
@@ -276,6 +280,7 @@ class NodeConfig:
     session_lifetime: int = DEFAULT_SESSION_LIFETIME_S
     store_max_bytes: int = DEFAULT_STORE_MAX_BYTES
     handshake_timeout: float = float(DEFAULT_HANDSHAKE_TIMEOUT_S)
+    drain_timeout: float = float(DEFAULT_DRAIN_TIMEOUT_S)
     checkpoint: CheckpointPolicy = CheckpointPolicy()
     tls: TLSConfig
     cluster: ClusterConfig
@@ -564,6 +569,9 @@ class _Reader:
         handshake_timeout = node.value(
             "handshake_timeout_s", self.seconds(0, 300),
             default=float(DEFAULT_HANDSHAKE_TIMEOUT_S))
+        drain_timeout = node.value(
+            "drain_timeout_s", self.seconds(0, MAX_DRAIN_TIMEOUT_S),
+            default=float(DEFAULT_DRAIN_TIMEOUT_S))
         metrics_listen = node.value("metrics_listen",
                                     self.server_endpoint(plain=False))
         checkpoint = CheckpointPolicy(
@@ -591,6 +599,7 @@ class _Reader:
             session_lifetime=lifetime,
             store_max_bytes=store_max_bytes,
             handshake_timeout=handshake_timeout,
+            drain_timeout=drain_timeout,
             metrics_listen=metrics_listen,
             checkpoint=checkpoint,
             tls=self.tls(tls_table),

@@ -28,10 +28,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.protocols.basic import LineReceiver
 from twisted.python.filepath import FilePath
 
@@ -492,17 +492,21 @@ class LocalCluster:
     """
 
     def __init__(self, testcase, nodes=("node1", "node2", "node3"),
-                 budget_ms=300, backend=OneShotEcho, repository=None):
+                 budget_ms=300, backend=OneShotEcho, repository=None,
+                 node_options=""):
         """
+        @param backend: the backend's protocol class, or its factory.
         @param repository: the body of a C{[repository]} section, or
             C{None}; C{{directory}} in it names the cluster's directory.
+        @param node_options: more lines of every node's C{[node]} table.
         """
         self.directory = os.path.abspath(testcase.mktemp())
         os.makedirs(self.directory)
         self.pki = pki_files.init_pki(os.path.join(self.directory, "pki"), "test",
                                 nodes)
-        backend = reactor.listenTCP(0, Factory.forProtocol(backend),
-                                    interface="127.0.0.1")
+        if not isinstance(backend, Factory):
+            backend = Factory.forProtocol(backend)
+        backend = reactor.listenTCP(0, backend, interface="127.0.0.1")
         testcase.addCleanup(backend.stopListening)
         self.ports = {node: free_port() for node in nodes}
         self.amp_ports = amp_ports = {node: free_port() for node in nodes}
@@ -517,7 +521,8 @@ class LocalCluster:
                     node=node, cluster="test", client_port=self.ports[node],
                     backend_port=backend.getHost().port,
                     state_dir=f"state/{node}",
-                    node_options=f"lookup_budget_ms = {budget_ms}",
+                    node_options=f"lookup_budget_ms = {budget_ms}\n"
+                                 + node_options,
                     amp_port=amp_ports[node], peers=peers))
                 if repository is not None:
                     f.write("\n[repository]\n"
@@ -581,6 +586,58 @@ class LocalCluster:
         self.nodes.pop(node, None)
         return self.services.pop(node).stopService()
 
+    def edit(self, node, old, new):
+        """
+        Replace C{old} by C{new} in C{node}'s configuration file; C{old}
+        must be there, so that a test never checks an edit that did not
+        happen.
+        """
+        with open(self.paths[node]) as f:
+            text = f.read()
+        assert old in text, f"{old!r} not in {self.paths[node]}"
+        with open(self.paths[node], "w") as f:
+            f.write(text.replace(old, new))
+
+    def peer_line(self, node):
+        """
+        The line of C{[cluster.peers]} that names C{node}.
+        """
+        return f'{node} = "tcp:host=127.0.0.1:port={self.amp_ports[node]}"'
+
+    def server_certificate(self, name, server_names=("localhost",)):
+        """
+        Issue another certificate for clients from the cluster CA, for
+        C{server_names} and 127.0.0.1, as C{pki/<name>-chain.pem} and
+        C{pki/<name>-key.pem}.
+
+        @return: the two paths as a node's file names them.
+        """
+        with open(self.pki.ca_key, "rb") as f:
+            ca_key = serialization.load_pem_private_key(f.read(), None)
+        with open(self.pki.ca_certificate, "rb") as f:
+            ca_pem = f.read()
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        key = ec.generate_private_key(ec.SECP256R1())
+        names = [x509.DNSName(name) for name in server_names]
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+        certificate = pki_files.issue_certificate(
+            ca, ca_key, key, server_names[0], names,
+            [ExtendedKeyUsageOID.SERVER_AUTH])
+        chain = f"pki/{name}-chain.pem"
+        key_path = f"pki/{name}-key.pem"
+        _write(self.directory, chain, _pem(certificate) + ca_pem)
+        _write(self.directory, key_path, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        return chain, key_path
+
+    def log(self, node):
+        """
+        What C{node}'s C{twistd} process has logged so far.
+        """
+        with open(os.path.join(self.directory, f"{node}.log")) as f:
+            return f.read()
+
     def spawn(self, node):
         """
         Run C{node} as a C{twistd -n sslshare} process; fires once it
@@ -605,6 +662,12 @@ class LocalCluster:
         transport.signalProcess(signal_name)
         return transport.proto.ended
 
+    def signal(self, node, signal_name):
+        """
+        Send C{node}'s process a signal it lives on (C{HUP}).
+        """
+        self.processes[node].signalProcess(signal_name)
+
     def stop_all(self):
         from twisted.internet.defer import gatherResults
 
@@ -613,12 +676,68 @@ class LocalCluster:
             + [self.kill(node, "TERM") for node in list(self.processes)])
 
 
+class Trickle(Protocol):
+    """
+    Answers the first bytes it gets with C{factory.chunks} copies of them,
+    one every C{factory.interval} seconds, then closes: a transfer that
+    takes a while.
+    """
+
+    def dataReceived(self, data):
+        if getattr(self, "_sending", None) is not None:
+            return
+        self.factory.transfers.put(self)
+        self._sending = LoopingCall(self._send, data, iter(range(self.factory.chunks)))
+        self._sending.start(self.factory.interval, now=False)
+
+    def _send(self, data, remaining):
+        if next(remaining, None) is None:
+            self._sending.stop()
+            self.transport.loseConnection()
+        else:
+            self.transport.write(data)
+
+    def connectionLost(self, reason):
+        sending = getattr(self, "_sending", None)
+        if sending is not None and sending.running:
+            sending.stop()
+
+
+class TrickleFactory(Factory):
+    """
+    A backend of L{Trickle}s; C{transfers.get()} fires when the next one
+    starts.
+    """
+
+    protocol = Trickle
+
+    def __init__(self, chunks=10, interval=0.1):
+        self.chunks = chunks
+        self.interval = interval
+        self.transfers = DeferredQueue()
+
+
 class _NodeProcess(ProcessProtocol):
     def __init__(self):
         self.ended = Deferred()
 
     def processEnded(self, reason):
         self.ended.callback(None)
+
+
+def until(predicate, timeout=10.0):
+    """
+    Fires once C{predicate()} holds, asked every 20 ms on the reactor;
+    fails after C{timeout} seconds.
+    """
+    async def poll():
+        deadline = reactor.seconds() + timeout
+        while not predicate():
+            if reactor.seconds() > deadline:
+                raise AssertionError("the condition did not come true in time")
+            await deferLater(reactor, 0.02, lambda: None)
+
+    return Deferred.fromCoroutine(poll())
 
 
 async def wait_for_port(port, ended=None, timeout=20.0):

@@ -122,10 +122,10 @@ class ValidConfigTests(_ConfigTestCase):
         self.assertEqual(
             (node.node_id, node.cluster_name, node.lookup_budget,
              node.session_lifetime, node.store_max_bytes,
-             node.handshake_timeout, node.metrics_listen, node.repository,
-             node.topology),
-            ("node1", "demo", 0.050, 3600, 64 * 1024 * 1024, 10.0, None, None,
-             "peers"))
+             node.handshake_timeout, node.drain_timeout, node.metrics_listen,
+             node.repository, node.topology),
+            ("node1", "demo", 0.050, 3600, 64 * 1024 * 1024, 10.0, 10.0, None,
+             None, "peers"))
         self.assertEqual((node.tls.min_version, node.tls.max_version,
                           node.tls.alpn), ("1.2", "1.3", ()))
 
@@ -177,12 +177,13 @@ lookup_budget_ms = 120
 session_lifetime_s = 600
 store_max_bytes = 65536
 handshake_timeout_s = 2.5
+drain_timeout_s = 30
 metrics_listen = "tcp:9441:interface=127.0.0.1"
 """)
         self.assertEqual(
             (node.lookup_budget, node.session_lifetime, node.store_max_bytes,
-             node.handshake_timeout, node.metrics_listen),
-            (0.120, 600, 65536, 2.5, "tcp:9441:interface=127.0.0.1"))
+             node.handshake_timeout, node.drain_timeout, node.metrics_listen),
+            (0.120, 600, 65536, 2.5, 30.0, "tcp:9441:interface=127.0.0.1"))
 
     def test_tls_settings_are_read_and_alpn_becomes_bytes(self):
         node = self.load(tls='[tls]\nmin_version = "1.3"\nmax_version = "1.3"\n'
@@ -525,6 +526,21 @@ class RangeErrorTests(_ConfigTestCase):
         self.assertError(self.error(node=NODE + "handshake_timeout_s = 0\n"),
                          "node.handshake_timeout_s",
                          "0 is out of range: must be above 0 and at most 300")
+
+    def test_drain_timeout_zero(self):
+        self.assertError(self.error(node=NODE + "drain_timeout_s = 0\n"),
+                         "node.drain_timeout_s",
+                         "0 is out of range: must be above 0 and at most 600")
+
+    def test_drain_timeout_above_ten_minutes(self):
+        self.assertError(self.error(node=NODE + "drain_timeout_s = 601\n"),
+                         "node.drain_timeout_s",
+                         "601 is out of range: must be above 0 and at most 600")
+
+    def test_drain_timeout_as_a_string(self):
+        self.assertError(self.error(node=NODE + 'drain_timeout_s = "10"\n'),
+                         "node.drain_timeout_s",
+                         "expected a number, got a string '10'")
 
     def test_handshake_timeout_infinite(self):
         self.assertError(self.error(node=NODE + "handshake_timeout_s = inf\n"),
