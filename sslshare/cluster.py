@@ -48,6 +48,10 @@ right now fails the call at once with L{PeerUnavailable}; the link keeps
 reconnecting in the background (Twisted's L{ClientService}, exponential
 backoff that also grows while handshakes keep failing).
 
+Reload.  L{Peers.reconfigure} starts and stops links to match a new peer
+list, leaving the others up; L{ClusterTLS.adopt} gives the connections made
+from then on, in both directions, a new certificate and key.
+
 This module never speaks TLS to clients, never reads configuration files
 other than the PEM files it is given, and never sees a session in clear: it
 carries sealed blobs.

@@ -27,6 +27,7 @@ from sslshare.state import StateKeys
 from tests.support import (
     LocalCluster,
     TrickleFactory,
+    free_port,
     python_client_round,
     until,
 )
@@ -86,7 +87,7 @@ class ReloadTests(_LogCapture, TestCase):
         old = yield streaming
         self.assertEqual(old.echo, b"hello" * 10)
         self.assertNotIn("renewed.test", old.peer_names)
-        self.assertEqual(cluster.nodes["node1"].counters["reloads"], 1)
+        self.assertEqual(cluster.nodes["node1"].stats()["reloads"], 1)
 
     @inlineCallbacks
     def _resumes_after_reload(self, version):
@@ -139,6 +140,25 @@ class ReloadTests(_LogCapture, TestCase):
         self.assertTrue(known.reused)
         self.assertEqual(node1.counters["resumed_peer"], 1)
         self.assertEqual(node1.counters["reloads"], 2)
+
+    @inlineCallbacks
+    def test_peer_with_a_new_endpoint_gets_a_new_link(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        yield cluster.start_all()
+        node1 = cluster.nodes["node1"]
+        before = node1.peer_links.link("node2")
+        cluster.edit("node1", cluster.peer_line("node2"),
+                     f'node2 = "tcp:host=127.0.0.1:port={free_port()}"')
+        self.assertTrue(cluster.services["node1"].reload())
+        moved = node1.peer_links.link("node2")
+        self.assertIsNot(moved, before)
+        self.assertFalse(before.running)
+        self.assertFalse(moved.connected)
+        with open(cluster.paths["node1"]) as f:
+            cluster.edit("node1", re.search(r'node2 = ".*"', f.read()).group(),
+                         cluster.peer_line("node2"))
+        self.assertTrue(cluster.services["node1"].reload())
+        yield until(lambda: node1.peer_links.link("node2").connected)
 
     @inlineCallbacks
     def _invalid_reload_keeps_everything(self, break_it, error):
