@@ -2,6 +2,7 @@
 The C{sslshare} command: operator tools around a cluster.
 
     sslshare pki init DIR --cluster NAME --nodes node1,node2,node3
+    sslshare key new
     sslshare stats --config FILE [--node NODE] [--json]
     sslshare digest verify TRANSCRIPT ... (see --help)
     sslshare demo [--json] [--clients N] [--rounds N]
@@ -28,6 +29,7 @@ from twisted.python.failure import Failure
 
 from sslshare import cluster, config, pki
 from sslshare.errors import FileError
+from sslshare.state import StateKeys
 
 T = TypeVar("T")
 
@@ -73,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true",
                       help="overwrite files that exist")
     init.set_defaults(run=_pki_init)
+
+    key = commands.add_parser("key", help="cluster state keys")
+    key_commands = key.add_subparsers(metavar="ACTION")
+    new_key = key_commands.add_parser(
+        "new", help="print a new random state key: one line for the state "
+        "key file (see the rotation steps in README.rst)")
+    new_key.set_defaults(run=_key_new)
 
     stats = commands.add_parser(
         "stats", help="print a node's counters, asked over the cluster "
@@ -183,6 +192,10 @@ def _pki_init(arguments: argparse.Namespace) -> None:
         print(f"  node {node.node_id:<12} {node.certificate}, {node.key}")
     print(f"  server chain, key {files.server_chain}, {files.server_key}")
     print(f"  state key         {files.state_key}")
+
+
+def _key_new(arguments: argparse.Namespace) -> None:
+    print(StateKeys.generate().hex())
 
 
 def ask_stats(reactor: Any, node_config: config.NodeConfig,

@@ -53,6 +53,10 @@ right now fails the call at once with L{PeerUnavailable}; the link keeps
 reconnecting in the background (Twisted's L{ClientService}, exponential
 backoff that also grows while handshakes keep failing).
 
+Reload.  L{Peers.reconfigure} starts and stops links to match a new peer
+list, leaving the others up; L{ClusterTLS.adopt} gives the connections made
+from then on, in both directions, a new certificate and key.
+
 This module never speaks TLS to clients, never reads configuration files
 other than the PEM files it is given, and never sees a session in clear: it
 carries sealed blobs.
@@ -453,14 +457,17 @@ def _verifier(check: Callable[[x509.Certificate], object]):
     return verify
 
 
+# The creators read their ClusterTLS's context at each connection, so that
+# one adopted by a reload serves every connection made after it.
+
 @implementer(IOpenSSLServerConnectionCreator)
 class _ServerCreator:
-    def __init__(self, context: SSL.Context, cluster: str) -> None:
-        self._context = context
-        self._cluster = cluster
+    def __init__(self, tls: ClusterTLS) -> None:
+        self._tls = tls
+        self._cluster = tls.cluster
 
     def serverConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
-        connection = SSL.Connection(self._context, None)
+        connection = SSL.Connection(self._tls._context, None)
         connection.set_verify(_VERIFY_MODE, _verifier(
             lambda leaf: node_identity(leaf, self._cluster)))
         return connection
@@ -468,9 +475,9 @@ class _ServerCreator:
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _ClientCreator:
-    def __init__(self, context: SSL.Context, cluster: str, peer: str) -> None:
-        self._context = context
-        self._cluster = cluster
+    def __init__(self, tls: ClusterTLS, peer: str) -> None:
+        self._tls = tls
+        self._cluster = tls.cluster
         self._peer = peer
 
     def _check(self, leaf: x509.Certificate) -> None:
@@ -482,7 +489,7 @@ class _ClientCreator:
                 f"{pki.node_uri(self._cluster, self._peer)}")
 
     def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
-        connection = SSL.Connection(self._context, None)
+        connection = SSL.Connection(self._tls._context, None)
         connection.set_verify(_VERIFY_MODE, _verifier(self._check))
         return connection
 
@@ -580,7 +587,7 @@ class ClusterTLS:
         client certificate from the cluster CA naming a node of this
         cluster.
         """
-        return _ServerCreator(self._context, self.cluster)
+        return _ServerCreator(self)
 
     def client_options(self, peer_node_id: str) -> IOpenSSLClientConnectionCreator:
         """
@@ -589,7 +596,21 @@ class ClusterTLS:
         CA naming C{sslshare://<cluster>/<peer_node_id>}.
         """
         pki.validate_name("node id", peer_node_id)
-        return _ClientCreator(self._context, self.cluster, peer_node_id)
+        return _ClientCreator(self, peer_node_id)
+
+    def adopt(self, other: ClusterTLS) -> None:
+        """
+        Use the CA, certificate and key of C{other} (loaded and checked
+        already) from now on: every connection made after this, in either
+        direction, through options this object gave out; connections that
+        are up keep theirs.  This is how a reload renews the node's
+        certificate without dropping its links.
+
+        @raise ValueError: C{other} is for another cluster or node.
+        """
+        if (other.cluster, other.node_id) != (self.cluster, self.node_id):
+            raise ValueError(f"{other!r} cannot replace {self!r}")
+        self._context = other._context
 
 
 # Both ends.
@@ -1008,6 +1029,7 @@ class PeerLink(Service):
     The connection to one peer, kept up in the background.
 
     @ivar peer_node_id: the peer; also this service's name.
+    @ivar endpoint: the endpoint string or endpoint the link was made with.
     @ivar counters: C{connects}, C{disconnects}, C{failed_attempts},
         C{unavailable} (calls refused because not connected),
         C{unanswered_bound} (fetches refused because too many wait).
@@ -1039,6 +1061,8 @@ class PeerLink(Service):
         self._unanswered_fetches = 0
         self.peer_node_id = pki.validate_name("node id", peer_node_id)
         self.name = peer_node_id
+        # As given: what a reconfiguration compares.
+        self.endpoint = endpoint
         self.clock = reactor
         self.handshake_timeout = handshake_timeout
         self.counters: Counter[str] = Counter()
@@ -1218,16 +1242,49 @@ class Peers(MultiService):
         @raise ValueError: a peer is listed twice, or is this node itself.
         """
         super().__init__()
+        self._tls = tls
+        self._link_options = {"reactor": reactor, "retry_policy": retry_policy,
+                              "handshake_timeout": handshake_timeout,
+                              "max_unanswered_fetches": max_unanswered_fetches}
+        for link in self._new_links(peers):
+            link.setServiceParent(self)
+
+    def _new_links(self, peers: Iterable[tuple[str, str | IStreamClientEndpoint]],
+                   ) -> list[PeerLink]:
+        links: list[PeerLink] = []
         for node_id, endpoint in peers:
-            if node_id == tls.node_id:
+            if node_id == self._tls.node_id:
                 raise ValueError(f"node {node_id} cannot be its own peer")
-            if node_id in self.namedServices:
+            if node_id in (link.peer_node_id for link in links):
                 raise ValueError(f"peer {node_id} listed twice")
-            PeerLink(node_id, endpoint, tls, reactor=reactor,
-                     retry_policy=retry_policy,
-                     handshake_timeout=handshake_timeout,
-                     max_unanswered_fetches=max_unanswered_fetches,
-                     ).setServiceParent(self)
+            links.append(PeerLink(node_id, endpoint, self._tls,
+                                  **self._link_options))
+        return links
+
+    def reconfigure(self, peers: Iterable[tuple[str, str | IStreamClientEndpoint]],
+                    ) -> tuple[list[str], list[str]]:
+        """
+        Make the peers those of C{peers}: links to new peers start, links
+        to peers no longer listed (or listed with another endpoint) stop
+        and close their connection; the others stay up, untouched.
+
+        @return: the node ids whose link started, and those whose link
+            stopped (a changed endpoint is in both).
+        @raise ValueError: as the constructor; nothing has changed then.
+        """
+        wanted = {link.peer_node_id: link for link in self._new_links(peers)}
+        removed = [link for link in self.services
+                   if wanted.get(link.peer_node_id) is None
+                   or wanted[link.peer_node_id].endpoint != link.endpoint]
+        added = [link for node_id, link in wanted.items()
+                 if node_id not in self.namedServices
+                 or self.namedServices[node_id] in removed]
+        for link in removed:
+            link.disownServiceParent()
+        for link in added:
+            link.setServiceParent(self)
+        return ([link.peer_node_id for link in added],
+                [link.peer_node_id for link in removed])
 
     def link(self, node_id: str) -> PeerLink | None:
         """

@@ -67,6 +67,8 @@ DEFAULT_HANDSHAKE_TIMEOUT_S = 10
 DEFAULT_MAX_CONCURRENT_LOOKUPS = 1000
 DEFAULT_MAX_LOOKUPS_PER_CLIENT = 100
 MAX_LOOKUP_BOUND = 1000000
+DEFAULT_DRAIN_TIMEOUT_S = 10
+MAX_DRAIN_TIMEOUT_S = 600
 MIN_STORE_MAX_BYTES = 64 * 1024
 
 # The keys each table accepts.  conf/example.toml documents every one of them
@@ -79,7 +81,7 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
         "session_lifetime_s", "store_max_bytes", "handshake_timeout_s",
         "metrics_listen", "log_format", "checkpoint", "checkpoint_period_ms",
         "checkpoint_bound", "max_concurrent_lookups",
-        "max_lookups_per_client"}),
+        "max_lookups_per_client", "drain_timeout_s"}),
     "tls": frozenset({"min_version", "max_version", "alpn", "service"}),
     "tls.service": frozenset({"name", "certificate", "key", "server_names"}),
     "cluster": frozenset({
@@ -268,6 +270,8 @@ class NodeConfig:
     @ivar session_lifetime: seconds a TLS session stays resumable.
     @ivar store_max_bytes: bound of the in-memory session store.
     @ivar handshake_timeout: seconds a client has to finish its handshake.
+    @ivar drain_timeout: seconds a stopping node gives its open client
+        connections and the handover of its sessions.
     @ivar metrics_listen: server endpoint string for metrics, or C{None}.
     @ivar log_format: how C{twistd} writes the node's log: C{"text"}
         lines, or C{"json"}, one JSON object per line.
@@ -289,6 +293,7 @@ class NodeConfig:
     session_lifetime: int = DEFAULT_SESSION_LIFETIME_S
     store_max_bytes: int = DEFAULT_STORE_MAX_BYTES
     handshake_timeout: float = float(DEFAULT_HANDSHAKE_TIMEOUT_S)
+    drain_timeout: float = float(DEFAULT_DRAIN_TIMEOUT_S)
     checkpoint: CheckpointPolicy = CheckpointPolicy()
     tls: TLSConfig
     cluster: ClusterConfig
@@ -584,6 +589,9 @@ class _Reader:
         handshake_timeout = node.value(
             "handshake_timeout_s", self.seconds(0, 300),
             default=float(DEFAULT_HANDSHAKE_TIMEOUT_S))
+        drain_timeout = node.value(
+            "drain_timeout_s", self.seconds(0, MAX_DRAIN_TIMEOUT_S),
+            default=float(DEFAULT_DRAIN_TIMEOUT_S))
         metrics_listen = node.value("metrics_listen",
                                     self.server_endpoint(plain=False))
         log_format = node.value("log_format", self.choice(LOG_FORMATS),
@@ -615,6 +623,7 @@ class _Reader:
             session_lifetime=lifetime,
             store_max_bytes=store_max_bytes,
             handshake_timeout=handshake_timeout,
+            drain_timeout=drain_timeout,
             metrics_listen=metrics_listen,
             log_format=log_format,
             checkpoint=checkpoint,

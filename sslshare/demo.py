@@ -281,8 +281,8 @@ async def demo(reactor: Any, arguments: Any) -> dict[str, Any]:
                 os.path.join(conf, f"{node}.toml"), reactor)
         return await _run_cluster(reactor, arguments, configs)
     finally:
-        for server in servers:
-            server.remove()
+        for repository_server in servers:
+            repository_server.remove()
 
 
 async def _run_cluster(reactor: Any, arguments: Any,

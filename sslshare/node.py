@@ -17,7 +17,13 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -37,6 +43,11 @@ from sslshare.state import SealError, SessionState, StateKeys
 from sslshare.store import SessionStore
 from sslshare.tls import Connection, LookupRequest, ServerContext
 
+# Sessions on their way to their new place at once when a node stops: enough
+# to keep a peer link or the repository's threads busy, few enough not to
+# queue a whole store's worth of calls.
+HANDOVER_CONCURRENCY = 32
+
 
 @implementer(ICommandHandler)
 class Node:
@@ -46,7 +57,9 @@ class Node:
     @ivar counters: handshakes by outcome (C{full}, C{resumed_local},
         C{resumed_peer}, C{resumed_repository}, C{handshake_timeouts}),
         C{sessions_made}, C{sessions_given}, C{repository_put_failures},
-        C{backups_kept}, C{backups_refused}, C{backup_failures}.
+        C{backups_kept}, C{backups_refused}, C{backup_failures},
+        C{sessions_handed_over} and C{handover_failures} (when the node
+        stopped), C{reloads} and C{reload_failures}.
     @ivar checkpoint_counters: the checkpoint pipelines' C{written},
         C{rejected}, C{coalesced}, C{failed}, C{pauses}.
     @ivar repository: the central repository every new session is also
@@ -89,6 +102,67 @@ class Node:
         """
         for pipeline in list(self._pipelines):
             pipeline.stop()
+
+    def hand_over(self, within: float) -> Deferred[Counter[str]]:
+        """
+        Move every session this node holds to where the cluster looks for
+        it once this node is gone: the repository when there is one, else
+        the session's backup node, which the recovery chain asks when the
+        holder cannot answer (a L{sslshare.cluster.Backup} that replaces
+        the copy it may keep already).  The node keeps none of them, handed
+        over or not: a move, never a copy.  Backup copies this node keeps
+        for other holders are left alone; they go with the node.
+
+        @param within: seconds the whole handover may take; what is still
+            on its way then counts as failed.
+        @return: fires with the count of sessions by where they went (a
+            node id or C{"repository"}) and C{"failed"}.
+        """
+        held = [state for state in self.store.sessions()
+                if state.owner == self.node_id]
+        for state in held:
+            self.store.take(state.session_id)
+        moved: Counter[str] = Counter()
+        limiter = DeferredSemaphore(HANDOVER_CONCURRENCY)
+
+        def move(state: SessionState) -> Deferred[None]:
+            moving = limiter.run(self._hand_over_one, state)
+            return moving.addCallback(lambda where: moved.update((where,)))
+
+        everything = DeferredList([move(state) for state in held],
+                                  consumeErrors=True)
+        everything.addTimeout(within, self.clock)
+
+        def done(_: Any) -> Counter[str]:
+            moved["failed"] += len(held) - sum(moved.values())
+            self.counters["sessions_handed_over"] += len(held) - moved["failed"]
+            self.counters["handover_failures"] += moved["failed"]
+            return moved
+
+        return everything.addBoth(done)
+
+    def _hand_over_one(self, state: SessionState) -> Deferred[str]:
+        sealed = self.keys.seal(state)
+        if self.repository is not None:
+            moving = self.repository.put(state.session_id, sealed, state.expires)
+            moving.addCallback(lambda _: "repository")
+        else:
+            backup = self._backup_node(state.session_id)
+            if backup is None:
+                # A cluster of one: there is nowhere to go.
+                return succeed("failed")
+            moving = self.peer_links.backup_session(backup, state.session_id,
+                                                    sealed)
+            moving.addCallback(lambda kept: backup if kept else "failed")
+
+        def failed(reason: Any) -> str:
+            if not reason.check(CancelledError):
+                self._warnings.warn("could not hand session {session} over: "
+                                    "{why}", why=reason.getErrorMessage(),
+                                    session=sessionid.describe(state.session_id))
+            return "failed"
+
+        return moving.addErrback(failed)
 
     # The engine's hooks.
 

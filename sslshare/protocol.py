@@ -38,12 +38,12 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 import attrs
-
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
+    IOpenSSLServerConnectionCreator,
     IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
@@ -139,11 +139,14 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
             self._pendingLookup.cancel()
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class SessionResumingTLSFactory(TLSMemoryBIOFactory):
     """
     Wraps C{wrappedFactory} in TLS served by C{context}, asking C{lookup}
     for the sessions clients offer.
 
+    @ivar context: the L{ServerContext} of new connections; replacing it
+        (a reload) leaves the connections already open on the old one.
     @ivar lookup: called with a L{LookupRequest}; returns a L{Found}, C{None},
         or a Deferred of either.
     """
@@ -152,9 +155,31 @@ class SessionResumingTLSFactory(TLSMemoryBIOFactory):
 
     def __init__(self, context: ServerContext, lookup: Lookup,
                  wrappedFactory: Any) -> None:
-        super().__init__(context, False, wrappedFactory)
+        super().__init__(self, False, wrappedFactory)
         self.context = context
         self.lookup = lookup
+        self._closed_waiters: list[Deferred[None]] = []
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> Connection:
+        return self.context.serverConnectionForTLS(tlsProtocol)
+
+    def unregisterProtocol(self, protocol: Any) -> None:
+        super().unregisterProtocol(protocol)
+        if not self.protocols:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def all_closed(self) -> Deferred[None]:
+        """
+        Fires when no connection of this factory is open (at once if none
+        is); cancel it to stop waiting.
+        """
+        if not self.protocols:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(self._closed_waiters.remove)
+        self._closed_waiters.append(waiter)
+        return waiter
 
 
 HandshakeDone = Callable[..., Any]

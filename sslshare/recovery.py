@@ -8,7 +8,8 @@ L{Recovery.recover} reads top to bottom in the order the design fixes:
        C{FetchSession} (or, when this node is the owner and gave the session
        away, the node its tombstone names); when that node cannot answer,
        its backup node, which keeps a copy; a redirect (the session was
-       given away) is followed once;
+       given away) is followed once, to the holder or, when the holder
+       cannot answer, to the holder's backup node;
     3. the central repository, when one is configured;
     4. nothing: a full handshake.
 
@@ -333,28 +334,38 @@ class Recovery:
             owner = self.store.holder(session_id)
         if owner is None or owner == self.node_id or self.fetch_from_peer is None:
             return None
-        giver, found_at = owner, "peer"
-        answer = await self._ask_peer(owner, request)
-        if (answer is None and self.backup_of is not None
-                and self.repository is None):
-            # The owner cannot answer: its backup node keeps a copy (with
-            # a repository, the repository does instead).
-            backup = self.backup_of(session_id, owner)
-            if backup not in (None, self.node_id):
-                self.counters["backups_asked"] += 1
-                giver, found_at = backup, "backup"
-                answer = await self._ask_peer(backup, request)
+        giver, answer = await self._ask_holder(owner, request)
+        found_at = "peer" if giver == owner else "backup"
         if answer is not None and answer.status == "redirect":
             holder = answer.holder
             if holder in (None, self.node_id, giver):
                 return None
             self.counters["redirects_followed"] += 1
-            giver, found_at = holder, "peer"
-            answer = await self._ask_peer(holder, request)
+            giver, answer = await self._ask_holder(holder, request)
+            found_at = "peer" if giver == holder else "backup"
         if answer is None or answer.status != "found":
             return None
         return self._open(answer.sealed, request, context, "peer", giver,
                           found_at)
+
+    async def _ask_holder(self, holder: str,
+                          request: LookupRequest) -> tuple[str, Any]:
+        """
+        Ask C{holder}, then, when it cannot answer, its backup node for the
+        session, which keeps a copy, and which a stopping holder hands its
+        sessions to (with a repository, the repository does both instead).
+
+        @return: who answered last, and the answer (C{None}: nobody could).
+        """
+        answer = await self._ask_peer(holder, request)
+        if (answer is not None or self.backup_of is None
+                or self.repository is not None):
+            return holder, answer
+        backup = self.backup_of(request.session_id, holder)
+        if backup in (None, self.node_id):
+            return holder, None
+        self.counters["backups_asked"] += 1
+        return backup, await self._ask_peer(backup, request)
 
     async def _ask_peer(self, node_id: str, request: LookupRequest) -> Any:
         try:

@@ -1,11 +1,14 @@
 """
 The C{twistd sslshare} service: one node assembled from its configuration.
 
-L{makeService} builds a L{MultiService} whose children start and stop on
+L{makeService} builds a L{NodeService} whose children start and stop on
 their own: a listener per client endpoint, the AMP listener for peers, the
 peer links, the repository when one is configured, the metrics listener
-when C{metrics_listen} is set, and the expiry timers.  Everything here is
-wiring; what the parts do lives in their modules.
+when C{metrics_listen} is set, and the expiry timers.  The node service
+itself reloads its configuration (on SIGHUP under C{twistd}) and stops
+gracefully (SIGTERM): no new clients, open connections drained, sessions
+handed over.  Everything here is wiring; what the parts do lives in their
+modules.
 
 The log.  C{twistd} picks its log observer after C{makeService}: it makes
 the application, adds our service to it, then uses the application's
@@ -19,12 +22,20 @@ C{twistd --logger} still overrides both.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Mapping
 from typing import IO, Any
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    TimeoutError,
+    maybeDeferred,
+)
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
@@ -44,6 +55,10 @@ from sslshare.store import SessionStore
 
 EXPIRY_INTERVAL = 30.0
 
+# The share of the drain timeout kept for the handover of sessions: open
+# connections get the rest.
+HANDOVER_SHARE = 0.25
+
 
 class Options(usage.Options):
     synopsis = "--config FILE"
@@ -59,7 +74,7 @@ class Options(usage.Options):
             raise usage.UsageError("--config FILE is required")
 
 
-def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiService, Node]:
+def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeService, Node]:
     """
     The node's service and its L{Node}, from a loaded configuration.
 
@@ -78,23 +93,11 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
                         f"cannot make the node's state directory: "
                         f"{e.strerror}") from None
     store = SessionStore(node_config.store_max_bytes, reactor)
-    peer_ids = [node_id for node_id, _ in cluster_config.peers]
-    owners = {sessionid.owner_tag(node_config.cluster_name, node_id): node_id
-              for node_id in [node_config.node_id, *peer_ids]}
-    services = [
-        tls.VirtualService(
-            service.name, service.certificate, service.key,
-            sessionid.service_id_context(node_config.cluster_name, service.name),
-            service.server_names)
-        for service in node_config.tls.services
-    ]
-    channel = cluster.ClusterTLS(cluster_config.ca, cluster_config.certificate,
-                                 cluster_config.key, node_config.cluster_name,
-                                 node_config.node_id)
+    owners = _owners(node_config)
+    services = _virtual_services(node_config)
+    channel = _channel(node_config)
     peers = cluster.Peers(
-        [(node_id, clientFromString(reactor, endpoint))
-         for node_id, endpoint in cluster_config.peers],
-        channel,
+        cluster_config.peers, channel, reactor=reactor,
         # A peer that never answers holds no more questions than the
         # node may have lookups out.
         max_unanswered_fetches=node_config.max_concurrent_lookups)
@@ -120,24 +123,16 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
     node = Node(node_config.node_id, store, keys, recovery, reactor,
                 node_config.session_lifetime, repository, peers, backup_ring,
                 node_config.checkpoint)
-    context = tls.ServerContext(
-        services, sessionid.owner_tag(node_config.cluster_name, node_config.node_id),
-        on_new_session=node.new_session,
-        alpn=node_config.tls.alpn,
-        minimum_version=node_config.tls.min_version,
-        maximum_version=node_config.tls.max_version,
-        session_lifetime=node_config.session_lifetime,
-    )
-    node.context = context
-
-    top = MultiService()
+    node.context = _server_context(node_config, services, node)
     proxy = BackendProxyFactory(clientFromString(reactor, node_config.backend),
                                 node.handshake_done, reactor,
                                 node_config.handshake_timeout)
-    clients = SessionResumingTLSFactory(context, node.lookup, proxy)
+    clients = SessionResumingTLSFactory(node.context, node.lookup, proxy)
+    top = NodeService(node_config, node, clients, proxy, channel, reactor)
     for endpoint in node_config.listen:
-        StreamServerEndpointService(serverFromString(reactor, endpoint),
-                                    clients).setServiceParent(top)
+        top.add_client_listener(
+            StreamServerEndpointService(serverFromString(reactor, endpoint),
+                                        clients))
     if cluster_config.listen is not None:
         amp = cluster.PeerServerFactory(node, node_config.cluster_name,
                                         node_config.node_id,
@@ -155,21 +150,266 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
     TimerService(EXPIRY_INTERVAL, store.expire).setServiceParent(top)
     if repository is not None:
         _RepositoryService(repository, reactor).setServiceParent(top)
-    _NodeService(node).setServiceParent(top)
     return top, node
 
 
-class _NodeService(Service):
+def _owners(node_config: config.NodeConfig) -> dict[bytes, str]:
     """
-    Stops the node's checkpoint pipelines when the node stops.
+    Owner tag -> node id, for this node and its peers.
+    """
+    node_ids = [node_config.node_id,
+                *(node_id for node_id, _ in node_config.cluster.peers)]
+    return {sessionid.owner_tag(node_config.cluster_name, node_id): node_id
+            for node_id in node_ids}
+
+
+def _virtual_services(node_config: config.NodeConfig) -> list[tls.VirtualService]:
+    return [
+        tls.VirtualService(
+            service.name, service.certificate, service.key,
+            sessionid.service_id_context(node_config.cluster_name, service.name),
+            service.server_names)
+        for service in node_config.tls.services
+    ]
+
+
+def _channel(node_config: config.NodeConfig) -> cluster.ClusterTLS:
+    cluster_config = node_config.cluster
+    return cluster.ClusterTLS(cluster_config.ca, cluster_config.certificate,
+                              cluster_config.key, node_config.cluster_name,
+                              node_config.node_id)
+
+
+def _server_context(node_config: config.NodeConfig,
+                    services: list[tls.VirtualService],
+                    node: Node) -> tls.ServerContext:
+    """
+    The client-facing engine.  Its session id contexts come from the
+    cluster and service names only, so a context built again (a reload)
+    resumes every session the previous one made.
+    """
+    return tls.ServerContext(
+        services, sessionid.owner_tag(node_config.cluster_name, node_config.node_id),
+        on_new_session=node.new_session,
+        alpn=node_config.tls.alpn,
+        minimum_version=node_config.tls.min_version,
+        maximum_version=node_config.tls.max_version,
+        session_lifetime=node_config.session_lifetime,
+    )
+
+
+# What a reload cannot change: dotted key -> NodeConfig attribute.  Each
+# needs a socket, a file or an identity the running node is built on.
+FIXED_AT_RUNTIME = {
+    "node.id": "node_id",
+    "node.cluster": "cluster_name",
+    "node.listen": "listen",
+    "node.state_dir": "state_dir",
+    "node.store_max_bytes": "store_max_bytes",
+    "node.metrics_listen": "metrics_listen",
+    "node.log_format": "log_format",
+    "cluster.listen": "cluster.listen",
+    "repository": "repository",
+}
+
+
+def _attribute(node_config: config.NodeConfig, path: str) -> Any:
+    value: Any = node_config
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _keep_fixed(running: config.NodeConfig, loaded: config.NodeConfig,
+                ) -> tuple[config.NodeConfig, list[str]]:
+    """
+    C{loaded} with every setting of L{FIXED_AT_RUNTIME} as C{running} has
+    it, and the dotted keys that C{loaded} changed.
+    """
+    changed = [key for key, path in FIXED_AT_RUNTIME.items()
+               if _attribute(running, path) != _attribute(loaded, path)]
+    top = {path: getattr(running, path)
+           for path in FIXED_AT_RUNTIME.values() if "." not in path}
+    kept = attrs.evolve(
+        loaded, cluster=attrs.evolve(loaded.cluster,
+                                     listen=running.cluster.listen), **top)
+    return kept, changed
+
+
+class NodeService(MultiService):
+    """
+    A running node: its listeners, peer links, repository and timers as
+    child services, and the two things an operator does to it while it
+    runs.
+
+    L{reload} reads the configuration file again and applies it whole, or
+    not at all.  C{stopService} stops gracefully: it stops accepting
+    clients, lets the open connections finish within the drain timeout,
+    hands the node's sessions over so that they resume elsewhere, and only
+    then stops the rest.
+
+    @ivar config: the configuration in force.
     """
 
-    def __init__(self, node: Node) -> None:
+    _log = Logger()
+
+    def __init__(self, node_config: config.NodeConfig, node: Node,
+                 clients: SessionResumingTLSFactory,
+                 proxy: BackendProxyFactory, channel: cluster.ClusterTLS,
+                 reactor: Any) -> None:
+        super().__init__()
+        self.config = node_config
         self.node = node
+        self._clients = clients
+        self._proxy = proxy
+        self._channel = channel
+        self._reactor = reactor
+        self._client_listeners: list[IService] = []
 
-    def stopService(self) -> None:
-        super().stopService()
+    def add_client_listener(self, listener: IService) -> None:
+        """
+        Add a listener for TLS clients: the one kind of child a stopping
+        node stops first.
+        """
+        listener.setServiceParent(self)
+        self._client_listeners.append(listener)
+
+    # Reload.
+
+    def reload(self) -> bool:
+        """
+        Read the configuration file again and apply it: certificates and
+        keys (client-facing and the cluster's, for connections made from
+        now on), peers, authorizations, the state keys and the other
+        settings that can change while the node runs.  Established
+        connections go on untouched, and stored sessions stay resumable.
+        A setting of L{FIXED_AT_RUNTIME} that changed keeps its running
+        value, with a warning.  A file that does not load, or names a file
+        that is unusable, changes nothing: the error is logged in one line.
+
+        @return: whether the new configuration is in force.
+        """
+        counters = self.node.counters
+        if not self.running:
+            self._log.warn("not reloading {path}: the node is stopping",
+                           path=self.config.path)
+            return False
+        try:
+            loaded = config.load(self.config.path, self._reactor)
+            new, changed = _keep_fixed(self.config, loaded)
+            keys = StateKeys.from_file(new.cluster.state_key)
+            services = _virtual_services(new)
+            context = _server_context(new, services, self.node)
+            channel = _channel(new)
+        except (config.ConfigError, tls.TLSConfigurationError,
+                FileError) as e:
+            counters["reload_failures"] += 1
+            self._log.error("sslshare: reload failed, the running "
+                            "configuration stays: {error}", error=str(e))
+            return False
+        added, removed = self._apply(new, keys, services, context, channel)
+        counters["reloads"] += 1
+        for key in changed:
+            self._log.warn(
+                "{path}: {key}: cannot change while the node runs; it keeps "
+                "{value!r} until it is restarted", path=new.path, key=key,
+                value=_attribute(new, FIXED_AT_RUNTIME[key]))
+        self._log.info("reloaded {path}: peers {peers}; links started: "
+                       "{added}, stopped: {removed}", path=new.path,
+                       peers=", ".join(node_id for node_id, _ in
+                                       new.cluster.peers) or "none",
+                       added=", ".join(added) or "none",
+                       removed=", ".join(removed) or "none")
+        return True
+
+    def _apply(self, new: config.NodeConfig, keys: StateKeys,
+               services: list[tls.VirtualService],
+               context: tls.ServerContext, channel: cluster.ClusterTLS,
+               ) -> tuple[list[str], list[str]]:
+        """
+        Put a checked configuration in force: nothing here fails on what
+        the file says (L{config.load} has checked the peers already).
+        """
+        node, recovery = self.node, self.node.recovery
+        added, removed = node.peer_links.reconfigure(new.cluster.peers)
+        self._channel.adopt(channel)
+        if node.peer_server is not None:
+            # A node no longer listed may still connect (any node of the
+            # cluster may), but none of its commands is allowed now.
+            node.peer_server.allowed = new.cluster.allowed
+        # One count across reloads: open connections keep counting on the
+        # old context.
+        context.counters = self._clients.context.counters
+        self._clients.context = node.context = context
+        node.keys = recovery.keys = keys
+        recovery.id_contexts = {service.name: service.id_context
+                                for service in services}
+        owners = _owners(new)
+        recovery.owners = owners
+        node.backup_of = recovery.backup_of = BackupRing(owners)
+        recovery.budget = new.lookup_budget
+        recovery.max_lookups = new.max_concurrent_lookups
+        recovery.max_lookups_per_client = new.max_lookups_per_client
+        node.session_lifetime = new.session_lifetime
+        node.checkpoint_policy = new.checkpoint
+        self._proxy.handshake_timeout = new.handshake_timeout
+        self._proxy.backend = clientFromString(self._reactor, new.backend)
+        self.config = new
+        return added, removed
+
+    # Graceful stop.
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        clock = self._reactor
+        timeout = self.config.drain_timeout
+        deadline = clock.seconds() + timeout
+        await DeferredList([maybeDeferred(listener.stopService)
+                            for listener in self._client_listeners])
+        self._log.info("stopping: accepting no more clients, {count} "
+                       "connections open", count=len(self._clients.protocols))
+        await self._drain(deadline - timeout * HANDOVER_SHARE)
+        moved = await self.node.hand_over(max(0.0, deadline - clock.seconds()))
+        self._log.info("{summary}", summary=handover_summary(moved))
+        await DeferredList([maybeDeferred(service.stopService)
+                            for service in reversed(list(self))
+                            if service.running])
         self.node.stop()
+
+    async def _drain(self, until: float) -> None:
+        """
+        Wait until the open client connections are done, or C{until}, then
+        close what is still open.
+        """
+        closed = self._clients.all_closed()
+        closed.addTimeout(max(0.0, until - self._reactor.seconds()),
+                          self._reactor)
+        try:
+            await closed
+        except TimeoutError:
+            still_open = list(self._clients.protocols)
+            self._log.warn("closing {count} client connections still open "
+                           "at the drain deadline", count=len(still_open))
+            for protocol in still_open:
+                protocol.abortConnection()
+
+
+def handover_summary(moved: Mapping[str, int]) -> str:
+    """
+    One line for the log, as C{"handed over 3 sessions to node2, 1 to
+    node3, 0 failed"}.
+    """
+    parts = [f"{count} to "
+             + ("the repository" if place == "repository" else place)
+             for place, count in sorted(moved.items()) if place != "failed"]
+    number, _, where = (parts[0] if parts else "0").partition(" ")
+    head = f"handed over {number} session{'' if number == '1' else 's'}"
+    if where:
+        head += f" {where}"
+    return ", ".join([head, *parts[1:], f"{moved.get('failed', 0)} failed"])
 
 
 class _RepositoryService(Service):
@@ -262,8 +502,35 @@ def makeService(options: Options) -> IService:
     except (config.ConfigError, tls.TLSConfigurationError, FileError,
             RepositoryError) as e:
         raise SystemExit(f"sslshare: {e}") from None
+    _ReloadOnHangup(service, reactor).setServiceParent(service)
     if node_config.log_format == "json":
         # options.parent: twistd's own options, when twistd runs us.
         log_file = _twistd_log_file(node_config, options.parent)
         return _LoggingTo(json_lines_observer(log_file), service)
     return service
+
+
+class _ReloadOnHangup(Service):
+    """
+    Reloads the node's configuration on SIGHUP.  Only C{twistd} installs
+    it (L{makeService}): nodes that tests run in their own process reload
+    when the test says so.
+    """
+
+    def __init__(self, node: NodeService, reactor: Any) -> None:
+        self._node = node
+        self._reactor = reactor
+        self._previous: Any = signal.SIG_DFL
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, number: int, frame: Any) -> None:
+        # A signal handler runs between any two bytecodes of the reactor's
+        # thread: the reload waits for the reactor's next turn.
+        self._reactor.callFromThread(self._node.reload)
+
+    def stopService(self) -> None:
+        super().stopService()
+        signal.signal(signal.SIGHUP, self._previous)

@@ -143,6 +143,14 @@ class SessionStore:
         """
         return self._live(session_id)
 
+    def sessions(self) -> list[SessionState]:
+        """
+        Every unexpired session held, least recently used first.
+        """
+        now = self._clock.seconds()
+        return [entry for entry in self._entries.values()
+                if isinstance(entry, SessionState) and not entry.expired(now)]
+
     def update_checkpoint(self, session_id: bytes, seq: int,
                           digest: bytes) -> bool:
         """

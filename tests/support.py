@@ -28,14 +28,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     connectProtocol,
     wrapClientTLS,
 )
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.protocols.basic import LineReceiver
 from twisted.python.filepath import FilePath
 
@@ -499,6 +499,7 @@ class LocalCluster:
                  budget_ms=300, backend=OneShotEcho, repository=None,
                  metrics=False, node_options=""):
         """
+        @param backend: the backend's protocol class, or its factory.
         @param repository: the body of a C{[repository]} section, or
             C{None}; C{{directory}} in it names the cluster's directory.
         @param metrics: serve each node's metrics on a free port of its
@@ -509,8 +510,9 @@ class LocalCluster:
         os.makedirs(self.directory)
         self.pki = pki_files.init_pki(os.path.join(self.directory, "pki"), "test",
                                 nodes)
-        backend = reactor.listenTCP(0, Factory.forProtocol(backend),
-                                    interface="127.0.0.1")
+        if not isinstance(backend, Factory):
+            backend = Factory.forProtocol(backend)
+        backend = reactor.listenTCP(0, backend, interface="127.0.0.1")
         testcase.addCleanup(backend.stopListening)
         self.ports = {node: free_port() for node in nodes}
         self.amp_ports = amp_ports = {node: free_port() for node in nodes}
@@ -610,6 +612,58 @@ class LocalCluster:
         self.nodes.pop(node, None)
         return self.services.pop(node).stopService()
 
+    def edit(self, node, old, new):
+        """
+        Replace C{old} by C{new} in C{node}'s configuration file; C{old}
+        must be there, so that a test never checks an edit that did not
+        happen.
+        """
+        with open(self.paths[node]) as f:
+            text = f.read()
+        assert old in text, f"{old!r} not in {self.paths[node]}"
+        with open(self.paths[node], "w") as f:
+            f.write(text.replace(old, new))
+
+    def peer_line(self, node):
+        """
+        The line of C{[cluster.peers]} that names C{node}.
+        """
+        return f'{node} = "tcp:host=127.0.0.1:port={self.amp_ports[node]}"'
+
+    def server_certificate(self, name, server_names=("localhost",)):
+        """
+        Issue another certificate for clients from the cluster CA, for
+        C{server_names} and 127.0.0.1, as C{pki/<name>-chain.pem} and
+        C{pki/<name>-key.pem}.
+
+        @return: the two paths as a node's file names them.
+        """
+        with open(self.pki.ca_key, "rb") as f:
+            ca_key = serialization.load_pem_private_key(f.read(), None)
+        with open(self.pki.ca_certificate, "rb") as f:
+            ca_pem = f.read()
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        key = ec.generate_private_key(ec.SECP256R1())
+        names = [x509.DNSName(name) for name in server_names]
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+        certificate = pki_files.issue_certificate(
+            ca, ca_key, key, server_names[0], names,
+            [ExtendedKeyUsageOID.SERVER_AUTH])
+        chain = f"pki/{name}-chain.pem"
+        key_path = f"pki/{name}-key.pem"
+        _write(self.directory, chain, _pem(certificate) + ca_pem)
+        _write(self.directory, key_path, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        return chain, key_path
+
+    def log(self, node):
+        """
+        What C{node}'s C{twistd} process has logged so far.
+        """
+        with open(os.path.join(self.directory, f"{node}.log")) as f:
+            return f.read()
+
     def spawn(self, node):
         """
         Run C{node} as a C{twistd -n sslshare} process; fires once it
@@ -633,6 +687,12 @@ class LocalCluster:
         transport = self.processes.pop(node)
         transport.signalProcess(signal_name)
         return transport.proto.ended
+
+    def signal(self, node, signal_name):
+        """
+        Send C{node}'s process a signal it lives on (C{HUP}).
+        """
+        self.processes[node].signalProcess(signal_name)
 
     def stop_all(self):
         from twisted.internet.defer import gatherResults
@@ -658,20 +718,6 @@ def connect_without_certificate(port, ca_cert):
             pass
 
 
-def wait_until(condition, timeout=10.0):
-    """
-    Fire once C{condition()} is true; fail after C{timeout} seconds.
-    """
-    async def wait():
-        deadline = reactor.seconds() + timeout
-        while not condition():
-            if reactor.seconds() > deadline:
-                raise AssertionError("condition not met in time")
-            await deferLater(reactor, 0.05, lambda: None)
-
-    return Deferred.fromCoroutine(wait())
-
-
 async def scrape_metrics(port):
     """
     C{curl} the metrics page on C{port} of 127.0.0.1, and parse it with
@@ -695,12 +741,68 @@ async def scrape_metrics(port):
     return samples
 
 
+class Trickle(Protocol):
+    """
+    Answers the first bytes it gets with C{factory.chunks} copies of them,
+    one every C{factory.interval} seconds, then closes: a transfer that
+    takes a while.
+    """
+
+    def dataReceived(self, data):
+        if getattr(self, "_sending", None) is not None:
+            return
+        self.factory.transfers.put(self)
+        self._sending = LoopingCall(self._send, data, iter(range(self.factory.chunks)))
+        self._sending.start(self.factory.interval, now=False)
+
+    def _send(self, data, remaining):
+        if next(remaining, None) is None:
+            self._sending.stop()
+            self.transport.loseConnection()
+        else:
+            self.transport.write(data)
+
+    def connectionLost(self, reason):
+        sending = getattr(self, "_sending", None)
+        if sending is not None and sending.running:
+            sending.stop()
+
+
+class TrickleFactory(Factory):
+    """
+    A backend of L{Trickle}s; C{transfers.get()} fires when the next one
+    starts.
+    """
+
+    protocol = Trickle
+
+    def __init__(self, chunks=10, interval=0.1):
+        self.chunks = chunks
+        self.interval = interval
+        self.transfers = DeferredQueue()
+
+
 class _NodeProcess(ProcessProtocol):
     def __init__(self):
         self.ended = Deferred()
 
     def processEnded(self, reason):
         self.ended.callback(None)
+
+
+def until(predicate, timeout=10.0):
+    """
+    Fires once C{predicate()} holds, asked every 20 ms on the reactor;
+    fails after C{timeout} seconds.
+    """
+    async def poll():
+        deadline = reactor.seconds() + timeout
+        while not predicate():
+            if reactor.seconds() > deadline:
+                raise AssertionError("the condition did not come true in time")
+            await deferLater(reactor, 0.02, lambda: None)
+
+    return Deferred.fromCoroutine(poll())
 
 
 async def wait_for_port(port, ended=None, timeout=20.0):

@@ -122,11 +122,11 @@ class ValidConfigTests(_ConfigTestCase):
         self.assertEqual(
             (node.node_id, node.cluster_name, node.lookup_budget,
              node.session_lifetime, node.store_max_bytes,
-             node.handshake_timeout, node.metrics_listen, node.repository,
-             node.topology, node.max_concurrent_lookups,
+             node.handshake_timeout, node.drain_timeout, node.metrics_listen,
+             node.repository, node.topology, node.max_concurrent_lookups,
              node.max_lookups_per_client),
-            ("node1", "demo", 0.050, 3600, 64 * 1024 * 1024, 10.0, None, None,
-             "peers", 1000, 100))
+            ("node1", "demo", 0.050, 3600, 64 * 1024 * 1024, 10.0, 10.0, None,
+             None, "peers", 1000, 100))
         self.assertEqual((node.tls.min_version, node.tls.max_version,
                           node.tls.alpn), ("1.2", "1.3", ()))
 
@@ -178,6 +178,7 @@ lookup_budget_ms = 120
 session_lifetime_s = 600
 store_max_bytes = 65536
 handshake_timeout_s = 2.5
+drain_timeout_s = 30
 metrics_listen = "tcp:9441:interface=127.0.0.1"
 max_concurrent_lookups = 20
 max_lookups_per_client = 5
@@ -185,11 +186,11 @@ log_format = "json"
 """)
         self.assertEqual(
             (node.lookup_budget, node.session_lifetime, node.store_max_bytes,
-             node.handshake_timeout, node.metrics_listen,
+             node.handshake_timeout, node.drain_timeout, node.metrics_listen,
              node.max_concurrent_lookups, node.max_lookups_per_client,
              node.log_format),
-            (0.120, 600, 65536, 2.5, "tcp:9441:interface=127.0.0.1", 20, 5,
-             "json"))
+            (0.120, 600, 65536, 2.5, 30.0, "tcp:9441:interface=127.0.0.1", 20,
+             5, "json"))
 
     def test_tls_settings_are_read_and_alpn_becomes_bytes(self):
         node = self.load(tls='[tls]\nmin_version = "1.3"\nmax_version = "1.3"\n'
@@ -554,6 +555,21 @@ class RangeErrorTests(_ConfigTestCase):
         self.assertError(self.error(node=NODE + "handshake_timeout_s = 0\n"),
                          "node.handshake_timeout_s",
                          "0 is out of range: must be above 0 and at most 300")
+
+    def test_drain_timeout_zero(self):
+        self.assertError(self.error(node=NODE + "drain_timeout_s = 0\n"),
+                         "node.drain_timeout_s",
+                         "0 is out of range: must be above 0 and at most 600")
+
+    def test_drain_timeout_above_ten_minutes(self):
+        self.assertError(self.error(node=NODE + "drain_timeout_s = 601\n"),
+                         "node.drain_timeout_s",
+                         "601 is out of range: must be above 0 and at most 600")
+
+    def test_drain_timeout_as_a_string(self):
+        self.assertError(self.error(node=NODE + 'drain_timeout_s = "10"\n'),
+                         "node.drain_timeout_s",
+                         "expected a number, got a string '10'")
 
     def test_handshake_timeout_infinite(self):
         self.assertError(self.error(node=NODE + "handshake_timeout_s = inf\n"),

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.ssl import CertificateOptions
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
@@ -37,6 +36,7 @@ from tests.support import (
     pki,
     psk_extension,
     python_client_round,
+    until,
 )
 
 HANDSHAKE_TIMEOUT = 1.0
@@ -377,11 +377,6 @@ class LookupBoundTests(TestCase):
         return gatherResults(attempts)
 
     @inlineCallbacks
-    def _until(self, condition):
-        while not condition():
-            yield deferLater(reactor, 0.02, lambda: None)
-
-    @inlineCallbacks
     def _served_meanwhile(self):
         """
         An ordinary client gets a full handshake, then resumes it from
@@ -401,7 +396,7 @@ class LookupBoundTests(TestCase):
         first = self._hellos(20)
         # The 16 past the bound are full handshakes at once, while the 4
         # admitted still wait for node1.
-        yield self._until(lambda: len(self.outcomes) == 16)
+        yield until(lambda: len(self.outcomes) == 16)
         self.assertEqual(len(self.stalled.fetches), 4)
         self.assertEqual((counters["lookups_shed"], counters["timeouts"]),
                          (16, 0))
@@ -435,7 +430,7 @@ class LookupBoundTests(TestCase):
         self.assertEqual(counters["timeouts"], 0)
         yield self._hellos(2)
         self.assertEqual(counters["lookups_shed"], 2)
-        yield self._until(lambda: counters["timeouts"] == 2)
+        yield until(lambda: counters["timeouts"] == 2)
         yield self._hellos(2)
         self.assertEqual(counters["lookups_shed"], 2)
         # node1 still holds the first two questions: the link asked no more.
@@ -451,12 +446,12 @@ class LookupBoundTests(TestCase):
         yield self._start(total=50, per_client=3)
         counters = self.node2.recovery.counters
         one = self._hellos(10, source="127.0.0.1")
-        yield self._until(lambda: len(self.outcomes) == 7)
+        yield until(lambda: len(self.outcomes) == 7)
         self.assertEqual(len(self.stalled.fetches), 3)
         self.assertEqual(counters["lookups_shed_per_client"], 7)
         # Another address still gets its lookups.
         other = self._hellos(3, source="127.0.0.2")
-        yield self._until(lambda: len(self.stalled.fetches) == 6)
+        yield until(lambda: len(self.stalled.fetches) == 6)
         controls = yield self._served_meanwhile()
         yield gatherResults([one, other])
         self.assertEqual(counters["lookups_shed_per_client"], 7)

@@ -23,7 +23,7 @@ from tests.support import (
     LocalCluster,
     connect_without_certificate,
     python_client_round,
-    wait_until,
+    until,
 )
 
 # A run of this many bytes of a key is a leak, whatever surrounds it.
@@ -118,7 +118,7 @@ class JSONLogTests(TestCase):
                             cluster.amp_ports["node1"], cluster.ca_cert)
         yield cluster.settled()
         yield cluster.stop("node2")
-        yield wait_until(lambda: not cluster.nodes["node1"].peer_links
+        yield until(lambda: not cluster.nodes["node1"].peer_links
                      .link("node2").connected)
 
         # Ten sessions made (two full handshakes, eight resumptions that
@@ -158,7 +158,7 @@ class JSONLogTests(TestCase):
             "TLSv1.2")
         # node1 has given node2 the session's backup copy; take it back
         # there so that node1 also logs the session it gives away.
-        yield wait_until(lambda: len(cluster.nodes["node2"].store) == 1)
+        yield until(lambda: len(cluster.nodes["node2"].store) == 1)
         again = yield deferToThread(
             python_client_round, cluster.ports["node2"], cluster.ca_cert,
             "TLSv1.2", first.session)

@@ -20,7 +20,7 @@ from tests.support import (
     connect_without_certificate,
     python_client_round,
     scrape_metrics,
-    wait_until,
+    until,
 )
 
 
@@ -161,7 +161,7 @@ class MetricsPageTests(TestCase):
         # node1); it arrives asynchronously.
         yield cluster.settled()
         yield cluster.stop("node1")
-        yield wait_until(lambda: not cluster.nodes["node3"].peer_links
+        yield until(lambda: not cluster.nodes["node3"].peer_links
                      .link("node1").connected)
         resumed = yield self._round(cluster, "node3", "TLSv1.2", first.session)
         self.assertTrue(resumed.reused)
@@ -180,7 +180,7 @@ class MetricsPageTests(TestCase):
         yield cluster.start_all()
         yield deferToThread(connect_without_certificate,
                             cluster.amp_ports["node1"], cluster.ca_cert)
-        yield wait_until(lambda: cluster.nodes["node1"].peer_server
+        yield until(lambda: cluster.nodes["node1"].peer_server
                      .counters["refused_connections"] == 1)
         samples = yield _scrape(cluster, "node1")
         self.assertEqual(

@@ -23,15 +23,8 @@ from tests.support import (
     ServerUnavailable,
     python_client_round,
     shared_server,
+    until,
 )
-
-
-async def _until(predicate, timeout=5.0):
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("the condition did not come true in time")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 class _RepositoryTopology:
@@ -60,7 +53,7 @@ class _RepositoryTopology:
             python_client_round, cluster.ports["node1"], cluster.ca_cert,
             version)
         repository = cluster.nodes["node1"].repository
-        yield _until(lambda: repository.counters["puts"] >= 1)
+        yield until(lambda: repository.counters["puts"] >= 1)
         return first
 
     @inlineCallbacks
@@ -91,7 +84,7 @@ class _RepositoryTopology:
         self.assertTrue(second.reused)
         session_id = first.session.id
         # node2 told node1, the previous holder, to drop its copy.
-        yield _until(lambda: node1.store.get(session_id) is None)
+        yield until(lambda: node1.store.get(session_id) is None)
         self.assertEqual(node2.store.get(session_id).owner, "node2")
 
     @inlineCallbacks

@@ -1,0 +1,512 @@
+"""
+A node's life while it runs: a reload applies a new configuration whole or
+not at all, without touching open connections or stored sessions; a
+stopping node drains its connections and hands its sessions over, so that
+they resume elsewhere; the state key rotates without losing a session.
+
+Nodes run in this process (L{LocalCluster.start}), where tests call
+L{NodeService.reload} and C{stopService} themselves, and as C{twistd}
+processes, which get SIGHUP and SIGTERM as an operator would send them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import sys
+import time
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from sslshare.state import StateKeys
+from tests.support import (
+    LocalCluster,
+    TrickleFactory,
+    free_port,
+    python_client_round,
+    until,
+)
+
+SQLITE = 'topology = "repository"\nkind = "sqlite"\npath = "{directory}/s.sqlite3"\n'
+
+
+def client(cluster, node, version, session=None):
+    return deferToThread(python_client_round, cluster.ports[node],
+                         cluster.ca_cert, version, session)
+
+
+def holders(cluster, session_id):
+    """
+    The nodes started in this process that keep C{session_id}.
+    """
+    return sorted(name for name, node in cluster.nodes.items()
+                  if node.store.get(session_id) is not None)
+
+
+class _LogCapture:
+    def capture_log(self):
+        self.logged = []
+
+        def observe(event):
+            self.logged.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def lines_with(self, text):
+        return [line for line in self.logged if text in line]
+
+
+class ReloadTests(_LogCapture, TestCase):
+    """
+    L{NodeService.reload} on nodes in this process.
+    """
+
+    def setUp(self):
+        self.capture_log()
+
+    @inlineCallbacks
+    def test_new_certificate_serves_new_connections_while_an_open_one_streams(self):
+        backend = TrickleFactory(chunks=10, interval=0.1)
+        cluster = LocalCluster(self, nodes=("node1",), backend=backend)
+        cluster.start("node1")
+        streaming = client(cluster, "node1", "TLSv1.3")
+        yield backend.transfers.get()
+        chain, key = cluster.server_certificate("renewed",
+                                                ("localhost", "renewed.test"))
+        cluster.edit("node1", "pki/localhost-chain.pem", chain)
+        cluster.edit("node1", "pki/localhost-key.pem", key)
+        self.assertTrue(cluster.services["node1"].reload())
+        fresh = yield client(cluster, "node1", "TLSv1.2")
+        self.assertIn("renewed.test", fresh.peer_names)
+        old = yield streaming
+        self.assertEqual(old.echo, b"hello" * 10)
+        self.assertNotIn("renewed.test", old.peer_names)
+        self.assertEqual(cluster.nodes["node1"].stats()["reloads"], 1)
+
+    @inlineCallbacks
+    def _resumes_after_reload(self, version):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        yield cluster.start_all()
+        first = yield client(cluster, "node1", version)
+        chain, key = cluster.server_certificate("renewed")
+        for node in ("node1", "node2"):
+            cluster.edit(node, "pki/localhost-chain.pem", chain)
+            cluster.edit(node, "pki/localhost-key.pem", key)
+            self.assertTrue(cluster.services[node].reload())
+        again = yield client(cluster, "node1", version, first.session)
+        self.assertTrue(again.reused, "not resumed on the node that made it")
+        elsewhere = yield client(cluster, "node2", version, again.session)
+        self.assertTrue(elsewhere.reused, "not resumed on its peer")
+
+    def test_stored_tls12_session_resumes_after_reload(self):
+        return self._resumes_after_reload("TLSv1.2")
+
+    def test_stored_tls13_session_resumes_after_reload(self):
+        return self._resumes_after_reload("TLSv1.3")
+
+    @inlineCallbacks
+    def test_removed_peer_loses_its_link_and_added_peer_gets_one(self):
+        cluster = LocalCluster(self)
+        yield cluster.start_all()
+        node1, node3 = cluster.nodes["node1"], cluster.nodes["node3"]
+        link2 = node1.peer_links.link("node2")
+        cluster.edit("node1", cluster.peer_line("node3") + "\n", "")
+        self.assertTrue(cluster.services["node1"].reload())
+        self.assertIsNone(node1.peer_links.link("node3"))
+        # The link that stayed was never dropped.
+        self.assertIs(node1.peer_links.link("node2"), link2)
+        self.assertTrue(link2.connected)
+        self.assertEqual(link2.counters["connects"], 1)
+        # node1 no longer knows node3's sessions, nor keeps its backups.
+        made_on_node3 = yield client(cluster, "node3", "TLSv1.2")
+        yield until(lambda: node3.counters["backup_failures"] == 1)
+        unknown = yield client(cluster, "node1", "TLSv1.2", made_on_node3.session)
+        self.assertFalse(unknown.reused)
+
+        made_on_node3 = yield client(cluster, "node3", "TLSv1.2")
+        cluster.edit("node1", "[cluster.peers]\n",
+                     "[cluster.peers]\n" + cluster.peer_line("node3") + "\n")
+        self.assertTrue(cluster.services["node1"].reload())
+        yield until(lambda: node1.peer_links.link("node3").connected)
+        # node1 asks node3 over the new link, not its own backup copy.
+        node1.store.discard(made_on_node3.session.id)
+        known = yield client(cluster, "node1", "TLSv1.2", made_on_node3.session)
+        self.assertTrue(known.reused)
+        self.assertEqual(node1.counters["resumed_peer"], 1)
+        self.assertEqual(node1.counters["reloads"], 2)
+
+    @inlineCallbacks
+    def test_peer_with_a_new_endpoint_gets_a_new_link(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        yield cluster.start_all()
+        node1 = cluster.nodes["node1"]
+        before = node1.peer_links.link("node2")
+        cluster.edit("node1", cluster.peer_line("node2"),
+                     f'node2 = "tcp:host=127.0.0.1:port={free_port()}"')
+        self.assertTrue(cluster.services["node1"].reload())
+        moved = node1.peer_links.link("node2")
+        self.assertIsNot(moved, before)
+        self.assertFalse(before.running)
+        self.assertFalse(moved.connected)
+        with open(cluster.paths["node1"]) as f:
+            cluster.edit("node1", re.search(r'node2 = ".*"', f.read()).group(),
+                         cluster.peer_line("node2"))
+        self.assertTrue(cluster.services["node1"].reload())
+        yield until(lambda: node1.peer_links.link("node2").connected)
+
+    @inlineCallbacks
+    def _invalid_reload_keeps_everything(self, break_it, error):
+        """
+        The file also drops node3 from the peers: nothing of it may apply.
+        """
+        cluster = LocalCluster(self, nodes=("node1", "node2", "node3"))
+        yield cluster.start_all()
+        first = yield client(cluster, "node1", "TLSv1.2")
+        cluster.edit("node1", cluster.peer_line("node3") + "\n", "")
+        break_it(cluster)
+        self.assertFalse(cluster.services["node1"].reload())
+        node1 = cluster.nodes["node1"]
+        self.assertEqual(node1.counters["reload_failures"], 1)
+        self.assertEqual(node1.counters["reloads"], 0)
+        failures = self.lines_with("reload failed")
+        self.assertEqual(len(failures), 1, self.logged)
+        self.assertNotIn("\n", failures[0])
+        self.assertRegex(failures[0], error)
+        self.assertTrue(node1.peer_links.link("node3").connected)
+        again = yield client(cluster, "node1", "TLSv1.2", first.session)
+        self.assertTrue(again.reused)
+        elsewhere = yield client(cluster, "node3", "TLSv1.2", again.session)
+        self.assertTrue(elsewhere.reused)
+
+    def test_bad_toml_keeps_the_running_configuration(self):
+        return self._invalid_reload_keeps_everything(
+            lambda cluster: cluster.edit("node1", "[cluster]", "[cluster"),
+            r"node1\.toml: not valid TOML: ")
+
+    def test_missing_certificate_keeps_the_running_configuration(self):
+        return self._invalid_reload_keeps_everything(
+            lambda cluster: cluster.edit("node1", "pki/localhost-chain.pem",
+                                         "pki/absent.pem"),
+            r"node1\.toml: tls\.service\[0\]\.certificate: cannot read "
+            r"'pki/absent\.pem'")
+
+    def test_key_of_another_certificate_keeps_the_running_configuration(self):
+        return self._invalid_reload_keeps_everything(
+            lambda cluster: cluster.edit("node1", "pki/localhost-key.pem",
+                                         "pki/node2-key.pem"),
+            r"pki/node2-key\.pem: service 'web'")
+
+    def test_bad_state_key_file_keeps_the_running_configuration(self):
+        def break_it(cluster):
+            path = os.path.join(cluster.directory, "pki", "bad.key")
+            with open(path, "w") as f:
+                f.write("not a key\n")
+            cluster.edit("node1", "pki/state.key", "pki/bad.key")
+
+        return self._invalid_reload_keeps_everything(
+            break_it, r"bad\.key: line 1: a key must be 64 hex characters")
+
+    @inlineCallbacks
+    def test_setting_fixed_at_runtime_warns_and_keeps_its_value(self):
+        cluster = LocalCluster(self, nodes=("node1",))
+        cluster.start("node1")
+        port = cluster.ports["node1"]
+        cluster.edit("node1", f"listen = \"tcp:{port}:", "listen = \"tcp:1:")
+        cluster.edit("node1", "lookup_budget_ms = 300", "lookup_budget_ms = 200")
+        self.assertTrue(cluster.services["node1"].reload())
+        warnings = self.lines_with("cannot change while the node runs")
+        self.assertEqual(len(warnings), 1, self.logged)
+        self.assertIn("node1.toml: node.listen: ", warnings[0])
+        service = cluster.services["node1"]
+        self.assertEqual(service.config.listen[0].split(":")[1], str(port))
+        # The rest applies.
+        self.assertEqual(cluster.nodes["node1"].recovery.budget, 0.2)
+        result = yield client(cluster, "node1", "TLSv1.3")
+        self.assertEqual(result.echo, b"hello")
+
+
+class HandoverTests(_LogCapture, TestCase):
+    """
+    A node stopping in this process drains its connections and moves its
+    sessions to where the others look for them.  Each test first drops the
+    copy the cluster already keeps, so that only the handover can save
+    the session.
+    """
+
+    def setUp(self):
+        self.capture_log()
+
+    @inlineCallbacks
+    def _handed_to_backup_node(self, version):
+        cluster = LocalCluster(self)
+        yield cluster.start_all()
+        first = yield client(cluster, "node1", version)
+        node1, node2 = cluster.nodes["node1"], cluster.nodes["node2"]
+        (session_id,) = [state.session_id for state in node1.store.sessions()]
+        # node2 is the backup node of node1's sessions in a ring of three.
+        yield until(lambda: node2.store.get(session_id) is not None)
+        node2.store.discard(session_id)
+        yield cluster.stop("node1")
+        self.assertEqual(holders(cluster, session_id), ["node2"])
+        self.assertIsNone(node1.store.get(session_id))
+        self.assertEqual(node1.counters["sessions_handed_over"], 1)
+        self.assertEqual(self.lines_with("handed over"),
+                         ["handed over 1 session to node2, 0 failed"])
+        # node3 asks node1, which is gone, then its backup node.
+        resumed = yield client(cluster, "node3", version, first.session)
+        self.assertTrue(resumed.reused)
+        self.assertEqual(cluster.nodes["node3"].recovery.counters["backups_asked"], 1)
+
+    def test_tls12_session_goes_to_the_backup_node_and_resumes_on_node3(self):
+        return self._handed_to_backup_node("TLSv1.2")
+
+    def test_tls13_session_goes_to_the_backup_node_and_resumes_on_node3(self):
+        return self._handed_to_backup_node("TLSv1.3")
+
+    @inlineCallbacks
+    def test_session_taken_from_its_maker_resumes_through_the_makers_redirect(self):
+        """
+        node3 made the session and gave it to node1; its tombstone sends
+        node2 to node1, which is gone, so node2 asks node1's backup node
+        for the session, node4 (the ring of four, from node3, skipping the
+        holder).
+        """
+        cluster = LocalCluster(self, nodes=("node1", "node2", "node3", "node4"))
+        yield cluster.start_all()
+        made = yield client(cluster, "node3", "TLSv1.2")
+        taken = yield client(cluster, "node1", "TLSv1.2", made.session)
+        self.assertTrue(taken.reused)
+        session_id = made.session.id
+        node4 = cluster.nodes["node4"]
+        yield until(lambda: node4.store.get(session_id) is not None
+                    and node4.store.get(session_id).owner == "node1")
+        node4.store.discard(session_id)
+        yield cluster.stop("node1")
+        self.assertEqual(holders(cluster, session_id), ["node4"])
+        resumed = yield client(cluster, "node2", "TLSv1.2", made.session)
+        self.assertTrue(resumed.reused)
+        counters = cluster.nodes["node2"].recovery.counters
+        self.assertEqual((counters["redirects_followed"],
+                          counters["backups_asked"]), (1, 1))
+
+    @inlineCallbacks
+    def test_session_goes_to_the_repository(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"),
+                               repository=SQLITE)
+        yield cluster.start_all()
+        first = yield client(cluster, "node1", "TLSv1.2")
+        repository = cluster.nodes["node1"].repository
+        yield until(lambda: repository.counters["puts"] >= 1)
+        yield repository.purge(first.session.id)
+        yield cluster.stop("node1")
+        self.assertEqual(self.lines_with("handed over"),
+                         ["handed over 1 session to the repository, 0 failed"])
+        resumed = yield client(cluster, "node2", "TLSv1.2", first.session)
+        self.assertTrue(resumed.reused)
+        self.assertEqual(cluster.nodes["node2"].counters["resumed_repository"], 1)
+
+    @inlineCallbacks
+    def test_open_connection_finishes_before_the_node_stops(self):
+        backend = TrickleFactory(chunks=10, interval=0.1)
+        cluster = LocalCluster(self, nodes=("node1",), backend=backend)
+        cluster.start("node1")
+        streaming = client(cluster, "node1", "TLSv1.2")
+        yield backend.transfers.get()
+        stopping = cluster.stop("node1")
+        self.assertFalse(stopping.called)
+        result = yield streaming
+        self.assertEqual(result.echo, b"hello" * 10)
+        yield stopping
+
+    @inlineCallbacks
+    def test_connection_open_at_the_deadline_is_closed(self):
+        backend = TrickleFactory(chunks=1000, interval=0.1)
+        cluster = LocalCluster(self, nodes=("node1", "node2"), backend=backend,
+                               node_options="drain_timeout_s = 0.5")
+        yield cluster.start_all()
+        streaming = client(cluster, "node1", "TLSv1.2")
+        yield backend.transfers.get()
+        started = time.monotonic()
+        yield cluster.stop("node1")
+        # 0.5 s at most; far more only if it hung.
+        self.assertLess(time.monotonic() - started, 5.0)
+        # Cut off: the client read less than the backend would have sent.
+        try:
+            result = yield streaming
+        except OSError:
+            pass
+        else:
+            self.assertLess(len(result.echo), len(b"hello") * 1000)
+        self.assertEqual(len(self.lines_with(
+            "closing 1 client connections still open")), 1)
+        # The cut connection's session still went over.
+        self.assertEqual(self.lines_with("handed over"),
+                         ["handed over 1 session to node2, 0 failed"])
+
+
+class RotationTests(TestCase):
+    """
+    The state key rotation of README.rst, on two nodes sharing through a
+    repository, which keeps sessions sealed: a new key is added second,
+    then put first, then the old one removed, with a reload on every node
+    after each step.
+    """
+
+    @inlineCallbacks
+    def _cluster(self):
+        """
+        Two started nodes, their one state key and a new one.
+        """
+        cluster = LocalCluster(self, nodes=("node1", "node2"), repository=SQLITE)
+        yield cluster.start_all()
+        with open(os.path.join(cluster.directory, "pki", "state.key")) as f:
+            old = bytes.fromhex(f.read().strip())
+        return cluster, old, StateKeys.generate()
+
+    def _write_keys(self, cluster, *keys):
+        with open(os.path.join(cluster.directory, "pki", "state.key"), "w") as f:
+            f.write("".join(key.hex() + "\n" for key in keys))
+        for node in ("node1", "node2"):
+            self.assertTrue(cluster.services[node].reload())
+
+    @inlineCallbacks
+    def _sealed_on_node1(self, cluster):
+        repository = cluster.nodes["node1"].repository
+        puts = repository.counters["puts"]
+        made = yield client(cluster, "node1", "TLSv1.2")
+        yield until(lambda: repository.counters["puts"] > puts)
+        return made
+
+    @inlineCallbacks
+    def test_sessions_sealed_before_and_after_rotation_resume(self):
+        cluster, old, new = yield self._cluster()
+        before = yield self._sealed_on_node1(cluster)
+        self._write_keys(cluster, old, new)
+        during = yield self._sealed_on_node1(cluster)
+        self._write_keys(cluster, new, old)
+        after = yield self._sealed_on_node1(cluster)
+        for made in (before, during, after):
+            resumed = yield client(cluster, "node2", "TLSv1.2", made.session)
+            self.assertTrue(resumed.reused)
+        self.assertEqual(cluster.nodes["node2"].recovery.counters["unsealable"], 0)
+
+    @inlineCallbacks
+    def test_blob_sealed_with_a_removed_key_is_refused_cleanly(self):
+        cluster, old, new = yield self._cluster()
+        made = yield self._sealed_on_node1(cluster)
+        self._write_keys(cluster, old, new)
+        self._write_keys(cluster, new, old)
+        self._write_keys(cluster, new)
+        resumed = yield client(cluster, "node2", "TLSv1.2", made.session)
+        self.assertFalse(resumed.reused)
+        self.assertEqual(resumed.echo, b"hello")
+        node2 = cluster.nodes["node2"]
+        self.assertEqual(node2.recovery.counters["unsealable"], 1)
+        self.assertEqual(node2.counters["full"], 1)
+
+    @inlineCallbacks
+    def test_key_new_prints_a_line_the_key_file_takes(self):
+        output, error, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from sslshare.cli import main; main()", "key", "new"],
+            env=os.environ)
+        self.assertEqual(code, 0, error.decode())
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(output)
+        self.assertRegex(output.decode(), r"^[0-9a-f]{64}\n$")
+        self.assertEqual(len(StateKeys.from_file(path).key_ids), 1)
+
+
+class SignalTests(TestCase):
+    """
+    C{twistd sslshare} nodes, signalled as an operator does.
+    """
+
+    @inlineCallbacks
+    def test_sighup_reloads_and_a_bad_file_keeps_the_node_serving(self):
+        cluster = LocalCluster(self, nodes=("node1",))
+        yield cluster.spawn("node1")
+        chain, key = cluster.server_certificate("renewed",
+                                                ("localhost", "renewed.test"))
+        cluster.edit("node1", "pki/localhost-chain.pem", chain)
+        cluster.edit("node1", "pki/localhost-key.pem", key)
+        cluster.signal("node1", "HUP")
+        yield until(lambda: "reloaded" in cluster.log("node1"))
+        fresh = yield client(cluster, "node1", "TLSv1.3")
+        self.assertIn("renewed.test", fresh.peer_names)
+        cluster.edit("node1", "[cluster]", "[cluster")
+        cluster.signal("node1", "HUP")
+        yield until(lambda: "reload failed" in cluster.log("node1"))
+        self.assertRegex(cluster.log("node1"),
+                         r"reload failed, the running configuration stays: "
+                         r".*node1\.toml: not valid TOML: ")
+        still = yield client(cluster, "node1", "TLSv1.3", fresh.session)
+        self.assertTrue(still.reused)
+        self.assertIn("renewed.test", still.peer_names)
+
+    @inlineCallbacks
+    def test_sigterm_drains_then_sessions_resume_on_the_other_nodes(self):
+        """
+        node1 makes its sessions while its peers are down, so that no
+        backup copy exists: only the handover can save them.
+        """
+        backend = TrickleFactory(chunks=10, interval=0.1)
+        cluster = LocalCluster(self, backend=backend,
+                               node_options="drain_timeout_s = 8")
+        yield cluster.spawn("node1")
+        tls12 = yield client(cluster, "node1", "TLSv1.2")
+        yield backend.transfers.get()
+        tls13 = yield client(cluster, "node1", "TLSv1.3")
+        yield backend.transfers.get()
+        cluster.start("node2")
+        cluster.start("node3")
+        yield cluster.wait_linked_to("node1")
+        streaming = client(cluster, "node1", "TLSv1.2")
+        yield backend.transfers.get()
+        started = time.monotonic()
+        ended = cluster.kill("node1", "TERM")
+        result = yield streaming
+        self.assertEqual(result.echo, b"hello" * 10)
+        yield ended
+        # 8 s at most; far more only if it hung.
+        self.assertLess(time.monotonic() - started, 30.0)
+        log = cluster.log("node1")
+        self.assertRegex(log, r"handed over 3 sessions to node2, 0 failed")
+        self.assertNotIn("still open at the drain deadline", log)
+        on_node2 = yield client(cluster, "node2", "TLSv1.2", tls12.session)
+        self.assertTrue(on_node2.reused)
+        on_node3 = yield client(cluster, "node3", "TLSv1.3", tls13.session)
+        self.assertTrue(on_node3.reused)
+        self.assertEqual(cluster.nodes["node3"].recovery.counters["backups_asked"], 1)
+
+    @inlineCallbacks
+    def test_sigterm_with_a_repository_hands_sessions_to_it(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"), repository=SQLITE)
+        yield cluster.spawn("node1")
+        made = yield client(cluster, "node1", "TLSv1.3")
+        path = os.path.join(cluster.directory, "s.sqlite3")
+
+        def stored():
+            with sqlite3.connect(path) as db:
+                return db.execute("SELECT count(*) FROM sslshare_sessions"
+                                  ).fetchone()[0]
+
+        yield until(lambda: stored() == 1)
+        with sqlite3.connect(path) as db:
+            db.execute("DELETE FROM sslshare_sessions")
+        yield cluster.kill("node1", "TERM")
+        self.assertEqual(stored(), 1)
+        self.assertTrue(re.search(
+            r"handed over 1 session to the repository, 0 failed",
+            cluster.log("node1")))
+        cluster.start("node2")
+        resumed = yield client(cluster, "node2", "TLSv1.3", made.session)
+        self.assertTrue(resumed.reused)
+        self.assertEqual(cluster.nodes["node2"].counters["resumed_repository"], 1)
