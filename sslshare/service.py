@@ -108,6 +108,7 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[MultiServi
         services, sessionid.owner_tag(node_config.cluster_name, node_config.node_id),
         on_new_session=node.new_session,
         alpn=node_config.tls.alpn,
+        tls12_ciphers=node_config.tls.tls12_ciphers,
         minimum_version=node_config.tls.min_version,
         maximum_version=node_config.tls.max_version,
         session_lifetime=node_config.session_lifetime,
