@@ -169,6 +169,13 @@ class Processes:
         name, log = next((n, lg) for n, p, lg in self._running if p is process)
         wait_for_port(name, port, process, log, timeout)
 
+    def exited(self) -> str | None:
+        """
+        The name of the first process that has ended, or C{None}.
+        """
+        return next((name for name, process, _ in self._running
+                     if process.poll() is not None), None)
+
     def stop_all(self) -> None:
         for _, process, _ in self._running:
             if process.poll() is None:
@@ -245,39 +252,43 @@ def start_backend(processes: Processes, directory: str) -> int:
 
 
 def start_sslshare(processes: Processes, directory: str, backend_port: int,
-                   sharing: bool) -> list[int]:
+                   sharing: bool, nodes: tuple[str, ...] = NODES,
+                   tables: str = "") -> list[int]:
     """
-    Three C{twistd -n sslshare} nodes from TOML files written into
-    C{directory} (whose C{pki/} holds the PKI), each with the other two as
-    peers when C{sharing}, with none otherwise; their client ports.
+    C{twistd -n sslshare} nodes from TOML files written into C{directory}
+    (whose C{pki/} holds the PKI), each with the others as peers when
+    C{sharing}, with none otherwise; their client ports.
+
+    @param tables: more TOML tables for each node's file (C{[tls]}, ...).
     """
     from tests.support import NODE_CONFIG
 
     mode = "sslshare" if sharing else "sharing_off"
-    client_ports = {node: _free_port() for node in NODES}
-    amp_ports = {node: _free_port() for node in NODES}
+    client_ports = {node: _free_port() for node in nodes}
+    amp_ports = {node: _free_port() for node in nodes}
     started = {}
-    for node in NODES:
+    for node in nodes:
         peers = "\n".join(
             f'{peer} = "tcp:host=127.0.0.1:port={amp_ports[peer]}"'
-            for peer in NODES if peer != node and sharing)
+            for peer in nodes if peer != node and sharing)
         path = os.path.join(directory, f"{mode}-{node}.toml")
         with open(path, "w") as f:
             f.write(NODE_CONFIG.format(
                 node=node, cluster=CLUSTER, client_port=client_ports[node],
                 backend_port=backend_port, state_dir=f"state/{mode}/{node}",
-                node_options="", amp_port=amp_ports[node], peers=peers))
+                node_options="", amp_port=amp_ports[node], peers=peers)
+                + tables)
         log = os.path.join(directory, f"{mode}-{node}.log")
         started[node] = processes.start(
             f"{mode} {node}",
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
              "-n", "--pidfile=", "--logfile", log, "sslshare", "--config", path],
             log + ".stderr")
-    for node in NODES:
+    for node in nodes:
         processes.wait_for_port(started[node], client_ports[node])
     if sharing:
-        _wait_linked(directory, mode)
-    return [client_ports[node] for node in NODES]
+        _wait_linked(directory, mode, nodes)
+    return [client_ports[node] for node in nodes]
 
 
 def node_stats(directory: str, mode: str, node: str) -> dict[str, Any] | None:
@@ -313,15 +324,16 @@ def handshake_counters(directory: str, mode: str) -> dict[str, int]:
     return total
 
 
-def _wait_linked(directory: str, mode: str, timeout: float = 30.0) -> None:
+def _wait_linked(directory: str, mode: str, nodes: tuple[str, ...],
+                 timeout: float = 30.0) -> None:
     """
-    Wait until each node has both peers connected, so that the first
-    connections do not race the peer links.
+    Wait until each node has all the others connected as peers, so that the
+    first connections do not race the peer links.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if all((node_stats(directory, mode, node) or {}).get("peers.connected")
-               == len(NODES) - 1 for node in NODES):
+               == len(nodes) - 1 for node in nodes):
             return
         time.sleep(0.3)
     raise BenchmarkError(f"the {mode} nodes did not all link up in {timeout} s: "
