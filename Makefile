@@ -13,7 +13,7 @@ TRIAL_ARGS ?=
 APT_PACKAGES := openssl curl redis-server postgresql
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: test venv system-deps demo bench clean
+.PHONY: test venv system-deps demo bench tlsfuzzer clean
 
 test: system-deps venv
 	$(VENV)/bin/python -m twisted.trial $(TRIAL_ARGS) $(TESTS)
@@ -55,6 +55,13 @@ demo: system-deps venv
 BENCH_ARGS ?= --quick
 bench: system-deps venv
 	$(VENV)/bin/python benchmarks/run.py $(BENCH_ARGS)
+
+# tlsfuzzer is not on PyPI: TLSFUZZER names a checkout, TLSFUZZER_PYTHON a
+# Python with its requirements (README.rst, "tlsfuzzer").
+TLSFUZZER_PYTHON ?= $(VENV)/bin/python
+tlsfuzzer: venv
+	@test -n "$(TLSFUZZER)" || { echo "usage: make tlsfuzzer TLSFUZZER=<tlsfuzzer checkout> [TLSFUZZER_PYTHON=<python with tlslite-ng>]"; exit 2; }
+	$(VENV)/bin/python benchmarks/tlsfuzzer.py $(TLSFUZZER) --python $(TLSFUZZER_PYTHON)
 
 clean:
 	rm -rf _trial_temp* build dist *.egg-info twisted/plugins/dropin.cache .ci/test.log

@@ -61,6 +61,13 @@ class Processes:
         name, log = next((n, lg) for n, p, lg in self._running if p is process)
         wait_for_port(name, port, process, log, timeout)
 
+    def exited(self) -> str | None:
+        """
+        The name of the first process that has ended, or C{None}.
+        """
+        return next((name for name, process, _ in self._running
+                     if process.poll() is not None), None)
+
     def stop_all(self) -> None:
         for _, process, _ in self._running:
             if process.poll() is None:
@@ -168,13 +175,15 @@ class Node:
 
 def start_sslshare(processes: Processes, directory: str, deployment: str,
                    backend_port: int, nodes: tuple[str, ...], peers: bool,
-                   repository: str = "", node_options: str = "") -> list[Node]:
+                   repository: str = "", node_options: str = "",
+                   tables: str = "") -> list[Node]:
     """
     C{twistd -n sslshare} nodes from TOML files written into C{directory}
     (whose C{pki/} holds the PKI, from L{sslshare.pki.init_pki}), named
     C{deployment}-C{node}: each with all the others as peers when C{peers},
     with none otherwise; C{repository} is the body of a C{[repository]}
-    table, or empty for none.
+    table, or empty for none; C{node_options} are more lines of the
+    C{[node]} table, C{tables} more TOML tables (C{[tls]}, ...).
     """
     from tests.support import NODE_CONFIG
 
@@ -192,7 +201,7 @@ def start_sslshare(processes: Processes, directory: str, deployment: str,
                 backend_port=backend_port,
                 state_dir=f"state/{deployment}/{node}",
                 node_options=node_options, amp_port=amp_ports[node],
-                peers=peer_lines))
+                peers=peer_lines) + tables)
             if repository:
                 f.write(f"\n[repository]\n{repository}\n")
         log = os.path.join(directory, f"{deployment}-{node}.log")

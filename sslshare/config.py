@@ -50,6 +50,7 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 from twisted.internet.endpoints import clientFromString, serverFromString
 
+from sslshare import tls
 from sslshare.digest import MODES, CheckpointPolicy
 
 # The AMP commands a peer may be allowed to send (sslshare.cluster).
@@ -82,7 +83,8 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
         "metrics_listen", "log_format", "checkpoint", "checkpoint_period_ms",
         "checkpoint_bound", "max_concurrent_lookups",
         "max_lookups_per_client", "drain_timeout_s"}),
-    "tls": frozenset({"min_version", "max_version", "alpn", "service"}),
+    "tls": frozenset({"min_version", "max_version", "alpn", "tls12_ciphers",
+                      "service"}),
     "tls.service": frozenset({"name", "certificate", "key", "server_names"}),
     "cluster": frozenset({
         "listen", "ca", "certificate", "key", "state_key", "peers",
@@ -163,6 +165,7 @@ class TLSConfig:
     min_version: str = "1.2"
     max_version: str = "1.3"
     alpn: tuple[bytes, ...] = ()
+    tls12_ciphers: str = tls.DEFAULT_TLS12_CIPHERS
 
 
 @attrs.frozen
@@ -652,9 +655,12 @@ class _Reader:
                              f"{min_version!r} is above tls.max_version "
                              f"{max_version!r}")
         alpn = table.value("alpn", self.alpn, default=())
+        tls12_ciphers = table.value("tls12_ciphers", self.tls12_ciphers,
+                                    default=tls.DEFAULT_TLS12_CIPHERS)
         services = table.value("service", self.services, required=True)
         return TLSConfig(services=services, min_version=min_version,
-                         max_version=max_version, alpn=alpn)
+                         max_version=max_version, alpn=alpn,
+                         tls12_ciphers=tls12_ciphers)
 
     def tls_version(self, key: str, value: Any) -> str:
         self.expect(key, value, (str,), "a string")
@@ -674,6 +680,16 @@ class _Reader:
                 raise self.error(item_key, f"{item!r} is listed twice")
             protocols.append(encoded)
         return tuple(protocols)
+
+    def tls12_ciphers(self, key: str, value: Any) -> str:
+        self.expect(key, value, (str,), "a string")
+        if not value.isascii():
+            raise self.error(key, "an OpenSSL cipher list is ASCII")
+        try:
+            tls.check_tls12_ciphers(value)
+        except tls.TLSConfigurationError as e:
+            raise self.error(key, str(e)) from None
+        return value
 
     def services(self, key: str, value: Any) -> tuple[ServiceConfig, ...]:
         if isinstance(value, dict):

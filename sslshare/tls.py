@@ -102,6 +102,20 @@ class MalformedExtension(ValueError):
     """
 
 
+def check_tls12_ciphers(ciphers: str) -> None:
+    """
+    Check that OpenSSL selects at least one TLS 1.2 cipher from the cipher
+    list C{ciphers} (OpenSSL's syntax; names it does not know are skipped).
+
+    @raise TLSConfigurationError: it selects none.
+    """
+    try:
+        _openssl.NativeContext(internal_cache=True).set_ciphers(
+            ciphers, DEFAULT_TLS13_SUITES)
+    except _openssl.NativeError as e:
+        raise TLSConfigurationError(str(e)) from None
+
+
 @attrs.frozen
 class VirtualService:
     """

@@ -22,6 +22,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from sslshare import config, pki
 from sslshare.config import ConfigError
+from sslshare.tls import DEFAULT_TLS12_CIPHERS
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "conf")
@@ -197,6 +198,13 @@ log_format = "json"
                              'alpn = ["h2", "http/1.1"]\n' + TLS)
         self.assertEqual((node.tls.min_version, node.tls.max_version,
                           node.tls.alpn), ("1.3", "1.3", (b"h2", b"http/1.1")))
+
+    def test_tls12_ciphers_default_to_the_engine_default_and_can_be_set(self):
+        self.assertEqual(self.load(tls=TLS).tls.tls12_ciphers,
+                         DEFAULT_TLS12_CIPHERS)
+        node = self.load(tls='[tls]\ntls12_ciphers = "ECDHE-RSA-AES128-SHA"\n'
+                             + TLS)
+        self.assertEqual(node.tls.tls12_ciphers, "ECDHE-RSA-AES128-SHA")
 
     def test_services_keep_their_order_and_server_names_lower_cased(self):
         node = self.load(tls=TLS + 'server_names = ["LocalHost"]\n' + """
@@ -807,6 +815,22 @@ class TLSErrorTests(_ConfigTestCase):
         self.assertError(
             self.error(tls='[tls]\nalpn = ["h2", "h2"]\n' + TLS),
             "tls.alpn[1]", "'h2' is listed twice")
+
+    def test_tls12_ciphers_openssl_selects_none_of(self):
+        self.assertError(
+            self.error(tls='[tls]\ntls12_ciphers = "NO-SUCH-CIPHER"\n' + TLS),
+            "tls.tls12_ciphers", "TLS 1.2 ciphers: no cipher match")
+
+    def test_tls12_ciphers_not_a_string(self):
+        self.assertError(
+            self.error(tls='[tls]\ntls12_ciphers = ["AES128-SHA"]\n' + TLS),
+            "tls.tls12_ciphers",
+            "expected a string, got an array ['AES128-SHA']")
+
+    def test_tls12_ciphers_not_ascii(self):
+        self.assertError(
+            self.error(tls='[tls]\ntls12_ciphers = "AES128-SHA:é"\n' + TLS),
+            "tls.tls12_ciphers", "an OpenSSL cipher list is ASCII")
 
 
 class RepositoryErrorTests(_ConfigTestCase):
