@@ -116,7 +116,7 @@ def _problem(state: SessionState) -> str | None:
     What makes C{state} invalid, or C{None}.  Messages name the field and
     lengths, never the bytes of a secret.
     """
-    for name in ("session_id", "id_context", "der", "digest"):
+    for name in ("session_id", "id_context", "der"):
         value = getattr(state, name)
         if type(value) is not bytes:
             return f"{name} must be bytes, not {type(value).__name__}"
@@ -140,11 +140,21 @@ def _problem(state: SessionState) -> str | None:
         return "created and expires must be finite"
     if state.expires < state.created:
         return "expires is before created"
-    if type(state.seq) is not int or not 0 <= state.seq <= _MAX_SEQ:
+    return checkpoint_problem(state.seq, state.digest)
+
+
+def checkpoint_problem(seq: object, digest: object) -> str | None:
+    """
+    What makes C{seq} and C{digest} invalid as the checkpoint of a state,
+    or C{None}.
+    """
+    if type(seq) is not int or not 0 <= seq <= _MAX_SEQ:
         return "seq must be an int from 0 to 2**64 - 1"
-    if len(state.digest) not in (0, DIGEST_LENGTH):
+    if type(digest) is not bytes:
+        return f"digest must be bytes, not {type(digest).__name__}"
+    if len(digest) not in (0, DIGEST_LENGTH):
         return (f"digest must be empty or {DIGEST_LENGTH} bytes, "
-                f"not {len(state.digest)}")
+                f"not {len(digest)}")
     return None
 
 

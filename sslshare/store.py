@@ -2,16 +2,38 @@
 The node's own sessions, in memory: L{SessionStore}.
 
 One ordered dict, least recently used first, maps a session id to either
-the state the node holds or a tombstone: where the session went when
+the session the node holds or a tombstone: where the session went when
 another node took it, so that a third node asking here can be sent on.  A
 session id has one or the other, never both.  Every operation on one id is
 O(1); only L{SessionStore.expire}, the periodic sweep, walks the whole dict.
 
+A node may hold millions of sessions, so each is one bytes object, its
+record, rather than a L{SessionState} and the objects of its fields (about
+150 bytes less a session); the store turns a record back into a state,
+checked field by field by its constructor, when one is read:
+
+    offset  size  field
+    0       8     expires, unix time, binary64
+    8       8     created, the same
+    16      8     seq
+    24      4     the number of its (session id context, owner) pair
+    28      1     d: digest length, 0 or 32
+    29      d     digest
+    29+d    ...   DER
+
+in native byte order.  The session id is the dict's key; the id context and
+owner, which many sessions share, are numbered in a table the store keeps
+while a session uses them.  A checkpoint rewrites the record's head and
+digest without making a state.  A tombstone is a bytes object of its own
+type: the unix time it ends at, binary64, then the holder's node id in
+UTF-8.
+
 The store is bounded in bytes.  A session costs the length of its DER plus
 L{ENTRY_OVERHEAD}, a tombstone costs L{TOMBSTONE_OVERHEAD}: estimates of
-what CPython 3.11 (64-bit) really spends on the id, the object, its other
-fields and the dict entry, measured with C{tracemalloc} (about 280 bytes for
-a session besides its DER, 340 with a digest; about 200 for a tombstone).
+what CPython 3.11 (64-bit) really spends on the id, the record or tombstone
+and the dict entry, measured with C{tracemalloc} (for a session besides its
+DER, about 220 to 235 bytes without a digest and 250 to 265 with one; for a
+tombstone, 220 to 235; the dict's share depends on how full its table is).
 Past C{max_bytes} the least recently used entries go first, sessions and
 tombstones alike (a session is used when it is put, read or checkpointed; a
 tombstone when it is written).  Expiry goes by the clock given, so that
@@ -23,27 +45,96 @@ This module makes no remote calls and no I/O, and logs nothing.
 
 from __future__ import annotations
 
+import struct
 from collections import Counter, OrderedDict
 
-import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from sslshare.state import SessionState
+from sslshare.state import SessionState, checkpoint_problem
 
-ENTRY_OVERHEAD = 352
-TOMBSTONE_OVERHEAD = 200
+ENTRY_OVERHEAD = 264
+TOMBSTONE_OVERHEAD = 232
+
+# Sessions and tombstones both start with the unix time they end at.
+_ENDS = struct.Struct("=d")
+_HEAD = struct.Struct("=ddQIB")
+_DIGEST_AT = _HEAD.size
 
 
-@attrs.frozen
-class _Tombstone:
-    holder: str
-    until: float
+class _Tombstone(bytes):
+    """
+    Where a taken session went: the unix time the tombstone ends at, then
+    the holder's node id in UTF-8.  A type of its own, so that a tombstone
+    is never read as a session record.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, holder: str, until: float) -> _Tombstone:
+        return cls(_ENDS.pack(until) + holder.encode("utf-8"))
+
+    @property
+    def holder(self) -> str:
+        return self[_ENDS.size:].decode("utf-8")
 
 
-def _cost(entry: SessionState | _Tombstone) -> int:
-    if isinstance(entry, _Tombstone):
+class _Contexts:
+    """
+    The (session id context, owner) pairs of the sessions held, each
+    numbered once while a session uses it: a node has a few services and
+    knows a few nodes, so a few pairs serve every session.
+    """
+
+    def __init__(self) -> None:
+        self._numbers: dict[tuple[bytes, str], int] = {}
+        self._pairs: list[tuple[bytes, str]] = []
+        self._uses: list[int] = []
+        self._free: list[int] = []
+
+    def __getitem__(self, number: int) -> tuple[bytes, str]:
+        return self._pairs[number]
+
+    def __len__(self) -> int:
+        return len(self._numbers)
+
+    def acquire(self, id_context: bytes, owner: str) -> int:
+        """
+        The number of the pair, counting one more session that uses it.
+        """
+        pair = (id_context, owner)
+        number = self._numbers.get(pair)
+        if number is None:
+            if self._free:
+                number = self._free.pop()
+                self._pairs[number] = pair
+            else:
+                number = len(self._pairs)
+                self._pairs.append(pair)
+                self._uses.append(0)
+            self._numbers[pair] = number
+        self._uses[number] += 1
+        return number
+
+    def release(self, number: int) -> None:
+        """
+        Count one session less that uses pair C{number}; a pair no session
+        uses is forgotten.
+        """
+        self._uses[number] -= 1
+        if not self._uses[number]:
+            del self._numbers[self._pairs[number]]
+            self._free.append(number)
+
+
+def _der_length(record: bytes) -> int:
+    return len(record) - _DIGEST_AT - record[_DIGEST_AT - 1]
+
+
+def _cost(entry: bytes) -> int:
+    if type(entry) is _Tombstone:
         return TOMBSTONE_OVERHEAD
-    return len(entry.der) + ENTRY_OVERHEAD
+    return _der_length(entry) + ENTRY_OVERHEAD
 
 
 class SessionStore:
@@ -61,7 +152,9 @@ class SessionStore:
             raise ValueError(f"max_bytes must be positive, not {max_bytes}")
         self.max_bytes = max_bytes
         self._clock = clock
-        self._entries: OrderedDict[bytes, SessionState | _Tombstone] = OrderedDict()
+        # A session record is a plain bytes, a tombstone a _Tombstone.
+        self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+        self._contexts = _Contexts()
         self._sessions = 0
         self._bytes = 0
         self.counters: Counter[str] = Counter()
@@ -76,39 +169,57 @@ class SessionStore:
     def bytes_used(self) -> int:
         return self._bytes
 
-    def _add(self, session_id: bytes, entry: SessionState | _Tombstone) -> None:
+    def _add(self, session_id: bytes, entry: bytes) -> None:
         self._remove(session_id)
         self._entries[session_id] = entry
         self._bytes += _cost(entry)
-        if isinstance(entry, SessionState):
+        if type(entry) is bytes:
             self._sessions += 1
         while self._bytes > self.max_bytes:
             oldest = next(iter(self._entries))
-            if isinstance(self._remove(oldest), SessionState):
+            if type(self._remove(oldest)) is bytes:
                 self.counters["evicted"] += 1
 
-    def _remove(self, session_id: bytes) -> SessionState | _Tombstone | None:
+    def _remove(self, session_id: bytes) -> bytes | None:
         entry = self._entries.pop(session_id, None)
         if entry is not None:
             self._bytes -= _cost(entry)
-            if isinstance(entry, SessionState):
+            if type(entry) is bytes:
                 self._sessions -= 1
+                self._contexts.release(_HEAD.unpack_from(entry)[3])
         return entry
 
-    def _live(self, session_id: bytes) -> SessionState | None:
+    def _live(self, session_id: bytes) -> bytes | None:
         """
-        The unexpired session under C{session_id}, now the most recently
-        used; an expired one is dropped.
+        The record of the unexpired session under C{session_id}, now the
+        most recently used; an expired one is dropped.
         """
-        entry = self._entries.get(session_id)
-        if not isinstance(entry, SessionState):
+        record = self._entries.get(session_id)
+        if type(record) is not bytes:
             return None
-        if entry.expired(self._clock.seconds()):
+        if self._clock.seconds() >= _ENDS.unpack_from(record)[0]:
             self._remove(session_id)
             self.counters["expired"] += 1
             return None
         self._entries.move_to_end(session_id)
-        return entry
+        return record
+
+    def _record(self, state: SessionState) -> bytes:
+        context = self._contexts.acquire(state.id_context, state.owner)
+        return b"".join((
+            _HEAD.pack(state.expires, state.created, state.seq, context,
+                       len(state.digest)),
+            state.digest, state.der))
+
+    def _state(self, session_id: bytes, record: bytes) -> SessionState:
+        # The constructor checks every field again, as a decoder should.
+        expires, created, seq, context, digest_length = _HEAD.unpack_from(record)
+        id_context, owner = self._contexts[context]
+        der_at = _DIGEST_AT + digest_length
+        return SessionState(
+            session_id=session_id, id_context=id_context, der=record[der_at:],
+            owner=owner, created=created, expires=expires, seq=seq,
+            digest=record[_DIGEST_AT:der_at])
 
     def put(self, state: SessionState) -> None:
         """
@@ -124,32 +235,36 @@ class SessionStore:
             self._remove(state.session_id)
             self.counters["evicted"] += 1
             return
-        self._add(state.session_id, state)
+        self._add(state.session_id, self._record(state))
         self.counters["stored"] += 1
 
     def take(self, session_id: bytes) -> SessionState | None:
         """
         Remove and return the session, or C{None} if absent or expired.
         """
-        state = self._live(session_id)
-        if state is not None:
-            self._remove(session_id)
-            self.counters["taken"] += 1
+        record = self._live(session_id)
+        if record is None:
+            return None
+        state = self._state(session_id, record)
+        self._remove(session_id)
+        self.counters["taken"] += 1
         return state
 
     def get(self, session_id: bytes) -> SessionState | None:
         """
         The session, left in place, or C{None} if absent or expired.
         """
-        return self._live(session_id)
+        record = self._live(session_id)
+        return None if record is None else self._state(session_id, record)
 
     def sessions(self) -> list[SessionState]:
         """
         Every unexpired session held, least recently used first.
         """
         now = self._clock.seconds()
-        return [entry for entry in self._entries.values()
-                if isinstance(entry, SessionState) and not entry.expired(now)]
+        return [self._state(session_id, entry)
+                for session_id, entry in self._entries.items()
+                if type(entry) is bytes and now < _ENDS.unpack_from(entry)[0]]
 
     def update_checkpoint(self, session_id: bytes, seq: int,
                           digest: bytes) -> bool:
@@ -161,11 +276,19 @@ class SessionStore:
         @return: whether the checkpoint was recorded.
         @raise ValueError: C{seq} or C{digest} is not valid in a state.
         """
-        state = self._live(session_id)
-        if state is None or seq <= state.seq:
+        record = self._live(session_id)
+        if record is None:
             return False
+        expires, created, held, context, digest_length = _HEAD.unpack_from(record)
+        if seq <= held:
+            return False
+        problem = checkpoint_problem(seq, digest)
+        if problem is not None:
+            raise ValueError(problem)
         # Same DER, same cost: the accounting does not change.
-        self._entries[session_id] = attrs.evolve(state, seq=seq, digest=digest)
+        self._entries[session_id] = b"".join((
+            _HEAD.pack(expires, created, seq, context, len(digest)), digest,
+            record[_DIGEST_AT + digest_length:]))
         return True
 
     def discard(self, session_id: bytes) -> bool:
@@ -187,7 +310,7 @@ class SessionStore:
         session now; a session still held under that id is dropped, since
         it lives elsewhere.
         """
-        self._add(session_id, _Tombstone(holder, until))
+        self._add(session_id, _Tombstone.of(holder, until))
         self.counters["tombstones"] += 1
 
     def holder(self, session_id: bytes) -> str | None:
@@ -195,9 +318,9 @@ class SessionStore:
         The node a live tombstone names, or C{None}.
         """
         entry = self._entries.get(session_id)
-        if not isinstance(entry, _Tombstone):
+        if type(entry) is not _Tombstone:
             return None
-        if self._clock.seconds() >= entry.until:
+        if self._clock.seconds() >= _ENDS.unpack_from(entry)[0]:
             self._remove(session_id)
             return None
         return entry.holder
@@ -209,12 +332,10 @@ class SessionStore:
         @return: how many were dropped.
         """
         now = self._clock.seconds()
-        dead = [
-            (session_id, isinstance(entry, SessionState))
-            for session_id, entry in self._entries.items()
-            if (entry.expired(now) if isinstance(entry, SessionState)
-                else now >= entry.until)
-        ]
+        ends = _ENDS.unpack_from
+        dead = [(session_id, type(entry) is bytes)
+                for session_id, entry in self._entries.items()
+                if now >= ends(entry)[0]]
         for session_id, is_session in dead:
             self._remove(session_id)
             if is_session:

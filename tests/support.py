@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import (
@@ -40,7 +41,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.filepath import FilePath
 
 from sslshare import pki as pki_files
-from sslshare import sessionid, tls
+from sslshare import sessionid, state, tls
 from sslshare.protocol import SessionResumingTLSFactory
 from sslshare.state import SessionState
 from sslshare.throwaway import (
@@ -452,6 +453,26 @@ def session_state(**fields):
     )
     values.update(fields)
     return SessionState(**values)
+
+
+# Hypothesis strategies: any sslshare session id, any valid state.
+session_ids = st.binary(min_size=31, max_size=31).map(lambda b: b"\x01" + b)
+_times = st.floats(allow_nan=False, allow_infinity=False)
+session_states = st.builds(
+    lambda session_id, id_context, der, owner, created_expires, seq, digest:
+        SessionState(session_id=session_id, id_context=id_context, der=der,
+                     owner=owner, created=min(created_expires),
+                     expires=max(created_expires), seq=seq, digest=digest),
+    session_id=session_ids,
+    id_context=st.binary(min_size=1, max_size=state.MAX_ID_CONTEXT_LENGTH),
+    der=st.binary(min_size=1, max_size=state.MAX_DER_LENGTH),
+    owner=st.text(st.characters(exclude_categories=("C", "Zl", "Zp")),
+                  min_size=1, max_size=state.MAX_OWNER_CHARACTERS)
+    .filter(str.isprintable),
+    created_expires=st.tuples(_times, _times),
+    seq=st.integers(0, 2 ** 64 - 1),
+    digest=st.one_of(st.just(b""), st.binary(min_size=32, max_size=32)),
+)
 
 
 NODE_CONFIG = """\

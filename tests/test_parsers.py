@@ -17,8 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sslshare import sessionid, tls
 from sslshare.state import SealError, StateKeys
-from tests.support import psk_extension, session_state
-from tests.test_state import properties, states
+from tests.support import psk_extension, session_state, session_states
+from tests.test_state import properties
 
 
 class SessionIdTests(SynchronousTestCase):
@@ -124,7 +124,7 @@ class SealedBlobTests(SynchronousTestCase):
         self.assertEqual(opened.session_id, session_id)
 
     @properties
-    @given(states)
+    @given(session_states)
     def test_any_state_opens_as_sealed_under_any_key_of_the_file(self, state):
         blob = _keys.seal(state)
         rotated = StateKeys([_second_key, _first_key])

@@ -23,29 +23,12 @@ from sslshare.state import (
     StateKeyError,
     StateKeys,
 )
-from tests.support import session_state
+from tests.support import session_ids, session_state, session_states
 
 # No example database in the trial directory, and no deadline: the machine
 # is shared and a slow example is not a failure.
 properties = settings(database=None, deadline=None)
 
-session_ids = st.binary(min_size=31, max_size=31).map(lambda b: b"\x01" + b)
-times = st.floats(allow_nan=False, allow_infinity=False)
-states = st.builds(
-    lambda session_id, id_context, der, owner, created_expires, seq, digest:
-        SessionState(session_id=session_id, id_context=id_context, der=der,
-                     owner=owner, created=min(created_expires),
-                     expires=max(created_expires), seq=seq, digest=digest),
-    session_id=session_ids,
-    id_context=st.binary(min_size=1, max_size=state.MAX_ID_CONTEXT_LENGTH),
-    der=st.binary(min_size=1, max_size=state.MAX_DER_LENGTH),
-    owner=st.text(st.characters(exclude_categories=("C", "Zl", "Zp")),
-                  min_size=1, max_size=state.MAX_OWNER_CHARACTERS)
-    .filter(str.isprintable),
-    created_expires=st.tuples(times, times),
-    seq=st.integers(0, 2 ** 64 - 1),
-    digest=st.one_of(st.just(b""), st.binary(min_size=32, max_size=32)),
-)
 
 
 def _field_offsets(encoded: bytes) -> dict[str, int]:
@@ -182,7 +165,7 @@ class CodecTests(TestCase):
         self.assertNotIn("SECRET", str(e))
 
     @properties
-    @given(states)
+    @given(session_states)
     def test_any_valid_state_round_trips(self, s):
         encoded = s.encode()
         self.assertLessEqual(len(encoded), state.MAX_ENCODED_LENGTH)
@@ -199,7 +182,7 @@ class CodecTests(TestCase):
         self.assertEqual(decoded.encode(), data)
 
     @properties
-    @given(states, st.data())
+    @given(session_states, st.data())
     def test_mutated_encodings_decode_to_a_state_or_raise_format_error(
             self, s, data):
         encoded = bytearray(s.encode())
@@ -402,7 +385,7 @@ class SealingTests(TestCase):
         self.assertIn("key id of an earlier key", str(e))
 
     @properties
-    @given(states, st.data())
+    @given(session_states, st.data())
     def test_any_tampered_blob_fails_to_open(self, s, data):
         blob = bytearray(self.keys.seal(s))
         how = data.draw(st.sampled_from(

@@ -6,11 +6,16 @@ L{twisted.internet.task.Clock}.
 
 from __future__ import annotations
 
+import os
+import tracemalloc
+
+from hypothesis import assume, given
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from sslshare.store import ENTRY_OVERHEAD, TOMBSTONE_OVERHEAD, SessionStore
-from tests.support import session_state
+from tests.support import session_state, session_states
+from tests.test_state import properties
 
 DER_LENGTH = 135
 ENTRY_COST = DER_LENGTH + ENTRY_OVERHEAD
@@ -61,6 +66,37 @@ class PutGetTakeTests(StoreTestCase):
         self.assertEqual(self.store.get(s.session_id), newer)
         self.assertEqual(len(self.store), 1)
         self.assertEqual(self.store.bytes_used, ENTRY_COST)
+
+    @properties
+    @given(session_states)
+    def test_any_state_comes_back_whole(self, s):
+        store = SessionStore(1 << 20, Clock())
+        assume(not s.expired(0))
+        store.put(s)
+        self.assertEqual(store.get(s.session_id), s)
+        self.assertEqual(store.sessions(), [s])
+        self.assertEqual(store.take(s.session_id), s)
+
+    def test_sessions_of_other_owners_and_contexts_keep_theirs(self):
+        mine = self.state(seq=2, digest=b"\x02" * 32)
+        backup = self.state(owner="nœud-2", id_context=b"\x07" * 5)
+        other = self.state(owner="nœud-2")
+        for s in (mine, backup, other):
+            self.store.put(s)
+        self.assertEqual(self.store.sessions(), [mine, backup, other])
+
+    def test_owner_and_context_are_forgotten_with_their_last_session(self):
+        kept, moved = self.state(), self.state(owner="node2")
+        self.store.put(kept)
+        self.store.put(moved)
+        self.store.put(moved.with_owner("node3"))
+        self.store.take(kept.session_id)
+        self.store.tombstone(moved.session_id, "node3", 50)
+        self.assertEqual(len(self.store._contexts), 0)
+        again = self.state(owner="node2")
+        self.store.put(again)
+        self.assertEqual(self.store.get(again.session_id), again)
+        self.assertEqual(len(self.store._contexts), 1)
 
     def test_counters_count_stored_and_taken(self):
         s = self.state()
@@ -198,6 +234,11 @@ class BoundTests(StoreTestCase):
         self.assertLessEqual(self.store.bytes_used, self.store.max_bytes)
         self.assertEqual(self.store.counters["evicted"], 48)
 
+    def test_eviction_forgets_owners_and_contexts(self):
+        for owner in ("node1", "node2", "node3", "node4"):
+            self.store.put(self.state(owner=owner))
+        self.assertEqual(len(self.store._contexts), 2)
+
     def test_zero_bytes_is_refused(self):
         self.assertRaises(ValueError, SessionStore, 0, self.clock)
 
@@ -238,6 +279,35 @@ class CheckpointTests(StoreTestCase):
         self.clock.advance(100)
         self.assertFalse(self.store.update_checkpoint(
             self.s.session_id, 1, b"\x01" * 32))
+
+    def test_first_checkpoint_keeps_the_rest_of_the_state(self):
+        self.store.update_checkpoint(self.s.session_id, 1, b"\x01" * 32)
+        held = self.store.get(self.s.session_id)
+        self.assertEqual(held, session_state(
+            session_id=self.s.session_id, der=self.s.der, seq=1,
+            digest=b"\x01" * 32))
+
+    def test_later_checkpoints_replace_the_digest(self):
+        for seq in (1, 5, 9):
+            self.store.update_checkpoint(self.s.session_id, seq,
+                                         bytes([seq]) * 32)
+        held = self.store.get(self.s.session_id)
+        self.assertEqual((held.seq, held.digest, held.der),
+                         (9, b"\x09" * 32, self.s.der))
+
+    def test_seq_that_is_not_an_int_raises(self):
+        self.assertRaises(ValueError, self.store.update_checkpoint,
+                          self.s.session_id, 1.5, b"\x01" * 32)
+        self.assertEqual(self.store.get(self.s.session_id), self.s)
+
+    def test_seq_past_64_bits_raises(self):
+        self.assertRaises(ValueError, self.store.update_checkpoint,
+                          self.s.session_id, 2 ** 64, b"\x01" * 32)
+
+    def test_digest_that_is_not_bytes_raises(self):
+        e = self.assertRaises(ValueError, self.store.update_checkpoint,
+                              self.s.session_id, 1, bytearray(32))
+        self.assertIn("digest must be bytes, not bytearray", str(e))
 
     def test_digest_of_wrong_length_raises(self):
         self.assertRaises(ValueError, self.store.update_checkpoint,
@@ -300,6 +370,11 @@ class TombstoneTests(StoreTestCase):
         self.store.put(s)
         self.assertIsNone(self.store.holder(s.session_id))
 
+    def test_holder_of_any_name_comes_back(self):
+        session_id = self.state().session_id
+        self.store.tombstone(session_id, "nœud-2 \U0001f600", 50)
+        self.assertEqual(self.store.holder(session_id), "nœud-2 \U0001f600")
+
     def test_tombstone_expires_at_its_time(self):
         session_id = self.state().session_id
         self.store.tombstone(session_id, "node2", 50)
@@ -332,3 +407,36 @@ class TombstoneTests(StoreTestCase):
         self.assertIsNone(self.store.holder(s.session_id))
         self.assertEqual(self.store.get(s.session_id), s)
         self.assertEqual(self.store.bytes_used, ENTRY_COST)
+
+
+class AccountingTests(TestCase):
+    """
+    L{ENTRY_OVERHEAD} and L{TOMBSTONE_OVERHEAD} are near what CPython
+    really allocates for an entry (C{tracemalloc}), so that C{max_bytes}
+    bounds the store's memory.
+    """
+
+    count = 20_000
+
+    def traced_bytes_per_entry(self, add):
+        store = SessionStore(1 << 40, Clock())
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(self.count):
+            add(store)
+        return (tracemalloc.get_traced_memory()[0] - before) / self.count
+
+    def assertNear(self, estimate, measured):
+        self.assertTrue(0.8 * measured <= estimate <= 1.2 * measured,
+                        f"estimate {estimate}, measured {measured:.0f}")
+
+    def test_session_overhead_is_near_the_real_cost(self):
+        measured = self.traced_bytes_per_entry(lambda store: store.put(
+            session_state(der=os.urandom(145), seq=1, digest=os.urandom(32))))
+        self.assertNear(ENTRY_OVERHEAD, measured - 145)
+
+    def test_tombstone_overhead_is_near_the_real_cost(self):
+        measured = self.traced_bytes_per_entry(lambda store: store.tombstone(
+            session_state().session_id, "node2", 100.0))
+        self.assertNear(TOMBSTONE_OVERHEAD, measured)
