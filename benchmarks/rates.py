@@ -226,9 +226,10 @@ def run(directory: str, settings: Settings,
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """
-    Per TLS version: peer/local capacity (the issue's goal, >= 0.9), each
-    resumption source's capacity against local, and sslshare/nginx for
-    full and resumed handshakes, by rate and by server CPU.
+    Per TLS version: peer/local capacity (the issue's goal, >= 0.9) and
+    rate, each resumption source's capacity against local, and
+    sslshare/nginx for full and resumed handshakes, by rate and by server
+    CPU.
     """
     found: dict[str, dict[str, float]] = {}
     for version, kinds in results.items():
@@ -237,6 +238,8 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
             f"{kind}_vs_local_capacity":
                 kinds[kind]["handshakes_per_server_cpu_s"] / local
             for kind in ("peer", "sqlite", "redis", "postgres")}
+        mine["peer_vs_local_rate"] = (kinds["peer"]["handshakes_per_s"]
+                                      / kinds["local"]["handshakes_per_s"])
         for name in ("full", "resumed"):
             sslshare_kind, nginx_kind = f"alone_{name}", f"nginx_{name}"
             mine[f"{name}_rate_vs_nginx"] = (
