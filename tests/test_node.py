@@ -17,14 +17,19 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from sslshare.tls import LookupRequest
-from tests.support import LocalCluster, python_client_round, s_client_round
+from tests.support import (
+    LocalCluster,
+    SilentListener,
+    python_client_round,
+    s_client_round,
+)
 
 
 class MovingSessionTests(TestCase):
@@ -192,10 +197,8 @@ class FailingPeerTests(TestCase):
         never answers.
         """
         cluster, first = yield self._session_of_node1_then_kill_it("TLSv1.2")
-        silent = reactor.listenTCP(cluster.amp_ports["node1"],
-                                   Factory.forProtocol(Protocol),
-                                   interface="127.0.0.1")
-        self.addCleanup(silent.stopListening)
+        silent = SilentListener(cluster.amp_ports["node1"])
+        self.addCleanup(silent.stop)
         # Let node2's link reconnect to the silent server.
         yield deferLater(reactor, 1.5, lambda: None)
         yield self._full_within_budget(cluster, first, "TLSv1.2")
