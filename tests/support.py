@@ -301,18 +301,22 @@ def python_client_round(port, ca_cert, version, session=None,
                 # Python's ssl skips the handshake, and would go on in
                 # plaintext, when the peer reset the connection before it.
                 raise ConnectionResetError("reset before the TLS handshake")
-            client.sendall(b"hello")
-            echo = b""
-            while chunk := client.recv(1024):
-                echo += chunk
+            # Read before the echo: a server that closes without a
+            # close_notify leaves the connection in a state where Python
+            # no longer answers these.
+            version, reused = client.version(), client.session_reused
+            alpn = client.selected_alpn_protocol()
             names = []
             certificate = client.getpeercert()
             if certificate:
                 names = [value for kind, value in
                          certificate.get("subjectAltName", ()) if kind == "DNS"]
-            return ClientResult(client.version(), client.session_reused, echo,
-                                client.session, names,
-                                client.selected_alpn_protocol())
+            client.sendall(b"hello")
+            echo = b""
+            while chunk := client.recv(1024):
+                echo += chunk
+            return ClientResult(version, reused, echo, client.session, names,
+                                alpn)
 
 
 class _Collect(ProcessProtocol):
@@ -901,6 +905,31 @@ def open_descriptors() -> int:
     How many file descriptors this process has open.
     """
     return len(os.listdir("/proc/self/fd"))
+
+
+def connections_to(port: int) -> int:
+    """
+    How many TCP connections this process has open to C{port} of
+    127.0.0.1.
+    """
+    mine = set()
+    for descriptor in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{descriptor}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            mine.add(target[len("socket:["):-1])
+    remote = f"0100007F:{port:04X}"
+    count = 0
+    with open("/proc/self/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            # 01: established.
+            if fields[2] == remote and fields[3] == "01" and fields[9] in mine:
+                count += 1
+    return count
 
 
 class SilentListener:

@@ -33,12 +33,14 @@ of its tests asserts one part of them:
     its sessions to the others), every copy of a TLS 1.2 session names the
     same holder;
   - once the load stops, this process (node2, node3 and the clients) has
-    no more file descriptors open than before it, and resident memory
+    no more file descriptors open than before it (its connections to the
+    repository aside), and resident memory
     within L{RSS_SLACK} of its baseline plus what the stores grew by
     holding more sessions.
 
-Two of these do not hold yet and are marked C{todo} with what was found
-(docs/soak.md).
+Two of these do not hold yet (docs/soak.md): memory, marked C{todo}, and
+sessions served twice, skipped until the fix, since whether a run hits the
+window depends on timing (test_node shows that bug every time).
 
 SSLSHARE_SOAK_SECONDS sets the seconds of load per test (12 by default,
 which keeps the module under a minute); a long run has one fault cycle per
@@ -68,6 +70,7 @@ from tests.support import (
     PostgresServer,
     ServerUnavailable,
     SilentListener,
+    connections_to,
     open_descriptors,
     python_client_round,
     resident_bytes,
@@ -130,6 +133,7 @@ class Load:
         self.origin = time.monotonic()
         self._lock = threading.Lock()
         self._running = False
+        self._stopping = None
 
     def run(self) -> Deferred:
         """
@@ -139,8 +143,13 @@ class Load:
         return gatherResults([deferToThread(self._client, index)
                               for index in range(CLIENT_THREADS)])
 
+    def stop_in(self, seconds: float) -> None:
+        self._stopping = reactor.callLater(seconds, self.stop)
+
     def stop(self) -> None:
         self._running = False
+        if self._stopping is not None and self._stopping.active():
+            self._stopping.cancel()
 
     def _client(self, index: int) -> None:
         rng = random.Random(index)
@@ -176,7 +185,10 @@ class Load:
             result, outcome = None, type(e).__name__
         else:
             outcome = "resumed" if result.reused else "full"
-            if result.echo != b"hello":
+            if not result.echo:
+                # A node killed or stalled past the client's patience.
+                outcome = "closed before its echo"
+            elif result.echo != b"hello":
                 outcome = "wrong echo"
         elapsed = time.monotonic() - started
         with self._lock:
@@ -263,13 +275,19 @@ class _Soak:
     _figures = None
 
     def figures(self) -> Deferred:
-        cls = type(self)
-        if cls._figures is not None:
-            return Deferred.fromCoroutine(self._cached())
-        return Deferred.fromCoroutine(self._soak())
+        return Deferred.fromCoroutine(self._figures_once())
 
-    async def _cached(self):
-        return type(self)._figures
+    async def _figures_once(self):
+        cls = type(self)
+        if cls._figures is None:
+            try:
+                cls._figures = await self._soak()
+            except Exception as e:
+                cls._figures = e
+                raise
+        elif isinstance(cls._figures, Exception):
+            raise AssertionError(f"the soak run failed: {cls._figures!r}")
+        return cls._figures
 
     def test_no_connection_hangs(self):
         async def check():
@@ -317,10 +335,13 @@ class _Soak:
     # repository's) tells the holder to drop its own with a best-effort
     # Purge.  Right after a restart its link to the holder is still in
     # backoff, the Purge fails, and the holder resumes the same ticket
-    # again (docs/soak.md).  Trial reports an unexpected success once it
-    # holds.
-    test_no_session_is_served_twice.todo = (
-        "a Purge that cannot reach the holder leaves it a live copy")
+    # again (docs/soak.md).  Whether a run hits that window is a matter
+    # of timing, so this waits for the fix; test_node's
+    # test_holder_cut_off_from_a_purge_does_not_resume_the_ticket_again
+    # shows the bug every time.  The figures line counts it meanwhile.
+    test_no_session_is_served_twice.skip = (
+        "a Purge that cannot reach the holder leaves it a live copy "
+        "(docs/soak.md)")
 
     async def start_cluster(self):
         self.cluster = LocalCluster(
@@ -407,6 +428,14 @@ class _Soak:
                     await sleep(0.2)
         self.recoveries.append(time.monotonic() - started)
 
+    def repository_connections(self):
+        """
+        How many connections the nodes of this process have open to the
+        repository: each of its worker threads opens one on first use, so
+        their number depends on how busy the threads were, not on leaks.
+        """
+        return 0
+
     def writes(self, maker):
         """
         How many writes of new sessions C{maker} has made that its peers
@@ -434,7 +463,7 @@ class _Soak:
     async def _soak(self):
         await self.start_cluster()
         warm_up = self.load()
-        reactor.callLater(WARM_UP_SECONDS, warm_up.stop)
+        warm_up.stop_in(WARM_UP_SECONDS)
         await warm_up.run()
         baseline = await self.measure()
 
@@ -444,8 +473,7 @@ class _Soak:
         await self.schedule(load)
         # A slow fault may outlast the planned run: load goes on for a few
         # seconds after the last one, to show it is served.
-        reactor.callLater(max(load.origin + SOAK_SECONDS - time.monotonic(),
-                              3.0), load.stop)
+        load.stop_in(max(load.origin + SOAK_SECONDS - time.monotonic(), 3.0))
         await running
         duration = time.monotonic() - load.origin
         await self.linked()
@@ -483,10 +511,8 @@ class _Soak:
             f"{fds:+d} from baseline, RSS {rss / 2**20:+.1f} MiB of which "
             f"stores {stores / 2**20:+.1f} MiB")
         print(f"\n{line}", flush=True)
-        figures = Figures(line, outcomes, hung, served_twice, held_twice,
-                          fds, rss, stores, self.timeline)
-        type(self)._figures = figures
-        return figures
+        return Figures(line, outcomes, hung, served_twice, held_twice,
+                       fds, rss, stores, self.timeline)
 
     async def measure(self, settle_to=None):
         """
@@ -500,7 +526,7 @@ class _Soak:
         while True:
             await sleep(0.5)
             gc.collect()
-            fds = open_descriptors()
+            fds = open_descriptors() - self.repository_connections()
             if (settle_to is None or fds <= settle_to["fds"]
                     or time.monotonic() > deadline):
                 break
@@ -542,6 +568,9 @@ class RepositorySoakTests(_Soak, TestCase):
         self.server.start()
         self.repository = (f'topology = "repository"\nkind = "postgres"\n'
                            f'dsn = "{self.server.dsn()}"\n')
+
+    def repository_connections(self):
+        return connections_to(self.server.port)
 
     def writes(self, maker):
         """
