@@ -20,6 +20,7 @@ import ssl
 import struct
 import sys
 import tempfile
+import threading
 import weakref
 
 import attrs
@@ -188,19 +189,10 @@ class TLSServer:
             services, self.owner_tag, on_new_session=self._made,
             **context_options)
         self.lookup = self._delayed_lookup
-        # Weak, so that a long test does not keep every connection alive.
-        self.protocols = weakref.WeakSet()
         factory = SessionResumingTLSFactory(
             self.context, lambda request: self.lookup(request),
             Factory.forProtocol(OneShotEcho))
-        original = factory.buildProtocol
-
-        def build(address):
-            protocol = original(address)
-            self.protocols.add(protocol)
-            return protocol
-
-        factory.buildProtocol = build
+        self.protocols = _tracked(factory)
         self.listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.port = self.listening.getHost().port
         testcase.addCleanup(self.stop)
@@ -213,10 +205,33 @@ class TLSServer:
                           request.session_id)
 
     def stop(self):
-        for protocol in list(self.protocols):
-            if protocol.transport is not None:
-                protocol.transport.abortConnection()
+        _abort_all(self.protocols)
         return self.listening.stopListening()
+
+
+def _tracked(factory):
+    """
+    Make C{factory} remember the protocols it builds.
+
+    @return: the set it adds them to; weak, so that a long test does not
+        keep every connection alive.
+    """
+    protocols = weakref.WeakSet()
+    original = factory.buildProtocol
+
+    def build(address):
+        protocol = original(address)
+        protocols.add(protocol)
+        return protocol
+
+    factory.buildProtocol = build
+    return protocols
+
+
+def _abort_all(protocols):
+    for protocol in list(protocols):
+        if protocol.transport is not None:
+            protocol.transport.abortConnection()
 
 
 class SharingPair:
@@ -244,10 +259,19 @@ class ClientResult:
     alpn: str | None
 
 
-@functools.cache
+_client_contexts_lock = threading.Lock()
+
+
 def _client_context(ca_cert, version, verify, alpn):
     # Python's ssl resumes a session only with the context that made it, so
-    # the rounds of one test share contexts.
+    # the rounds of one test share contexts, even rounds that start at once
+    # in several threads.
+    with _client_contexts_lock:
+        return _new_client_context(ca_cert, version, verify, alpn)
+
+
+@functools.cache
+def _new_client_context(ca_cert, version, verify, alpn):
     context = ssl.create_default_context(cafile=ca_cert)
     if not verify:
         context.check_hostname = False
@@ -260,29 +284,40 @@ def _client_context(ca_cert, version, verify, alpn):
 
 
 def python_client_round(port, ca_cert, version, session=None,
-                        server_hostname="localhost", verify=True, alpn=None):
+                        server_hostname="localhost", verify=True, alpn=None,
+                        timeout=10):
     """
     One connection with Python's C{ssl}: handshake (offering C{session}),
     send C{hello}, read the echo until the server closes.  Blocking: run it
     in a thread.
+
+    @param timeout: seconds each socket operation may wait.
     """
     context = _client_context(ca_cert, version, verify, tuple(alpn or ()))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with context.wrap_socket(raw, server_hostname=server_hostname,
                                  session=session) as client:
-            client.sendall(b"hello")
-            echo = b""
-            while chunk := client.recv(1024):
-                echo += chunk
+            if client.version() is None:
+                # Python's ssl skips the handshake, and would go on in
+                # plaintext, when the peer reset the connection before it.
+                raise ConnectionResetError("reset before the TLS handshake")
+            # Read before the echo: a server that closes without a
+            # close_notify leaves the connection in a state where Python
+            # no longer answers these.
+            version, reused = client.version(), client.session_reused
+            alpn = client.selected_alpn_protocol()
             names = []
             certificate = client.getpeercert()
             if certificate:
                 names = [value for kind, value in
                          certificate.get("subjectAltName", ()) if kind == "DNS"]
-            return ClientResult(client.version(), client.session_reused, echo,
-                                client.session, names,
-                                client.selected_alpn_protocol())
+            client.sendall(b"hello")
+            echo = b""
+            while chunk := client.recv(1024):
+                echo += chunk
+            return ClientResult(version, reused, echo, client.session, names,
+                                alpn)
 
 
 class _Collect(ProcessProtocol):
@@ -595,14 +630,14 @@ class LocalCluster:
             await deferLater(reactor, 0.05, lambda: None)
         raise AssertionError("the nodes did not link up in time")
 
-    def wait_linked(self):
-        return Deferred.fromCoroutine(self._wait_linked())
+    def wait_linked(self, timeout=10.0):
+        return Deferred.fromCoroutine(self._wait_linked(timeout))
 
     def settled(self):
         """
         Fires once every command the in-process nodes have sent their peers
-        so far has been handled: a C{Stats} round trip on every link, since
-        AMP answers a connection's commands in order.
+        so far has been handled: a C{Stats} round trip on every link that
+        is up, since AMP answers a connection's commands in order.
         """
         from twisted.internet.defer import gatherResults
 
@@ -610,7 +645,8 @@ class LocalCluster:
 
         return gatherResults([stats_from(link)
                               for node in self.nodes.values()
-                              for link in node.peer_links.links])
+                              for link in node.peer_links.links
+                              if link.connected])
 
     def wait_linked_to(self, peer, timeout=10.0):
         """
@@ -883,6 +919,55 @@ def resident_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def open_descriptors() -> int:
+    """
+    How many file descriptors this process has open.
+    """
+    return len(os.listdir("/proc/self/fd"))
+
+
+def connections_to(port: int) -> int:
+    """
+    How many TCP connections this process has open to C{port} of
+    127.0.0.1.
+    """
+    mine = set()
+    for descriptor in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{descriptor}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            mine.add(target[len("socket:["):-1])
+    remote = f"0100007F:{port:04X}"
+    count = 0
+    with open("/proc/self/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            # 01: established.
+            if fields[2] == remote and fields[3] == "01" and fields[9] in mine:
+                count += 1
+    return count
+
+
+class SilentListener:
+    """
+    Listens on C{port} of 127.0.0.1, accepts every connection and never
+    says a word: a peer whose network stalls.  L{stop} also drops the
+    connections it accepted, which stopping to listen alone would keep.
+    """
+
+    def __init__(self, port):
+        factory = Factory.forProtocol(Protocol)
+        self.accepted = _tracked(factory)
+        self.listening = reactor.listenTCP(port, factory, interface="127.0.0.1")
+
+    def stop(self):
+        _abort_all(self.accepted)
+        return self.listening.stopListening()
 
 
 def fragment(record, size):

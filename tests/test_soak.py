@@ -1,0 +1,597 @@
+"""
+Soak: a cluster of three under steady client load while faults come and
+go, measured.
+
+node1 runs as a C{twistd} process, so that it can be killed as a host
+loses a process; node2 and node3 run in this process, so that their stores
+can be read.  Client threads connect in a loop for the whole run, each
+connection to another node than the last, offering the session of the
+thread's previous connection of that version, TLS 1.2 and 1.3 in turn.
+Every third TLS 1.3 ticket a thread offers is offered again at once to the
+two other nodes, and every seventh connection replays a ticket the thread
+used earlier in the run: a ticket is single use, cluster-wide, whatever
+happened in between.
+
+Faults come on a schedule, once per cycle of the run: node1 killed
+(SIGKILL) and, while it is down, a listener on its cluster port that
+accepts and never answers, then node1 started again; node1 stopped
+(SIGSTOP: the kernel still accepts its connections, nobody answers) and
+continued; with a repository, PostgreSQL killed (an immediate shutdown:
+every connection breaks) and started again on its port.
+
+Each test class runs the soak once, prints one line of figures, and each
+of its tests asserts one part of them:
+
+  - no connection hung: each one ended, with its echo or with an error,
+    within L{HANG_BOUND} (the lookup budget, the handshake timeout and a
+    margin that also covers a stall), with a client socket timeout well
+    past it, so that a hang shows as one; and after each fault, sessions
+    move between nodes again (a control round must resume within
+    L{RECOVERY_BOUND});
+  - no session served twice: no TLS 1.3 ticket resumed more than once
+    across the cluster; at the end (node1 stopped with SIGTERM, which hands
+    its sessions to the others), every copy of a TLS 1.2 session names the
+    same holder;
+  - once the load stops, this process (node2, node3 and the clients) has
+    no more file descriptors open than before it (its connections to the
+    repository aside), and resident memory
+    within L{RSS_SLACK} of its baseline plus what the stores grew by
+    holding more sessions.
+
+Two of these do not hold yet (docs/soak.md): memory, marked C{todo}, and
+sessions served twice, skipped until the fix, since whether a run hits the
+window depends on timing (test_node shows that bug every time).
+
+SSLSHARE_SOAK_SECONDS sets the seconds of load per test (12 by default,
+which keeps the module under a minute); a long run has one fault cycle per
+L{CYCLE_SECONDS}.  docs/soak.md records the figures of a short and a long
+run.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+
+import attrs
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests.support import (
+    LocalCluster,
+    PostgresServer,
+    ServerUnavailable,
+    SilentListener,
+    connections_to,
+    open_descriptors,
+    python_client_round,
+    resident_bytes,
+    until,
+)
+
+SOAK_SECONDS = float(os.environ.get("SSLSHARE_SOAK_SECONDS", "12"))
+CYCLE_SECONDS = 30.0
+CYCLES = max(1, round(SOAK_SECONDS / CYCLE_SECONDS))
+CLIENT_THREADS = 4
+WARM_UP_SECONDS = 3.0
+
+BUDGET = 0.3
+HANDSHAKE_TIMEOUT = 5.0
+STALL_SECONDS = 2.0
+# Far above anything a connection should take, and above a stall: only a
+# hang reaches it.
+HANG_BOUND = BUDGET + HANDSHAKE_TIMEOUT + 10.0
+CLIENT_TIMEOUT = 2 * HANG_BOUND
+RECOVERY_BOUND = 20.0
+RSS_SLACK = 4 * 1024 * 1024
+VERSIONS = ("TLSv1.2", "TLSv1.3")
+
+
+@attrs.frozen
+class Attempt:
+    """
+    One client connection: when it started (seconds into the run), how
+    long it took, where it went, what it offered, and how it ended
+    (C{"resumed"}, C{"full"}, or the name of the error).
+
+    @ivar kind: C{"loop"}, C{"again"} (a ticket just offered, offered
+        again) or C{"replay"} (a ticket from earlier in the run).
+    """
+
+    started: float
+    elapsed: float
+    node: str
+    version: str
+    offered: bool
+    kind: str
+    outcome: str
+
+
+class Load:
+    """
+    Client threads connecting to the cluster in a loop, recording every
+    attempt, the resumptions of every TLS 1.3 ticket offered and the TLS
+    1.2 sessions made.
+    """
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.attempts: list[Attempt] = []
+        self.resumptions: Counter[bytes] = Counter()
+        # Every offer of each TLS 1.3 ticket, to show how one came to be
+        # served twice.
+        self.offers: dict[bytes, list[tuple[float, str, str, str]]] = {}
+        self.tls12_sessions: set[bytes] = set()
+        self.origin = time.monotonic()
+        self._lock = threading.Lock()
+        self._running = False
+        self._stopping = None
+
+    def run(self) -> Deferred:
+        """
+        Run the clients until L{stop}; fires when every client stopped.
+        """
+        self._running = True
+        return gatherResults([deferToThread(self._client, index)
+                              for index in range(CLIENT_THREADS)])
+
+    def stop_in(self, seconds: float) -> None:
+        self._stopping = reactor.callLater(seconds, self.stop)
+
+    def stop(self) -> None:
+        self._running = False
+        if self._stopping is not None and self._stopping.active():
+            self._stopping.cancel()
+
+    def _client(self, index: int) -> None:
+        rng = random.Random(index)
+        nodes = sorted(self.cluster.ports)
+        previous = {}
+        spent = []
+        step = 0
+        while self._running:
+            version = VERSIONS[step % 2]
+            node = nodes[(index + step // 2) % len(nodes)]
+            offered = previous.get(version)
+            result = self._connect(node, version, offered, "loop")
+            previous[version] = result and result.session
+            if version == "TLSv1.3" and offered is not None:
+                spent.append(offered)
+                if (step // 2) % 3 == 0:
+                    for other in nodes:
+                        if other != node:
+                            self._connect(other, version, offered, "again")
+            if spent and step % 7 == 0:
+                self._connect(rng.choice(nodes), "TLSv1.3", rng.choice(spent),
+                              "replay")
+            del spent[:-50]
+            step += 1
+
+    def _connect(self, node, version, session, kind):
+        started = time.monotonic()
+        try:
+            result = python_client_round(
+                self.cluster.ports[node], self.cluster.ca_cert, version,
+                session, timeout=CLIENT_TIMEOUT)
+        except OSError as e:
+            result, outcome = None, type(e).__name__
+        else:
+            outcome = "resumed" if result.reused else "full"
+            if not result.echo:
+                # A node killed or stalled past the client's patience.
+                outcome = "closed before its echo"
+            elif result.echo != b"hello":
+                outcome = "wrong echo"
+        elapsed = time.monotonic() - started
+        with self._lock:
+            self.attempts.append(Attempt(
+                started - self.origin, elapsed, node, version,
+                session is not None, kind, outcome))
+            if version == "TLSv1.3" and session is not None:
+                self.resumptions[session.id] += outcome == "resumed"
+                self.offers.setdefault(session.id, []).append(
+                    (round(started - self.origin, 2), node, kind, outcome))
+            if version == "TLSv1.2" and result is not None and result.session:
+                self.tls12_sessions.add(result.session.id)
+        return result
+
+    def hung(self) -> list[Attempt]:
+        return [attempt for attempt in self.attempts
+                if attempt.elapsed > HANG_BOUND]
+
+    def served_twice(self) -> list[list[tuple[float, str, str, str]]]:
+        """
+        The offers of each ticket resumed more than once.
+        """
+        return [self.offers[ticket] for ticket, count
+                in self.resumptions.items() if count > 1]
+
+    def resumption_rate(self, start: float, end: float) -> str:
+        """
+        Resumed out of offered, for the loop's connections that started
+        between C{start} and C{end} seconds into the run.
+        """
+        offered = [attempt for attempt in self.attempts
+                   if attempt.kind == "loop" and attempt.offered
+                   and start <= attempt.started < end]
+        resumed = sum(attempt.outcome == "resumed" for attempt in offered)
+        return f"{resumed}/{len(offered)}"
+
+
+def sleep(seconds: float) -> Deferred:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+def store_bytes(cluster: LocalCluster) -> int:
+    return sum(node.store.bytes_used for node in cluster.nodes.values())
+
+
+def holders_named(cluster: LocalCluster, session_id: bytes) -> set[str]:
+    """
+    The holders that the copies of C{session_id} in the stores of the
+    nodes of this process name (a backup copy names its holder too).
+    """
+    return {state.owner for node in cluster.nodes.values()
+            if (state := node.store.get(session_id)) is not None}
+
+
+@attrs.frozen
+class Figures:
+    """
+    What one soak run measured (see the module's docstring).
+
+    @ivar timeline: (fault event, seconds into the run).
+    """
+
+    line: str
+    outcomes: Counter
+    hung: list
+    served_twice: list
+    held_twice: list
+    fds: int
+    rss: int
+    stores: int
+    timeline: list
+
+
+class _Soak:
+    """
+    The run every soak test shares: it runs once per class, for the first
+    of its tests, and each test asserts a part of its figures.  Subclasses
+    say what the repository is, and which faults one cycle injects
+    (L{cycle}).
+    """
+
+    timeout = 3 * SOAK_SECONDS + 240
+    repository = None
+    _figures = None
+
+    def figures(self) -> Deferred:
+        return Deferred.fromCoroutine(self._figures_once())
+
+    async def _figures_once(self):
+        cls = type(self)
+        if cls._figures is None:
+            try:
+                cls._figures = await self._soak()
+            except Exception as e:
+                cls._figures = e
+                raise
+        elif isinstance(cls._figures, Exception):
+            raise AssertionError(f"the soak run failed: {cls._figures!r}")
+        return cls._figures
+
+    def test_no_connection_hangs(self):
+        async def check():
+            figures = await self.figures()
+            self.assertEqual(figures.hung, [])
+            self.assertNotIn("wrong echo", figures.outcomes)
+            self.assertGreater(figures.outcomes["resumed"], 0)
+
+        return Deferred.fromCoroutine(check())
+
+    def test_file_descriptors_come_back(self):
+        async def check():
+            figures = await self.figures()
+            self.assertLessEqual(figures.fds, 0)
+
+        return Deferred.fromCoroutine(check())
+
+    def test_memory_comes_back(self):
+        async def check():
+            figures = await self.figures()
+            self.assertLess(figures.rss - figures.stores, RSS_SLACK)
+
+        return Deferred.fromCoroutine(check())
+
+    # Found by this soak, not attributed yet: this process (node2, node3
+    # and the client threads) grows by about 5 KiB per connection under
+    # faults, outside Python's own allocations (tracemalloc sees under
+    # 2 MiB of it, mostly the stores and the test's records).
+    test_memory_comes_back.todo = (
+        "resident memory grows with the connections served (docs/soak.md)")
+
+    def test_no_session_is_served_twice(self):
+        async def check():
+            figures = await self.figures()
+            self.assertEqual(
+                figures.served_twice, [],
+                f"TLS 1.3 tickets resumed twice (seconds into the run, "
+                f"node, kind of offer, outcome); faults: {figures.timeline}")
+            self.assertEqual(figures.held_twice, [])
+
+        return Deferred.fromCoroutine(check())
+
+    # Found by this soak, not fixed yet: a node that resumes a session
+    # from a copy that is not the holder's (its backup copy, or the
+    # repository's) tells the holder to drop its own with a best-effort
+    # Purge.  Right after a restart its link to the holder is still in
+    # backoff, the Purge fails, and the holder resumes the same ticket
+    # again (docs/soak.md).  Whether a run hits that window is a matter
+    # of timing, so this waits for the fix; test_node's
+    # test_holder_cut_off_from_a_purge_does_not_resume_the_ticket_again
+    # shows the bug every time.  The figures line counts it meanwhile.
+    test_no_session_is_served_twice.skip = (
+        "a Purge that cannot reach the holder leaves it a live copy "
+        "(docs/soak.md)")
+
+    async def start_cluster(self):
+        self.cluster = LocalCluster(
+            self, budget_ms=int(BUDGET * 1000), repository=self.repository,
+            node_options=f"handshake_timeout_s = {HANDSHAKE_TIMEOUT}\n")
+        # A test that fails while node1 is stopped must not leave it so:
+        # nothing but SIGCONT reaches a stopped process.
+        self.addCleanup(self._continue_node1)
+        await self.cluster.spawn("node1")
+        self.cluster.start("node2")
+        self.cluster.start("node3")
+        await self.linked()
+        self.faults = Counter()
+        self.timeline = []
+        self.recoveries = []
+        self.origin = time.monotonic()
+
+    def _continue_node1(self):
+        process = self.cluster.processes.get("node1")
+        if process is not None and process.pid is not None:
+            os.kill(process.pid, signal.SIGCONT)
+
+    def linked(self):
+        return gatherResults([self.cluster.wait_linked(timeout=RECOVERY_BOUND),
+                              self.cluster.wait_linked_to(
+                                  "node1", timeout=RECOVERY_BOUND)])
+
+    def event(self, what):
+        self.timeline.append((what, round(time.monotonic() - self.origin, 2)))
+
+    async def kill_and_restart_node1(self, down_seconds):
+        """
+        SIGKILL node1; while it is down, its cluster port accepts and never
+        answers; then start it again.
+        """
+        self.event("node1 killed")
+        await self.cluster.kill("node1")
+        silent = SilentListener(self.cluster.amp_ports["node1"])
+        await sleep(down_seconds)
+        await silent.stop()
+        await self.cluster.spawn("node1")
+        self.event("node1 listens again")
+        self.faults["node1 killed and restarted"] += 1
+        self.faults["silent peer port"] += 1
+        await self.linked()
+        self.event("node1 linked again")
+        await self.control()
+
+    async def stall_node1(self):
+        self.event("node1 stopped")
+        self.cluster.signal("node1", signal.SIGSTOP)
+        await sleep(STALL_SECONDS)
+        self.cluster.signal("node1", signal.SIGCONT)
+        self.event("node1 continued")
+        self.faults["node1 stalled"] += 1
+        await self.linked()
+        await self.control()
+
+    async def control(self, maker="node2", others=("node1", "node3")):
+        """
+        Until a session made on C{maker} resumes on each of C{others}, for
+        both versions: the cluster shares sessions again after a fault.
+        """
+        started = time.monotonic()
+        for version in VERSIONS:
+            for other in others:
+                while True:
+                    writes = self.writes(maker)
+                    made = await deferToThread(
+                        python_client_round, self.cluster.ports[maker],
+                        self.cluster.ca_cert, version)
+                    if writes is not None:
+                        await until(lambda: self.writes(maker) > writes)
+                    again = await deferToThread(
+                        python_client_round, self.cluster.ports[other],
+                        self.cluster.ca_cert, version, made.session)
+                    if again.reused:
+                        break
+                    if time.monotonic() - started > RECOVERY_BOUND:
+                        raise AssertionError(
+                            f"{version}: sessions of {maker} did not resume "
+                            f"on {other} within {RECOVERY_BOUND} s of the "
+                            f"fault's end")
+                    await sleep(0.2)
+        self.recoveries.append(time.monotonic() - started)
+
+    def repository_connections(self):
+        """
+        How many connections the nodes of this process have open to the
+        repository: each of its worker threads opens one on first use, so
+        their number depends on how busy the threads were, not on leaks.
+        """
+        return 0
+
+    def writes(self, maker):
+        """
+        How many writes of new sessions C{maker} has made that its peers
+        depend on to resume them, or C{None}: peers ask C{maker} itself.
+        """
+        return None
+
+    async def schedule(self, load):
+        for index in range(CYCLES):
+            await self.cycle(load.origin + index * SOAK_SECONDS / CYCLES,
+                             SOAK_SECONDS / CYCLES)
+
+    async def at(self, moment):
+        delay = moment - time.monotonic()
+        if delay > 0:
+            await sleep(delay)
+
+    def load(self):
+        load = Load(self.cluster)
+        # Clients that outlive a failed test would fill the memory with
+        # refused connections.
+        self.addCleanup(load.stop)
+        return load
+
+    async def _soak(self):
+        await self.start_cluster()
+        warm_up = self.load()
+        warm_up.stop_in(WARM_UP_SECONDS)
+        await warm_up.run()
+        baseline = await self.measure()
+
+        load = self.load()
+        self.origin = load.origin
+        running = load.run()
+        await self.schedule(load)
+        # A slow fault may outlast the planned run: load goes on for a few
+        # seconds after the last one, to show it is served.
+        load.stop_in(max(load.origin + SOAK_SECONDS - time.monotonic(), 3.0))
+        await running
+        duration = time.monotonic() - load.origin
+        await self.linked()
+        after = await self.measure(settle_to=baseline)
+
+        # node1 hands its sessions over, so that every copy of every TLS
+        # 1.2 session is in this process.
+        await self.cluster.kill("node1", "TERM")
+        await self.cluster.settled()
+        held_twice = [session_id.hex() for session_id in load.tls12_sessions
+                      if len(holders_named(self.cluster, session_id)) > 1]
+
+        attempts = warm_up.attempts + load.attempts
+        outcomes = Counter(attempt.outcome for attempt in attempts)
+        hung = warm_up.hung() + load.hung()
+        served_twice = warm_up.served_twice() + load.served_twice()
+        fds = after["fds"] - baseline["fds"]
+        rss = after["rss"] - baseline["rss"]
+        stores = after["stores"] - baseline["stores"]
+        faults = ", ".join(f"{count} {what}" for what, count
+                           in sorted(self.faults.items()))
+        tally = ", ".join(f"{count} {outcome}" for outcome, count
+                          in sorted(outcomes.items()))
+        line = (
+            f"soak {self.soak_name}: {duration:.0f} s, {len(attempts)} "
+            f"connections ({tally}), {sum(self.faults.values())} faults "
+            f"injected ({faults}), hung {len(hung)} (slowest "
+            f"{max(a.elapsed for a in attempts):.2f} s, bound "
+            f"{HANG_BOUND:.1f} s), TLS 1.3 tickets offered "
+            f"{len(load.resumptions) + len(warm_up.resumptions)}, served "
+            f"twice {len(served_twice)}, TLS 1.2 sessions "
+            f"{len(load.tls12_sessions)}, held twice {len(held_twice)}, "
+            f"resumed/offered {load.resumption_rate(0, duration)}, sharing "
+            f"back within {max(self.recoveries):.1f} s of each fault, fds "
+            f"{fds:+d} from baseline, RSS {rss / 2**20:+.1f} MiB of which "
+            f"stores {stores / 2**20:+.1f} MiB")
+        print(f"\n{line}", flush=True)
+        return Figures(line, outcomes, hung, served_twice, held_twice,
+                       fds, rss, stores, self.timeline)
+
+    async def measure(self, settle_to=None):
+        """
+        This process's open file descriptors, resident memory and the
+        bytes its stores hold, once the connections the load left have
+        closed (C{settle_to}: until no more descriptors than that are
+        open, or L{RECOVERY_BOUND} passed).
+        """
+        await self.cluster.settled()
+        deadline = time.monotonic() + RECOVERY_BOUND
+        while True:
+            await sleep(0.5)
+            gc.collect()
+            fds = open_descriptors() - self.repository_connections()
+            if (settle_to is None or fds <= settle_to["fds"]
+                    or time.monotonic() > deadline):
+                break
+        return {"fds": fds, "rss": resident_bytes(),
+                "stores": store_bytes(self.cluster)}
+
+
+class PeerSoakTests(_Soak, TestCase):
+    """
+    Peers only: node1 killed (its cluster port silent while it is down)
+    and restarted, and stalled.
+    """
+
+    soak_name = "peers"
+
+    async def cycle(self, start, length):
+        await self.at(start + 0.15 * length)
+        await self.kill_and_restart_node1(0.15 * length)
+        await self.at(start + 0.55 * length)
+        await self.stall_node1()
+
+
+class RepositorySoakTests(_Soak, TestCase):
+    """
+    Through PostgreSQL only: the repository killed and restarted, and
+    node1 killed and restarted.
+    """
+
+    soak_name = "repository"
+
+    def setUp(self):
+        if type(self)._figures is not None:
+            return
+        try:
+            self.server = PostgresServer()
+        except ServerUnavailable as e:
+            raise SkipTest(str(e))
+        self.addCleanup(self.server.remove)
+        self.server.start()
+        self.repository = (f'topology = "repository"\nkind = "postgres"\n'
+                           f'dsn = "{self.server.dsn()}"\n')
+
+    def repository_connections(self):
+        return connections_to(self.server.port)
+
+    def writes(self, maker):
+        """
+        How many writes of new sessions C{maker} has made to the
+        repository, successfully or not.
+        """
+        node = self.cluster.nodes[maker]
+        return (node.repository.counters["puts"]
+                + node.counters["repository_put_failures"])
+
+    async def kill_and_restart_repository(self, down_seconds):
+        self.event("repository killed")
+        await deferToThread(self.server.stop)
+        await sleep(down_seconds)
+        await deferToThread(self.server.start)
+        self.event("repository started again")
+        self.faults["repository killed and restarted"] += 1
+        await self.control()
+
+    async def cycle(self, start, length):
+        await self.at(start + 0.15 * length)
+        await self.kill_and_restart_repository(0.15 * length)
+        await self.at(start + 0.55 * length)
+        await self.kill_and_restart_node1(0.1 * length)
