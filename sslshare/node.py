@@ -311,7 +311,25 @@ class Node:
     # What peers ask (ICommandHandler); the requester is the node id from
     # the peer's verified certificate.
 
+    def peer_alive(self, node_id: str) -> bool:
+        """
+        Whether node C{node_id} evidently runs: this node's link to it is
+        up, or it holds a connection to this node.
+        """
+        link = None if self.peer_links is None else self.peer_links.link(node_id)
+        if link is not None and link.connected:
+            return True
+        return (self.peer_server is not None
+                and node_id in self.peer_server.connected_peers())
+
     def fetch_session(self, session_id: bytes, requester: str) -> FetchAnswer:
+        kept = self.store.get(session_id)
+        if (kept is not None and kept.owner not in (self.node_id, requester)
+                and self.peer_alive(kept.owner)):
+            # A backup copy whose holder still runs: the session is the
+            # holder's to give, or the same session could be served twice.
+            self.counters["copies_withheld"] += 1
+            return FetchAnswer("redirect", holder=kept.owner)
         state = self.store.take(session_id)
         if state is not None:
             # The requester holds it from now on; whoever asks us later is

@@ -180,11 +180,17 @@ class Recovery:
         repository at once; C{None}: no bound.
     @param max_lookups_per_client: the same, for one client address
         (L{LookupRequest.client}).
+    @param peer_alive: C{node_id -> bool}: whether that node evidently
+        runs (a connection between it and this node is up).  A backup copy
+        here serves only when its holder cannot answer and is not alive.
     @ivar latency: how long each lookup chain took, by where it ended.
     @ivar counters: C{recovered_<source>}, C{misses}, C{timeouts},
         C{joined}, C{lookups_shed}, C{lookups_shed_per_client},
         C{peer_errors}, C{repository_errors}, C{unsealable},
-        C{redirects_followed}, C{backups_asked},
+        C{redirects_followed}, C{backups_asked}, C{copies_withheld} (a
+        backup copy not served, its holder alive but not answering),
+        C{stale_copies} (a copy here that its holder, or the repository, no
+        longer had),
         C{repository_<put|purge>_failures}, C{peer_<backup|purge>_failures}.
     """
 
@@ -206,6 +212,7 @@ class Recovery:
         backup_of: Callable[[bytes, str], str | None] | None = None,
         max_lookups: int | None = None,
         max_lookups_per_client: int | None = None,
+        peer_alive: Callable[[str], bool] | None = None,
     ) -> None:
         self.node_id = node_id
         self.store = store
@@ -221,6 +228,7 @@ class Recovery:
         self.backup_of = backup_of
         self.max_lookups = max_lookups
         self.max_lookups_per_client = max_lookups_per_client
+        self.peer_alive = peer_alive
         self._warnings = RateLimitedWarning(clock)
         self._shed_warnings = RateLimitedWarning(clock)
         self.counters: Counter[str] = Counter()
@@ -261,25 +269,21 @@ class Recovery:
         context = self.id_contexts.get(request.service)
         if context is None:
             return None
-        local = self._from_store(request)
+        local = self.store.get(request.session_id)
         if local is not None and local.owner == self.node_id:
-            if request.protocol != "TLSv1.2":
-                # A used ticket must not live on as the backup copy either.
-                self._purge_elsewhere(request.session_id, {
-                    self._backup_node(request.session_id, self.node_id)})
+            if request.protocol != "TLSv1.2" and self.repository is not None:
+                return await self._own_ticket_taken_from_repository(request)
+            self._used_here(request)
             return Recovered(local, "local")
-        if local is not None:
-            # A backup copy another node gave this one: the session comes
-            # from a peer all the same, and is held here from now on.
-            found = Recovered(local, "peer", found_at="local")
-            self._hold(found, request)
-            return found
         if not self._admit(request.client):
             return None
         try:
-            found = await self._from_peers(request, context)
-            if found is None and self.repository is not None:
-                found = await self._from_repository(request, context)
+            if local is not None:
+                found = await self._from_holder_or_copy(request, context, local)
+            else:
+                found = await self._from_peers(request, context)
+                if found is None and self.repository is not None:
+                    found = await self._from_repository(request, context)
         finally:
             self._release(request.client)
         if found is None:
@@ -314,16 +318,72 @@ class Recovery:
             # Past clients leave nothing behind.
             del self._asking_for[client]
 
-    def _from_store(self, request: LookupRequest) -> SessionState | None:
-        # A TLS 1.2 session is resumed again and again under one id, so it
-        # stays; a TLS 1.3 ticket is single use, here and in the repository.
+    def _used_here(self, request: LookupRequest) -> None:
+        """
+        This node resumes a session it holds.  A TLS 1.2 session is resumed
+        again and again under one id, so it stays; a TLS 1.3 ticket is
+        single use: it goes from here, from the repository and from its
+        backup node.
+        """
         if request.protocol == "TLSv1.2":
-            return self.store.get(request.session_id)
+            return
+        session_id = request.session_id
+        self.store.take(session_id)
+        if self.repository is not None:
+            self._repository_write("purge", self.repository.purge(session_id))
+        self._purge_elsewhere(session_id,
+                              {self._backup_node(session_id, self.node_id)})
+
+    async def _own_ticket_taken_from_repository(
+            self, request: LookupRequest) -> Recovered | None:
+        """
+        A TLS 1.3 ticket this node holds, with a repository: other nodes
+        take tickets from the repository, and the purge of this node's copy
+        that should follow can be lost, so only a take from the repository
+        makes this use the only one.  When the repository cannot answer,
+        a full handshake: never the same ticket served twice.
+        """
         state = self.store.take(request.session_id)
-        if state is not None and self.repository is not None:
-            self._repository_write("purge", self.repository.purge(
-                request.session_id))
-        return state
+        try:
+            sealed = await self.repository.take(request.session_id)
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.counters["repository_errors"] += 1
+            self._warnings.warn("repository could not confirm a ticket held "
+                                "here: {why}", why=str(e) or type(e).__name__)
+            return None
+        if sealed is None or state is None:
+            self.counters["stale_copies"] += 1
+            return None
+        return Recovered(state, "local")
+
+    async def _from_holder_or_copy(self, request: LookupRequest, context: bytes,
+                                   copy: SessionState) -> Recovered | None:
+        """
+        This node keeps a backup copy of the session, and its holder may
+        still hold it: the holder gives it up first (a move), and the copy
+        serves only when the holder is gone.  A holder that is alive but
+        cannot answer (its link from here down, or stalled) may still
+        resume the session itself, so the copy is withheld: a full
+        handshake, never the same session served twice.
+        """
+        holder = copy.owner
+        answer = (await self._ask_peer(holder, request)
+                  if self.fetch_from_peer is not None else None)
+        if answer is not None and answer.status == "found":
+            return self._open(answer.sealed, request, context, "peer", holder,
+                              "peer")
+        if answer is not None:
+            # Taken, or used, elsewhere since: the purge of this copy was
+            # lost on the way.
+            self.counters["stale_copies"] += 1
+            self.store.take(request.session_id)
+            return None
+        if self.peer_alive is not None and self.peer_alive(holder):
+            self.counters["copies_withheld"] += 1
+            return None
+        return Recovered(copy, "peer", found_at="local")
 
     async def _from_peers(self, request: LookupRequest,
                           context: bytes) -> Recovered | None:
@@ -439,8 +499,12 @@ class Recovery:
                     others.discard(backup)
                     self._peer_write("backup", backup, self.backup_on_peer(
                         backup, session_id, self.keys.seal(mine)))
-        elif self.repository is not None and found.source != "repository":
-            self._repository_write("purge", self.repository.purge(session_id))
+        else:
+            # A used ticket lives nowhere, this node's backup copy included.
+            self.store.take(session_id)
+            if self.repository is not None and found.source != "repository":
+                self._repository_write("purge",
+                                       self.repository.purge(session_id))
         self._purge_elsewhere(session_id, others)
 
     def _backup_node(self, session_id: bytes, holder: str) -> str | None:

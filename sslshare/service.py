@@ -119,6 +119,7 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
         backup_of=backup_ring,
         max_lookups=node_config.max_concurrent_lookups,
         max_lookups_per_client=node_config.max_lookups_per_client,
+        peer_alive=lambda node_id: node.peer_alive(node_id),
     )
     node = Node(node_config.node_id, store, keys, recovery, reactor,
                 node_config.session_lifetime, repository, peers, backup_ring,

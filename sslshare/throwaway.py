@@ -255,12 +255,17 @@ class PostgresServer:
 
     PASSWORD = "correct horse battery staple"
 
-    def __init__(self, tls=None):
+    def __init__(self, tls=None, survives_kill=False):
         """
         @param tls: an object with C{ec_chain} and C{ec_key} paths, to
             accept TLS with that certificate; C{None} for plain TCP only.
+        @param survives_kill: commit synchronously, so that what a client
+            saw committed is still there after the server is killed and
+            started again (fault tests); otherwise the last commits may be
+            lost, which a throwaway server does not mind.
         """
         self.tls = tls
+        self.survives_kill = survives_kill
         self.bin = postgres_binaries()
         self.user = _unprivileged_user()
         self.port = free_port()
@@ -327,9 +332,11 @@ class PostgresServer:
         arguments = [os.path.join(self.bin, "postgres"), "-D", self.data,
                      "-p", str(self.port), "-k", self.directory,
                      "-c", "listen_addresses=127.0.0.1",
-                     # A throwaway cluster: durability buys nothing.
-                     "-c", "fsync=off", "-c", "synchronous_commit=off",
-                     "-c", "full_page_writes=off",
+                     # A throwaway cluster: durability against a crash of
+                     # the machine buys nothing.
+                     "-c", "fsync=off", "-c", "full_page_writes=off",
+                     "-c", "synchronous_commit="
+                     + ("on" if self.survives_kill else "off"),
                      "-c", "max_connections=40"]
         if self.tls is not None:
             arguments += ["-c", "ssl=on", "-c", "ssl_cert_file=server.crt",

@@ -121,12 +121,27 @@ class MetricsPageTests(TestCase):
             self._assert_same_as_stats(samples, stats)
 
     @inlineCallbacks
-    def test_backup_copy_kept_here_is_a_local_lookup_and_a_peer_resumption(self):
-        # Two nodes: each keeps the backup copies of the other's sessions.
+    def test_backup_copy_of_a_live_holder_is_a_peer_lookup(self):
+        # Two nodes: each keeps the backup copies of the other's sessions,
+        # and a holder that runs gives the session itself.
         cluster = LocalCluster(self, nodes=("node1", "node2"), metrics=True)
         yield cluster.start_all()
         first = yield self._round(cluster, "node1", "TLSv1.2")
         yield cluster.settled()
+        resumed = yield self._round(cluster, "node2", "TLSv1.2", first.session)
+        self.assertTrue(resumed.reused)
+        samples = yield _scrape(cluster, "node2")
+        self.assertEqual(_lookups(samples, "local"), 0)
+        self.assertEqual(_lookups(samples, "peer"), 1)
+        self.assertEqual(_handshakes(samples, "resumed_peer"), 1)
+
+    @inlineCallbacks
+    def test_backup_copy_of_a_holder_gone_is_a_local_lookup(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"), metrics=True)
+        yield cluster.start_all()
+        first = yield self._round(cluster, "node1", "TLSv1.2")
+        yield cluster.settled()
+        yield cluster.stop("node1")
         resumed = yield self._round(cluster, "node2", "TLSv1.2", first.session)
         self.assertTrue(resumed.reused)
         samples = yield _scrape(cluster, "node2")

@@ -117,13 +117,14 @@ class MovingSessionTests(TestCase):
         self.assertEqual(node2.counters["resumed_peer"], 0)
 
     @inlineCallbacks
-    def test_holder_cut_off_from_a_purge_does_not_resume_the_ticket_again(self):
+    def test_backup_copy_of_a_live_holder_it_cannot_reach_is_not_served(self):
         """
-        node2 keeps the backup copy of node1's ticket and resumes it while
-        its own link to node1 is down (as right after node1 restarted,
-        while the link waits in its backoff): the Purge it sends node1
-        cannot arrive, and node1 must still not resume the ticket again.
-        Found by tests/test_soak.py (docs/soak.md).
+        node2 keeps the backup copy of node1's ticket, but its own link to
+        node1 is down (as right after node1 restarted, while the link waits
+        in its backoff) while node1 is connected to it: node1 still holds
+        the ticket, so node2 gives a full handshake rather than a second
+        copy, and node1 resumes the ticket once.  Found by
+        tests/test_soak.py (docs/soak.md).
         """
         cluster, first = yield self._tls13_ticket_of_node1()
         node2 = cluster.nodes["node2"]
@@ -131,14 +132,33 @@ class MovingSessionTests(TestCase):
         on_backup = yield deferToThread(
             python_client_round, cluster.ports["node2"], cluster.ca_cert,
             "TLSv1.3", first.session)
-        self.assertTrue(on_backup.reused)
+        self.assertFalse(on_backup.reused)
+        self.assertEqual(node2.recovery.counters["copies_withheld"], 1)
         on_holder = yield deferToThread(
             python_client_round, cluster.ports["node1"], cluster.ca_cert,
             "TLSv1.3", first.session)
-        self.assertFalse(on_holder.reused, "the ticket was served twice")
+        self.assertTrue(on_holder.reused)
 
-    test_holder_cut_off_from_a_purge_does_not_resume_the_ticket_again.todo = (
-        "a Purge that cannot reach the holder leaves it a live copy")
+    @inlineCallbacks
+    def test_backup_node_sends_a_fetch_to_the_live_holder(self):
+        """
+        node3 cannot reach node1, holder of the ticket, and asks node2, its
+        backup node: node1 is alive, so node2 keeps its copy and names
+        node1 instead of serving the ticket a second time.
+        """
+        cluster, first = yield self._tls13_ticket_of_node1()
+        node3 = cluster.nodes["node3"]
+        yield node3.peer_links.link("node1").stopService()
+        on_node3 = yield deferToThread(
+            python_client_round, cluster.ports["node3"], cluster.ca_cert,
+            "TLSv1.3", first.session)
+        self.assertFalse(on_node3.reused)
+        self.assertGreaterEqual(
+            cluster.nodes["node2"].counters["copies_withheld"], 1)
+        on_holder = yield deferToThread(
+            python_client_round, cluster.ports["node1"], cluster.ca_cert,
+            "TLSv1.3", first.session)
+        self.assertTrue(on_holder.reused)
 
     @inlineCallbacks
     def test_session_given_away_comes_back_through_its_maker(self):
