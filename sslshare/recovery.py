@@ -368,17 +368,28 @@ class Recovery:
         resume the session itself, so the copy is withheld: a full
         handshake, never the same session served twice.
         """
-        holder = copy.owner
-        answer = (await self._ask_peer(holder, request)
-                  if self.fetch_from_peer is not None else None)
+        holder = giver = copy.owner
+        if self.fetch_from_peer is None:
+            answer = None
+        else:
+            giver, answer = holder, await self._ask_peer(holder, request)
+            if (answer is not None and answer.status == "redirect"
+                    and answer.holder not in (None, self.node_id, holder)):
+                # The session moved on, and the backup copy naming its new
+                # holder is still on its way here.
+                self.counters["redirects_followed"] += 1
+                giver, answer = answer.holder, await self._ask_peer(
+                    answer.holder, request)
         if answer is not None and answer.status == "found":
-            return self._open(answer.sealed, request, context, "peer", holder,
+            return self._open(answer.sealed, request, context, "peer", giver,
                               "peer")
         if answer is not None:
-            # Taken, or used, elsewhere since: the purge of this copy was
-            # lost on the way.
+            # Used, or lost, where it was held: this copy must not serve.
             self.counters["stale_copies"] += 1
             self.store.take(request.session_id)
+            return None
+        if giver != holder:
+            # The holder it moved to cannot answer: this copy is older.
             return None
         if self.peer_alive is not None and self.peer_alive(holder):
             self.counters["copies_withheld"] += 1

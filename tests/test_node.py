@@ -140,6 +140,35 @@ class MovingSessionTests(TestCase):
         self.assertTrue(on_holder.reused)
 
     @inlineCallbacks
+    def test_backup_copy_naming_a_former_holder_follows_its_redirect(self):
+        """
+        node2 keeps the backup copy of a TLS 1.2 session, but the copy
+        still names node3, which has given the session to node1 since (the
+        new copy is on its way): node3 sends node2 on to node1, and the
+        session resumes, fetched from node1.
+        """
+        cluster = LocalCluster(self)
+        yield cluster.start_all()
+        result = yield deferToThread(
+            python_client_round, cluster.ports["node1"], cluster.ca_cert,
+            "TLSv1.2")
+        for node in ("node3", "node1"):
+            result = yield deferToThread(
+                python_client_round, cluster.ports[node], cluster.ca_cert,
+                "TLSv1.2", result.session)
+            self.assertTrue(result.reused)
+        yield cluster.settled()
+        node2 = cluster.nodes["node2"]
+        session_id = result.session.id
+        node2.store.put(node2.store.get(session_id).with_owner("node3"))
+        on_node2 = yield deferToThread(
+            python_client_round, cluster.ports["node2"], cluster.ca_cert,
+            "TLSv1.2", result.session)
+        self.assertTrue(on_node2.reused)
+        self.assertEqual(node2.recovery.counters["redirects_followed"], 1)
+        self.assertIsNone(cluster.nodes["node1"].store.get(session_id))
+
+    @inlineCallbacks
     def test_backup_node_sends_a_fetch_to_the_live_holder(self):
         """
         node3 cannot reach node1, holder of the ticket, and asks node2, its
