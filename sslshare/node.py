@@ -50,6 +50,32 @@ HANDOVER_CONCURRENCY = 32
 
 
 @implementer(ICommandHandler)
+def fired_within(waiting: Deferred[Any], seconds: float,
+                 clock: IReactorTime) -> Deferred[bool]:
+    """
+    Fires with C{True} once C{waiting} fires, or with C{False} after
+    C{seconds}, whichever comes first.  Unlike C{addTimeout}, it does not
+    rely on C{waiting} honouring a cancellation: a stopping node waits no
+    longer than it said, whatever it waits for.  C{waiting}'s result is
+    consumed.
+    """
+    first: Deferred[bool] = Deferred()
+
+    def at_deadline() -> None:
+        if not first.called:
+            first.callback(False)
+
+    deadline = clock.callLater(max(0.0, seconds), at_deadline)
+
+    def fired(_: Any) -> None:
+        if not first.called:
+            deadline.cancel()
+            first.callback(True)
+
+    waiting.addBoth(fired)
+    return first
+
+
 class Node:
     """
     One node's sessions.
@@ -131,15 +157,15 @@ class Node:
 
         everything = DeferredList([move(state) for state in held],
                                   consumeErrors=True)
-        everything.addTimeout(within, self.clock)
 
-        def done(_: Any) -> Counter[str]:
-            moved["failed"] += len(held) - sum(moved.values())
-            self.counters["sessions_handed_over"] += len(held) - moved["failed"]
-            self.counters["handover_failures"] += moved["failed"]
-            return moved
+        def done(_: bool) -> Counter[str]:
+            counted = Counter(moved)
+            counted["failed"] += len(held) - sum(counted.values())
+            self.counters["sessions_handed_over"] += len(held) - counted["failed"]
+            self.counters["handover_failures"] += counted["failed"]
+            return counted
 
-        return everything.addBoth(done)
+        return fired_within(everything, within, self.clock).addCallback(done)
 
     def _hand_over_one(self, state: SessionState) -> Deferred[str]:
         sealed = self.keys.seal(state)

@@ -30,12 +30,7 @@ from typing import IO, Any
 import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import (
-    Deferred,
-    DeferredList,
-    TimeoutError,
-    maybeDeferred,
-)
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
@@ -46,7 +41,7 @@ from twisted.python.logfile import LogFile
 from sslshare import cluster, config, metrics, sessionid, tls
 from sslshare.errors import FileError
 from sslshare.logs import RateLimitedWarning, json_lines_observer
-from sslshare.node import Node
+from sslshare.node import Node, fired_within
 from sslshare.protocol import BackendProxyFactory, SessionResumingTLSFactory
 from sslshare.recovery import BackupRing, Recovery
 from sslshare.repository import ISessionRepository, RepositoryError, from_config
@@ -387,11 +382,8 @@ class NodeService(MultiService):
         close what is still open.
         """
         closed = self._clients.all_closed()
-        closed.addTimeout(max(0.0, until - self._reactor.seconds()),
-                          self._reactor)
-        try:
-            await closed
-        except TimeoutError:
+        if not await fired_within(closed, until - self._reactor.seconds(),
+                                  self._reactor):
             still_open = list(self._clients.protocols)
             self._log.warn("closing {count} client connections still open "
                            "at the drain deadline", count=len(still_open))

@@ -17,12 +17,14 @@ import sqlite3
 import sys
 import time
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from sslshare.node import fired_within
 from sslshare.state import StateKeys
 from tests.support import (
     LocalCluster,
@@ -510,3 +512,27 @@ class SignalTests(TestCase):
         resumed = yield client(cluster, "node2", "TLSv1.3", made.session)
         self.assertTrue(resumed.reused)
         self.assertEqual(cluster.nodes["node2"].counters["resumed_repository"], 1)
+
+
+class FiredWithinTests(SynchronousTestCase):
+    """
+    L{fired_within}: how long a stopping node waits, whatever it waits for.
+    """
+
+    def test_true_when_it_fires_in_time(self):
+        clock, waiting = Clock(), Deferred()
+        first = fired_within(waiting, 5, clock)
+        clock.advance(1)
+        waiting.errback(RuntimeError("a failed wait still ends it"))
+        self.assertIs(self.successResultOf(first), True)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_false_at_the_deadline_without_cancelling(self):
+        clock, waiting = Clock(), Deferred()
+        first = fired_within(waiting, 5, clock)
+        clock.advance(4.9)
+        self.assertNoResult(first)
+        clock.advance(0.1)
+        self.assertIs(self.successResultOf(first), False)
+        # Left alone: what never fires cannot hold the stop up.
+        self.assertNoResult(waiting)
