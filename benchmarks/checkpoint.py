@@ -291,6 +291,13 @@ def wait_for_port(name: str, port: int, process: subprocess.Popen, log: str,
                          f"{timeout} s: {log_tail(log)}")
 
 
+def progress(message: str) -> None:
+    """
+    One line of a benchmark's progress, on standard error.
+    """
+    print(message, file=sys.stderr, flush=True)
+
+
 def log_tail(path: str, lines: int = 15) -> str:
     try:
         with open(path) as f:
@@ -724,10 +731,6 @@ def main(argv: list[str] | None = None) -> None:
         arguments.profile = os.path.abspath(arguments.profile)
         os.makedirs(arguments.profile, exist_ok=True)
     sys.path.insert(0, ROOT)
-
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
     try:
         result = run(arguments.quick, arguments.profile, arguments.keep,
                      arguments.breakdown, progress)

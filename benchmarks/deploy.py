@@ -81,6 +81,17 @@ class Processes:
         self._running.clear()
 
 
+def stop_on_sigterm() -> None:
+    """
+    Make SIGTERM end a run like Ctrl-C: through the C{finally} clauses
+    that stop every process it started.
+    """
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """
     The CPU seconds of process C{pid} and of its living descendants (an

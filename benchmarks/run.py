@@ -52,7 +52,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -65,7 +64,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import deploy, memory, rates  # noqa: E402
-from benchmarks.checkpoint import BenchmarkError, environment  # noqa: E402
+from benchmarks.checkpoint import (  # noqa: E402
+    BenchmarkError,
+    environment,
+    progress,
+)
 from benchmarks.load import VERSIONS, Load, run_clients  # noqa: E402
 
 RESULTS_JSON = os.path.join(ROOT, "benchmarks", "results.json")
@@ -83,10 +86,6 @@ SATURATED = 0.8
 # that one failure shows against the goal of 99.9%.
 QUICK = {"clients": 4, "connections": 30}
 FULL = {"clients": 4, "connections": 1000}
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # Measurement 1.
@@ -478,11 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join([os.path.relpath(sys.executable, ROOT),
                           "benchmarks/run.py"] + argv)
 
-    # SIGTERM ends the run like Ctrl-C: through the finally clauses that
-    # stop every process started.
-    def interrupted(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupted)
+    deploy.stop_on_sigterm()
 
     from sslshare.pki import init_pki
 

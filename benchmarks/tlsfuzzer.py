@@ -61,7 +61,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socketserver
 import subprocess
 import sys
@@ -75,12 +74,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.checkpoint import BenchmarkError, log_tail  # noqa: E402
+from benchmarks.checkpoint import BenchmarkError, log_tail, progress  # noqa: E402
 from benchmarks.deploy import (  # noqa: E402
     Processes,
     free_port,
     start_haproxy,
     start_sslshare,
+    stop_on_sigterm,
 )
 
 OUTPUT = os.path.join(ROOT, "docs", "tlsfuzzer.md")
@@ -715,13 +715,7 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join([os.path.relpath(sys.executable, ROOT),
                           "benchmarks/tlsfuzzer.py"] + argv)
 
-    def interrupted(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupted)
-
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
+    stop_on_sigterm()
     checkout = os.path.abspath(options.checkout)
     scripts = [script for script in SCRIPTS
                if options.script is None or script.name in options.script]

@@ -344,14 +344,8 @@ class Recovery:
         a full handshake: never the same ticket served twice.
         """
         state = self.store.take(request.session_id)
-        try:
-            sealed = await self.repository.take(request.session_id)
-        except CancelledError:
-            raise
-        except Exception as e:
-            self.counters["repository_errors"] += 1
-            self._warnings.warn("repository could not confirm a ticket held "
-                                "here: {why}", why=str(e) or type(e).__name__)
+        answered, sealed = await self._take_from_repository(request)
+        if not answered:
             return None
         if sealed is None or state is None:
             self.counters["stale_copies"] += 1
@@ -453,8 +447,21 @@ class Recovery:
 
     async def _from_repository(self, request: LookupRequest,
                                context: bytes) -> Recovered | None:
+        _, sealed = await self._take_from_repository(request)
+        if sealed is None:
+            return None
+        return self._open(sealed, request, context, "repository", None,
+                          "repository")
+
+    async def _take_from_repository(self, request: LookupRequest
+                                    ) -> tuple[bool, bytes | None]:
+        """
+        Take the session from the repository: whether it answered, and the
+        sealed session it gave up (C{None}: it has none).  A repository
+        that fails is counted and logged, and has not answered.
+        """
         try:
-            sealed = await self.repository.take(request.session_id)
+            return True, await self.repository.take(request.session_id)
         except CancelledError:
             raise
         except Exception as e:
@@ -463,11 +470,7 @@ class Recovery:
                            "{session}: {why}",
                            session=sessionid.describe(request.session_id),
                            why=str(e) or type(e).__name__)
-            return None
-        if sealed is None:
-            return None
-        return self._open(sealed, request, context, "repository", None,
-                          "repository")
+            return False, None
 
     def _open(self, sealed: bytes | None, request: LookupRequest,
               context: bytes, source: str, giver: str | None,
