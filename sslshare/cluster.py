@@ -116,6 +116,9 @@ DIGEST_LENGTHS = (0, 32)
 MAX_SEQ = 2**64 - 1
 FETCH_STATUSES = ("found", "redirect", "missing")
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# Failed connection attempts a purge waits through for a peer that is
+# down before it gives up (see Peers.purge_session).
+PURGE_CONNECT_ATTEMPTS = 3
 
 _log = Logger()
 
@@ -1331,9 +1334,17 @@ class Peers(MultiService):
     def purge_session(self, node_id: str, session_id: bytes) -> Deferred[bool]:
         """
         Tell C{node_id} to drop C{session_id}; fires with whether it held
-        it.  L{PeerUnavailable} if it is not a peer or not connected.
+        it.  A purge is what keeps a session in one place, so a peer whose
+        link is down now (as right after it restarted) gets it once the
+        link is back; L{PeerUnavailable} if it is not a peer, or if the link
+        fails L{PURGE_CONNECT_ATTEMPTS} more times (a peer that stays down
+        lost what it held).
         """
-        return self._call(node_id, purge_on, session_id)
+        link = self.link(node_id)
+        if link is None:
+            return fail(PeerUnavailable(node_id, "not a peer of this node"))
+        return link.when_connected(PURGE_CONNECT_ATTEMPTS).addCallback(
+            lambda _: purge_on(link, session_id))
 
     def _call(self, node_id: str, operation: Callable[[PeerLink, bytes], Deferred[Any]],
               session_id: bytes) -> Deferred[Any]:

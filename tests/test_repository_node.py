@@ -88,6 +88,28 @@ class _RepositoryTopology:
         self.assertEqual(node2.store.get(session_id).owner, "node2")
 
     @inlineCallbacks
+    def test_purge_waits_for_a_link_that_is_down(self):
+        """
+        node2 takes the session from the repository while its link to
+        node1, the previous holder, is down (as right after node1
+        restarted): the purge reaches node1 once the link is back, so the
+        session is not held twice.  Found by tests/test_soak.py.
+        """
+        cluster = self._cluster()
+        first = yield self._made_on_node1(cluster, "TLSv1.2")
+        node1, node2 = cluster.nodes["node1"], cluster.nodes["node2"]
+        link = node2.peer_links.link("node1")
+        link._protocol.transport.abortConnection()
+        yield until(lambda: not link.connected)
+        second = yield deferToThread(
+            python_client_round, cluster.ports["node2"], cluster.ca_cert,
+            "TLSv1.2", first.session)
+        self.assertTrue(second.reused)
+        yield until(lambda: node1.store.get(first.session.id) is None)
+        self.assertTrue(link.connected)
+        self.assertEqual(node2.recovery.counters["peer_purge_failures"], 0)
+
+    @inlineCallbacks
     def test_tampered_blob_gives_full_handshake(self):
         cluster = self._cluster()
         # TLS 1.2: the client's session id is the server's (a TLS 1.3
