@@ -118,7 +118,6 @@ class Node:
         self.peer_server: Any = None
         self._warnings = RateLimitedWarning(clock)
         self._checkpoint_failures = FailureLog(clock)
-        self._puts: dict[bytes, Deferred[None]] = {}
         # Weak: a pipeline lives as long as its connection.
         self._pipelines: weakref.WeakSet[CheckpointPipeline] = weakref.WeakSet()
 
@@ -214,20 +213,13 @@ class Node:
         self.store.put(state)
         self.counters["sessions_made"] += 1
         if self.repository is not None:
+            # The repository runs a session's operations in order: its
+            # checkpoints and takes come after this put.
             writing = self.repository.put(session_id, self.keys.seal(state),
                                           state.expires)
-            # The session's checkpoints wait for it: one that arrived
-            # before the blob would be refused (the backends answer for
-            # blobs they hold).
-            self._puts[session_id] = writing
-            writing.addBoth(self._put_done, session_id)
             writing.addErrback(self._repository_put_failed)
         else:
             self._send_backup(state)
-
-    def _put_done(self, result: Any, session_id: bytes) -> Any:
-        del self._puts[session_id]
-        return result
 
     def _send_backup(self, state: SessionState) -> None:
         backup = self._backup_node(state.session_id)
@@ -320,13 +312,7 @@ class Node:
         """
         self.store.update_checkpoint(session_id, seq, digest)
         if self.repository is not None:
-            put = self._puts.get(session_id)
-            if put is None:
-                return self.repository.checkpoint(session_id, seq, digest)
-            after_put: Deferred[None] = Deferred()
-            put.addBoth(lambda result: (after_put.callback(None), result)[1])
-            return after_put.addCallback(
-                lambda _: self.repository.checkpoint(session_id, seq, digest))
+            return self.repository.checkpoint(session_id, seq, digest)
         backup = self._backup_node(session_id)
         if backup is None:
             # A cluster of one: there is nowhere outside.

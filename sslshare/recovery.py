@@ -3,7 +3,10 @@ Where a session offered by a client comes from: the recovery chain.
 
 L{Recovery.recover} reads top to bottom in the order the design fixes:
 
-    1. this node's own store;
+    1. this node's own store (with a repository, a session this node
+       holds serves only once this node has taken the repository's copy:
+       another node may have taken it, and the purge that should have
+       followed been lost);
     2. the owner node named by the session id's owner tag, over AMP
        C{FetchSession} (or, when this node is the owner and gave the session
        away, the node its tombstone names); when that node cannot answer,
@@ -51,6 +54,7 @@ from twisted.logger import Logger
 
 from sslshare import sessionid
 from sslshare.logs import RateLimitedWarning
+from sslshare.repository import Taken
 from sslshare.state import SealError, SessionState, StateKeys
 from sslshare.store import SessionStore
 from sslshare.tls import LookupRequest
@@ -190,8 +194,10 @@ class Recovery:
         C{redirects_followed}, C{backups_asked}, C{copies_withheld} (a
         backup copy not served, its holder alive but not answering),
         C{stale_copies} (a copy here that its holder, or the repository, no
-        longer had),
-        C{repository_<put|purge>_failures}, C{peer_<backup|purge>_failures}.
+        longer had), C{bad_checkpoints} (a repository checkpoint that a
+        chain cannot continue from, ignored),
+        C{repository_<put|purge|checkpoint>_failures},
+        C{peer_<backup|purge>_failures}.
     """
 
     _log = Logger()
@@ -271,8 +277,9 @@ class Recovery:
             return None
         local = self.store.get(request.session_id)
         if local is not None and local.owner == self.node_id:
-            if request.protocol != "TLSv1.2" and self.repository is not None:
-                return await self._own_ticket_taken_from_repository(request)
+            if self.repository is not None:
+                return await self._own_session_taken_from_repository(
+                    request, context, local)
             self._used_here(request)
             return Recovered(local, "local")
         if not self._admit(request.client):
@@ -334,23 +341,65 @@ class Recovery:
         self._purge_elsewhere(session_id,
                               {self._backup_node(session_id, self.node_id)})
 
-    async def _own_ticket_taken_from_repository(
-            self, request: LookupRequest) -> Recovered | None:
+    async def _own_session_taken_from_repository(
+            self, request: LookupRequest, context: bytes,
+            local: SessionState) -> Recovered | None:
         """
-        A TLS 1.3 ticket this node holds, with a repository: other nodes
-        take tickets from the repository, and the purge of this node's copy
-        that should follow can be lost, so only a take from the repository
-        makes this use the only one.  When the repository cannot answer,
-        a full handshake: never the same ticket served twice.
+        A session this node holds, with a repository.  Other nodes take
+        sessions from the repository, and the purge of this node's copy
+        that should follow can be lost (the taker may die first), so this
+        node resumes the session only once it has taken the repository's
+        copy and found its own name in it: a TLS 1.3 ticket is used up; a
+        TLS 1.2 session, which is resumed again and again under its id,
+        goes back to the repository at once (the repository runs this
+        node's operations on a session in order, so the put lands after
+        the take).  When the repository cannot answer, a full handshake:
+        never the same session served twice.  The checkpoint kept beside
+        the repository's copy may be newer than this node's: the digest
+        continues from the newest.
         """
-        state = self.store.take(request.session_id)
-        answered, sealed = await self._take_from_repository(request)
+        session_id = request.session_id
+        tls12 = request.protocol == "TLSv1.2"
+        if not tls12:
+            self.store.take(session_id)
+        answered, taken = await self._take_from_repository(request)
         if not answered:
             return None
-        if sealed is None or state is None:
+        # A TLS 1.2 copy may go while the repository answers: a peer's
+        # fetch, or a purge from a node that took the session.
+        still_here = not tls12 or self.store.get(session_id) is not None
+        if (taken is None or not still_here
+                or not self._names_this_node(taken, request, context)):
             self.counters["stale_copies"] += 1
+            self.store.take(session_id)
             return None
+        state = self._with_repository_checkpoint(local, taken)
+        if tls12:
+            self.store.put(state)
+            self._repository_write("put", self.repository.put(
+                session_id, self.keys.seal(state), state.expires))
         return Recovered(state, "local")
+
+    def _names_this_node(self, taken: Taken, request: LookupRequest,
+                         context: bytes) -> bool:
+        """
+        Whether the copy taken from the repository names this node as its
+        holder.  Another node's copy (it took the session, and stored it
+        again under its name) goes back to the repository as it was.
+        """
+        found = self._open(taken.sealed, request, context, "repository", None,
+                           "repository")
+        if found is None:
+            return False
+        if found.state.owner == self.node_id:
+            return True
+        session_id = request.session_id
+        self._repository_write("put", self.repository.put(
+            session_id, taken.sealed, found.state.expires))
+        if taken.seq:
+            self._repository_write("checkpoint", self.repository.checkpoint(
+                session_id, taken.seq, taken.digest))
+        return False
 
     async def _from_holder_or_copy(self, request: LookupRequest, context: bytes,
                                    copy: SessionState) -> Recovered | None:
@@ -447,18 +496,22 @@ class Recovery:
 
     async def _from_repository(self, request: LookupRequest,
                                context: bytes) -> Recovered | None:
-        _, sealed = await self._take_from_repository(request)
-        if sealed is None:
+        _, taken = await self._take_from_repository(request)
+        if taken is None:
             return None
-        return self._open(sealed, request, context, "repository", None,
-                          "repository")
+        found = self._open(taken.sealed, request, context, "repository", None,
+                           "repository")
+        if found is None:
+            return None
+        return attrs.evolve(
+            found, state=self._with_repository_checkpoint(found.state, taken))
 
     async def _take_from_repository(self, request: LookupRequest
-                                    ) -> tuple[bool, bytes | None]:
+                                    ) -> tuple[bool, Taken | None]:
         """
-        Take the session from the repository: whether it answered, and the
-        sealed session it gave up (C{None}: it has none).  A repository
-        that fails is counted and logged, and has not answered.
+        Take the session from the repository: whether it answered, and what
+        it gave up (C{None}: it has none).  A repository that fails is
+        counted and logged, and has not answered.
         """
         try:
             return True, await self.repository.take(request.session_id)
@@ -471,6 +524,22 @@ class Recovery:
                            session=sessionid.describe(request.session_id),
                            why=str(e) or type(e).__name__)
             return False, None
+
+    def _with_repository_checkpoint(self, state: SessionState,
+                                    taken: Taken) -> SessionState:
+        """
+        C{state} with the checkpoint the repository kept beside its copy,
+        when that is newer.
+        """
+        try:
+            return state.with_checkpoint(taken.seq, taken.digest)
+        except ValueError as e:
+            self.counters["bad_checkpoints"] += 1
+            self._log.warn("ignored the repository's checkpoint of session "
+                           "{session}: {why}",
+                           session=sessionid.describe(state.session_id),
+                           why=str(e))
+            return state
 
     def _open(self, sealed: bytes | None, request: LookupRequest,
               context: bytes, source: str, giver: str | None,

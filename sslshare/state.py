@@ -250,6 +250,24 @@ class SessionState:
         """
         return attrs.evolve(self, owner=owner)
 
+    def with_checkpoint(self, seq: int, digest: bytes) -> SessionState:
+        """
+        This state with the checkpoint C{(seq, digest)} when that covers
+        more records than its own, else this state: checkpoints only go
+        forward.
+
+        @raise ValueError: C{(seq, digest)} is not a checkpoint a chain can
+            continue from (a digest of 32 bytes after at least one record).
+        """
+        if type(seq) is not int:
+            raise ValueError(f"seq must be an int, not {type(seq).__name__}")
+        if seq <= self.seq:
+            return self
+        if type(digest) is not bytes or len(digest) != DIGEST_LENGTH:
+            raise ValueError(f"a checkpoint after {seq} records must have a "
+                             f"{DIGEST_LENGTH}-byte digest")
+        return attrs.evolve(self, seq=seq, digest=digest)
+
     def expired(self, now: float) -> bool:
         """
         Whether the session is past its lifetime at unix time C{now}.

@@ -170,6 +170,43 @@ class DigestAcrossNodesTests(_ExporterRecording, TestCase):
         self.assertEqual((held.seq, held.digest), _chain(anchor, records2))
 
 
+    @inlineCallbacks
+    def test_holder_killed_chain_continues_from_the_repository(self):
+        """
+        With a repository, node1 is killed after the last echo: node2
+        takes the session from the repository, and the chain goes on from
+        the checkpoint kept beside the blob there, which is newer than the
+        one sealed in the blob when the session was made.
+        """
+        cluster = LocalCluster(
+            self, nodes=("node1", "node2"), backend=_Echo,
+            repository='kind = "sqlite"\npath = "{directory}/s.sqlite3"\n')
+        yield cluster.spawn("node1")
+        cluster.start("node2")
+        yield cluster.wait_linked_to("node1")
+        messages = [b"record %d " % n * 30 for n in range(6)]
+        session, _, records1 = yield deferToThread(
+            _conversation, cluster.ports["node1"], cluster.ca_cert, messages)
+        repository = cluster.nodes["node2"].repository
+        # Killed once the repository holds a checkpoint of the last records
+        # (the last one or two may still be on their way).
+        while ((yield repository.checkpoint_of(session.id))
+               or (0, b""))[0] < len(records1) - 2:
+            yield deferLater(reactor, 0.05, lambda: None)
+        yield cluster.kill("node1")
+        anchor = yield repository.checkpoint_of(session.id)
+        more = [b"more %d " % n * 25 for n in range(4)]
+        _, reused, records2 = yield deferToThread(
+            _conversation, cluster.ports["node2"], cluster.ca_cert, more,
+            session)
+        self.assertTrue(reused)
+        self.assertEqual(
+            cluster.nodes["node2"].counters["resumed_repository"], 1)
+        yield deferLater(reactor, 0.3, lambda: None)
+        held = cluster.nodes["node2"].store.get(session.id)
+        self.assertEqual((held.seq, held.digest), _chain(anchor, records2))
+
+
 def _transcript(path, records):
     with open(path, "w") as f:
         for direction, plaintext in records:

@@ -20,7 +20,12 @@ import time
 
 import attrs
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    gatherResults,
+    inlineCallbacks,
+)
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface.verify import verifyObject
@@ -28,8 +33,10 @@ from zope.interface.verify import verifyObject
 from sslshare import sessionid
 from sslshare.config import RepositoryConfig
 from sslshare.repository import (
+    InOrder,
     ISessionRepository,
     RepositoryError,
+    Taken,
     from_config,
 )
 from sslshare.state import MAX_SEALED_LENGTH, StateKeys
@@ -125,15 +132,16 @@ class RepositoryBehaviour:
         state = session_state()
         yield self.repository.put(state.session_id, keys.seal(state),
                                   self.expires())
-        sealed = yield self.repository.take(state.session_id)
+        taken = yield self.repository.take(state.session_id)
         self.assertEqual(
-            keys.open(sealed, state.session_id, state.id_context), state)
+            keys.open(taken.sealed, state.session_id, state.id_context), state)
 
     @inlineCallbacks
     def test_blob_is_taken_once(self):
         session_id, sealed = new_id(), blob()
         yield self.repository.put(session_id, sealed, self.expires())
-        self.assertEqual((yield self.repository.take(session_id)), sealed)
+        self.assertEqual((yield self.repository.take(session_id)),
+                         Taken(sealed))
         self.assertIsNone((yield self.repository.take(session_id)))
         self.assertFalse(self.raw_exists(session_id))
 
@@ -145,7 +153,8 @@ class RepositoryBehaviour:
     def test_largest_blob_round_trips(self):
         session_id, sealed = new_id(), blob(MAX_SEALED_LENGTH)
         yield self.repository.put(session_id, sealed, self.expires())
-        self.assertEqual((yield self.repository.take(session_id)), sealed)
+        self.assertEqual((yield self.repository.take(session_id)),
+                         Taken(sealed))
 
     @inlineCallbacks
     def test_put_replaces_the_blob_and_keeps_the_checkpoint(self):
@@ -156,7 +165,29 @@ class RepositoryBehaviour:
         yield self.repository.put(session_id, newer, self.expires())
         self.assertEqual((yield self.repository.checkpoint_of(session_id)),
                          (7, digest))
-        self.assertEqual((yield self.repository.take(session_id)), newer)
+        self.assertEqual((yield self.repository.take(session_id)),
+                         Taken(newer, 7, digest))
+
+    @inlineCallbacks
+    def test_take_gets_the_newest_checkpoint_beside_the_blob(self):
+        session_id, sealed, digest = new_id(), blob(), os.urandom(32)
+        yield self.repository.put(session_id, sealed, self.expires())
+        yield self.repository.checkpoint(session_id, 5, digest)
+        self.assertEqual((yield self.repository.take(session_id)),
+                         Taken(sealed, 5, digest))
+
+    @inlineCallbacks
+    def test_take_right_after_a_put_finds_the_blob(self):
+        # Worker threads run operations at once: those of one session must
+        # still run in the order a node asked for them.
+        repository = yield self.started(self.make(threads=4))
+        for _ in range(20):
+            session_id, sealed = new_id(), blob()
+            putting = repository.put(session_id, sealed, self.expires())
+            checkpointing = repository.checkpoint(session_id, 1, b"")
+            taken = yield repository.take(session_id)
+            self.assertEqual(taken, Taken(sealed, 1, b""))
+            yield gatherResults([putting, checkpointing])
 
     @inlineCallbacks
     def test_of_fifty_concurrent_takes_exactly_one_gets_the_blob(self):
@@ -170,7 +201,7 @@ class RepositoryBehaviour:
             results = yield gatherResults(
                 [racers[i % 2].take(session_id) for i in range(50)])
             winners = [r for r in results if r is not None]
-            self.assertEqual(winners, [sealed])
+            self.assertEqual(winners, [Taken(sealed)])
 
     @inlineCallbacks
     def test_expired_blob_is_never_served(self):
@@ -289,6 +320,15 @@ class RepositoryBehaviour:
         self.assertEqual(self.repository.counters["bad_rows"], 1)
 
     @inlineCallbacks
+    def test_bad_digest_in_storage_is_discarded_by_a_take(self):
+        session_id = new_id()
+        self.raw_put(session_id, blob(), self.expires(), seq=3,
+                     digest=b"short")
+        self.assertIsNone((yield self.repository.take(session_id)))
+        self.assertEqual(self.repository.counters["bad_rows"], 1)
+        self.assertFalse(self.raw_exists(session_id))
+
+    @inlineCallbacks
     def test_bad_digest_in_storage_is_discarded_and_counted(self):
         session_id = new_id()
         self.raw_put(session_id, blob(), self.expires(), seq=3,
@@ -370,7 +410,8 @@ class ServerOutageBehaviour:
         server.start()
         session_id, sealed = new_id(), blob()
         yield repository.put(session_id, sealed, self.expires())
-        self.assertEqual((yield repository.take(session_id)), sealed)
+        self.assertEqual((yield repository.take(session_id)),
+                         Taken(sealed))
         results = yield gatherResults(
             [repository.take(new_id()) for _ in range(8)])
         self.assertEqual(results, [None] * 8)
@@ -430,7 +471,8 @@ class SQLiteRepositoryTests(RepositoryBehaviour, TestCase):
         yield racers[0].put(session_id, sealed, self.expires())
         results = yield gatherResults(
             [racers[i % 2].take(session_id) for i in range(50)])
-        self.assertEqual([r for r in results if r is not None], [sealed])
+        self.assertEqual([r for r in results if r is not None],
+                         [Taken(sealed)])
 
     @inlineCallbacks
     def test_text_where_a_blob_belongs_is_discarded_and_counted(self):
@@ -539,7 +581,8 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
                              password_file=password_file), reactor, "."))
         session_id, sealed = new_id(), blob()
         yield repository.put(session_id, sealed, self.expires())
-        self.assertEqual((yield repository.take(session_id)), sealed)
+        self.assertEqual((yield repository.take(session_id)),
+                         Taken(sealed))
 
     @inlineCallbacks
     def test_missing_password_fails_calls_naming_the_server(self):
@@ -565,7 +608,8 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
             RepositoryConfig(kind="redis", url=url, tls=True), reactor, "."))
         session_id, sealed = new_id(), blob()
         yield repository.put(session_id, sealed, self.expires())
-        self.assertEqual((yield repository.take(session_id)), sealed)
+        self.assertEqual((yield repository.take(session_id)),
+                         Taken(sealed))
 
     @inlineCallbacks
     def test_tls_server_refuses_a_plain_connection(self):
@@ -628,7 +672,8 @@ class PostgresRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
         session_id, sealed = new_id(), blob()
         self.server.execute("DROP TABLE sslshare_sessions")
         yield self.repository.put(session_id, sealed, self.expires())
-        self.assertEqual((yield self.repository.take(session_id)), sealed)
+        self.assertEqual((yield self.repository.take(session_id)),
+                         Taken(sealed))
 
     @inlineCallbacks
     def test_repositories_starting_together_make_the_table_once(self):
@@ -650,7 +695,8 @@ class PostgresRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
                              password_file=password_file), reactor, "."))
         session_id, sealed = new_id(), blob()
         yield repository.put(session_id, sealed, self.expires())
-        self.assertEqual((yield repository.take(session_id)), sealed)
+        self.assertEqual((yield repository.take(session_id)),
+                         Taken(sealed))
 
     @inlineCallbacks
     def test_wrong_password_fails_calls_naming_the_server(self):
@@ -671,7 +717,8 @@ class PostgresRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
             "."))
         session_id, sealed = new_id(), blob()
         yield repository.put(session_id, sealed, self.expires())
-        self.assertEqual((yield repository.take(session_id)), sealed)
+        self.assertEqual((yield repository.take(session_id)),
+                         Taken(sealed))
 
     @inlineCallbacks
     def test_without_tls_a_tls_only_role_is_refused(self):
@@ -751,3 +798,55 @@ class FromConfigTests(TestCase):
                              dsn="postgresql://app:s3cret@db/sessions"),
             reactor, ".")
         self.assertEqual(repository.describe(), "postgres db:5432/sessions")
+
+
+class InOrderTests(TestCase):
+    """
+    L{InOrder}: one key's operations one after another, in call order.
+    """
+
+    def setUp(self):
+        self.lines = InOrder()
+        self.started = []
+        self.pending = {}
+
+    def operation(self, name):
+        def run():
+            self.started.append(name)
+            self.pending[name] = Deferred()
+            return self.pending[name]
+        return run
+
+    def test_one_keys_operations_wait_for_each_other(self):
+        first = self.lines.run(b"k", self.operation("first"))
+        second = self.lines.run(b"k", self.operation("second"))
+        self.assertEqual(self.started, ["first"])
+        self.pending["first"].callback(1)
+        self.assertEqual(self.successResultOf(first), 1)
+        self.assertEqual(self.started, ["first", "second"])
+        self.pending["second"].errback(ValueError("no"))
+        self.failureResultOf(second, ValueError)
+        self.assertEqual(len(self.lines), 0)
+
+    def test_other_keys_do_not_wait(self):
+        self.lines.run(b"k", self.operation("k"))
+        self.lines.run(b"other", self.operation("other"))
+        self.assertEqual(self.started, ["k", "other"])
+
+    def test_cancelled_while_waiting_never_runs(self):
+        self.lines.run(b"k", self.operation("first"))
+        waiting = self.lines.run(b"k", self.operation("cancelled"))
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.pending["first"].callback(None)
+        self.assertEqual(self.started, ["first"])
+        self.assertEqual(len(self.lines), 0)
+
+    def test_cancelled_while_running_holds_the_line_until_it_ends(self):
+        running = self.lines.run(b"k", self.operation("first"))
+        self.lines.run(b"k", self.operation("second"))
+        running.cancel()
+        self.failureResultOf(running, CancelledError)
+        self.assertEqual(self.started, ["first"])
+        self.pending["first"].callback("late answer, dropped")
+        self.assertEqual(self.started, ["first", "second"])

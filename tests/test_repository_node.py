@@ -110,6 +110,83 @@ class _RepositoryTopology:
         self.assertEqual(node2.recovery.counters["peer_purge_failures"], 0)
 
     @inlineCallbacks
+    def test_tls12_copy_another_node_took_is_not_served_again(self):
+        """
+        node2 takes the session from the repository and dies before it can
+        tell node1 (the take is made here directly): node1's copy is stale,
+        and node1, which takes from the repository before resuming a
+        session, gives a full handshake instead of serving it a second
+        time.  Found by tests/test_soak.py.
+        """
+        cluster = self._cluster()
+        first = yield self._made_on_node1(cluster, "TLSv1.2")
+        node1 = cluster.nodes["node1"]
+        taken = yield cluster.nodes["node2"].repository.take(first.session.id)
+        self.assertIsNotNone(taken)
+        second = yield deferToThread(
+            python_client_round, cluster.ports["node1"], cluster.ca_cert,
+            "TLSv1.2", first.session)
+        self.assertFalse(second.reused)
+        self.assertEqual(node1.recovery.counters["stale_copies"], 1)
+        self.assertIsNone(node1.store.get(first.session.id))
+
+    @inlineCallbacks
+    def test_tls12_copy_of_a_session_another_node_holds_is_not_served(self):
+        """
+        node2 took the session and stored it again under its name, and the
+        purge of node1's copy was lost: node1 takes node2's copy from the
+        repository, sees node2's name in it, puts it back and gives a full
+        handshake; node2 still resumes it.
+        """
+        cluster = self._cluster()
+        first = yield self._made_on_node1(cluster, "TLSv1.2")
+        node1, node2 = cluster.nodes["node1"], cluster.nodes["node2"]
+        session_id = first.session.id
+        stale = node1.store.get(session_id)
+        moved = yield deferToThread(
+            python_client_round, cluster.ports["node2"], cluster.ca_cert,
+            "TLSv1.2", first.session)
+        self.assertTrue(moved.reused)
+        yield until(lambda: node1.store.get(session_id) is None)
+        yield until(lambda: node2.repository.counters["puts"] >= 1)
+        node1.store.put(stale)
+        again = yield deferToThread(
+            python_client_round, cluster.ports["node1"], cluster.ca_cert,
+            "TLSv1.2", first.session)
+        self.assertFalse(again.reused)
+        self.assertEqual(node1.recovery.counters["stale_copies"], 1)
+        self.assertIsNone(node1.store.get(session_id))
+        # node2's copy is back in the repository.
+        while (yield node2.repository.checkpoint_of(session_id)) is None:
+            yield deferLater(reactor, 0.02, lambda: None)
+        home = yield deferToThread(
+            python_client_round, cluster.ports["node2"], cluster.ca_cert,
+            "TLSv1.2", first.session)
+        self.assertTrue(home.reused)
+        self.assertEqual(node2.counters["resumed_local"], 1)
+
+    @inlineCallbacks
+    def test_tls12_session_resumed_at_home_stays_in_the_repository(self):
+        """
+        Resuming a TLS 1.2 session on the node that holds it takes it from
+        the repository and puts it back, as many times as the client comes
+        back: it stays where the other nodes find it.
+        """
+        cluster = self._cluster()
+        first = yield self._made_on_node1(cluster, "TLSv1.2")
+        node1 = cluster.nodes["node1"]
+        for _ in range(3):
+            again = yield deferToThread(
+                python_client_round, cluster.ports["node1"], cluster.ca_cert,
+                "TLSv1.2", first.session)
+            self.assertTrue(again.reused)
+        self.assertEqual(node1.counters["resumed_local"], 3)
+        # After the last put: the repository runs them in order.
+        self.assertIsNotNone(
+            (yield node1.repository.checkpoint_of(first.session.id)))
+        self.assertEqual(node1.repository.counters["puts"], 4)
+
+    @inlineCallbacks
     def test_tampered_blob_gives_full_handshake(self):
         cluster = self._cluster()
         # TLS 1.2: the client's session id is the server's (a TLS 1.3

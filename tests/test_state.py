@@ -248,6 +248,23 @@ class SessionStateTests(TestCase):
     def test_with_owner_refuses_an_invalid_owner(self):
         self.assertRaises(ValueError, session_state().with_owner, "")
 
+    def test_with_checkpoint_takes_a_newer_one(self):
+        s = session_state(seq=4, digest=b"\x02" * 32)
+        newer = s.with_checkpoint(6, b"\x03" * 32)
+        self.assertEqual((newer.seq, newer.digest), (6, b"\x03" * 32))
+        self.assertEqual(attrs.evolve(newer, seq=4, digest=b"\x02" * 32), s)
+
+    def test_with_checkpoint_keeps_its_own_over_an_older_one(self):
+        s = session_state(seq=4, digest=b"\x02" * 32)
+        self.assertIs(s.with_checkpoint(4, b"\x03" * 32), s)
+        self.assertIs(s.with_checkpoint(0, b""), s)
+
+    def test_with_checkpoint_refuses_one_without_a_digest(self):
+        s = session_state()
+        self.assertRaises(ValueError, s.with_checkpoint, 3, b"")
+        self.assertRaises(ValueError, s.with_checkpoint, 3, b"\x02" * 31)
+        self.assertRaises(ValueError, s.with_checkpoint, 3.0, b"\x02" * 32)
+
     def test_not_expired_before_expires(self):
         self.assertFalse(session_state(expires=100).expired(99.999))
 

@@ -25,8 +25,14 @@ thread only.
 What is true of every backend:
 
     - C{take} reads and deletes in one atomic step, so of any number of
-      nodes racing for a session exactly one gets the blob; a blob is never
-      served after its expiry time.
+      nodes racing for a session exactly one gets the blob, with the
+      newest checkpoint stored beside it; a blob is never served after its
+      expiry time.
+    - The operations one repository object is asked for one session id
+      run one after another, in the order they were asked (L{InOrder}),
+      although the worker threads run the operations of different
+      sessions at once: a node that writes a session and takes it right
+      back finds it.
     - A checkpoint is accepted only when its C{seq} is higher than the one
       stored (one atomic compare-and-set) and only for a live blob.
     - A C{put} over an existing blob replaces the blob and its expiry and
@@ -56,7 +62,14 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredLock,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -115,12 +128,13 @@ class ISessionRepository(Interface):
         time), replacing any blob stored under that id.
         """
 
-    def take(session_id: bytes) -> Deferred[bytes | None]:
+    def take(session_id: bytes) -> Deferred[Taken | None]:
         """
-        Read and delete the blob of C{session_id} in one atomic step.
+        Read and delete the blob of C{session_id} and its checkpoint in one
+        atomic step.
 
-        @return: the blob, or C{None} when there is none, it expired, it is
-            malformed, or another caller took it first.
+        @return: what was taken, or C{None} when there is no blob, it
+            expired, it is malformed, or another caller took it first.
         """
 
     def checkpoint(session_id: bytes, seq: int, digest: bytes) -> Deferred[bool]:
@@ -163,6 +177,83 @@ class Outcome:
 
 MISS = Outcome("miss")
 EXPIRED = Outcome("expired")
+
+
+@attrs.frozen
+class Taken:
+    """
+    What a C{take} got: the sealed blob, and the checkpoint stored beside
+    it (C{(0, b"")} before the first), which may be newer than the one
+    sealed in the blob.
+    """
+
+    sealed: bytes = attrs.field(repr=False)
+    seq: int = 0
+    digest: bytes = attrs.field(default=b"", repr=False)
+
+
+def taken_outcome(sealed: object, seq: object, digest: object) -> Outcome:
+    """
+    The outcome of a take that found a live row: a hit, or what is wrong
+    with the row.
+    """
+    problem = sealed_problem(sealed) or checkpoint_problem(seq, digest)
+    if problem is not None:
+        return Outcome("bad", problem)
+    return Outcome("hit", Taken(sealed, seq, digest))
+
+
+class InOrder:
+    """
+    Runs the operations asked for one key one after another, in the order
+    they were asked, and those of different keys independently.
+
+    A caller that cancels an operation still waiting for its turn takes it
+    out of the line: it never runs.  One that cancels an operation already
+    running stops waiting for its answer; the next in line waits until it
+    has really finished.
+    """
+
+    def __init__(self) -> None:
+        self._lines: dict[bytes, DeferredLock] = {}
+
+    def __len__(self) -> int:
+        """
+        How many keys have an operation running.
+        """
+        return len(self._lines)
+
+    def run(self, key: bytes,
+            operation: Callable[[], Deferred[T]]) -> Deferred[T]:
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = DeferredLock()
+        running = False
+
+        def cancel(answer: Deferred[T]) -> None:
+            if not running:
+                turn.cancel()
+
+        answer: Deferred[T] = Deferred(cancel)
+
+        def finished(result: Any) -> None:
+            line.release()
+            if not line.locked:
+                del self._lines[key]
+            if not answer.called:
+                if isinstance(result, Failure):
+                    answer.errback(result)
+                else:
+                    answer.callback(result)
+
+        def go(_: object) -> None:
+            nonlocal running
+            running = True
+            maybeDeferred(operation).addBoth(finished)
+
+        turn = line.acquire()
+        turn.addCallbacks(go, lambda reason: reason.trap(CancelledError))
+        return answer
 
 
 def sealed_problem(sealed: object) -> str | None:
@@ -280,6 +371,7 @@ class ThreadedRepository:
         self._connections_lock = threading.Lock()
         self._connections: list[Any] = []
         self._shutdown_trigger: Any = None
+        self._in_order = InOrder()
 
     # -- naming ------------------------------------------------------------
 
@@ -452,6 +544,15 @@ class ThreadedRepository:
         called.addErrback(self._failed, operation)
         return called
 
+    def _for_session(self, session_id: bytes, operation: str,
+                     function: Callable[..., T], *arguments: Any) -> Deferred[T]:
+        """
+        L{_call} C{function(connection, session_id, *arguments)} once the
+        operations asked before for C{session_id} have finished.
+        """
+        return self._in_order.run(session_id, lambda: self._call(
+            operation, function, session_id, *arguments))
+
     def _failed(self, reason: Failure, operation: str) -> Failure:
         self.counters["errors"] += 1
         return reason
@@ -478,18 +579,19 @@ class ThreadedRepository:
         if problem is not None:
             return fail(ValueError(f"put: {problem}"))
         self.counters["puts"] += 1
-        return self._call("put", self._do_put, session_id, sealed,
-                          float(expires), self._now())
+        return self._for_session(session_id, "put", self._do_put, sealed,
+                                 float(expires), self._now())
 
-    def take(self, session_id: bytes) -> Deferred[bytes | None]:
+    def take(self, session_id: bytes) -> Deferred[Taken | None]:
         problem = _argument_problem(session_id)
         if problem is not None:
             return fail(ValueError(f"take: {problem}"))
         self.counters["takes"] += 1
-        taken = self._call("take", self._do_take, session_id, self._now())
+        taken = self._for_session(session_id, "take", self._do_take,
+                                  self._now())
         return taken.addCallback(self._taken, session_id)
 
-    def _taken(self, outcome: Outcome, session_id: bytes) -> bytes | None:
+    def _taken(self, outcome: Outcome, session_id: bytes) -> Taken | None:
         if outcome.kind == "hit":
             self.counters["hits"] += 1
             return outcome.value
@@ -507,8 +609,9 @@ class ThreadedRepository:
             problem = checkpoint_problem(seq, digest)
         if problem is not None:
             return fail(ValueError(f"checkpoint: {problem}"))
-        recorded = self._call("checkpoint", self._do_checkpoint, session_id,
-                              seq, digest, self._now())
+        recorded = self._for_session(session_id, "checkpoint",
+                                     self._do_checkpoint, seq, digest,
+                                     self._now())
         return recorded.addCallback(self._checkpointed)
 
     def _checkpointed(self, accepted: bool) -> bool:
@@ -520,8 +623,8 @@ class ThreadedRepository:
         problem = _argument_problem(session_id)
         if problem is not None:
             return fail(ValueError(f"checkpoint_of: {problem}"))
-        found = self._call("checkpoint_of", self._do_checkpoint_of,
-                           session_id, self._now())
+        found = self._for_session(session_id, "checkpoint_of",
+                                  self._do_checkpoint_of, self._now())
         return found.addCallback(self._checkpoint_found, session_id)
 
     def _checkpoint_found(self, outcome: Outcome,
@@ -536,7 +639,7 @@ class ThreadedRepository:
         problem = _argument_problem(session_id)
         if problem is not None:
             return fail(ValueError(f"purge: {problem}"))
-        purged = self._call("purge", self._do_purge, session_id)
+        purged = self._for_session(session_id, "purge", self._do_purge)
         return purged.addCallback(self._purged)
 
     def _purged(self, removed: bool) -> bool:

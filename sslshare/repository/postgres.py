@@ -56,6 +56,7 @@ from sslshare.repository import (
     checkpoint_problem,
     id_problem,
     sealed_problem,
+    taken_outcome,
 )
 
 T = TypeVar("T")
@@ -191,10 +192,11 @@ class PostgresRepository(ThreadedRepository):
         # An expired row is deleted all the same: nobody may have it.
         rows = connection.execute(
             f"DELETE FROM {TABLE} WHERE session_id = %s "
-            f"RETURNING session_id, sealed, expires", (session_id,)).fetchall()
+            f"RETURNING session_id, sealed, expires, seq, digest",
+            (session_id,)).fetchall()
         if not rows:
             return MISS
-        found, sealed, expires = rows[0]
+        found, sealed, expires, seq, digest = rows[0]
         sealed = as_bytes(sealed)
         problem = id_problem(as_bytes(found), session_id) or sealed_problem(
             sealed)
@@ -202,7 +204,7 @@ class PostgresRepository(ThreadedRepository):
             return Outcome("bad", problem)
         if expires <= now:
             return EXPIRED
-        return Outcome("hit", sealed)
+        return taken_outcome(sealed, seq, as_bytes(digest))
 
     @_schema_first
     def _do_checkpoint(self, connection: psycopg.Connection,

@@ -48,7 +48,7 @@ from sslshare.repository import (
     RepositoryError,
     ThreadedRepository,
     checkpoint_problem,
-    sealed_problem,
+    taken_outcome,
 )
 
 KEY_PREFIX = b"sslshare:session:"
@@ -72,10 +72,10 @@ return 1
 """
 
 _TAKE = _HASH_OR_DISCARD + """
-local sealed = redis.call('HGET', KEYS[1], 'sealed')
+local stored = redis.call('HMGET', KEYS[1], 'sealed', 'seq', 'digest')
 redis.call('DEL', KEYS[1])
-if not sealed then return {'bad', 'the hash has no blob'} end
-return {'hit', sealed}
+if not stored[1] then return {'bad', 'the hash has no blob'} end
+return {'hit', stored[1], stored[2] or '', stored[3] or ''}
 """
 
 _CHECKPOINT = """
@@ -222,10 +222,10 @@ class RedisRepository(ThreadedRepository):
             return MISS
         if status == b"bad":
             return Outcome("bad", answer[1].decode("utf-8", "replace"))
-        problem = sealed_problem(answer[1])
-        if problem is not None:
-            return Outcome("bad", problem)
-        return Outcome("hit", answer[1])
+        seq = _seq_from_text(answer[2])
+        if seq is None:
+            return Outcome("bad", "the checkpoint seq is not 20 digits")
+        return taken_outcome(answer[1], seq, answer[3])
 
     def _do_checkpoint(self, connection: _Client, session_id: bytes,
                        seq: int, digest: bytes, now: float) -> bool:

@@ -45,6 +45,7 @@ from sslshare.repository import (
     checkpoint_problem,
     id_problem,
     sealed_problem,
+    taken_outcome,
 )
 
 TABLE = "sslshare_sessions"
@@ -143,20 +144,20 @@ class SQLiteRepository(ThreadedRepository):
             # run to its end.
             rows = connection.execute(
                 f"DELETE FROM {TABLE} WHERE session_id = ? "
-                f"RETURNING session_id, sealed, expires",
+                f"RETURNING session_id, sealed, expires, seq, digest",
                 (session_id,)).fetchall()
         else:
             rows = self._take_in_transaction(connection, session_id)
         if not rows:
             return MISS
         # An expired row is deleted all the same: nobody may have it.
-        problem = _row_problem(session_id, rows[0])
+        problem = _row_problem(session_id, rows[0][:3])
         if problem is not None:
             return Outcome("bad", problem)
-        _, sealed, expires = rows[0]
+        _, sealed, expires, seq, digest = rows[0]
         if expires <= now:
             return EXPIRED
-        return Outcome("hit", as_bytes(sealed))
+        return taken_outcome(as_bytes(sealed), seq, as_bytes(digest))
 
     @staticmethod
     def _take_in_transaction(connection: sqlite3.Connection,
@@ -166,8 +167,8 @@ class SQLiteRepository(ThreadedRepository):
         connection.execute("BEGIN IMMEDIATE")
         try:
             rows = connection.execute(
-                f"SELECT session_id, sealed, expires FROM {TABLE} "
-                f"WHERE session_id = ?", (session_id,)).fetchall()
+                f"SELECT session_id, sealed, expires, seq, digest "
+                f"FROM {TABLE} WHERE session_id = ?", (session_id,)).fetchall()
             if rows:
                 connection.execute(
                     f"DELETE FROM {TABLE} WHERE session_id = ?", (session_id,))
