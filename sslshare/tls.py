@@ -515,12 +515,16 @@ class Connection:
             return
         self._handshake_done = True
         counters = self._context.counters
-        if self._native.session_reused():
+        if self._supplied is None:
+            # Nothing supplied, nothing resumed: the native context has
+            # neither OpenSSL's own cache nor stateless tickets, so the
+            # supplied session is the only one a handshake can resume.
+            counters["full"] += 1
+        elif self._native.session_reused():
             counters["resumed"] += 1
         else:
             counters["full"] += 1
-            if self._supplied is not None:
-                counters["not_resumed"] += 1
+            counters["not_resumed"] += 1
         # The supplied session is OpenSSL's now, or was not wanted.
         self._supplied = None
 
