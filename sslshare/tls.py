@@ -372,6 +372,9 @@ class Connection:
             if result == _openssl.RESULT_OK:
                 self._finish_handshake()
                 return
+            if result == _openssl.RESULT_WANT_READ:
+                # The end of every flight but the last: no detour by _raise.
+                raise WantReadError()
             if result == _openssl.RESULT_WANT_CLIENT_HELLO and not self._notified:
                 self._notified = True
                 self._app_data.lookup_requested(self, self._request)
