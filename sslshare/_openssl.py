@@ -12,21 +12,29 @@ Callers never see a pointer, a C constant or an error code they would have to
 look up in a header.
 
 The C callbacks are five module-level trampolines shared by every context.
-Each finds the Python object that owns the connection through a weak
-reference stored in the ``SSL`` ex_data slot, and calls one of its methods
-with Python values:
+Each finds its L{NativeConnection} in a module dict keyed by the ``SSL``
+pointer (a cffi pointer hashes and compares by address; the entry goes when
+the ``SSL`` is freed, before its address can be reused), and through a weak
+reference the Python object that owns the connection, and calls one of the
+owner's methods with Python values:
 
-    - C{_on_client_hello(hello)} -> L{HELLO_SUCCESS}, L{HELLO_RETRY} or
-      L{HELLO_FAILURE}; C{hello} is a L{ClientHello} valid during the call;
+    - C{_on_client_hello()} -> L{HELLO_SUCCESS}, L{HELLO_RETRY} or
+      L{HELLO_FAILURE}; during the call, the connection's C{client_hello_*}
+      methods and C{use_context} look at and act on the ClientHello;
     - C{_on_new_session_id()} -> the bytes of a fresh session id;
     - C{_on_new_session(session_id, der)} for every session OpenSSL makes;
     - C{_on_get_session(session_id)} -> a L{NativeSession} or C{None};
     - C{_on_select_alpn(offered)} -> one of the offered names or C{None}.
 
-The weak reference matters: the owner holds its L{NativeConnection}, so a
-strong reference back would make a cycle that only the cyclic collector could
-free, and a connection dropped mid-handshake would keep its ``SSL`` alive
-until then.
+The weak references matter: the owner holds its L{NativeConnection}, so a
+strong reference back (or from the module dict) would make a cycle that only
+the cyclic collector could free, or keep every ``SSL`` alive, and a
+connection dropped mid-handshake would keep its ``SSL`` alive until then.
+
+The handshake runs the trampolines once or more per handshake, so they and
+the calls they make stay lean: one dict look-up instead of a C call to find
+the connection, out-parameters allocated once per connection instead of once
+per call, and no copy that OpenSSL's own memory can stand in for.
 
 This module never does I/O, never logs and knows nothing of policy; it is
 not thread-safe beyond what OpenSSL itself is, and is used from the reactor
@@ -84,8 +92,6 @@ void SSL_CTX_set_alpn_select_cb(SSL_CTX *ctx,
 SSL *SSL_new(SSL_CTX *ctx);
 void SSL_free(SSL *ssl);
 SSL_CTX *SSL_set_SSL_CTX(SSL *ssl, SSL_CTX *ctx);
-int SSL_set_ex_data(SSL *ssl, int idx, void *data);
-void *SSL_get_ex_data(const SSL *ssl, int idx);
 void SSL_set_accept_state(SSL *ssl);
 void SSL_set_bio(SSL *ssl, BIO *rbio, BIO *wbio);
 int SSL_do_handshake(SSL *ssl);
@@ -108,7 +114,6 @@ int SSL_export_keying_material(SSL *ssl, unsigned char *out, size_t olen,
                                const unsigned char *context,
                                size_t contextlen, int use_context);
 
-int SSL_client_hello_isv2(SSL *s);
 size_t SSL_client_hello_get0_session_id(SSL *s, const unsigned char **out);
 int SSL_client_hello_get0_ext(SSL *s, unsigned int type,
                               const unsigned char **out, size_t *outlen);
@@ -128,6 +133,8 @@ const SSL_CIPHER *SSL_SESSION_get0_cipher(const SSL_SESSION *s);
 long SSL_SESSION_get_time(const SSL_SESSION *s);
 long SSL_SESSION_get_timeout(const SSL_SESSION *s);
 int SSL_SESSION_is_resumable(const SSL_SESSION *s);
+
+void CRYPTO_free(void *ptr, const char *file, int line);
 
 const BIO_METHOD *BIO_s_mem(void);
 BIO *BIO_new(const BIO_METHOD *type);
@@ -170,7 +177,6 @@ _SSL_AD_INTERNAL_ERROR = 80
 _SSL_AD_HANDSHAKE_FAILURE = 40
 _TLSEXT_NAMETYPE_host_name = 0
 _BIO_C_SET_BUF_MEM_EOF_RETURN = 130
-_APP_DATA_INDEX = 0
 
 TLS_1_2 = 0x0303
 TLS_1_3 = 0x0304
@@ -290,7 +296,7 @@ class SessionOwner(Protocol):
     What the trampolines call on the Python object owning a connection.
     """
 
-    def _on_client_hello(self, hello: ClientHello) -> int: ...
+    def _on_client_hello(self) -> int: ...
 
     def _on_new_session_id(self) -> bytes: ...
 
@@ -301,20 +307,32 @@ class SessionOwner(Protocol):
     def _on_select_alpn(self, offered: list[bytes]) -> bytes | None: ...
 
 
-def _owner(ssl: Any) -> SessionOwner | None:
-    handle = _lib.SSL_get_ex_data(ssl, _APP_DATA_INDEX)
-    if handle == ffi.NULL:
-        return None
-    return ffi.from_handle(handle)()
+# SSL pointer -> its NativeConnection, for the trampolines (module docstring).
+_connections: dict[Any, weakref.ref[NativeConnection]] = {}
+
+
+def _free_ssl(ssl: Any) -> None:
+    _connections.pop(ssl, None)
+    _lib.SSL_free(ssl)
+
+
+def _owned(ssl: Any) -> tuple[NativeConnection, SessionOwner] | None:
+    """
+    The connection of C{ssl} and its owner, or C{None} once either is gone.
+    """
+    reference = _connections.get(ssl)
+    connection = None if reference is None else reference()
+    owner = None if connection is None else connection._owner()
+    return None if owner is None else (connection, owner)
 
 
 @ffi.callback("int(SSL *, int *, void *)", error=_SSL_CLIENT_HELLO_ERROR)
 def _client_hello_trampoline(ssl, alert, _arg):
-    owner = _owner(ssl)
-    if owner is None:
+    owned = _owned(ssl)
+    if owned is None:
         alert[0] = _SSL_AD_INTERNAL_ERROR
         return _SSL_CLIENT_HELLO_ERROR
-    decision = owner._on_client_hello(ClientHello(ssl))
+    decision = owned[1]._on_client_hello()
     if decision == _SSL_CLIENT_HELLO_ERROR:
         alert[0] = _SSL_AD_HANDSHAKE_FAILURE
     return decision
@@ -322,22 +340,25 @@ def _client_hello_trampoline(ssl, alert, _arg):
 
 @ffi.callback("int(SSL *, unsigned char *, unsigned int *)", error=0)
 def _generate_session_id_trampoline(ssl, out, length):
-    owner = _owner(ssl)
-    if owner is None:
+    owned = _owned(ssl)
+    if owned is None:
         return 0
-    session_id = owner._on_new_session_id()
-    if not 0 < len(session_id) <= length[0]:
+    session_id = owned[1]._on_new_session_id()
+    size = len(session_id)
+    if not 0 < size <= length[0]:
         return 0
-    ffi.memmove(out, session_id, len(session_id))
-    length[0] = len(session_id)
+    ffi.memmove(out, session_id, size)
+    length[0] = size
     return 1
 
 
 @ffi.callback("int(SSL *, SSL_SESSION *)", error=0)
 def _new_session_trampoline(ssl, session):
-    owner = _owner(ssl)
-    if owner is not None:
-        owner._on_new_session(_session_id(session), _encode(session))
+    owned = _owned(ssl)
+    if owned is not None:
+        connection, owner = owned
+        owner._on_new_session(_session_id(session, connection._length),
+                              _encode(session, connection._pointer))
     # 0: we kept no reference to the session, OpenSSL still owns it.
     return 0
 
@@ -345,10 +366,10 @@ def _new_session_trampoline(ssl, session):
 @ffi.callback("SSL_SESSION *(SSL *, const unsigned char *, int, int *)",
               error=ffi.NULL)
 def _get_session_trampoline(ssl, data, length, copy):
-    owner = _owner(ssl)
-    if owner is None:
+    owned = _owned(ssl)
+    if owned is None:
         return ffi.NULL
-    session = owner._on_get_session(_bytes(data, length))
+    session = owned[1]._on_get_session(_bytes(data, length))
     if session is None:
         return ffi.NULL
     # The NativeSession keeps (and eventually frees) its own reference, so
@@ -361,12 +382,12 @@ def _get_session_trampoline(ssl, data, length, copy):
               " const unsigned char *, unsigned int, void *)",
               error=_SSL_TLSEXT_ERR_NOACK)
 def _alpn_trampoline(ssl, out, outlen, offered, offered_length, _arg):
-    owner = _owner(ssl)
-    if owner is None:
+    owned = _owned(ssl)
+    if owned is None:
         return _SSL_TLSEXT_ERR_NOACK
     wire = _bytes(offered, offered_length)
     names, offsets = _parse_alpn(wire)
-    chosen = owner._on_select_alpn(names) if names else None
+    chosen = owned[1]._on_select_alpn(names) if names else None
     if chosen is None or chosen not in names:
         return _SSL_TLSEXT_ERR_NOACK
     # The answer must point into memory that outlives this call; the
@@ -390,58 +411,27 @@ def _parse_alpn(wire: bytes) -> tuple[list[bytes], list[int]]:
     return names, offsets
 
 
-def _session_id(session: Any) -> bytes:
-    length = ffi.new("unsigned int *")
+def _session_id(session: Any, length: Any) -> bytes:
+    """
+    @param length: an C{unsigned int *} to use as the out-parameter.
+    """
     pointer = _lib.SSL_SESSION_get_id(session, length)
     return _bytes(pointer, length[0])
 
 
-def _encode(session: Any) -> bytes:
-    size = _lib.i2d_SSL_SESSION(session, ffi.NULL)
+def _encode(session: Any, cursor: Any) -> bytes:
+    """
+    @param cursor: an C{unsigned char **} to use as the out-parameter.
+    """
+    # A null cursor makes OpenSSL size and allocate the encoding itself:
+    # one encoding pass, where asking the size first would make two.
+    cursor[0] = ffi.NULL
+    size = _lib.i2d_SSL_SESSION(session, cursor)
     if size <= 0:
         return b""
-    buffer = ffi.new("unsigned char[]", size)
-    cursor = ffi.new("unsigned char **", buffer)
-    _lib.i2d_SSL_SESSION(session, cursor)
-    return ffi.buffer(buffer, size)[:]
-
-
-class ClientHello:
-    """
-    A look at the ClientHello being processed; valid only during
-    C{_on_client_hello}.
-    """
-
-    def __init__(self, ssl: Any) -> None:
-        self._ssl = ssl
-
-    def is_sslv2(self) -> bool:
-        return bool(_lib.SSL_client_hello_isv2(self._ssl))
-
-    def legacy_session_id(self) -> bytes:
-        pointer = ffi.new("const unsigned char **")
-        length = _lib.SSL_client_hello_get0_session_id(self._ssl, pointer)
-        return _bytes(pointer[0], length)
-
-    def extension(self, extension_type: int) -> bytes | None:
-        """
-        The body of one extension as the client sent it, or C{None} when the
-        client did not send it.
-        """
-        pointer = ffi.new("const unsigned char **")
-        length = ffi.new("size_t *")
-        if not _lib.SSL_client_hello_get0_ext(
-            self._ssl, extension_type, pointer, length
-        ):
-            return None
-        return _bytes(pointer[0], length[0])
-
-    def use_context(self, context: NativeContext) -> None:
-        """
-        Continue this handshake with another context: its certificate and
-        session id context (how SNI picks a virtual service).
-        """
-        _lib.SSL_set_SSL_CTX(self._ssl, context._ctx)
+    der = ffi.buffer(cursor[0], size)[:]
+    _lib.CRYPTO_free(cursor[0], ffi.NULL, 0)
+    return der
 
 
 class NativeSession:
@@ -457,7 +447,8 @@ class NativeSession:
         """
         @raise ValueError: C{der} is not an encoded session.
         """
-        source = ffi.new("unsigned char[]", der)
+        # d2i only reads: it may parse the bytes object's own memory.
+        source = ffi.from_buffer("unsigned char[]", der)
         cursor = ffi.new("const unsigned char **", source)
         _lib.ERR_clear_error()
         pointer = _lib.d2i_SSL_SESSION(ffi.NULL, cursor, len(der))
@@ -474,12 +465,13 @@ class NativeSession:
         What decides whether the session may be resumed here, without the
         secret: cheaper than L{details} on the handshake path.
         """
-        length = ffi.new("unsigned int *")
-        context = _lib.SSL_SESSION_get0_id_context(self._pointer, length)
         pointer = self._pointer
+        length = ffi.new("unsigned int *")
+        context = _lib.SSL_SESSION_get0_id_context(pointer, length)
+        id_context = _bytes(context, length[0])
         return SessionIdentity(
-            _session_id(pointer),
-            _bytes(context, length[0]),
+            _session_id(pointer, length),
+            id_context,
             _lib.SSL_SESSION_get_protocol_version(pointer),
             _lib.SSL_SESSION_get_time(pointer)
             + _lib.SSL_SESSION_get_timeout(pointer),
@@ -487,22 +479,24 @@ class NativeSession:
         )
 
     def details(self) -> SessionFields:
+        pointer = self._pointer
         length = ffi.new("unsigned int *")
-        context = _lib.SSL_SESSION_get0_id_context(self._pointer, length)
-        key_length = _lib.SSL_SESSION_get_master_key(self._pointer, ffi.NULL, 0)
+        context = _lib.SSL_SESSION_get0_id_context(pointer, length)
+        id_context = _bytes(context, length[0])
+        key_length = _lib.SSL_SESSION_get_master_key(pointer, ffi.NULL, 0)
         key = ffi.new("unsigned char[]", key_length)
-        _lib.SSL_SESSION_get_master_key(self._pointer, key, key_length)
-        cipher = _lib.SSL_SESSION_get0_cipher(self._pointer)
+        _lib.SSL_SESSION_get_master_key(pointer, key, key_length)
+        cipher = _lib.SSL_SESSION_get0_cipher(pointer)
         return SessionFields(
-            session_id=_session_id(self._pointer),
-            id_context=_bytes(context, length[0]),
-            protocol_version=_lib.SSL_SESSION_get_protocol_version(self._pointer),
+            session_id=_session_id(pointer, length),
+            id_context=id_context,
+            protocol_version=_lib.SSL_SESSION_get_protocol_version(pointer),
             cipher="" if cipher == ffi.NULL else _string(
                 _lib.SSL_CIPHER_get_name(cipher)),
             master_key=ffi.buffer(key, key_length)[:],
-            created=_lib.SSL_SESSION_get_time(self._pointer),
-            lifetime=_lib.SSL_SESSION_get_timeout(self._pointer),
-            resumable=bool(_lib.SSL_SESSION_is_resumable(self._pointer)),
+            created=_lib.SSL_SESSION_get_time(pointer),
+            lifetime=_lib.SSL_SESSION_get_timeout(pointer),
+            resumable=bool(_lib.SSL_SESSION_is_resumable(pointer)),
         )
 
 
@@ -628,10 +622,13 @@ class NativeConnection:
     def __init__(self, context: NativeContext, owner: SessionOwner) -> None:
         ssl = _lib.SSL_new(context._ctx)
         _check(ssl != ffi.NULL, "SSL_new")
-        self._ssl = ffi.gc(ssl, _lib.SSL_free)
-        # The handle must live as long as the SSL: both die with this object.
-        self._owner_handle = ffi.new_handle(weakref.ref(owner))
-        _lib.SSL_set_ex_data(ssl, _APP_DATA_INDEX, self._owner_handle)
+        self._ssl = ffi.gc(ssl, _free_ssl)
+        self._owner = weakref.ref(owner)
+        _connections[ssl] = weakref.ref(self)
+        # Out-parameters of the calls a handshake makes, allocated once.
+        self._length = ffi.new("unsigned int *")
+        self._size = ffi.new("size_t *")
+        self._pointer = ffi.new("unsigned char **")
         self._into_ssl = _lib.BIO_new(_lib.BIO_s_mem())
         self._from_ssl = _lib.BIO_new(_lib.BIO_s_mem())
         _check(self._into_ssl != ffi.NULL and self._from_ssl != ffi.NULL,
@@ -639,6 +636,36 @@ class NativeConnection:
         # The SSL now owns both BIOs and frees them with itself.
         _lib.SSL_set_bio(ssl, self._into_ssl, self._from_ssl)
         _lib.SSL_set_accept_state(ssl)
+
+    def client_hello_session_id(self) -> bytes:
+        """
+        The legacy session id of the ClientHello; only during
+        C{_on_client_hello}.
+        """
+        pointer = self._pointer
+        length = _lib.SSL_client_hello_get0_session_id(self._ssl, pointer)
+        return _bytes(pointer[0], length)
+
+    def client_hello_extension(self, extension_type: int) -> bytes | None:
+        """
+        The body of one extension of the ClientHello as the client sent it,
+        or C{None} when the client did not send it; only during
+        C{_on_client_hello}.
+        """
+        pointer, size = self._pointer, self._size
+        if not _lib.SSL_client_hello_get0_ext(
+            self._ssl, extension_type, pointer, size
+        ):
+            return None
+        return _bytes(pointer[0], size[0])
+
+    def use_context(self, context: NativeContext) -> None:
+        """
+        Continue this handshake with another context: its certificate and
+        session id context (how SNI picks a virtual service); only during
+        C{_on_client_hello}.
+        """
+        _lib.SSL_set_SSL_CTX(self._ssl, context._ctx)
 
     def _result(self, returned: int) -> int:
         if returned > 0:
@@ -714,8 +741,7 @@ class NativeConnection:
         return _string(_lib.SSL_CIPHER_get_name(cipher))
 
     def alpn_selected(self) -> bytes:
-        pointer = ffi.new("const unsigned char **")
-        length = ffi.new("unsigned int *")
+        pointer, length = self._pointer, self._length
         _lib.SSL_get0_alpn_selected(self._ssl, pointer, length)
         return _bytes(pointer[0], length[0])
 
@@ -729,7 +755,7 @@ class NativeConnection:
         session = _lib.SSL_get_session(self._ssl)
         if session == ffi.NULL:
             return b""
-        return _session_id(session)
+        return _session_id(session, self._length)
 
     def export_keying_material(self, label: bytes, length: int,
                                context: bytes) -> bytes:

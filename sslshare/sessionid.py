@@ -24,7 +24,8 @@ This module does no I/O and knows nothing of OpenSSL.
 from __future__ import annotations
 
 import hashlib
-import secrets
+import os
+from collections.abc import Callable
 
 SESSION_ID_LENGTH = 32
 FORMAT = 1
@@ -42,14 +43,29 @@ def owner_tag(cluster: str, node_id: str) -> bytes:
     return hashlib.sha256(material).digest()[:OWNER_TAG_LENGTH]
 
 
-def new_session_id(tag: bytes) -> bytes:
+def session_id_maker(tag: bytes) -> Callable[[], bytes]:
     """
-    A fresh session id owned by the node whose tag is C{tag}.
+    A function that makes fresh session ids owned by the node whose tag is
+    C{tag}: what a TLS context calls for every new session, with the tag
+    checked once rather than every time.
     """
     if len(tag) != OWNER_TAG_LENGTH:
         raise ValueError(f"owner tag must be {OWNER_TAG_LENGTH} bytes, "
                          f"not {len(tag)}")
-    return bytes((FORMAT,)) + tag + secrets.token_bytes(RANDOM_LENGTH)
+    prefix = bytes((FORMAT,)) + tag
+
+    def new() -> bytes:
+        # os.urandom is the CSPRNG that the secrets module draws from.
+        return prefix + os.urandom(RANDOM_LENGTH)
+
+    return new
+
+
+def new_session_id(tag: bytes) -> bytes:
+    """
+    A fresh session id owned by the node whose tag is C{tag}.
+    """
+    return session_id_maker(tag)()
 
 
 def is_session_id(candidate: bytes) -> bool:

@@ -233,6 +233,7 @@ class ServerContext:
                 f"minimum TLS version {minimum_version} is above the "
                 f"maximum {maximum_version}")
         self.owner_tag = owner_tag
+        self._new_session_id = sessionid.session_id_maker(owner_tag)
         self.on_new_session = on_new_session
         self.alpn = tuple(alpn)
         self.session_lifetime = session_lifetime
@@ -371,6 +372,9 @@ class Connection:
             if result == _openssl.RESULT_OK:
                 self._finish_handshake()
                 return
+            if result == _openssl.RESULT_WANT_READ:
+                # The end of every flight but the last: no detour by _raise.
+                raise WantReadError()
             if result == _openssl.RESULT_WANT_CLIENT_HELLO and not self._notified:
                 self._notified = True
                 self._app_data.lookup_requested(self, self._request)
@@ -514,12 +518,16 @@ class Connection:
             return
         self._handshake_done = True
         counters = self._context.counters
-        if self._native.session_reused():
+        if self._supplied is None:
+            # Nothing supplied, nothing resumed: the native context has
+            # neither OpenSSL's own cache nor stateless tickets, so the
+            # supplied session is the only one a handshake can resume.
+            counters["full"] += 1
+        elif self._native.session_reused():
             counters["resumed"] += 1
         else:
             counters["full"] += 1
-            if self._supplied is not None:
-                counters["not_resumed"] += 1
+            counters["not_resumed"] += 1
         # The supplied session is OpenSSL's now, or was not wanted.
         self._supplied = None
 
@@ -542,7 +550,7 @@ class Connection:
 
     # What OpenSSL asks through the trampolines (see sslshare._openssl).
 
-    def _on_client_hello(self, hello: _openssl.ClientHello) -> int:
+    def _on_client_hello(self) -> int:
         if self._request is not None:
             return (_openssl.HELLO_SUCCESS if self._answered
                     else _openssl.HELLO_RETRY)
@@ -550,15 +558,16 @@ class Connection:
         # With one service there is nothing for SNI to choose.
         if len(context._services) > 1:
             try:
-                server_name = _server_name(
-                    hello.extension(_EXTENSION_SERVER_NAME))
+                server_name = _server_name(self._native.client_hello_extension(
+                    _EXTENSION_SERVER_NAME))
             except MalformedExtension:
                 # OpenSSL parses it again and answers with decode_error.
                 return _openssl.HELLO_SUCCESS
             self._service_index = context._select(server_name)
             if self._service_index:
-                hello.use_context(context._services[self._service_index][1])
-        request = self._lookup(hello)
+                self._native.use_context(
+                    context._services[self._service_index][1])
+        request = self._lookup()
         if request is None or not ISessionLookupListener.providedBy(
                 self._app_data):
             return _openssl.HELLO_SUCCESS
@@ -566,37 +575,39 @@ class Connection:
         self._request = request
         return _openssl.HELLO_RETRY
 
-    def _lookup(self, hello: _openssl.ClientHello) -> LookupRequest | None:
-        counters = self._context.counters
-        if self._negotiates_tls13(hello):
-            body = hello.extension(_EXTENSION_PSK)
+    def _lookup(self) -> LookupRequest | None:
+        native = self._native
+        if self._negotiates_tls13():
+            body = native.client_hello_extension(_EXTENSION_PSK)
             if body is None:
                 return None
             try:
                 identities = _psk_identities(body)
             except MalformedExtension:
-                counters["malformed_psk"] += 1
+                self._context.counters["malformed_psk"] += 1
                 return None
             key = next((i for i in identities if sessionid.is_session_id(i)),
                        None)
             if key is None:
-                counters["foreign_session_id"] += 1
+                self._context.counters["foreign_session_id"] += 1
                 return None
             return LookupRequest(key, "TLSv1.3", self.service.name)
-        key = hello.legacy_session_id()
+        key = native.client_hello_session_id()
         if not key:
             return None
         if not sessionid.is_session_id(key):
-            counters["foreign_session_id"] += 1
+            self._context.counters["foreign_session_id"] += 1
             return None
         return LookupRequest(key, "TLSv1.2", self.service.name)
 
-    def _negotiates_tls13(self, hello: _openssl.ClientHello) -> bool:
-        if self._context.maximum_version < TLS_1_3:
+    def _negotiates_tls13(self) -> bool:
+        context = self._context
+        if context.maximum_version < TLS_1_3:
             return False
-        if self._context.minimum_version == TLS_1_3:
+        if context.minimum_version == TLS_1_3:
             return True
-        body = hello.extension(_EXTENSION_SUPPORTED_VERSIONS)
+        body = self._native.client_hello_extension(
+            _EXTENSION_SUPPORTED_VERSIONS)
         if body is None:
             return False
         try:
@@ -605,11 +616,12 @@ class Connection:
             return False
 
     def _on_new_session_id(self) -> bytes:
-        return sessionid.new_session_id(self._context.owner_tag)
+        return self._context._new_session_id()
 
     def _on_new_session(self, session_id: bytes, der: bytes) -> None:
-        if self._context.on_new_session is not None and der:
-            self._context.on_new_session(self, session_id, der)
+        on_new_session = self._context.on_new_session
+        if on_new_session is not None and der:
+            on_new_session(self, session_id, der)
 
     def _on_get_session(self, session_id: bytes) -> _openssl.NativeSession | None:
         if self._supplied is None or self._request is None:
@@ -658,26 +670,35 @@ def _psk_identities(body: bytes) -> list[bytes]:
     """
     The identities of a pre_shared_key extension (RFC 8446, 4.2.11), which
     must be whole: one binder of at least 32 bytes per identity, and nothing
-    after the binders.
+    after the binders.  (Read byte by byte rather than with L{_u16_prefixed}:
+    it runs on every resumption offered.)
     """
-    identities_block, position = _u16_prefixed(body, 0)
-    binders_block, end = _u16_prefixed(body, position)
-    if end != len(body):
-        raise MalformedExtension("bytes after the binders")
+    size = len(body)
+    if size < 2:
+        raise MalformedExtension("truncated identities length")
+    identities_end = 2 + (body[0] << 8 | body[1])
+    if identities_end + 2 > size:
+        raise MalformedExtension("identities past the end")
+    if identities_end + 2 + (body[identities_end] << 8
+                             | body[identities_end + 1]) != size:
+        raise MalformedExtension("binders do not end the extension")
     identities = []
-    position = 0
-    while position < len(identities_block):
-        identity, position = _u16_prefixed(identities_block, position)
-        if not identity or position + 4 > len(identities_block):
+    position = 2
+    while position < identities_end:
+        if position + 2 > identities_end:
+            raise MalformedExtension("truncated identity length")
+        start = position + 2
+        end = start + (body[position] << 8 | body[position + 1])
+        position = end + 4
+        if end == start or position > identities_end:
             raise MalformedExtension("empty identity or truncated ticket age")
-        position += 4
-        identities.append(identity)
+        identities.append(body[start:end])
     binders = 0
-    position = 0
-    while position < len(binders_block):
-        length = binders_block[position]
+    position = identities_end + 2
+    while position < size:
+        length = body[position]
         position += 1 + length
-        if length < 32 or position > len(binders_block):
+        if length < 32 or position > size:
             raise MalformedExtension("short or truncated binder")
         binders += 1
     if not identities or binders != len(identities):
