@@ -311,9 +311,15 @@ class SessionOwner(Protocol):
 _connections: dict[Any, weakref.ref[NativeConnection]] = {}
 
 
+# Looked up now, not in the finalizer: the first look-up of a C function
+# takes the FFI's lock, and a finalizer can run while that lock is held (a
+# garbage collection during ffi.new's parsing of a type), which deadlocks.
+_SSL_free = _lib.SSL_free
+
+
 def _free_ssl(ssl: Any) -> None:
     _connections.pop(ssl, None)
-    _lib.SSL_free(ssl)
+    _SSL_free(ssl)
 
 
 def _owned(ssl: Any) -> tuple[NativeConnection, SessionOwner] | None:

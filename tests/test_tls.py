@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import weakref
 
 from twisted.internet import reactor
@@ -539,3 +541,35 @@ def _server_hello_session_id(body: bytes) -> bytes:
     # handshake header (4) + legacy_version (2) + random (32), then the id.
     length = body[38]
     return body[39:39 + length]
+
+
+_FREE_UNDER_THE_FFI_LOCK = """
+from sslshare import _openssl
+
+class Owner:
+    pass
+
+owner = Owner()
+connection = _openssl.NativeConnection(_openssl.NativeContext(), owner)
+# What a garbage collection in the middle of ffi.new's parsing of a type
+# does: the connection's finalizer runs while the FFI's lock is held.
+with _openssl.ffi._lock:
+    del connection
+print("freed")
+"""
+
+
+class FinalizerTests(TestCase):
+    """
+    Found hung in the demo: a node's reactor blocked for good in a
+    connection's finalizer.
+    """
+
+    @inlineCallbacks
+    def test_connection_freed_while_the_ffi_is_parsing_a_type(self):
+        # In a process of its own: the failure is a deadlock.
+        result = yield deferToThread(
+            subprocess.run, [sys.executable, "-c", _FREE_UNDER_THE_FFI_LOCK],
+            capture_output=True, timeout=60)
+        self.assertEqual((result.returncode, result.stdout), (0, b"freed\n"),
+                         result.stderr.decode())
