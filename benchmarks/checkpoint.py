@@ -67,6 +67,11 @@ What is timed
       checkpoints) is reported beside it.  On a shared 2-core machine CPU
       per MB is steadier than MB/s: the client, the sink and node2 compete
       with node1 for the cores.
+    - B{others CPU s/MB}: the same for the client and the sink processes
+      together, and B{machine busy}: the share of all cores' time that
+      was not idle over the transfer (C{/proc/stat}), which says whether
+      the machine as a whole, rather than node1 alone, bounds the
+      throughput.
 
 How the numbers come out
 ========================
@@ -256,14 +261,28 @@ def run_client(ca_certificate: str) -> None:
 
 # The driver.
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pids: int | tuple[int, ...]) -> float:
     """
-    utime + stime of process C{pid}, all its threads, in seconds.
+    utime + stime of process C{pids} (or their sum), all their threads, in
+    seconds.
     """
-    with open(f"/proc/{pid}/stat") as f:
-        # The command name may hold spaces: fields count from after ")".
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = 0
+    for pid in (pids,) if isinstance(pids, int) else pids:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name may hold spaces: fields count from after ")".
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_and_total() -> tuple[float, float]:
+    """
+    Non-idle and total clock ticks of all cores since boot (C{/proc/stat}).
+    """
+    with open("/proc/stat") as f:
+        ticks = [int(n) for n in f.readline().split()[1:]]
+    # idle and iowait are the 4th and 5th.
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
 
 
 def _free_port() -> int:
@@ -408,7 +427,8 @@ class Client:
     The client process, and one transfer at a time through it.
     """
 
-    def __init__(self, ca_certificate: str) -> None:
+    def __init__(self, ca_certificate: str, sink_pid: int) -> None:
+        self.sink_pid = sink_pid
         self.process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "_client",
              ca_certificate],
@@ -446,9 +466,12 @@ class Client:
         hello = self._hear(60)
         self.negotiated.add(f"{hello['version']} {hello['cipher']}")
         pids = {node: cluster.pid(node) for node in NODES}
+        pids["others"] = (self.process.pid, self.sink_pid)
         before = {node: cpu_seconds(pid) for node, pid in pids.items()}
+        busy_before, ticks_before = machine_busy_and_total()
         self._say("go")
         result = self._hear()
+        busy_after, ticks_after = machine_busy_and_total()
         after = {node: cpu_seconds(pid) for node, pid in pids.items()}
         self._say("close")
         if result["received"] != total:
@@ -460,6 +483,9 @@ class Client:
             "mb_per_s": megabytes / result["seconds"],
             "cpu_s_per_mb": (after["node1"] - before["node1"]) / megabytes,
             "peer_cpu_s_per_mb": (after["node2"] - before["node2"]) / megabytes,
+            "others_cpu_s_per_mb": (after["others"] - before["others"]) / megabytes,
+            "machine_busy": ((busy_after - busy_before)
+                             / max(1, ticks_after - ticks_before)),
             "seconds": result["seconds"],
             "records": result["records"],
         }
@@ -519,7 +545,7 @@ def run(quick: bool, profile: str | None, keep: bool, breakdown: bool,
                           else os.path.join(profile, f"{mode}.pstats"))
         for cluster in clusters.values():
             cluster.wait_ready()
-        client = Client(files.ca_certificate)
+        client = Client(files.ca_certificate, sink.pid)
         progress(f"nodes up after {time.monotonic() - started:.1f} s")
 
         # Calibration (and warm-up): one transfer per size and cluster.
@@ -594,6 +620,8 @@ def summarize(samples: dict[str, dict[str, list[dict[str, float]]]],
     mb_per_s: dict[str, dict[str, float]] = {}
     cpu: dict[str, dict[str, float]] = {}
     peer_cpu: dict[str, dict[str, float]] = {}
+    others_cpu: dict[str, dict[str, float]] = {}
+    busy: dict[str, dict[str, float]] = {}
     ratios: dict[str, dict[str, Any]] = {}
     for name in SIZES:
         cells = samples[name]
@@ -604,6 +632,12 @@ def summarize(samples: dict[str, dict[str, list[dict[str, float]]]],
         peer_cpu[name] = {mode: statistics.median(s["peer_cpu_s_per_mb"]
                                                   for s in cells[mode])
                           for mode in modes}
+        others_cpu[name] = {mode: statistics.median(s["others_cpu_s_per_mb"]
+                                                    for s in cells[mode])
+                            for mode in modes}
+        busy[name] = {mode: statistics.median(s["machine_busy"]
+                                              for s in cells[mode])
+                      for mode in modes}
         ratios[name] = {mode: _ratios(cells, mode)
                         for mode in modes if mode != "off"}
     kept = {}
@@ -626,6 +660,8 @@ def summarize(samples: dict[str, dict[str, list[dict[str, float]]]],
         "mb_per_s": mb_per_s,
         "cpu_s_per_mb": cpu,
         "peer_cpu_s_per_mb": peer_cpu,
+        "others_cpu_s_per_mb": others_cpu,
+        "machine_busy": busy,
         "goal": {"16KiB_throughput_ratio_at_least": GOAL,
                  "met": throughput_ratio["16KiB"] >= GOAL},
         "counters": kept,
@@ -649,7 +685,9 @@ METHOD = (
     "client to backend through node1, one new connection per transfer. "
     "MB/s = bytes (1e6) / client wall time from the first data send to the "
     "sink's acknowledgement of the last byte; CPU s/MB = node1's "
-    "utime+stime (/proc/<pid>/stat) over the transfer / MB. Rounds "
+    "utime+stime (/proc/<pid>/stat) over the transfer / MB (the same for "
+    "node2, and for the client and sink together); machine busy = the "
+    "non-idle share of all cores over the transfer (/proc/stat). Rounds "
     "alternate which mode goes first; figures are medians over rounds, "
     "ratios are every-record/off within a round, median over rounds. "
     "With --breakdown, a third cluster with checkpoint = \"interval\" "
@@ -660,12 +698,17 @@ def print_table(result: dict[str, Any]) -> None:
     print("bulk proxy throughput through node1 to a local sink, "
           "checkpoint every-record vs off")
     print(f"{'record':>6}  {'mode':<12}  {'MB/s':>7}  {'node1 CPU s/MB':>14}  "
-          f"{'node2 CPU s/MB':>14}")
+          f"{'node2 CPU s/MB':>14}  {'others CPU s/MB':>15}  "
+          f"{'machine busy':>12}")
     for name in SIZES:
         for mode in result["mb_per_s"][name]:
             print(f"{name:>6}  {mode:<12}  {result['mb_per_s'][name][mode]:7.1f}  "
                   f"{result['cpu_s_per_mb'][name][mode]:14.5f}  "
-                  f"{result['peer_cpu_s_per_mb'][name][mode]:14.5f}")
+                  f"{result['peer_cpu_s_per_mb'][name][mode]:14.5f}  "
+                  f"{result['others_cpu_s_per_mb'][name][mode]:15.5f}  "
+                  f"{result['machine_busy'][name][mode]:12.0%}")
+    print("others: the client and the sink processes; machine busy: the "
+          "non-idle share of all cores over the transfer")
     print()
     print("mode / off, median over rounds [quartiles]")
     print(f"{'record':>6}  {'mode':<12}  {'throughput':>10}  {'quartiles':<16}  "
