@@ -11,8 +11,9 @@ L{Recovery.recover} reads top to bottom in the order the design fixes:
        C{FetchSession} (or, when this node is the owner and gave the session
        away, the node its tombstone names); when that node cannot answer,
        its backup node, which keeps a copy; a redirect (the session was
-       given away) is followed once, to the holder or, when the holder
-       cannot answer, to the holder's backup node;
+       given away) is followed, to the holder or, when the holder cannot
+       answer, to the holder's backup node, up to L{MAX_REDIRECTS} times
+       and never back to a node already asked;
     3. the central repository, when one is configured;
     4. nothing: a full handshake.
 
@@ -69,6 +70,11 @@ SOURCES = ("local", "peer", "repository")
 # the repository, or nowhere (a miss or a timeout).  The latencies of these
 # paths differ by orders of magnitude, hence one histogram each.
 LOOKUP_SOURCES = ("local", "peer", "backup", "repository", "miss")
+
+# Redirects one lookup follows at most: each is a session that moved on
+# while the copy or tombstone naming its new holder was still on its way,
+# rarely more than one move; the budget bounds the chain in any case.
+MAX_REDIRECTS = 3
 
 # Upper bounds in seconds of the lookup latency buckets: from a local hit
 # (microseconds) to the largest lookup budget (10 s).
@@ -415,14 +421,11 @@ class Recovery:
         if self.fetch_from_peer is None:
             answer = None
         else:
-            giver, answer = holder, await self._ask_peer(holder, request)
-            if (answer is not None and answer.status == "redirect"
-                    and answer.holder not in (None, self.node_id, holder)):
-                # The session moved on, and the backup copy naming its new
-                # holder is still on its way here.
-                self.counters["redirects_followed"] += 1
-                giver, answer = answer.holder, await self._ask_peer(
-                    answer.holder, request)
+            # A redirect: the session moved on, and the backup copy naming
+            # its new holder is still on its way here.
+            _, giver, answer = await self._follow_redirects(
+                request, holder, holder, await self._ask_peer(holder, request),
+                self._ask_peer_named)
         if answer is not None and answer.status == "found":
             return self._open(answer.sealed, request, context, "peer", giver,
                               "peer")
@@ -449,18 +452,39 @@ class Recovery:
         if owner is None or owner == self.node_id or self.fetch_from_peer is None:
             return None
         giver, answer = await self._ask_holder(owner, request)
-        found_at = "peer" if giver == owner else "backup"
-        if answer is not None and answer.status == "redirect":
-            holder = answer.holder
-            if holder in (None, self.node_id, giver):
-                return None
-            self.counters["redirects_followed"] += 1
-            giver, answer = await self._ask_holder(holder, request)
-            found_at = "peer" if giver == holder else "backup"
+        holder, giver, answer = await self._follow_redirects(
+            request, owner, giver, answer, self._ask_holder)
         if answer is None or answer.status != "found":
             return None
         return self._open(answer.sealed, request, context, "peer", giver,
-                          found_at)
+                          "peer" if giver == holder else "backup")
+
+    async def _follow_redirects(
+            self, request: LookupRequest, asked: str, giver: str,
+            answer: Any, ask: Callable[[str, LookupRequest], Any],
+    ) -> tuple[str, str, Any]:
+        """
+        Follow the redirects of C{answer}, which C{giver} gave when
+        C{asked} was asked: at most L{MAX_REDIRECTS}, never to a node asked
+        already, with C{ask(node, request)}, which answers with who answered
+        and what.
+
+        @return: the node asked last, who answered it, and the answer.
+        """
+        seen = {None, self.node_id, asked, giver}
+        for _ in range(MAX_REDIRECTS):
+            if (answer is None or answer.status != "redirect"
+                    or answer.holder in seen):
+                break
+            self.counters["redirects_followed"] += 1
+            asked = answer.holder
+            giver, answer = await ask(asked, request)
+            seen.update((asked, giver))
+        return asked, giver, answer
+
+    async def _ask_peer_named(self, node_id: str,
+                              request: LookupRequest) -> tuple[str, Any]:
+        return node_id, await self._ask_peer(node_id, request)
 
     async def _ask_holder(self, holder: str,
                           request: LookupRequest) -> tuple[str, Any]:
