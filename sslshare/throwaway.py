@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -36,15 +37,51 @@ class ServerFailed(Exception):
     """
 
 
+_ports_given: set[int] = set()
+
+
+def _port_range() -> tuple[int, int]:
+    """
+    Where to look for free ports: outside the kernel's ephemeral range
+    (Linux: /proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by
+    default), above the demo's and the usual services' ports; the whole
+    unprivileged range when the ephemeral one leaves too little room.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(field) for field in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    if low - 10000 >= 4096:
+        return 10000, low - 1
+    if 65535 - high >= 4096:
+        return high + 1, 65535
+    return 1024, 65535
+
+
 def free_port():
     """
     A TCP port on 127.0.0.1 that nothing listened on a moment ago, for
     configurations that must name their ports before anything starts.
-    """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
+    It is taken outside the kernel's ephemeral range where it can be: a
+    port the kernel picked there can be a client connection's own port by
+    the time its server listens (every outgoing connection takes one),
+    which fails the listen.  A port is given once per process.
+    """
+    first, last = _port_range()
+    for _ in range(1000):
+        port = random.randint(first, last)
+        if port in _ports_given:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
+    raise OSError(f"no free TCP port on 127.0.0.1 from {first} to {last}")
 
 
 class ServerUnavailable(Exception):

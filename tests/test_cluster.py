@@ -40,6 +40,7 @@ from sslshare.cluster import (
     fetch_from,
     stats_from,
 )
+from sslshare.throwaway import free_port
 
 NODES = ("node1", "node2", "node3")
 # Reconnect fast: the tests restart servers and wait for the links.
@@ -496,16 +497,9 @@ class LinkTests(ClusterTestCase):
     the peer restarts.
     """
 
-    def _unused_port(self):
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
-        return port
-
     def test_call_on_a_link_that_never_connected_fails_at_once(self):
         link = self.link("node2", "node1",
-                         f"tcp:host=127.0.0.1:port={self._unused_port()}")
+                         f"tcp:host=127.0.0.1:port={free_port()}")
         failure = self.failureResultOf(fetch_from(link, _session_id()))
         failure.trap(PeerUnavailable)
         self.assertEqual(link.counters["unavailable"], 1)

@@ -4,11 +4,13 @@ trusts the CA accepts each server identity under its names.
 """
 
 import os
+import socket
 import ssl
 
 import attrs
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
+from sslshare.throwaway import free_port
 from tests import support
 
 
@@ -86,3 +88,25 @@ class MakePKITests(TestCase):
 
     def test_one_pki_per_process(self):
         self.assertIs(support.pki(), support.pki())
+
+
+class FreePortTests(TestCase):
+    """
+    L{free_port}: ports a test can name in a configuration and listen on
+    later, which no client connection of the meantime can have taken.
+    """
+
+    def test_ports_are_outside_the_ephemeral_range_and_never_repeat(self):
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(field) for field in f.read().split())
+        if low - 10000 < 4096 and 65535 - high < 4096:
+            raise SkipTest(f"the ephemeral range {low}-{high} leaves no room")
+        ports = [free_port() for _ in range(200)]
+        self.assertEqual(len(set(ports)), len(ports))
+        self.assertEqual([port for port in ports if low <= port <= high], [])
+
+    def test_port_can_be_listened_on(self):
+        port = free_port()
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", port))
+            listener.listen()
