@@ -355,11 +355,11 @@ class Recovery:
         sessions from the repository, and the purge of this node's copy
         that should follow can be lost (the taker may die first), so this
         node resumes the session only once it has taken the repository's
-        copy and found its own name in it: a TLS 1.3 ticket is used up; a
-        TLS 1.2 session, which is resumed again and again under its id,
-        goes back to the repository at once (the repository runs this
-        node's operations on a session in order, so the put lands after
-        the take).  When the repository cannot answer, a full handshake:
+        copy and found its own name in it (another node's copy goes back
+        as it was): a TLS 1.3 ticket is used up; a TLS 1.2 session, which
+        is resumed again and again under its id, goes back to the
+        repository at once (the repository runs this node's operations on
+        a session in order, so the put lands after the take).  When the repository cannot answer, a full handshake:
         never the same session served twice.  The checkpoint kept beside
         the repository's copy may be newer than this node's: the digest
         continues from the newest.
@@ -374,8 +374,15 @@ class Recovery:
         # A TLS 1.2 copy may go while the repository answers: a peer's
         # fetch, or a purge from a node that took the session.
         still_here = not tls12 or self.store.get(session_id) is not None
-        if (taken is None or not still_here
-                or not self._names_this_node(taken, request, context)):
+        opened = None
+        if taken is not None and still_here:
+            opened = self._open(taken.sealed, request, context, "repository",
+                                None, "repository")
+        if opened is None or opened.state.owner != self.node_id:
+            if opened is not None:
+                # Another node took the session and stored it again under
+                # its name: its copy goes back as it was.
+                self._give_back(session_id, taken, opened.state.expires)
             self.counters["stale_copies"] += 1
             self.store.take(session_id)
             return None
@@ -386,26 +393,17 @@ class Recovery:
                 session_id, self.keys.seal(state), state.expires))
         return Recovered(state, "local")
 
-    def _names_this_node(self, taken: Taken, request: LookupRequest,
-                         context: bytes) -> bool:
+    def _give_back(self, session_id: bytes, taken: Taken,
+                   expires: float) -> None:
         """
-        Whether the copy taken from the repository names this node as its
-        holder.  Another node's copy (it took the session, and stored it
-        again under its name) goes back to the repository as it was.
+        Put what this node took from the repository back as it was: the
+        blob, then the checkpoint kept beside it.
         """
-        found = self._open(taken.sealed, request, context, "repository", None,
-                           "repository")
-        if found is None:
-            return False
-        if found.state.owner == self.node_id:
-            return True
-        session_id = request.session_id
         self._repository_write("put", self.repository.put(
-            session_id, taken.sealed, found.state.expires))
+            session_id, taken.sealed, expires))
         if taken.seq:
             self._repository_write("checkpoint", self.repository.checkpoint(
                 session_id, taken.seq, taken.digest))
-        return False
 
     async def _from_holder_or_copy(self, request: LookupRequest, context: bytes,
                                    copy: SessionState) -> Recovered | None:

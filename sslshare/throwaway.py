@@ -18,6 +18,7 @@ Nothing here is used by a running node.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import pwd
@@ -40,6 +41,7 @@ class ServerFailed(Exception):
 _ports_given: set[int] = set()
 
 
+@functools.cache
 def _port_range() -> tuple[int, int]:
     """
     Where to look for free ports: outside the kernel's ephemeral range
