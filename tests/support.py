@@ -38,6 +38,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThread
 from twisted.protocols.basic import LineReceiver
 from twisted.python.filepath import FilePath
 
@@ -632,6 +633,14 @@ class LocalCluster:
 
     def wait_linked(self, timeout=10.0):
         return Deferred.fromCoroutine(self._wait_linked(timeout))
+
+    def client_round(self, node, version, session=None, **options):
+        """
+        L{python_client_round} with C{node} of this cluster, in a thread:
+        fires with its L{ClientResult}.
+        """
+        return deferToThread(python_client_round, self.ports[node],
+                             self.ca_cert, version, session, **options)
 
     def settled(self):
         """

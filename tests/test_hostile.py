@@ -100,12 +100,9 @@ class _HostileClusterTestCase(TestCase):
         An ordinary client gets a session from node1 and resumes it on
         node2.
         """
-        first = yield deferToThread(
-            python_client_round, self.cluster.ports["node1"],
-            self.cluster.ca_cert, version)
-        second = yield deferToThread(
-            python_client_round, self.cluster.ports["node2"],
-            self.cluster.ca_cert, version, first.session)
+        first = yield self.cluster.client_round("node1", version)
+        second = yield self.cluster.client_round(
+            "node2", version, first.session)
         self.assertEqual((first.echo, second.echo), (b"hello", b"hello"))
         self.assertTrue(second.reused, "the control client did not resume")
         self.controls += 2

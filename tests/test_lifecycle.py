@@ -19,7 +19,6 @@ import time
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
-from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -30,16 +29,11 @@ from tests.support import (
     LocalCluster,
     TrickleFactory,
     free_port,
-    python_client_round,
     until,
 )
 
 SQLITE = 'topology = "repository"\nkind = "sqlite"\npath = "{directory}/s.sqlite3"\n'
 
-
-def client(cluster, node, version, session=None):
-    return deferToThread(python_client_round, cluster.ports[node],
-                         cluster.ca_cert, version, session)
 
 
 def holders(cluster, session_id):
@@ -77,14 +71,14 @@ class ReloadTests(_LogCapture, TestCase):
         backend = TrickleFactory(chunks=10, interval=0.1)
         cluster = LocalCluster(self, nodes=("node1",), backend=backend)
         cluster.start("node1")
-        streaming = client(cluster, "node1", "TLSv1.3")
+        streaming = cluster.client_round("node1", "TLSv1.3")
         yield backend.transfers.get()
         chain, key = cluster.server_certificate("renewed",
                                                 ("localhost", "renewed.test"))
         cluster.edit("node1", "pki/localhost-chain.pem", chain)
         cluster.edit("node1", "pki/localhost-key.pem", key)
         self.assertTrue(cluster.services["node1"].reload())
-        fresh = yield client(cluster, "node1", "TLSv1.2")
+        fresh = yield cluster.client_round("node1", "TLSv1.2")
         self.assertIn("renewed.test", fresh.peer_names)
         old = yield streaming
         self.assertEqual(old.echo, b"hello" * 10)
@@ -95,15 +89,15 @@ class ReloadTests(_LogCapture, TestCase):
     def _resumes_after_reload(self, version):
         cluster = LocalCluster(self, nodes=("node1", "node2"))
         yield cluster.start_all()
-        first = yield client(cluster, "node1", version)
+        first = yield cluster.client_round("node1", version)
         chain, key = cluster.server_certificate("renewed")
         for node in ("node1", "node2"):
             cluster.edit(node, "pki/localhost-chain.pem", chain)
             cluster.edit(node, "pki/localhost-key.pem", key)
             self.assertTrue(cluster.services[node].reload())
-        again = yield client(cluster, "node1", version, first.session)
+        again = yield cluster.client_round("node1", version, first.session)
         self.assertTrue(again.reused, "not resumed on the node that made it")
-        elsewhere = yield client(cluster, "node2", version, again.session)
+        elsewhere = yield cluster.client_round("node2", version, again.session)
         self.assertTrue(elsewhere.reused, "not resumed on its peer")
 
     def test_stored_tls12_session_resumes_after_reload(self):
@@ -126,19 +120,21 @@ class ReloadTests(_LogCapture, TestCase):
         self.assertTrue(link2.connected)
         self.assertEqual(link2.counters["connects"], 1)
         # node1 no longer knows node3's sessions, nor keeps its backups.
-        made_on_node3 = yield client(cluster, "node3", "TLSv1.2")
+        made_on_node3 = yield cluster.client_round("node3", "TLSv1.2")
         yield until(lambda: node3.counters["backup_failures"] == 1)
-        unknown = yield client(cluster, "node1", "TLSv1.2", made_on_node3.session)
+        unknown = yield cluster.client_round(
+            "node1", "TLSv1.2", made_on_node3.session)
         self.assertFalse(unknown.reused)
 
-        made_on_node3 = yield client(cluster, "node3", "TLSv1.2")
+        made_on_node3 = yield cluster.client_round("node3", "TLSv1.2")
         cluster.edit("node1", "[cluster.peers]\n",
                      "[cluster.peers]\n" + cluster.peer_line("node3") + "\n")
         self.assertTrue(cluster.services["node1"].reload())
         yield until(lambda: node1.peer_links.link("node3").connected)
         # node1 asks node3 over the new link, not its own backup copy.
         node1.store.discard(made_on_node3.session.id)
-        known = yield client(cluster, "node1", "TLSv1.2", made_on_node3.session)
+        known = yield cluster.client_round(
+            "node1", "TLSv1.2", made_on_node3.session)
         self.assertTrue(known.reused)
         self.assertEqual(node1.counters["resumed_peer"], 1)
         self.assertEqual(node1.counters["reloads"], 2)
@@ -169,7 +165,7 @@ class ReloadTests(_LogCapture, TestCase):
         """
         cluster = LocalCluster(self, nodes=("node1", "node2", "node3"))
         yield cluster.start_all()
-        first = yield client(cluster, "node1", "TLSv1.2")
+        first = yield cluster.client_round("node1", "TLSv1.2")
         cluster.edit("node1", cluster.peer_line("node3") + "\n", "")
         break_it(cluster)
         self.assertFalse(cluster.services["node1"].reload())
@@ -181,9 +177,10 @@ class ReloadTests(_LogCapture, TestCase):
         self.assertNotIn("\n", failures[0])
         self.assertRegex(failures[0], error)
         self.assertTrue(node1.peer_links.link("node3").connected)
-        again = yield client(cluster, "node1", "TLSv1.2", first.session)
+        again = yield cluster.client_round("node1", "TLSv1.2", first.session)
         self.assertTrue(again.reused)
-        elsewhere = yield client(cluster, "node3", "TLSv1.2", again.session)
+        elsewhere = yield cluster.client_round(
+            "node3", "TLSv1.2", again.session)
         self.assertTrue(elsewhere.reused)
 
     def test_bad_toml_keeps_the_running_configuration(self):
@@ -229,7 +226,7 @@ class ReloadTests(_LogCapture, TestCase):
         self.assertEqual(service.config.listen[0].split(":")[1], str(port))
         # The rest applies.
         self.assertEqual(cluster.nodes["node1"].recovery.budget, 0.2)
-        result = yield client(cluster, "node1", "TLSv1.3")
+        result = yield cluster.client_round("node1", "TLSv1.3")
         self.assertEqual(result.echo, b"hello")
 
 
@@ -248,7 +245,7 @@ class HandoverTests(_LogCapture, TestCase):
     def _handed_to_backup_node(self, version):
         cluster = LocalCluster(self)
         yield cluster.start_all()
-        first = yield client(cluster, "node1", version)
+        first = yield cluster.client_round("node1", version)
         node1, node2 = cluster.nodes["node1"], cluster.nodes["node2"]
         (session_id,) = [state.session_id for state in node1.store.sessions()]
         # node2 is the backup node of node1's sessions in a ring of three.
@@ -261,7 +258,7 @@ class HandoverTests(_LogCapture, TestCase):
         self.assertEqual(self.lines_with("handed over"),
                          ["handed over 1 session to node2, 0 failed"])
         # node3 asks node1, which is gone, then its backup node.
-        resumed = yield client(cluster, "node3", version, first.session)
+        resumed = yield cluster.client_round("node3", version, first.session)
         self.assertTrue(resumed.reused)
         self.assertEqual(cluster.nodes["node3"].recovery.counters["backups_asked"], 1)
 
@@ -281,8 +278,8 @@ class HandoverTests(_LogCapture, TestCase):
         """
         cluster = LocalCluster(self, nodes=("node1", "node2", "node3", "node4"))
         yield cluster.start_all()
-        made = yield client(cluster, "node3", "TLSv1.2")
-        taken = yield client(cluster, "node1", "TLSv1.2", made.session)
+        made = yield cluster.client_round("node3", "TLSv1.2")
+        taken = yield cluster.client_round("node1", "TLSv1.2", made.session)
         self.assertTrue(taken.reused)
         session_id = made.session.id
         node4 = cluster.nodes["node4"]
@@ -291,7 +288,7 @@ class HandoverTests(_LogCapture, TestCase):
         node4.store.discard(session_id)
         yield cluster.stop("node1")
         self.assertEqual(holders(cluster, session_id), ["node4"])
-        resumed = yield client(cluster, "node2", "TLSv1.2", made.session)
+        resumed = yield cluster.client_round("node2", "TLSv1.2", made.session)
         self.assertTrue(resumed.reused)
         counters = cluster.nodes["node2"].recovery.counters
         self.assertEqual((counters["redirects_followed"],
@@ -302,14 +299,14 @@ class HandoverTests(_LogCapture, TestCase):
         cluster = LocalCluster(self, nodes=("node1", "node2"),
                                repository=SQLITE)
         yield cluster.start_all()
-        first = yield client(cluster, "node1", "TLSv1.2")
+        first = yield cluster.client_round("node1", "TLSv1.2")
         repository = cluster.nodes["node1"].repository
         yield until(lambda: repository.counters["puts"] >= 1)
         yield repository.purge(first.session.id)
         yield cluster.stop("node1")
         self.assertEqual(self.lines_with("handed over"),
                          ["handed over 1 session to the repository, 0 failed"])
-        resumed = yield client(cluster, "node2", "TLSv1.2", first.session)
+        resumed = yield cluster.client_round("node2", "TLSv1.2", first.session)
         self.assertTrue(resumed.reused)
         self.assertEqual(cluster.nodes["node2"].counters["resumed_repository"], 1)
 
@@ -318,7 +315,7 @@ class HandoverTests(_LogCapture, TestCase):
         backend = TrickleFactory(chunks=10, interval=0.1)
         cluster = LocalCluster(self, nodes=("node1",), backend=backend)
         cluster.start("node1")
-        streaming = client(cluster, "node1", "TLSv1.2")
+        streaming = cluster.client_round("node1", "TLSv1.2")
         yield backend.transfers.get()
         stopping = cluster.stop("node1")
         self.assertFalse(stopping.called)
@@ -332,7 +329,7 @@ class HandoverTests(_LogCapture, TestCase):
         cluster = LocalCluster(self, nodes=("node1", "node2"), backend=backend,
                                node_options="drain_timeout_s = 0.5")
         yield cluster.start_all()
-        streaming = client(cluster, "node1", "TLSv1.2")
+        streaming = cluster.client_round("node1", "TLSv1.2")
         yield backend.transfers.get()
         started = time.monotonic()
         yield cluster.stop("node1")
@@ -381,7 +378,7 @@ class RotationTests(TestCase):
     def _sealed_on_node1(self, cluster):
         repository = cluster.nodes["node1"].repository
         puts = repository.counters["puts"]
-        made = yield client(cluster, "node1", "TLSv1.2")
+        made = yield cluster.client_round("node1", "TLSv1.2")
         yield until(lambda: repository.counters["puts"] > puts)
         return made
 
@@ -394,7 +391,8 @@ class RotationTests(TestCase):
         self._write_keys(cluster, new, old)
         after = yield self._sealed_on_node1(cluster)
         for made in (before, during, after):
-            resumed = yield client(cluster, "node2", "TLSv1.2", made.session)
+            resumed = yield cluster.client_round(
+                "node2", "TLSv1.2", made.session)
             self.assertTrue(resumed.reused)
         self.assertEqual(cluster.nodes["node2"].recovery.counters["unsealable"], 0)
 
@@ -405,7 +403,7 @@ class RotationTests(TestCase):
         self._write_keys(cluster, old, new)
         self._write_keys(cluster, new, old)
         self._write_keys(cluster, new)
-        resumed = yield client(cluster, "node2", "TLSv1.2", made.session)
+        resumed = yield cluster.client_round("node2", "TLSv1.2", made.session)
         self.assertFalse(resumed.reused)
         self.assertEqual(resumed.echo, b"hello")
         node2 = cluster.nodes["node2"]
@@ -441,7 +439,7 @@ class SignalTests(TestCase):
         cluster.edit("node1", "pki/localhost-key.pem", key)
         cluster.signal("node1", "HUP")
         yield until(lambda: "reloaded" in cluster.log("node1"))
-        fresh = yield client(cluster, "node1", "TLSv1.3")
+        fresh = yield cluster.client_round("node1", "TLSv1.3")
         self.assertIn("renewed.test", fresh.peer_names)
         cluster.edit("node1", "[cluster]", "[cluster")
         cluster.signal("node1", "HUP")
@@ -449,7 +447,7 @@ class SignalTests(TestCase):
         self.assertRegex(cluster.log("node1"),
                          r"reload failed, the running configuration stays: "
                          r".*node1\.toml: not valid TOML: ")
-        still = yield client(cluster, "node1", "TLSv1.3", fresh.session)
+        still = yield cluster.client_round("node1", "TLSv1.3", fresh.session)
         self.assertTrue(still.reused)
         self.assertIn("renewed.test", still.peer_names)
 
@@ -463,14 +461,14 @@ class SignalTests(TestCase):
         cluster = LocalCluster(self, backend=backend,
                                node_options="drain_timeout_s = 8")
         yield cluster.spawn("node1")
-        tls12 = yield client(cluster, "node1", "TLSv1.2")
+        tls12 = yield cluster.client_round("node1", "TLSv1.2")
         yield backend.transfers.get()
-        tls13 = yield client(cluster, "node1", "TLSv1.3")
+        tls13 = yield cluster.client_round("node1", "TLSv1.3")
         yield backend.transfers.get()
         cluster.start("node2")
         cluster.start("node3")
         yield cluster.wait_linked_to("node1")
-        streaming = client(cluster, "node1", "TLSv1.2")
+        streaming = cluster.client_round("node1", "TLSv1.2")
         yield backend.transfers.get()
         started = time.monotonic()
         ended = cluster.kill("node1", "TERM")
@@ -482,9 +480,11 @@ class SignalTests(TestCase):
         log = cluster.log("node1")
         self.assertRegex(log, r"handed over 3 sessions to node2, 0 failed")
         self.assertNotIn("still open at the drain deadline", log)
-        on_node2 = yield client(cluster, "node2", "TLSv1.2", tls12.session)
+        on_node2 = yield cluster.client_round(
+            "node2", "TLSv1.2", tls12.session)
         self.assertTrue(on_node2.reused)
-        on_node3 = yield client(cluster, "node3", "TLSv1.3", tls13.session)
+        on_node3 = yield cluster.client_round(
+            "node3", "TLSv1.3", tls13.session)
         self.assertTrue(on_node3.reused)
         self.assertEqual(cluster.nodes["node3"].recovery.counters["backups_asked"], 1)
 
@@ -492,7 +492,7 @@ class SignalTests(TestCase):
     def test_sigterm_with_a_repository_hands_sessions_to_it(self):
         cluster = LocalCluster(self, nodes=("node1", "node2"), repository=SQLITE)
         yield cluster.spawn("node1")
-        made = yield client(cluster, "node1", "TLSv1.3")
+        made = yield cluster.client_round("node1", "TLSv1.3")
         path = os.path.join(cluster.directory, "s.sqlite3")
 
         def stored():
@@ -509,7 +509,7 @@ class SignalTests(TestCase):
             r"handed over 1 session to the repository, 0 failed",
             cluster.log("node1")))
         cluster.start("node2")
-        resumed = yield client(cluster, "node2", "TLSv1.3", made.session)
+        resumed = yield cluster.client_round("node2", "TLSv1.3", made.session)
         self.assertTrue(resumed.reused)
         self.assertEqual(cluster.nodes["node2"].counters["resumed_repository"], 1)
 

@@ -22,7 +22,6 @@ from sslshare.logs import json_lines_observer
 from tests.support import (
     LocalCluster,
     connect_without_certificate,
-    python_client_round,
     until,
 )
 
@@ -106,13 +105,10 @@ class JSONLogTests(TestCase):
             node.keys.seal = lambda state, seal=seal: sealed.append(
                 (state, seal(state))) or sealed[-1][1]
         for version in ("TLSv1.2", "TLSv1.3"):
-            result = yield deferToThread(
-                python_client_round, cluster.ports["node1"], cluster.ca_cert,
-                version)
+            result = yield cluster.client_round("node1", version)
             for node in ("node1", "node3", "node2", "node3"):
-                result = yield deferToThread(
-                    python_client_round, cluster.ports[node], cluster.ca_cert,
-                    version, result.session)
+                result = yield cluster.client_round(
+                    node, version, result.session)
                 self.assertTrue(result.reused)
         yield deferToThread(connect_without_certificate,
                             cluster.amp_ports["node1"], cluster.ca_cert)
@@ -153,15 +149,11 @@ class JSONLogTests(TestCase):
         yield cluster.spawn("node1")
         cluster.start("node2")
         yield cluster.wait_linked_to("node1")
-        first = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert,
-            "TLSv1.2")
+        first = yield cluster.client_round("node1", "TLSv1.2")
         # node1 has given node2 the session's backup copy; take it back
         # there so that node1 also logs the session it gives away.
         yield until(lambda: len(cluster.nodes["node2"].store) == 1)
-        again = yield deferToThread(
-            python_client_round, cluster.ports["node2"], cluster.ca_cert,
-            "TLSv1.2", first.session)
+        again = yield cluster.client_round("node2", "TLSv1.2", first.session)
         self.assertTrue(again.reused)
         state = cluster.nodes["node2"].store.get(first.session.id)
         yield cluster.kill("node1", "TERM")

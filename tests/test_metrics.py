@@ -18,7 +18,6 @@ from sslshare.recovery import LOOKUP_SOURCES
 from tests.support import (
     LocalCluster,
     connect_without_certificate,
-    python_client_round,
     scrape_metrics,
     until,
 )
@@ -46,10 +45,6 @@ def _stats(cluster, node):
 
 
 class MetricsPageTests(TestCase):
-
-    def _round(self, cluster, node, version, session=None):
-        return deferToThread(python_client_round, cluster.ports[node],
-                             cluster.ca_cert, version, session)
 
     def _assert_same_as_stats(self, samples, stats):
         for outcome in ("full", "resumed_local", "resumed_peer",
@@ -84,17 +79,18 @@ class MetricsPageTests(TestCase):
         self.assertEqual(_handshakes(before, "full"), 0)
         self.assertEqual(_lookups(before, "local"), 0)
 
-        tls12 = yield self._round(cluster, "node1", "TLSv1.2")
-        again = yield self._round(cluster, "node1", "TLSv1.2", tls12.session)
+        tls12 = yield cluster.client_round("node1", "TLSv1.2")
+        again = yield cluster.client_round("node1", "TLSv1.2", tls12.session)
         self.assertTrue(again.reused)
-        moved = yield self._round(cluster, "node3", "TLSv1.2", tls12.session)
+        moved = yield cluster.client_round("node3", "TLSv1.2", tls12.session)
         self.assertTrue(moved.reused)
-        tls13 = yield self._round(cluster, "node1", "TLSv1.3")
-        resumed = yield self._round(cluster, "node3", "TLSv1.3", tls13.session)
+        tls13 = yield cluster.client_round("node1", "TLSv1.3")
+        resumed = yield cluster.client_round("node3", "TLSv1.3", tls13.session)
         self.assertTrue(resumed.reused)
         # A TLS 1.3 ticket is used once: offered again, node3 finds it
         # nowhere, and the client gets a full handshake.
-        replayed = yield self._round(cluster, "node3", "TLSv1.3", tls13.session)
+        replayed = yield cluster.client_round(
+            "node3", "TLSv1.3", tls13.session)
         self.assertFalse(replayed.reused)
         yield cluster.settled()
 
@@ -126,9 +122,9 @@ class MetricsPageTests(TestCase):
         # and a holder that runs gives the session itself.
         cluster = LocalCluster(self, nodes=("node1", "node2"), metrics=True)
         yield cluster.start_all()
-        first = yield self._round(cluster, "node1", "TLSv1.2")
+        first = yield cluster.client_round("node1", "TLSv1.2")
         yield cluster.settled()
-        resumed = yield self._round(cluster, "node2", "TLSv1.2", first.session)
+        resumed = yield cluster.client_round("node2", "TLSv1.2", first.session)
         self.assertTrue(resumed.reused)
         samples = yield _scrape(cluster, "node2")
         self.assertEqual(_lookups(samples, "local"), 0)
@@ -139,10 +135,10 @@ class MetricsPageTests(TestCase):
     def test_backup_copy_of_a_holder_gone_is_a_local_lookup(self):
         cluster = LocalCluster(self, nodes=("node1", "node2"), metrics=True)
         yield cluster.start_all()
-        first = yield self._round(cluster, "node1", "TLSv1.2")
+        first = yield cluster.client_round("node1", "TLSv1.2")
         yield cluster.settled()
         yield cluster.stop("node1")
-        resumed = yield self._round(cluster, "node2", "TLSv1.2", first.session)
+        resumed = yield cluster.client_round("node2", "TLSv1.2", first.session)
         self.assertTrue(resumed.reused)
         samples = yield _scrape(cluster, "node2")
         self.assertEqual(_lookups(samples, "local"), 1)
@@ -153,8 +149,8 @@ class MetricsPageTests(TestCase):
     def test_latency_buckets_are_cumulative_up_to_the_count(self):
         cluster = LocalCluster(self, metrics=True)
         yield cluster.start_all()
-        first = yield self._round(cluster, "node1", "TLSv1.2")
-        yield self._round(cluster, "node3", "TLSv1.2", first.session)
+        first = yield cluster.client_round("node1", "TLSv1.2")
+        yield cluster.client_round("node3", "TLSv1.2", first.session)
         samples = yield _scrape(cluster, "node3")
         buckets = sorted(
             (float(dict(labels)["le"]), value)
@@ -171,14 +167,14 @@ class MetricsPageTests(TestCase):
     def test_session_from_the_owners_backup_node_is_counted_as_backup(self):
         cluster = LocalCluster(self, metrics=True)
         yield cluster.start_all()
-        first = yield self._round(cluster, "node1", "TLSv1.2")
+        first = yield cluster.client_round("node1", "TLSv1.2")
         # node2 keeps the backup copy of node1's sessions (the ring after
         # node1); it arrives asynchronously.
         yield cluster.settled()
         yield cluster.stop("node1")
         yield until(lambda: not cluster.nodes["node3"].peer_links
                      .link("node1").connected)
-        resumed = yield self._round(cluster, "node3", "TLSv1.2", first.session)
+        resumed = yield cluster.client_round("node3", "TLSv1.2", first.session)
         self.assertTrue(resumed.reused)
         samples = yield _scrape(cluster, "node3")
         self.assertEqual(_lookups(samples, "backup"), 1)
@@ -209,7 +205,7 @@ class MetricsPageTests(TestCase):
     def test_nodes_in_one_process_keep_their_numbers_apart(self):
         cluster = LocalCluster(self, nodes=("node1", "node2"), metrics=True)
         yield cluster.start_all()
-        yield self._round(cluster, "node1", "TLSv1.3")
+        yield cluster.client_round("node1", "TLSv1.3")
         node1 = yield _scrape(cluster, "node1")
         node2 = yield _scrape(cluster, "node2")
         self.assertEqual(_handshakes(node1, "full"), 1)

@@ -27,7 +27,6 @@ from sslshare.tls import LookupRequest
 from tests.support import (
     LocalCluster,
     SilentListener,
-    python_client_round,
     s_client_round,
 )
 
@@ -42,14 +41,11 @@ class MovingSessionTests(TestCase):
     def _resumes_around_the_cluster(self, version):
         cluster = LocalCluster(self)
         yield cluster.start_all()
-        first = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert, version)
+        first = yield cluster.client_round("node1", version)
         self.assertFalse(first.reused)
         session = first.session
         for node in ("node2", "node3"):
-            result = yield deferToThread(
-                python_client_round, cluster.ports[node], cluster.ca_cert,
-                version, session)
+            result = yield cluster.client_round(node, version, session)
             self.assertTrue(result.reused, f"not resumed on {node}")
             self.assertEqual(result.echo, b"hello")
             self.assertEqual(cluster.nodes[node].counters["resumed_peer"], 1)
@@ -66,14 +62,11 @@ class MovingSessionTests(TestCase):
     def test_node1_no_longer_holds_a_session_node2_took(self):
         cluster = LocalCluster(self)
         yield cluster.start_all()
-        first = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert,
-            "TLSv1.2")
+        first = yield cluster.client_round("node1", "TLSv1.2")
         node1, node2 = cluster.nodes["node1"], cluster.nodes["node2"]
         session_id = first.session.id
         self.assertEqual(node1.store.get(session_id).owner, "node1")
-        yield deferToThread(python_client_round, cluster.ports["node2"],
-                            cluster.ca_cert, "TLSv1.2", first.session)
+        yield cluster.client_round("node2", "TLSv1.2", first.session)
         self.assertIsNone(node1.store.get(session_id))
         self.assertEqual(node1.store.holder(session_id), "node2")
         self.assertEqual(node2.store.get(session_id).owner, "node2")
@@ -86,9 +79,7 @@ class MovingSessionTests(TestCase):
         """
         cluster = LocalCluster(self)
         yield cluster.start_all()
-        first = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert,
-            "TLSv1.3")
+        first = yield cluster.client_round("node1", "TLSv1.3")
         yield cluster.settled()
         return cluster, first
 
@@ -103,16 +94,13 @@ class MovingSessionTests(TestCase):
         cluster, first = yield self._tls13_ticket_of_node1()
         node2 = cluster.nodes["node2"]
         self.assertEqual(len(node2.store), 1)
-        again = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert,
-            "TLSv1.3", first.session)
+        again = yield cluster.client_round("node1", "TLSv1.3", first.session)
         self.assertTrue(again.reused)
         yield cluster.settled()
         # The backup of the new ticket node1 issued, and nothing else.
         self.assertEqual(len(node2.store), 1)
-        replayed = yield deferToThread(
-            python_client_round, cluster.ports["node2"], cluster.ca_cert,
-            "TLSv1.3", first.session)
+        replayed = yield cluster.client_round(
+            "node2", "TLSv1.3", first.session)
         self.assertFalse(replayed.reused)
         self.assertEqual(node2.counters["resumed_peer"], 0)
 
@@ -129,14 +117,12 @@ class MovingSessionTests(TestCase):
         cluster, first = yield self._tls13_ticket_of_node1()
         node2 = cluster.nodes["node2"]
         yield node2.peer_links.link("node1").stopService()
-        on_backup = yield deferToThread(
-            python_client_round, cluster.ports["node2"], cluster.ca_cert,
-            "TLSv1.3", first.session)
+        on_backup = yield cluster.client_round(
+            "node2", "TLSv1.3", first.session)
         self.assertFalse(on_backup.reused)
         self.assertEqual(node2.recovery.counters["copies_withheld"], 1)
-        on_holder = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert,
-            "TLSv1.3", first.session)
+        on_holder = yield cluster.client_round(
+            "node1", "TLSv1.3", first.session)
         self.assertTrue(on_holder.reused)
 
     @inlineCallbacks
@@ -150,21 +136,17 @@ class MovingSessionTests(TestCase):
         """
         cluster = LocalCluster(self, nodes=nodes)
         yield cluster.start_all()
-        result = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert,
-            "TLSv1.2")
+        result = yield cluster.client_round("node1", "TLSv1.2")
         for node in path:
-            result = yield deferToThread(
-                python_client_round, cluster.ports[node], cluster.ca_cert,
-                "TLSv1.2", result.session)
+            result = yield cluster.client_round(
+                node, "TLSv1.2", result.session)
             self.assertTrue(result.reused)
         yield cluster.settled()
         node2 = cluster.nodes["node2"]
         session_id = result.session.id
         node2.store.put(node2.store.get(session_id).with_owner("node3"))
-        on_node2 = yield deferToThread(
-            python_client_round, cluster.ports["node2"], cluster.ca_cert,
-            "TLSv1.2", result.session)
+        on_node2 = yield cluster.client_round(
+            "node2", "TLSv1.2", result.session)
         self.assertTrue(on_node2.reused)
         self.assertIsNone(cluster.nodes[path[-1]].store.get(session_id))
         return node2.recovery.counters["redirects_followed"]
@@ -202,15 +184,13 @@ class MovingSessionTests(TestCase):
         cluster, first = yield self._tls13_ticket_of_node1()
         node3 = cluster.nodes["node3"]
         yield node3.peer_links.link("node1").stopService()
-        on_node3 = yield deferToThread(
-            python_client_round, cluster.ports["node3"], cluster.ca_cert,
-            "TLSv1.3", first.session)
+        on_node3 = yield cluster.client_round(
+            "node3", "TLSv1.3", first.session)
         self.assertFalse(on_node3.reused)
         self.assertGreaterEqual(
             cluster.nodes["node2"].counters["copies_withheld"], 1)
-        on_holder = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert,
-            "TLSv1.3", first.session)
+        on_holder = yield cluster.client_round(
+            "node1", "TLSv1.3", first.session)
         self.assertTrue(on_holder.reused)
 
     @inlineCallbacks
@@ -222,13 +202,10 @@ class MovingSessionTests(TestCase):
         """
         cluster = LocalCluster(self)
         yield cluster.start_all()
-        result = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert,
-            "TLSv1.2")
+        result = yield cluster.client_round("node1", "TLSv1.2")
         for node in ("node2", "node3", "node1", "node2"):
-            result = yield deferToThread(
-                python_client_round, cluster.ports[node], cluster.ca_cert,
-                "TLSv1.2", result.session)
+            result = yield cluster.client_round(
+                node, "TLSv1.2", result.session)
             self.assertTrue(result.reused, f"not resumed on {node}")
         # The purges and backups it sent settle within a moment.
         yield deferLater(reactor, 0.2, lambda: None)
@@ -244,7 +221,8 @@ class MovingSessionTests(TestCase):
             cluster = LocalCluster(self)
             yield cluster.start_all()
             session_file = self.mktemp()
-            first = yield s_client_round(cluster.ports["node1"], cluster.ca_cert,
+            first = yield s_client_round(
+                cluster.ports["node1"], cluster.ca_cert,
                                          version, session_out=session_file)
             self.assertIn("New, " + version, first)
             for node in ("node2", "node3"):
@@ -273,17 +251,14 @@ class FailingPeerTests(TestCase):
         yield cluster.spawn("node1")
         cluster.start("node2")
         yield cluster.wait_linked()
-        first = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert, version)
+        first = yield cluster.client_round("node1", version)
         yield cluster.kill("node1")
         return cluster, first
 
     @inlineCallbacks
     def _full_within_budget(self, cluster, first, version):
         started = time.monotonic()
-        second = yield deferToThread(
-            python_client_round, cluster.ports["node2"], cluster.ca_cert,
-            version, first.session)
+        second = yield cluster.client_round("node2", version, first.session)
         elapsed = time.monotonic() - started
         self.assertFalse(second.reused)
         self.assertEqual(second.echo, b"hello")
@@ -342,12 +317,9 @@ class TwistdTests(TestCase):
         # The nodes link up on their own, with backoff.
         yield deferLater(reactor, 1.0, lambda: None)
         for version in ("TLSv1.2", "TLSv1.3"):
-            first = yield deferToThread(
-                python_client_round, cluster.ports["node1"], cluster.ca_cert,
-                version)
-            second = yield deferToThread(
-                python_client_round, cluster.ports["node2"], cluster.ca_cert,
-                version, first.session)
+            first = yield cluster.client_round("node1", version)
+            second = yield cluster.client_round(
+                "node2", version, first.session)
             self.assertTrue(second.reused, version)
 
 
@@ -366,8 +338,7 @@ class OperatorToolTests(TestCase):
     def test_stats_prints_a_nodes_counters_over_the_cluster_channel(self):
         cluster = LocalCluster(self, nodes=("node1", "node2"))
         yield cluster.start_all()
-        yield deferToThread(python_client_round, cluster.ports["node1"],
-                            cluster.ca_cert, "TLSv1.3")
+        yield cluster.client_round("node1", "TLSv1.3")
         output, error, code = yield self._sslshare(
             "stats", "--config", cluster.paths["node2"], "--node", "node1",
             "--json")
@@ -408,9 +379,7 @@ class JoinedLookupTests(TestCase):
         # node2 keeps node1's backup copies: node3 has to ask.
         cluster = LocalCluster(self)
         yield cluster.start_all()
-        first = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert,
-            "TLSv1.2")
+        first = yield cluster.client_round("node1", "TLSv1.2")
         request = LookupRequest(first.session.id, "TLSv1.2", "web")
         node3 = cluster.nodes["node3"]
         answers = yield gatherResults(

@@ -21,7 +21,6 @@ from tests.support import (
     PostgresServer,
     RedisServer,
     ServerUnavailable,
-    python_client_round,
     shared_server,
     until,
 )
@@ -49,9 +48,7 @@ class _RepositoryTopology:
     @inlineCallbacks
     def _made_on_node1(self, cluster, version):
         yield cluster.start_all()
-        first = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert,
-            version)
+        first = yield cluster.client_round("node1", version)
         repository = cluster.nodes["node1"].repository
         yield until(lambda: repository.counters["puts"] >= 1)
         return first
@@ -61,9 +58,7 @@ class _RepositoryTopology:
         cluster = self._cluster()
         first = yield self._made_on_node1(cluster, version)
         yield cluster.stop("node1")
-        second = yield deferToThread(
-            python_client_round, cluster.ports["node2"], cluster.ca_cert,
-            version, first.session)
+        second = yield cluster.client_round("node2", version, first.session)
         self.assertTrue(second.reused)
         self.assertEqual(cluster.nodes["node2"].counters["resumed_repository"], 1)
 
@@ -78,9 +73,7 @@ class _RepositoryTopology:
         cluster = self._cluster()
         first = yield self._made_on_node1(cluster, "TLSv1.2")
         node1, node2 = cluster.nodes["node1"], cluster.nodes["node2"]
-        second = yield deferToThread(
-            python_client_round, cluster.ports["node2"], cluster.ca_cert,
-            "TLSv1.2", first.session)
+        second = yield cluster.client_round("node2", "TLSv1.2", first.session)
         self.assertTrue(second.reused)
         session_id = first.session.id
         # node2 told node1, the previous holder, to drop its copy.
@@ -101,9 +94,7 @@ class _RepositoryTopology:
         link = node2.peer_links.link("node1")
         link._protocol.transport.abortConnection()
         yield until(lambda: not link.connected)
-        second = yield deferToThread(
-            python_client_round, cluster.ports["node2"], cluster.ca_cert,
-            "TLSv1.2", first.session)
+        second = yield cluster.client_round("node2", "TLSv1.2", first.session)
         self.assertTrue(second.reused)
         yield until(lambda: node1.store.get(first.session.id) is None)
         self.assertTrue(link.connected)
@@ -123,9 +114,7 @@ class _RepositoryTopology:
         node1 = cluster.nodes["node1"]
         taken = yield cluster.nodes["node2"].repository.take(first.session.id)
         self.assertIsNotNone(taken)
-        second = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert,
-            "TLSv1.2", first.session)
+        second = yield cluster.client_round("node1", "TLSv1.2", first.session)
         self.assertFalse(second.reused)
         self.assertEqual(node1.recovery.counters["stale_copies"], 1)
         self.assertIsNone(node1.store.get(first.session.id))
@@ -143,25 +132,19 @@ class _RepositoryTopology:
         node1, node2 = cluster.nodes["node1"], cluster.nodes["node2"]
         session_id = first.session.id
         stale = node1.store.get(session_id)
-        moved = yield deferToThread(
-            python_client_round, cluster.ports["node2"], cluster.ca_cert,
-            "TLSv1.2", first.session)
+        moved = yield cluster.client_round("node2", "TLSv1.2", first.session)
         self.assertTrue(moved.reused)
         yield until(lambda: node1.store.get(session_id) is None)
         yield until(lambda: node2.repository.counters["puts"] >= 1)
         node1.store.put(stale)
-        again = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert,
-            "TLSv1.2", first.session)
+        again = yield cluster.client_round("node1", "TLSv1.2", first.session)
         self.assertFalse(again.reused)
         self.assertEqual(node1.recovery.counters["stale_copies"], 1)
         self.assertIsNone(node1.store.get(session_id))
         # node2's copy is back in the repository.
         while (yield node2.repository.checkpoint_of(session_id)) is None:
             yield deferLater(reactor, 0.02, lambda: None)
-        home = yield deferToThread(
-            python_client_round, cluster.ports["node2"], cluster.ca_cert,
-            "TLSv1.2", first.session)
+        home = yield cluster.client_round("node2", "TLSv1.2", first.session)
         self.assertTrue(home.reused)
         self.assertEqual(node2.counters["resumed_local"], 1)
 
@@ -176,9 +159,8 @@ class _RepositoryTopology:
         first = yield self._made_on_node1(cluster, "TLSv1.2")
         node1 = cluster.nodes["node1"]
         for _ in range(3):
-            again = yield deferToThread(
-                python_client_round, cluster.ports["node1"], cluster.ca_cert,
-                "TLSv1.2", first.session)
+            again = yield cluster.client_round(
+                "node1", "TLSv1.2", first.session)
             self.assertTrue(again.reused)
         self.assertEqual(node1.counters["resumed_local"], 3)
         # After the last put: the repository runs them in order.
@@ -194,9 +176,7 @@ class _RepositoryTopology:
         first = yield self._made_on_node1(cluster, "TLSv1.2")
         yield cluster.stop("node1")
         yield deferToThread(self.tamper, cluster, first.session.id)
-        second = yield deferToThread(
-            python_client_round, cluster.ports["node2"], cluster.ca_cert,
-            "TLSv1.2", first.session)
+        second = yield cluster.client_round("node2", "TLSv1.2", first.session)
         self.assertFalse(second.reused)
         self.assertEqual(second.echo, b"hello")
         self.assertEqual(cluster.nodes["node2"].recovery.counters["unsealable"], 1)
@@ -244,22 +224,16 @@ class _ServerTopology(_RepositoryTopology):
         yield cluster.stop("node1")
         server.stop()
         started = time.monotonic()
-        second = yield deferToThread(
-            python_client_round, cluster.ports["node2"], cluster.ca_cert,
-            "TLSv1.2", first.session)
+        second = yield cluster.client_round("node2", "TLSv1.2", first.session)
         self.assertFalse(second.reused)
         self.assertLess(time.monotonic() - started, 2.0)
         server.start()
         # A session made now is shared again, without restarting a node.
         cluster.start("node1")
-        third = yield deferToThread(
-            python_client_round, cluster.ports["node1"], cluster.ca_cert,
-            "TLSv1.3")
+        third = yield cluster.client_round("node1", "TLSv1.3")
         yield deferLater(reactor, 0.3, lambda: None)
         yield cluster.stop("node1")
-        fourth = yield deferToThread(
-            python_client_round, cluster.ports["node2"], cluster.ca_cert,
-            "TLSv1.3", third.session)
+        fourth = yield cluster.client_round("node2", "TLSv1.3", third.session)
         self.assertTrue(fourth.reused)
 
 

@@ -80,7 +80,6 @@ from tests.support import (
     SilentListener,
     connections_to,
     open_descriptors,
-    python_client_round,
     resident_bytes,
     until,
 )
@@ -397,14 +396,11 @@ class _Soak:
             for other in others:
                 while True:
                     writes = self.writes(maker)
-                    made = await deferToThread(
-                        python_client_round, self.cluster.ports[maker],
-                        self.cluster.ca_cert, version)
+                    made = await self.cluster.client_round(maker, version)
                     if writes is not None:
                         await until(lambda: self.writes(maker) > writes)
-                    again = await deferToThread(
-                        python_client_round, self.cluster.ports[other],
-                        self.cluster.ca_cert, version, made.session)
+                    again = await self.cluster.client_round(
+                        other, version, made.session)
                     if again.reused:
                         break
                     if time.monotonic() - started > RECOVERY_BOUND:
