@@ -104,6 +104,10 @@ class NodeCollector:
             "sslshare_store_bytes", "Bytes used by this node's memory store.",
             value=stats["store.bytes"])
         yield CounterMetricFamily(
+            "sslshare_backend_failures", "Client connections closed because "
+            "their backend connection failed.",
+            value=stats.get("backend_failures", 0))
+        yield CounterMetricFamily(
             "sslshare_peer_refused_connections", "Connections to the peer "
             "channel refused at TLS (no or a foreign certificate).",
             value=stats.get("cluster.refused_connections", 0))

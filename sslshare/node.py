@@ -26,6 +26,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sslshare import sessionid
@@ -85,7 +86,8 @@ class Node:
         C{sessions_made}, C{sessions_given}, C{repository_put_failures},
         C{backups_kept}, C{backups_refused}, C{backup_failures},
         C{sessions_handed_over} and C{handover_failures} (when the node
-        stopped), C{reloads} and C{reload_failures}.
+        stopped), C{reloads} and C{reload_failures}, C{backend_failures}
+        (clients closed because their backend connection failed).
     @ivar checkpoint_counters: the checkpoint pipelines' C{written},
         C{rejected}, C{coalesced}, C{failed}, C{pauses}.
     @ivar repository: the central repository every new session is also
@@ -117,6 +119,8 @@ class Node:
         # The AMP factory answering peers, when the node listens for them.
         self.peer_server: Any = None
         self._warnings = RateLimitedWarning(clock)
+        # Apart: a backend outage must not hide the cluster's warnings.
+        self._backend_warnings = RateLimitedWarning(clock)
         self._checkpoint_failures = FailureLog(clock)
         # Weak: a pipeline lives as long as its connection.
         self._pipelines: weakref.WeakSet[CheckpointPipeline] = weakref.WeakSet()
@@ -245,6 +249,16 @@ class Node:
         self.counters["repository_put_failures"] += 1
         self._warnings.warn("could not write a new session to the "
                             "repository: {why}", why=reason.getErrorMessage())
+
+    def backend_failed(self, backend: str, client: str, reason: Failure) -> None:
+        """
+        Count and log (at a bounded rate) a client whose backend connection
+        failed; its connection is being closed.
+        """
+        self.counters["backend_failures"] += 1
+        self._backend_warnings.warn(
+            "backend {backend} unreachable, closing client {client}: {why}",
+            backend=backend, client=client, why=reason.getErrorMessage())
 
     def lookup(self, request: LookupRequest) -> Deferred[Recovered | None]:
         return self.recovery.recover(request)

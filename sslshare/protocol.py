@@ -42,6 +42,7 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succ
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
+    IDelayedCall,
     IHandshakeListener,
     IOpenSSLServerConnectionCreator,
     IPushProducer,
@@ -198,6 +199,7 @@ class BackendProxy(Protocol):
     _timeout: Any = None
     _linked = False
     _checkpoints: Any = None
+    _abort_call: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self._pending: list[bytes] = []
@@ -238,9 +240,18 @@ class BackendProxy(Protocol):
         client.resumeProducing()
 
     def _backendFailed(self, reason: Failure) -> None:
-        self._log.warn("backend unreachable, closing the client: {why}",
-                       why=reason.getErrorMessage())
+        client = self.transport.getPeer()
+        self.factory.backend_failed(
+            self.factory.backend_name,
+            f"{getattr(client, 'host', client)}:{getattr(client, 'port', '')}",
+            reason)
+        # Reading was paused for the backend: the client's answer to our
+        # close_notify (or its FIN) must get through, or the connection
+        # would sit in CLOSE-WAIT for good.
+        self.transport.resumeProducing()
         self.transport.loseConnection()
+        self._abort_call = self.factory.clock.callLater(
+            self.factory.close_timeout, self.transport.abortConnection)
 
     def dataReceived(self, data: bytes) -> None:
         if self._backend is None:
@@ -252,6 +263,8 @@ class BackendProxy(Protocol):
         if self._timeout is not None:
             self._timeout.cancel()
             self._timeout = None
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         if self._backend is not None:
             self.unlink()
             # Whatever the client sent still goes out before the close.
@@ -363,16 +376,28 @@ class BackendProxyFactory(Factory):
         callables that stop and restart the connection's traffic; it may
         return the connection's checkpoint pipeline, flushed at close.  A
         handshake that timed out is told as C{handshake_done(None)}.
+    @param backend_name: how the configuration names C{backend}, for the
+        log.
+    @param backend_failed: told of each client whose backend connection
+        failed, as C{backend_failed(backend_name, client, reason)} with the
+        client's C{host:port}; the client connection is closed.
     """
 
     protocol = BackendProxy
 
     flush_timeout = 1.0
+    # A client that neither answers our close_notify nor closes its side
+    # after the backend failed is cut off then.
+    close_timeout = 1.0
 
     def __init__(self, backend: IStreamClientEndpoint,
                  handshake_done: HandshakeDone, clock: IReactorTime,
-                 handshake_timeout: float) -> None:
+                 handshake_timeout: float, backend_name: str,
+                 backend_failed: Callable[[str, str, Failure], object]
+                 ) -> None:
         self.backend = backend
+        self.backend_name = backend_name
         self.handshake_done = handshake_done
         self.clock = clock
         self.handshake_timeout = handshake_timeout
+        self.backend_failed = backend_failed

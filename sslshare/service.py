@@ -122,7 +122,8 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
     node.context = _server_context(node_config, services, node)
     proxy = BackendProxyFactory(clientFromString(reactor, node_config.backend),
                                 node.handshake_done, reactor,
-                                node_config.handshake_timeout)
+                                node_config.handshake_timeout,
+                                node_config.backend, node.backend_failed)
     clients = SessionResumingTLSFactory(node.context, node.lookup, proxy)
     top = NodeService(node_config, node, clients, proxy, channel, reactor)
     for endpoint in node_config.listen:
@@ -351,6 +352,7 @@ class NodeService(MultiService):
         node.checkpoint_policy = new.checkpoint
         self._proxy.handshake_timeout = new.handshake_timeout
         self._proxy.backend = clientFromString(self._reactor, new.backend)
+        self._proxy.backend_name = new.backend
         self.config = new
         return added, removed
 

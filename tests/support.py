@@ -571,6 +571,8 @@ class LocalCluster:
             backend = Factory.forProtocol(backend)
         backend = reactor.listenTCP(0, backend, interface="127.0.0.1")
         testcase.addCleanup(backend.stopListening)
+        # A test stops it to make the backend refuse connections.
+        self.backend_listener = backend
         self.ports = {node: free_port() for node in nodes}
         self.amp_ports = amp_ports = {node: free_port() for node in nodes}
         self.metrics_ports = ({node: free_port() for node in nodes}
@@ -937,10 +939,11 @@ def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def connections_to(port: int) -> int:
+def _my_tcp_sockets():
     """
-    How many TCP connections this process has open to C{port} of
-    127.0.0.1.
+    This process's IPv4 TCP sockets, as C{(local, remote, state)} in the
+    kernel's hex notation (C{0100007F:1F90}; state C{01} established,
+    C{08} close-wait, C{0A} listening).
     """
     mine = set()
     for descriptor in os.listdir("/proc/self/fd"):
@@ -950,16 +953,34 @@ def connections_to(port: int) -> int:
             continue
         if target.startswith("socket:["):
             mine.add(target[len("socket:["):-1])
-    remote = f"0100007F:{port:04X}"
-    count = 0
     with open("/proc/self/net/tcp") as table:
         next(table)
         for line in table:
             fields = line.split()
-            # 01: established.
-            if fields[2] == remote and fields[3] == "01" and fields[9] in mine:
-                count += 1
-    return count
+            if fields[9] in mine:
+                yield fields[1], fields[2], fields[3]
+
+
+def _loopback(port: int) -> str:
+    return f"0100007F:{port:04X}"
+
+
+def connections_to(port: int) -> int:
+    """
+    How many TCP connections this process has open to C{port} of
+    127.0.0.1.
+    """
+    return sum(1 for _, remote, state in _my_tcp_sockets()
+               if remote == _loopback(port) and state == "01")
+
+
+def accepted_on(port: int) -> int:
+    """
+    How many connections this process holds that it accepted on C{port} of
+    127.0.0.1, in any state but listening (close-wait included).
+    """
+    return sum(1 for local, _, state in _my_tcp_sockets()
+               if local == _loopback(port) and state != "0A")
 
 
 class SilentListener:

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sqlite3
+import ssl
 import sys
+import threading
 import time
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -28,7 +32,9 @@ from sslshare.state import StateKeys
 from tests.support import (
     LocalCluster,
     TrickleFactory,
+    accepted_on,
     free_port,
+    open_descriptors,
     until,
 )
 
@@ -56,6 +62,56 @@ class _LogCapture:
 
     def lines_with(self, text):
         return [line for line in self.logged if text in line]
+
+
+class BackendFailureTests(_LogCapture, TestCase):
+    """
+    A backend that refuses connections costs each client its connection,
+    closed at once, and the node nothing that lasts.
+    """
+
+    def setUp(self):
+        self.capture_log()
+
+    @inlineCallbacks
+    def test_backend_down_closes_every_client_and_frees_its_connection(self):
+        cluster = LocalCluster(self, nodes=("node1",))
+        backend = cluster.backend_listener.getHost().port
+        yield cluster.backend_listener.stopListening()
+        node = cluster.start("node1")
+        port = cluster.ports["node1"]
+        descriptors = open_descriptors()
+        for _ in range(10):
+            result = yield cluster.client_round("node1", "TLSv1.3")
+            self.assertEqual(result.echo, b"")
+        yield until(lambda: accepted_on(port) == 0, timeout=5)
+        self.assertEqual(open_descriptors(), descriptors)
+        self.assertEqual(node.stats()["backend_failures"], 10)
+        warned = self.lines_with("unreachable, closing client 127.0.0.1:")
+        self.assertEqual(len(warned), 1)
+        self.assertIn(f"backend tcp:host=127.0.0.1:port={backend} ", warned[0])
+
+    @inlineCallbacks
+    def test_backend_down_cuts_off_a_client_that_keeps_its_socket_open(self):
+        cluster = LocalCluster(self, nodes=("node1",))
+        yield cluster.backend_listener.stopListening()
+        cluster.start("node1")
+        port = cluster.ports["node1"]
+        released = threading.Event()
+        self.addCleanup(released.set)
+
+        def silent_client():
+            context = ssl.create_default_context(cafile=cluster.ca_cert)
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                with context.wrap_socket(raw, server_hostname="localhost"):
+                    # Never answers the close_notify, never closes.
+                    released.wait(10)
+
+        holding = deferToThread(silent_client)
+        yield until(lambda: accepted_on(port) == 1, timeout=5)
+        yield until(lambda: accepted_on(port) == 0, timeout=5)
+        released.set()
+        yield holding
 
 
 class ReloadTests(_LogCapture, TestCase):
