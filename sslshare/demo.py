@@ -29,13 +29,15 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web import resource, server
 from twisted.web.client import Agent, readBody
 
 from sslshare import cli, config, metrics, pki, throwaway
+from sslshare.service import configured_listeners, listen_problem
 
 NODES = ("node1", "node2", "node3")
 START_TIMEOUT = 30.0
@@ -285,11 +287,33 @@ async def demo(reactor: Any, arguments: Any) -> dict[str, Any]:
             repository_server.remove()
 
 
+async def _listen(reactor: Any, path: str, key: str, endpoint: str,
+                  factory: Any) -> Any:
+    try:
+        return await serverFromString(reactor, endpoint).listen(factory)
+    except CannotListenError as e:
+        raise cli.CommandError(listen_problem(path, key, endpoint, e)) from None
+
+
+async def _check_free(reactor: Any,
+                      configs: dict[str, config.NodeConfig]) -> None:
+    """
+    Fail, naming the file, key and port, when a port of a node is taken:
+    a client could reach whatever holds it instead of the node.
+    """
+    for node_config in configs.values():
+        for key, endpoint in configured_listeners(node_config):
+            port = await _listen(reactor, node_config.path, key, endpoint,
+                                 Factory())
+            await port.stopListening()
+
+
 async def _run_cluster(reactor: Any, arguments: Any,
                        configs: dict[str, config.NodeConfig]) -> dict[str, Any]:
-    backend = await serverFromString(
-        reactor, _backend_listen(configs["node1"])).listen(
-            server.Site(_Hello()))
+    await _check_free(reactor, configs)
+    backend = await _listen(reactor, configs["node1"].path, "node.backend",
+                            _backend_listen(configs["node1"]),
+                            server.Site(_Hello()))
     processes = []
     try:
         for node in NODES:

@@ -29,8 +29,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -153,11 +151,3 @@ def metrics_site(node: Node) -> MetricsSite:
     root = Resource()
     root.putChild(b"metrics", _MetricsPage(registry))
     return MetricsSite(root)
-
-
-def metrics_service(node: Node, endpoint: IStreamServerEndpoint
-                    ) -> StreamServerEndpointService:
-    """
-    A service that serves C{node}'s metrics on C{endpoint} while it runs.
-    """
-    return StreamServerEndpointService(endpoint, metrics_site(node))

@@ -32,6 +32,7 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -126,28 +127,90 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
                                 node_config.backend, node.backend_failed)
     clients = SessionResumingTLSFactory(node.context, node.lookup, proxy)
     top = NodeService(node_config, node, clients, proxy, channel, reactor)
-    for endpoint in node_config.listen:
-        top.add_client_listener(
-            StreamServerEndpointService(serverFromString(reactor, endpoint),
-                                        clients))
-    if cluster_config.listen is not None:
-        amp = cluster.PeerServerFactory(node, node_config.cluster_name,
-                                        node_config.node_id,
-                                        cluster_config.allowed)
-        StreamServerEndpointService(
-            serverFromString(reactor, cluster_config.listen),
-            TLSMemoryBIOFactory(channel.server_options(), False, amp),
-        ).setServiceParent(top)
-        node.peer_server = amp
-    if node_config.metrics_listen is not None:
-        metrics.metrics_service(
-            node, serverFromString(reactor, node_config.metrics_listen),
-        ).setServiceParent(top)
+    for key, endpoint in configured_listeners(node_config):
+        if key.startswith("node.listen"):
+            top.add_client_listener(
+                Listener(reactor, node_config.path, key, endpoint, clients))
+        elif key == "cluster.listen":
+            amp = cluster.PeerServerFactory(node, node_config.cluster_name,
+                                            node_config.node_id,
+                                            cluster_config.allowed)
+            Listener(reactor, node_config.path, key, endpoint,
+                     TLSMemoryBIOFactory(channel.server_options(), False, amp),
+                     ).setServiceParent(top)
+            node.peer_server = amp
+        else:
+            Listener(reactor, node_config.path, key, endpoint,
+                     metrics.metrics_site(node)).setServiceParent(top)
     peers.setServiceParent(top)
     TimerService(EXPIRY_INTERVAL, store.expire).setServiceParent(top)
     if repository is not None:
         _RepositoryService(repository, reactor).setServiceParent(top)
     return top, node
+
+
+def configured_listeners(node_config: config.NodeConfig
+                         ) -> list[tuple[str, str]]:
+    """
+    What the node listens on, as (key in the file, endpoint) pairs: the
+    client listeners (C{node.listen}, or C{node.listen[N]} when there are
+    several), C{cluster.listen} and C{node.metrics_listen} when set.
+    """
+    clients = node_config.listen
+    listeners = [("node.listen" if len(clients) == 1 else f"node.listen[{index}]",
+                  endpoint) for index, endpoint in enumerate(clients)]
+    if node_config.cluster.listen is not None:
+        listeners.append(("cluster.listen", node_config.cluster.listen))
+    if node_config.metrics_listen is not None:
+        listeners.append(("node.metrics_listen", node_config.metrics_listen))
+    return listeners
+
+
+class ListenError(Exception):
+    """
+    A listener of the configuration cannot listen: the message is one line
+    naming the file, the key, the endpoint and the reason.
+    """
+
+
+def listen_problem(path: str, key: str, endpoint: str,
+                   error: BaseException) -> str:
+    """
+    The line that says why C{endpoint}, the value of C{key} in the file
+    C{path}, cannot listen: C{a.toml: node.listen: 127.0.0.1:8441: address
+    already in use}.
+    """
+    if isinstance(error, CannotListenError):
+        where = f"{error.interface or '0.0.0.0'}:{error.port}"
+        cause = error.socketError
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+    else:
+        where, reason = endpoint, str(error)
+    return f"{path}: {key}: {where}: {reason[:1].lower()}{reason[1:]}"
+
+
+class Listener(StreamServerEndpointService):
+    """
+    A listener of the configuration, named by its key: an endpoint that
+    cannot listen stops the node's start with a L{ListenError}, rather than
+    a logged traceback and a node running without it.
+    """
+
+    _raiseSynchronously = True
+
+    def __init__(self, reactor: Any, path: str, key: str, endpoint: str,
+                 factory: Any) -> None:
+        super().__init__(serverFromString(reactor, endpoint), factory)
+        self.path = path
+        self.key = key
+        self.endpoint_description = endpoint
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            raise ListenError(listen_problem(
+                self.path, self.key, self.endpoint_description, e)) from None
 
 
 def _owners(node_config: config.NodeConfig) -> dict[bytes, str]:
@@ -499,11 +562,42 @@ def makeService(options: Options) -> IService:
             RepositoryError) as e:
         raise SystemExit(f"sslshare: {e}") from None
     _ReloadOnHangup(service, reactor).setServiceParent(service)
+    # options.parent: twistd's own options, when twistd runs us.
+    twistd_options = options.parent
+    daemon = twistd_options is not None and not twistd_options.get("nodaemon")
+    top: IService = _OneLineStartErrors(service, daemon)
     if node_config.log_format == "json":
-        # options.parent: twistd's own options, when twistd runs us.
-        log_file = _twistd_log_file(node_config, options.parent)
-        return _LoggingTo(json_lines_observer(log_file), service)
-    return service
+        log_file = _twistd_log_file(node_config, twistd_options)
+        top = _LoggingTo(json_lines_observer(log_file), top)
+    return top
+
+
+class _OneLineStartErrors(MultiService):
+    """
+    Runs its child, and makes a listener that cannot listen end C{twistd}
+    with the one line of its L{ListenError} and a non-zero status.  The
+    log has the line; with C{--nodaemon} it also goes to the standard error
+    twistd started with (twistd sends C{sys.stderr} to the log by then),
+    without a traceback.  A daemon's parent process prints what twistd
+    passes it of an exception: the start of the line.
+    """
+
+    _log = Logger()
+
+    def __init__(self, service: IService, daemon: bool) -> None:
+        super().__init__()
+        self._daemon = daemon
+        service.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except ListenError as e:
+            self._log.error("sslshare: {why}", why=str(e))
+            if self._daemon:
+                raise
+            print(f"sslshare: {e}", file=sys.__stderr__, flush=True)
+            raise SystemExit(1) from None
 
 
 class _ReloadOnHangup(Service):

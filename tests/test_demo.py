@@ -1,14 +1,15 @@
 """
 C{sslshare demo} end to end, as C{make demo} runs it: the shipped
-C{conf/node*.toml}, a PKI made on first use, three C{twistd} nodes.  It
-uses the fixed ports of the shipped files (8441-8443, 7441-7443,
-9441-9443, 8080).
+C{conf/node*.toml}, a PKI made on first use, three C{twistd} nodes.  The
+files' fixed ports (8441-8443, 7441-7443, 9441-9443, 8080) are replaced by
+free ones in the test's copy, so that a test never meets a port in use.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -17,15 +18,39 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
-from sslshare.throwaway import ServerUnavailable, redis_server_binary
+from sslshare.throwaway import ServerUnavailable, free_port, redis_server_binary
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf")
 DEMO_PORTS = (8441, 8442, 8443, 7441, 7442, 7443, 9441, 9442, 9443, 8080)
 
 
-def _busy(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+def _conf_with_free_ports(root: str) -> dict[int, int]:
+    """
+    Copy the shipped files to C{root}/conf with every demo port replaced by
+    a free one; return the replacements.
+    """
+    ports = {port: free_port() for port in DEMO_PORTS}
+    target = os.path.join(root, "conf")
+    shutil.copytree(CONF, target)
+    for name in os.listdir(target):
+        path = os.path.join(target, name)
+        with open(path) as f:
+            text = f.read()
+        for old, new in ports.items():
+            text = re.sub(rf"\b{old}\b", str(new), text)
+        with open(path, "w") as f:
+            f.write(text)
+    return ports
+
+
+def _run_demo(root, *options):
+    return getProcessOutputAndValue(
+        sys.executable,
+        ["-c", "from sslshare.cli import main; main()", "demo", "--json",
+         "--clients", "4", "--rounds", "10",
+         "--directory", os.path.join(root, "demo"),
+         "--conf", os.path.join(root, "conf"), *options],
+        env=os.environ, path=root)
 
 
 class DemoTests(TestCase):
@@ -33,18 +58,9 @@ class DemoTests(TestCase):
 
     @inlineCallbacks
     def _demo(self, *options):
-        busy = [port for port in DEMO_PORTS if _busy(port)]
-        if busy:
-            raise SkipTest(f"the demo's ports are in use: {busy}")
         root = os.path.abspath(self.mktemp())
-        shutil.copytree(CONF, os.path.join(root, "conf"))
-        output, error, code = yield getProcessOutputAndValue(
-            sys.executable,
-            ["-c", "from sslshare.cli import main; main()", "demo", "--json",
-             "--clients", "4", "--rounds", "10",
-             "--directory", os.path.join(root, "demo"),
-             "--conf", os.path.join(root, "conf"), *options],
-            env=os.environ, path=root)
+        _conf_with_free_ports(root)
+        output, error, code = yield _run_demo(root, *options)
         self.assertEqual(code, 0, error.decode())
         counts = json.loads(output)
         self.assertEqual(counts["connections"], 40)
@@ -87,3 +103,17 @@ class DemoTests(TestCase):
         counts = yield self._demo("--repository", "redis")
         self.assertGreaterEqual(counts["resumed_repository"], 35)
         self.assertEqual(counts["full"] + counts["resumed_repository"], 40)
+
+    @inlineCallbacks
+    def test_demo_with_a_port_in_use_names_it_and_fails(self):
+        root = os.path.abspath(self.mktemp())
+        port = _conf_with_free_ports(root)[8442]
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+            output, error, code = yield _run_demo(root)
+        self.assertNotEqual(code, 0)
+        node2 = os.path.join(root, "conf", "node2.toml")
+        self.assertIn(f"{node2}: node.listen: 127.0.0.1:{port}: "
+                      f"address already in use", error.decode())
+        self.assertEqual(output, b"")

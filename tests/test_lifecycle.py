@@ -114,6 +114,77 @@ class BackendFailureTests(_LogCapture, TestCase):
         yield holding
 
 
+def _twistd(*arguments):
+    return getProcessOutputAndValue(
+        sys.executable,
+        ["-c", "from twisted.scripts.twistd import run; run()", *arguments],
+        env=os.environ)
+
+
+class BusyListenerTests(TestCase):
+    """
+    A listener that cannot listen stops the node at start with one line
+    naming the file, the key, the endpoint and the reason.
+    """
+
+    def _busy(self, port):
+        holder = socket.socket()
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        self.addCleanup(holder.close)
+
+    @inlineCallbacks
+    def _refused_at_start(self, key, port_of):
+        cluster = LocalCluster(self, nodes=("node1", "node2"), metrics=True)
+        port = port_of(cluster)
+        self._busy(port)
+        path = cluster.paths["node1"]
+        output, error, code = yield _twistd(
+            "-n", "--pidfile=", "--logfile", os.path.join(cluster.directory, "n.log"),
+            "sslshare", "--config", path)
+        self.assertNotEqual(code, 0)
+        self.assertEqual(
+            error.decode().strip(),
+            f"sslshare: {path}: {key}: 127.0.0.1:{port}: address already in use")
+
+    def test_busy_client_port_stops_the_node(self):
+        return self._refused_at_start("node.listen",
+                                      lambda cluster: cluster.ports["node1"])
+
+    def test_busy_cluster_port_stops_the_node(self):
+        return self._refused_at_start("cluster.listen",
+                                      lambda cluster: cluster.amp_ports["node1"])
+
+    def test_busy_metrics_port_stops_the_node(self):
+        return self._refused_at_start(
+            "node.metrics_listen", lambda cluster: cluster.metrics_ports["node1"])
+
+    @inlineCallbacks
+    def test_busy_port_stops_a_daemon_with_its_reason(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        port = cluster.ports["node1"]
+        self._busy(port)
+        pidfile = os.path.join(cluster.directory, "n.pid")
+        log = os.path.join(cluster.directory, "n.log")
+        output, error, code = yield _twistd(
+            "--pidfile", pidfile, "--logfile", log,
+            "sslshare", "--config", cluster.paths["node1"])
+        self.assertNotEqual(code, 0)
+        self.assertIn("ListenError: ", error.decode())
+        with open(log) as f:
+            self.assertIn(f"node.listen: 127.0.0.1:{port}: address already in use",
+                          f.read())
+        self.assertFalse(os.path.exists(pidfile))
+
+    def test_busy_port_fails_an_in_process_start(self):
+        from sslshare.service import ListenError
+
+        cluster = LocalCluster(self, nodes=("node1",))
+        self._busy(cluster.ports["node1"])
+        self.assertRaises(ListenError, cluster.start, "node1")
+
+
 class ReloadTests(_LogCapture, TestCase):
     """
     L{NodeService.reload} on nodes in this process.
