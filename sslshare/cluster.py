@@ -108,13 +108,16 @@ from zope.interface import Interface, implementer
 
 from sslshare import pki, sessionid
 from sslshare.errors import FileError
+from sslshare.state import (
+    KEY_ID_LENGTH,
+    MAX_ID_CONTEXT_LENGTH,
+    MAX_KEYS,
+    PROTOCOLS,
+    checkpoint_problem,
+)
+from sslshare.state import MAX_SEALED_LENGTH as MAX_SEALED
 
-MAX_SEALED = 16 * 1024
-"""The largest sealed session blob the channel carries, in bytes."""
-
-DIGEST_LENGTHS = (0, 32)
-MAX_SEQ = 2**64 - 1
-FETCH_STATUSES = ("found", "redirect", "missing")
+FETCH_STATUSES = ("found", "redirect", "missing", "refused")
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # Failed connection attempts a purge waits through for a peer that is
 # down before it gives up (see Peers.purge_session).
@@ -185,10 +188,19 @@ _ERRORS: dict[type[Exception], bytes] = {
 class FetchSession(amp.Command):
     """
     Give me the session C{session_id} (and forget it): C{found} with the
-    sealed state, C{redirect} to the C{holder} that took it, or C{missing}.
+    sealed state, C{redirect} to the C{holder} that took it, C{missing}, or
+    C{refused} when the session cannot resume the handshake that asks: of
+    another C{protocol} or C{id_context}, or sealable under none of the
+    asker's C{key_ids} (4 bytes each).  Those three come together
+    (L{FetchTerms}), or not at all: nothing is checked then.
     """
 
-    arguments = [(b"session_id", amp.String())]
+    arguments = [
+        (b"session_id", amp.String()),
+        (b"protocol", amp.Unicode(optional=True)),
+        (b"id_context", amp.String(optional=True)),
+        (b"key_ids", amp.String(optional=True)),
+    ]
     response = [
         (b"status", amp.Unicode()),
         (b"sealed", amp.String(optional=True)),
@@ -253,11 +265,55 @@ _COMMAND_NAMES = frozenset(command.commandName for command in COMMANDS.values())
 
 
 @attrs.frozen
+class FetchTerms:
+    """
+    What the handshake that asks for a session can resume: the session's
+    TLS version (one of L{sslshare.state.PROTOCOLS}) and session id
+    context, and the ids of the state keys the asker opens with.
+    """
+
+    protocol: str
+    id_context: bytes
+    key_ids: tuple[bytes, ...]
+
+    def arguments(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "id_context": self.id_context,
+                "key_ids": b"".join(self.key_ids)}
+
+
+def _fetch_terms(protocol: str | None, id_context: bytes | None,
+                 key_ids: bytes | None) -> FetchTerms | None:
+    """
+    The terms of a FetchSession's arguments, C{None} when it has none.
+
+    @raise BadRequest: some but not all, or one out of its bounds.
+    """
+    given = [protocol is not None, id_context is not None, key_ids is not None]
+    if not any(given):
+        return None
+    if not all(given):
+        raise BadRequest("protocol, id_context and key_ids come together")
+    if protocol not in PROTOCOLS:
+        raise BadRequest(f"protocol {protocol[:16]!r} is not one of "
+                         f"{', '.join(PROTOCOLS)}")
+    if not 0 < len(id_context) <= MAX_ID_CONTEXT_LENGTH:
+        raise BadRequest(f"id_context of {len(id_context)} bytes "
+                         f"(1..{MAX_ID_CONTEXT_LENGTH} expected)")
+    if (len(key_ids) % KEY_ID_LENGTH
+            or not 0 < len(key_ids) <= MAX_KEYS * KEY_ID_LENGTH):
+        raise BadRequest(f"key_ids of {len(key_ids)} bytes (1 to {MAX_KEYS} "
+                         f"ids of {KEY_ID_LENGTH} expected)")
+    return FetchTerms(protocol, id_context, tuple(
+        key_ids[at:at + KEY_ID_LENGTH]
+        for at in range(0, len(key_ids), KEY_ID_LENGTH)))
+
+
+@attrs.frozen
 class FetchAnswer:
     """
     What a node answers to L{FetchSession}.
 
-    @ivar status: C{"found"}, C{"redirect"} or C{"missing"}.
+    @ivar status: one of L{FETCH_STATUSES}.
     @ivar sealed: with C{found} only: the sealed state (L{sslshare.state}),
         at most L{MAX_SEALED} bytes.
     @ivar holder: with C{redirect} only: the node id that holds it now.
@@ -276,9 +332,11 @@ class ICommandHandler(Interface):
     a L{Deferred} that fires with it.
     """
 
-    def fetch_session(session_id: bytes, requester: str) -> FetchAnswer | Deferred[FetchAnswer]:
+    def fetch_session(session_id: bytes, requester: str,
+                      terms: FetchTerms | None) -> FetchAnswer | Deferred[FetchAnswer]:
         """
-        Take the session away from this node for C{requester}.
+        Take the session away from this node for C{requester}, if it can
+        resume under C{terms} (C{None}: the requester set none).
         """
 
     def checkpoint(session_id: bytes, seq: int, digest: bytes,
@@ -822,11 +880,18 @@ class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
             raise self._bad_request(command, str(e)) from None
 
     @FetchSession.responder
-    async def _fetch_session(self, session_id: bytes) -> dict[str, Any]:
+    async def _fetch_session(self, session_id: bytes,
+                             protocol: str | None = None,
+                             id_context: bytes | None = None,
+                             key_ids: bytes | None = None) -> dict[str, Any]:
         requester = self._authorize(FetchSession)
         self._session_id(FetchSession, session_id)
+        try:
+            terms = _fetch_terms(protocol, id_context, key_ids)
+        except BadRequest as e:
+            raise self._bad_request(FetchSession, str(e)) from None
         answer = await maybeDeferred(self.factory.handler.fetch_session,
-                                     session_id, requester)
+                                     session_id, requester, terms)
         if not isinstance(answer, FetchAnswer):
             raise TypeError(f"fetch_session answered {type(answer).__name__}")
         problem = _fetch_answer_problem(answer.status, answer.sealed, answer.holder)
@@ -845,11 +910,9 @@ class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
                           digest: bytes) -> dict[str, Any]:
         requester = self._authorize(Checkpoint)
         self._session_id(Checkpoint, session_id)
-        if not 0 <= seq <= MAX_SEQ:
-            raise self._bad_request(Checkpoint, f"seq {seq} out of 0..2**64-1")
-        if len(digest) not in DIGEST_LENGTHS:
-            raise self._bad_request(
-                Checkpoint, f"digest of {len(digest)} bytes (0 or 32 expected)")
+        problem = checkpoint_problem(seq, digest)
+        if problem is not None:
+            raise self._bad_request(Checkpoint, problem)
         accepted = await maybeDeferred(self.factory.handler.checkpoint,
                                        session_id, seq, digest, requester)
         return {"accepted": bool(accepted)}
@@ -1305,12 +1368,14 @@ class Peers(MultiService):
         """
         return sum(1 for link in self.services if link.connected)
 
-    def fetch_session(self, node_id: str, session_id: bytes) -> Deferred[FetchAnswer]:
+    def fetch_session(self, node_id: str, session_id: bytes,
+                      terms: FetchTerms | None = None) -> Deferred[FetchAnswer]:
         """
         L{fetch_from} the link to C{node_id}; L{PeerUnavailable} if there
         is none.
         """
-        return self._call(node_id, fetch_from, session_id)
+        return self._call(node_id, lambda link, sid: fetch_from(
+            link, sid, terms), session_id)
 
     def backup_session(self, node_id: str, session_id: bytes,
                        sealed: bytes) -> Deferred[bool]:
@@ -1382,9 +1447,10 @@ def _boolean(link: PeerLink, command: type[amp.Command], answer: str,
     return link.call(command, **arguments).addCallback(checked)
 
 
-def fetch_from(link: PeerLink, session_id: bytes) -> Deferred[FetchAnswer]:
+def fetch_from(link: PeerLink, session_id: bytes,
+               terms: FetchTerms | None = None) -> Deferred[FetchAnswer]:
     """
-    Ask C{link}'s peer for C{session_id}.
+    Ask C{link}'s peer for C{session_id}, if it can resume under C{terms}.
 
     @return: fires with the peer's L{FetchAnswer}, checked; fails with
         L{PeerUnavailable}, L{NotAuthorized}, L{BadRequest}, or
@@ -1416,8 +1482,9 @@ def fetch_from(link: PeerLink, session_id: bytes) -> Deferred[FetchAnswer]:
                 f"{sessionid.describe(session_id)} with {problem}")
         return FetchAnswer(status, sealed, holder)
 
-    return link.call(FetchSession, session_id=session_id).addCallbacks(
-        checked, garbled)
+    arguments = {} if terms is None else terms.arguments()
+    return link.call(FetchSession, session_id=session_id,
+                     **arguments).addCallbacks(checked, garbled)
 
 
 def stats_from(link: PeerLink) -> Deferred[dict[str, int | float]]:

@@ -88,14 +88,13 @@ from twisted.python.failure import Failure
 
 from sslshare import sessionid
 from sslshare.logs import RateLimitedWarning
+from sslshare.state import DIGEST_LENGTH, MAX_SEQ
 from sslshare.tls import CLIENT_TO_SERVER, SERVER_TO_CLIENT
 
-DIGEST_LENGTH = 32
 EXPORTER_LABEL = b"EXPORTER-sslshare-digest"
 EXPORTER_LENGTH = 32
 SESSION_ID_LENGTH = sessionid.SESSION_ID_LENGTH
 MAX_RECORD_LENGTH = 2 ** 14
-MAX_SEQ = 2 ** 64 - 1
 DIRECTION_NAMES = {"c2s": CLIENT_TO_SERVER, "s2c": SERVER_TO_CLIENT}
 MODES = ("every-record", "interval", "off")
 
@@ -125,10 +124,16 @@ def exporter(connection: _Exporting, session_id: bytes) -> bytes:
 
 def _check_checkpoint(seq: int, digest: bytes) -> None:
     if type(seq) is not int or not 0 < seq <= MAX_SEQ:
-        raise ValueError(f"a digest's seq must be an int from 1 to 2**64 - 1, "
+        raise ValueError(f"a digest's seq must be an int from 1 to {MAX_SEQ}, "
                          f"not {seq!r}")
     if type(digest) is not bytes or len(digest) != DIGEST_LENGTH:
         raise ValueError(f"a digest must be {DIGEST_LENGTH} bytes")
+
+
+class ChainExhausted(ValueError):
+    """
+    A running digest at L{MAX_SEQ} records can take no more steps.
+    """
 
 
 class RunningDigest:
@@ -170,8 +175,8 @@ class RunningDigest:
         The chain continued from a checkpoint: C{digest} covers C{seq}
         records (at least one).
 
-        @raise ValueError: C{seq} is not 1..2**64-1 or C{digest} not 32
-            bytes.
+        @raise ValueError: C{seq} is not 1..L{MAX_SEQ} or C{digest} not
+            32 bytes.
         """
         _check_checkpoint(seq, digest)
         return cls(seq, digest)
@@ -186,6 +191,7 @@ class RunningDigest:
         @return: the new (seq, digest).
         @raise ValueError: a bad direction or length; the digest is
             unchanged.
+        @raise ChainExhausted: the chain covers L{MAX_SEQ} records already.
         """
         length = len(plaintext)
         if not 0 < length <= MAX_RECORD_LENGTH:
@@ -193,9 +199,12 @@ class RunningDigest:
                              f"{MAX_RECORD_LENGTH} bytes, not {length}")
         if direction != CLIENT_TO_SERVER and direction != SERVER_TO_CLIENT:
             raise ValueError(f"direction must be 0 or 1, not {direction!r}")
+        if self.seq >= MAX_SEQ:
+            # Only a checkpoint forged or replayed to the bound gets here.
+            raise ChainExhausted(f"the digest chain covers {MAX_SEQ} records, "
+                                 f"its bound")
         seq = self.seq + 1
         step = _sha256(self.digest)
-        # struct.error past 2**64 - 1 records: not reachable in practice.
         step.update(_STEP.pack(direction, seq, length))
         step.update(plaintext)
         self.seq = seq

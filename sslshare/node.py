@@ -30,8 +30,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sslshare import sessionid
-from sslshare.cluster import FetchAnswer, ICommandHandler
+from sslshare.cluster import FetchAnswer, FetchTerms, ICommandHandler
 from sslshare.digest import (
+    ChainExhausted,
     CheckpointPipeline,
     CheckpointPolicy,
     FailureLog,
@@ -40,7 +41,7 @@ from sslshare.digest import (
 )
 from sslshare.logs import RateLimitedWarning
 from sslshare.recovery import LOOKUP_SOURCES, Recovered, Recovery
-from sslshare.state import SealError, SessionState, StateKeys
+from sslshare.state import SealError, SessionState, StateKeys, der_protocol
 from sslshare.store import SessionStore
 from sslshare.tls import Connection, LookupRequest, ServerContext
 
@@ -87,7 +88,13 @@ class Node:
         C{backups_kept}, C{backups_refused}, C{backup_failures},
         C{sessions_handed_over} and C{handover_failures} (when the node
         stopped), C{reloads} and C{reload_failures}, C{backend_failures}
-        (clients closed because their backend connection failed).
+        (clients closed because their backend connection failed),
+        C{fetches_refused} (a peer asked for a session its handshake
+        cannot resume: kept here), C{refused_checkpoints} and
+        C{refused_purges} (from a peer that
+        does not hold the session), C{purge_failures} (the other copy of a
+        session given away could not be dropped), C{chains_exhausted}
+        (a digest chain at its bound, no longer digested).
     @ivar checkpoint_counters: the checkpoint pipelines' C{written},
         C{rejected}, C{coalesced}, C{failed}, C{pauses}.
     @ivar repository: the central repository every new session is also
@@ -314,8 +321,22 @@ class Node:
             failure_log=self._checkpoint_failures)
         self._pipelines.add(pipeline)
         update, enqueue = chain.update, pipeline.enqueue
-        connection.record_observer = (
-            lambda direction, data: enqueue(*update(direction, data)))
+
+        def observe(direction: int, data: bytes) -> None:
+            try:
+                mark = update(direction, data)
+            except ChainExhausted:
+                # The client is served on; its records are no longer
+                # digested.
+                connection.record_observer = None
+                self.counters["chains_exhausted"] += 1
+                self._warnings.warn("stopped the digest of session {session}: "
+                                    "its chain is at the bound",
+                                    session=sessionid.describe(session_id))
+                return
+            enqueue(*mark)
+
+        connection.record_observer = observe
         return pipeline
 
     def _write_checkpoint(self, session_id: bytes, seq: int,
@@ -348,7 +369,8 @@ class Node:
         return (self.peer_server is not None
                 and node_id in self.peer_server.connected_peers())
 
-    def fetch_session(self, session_id: bytes, requester: str) -> FetchAnswer:
+    def fetch_session(self, session_id: bytes, requester: str,
+                      terms: FetchTerms | None = None) -> FetchAnswer:
         kept = self.store.get(session_id)
         if (kept is not None and kept.owner not in (self.node_id, requester)
                 and self.peer_alive(kept.owner)):
@@ -356,6 +378,19 @@ class Node:
             # holder's to give, or the same session could be served twice.
             self.counters["copies_withheld"] += 1
             return FetchAnswer("redirect", holder=kept.owner)
+        key_id = None
+        if kept is not None and terms is not None:
+            refusal = self._fetch_refusal(kept, terms)
+            if refusal is not None:
+                # Before anything moves: the client that can resume it may
+                # still come.
+                self.counters["fetches_refused"] += 1
+                self._warnings.warn("kept session {session} that {peer} "
+                                    "asked for: {why}", peer=requester,
+                                    why=refusal,
+                                    session=sessionid.describe(session_id))
+                return FetchAnswer("refused")
+            key_id = self.keys.sealing_key_for(terms.key_ids)
         state = self.store.take(session_id)
         if state is not None:
             # The requester holds it from now on; whoever asks us later is
@@ -365,26 +400,105 @@ class Node:
             self._log.debug("gave session {session} to {peer}",
                             session=sessionid.describe(session_id),
                             peer=requester)
-            return FetchAnswer("found", self.keys.seal(state.with_owner(requester)))
+            self._purge_other_copy(state, requester)
+            return FetchAnswer("found", self.keys.seal(
+                state.with_owner(requester), key_id))
         holder = self.store.holder(session_id)
         if holder is not None and holder != requester:
             return FetchAnswer("redirect", holder=holder)
         return FetchAnswer("missing")
 
+    def _fetch_refusal(self, state: SessionState,
+                       terms: FetchTerms) -> str | None:
+        """
+        Why the handshake that asks under C{terms} cannot resume C{state},
+        or C{None}.
+        """
+        if state.id_context != terms.id_context:
+            return "it is another service's"
+        protocol = der_protocol(state.der)
+        if protocol not in (None, terms.protocol):
+            return f"it is a {protocol} session, the client asked for {terms.protocol}"
+        if self.keys.sealing_key_for(terms.key_ids) is None:
+            return (f"none of its state keys "
+                    f"({', '.join(k.hex() for k in terms.key_ids)}) is one of "
+                    f"this node's ({', '.join(k.hex() for k in self.keys.key_ids)})")
+        return None
+
+    def _purge_other_copy(self, given: SessionState, requester: str) -> None:
+        """
+        The one other copy of a session this node just gave away goes too,
+        told by this node, whom that copy's node takes a purge from: a
+        session this node held leaves its backup node; a backup copy kept
+        here leaves its holder, which could not be reached to give it.  A
+        TLS 1.2 session whose new holder has the same backup node is left
+        there: the new holder's backup copy replaces it.
+        """
+        if self.repository is not None:
+            return
+        session_id = given.session_id
+        if given.owner != self.node_id:
+            other = given.owner
+        else:
+            other = self._backup_node(session_id)
+        if other in (None, requester):
+            return
+        if (other != given.owner and der_protocol(given.der) == "TLSv1.2"
+                and other == self.backup_of(session_id, requester)):
+            return
+        purging = self.peer_links.purge_session(other, session_id)
+        purging.addErrback(self._purge_failed, other)
+
+    def _purge_failed(self, reason: Any, peer: str) -> None:
+        # A peer that cannot be told is usually a peer that is down, and
+        # lost what it held.
+        self.counters["purge_failures"] += 1
+        self._warnings.warn("could not tell node {peer} to drop a session "
+                            "it no longer holds: {why}", peer=peer,
+                            why=reason.getErrorMessage())
+
     def checkpoint(self, session_id: bytes, seq: int, digest: bytes,
                    requester: str) -> bool:
+        """
+        Record the checkpoint of a copy this node keeps for C{requester},
+        its holder; the checkpoint of a session anyone else holds is not
+        C{requester}'s to write.
+        """
+        holder = self.store.held_by(session_id)
+        if holder is not None and holder != requester:
+            self._refused_peer("Checkpoint", session_id, requester, holder)
+            return False
         return self.store.update_checkpoint(session_id, seq, digest)
 
     def purge(self, session_id: bytes, requester: str) -> bool:
         """
         Drop this node's copy of a session C{requester} now holds, leaving
-        a tombstone that sends whoever asks here to it.
+        a tombstone that sends whoever asks here to it.  Only the copy's
+        holder may say so, or, for a session this node holds itself, its
+        backup node, which gave its copy away while this node could not be
+        reached.  With a repository any peer may: the repository decides
+        who holds a session, and this node resumes its own only once it
+        has taken the repository's copy.
         """
-        state = self.store.take(session_id)
-        if state is None:
+        holder = self.store.held_by(session_id)
+        if holder is None:
             return False
+        if not (holder == requester or self.repository is not None
+                or (holder == self.node_id
+                    and requester == self._backup_node(session_id))):
+            self._refused_peer("Purge", session_id, requester, holder)
+            return False
+        state = self.store.take(session_id)
         self.store.tombstone(session_id, requester, state.expires)
         return True
+
+    def _refused_peer(self, command: str, session_id: bytes, requester: str,
+                      holder: str) -> None:
+        self.counters[f"refused_{command.lower()}s"] += 1
+        self._warnings.warn(
+            "refused {command} of session {session} from {peer}: node "
+            "{holder} holds it", command=command, peer=requester,
+            holder=holder, session=sessionid.describe(session_id))
 
     def backup(self, session_id: bytes, sealed: bytes, requester: str) -> bool:
         """

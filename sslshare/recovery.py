@@ -56,7 +56,8 @@ from twisted.logger import Logger
 from sslshare import sessionid
 from sslshare.logs import RateLimitedWarning
 from sslshare.repository import Taken
-from sslshare.state import SealError, SessionState, StateKeys
+from sslshare.cluster import FetchTerms
+from sslshare.state import SealError, SessionState, StateKeys, der_protocol
 from sslshare.store import SessionStore
 from sslshare.tls import LookupRequest
 
@@ -175,8 +176,10 @@ class Recovery:
     The recovery chain of one node.
 
     @param owners: owner tag -> node id, for every node of the cluster.
-    @param fetch_from_peer: C{(node_id, session_id) -> Deferred[FetchAnswer]},
-        failing when the peer cannot be asked.
+    @param fetch_from_peer: C{(node_id, session_id, terms) ->
+        Deferred[FetchAnswer]}, failing when the peer cannot be asked; the
+        L{FetchTerms} say what this handshake can resume, so that the peer
+        gives nothing else away.
     @param repository: the central repository
         (L{sslshare.repository.ISessionRepository}), or C{None}.
     @param purge_on_peer: C{(node_id, session_id) -> Deferred}, telling a
@@ -201,7 +204,10 @@ class Recovery:
         backup copy not served, its holder alive but not answering),
         C{stale_copies} (a copy here that its holder, or the repository, no
         longer had), C{bad_checkpoints} (a repository checkpoint that a
-        chain cannot continue from, ignored),
+        chain cannot continue from, ignored), C{unresumable} (a session
+        found of another TLS version or service than the handshake: left as
+        it was), C{given_back} (taken from the repository, and put back
+        unused),
         C{repository_<put|purge|checkpoint>_failures},
         C{peer_<backup|purge>_failures}.
     """
@@ -217,7 +223,7 @@ class Recovery:
         id_contexts: Mapping[str, bytes],
         budget: float,
         clock: IReactorTime,
-        fetch_from_peer: Callable[[str, bytes], Deferred[Any]] | None = None,
+        fetch_from_peer: Callable[[str, bytes, FetchTerms], Deferred[Any]] | None = None,
         repository: Any = None,
         purge_on_peer: Callable[[str, bytes], Deferred[Any]] | None = None,
         backup_on_peer: Callable[[str, bytes, bytes], Deferred[Any]] | None = None,
@@ -282,6 +288,10 @@ class Recovery:
         if context is None:
             return None
         local = self.store.get(request.session_id)
+        if local is not None and not self._resumable(local, request, context):
+            # Whatever cannot resume this handshake is left as it is, here
+            # and everywhere: the client that can may still come.
+            return None
         if local is not None and local.owner == self.node_id:
             if self.repository is not None:
                 return await self._own_session_taken_from_repository(
@@ -304,6 +314,23 @@ class Recovery:
             return None
         self._hold(found, request)
         return found
+
+    def _resumable(self, state: SessionState, request: LookupRequest,
+                   context: bytes) -> bool:
+        """
+        Whether C{state} can resume C{request}'s handshake in C{context};
+        what cannot is counted (C{unresumable}).
+        """
+        protocol = der_protocol(state.der)
+        if (state.id_context == context
+                and protocol in (None, request.protocol)):
+            return True
+        self.counters["unresumable"] += 1
+        self._log.info("session {session} cannot resume a {protocol} "
+                       "handshake of service {service}: left as it is",
+                       session=sessionid.describe(request.session_id),
+                       protocol=request.protocol, service=request.service)
+        return False
 
     def _admit(self, client: str | None) -> bool:
         """
@@ -379,10 +406,11 @@ class Recovery:
             opened = self._open(taken.sealed, request, context, "repository",
                                 None, "repository")
         if opened is None or opened.state.owner != self.node_id:
-            if opened is not None:
+            if taken is not None:
                 # Another node took the session and stored it again under
-                # its name: its copy goes back as it was.
-                self._give_back(session_id, taken, opened.state.expires)
+                # its name, or sealed it under a key this node lacks: its
+                # copy goes back as it was.
+                self._give_back(session_id, taken)
             self.counters["stale_copies"] += 1
             self.store.take(session_id)
             return None
@@ -393,14 +421,14 @@ class Recovery:
                 session_id, self.keys.seal(state), state.expires))
         return Recovered(state, "local")
 
-    def _give_back(self, session_id: bytes, taken: Taken,
-                   expires: float) -> None:
+    def _give_back(self, session_id: bytes, taken: Taken) -> None:
         """
         Put what this node took from the repository back as it was: the
         blob, then the checkpoint kept beside it.
         """
+        self.counters["given_back"] += 1
         self._repository_write("put", self.repository.put(
-            session_id, taken.sealed, expires))
+            session_id, taken.sealed, taken.expires))
         if taken.seq:
             self._repository_write("checkpoint", self.repository.checkpoint(
                 session_id, taken.seq, taken.digest))
@@ -416,6 +444,8 @@ class Recovery:
         handshake, never the same session served twice.
         """
         holder = giver = copy.owner
+        if not self._resumable(copy, request, context):
+            return None
         if self.fetch_from_peer is None:
             answer = None
         else:
@@ -427,6 +457,8 @@ class Recovery:
         if answer is not None and answer.status == "found":
             return self._open(answer.sealed, request, context, "peer", giver,
                               "peer")
+        if answer is not None and answer.status == "refused":
+            return None
         if answer is not None:
             # Used, or lost, where it was held: this copy must not serve.
             self.counters["stale_copies"] += 1
@@ -504,8 +536,11 @@ class Recovery:
         return backup, await self._ask_peer(backup, request)
 
     async def _ask_peer(self, node_id: str, request: LookupRequest) -> Any:
+        terms = FetchTerms(request.protocol, self.id_contexts[request.service],
+                           self.keys.key_ids)
         try:
-            return await self.fetch_from_peer(node_id, request.session_id)
+            return await self.fetch_from_peer(node_id, request.session_id,
+                                              terms)
         except CancelledError:
             raise
         except Exception as e:
@@ -523,7 +558,9 @@ class Recovery:
             return None
         found = self._open(taken.sealed, request, context, "repository", None,
                            "repository")
-        if found is None:
+        if found is None or not self._resumable(found.state, request, context):
+            # Not this handshake's to use up: back as it was.
+            self._give_back(request.session_id, taken)
             return None
         return attrs.evolve(
             found, state=self._with_repository_checkpoint(found.state, taken))
@@ -570,10 +607,11 @@ class Recovery:
             state = self.keys.open(sealed or b"", request.session_id, context)
         except SealError as e:
             self.counters["unsealable"] += 1
-            self._log.warn("discarded the state of session {session} from "
-                           "{source}: {why}",
+            self._log.warn("could not open the state of session {session} "
+                           "from {source}: {why}",
                            session=sessionid.describe(request.session_id),
-                           source=source, why=str(e))
+                           source=source if giver is None else f"peer {giver}",
+                           why=str(e))
             return None
         if state.expired(self.clock.seconds()):
             return None
@@ -589,8 +627,11 @@ class Recovery:
         """
         session_id = request.session_id
         previous = found.state.owner
-        others = {previous, self._backup_node(session_id, previous)}
-        others -= {found.giver}
+        if found.giver is None:
+            others = {previous, self._backup_node(session_id, previous)}
+        else:
+            # The giver drops the one other copy itself: only it may.
+            others = set()
         if request.protocol == "TLSv1.2":
             mine = found.state.with_owner(self.node_id)
             self.store.put(mine)

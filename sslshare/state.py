@@ -80,9 +80,18 @@ _SEAL_HEADER_LENGTH = 1 + KEY_ID_LENGTH + NONCE_LENGTH
 # The cluster channel refuses sealed blobs above this size.
 MAX_SEALED_LENGTH = 16 * 1024
 _AAD_PREFIX = b"sslshare state v1\0"
-_MAX_SEQ = 2 ** 64 - 1
+# The most records a digest chain covers, one bound for the whole cluster:
+# a seq travels through PostgreSQL's bigint and Redis' integers, both signed
+# 64-bit.  A chain at the bound takes no more steps.
+MAX_SEQ = 2 ** 63 - 1
 _TIMES_AND_SEQ = struct.Struct("!ddQ")
 _KEY_LINE = re.compile(r"[0-9a-fA-F]{64}")
+# The TLS versions a session may have, as the engine names them, by the
+# ssl_version an OpenSSL session's DER begins with.
+_DER_PROTOCOLS = {b"\x03\x03": "TLSv1.2", b"\x03\x04": "TLSv1.3"}
+PROTOCOLS = tuple(_DER_PROTOCOLS.values())
+# Keys a node opens with at once: a rotation needs two or three.
+MAX_KEYS = 8
 
 
 class StateFormatError(ValueError):
@@ -148,8 +157,8 @@ def checkpoint_problem(seq: object, digest: object) -> str | None:
     What makes C{seq} and C{digest} invalid as the checkpoint of a state,
     or C{None}.
     """
-    if type(seq) is not int or not 0 <= seq <= _MAX_SEQ:
-        return "seq must be an int from 0 to 2**64 - 1"
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        return f"seq must be an int from 0 to {MAX_SEQ}"
     if type(digest) is not bytes:
         return f"digest must be bytes, not {type(digest).__name__}"
     if len(digest) not in (0, DIGEST_LENGTH):
@@ -275,6 +284,23 @@ class SessionState:
         return now >= self.expires
 
 
+def der_protocol(der: bytes) -> str | None:
+    """
+    The TLS version of the OpenSSL session C{der}, C{"TLSv1.2"} or
+    C{"TLSv1.3"}, read from the head of its encoding (a SEQUENCE, then
+    INTEGER 1, then INTEGER ssl_version), or C{None} when it does not begin
+    that way: the giver of a session checks it against the handshake that
+    asks, before the session moves, with no TLS library.
+    """
+    if len(der) < 2 or der[0] != 0x30:
+        return None
+    # The SEQUENCE's length: short form, or long form in one or two bytes.
+    at = 2 if der[1] < 0x80 else 2 + (der[1] - 0x80)
+    if at > 4 or der[at:at + 5] != b"\x02\x01\x01\x02\x02":
+        return None
+    return _DER_PROTOCOLS.get(der[at + 5:at + 7])
+
+
 class _Reader:
     """
     Reads fields off an encoding, checking each length before it slices.
@@ -334,6 +360,8 @@ class StateKeys:
         """
         if not keys:
             raise ValueError("no state keys")
+        if len(keys) > MAX_KEYS:
+            raise ValueError(f"{len(keys)} state keys (at most {MAX_KEYS})")
         self._ciphers: dict[bytes, AESGCM] = {}
         ids = []
         for index, key in enumerate(keys):
@@ -392,11 +420,24 @@ class StateKeys:
         """
         return os.urandom(KEY_LENGTH)
 
-    def seal(self, state: SessionState) -> bytes:
+    def sealing_key_for(self, key_ids: Sequence[bytes]) -> bytes | None:
         """
-        C{state}, encrypted and authenticated under the sealing key.
+        The id of the key to seal a state with for a node that holds the
+        keys C{key_ids}: this node's sealing key when that node has it
+        (either side may be a step ahead in a key rotation), else the first
+        key of both; C{None} when they share none.
         """
-        identifier = self.key_ids[0]
+        for identifier in self.key_ids:
+            if identifier in key_ids:
+                return identifier
+        return None
+
+    def seal(self, state: SessionState, key_id: bytes | None = None) -> bytes:
+        """
+        C{state}, encrypted and authenticated under the sealing key, or
+        under the key named C{key_id}, one of L{key_ids}.
+        """
+        identifier = self.key_ids[0] if key_id is None else key_id
         nonce = os.urandom(NONCE_LENGTH)
         ciphertext = self._ciphers[identifier].encrypt(
             nonce, state.encode(), _aad(state.session_id, state.id_context))

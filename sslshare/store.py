@@ -257,6 +257,16 @@ class SessionStore:
         record = self._live(session_id)
         return None if record is None else self._state(session_id, record)
 
+    def held_by(self, session_id: bytes) -> str | None:
+        """
+        The holder a live session under C{session_id} names, or C{None}:
+        cheaper than L{get}, which rebuilds the whole state.
+        """
+        record = self._live(session_id)
+        if record is None:
+            return None
+        return self._contexts[_HEAD.unpack_from(record)[3]][1]
+
     def sessions(self) -> list[SessionState]:
         """
         Every unexpired session held, least recently used first.

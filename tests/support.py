@@ -506,7 +506,7 @@ session_states = st.builds(
                   min_size=1, max_size=state.MAX_OWNER_CHARACTERS)
     .filter(str.isprintable),
     created_expires=st.tuples(_times, _times),
-    seq=st.integers(0, 2 ** 64 - 1),
+    seq=st.integers(0, state.MAX_SEQ),
     digest=st.one_of(st.just(b""), st.binary(min_size=32, max_size=32)),
 )
 

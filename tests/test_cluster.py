@@ -81,7 +81,7 @@ class RecordingHandler:
         self.holders = {}
         self.pending = None
 
-    def fetch_session(self, session_id, requester):
+    def fetch_session(self, session_id, requester, terms=None):
         self.calls.append(("fetch_session", session_id, requester))
         if self.pending is not None:
             return self.pending

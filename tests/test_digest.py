@@ -26,7 +26,9 @@ from twisted.trial.unittest import TestCase
 from sslshare import digest, sessionid, tls
 from sslshare.digest import (
     CLIENT_TO_SERVER,
+    MAX_SEQ,
     SERVER_TO_CLIENT,
+    ChainExhausted,
     CheckpointPipeline,
     CheckpointPolicy,
     FailureLog,
@@ -139,8 +141,13 @@ class EncodingTests(TestCase):
 
     def test_resume_checks_seq_and_digest(self):
         self.assertRaises(ValueError, RunningDigest.resume, 0, bytes(32))
-        self.assertRaises(ValueError, RunningDigest.resume, 2 ** 64, bytes(32))
+        self.assertRaises(ValueError, RunningDigest.resume, MAX_SEQ + 1, bytes(32))
         self.assertRaises(ValueError, RunningDigest.resume, 1, b"")
+
+    def test_a_chain_at_the_bound_takes_no_step(self):
+        chain = RunningDigest.resume(MAX_SEQ, bytes(32))
+        self.assertRaises(ChainExhausted, chain.update, CLIENT_TO_SERVER, b"x")
+        self.assertEqual((chain.seq, chain.digest), (MAX_SEQ, bytes(32)))
 
     def test_repr_shows_no_digest(self):
         chain = RunningDigest.start(SESSION_ID, EXPORTER)

@@ -311,7 +311,7 @@ class _StallingHandler:
     def __init__(self):
         self.fetches = []
 
-    def fetch_session(self, session_id, requester):
+    def fetch_session(self, session_id, requester, terms=None):
         waiting = Deferred()
         self.fetches.append(waiting)
         return waiting

@@ -102,8 +102,8 @@ class JSONLogTests(TestCase):
             # Every state a node seals (new sessions for their backup node,
             # sessions given to a peer), as it leaves the node.
             seal = node.keys.seal
-            node.keys.seal = lambda state, seal=seal: sealed.append(
-                (state, seal(state))) or sealed[-1][1]
+            node.keys.seal = lambda state, key_id=None, seal=seal: (
+                sealed.append((state, seal(state, key_id))) or sealed[-1][1])
         for version in ("TLSv1.2", "TLSv1.3"):
             result = yield cluster.client_round("node1", version)
             for node in ("node1", "node3", "node2", "node3"):

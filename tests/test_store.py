@@ -13,6 +13,7 @@ from hypothesis import assume, given
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from sslshare.state import MAX_SEQ
 from sslshare.store import ENTRY_OVERHEAD, TOMBSTONE_OVERHEAD, SessionStore
 from tests.support import session_state, session_states
 from tests.test_state import properties
@@ -300,9 +301,9 @@ class CheckpointTests(StoreTestCase):
                           self.s.session_id, 1.5, b"\x01" * 32)
         self.assertEqual(self.store.get(self.s.session_id), self.s)
 
-    def test_seq_past_64_bits_raises(self):
+    def test_seq_past_the_bound_raises(self):
         self.assertRaises(ValueError, self.store.update_checkpoint,
-                          self.s.session_id, 2 ** 64, b"\x01" * 32)
+                          self.s.session_id, MAX_SEQ + 1, b"\x01" * 32)
 
     def test_digest_that_is_not_bytes_raises(self):
         e = self.assertRaises(ValueError, self.store.update_checkpoint,

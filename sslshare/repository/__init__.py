@@ -77,12 +77,14 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
 from sslshare import sessionid
-from sslshare.state import DIGEST_LENGTH, MAX_SEALED_LENGTH
+from sslshare.state import (
+    MAX_SEALED_LENGTH,
+    MAX_SEQ,
+    checkpoint_problem,
+)
 
 T = TypeVar("T")
 
-# Checkpoints are signed 64-bit integers in SQLite and PostgreSQL.
-MAX_SEQ = 2 ** 63 - 1
 # Seconds a connection attempt or a single command may take before it
 # fails: the recovery chain waits for tens of milliseconds, so a server that
 # does not answer must free its worker thread soon.
@@ -185,14 +187,20 @@ class Taken:
     What a C{take} got: the sealed blob, and the checkpoint stored beside
     it (C{(0, b"")} before the first), which may be newer than the one
     sealed in the blob.
+
+    @ivar expires: the unix time the row would have ended at, which a node
+        that cannot use the blob puts it back with; not compared: two takes
+        of the same row are equal whenever they were made.
     """
 
     sealed: bytes = attrs.field(repr=False)
     seq: int = 0
     digest: bytes = attrs.field(default=b"", repr=False)
+    expires: float = attrs.field(default=math.inf, eq=False)
 
 
-def taken_outcome(sealed: object, seq: object, digest: object) -> Outcome:
+def taken_outcome(sealed: object, seq: object, digest: object,
+                  expires: float) -> Outcome:
     """
     The outcome of a take that found a live row: a hit, or what is wrong
     with the row.
@@ -200,7 +208,7 @@ def taken_outcome(sealed: object, seq: object, digest: object) -> Outcome:
     problem = sealed_problem(sealed) or checkpoint_problem(seq, digest)
     if problem is not None:
         return Outcome("bad", problem)
-    return Outcome("hit", Taken(sealed, seq, digest))
+    return Outcome("hit", Taken(sealed, seq, digest, expires))
 
 
 class InOrder:
@@ -264,19 +272,6 @@ def sealed_problem(sealed: object) -> str | None:
         return f"the blob is a {type(sealed).__name__}, not bytes"
     if not 0 < len(sealed) <= MAX_SEALED_LENGTH:
         return f"the blob is {len(sealed)} bytes (1..{MAX_SEALED_LENGTH} expected)"
-    return None
-
-
-def checkpoint_problem(seq: object, digest: object) -> str | None:
-    """
-    What is wrong with a checkpoint read back from storage, or C{None}.
-    """
-    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
-        return f"the checkpoint seq is not an integer in 0..{MAX_SEQ}"
-    if not isinstance(digest, bytes):
-        return f"the digest is a {type(digest).__name__}, not bytes"
-    if len(digest) not in (0, DIGEST_LENGTH):
-        return f"the digest is {len(digest)} bytes (0 or {DIGEST_LENGTH} expected)"
     return None
 
 

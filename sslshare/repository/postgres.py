@@ -204,7 +204,7 @@ class PostgresRepository(ThreadedRepository):
             return Outcome("bad", problem)
         if expires <= now:
             return EXPIRED
-        return taken_outcome(sealed, seq, as_bytes(digest))
+        return taken_outcome(sealed, seq, as_bytes(digest), expires)
 
     @_schema_first
     def _do_checkpoint(self, connection: psycopg.Connection,

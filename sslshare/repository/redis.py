@@ -31,6 +31,7 @@ password from a password file replaces any in the URL.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -73,9 +74,10 @@ return 1
 
 _TAKE = _HASH_OR_DISCARD + """
 local stored = redis.call('HMGET', KEYS[1], 'sealed', 'seq', 'digest')
+local lifetime = redis.call('PTTL', KEYS[1])
 redis.call('DEL', KEYS[1])
 if not stored[1] then return {'bad', 'the hash has no blob'} end
-return {'hit', stored[1], stored[2] or '', stored[3] or ''}
+return {'hit', stored[1], stored[2] or '', stored[3] or '', lifetime}
 """
 
 _CHECKPOINT = """
@@ -225,7 +227,11 @@ class RedisRepository(ThreadedRepository):
         seq = _seq_from_text(answer[2])
         if seq is None:
             return Outcome("bad", "the checkpoint seq is not 20 digits")
-        return taken_outcome(answer[1], seq, answer[3])
+        # PTTL: milliseconds left, negative for a key without an expiry
+        # (written by hand: every put sets one).
+        lifetime = answer[4]
+        expires = now + lifetime / 1000 if lifetime >= 0 else math.inf
+        return taken_outcome(answer[1], seq, answer[3], expires)
 
     def _do_checkpoint(self, connection: _Client, session_id: bytes,
                        seq: int, digest: bytes, now: float) -> bool:

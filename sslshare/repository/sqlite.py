@@ -157,7 +157,7 @@ class SQLiteRepository(ThreadedRepository):
         _, sealed, expires, seq, digest = rows[0]
         if expires <= now:
             return EXPIRED
-        return taken_outcome(as_bytes(sealed), seq, as_bytes(digest))
+        return taken_outcome(as_bytes(sealed), seq, as_bytes(digest), expires)
 
     @staticmethod
     def _take_in_transaction(connection: sqlite3.Connection,
