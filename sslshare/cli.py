@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from sslshare import cluster, config, pki
 from sslshare.errors import FileError
-from sslshare.state import StateKeys
+from sslshare.state import SealError, StateKeyError, StateKeys
 
 T = TypeVar("T")
 
@@ -344,7 +344,12 @@ def _stored_checkpoint(arguments: argparse.Namespace,
     if found is None:
         raise CommandError(f"the repository holds no session "
                            f"{session_id.hex()[:12]}…")
-    return found
+    seq, sealed = found
+    try:
+        return seq, StateKeys.from_file(
+            node_config.cluster.state_key).open_checkpoint(session_id, seq, sealed)
+    except (StateKeyError, SealError) as e:
+        raise CommandError(f"the repository's checkpoint: {e}") from None
 
 
 def _digest_verify(arguments: argparse.Namespace) -> None:

@@ -347,7 +347,8 @@ class Node:
         """
         self.store.update_checkpoint(session_id, seq, digest)
         if self.repository is not None:
-            return self.repository.checkpoint(session_id, seq, digest)
+            return self.repository.checkpoint(
+                session_id, seq, self.keys.seal_checkpoint(session_id, seq, digest))
         backup = self._backup_node(session_id)
         if backup is None:
             # A cluster of one: there is nowhere outside.
@@ -393,18 +394,19 @@ class Node:
             key_id = self.keys.sealing_key_for(terms.key_ids)
         state = self.store.take(session_id)
         if state is not None:
+            given = state.with_owner(requester)
             # The requester holds it from now on; whoever asks us later is
-            # sent there.
-            self.store.tombstone(session_id, requester, state.expires)
+            # sent there, and a copy of it from before is an old one.
+            self.store.tombstone(session_id, requester, given.expires,
+                                 given.moves)
             self.counters["sessions_given"] += 1
             self._log.debug("gave session {session} to {peer}",
                             session=sessionid.describe(session_id),
                             peer=requester)
             self._purge_other_copy(state, requester)
-            return FetchAnswer("found", self.keys.seal(
-                state.with_owner(requester), key_id))
+            return FetchAnswer("found", self.keys.seal(given, key_id))
         holder = self.store.holder(session_id)
-        if holder is not None and holder != requester:
+        if holder not in (None, requester, self.node_id):
             return FetchAnswer("redirect", holder=holder)
         return FetchAnswer("missing")
 
@@ -489,7 +491,7 @@ class Node:
             self._refused_peer("Purge", session_id, requester, holder)
             return False
         state = self.store.take(session_id)
-        self.store.tombstone(session_id, requester, state.expires)
+        self.store.tombstone(session_id, requester, state.expires, state.moves)
         return True
 
     def _refused_peer(self, command: str, session_id: bytes, requester: str,

@@ -207,7 +207,8 @@ class Recovery:
         chain cannot continue from, ignored), C{unresumable} (a session
         found of another TLS version or service than the handshake: left as
         it was), C{given_back} (taken from the repository, and put back
-        unused),
+        unused), C{replays_refused} (a copy of a session from before it
+        last left this node),
         C{repository_<put|purge|checkpoint>_failures},
         C{peer_<backup|purge>_failures}.
     """
@@ -296,7 +297,7 @@ class Recovery:
             if self.repository is not None:
                 return await self._own_session_taken_from_repository(
                     request, context, local)
-            self._used_here(request)
+            self._used_here(request, local)
             return Recovered(local, "local")
         if not self._admit(request.client):
             return None
@@ -358,7 +359,7 @@ class Recovery:
             # Past clients leave nothing behind.
             del self._asking_for[client]
 
-    def _used_here(self, request: LookupRequest) -> None:
+    def _used_here(self, request: LookupRequest, state: SessionState) -> None:
         """
         This node resumes a session it holds.  A TLS 1.2 session is resumed
         again and again under one id, so it stays; a TLS 1.3 ticket is
@@ -368,11 +369,20 @@ class Recovery:
         if request.protocol == "TLSv1.2":
             return
         session_id = request.session_id
-        self.store.take(session_id)
+        self._used_up(state)
         if self.repository is not None:
             self._repository_write("purge", self.repository.purge(session_id))
         self._purge_elsewhere(session_id,
                               {self._backup_node(session_id, self.node_id)})
+
+    def _used_up(self, ticket: SessionState) -> None:
+        """
+        Drop a TLS 1.3 ticket this node used, remembering how often it had
+        moved: a copy of it that comes back (put back into the repository)
+        is an old one, and refused.
+        """
+        self.store.tombstone(ticket.session_id, self.node_id, ticket.expires,
+                             ticket.moves)
 
     async def _own_session_taken_from_repository(
             self, request: LookupRequest, context: bytes,
@@ -419,6 +429,8 @@ class Recovery:
             self.store.put(state)
             self._repository_write("put", self.repository.put(
                 session_id, self.keys.seal(state), state.expires))
+        else:
+            self._used_up(opened.state)
         return Recovered(state, "local")
 
     def _give_back(self, session_id: bytes, taken: Taken) -> None:
@@ -556,14 +568,16 @@ class Recovery:
         _, taken = await self._take_from_repository(request)
         if taken is None:
             return None
-        found = self._open(taken.sealed, request, context, "repository", None,
-                           "repository")
-        if found is None or not self._resumable(found.state, request, context):
+        state = self._opened(taken.sealed, request, context, "repository", None)
+        if state is not None and self._replayed(state):
+            return None
+        if (state is None or state.expired(self.clock.seconds())
+                or not self._resumable(state, request, context)):
             # Not this handshake's to use up: back as it was.
             self._give_back(request.session_id, taken)
             return None
-        return attrs.evolve(
-            found, state=self._with_repository_checkpoint(found.state, taken))
+        return Recovered(self._with_repository_checkpoint(state, taken),
+                         "repository")
 
     async def _take_from_repository(self, request: LookupRequest
                                     ) -> tuple[bool, Taken | None]:
@@ -588,10 +602,15 @@ class Recovery:
                                     taken: Taken) -> SessionState:
         """
         C{state} with the checkpoint the repository kept beside its copy,
-        when that is newer.
+        when that is newer and authentic: a forged seq must not become the
+        chain's (one at the bound would stop its checkpoints).
         """
+        if taken.seq <= state.seq:
+            return state
         try:
-            return state.with_checkpoint(taken.seq, taken.digest)
+            digest = self.keys.open_checkpoint(state.session_id, taken.seq,
+                                               taken.digest)
+            return state.with_checkpoint(taken.seq, digest)
         except ValueError as e:
             self.counters["bad_checkpoints"] += 1
             self._log.warn("ignored the repository's checkpoint of session "
@@ -603,8 +622,21 @@ class Recovery:
     def _open(self, sealed: bytes | None, request: LookupRequest,
               context: bytes, source: str, giver: str | None,
               found_at: str) -> Recovered | None:
+        """
+        The session sealed in C{sealed}, if it opens, is not an old copy
+        and has not expired.
+        """
+        state = self._opened(sealed, request, context, source, giver)
+        if (state is None or self._replayed(state)
+                or state.expired(self.clock.seconds())):
+            return None
+        return Recovered(state, source, giver, found_at)
+
+    def _opened(self, sealed: bytes | None, request: LookupRequest,
+                context: bytes, source: str,
+                giver: str | None) -> SessionState | None:
         try:
-            state = self.keys.open(sealed or b"", request.session_id, context)
+            return self.keys.open(sealed or b"", request.session_id, context)
         except SealError as e:
             self.counters["unsealable"] += 1
             self._log.warn("could not open the state of session {session} "
@@ -613,9 +645,22 @@ class Recovery:
                            source=source if giver is None else f"peer {giver}",
                            why=str(e))
             return None
-        if state.expired(self.clock.seconds()):
-            return None
-        return Recovered(state, source, giver, found_at)
+
+    def _replayed(self, state: SessionState) -> bool:
+        """
+        Whether C{state} is a copy of the session from before it last left
+        this node (given away, purged or used up here), counted
+        (C{replays_refused}).
+        """
+        seen = self.store.moves_seen(state.session_id)
+        if seen is None or state.moves > seen:
+            return False
+        self.counters["replays_refused"] += 1
+        self._warnings.warn("refused an old copy of session {session} (moved "
+                            "{moves} times, {seen} when it left this node)",
+                            session=sessionid.describe(state.session_id),
+                            moves=state.moves, seen=seen)
+        return True
 
     def _hold(self, found: Recovered, request: LookupRequest) -> None:
         """
@@ -647,7 +692,7 @@ class Recovery:
                         backup, session_id, self.keys.seal(mine)))
         else:
             # A used ticket lives nowhere, this node's backup copy included.
-            self.store.take(session_id)
+            self._used_up(found.state)
             if self.repository is not None and found.source != "repository":
                 self._repository_write("purge",
                                        self.repository.purge(session_id))

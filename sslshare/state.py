@@ -4,12 +4,13 @@ The state of one TLS session as the cluster carries it, and its sealing.
 L{SessionState} is what moves between nodes and rests in a repository: the
 session id and its context, the DER bytes of the OpenSSL session (a secret:
 it holds the master key), the node that holds it now, its lifetime, and the
-checkpoint of its record digest.  Its binary encoding is strict and
+checkpoint of its record digest, and how many times it has moved.  Its
+binary encoding is strict and
 versioned; decoding checks every length and field, so bytes from a peer or
 from storage either become a valid state or raise L{StateFormatError}:
 
     offset  size  field
-    0       1     format, always 1
+    0       1     format, always 2
     1       32    session id (L{sslshare.sessionid} layout)
     33      1     n: length of the session id context, 1..32
     34      n     session id context
@@ -17,7 +18,8 @@ from storage either become a valid state or raise L{StateFormatError}:
             m     owner: 1..64 printable characters
             8     created, unix time, IEEE 754 binary64
             8     expires, the same; not before created
-            8     seq, unsigned
+            8     seq, unsigned, at most MAX_SEQ
+            4     moves, unsigned
             1     d: digest length, 0 or 32
             d     digest
             2     k: DER length, 1..MAX_DER_LENGTH
@@ -34,9 +36,16 @@ for storage with AES-GCM under the cluster state key:
     17      ...   ciphertext of the encoding, then the 16-byte tag
 
 The additional data binds a blob to its session id and context, so a blob
-filed under another session never opens.  The first key seals and every key
+filed under another session never opens.  The move count tells a replayed
+older blob from the session's present one: a node that saw the session
+leave at some count refuses every copy at or below it.  The first key seals and every key
 opens, which lets a cluster rotate keys.  Random 96-bit nonces are safe for
 about 2**32 seals under one key (NIST SP 800-38D): rotate before that.
+
+A checkpoint kept beside a blob (a repository's seq and digest columns) is
+authenticated apart, since it changes without the blob: the digest, then a
+16-byte tag, the first bytes of HMAC-SHA256 under a key derived from the
+state key over the session id, the seq and the digest.
 
 This module does no I/O beyond reading a key file, and never puts a DER or
 a key into a message, a log or a C{repr}.
@@ -59,7 +68,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sslshare import sessionid
 from sslshare.errors import FileError
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 SEAL_FORMAT = 1
 MAX_ID_CONTEXT_LENGTH = sessionid.ID_CONTEXT_LENGTH
 MAX_OWNER_CHARACTERS = 64
@@ -70,7 +79,7 @@ DIGEST_LENGTH = 32
 # certificate; the bound keeps a sealed state under MAX_SEALED_LENGTH.
 MAX_DER_LENGTH = 12 * 1024
 MAX_ENCODED_LENGTH = (1 + sessionid.SESSION_ID_LENGTH + 1 + MAX_ID_CONTEXT_LENGTH
-                      + 2 + MAX_OWNER_BYTES + 8 + 8 + 8 + 1 + DIGEST_LENGTH
+                      + 2 + MAX_OWNER_BYTES + 8 + 8 + 8 + 4 + 1 + DIGEST_LENGTH
                       + 2 + MAX_DER_LENGTH)
 KEY_LENGTH = 32
 KEY_ID_LENGTH = 4
@@ -84,12 +93,17 @@ _AAD_PREFIX = b"sslshare state v1\0"
 # a seq travels through PostgreSQL's bigint and Redis' integers, both signed
 # 64-bit.  A chain at the bound takes no more steps.
 MAX_SEQ = 2 ** 63 - 1
-_TIMES_AND_SEQ = struct.Struct("!ddQ")
+MAX_MOVES = 2 ** 32 - 1
+_TIMES_SEQ_AND_MOVES = struct.Struct("!ddQI")
 _KEY_LINE = re.compile(r"[0-9a-fA-F]{64}")
 # The TLS versions a session may have, as the engine names them, by the
 # ssl_version an OpenSSL session's DER begins with.
 _DER_PROTOCOLS = {b"\x03\x03": "TLSv1.2", b"\x03\x04": "TLSv1.3"}
 PROTOCOLS = tuple(_DER_PROTOCOLS.values())
+CHECKPOINT_TAG_LENGTH = 16
+SEALED_CHECKPOINT_LENGTH = DIGEST_LENGTH + CHECKPOINT_TAG_LENGTH
+_CHECKPOINT_KEY_LABEL = b"sslshare checkpoint key v1"
+_CHECKPOINT_PREFIX = b"sslshare checkpoint v1\0"
 # Keys a node opens with at once: a rotation needs two or three.
 MAX_KEYS = 8
 
@@ -149,20 +163,24 @@ def _problem(state: SessionState) -> str | None:
         return "created and expires must be finite"
     if state.expires < state.created:
         return "expires is before created"
+    if type(state.moves) is not int or not 0 <= state.moves <= MAX_MOVES:
+        return f"moves must be an int from 0 to {MAX_MOVES}"
     return checkpoint_problem(state.seq, state.digest)
 
 
-def checkpoint_problem(seq: object, digest: object) -> str | None:
+def checkpoint_problem(seq: object, digest: object,
+                       digest_length: int = DIGEST_LENGTH) -> str | None:
     """
     What makes C{seq} and C{digest} invalid as the checkpoint of a state,
-    or C{None}.
+    or C{None}; a sealed checkpoint (L{StateKeys.seal_checkpoint}) has a
+    C{digest_length} of L{SEALED_CHECKPOINT_LENGTH}.
     """
     if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
         return f"seq must be an int from 0 to {MAX_SEQ}"
     if type(digest) is not bytes:
         return f"digest must be bytes, not {type(digest).__name__}"
-    if len(digest) not in (0, DIGEST_LENGTH):
-        return (f"digest must be empty or {DIGEST_LENGTH} bytes, "
+    if len(digest) not in (0, digest_length):
+        return (f"digest must be empty or {digest_length} bytes, "
                 f"not {len(digest)}")
     return None
 
@@ -183,6 +201,7 @@ class SessionState:
     @ivar expires: unix time, not before C{created}.
     @ivar seq: the number of records the digest covers.
     @ivar digest: C{b""} or the 32-byte running digest.
+    @ivar moves: how many times the session went to another holder.
     """
 
     session_id: bytes
@@ -194,6 +213,7 @@ class SessionState:
     expires: float = attrs.field(converter=_unix_time)
     seq: int = 0
     digest: bytes = b""
+    moves: int = 0
 
     def __attrs_post_init__(self) -> None:
         problem = _problem(self)
@@ -209,7 +229,8 @@ class SessionState:
             bytes((STATE_FORMAT,)), self.session_id,
             bytes((len(self.id_context),)), self.id_context,
             struct.pack("!H", len(owner)), owner,
-            _TIMES_AND_SEQ.pack(self.created, self.expires, self.seq),
+            _TIMES_SEQ_AND_MOVES.pack(self.created, self.expires, self.seq,
+                                      self.moves),
             bytes((len(self.digest),)), self.digest,
             struct.pack("!H", len(self.der)), self.der,
         ))
@@ -231,8 +252,8 @@ class SessionState:
             "session id context")
         owner_bytes = reader.take(
             reader.length(2, "owner", 1, MAX_OWNER_BYTES), "owner")
-        created, expires, seq = _TIMES_AND_SEQ.unpack(
-            reader.take(_TIMES_AND_SEQ.size, "times and seq"))
+        created, expires, seq, moves = _TIMES_SEQ_AND_MOVES.unpack(
+            reader.take(_TIMES_SEQ_AND_MOVES.size, "times, seq and moves"))
         digest_length = reader.byte("digest length")
         if digest_length not in (0, DIGEST_LENGTH):
             raise StateFormatError(
@@ -249,15 +270,21 @@ class SessionState:
         try:
             return cls(session_id=session_id, id_context=id_context, der=der,
                        owner=owner, created=created, expires=expires,
-                       seq=seq, digest=digest)
+                       seq=seq, digest=digest, moves=moves)
         except ValueError as e:
             raise StateFormatError(str(e)) from None
 
     def with_owner(self, owner: str) -> SessionState:
         """
-        This state, held by C{owner}.
+        This state, held by C{owner}: one move more when that is another
+        holder.
         """
-        return attrs.evolve(self, owner=owner)
+        if owner == self.owner:
+            return self
+        # Four billion moves within one lifetime: not reached in practice,
+        # and a count that stops there still refuses every older copy.
+        return attrs.evolve(self, owner=owner,
+                            moves=min(self.moves + 1, MAX_MOVES))
 
     def with_checkpoint(self, seq: int, digest: bytes) -> SessionState:
         """
@@ -347,6 +374,12 @@ def _aad(session_id: bytes, id_context: bytes) -> bytes:
     return _AAD_PREFIX + session_id + id_context
 
 
+def _checkpoint_tag(key: bytes, session_id: bytes, seq: int,
+                    digest: bytes) -> bytes:
+    message = _CHECKPOINT_PREFIX + session_id + seq.to_bytes(8, "big") + digest
+    return hmac.new(key, message, hashlib.sha256).digest()[:CHECKPOINT_TAG_LENGTH]
+
+
 class StateKeys:
     """
     Cluster state keys: the first seals, all open (rotation, issue 9).
@@ -363,6 +396,10 @@ class StateKeys:
         if len(keys) > MAX_KEYS:
             raise ValueError(f"{len(keys)} state keys (at most {MAX_KEYS})")
         self._ciphers: dict[bytes, AESGCM] = {}
+        # In the order of the keys: the first tags, all check.
+        self._checkpoint_keys = [
+            hmac.new(key, _CHECKPOINT_KEY_LABEL, hashlib.sha256).digest()
+            for key in keys]
         ids = []
         for index, key in enumerate(keys):
             if type(key) is not bytes or len(key) != KEY_LENGTH:
@@ -442,6 +479,41 @@ class StateKeys:
         ciphertext = self._ciphers[identifier].encrypt(
             nonce, state.encode(), _aad(state.session_id, state.id_context))
         return bytes((SEAL_FORMAT,)) + identifier + nonce + ciphertext
+
+    def seal_checkpoint(self, session_id: bytes, seq: int,
+                        digest: bytes) -> bytes:
+        """
+        The checkpoint C{(seq, digest)} of C{session_id} as it is kept
+        beside a sealed blob: the digest and its tag under the sealing key
+        (C{b""} before the first record).
+        """
+        if not digest:
+            return b""
+        return digest + _checkpoint_tag(self._checkpoint_keys[0], session_id,
+                                        seq, digest)
+
+    def open_checkpoint(self, session_id: bytes, seq: int,
+                        sealed: bytes) -> bytes:
+        """
+        The digest of a checkpoint made by L{seal_checkpoint}.
+
+        @raise SealError: it is not one, for this session and seq, under
+            any of the keys.
+        """
+        if not sealed and not seq:
+            return b""
+        if len(sealed) != SEALED_CHECKPOINT_LENGTH:
+            raise SealError(
+                f"checkpoint of session {sessionid.describe(session_id)}: "
+                f"{len(sealed)} bytes, not {SEALED_CHECKPOINT_LENGTH}")
+        digest, tag = sealed[:DIGEST_LENGTH], sealed[DIGEST_LENGTH:]
+        for key in self._checkpoint_keys:
+            if hmac.compare_digest(
+                    tag, _checkpoint_tag(key, session_id, seq, digest)):
+                return digest
+        raise SealError(
+            f"checkpoint {seq} of session {sessionid.describe(session_id)}: "
+            f"authentication failed (forged, or another session's or seq's)")
 
     def open(self, blob: bytes, session_id: bytes,
              id_context: bytes) -> SessionState:

@@ -17,16 +17,17 @@ checked field by field by its constructor, when one is read:
     8       8     created, the same
     16      8     seq
     24      4     the number of its (session id context, owner) pair
-    28      1     d: digest length, 0 or 32
-    29      d     digest
-    29+d    ...   DER
+    28      4     moves
+    32      1     d: digest length, 0 or 32
+    33      d     digest
+    33+d    ...   DER
 
 in native byte order.  The session id is the dict's key; the id context and
 owner, which many sessions share, are numbered in a table the store keeps
 while a session uses them.  A checkpoint rewrites the record's head and
 digest without making a state.  A tombstone is a bytes object of its own
-type: the unix time it ends at, binary64, then the holder's node id in
-UTF-8.
+type: the unix time it ends at, binary64, the session's move count when it
+left, 4 bytes, then the holder's node id in UTF-8.
 
 The store is bounded in bytes.  A session costs the length of its DER plus
 L{ENTRY_OVERHEAD}, a tombstone costs L{TOMBSTONE_OVERHEAD}: estimates of
@@ -57,26 +58,31 @@ TOMBSTONE_OVERHEAD = 232
 
 # Sessions and tombstones both start with the unix time they end at.
 _ENDS = struct.Struct("=d")
-_HEAD = struct.Struct("=ddQIB")
+_HEAD = struct.Struct("=ddQIIB")
+_TOMBSTONE_HEAD = struct.Struct("=dI")
 _DIGEST_AT = _HEAD.size
 
 
 class _Tombstone(bytes):
     """
-    Where a taken session went: the unix time the tombstone ends at, then
-    the holder's node id in UTF-8.  A type of its own, so that a tombstone
-    is never read as a session record.
+    Where a taken session went: the unix time the tombstone ends at, the
+    session's move count then, and the holder's node id in UTF-8.  A type
+    of its own, so that a tombstone is never read as a session record.
     """
 
     __slots__ = ()
 
     @classmethod
-    def of(cls, holder: str, until: float) -> _Tombstone:
-        return cls(_ENDS.pack(until) + holder.encode("utf-8"))
+    def of(cls, holder: str, until: float, moves: int) -> _Tombstone:
+        return cls(_TOMBSTONE_HEAD.pack(until, moves) + holder.encode("utf-8"))
 
     @property
     def holder(self) -> str:
-        return self[_ENDS.size:].decode("utf-8")
+        return self[_TOMBSTONE_HEAD.size:].decode("utf-8")
+
+    @property
+    def moves(self) -> int:
+        return _TOMBSTONE_HEAD.unpack_from(self)[1]
 
 
 class _Contexts:
@@ -208,18 +214,19 @@ class SessionStore:
         context = self._contexts.acquire(state.id_context, state.owner)
         return b"".join((
             _HEAD.pack(state.expires, state.created, state.seq, context,
-                       len(state.digest)),
+                       state.moves, len(state.digest)),
             state.digest, state.der))
 
     def _state(self, session_id: bytes, record: bytes) -> SessionState:
         # The constructor checks every field again, as a decoder should.
-        expires, created, seq, context, digest_length = _HEAD.unpack_from(record)
+        expires, created, seq, context, moves, digest_length = (
+            _HEAD.unpack_from(record))
         id_context, owner = self._contexts[context]
         der_at = _DIGEST_AT + digest_length
         return SessionState(
             session_id=session_id, id_context=id_context, der=record[der_at:],
             owner=owner, created=created, expires=expires, seq=seq,
-            digest=record[_DIGEST_AT:der_at])
+            digest=record[_DIGEST_AT:der_at], moves=moves)
 
     def put(self, state: SessionState) -> None:
         """
@@ -289,7 +296,8 @@ class SessionStore:
         record = self._live(session_id)
         if record is None:
             return False
-        expires, created, held, context, digest_length = _HEAD.unpack_from(record)
+        expires, created, held, context, moves, digest_length = (
+            _HEAD.unpack_from(record))
         if seq <= held:
             return False
         problem = checkpoint_problem(seq, digest)
@@ -297,7 +305,8 @@ class SessionStore:
             raise ValueError(problem)
         # Same DER, same cost: the accounting does not change.
         self._entries[session_id] = b"".join((
-            _HEAD.pack(expires, created, seq, context, len(digest)), digest,
+            _HEAD.pack(expires, created, seq, context, moves, len(digest)),
+            digest,
             record[_DIGEST_AT + digest_length:]))
         return True
 
@@ -314,26 +323,40 @@ class SessionStore:
         self.counters["discarded"] += 1
         return True
 
-    def tombstone(self, session_id: bytes, holder: str, until: float) -> None:
+    def tombstone(self, session_id: bytes, holder: str, until: float,
+                  moves: int = 0) -> None:
         """
         Remember until unix time C{until} that node C{holder} has the
-        session now; a session still held under that id is dropped, since
-        it lives elsewhere.
+        session now, and that it had moved C{moves} times when it left;
+        a session still held under that id is dropped, since it lives
+        elsewhere.
         """
-        self._add(session_id, _Tombstone.of(holder, until))
+        self._add(session_id, _Tombstone.of(holder, until, moves))
         self.counters["tombstones"] += 1
 
-    def holder(self, session_id: bytes) -> str | None:
-        """
-        The node a live tombstone names, or C{None}.
-        """
+    def _tombstone(self, session_id: bytes) -> _Tombstone | None:
         entry = self._entries.get(session_id)
         if type(entry) is not _Tombstone:
             return None
         if self._clock.seconds() >= _ENDS.unpack_from(entry)[0]:
             self._remove(session_id)
             return None
-        return entry.holder
+        return entry
+
+    def holder(self, session_id: bytes) -> str | None:
+        """
+        The node a live tombstone names, or C{None}.
+        """
+        entry = self._tombstone(session_id)
+        return None if entry is None else entry.holder
+
+    def moves_seen(self, session_id: bytes) -> int | None:
+        """
+        The move count a live tombstone recorded, or C{None}: a copy of
+        the session at or below it is an old one.
+        """
+        entry = self._tombstone(session_id)
+        return None if entry is None else entry.moves
 
     def expire(self) -> int:
         """

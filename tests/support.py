@@ -495,10 +495,12 @@ def session_state(**fields):
 session_ids = st.binary(min_size=31, max_size=31).map(lambda b: b"\x01" + b)
 _times = st.floats(allow_nan=False, allow_infinity=False)
 session_states = st.builds(
-    lambda session_id, id_context, der, owner, created_expires, seq, digest:
+    lambda session_id, id_context, der, owner, created_expires, seq, digest,
+    moves:
         SessionState(session_id=session_id, id_context=id_context, der=der,
                      owner=owner, created=min(created_expires),
-                     expires=max(created_expires), seq=seq, digest=digest),
+                     expires=max(created_expires), seq=seq, digest=digest,
+                     moves=moves),
     session_id=session_ids,
     id_context=st.binary(min_size=1, max_size=state.MAX_ID_CONTEXT_LENGTH),
     der=st.binary(min_size=1, max_size=state.MAX_DER_LENGTH),
@@ -508,6 +510,7 @@ session_states = st.builds(
     created_expires=st.tuples(_times, _times),
     seq=st.integers(0, state.MAX_SEQ),
     digest=st.one_of(st.just(b""), st.binary(min_size=32, max_size=32)),
+    moves=st.integers(0, state.MAX_MOVES),
 )
 
 

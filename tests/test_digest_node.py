@@ -194,7 +194,9 @@ class DigestAcrossNodesTests(_ExporterRecording, TestCase):
                or (0, b""))[0] < len(records1) - 2:
             yield deferLater(reactor, 0.05, lambda: None)
         yield cluster.kill("node1")
-        anchor = yield repository.checkpoint_of(session.id)
+        seq, sealed = yield repository.checkpoint_of(session.id)
+        anchor = (seq, cluster.nodes["node2"].keys.open_checkpoint(
+            session.id, seq, sealed))
         more = [b"more %d " % n * 25 for n in range(4)]
         _, reused, records2 = yield deferToThread(
             _conversation, cluster.ports["node2"], cluster.ca_cert, more,
@@ -235,10 +237,12 @@ class DigestVerifyCommandTests(_ExporterRecording, TestCase):
         session, _, records = yield deferToThread(
             _conversation, cluster.ports["node1"], cluster.ca_cert,
             [b"audit me %d" % n for n in range(4)])
-        repository = cluster.nodes["node1"].repository
+        node1 = cluster.nodes["node1"]
         # The last checkpoint travels after the last echo.
-        while (yield repository.checkpoint_of(session.id)) != (
-                len(records), cluster.nodes["node1"].store.get(session.id).digest):
+        while (yield node1.repository.checkpoint_of(session.id)) != (
+                len(records), node1.keys.seal_checkpoint(
+                    session.id, len(records),
+                    node1.store.get(session.id).digest)):
             yield deferLater(reactor, 0.05, lambda: None)
         transcript = self.mktemp()
         _transcript(transcript, records)

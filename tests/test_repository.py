@@ -25,6 +25,7 @@ from twisted.internet.defer import (
     Deferred,
     gatherResults,
     inlineCallbacks,
+    succeed,
 )
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
@@ -39,7 +40,7 @@ from sslshare.repository import (
     Taken,
     from_config,
 )
-from sslshare.state import MAX_SEALED_LENGTH, StateKeys
+from sslshare.state import MAX_SEALED_LENGTH, SEALED_CHECKPOINT_LENGTH, StateKeys
 from tests.support import (
     PostgresServer,
     RedisServer,
@@ -158,7 +159,7 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_put_replaces_the_blob_and_keeps_the_checkpoint(self):
-        session_id, digest = new_id(), os.urandom(32)
+        session_id, digest = new_id(), os.urandom(SEALED_CHECKPOINT_LENGTH)
         yield self.repository.put(session_id, blob(), self.expires())
         yield self.repository.checkpoint(session_id, 7, digest)
         newer = blob()
@@ -170,7 +171,7 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_take_gets_the_newest_checkpoint_beside_the_blob(self):
-        session_id, sealed, digest = new_id(), blob(), os.urandom(32)
+        session_id, sealed, digest = new_id(), blob(), os.urandom(SEALED_CHECKPOINT_LENGTH)
         yield self.repository.put(session_id, sealed, self.expires())
         yield self.repository.checkpoint(session_id, 5, digest)
         self.assertEqual((yield self.repository.take(session_id)),
@@ -240,7 +241,7 @@ class RepositoryBehaviour:
     @inlineCallbacks
     def test_only_a_higher_checkpoint_wins(self):
         session_id = new_id()
-        d5, d3, other5, d6 = (os.urandom(32) for _ in range(4))
+        d5, d3, other5, d6 = (os.urandom(SEALED_CHECKPOINT_LENGTH) for _ in range(4))
         yield self.repository.put(session_id, blob(), self.expires())
         self.assertTrue((yield self.repository.checkpoint(session_id, 5, d5)))
         self.assertFalse((yield self.repository.checkpoint(session_id, 3, d3)))
@@ -258,7 +259,7 @@ class RepositoryBehaviour:
     def test_concurrent_checkpoints_end_at_the_highest(self):
         session_id = new_id()
         yield self.repository.put(session_id, blob(), self.expires())
-        digests = {seq: os.urandom(32) for seq in range(1, 41)}
+        digests = {seq: os.urandom(SEALED_CHECKPOINT_LENGTH) for seq in range(1, 41)}
         order = list(digests)
         random.shuffle(order)
         yield gatherResults([self.repository.checkpoint(session_id, seq,
@@ -283,7 +284,7 @@ class RepositoryBehaviour:
     def test_checkpoint_without_a_blob_is_refused(self):
         session_id = new_id()
         self.assertFalse(
-            (yield self.repository.checkpoint(session_id, 1, os.urandom(32))))
+            (yield self.repository.checkpoint(session_id, 1, os.urandom(SEALED_CHECKPOINT_LENGTH))))
         self.assertIsNone((yield self.repository.checkpoint_of(session_id)))
 
     @inlineCallbacks
@@ -850,3 +851,12 @@ class InOrderTests(TestCase):
         self.assertEqual(self.started, ["first"])
         self.pending["first"].callback("late answer, dropped")
         self.assertEqual(self.started, ["first", "second"])
+
+    def test_next_operation_that_ends_at_once_leaves_no_line(self):
+        first = self.lines.run(b"k", self.operation("first"))
+        second = self.lines.run(b"k", lambda: succeed("at once"))
+        self.pending["first"].callback(1)
+        self.assertEqual(
+            (self.successResultOf(first), self.successResultOf(second)),
+            (1, "at once"))
+        self.assertEqual(len(self.lines), 0)

@@ -7,6 +7,7 @@ lookups into full handshakes within the budget until it comes back.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 
@@ -16,6 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
+from sslshare.state import MAX_SEQ, SEALED_CHECKPOINT_LENGTH
 from tests.support import (
     LocalCluster,
     PostgresServer,
@@ -52,6 +54,15 @@ class _RepositoryTopology:
         repository = cluster.nodes["node1"].repository
         yield until(lambda: repository.counters["puts"] >= 1)
         return first
+
+    @inlineCallbacks
+    def _stored(self, node, session_id):
+        """
+        Wait until the repository holds C{session_id}'s row: a put is
+        counted when it is asked for.
+        """
+        while (yield node.repository.checkpoint_of(session_id)) is None:
+            yield deferLater(reactor, 0.02, lambda: None)
 
     @inlineCallbacks
     def _resumes_with_node1_stopped(self, version):
@@ -180,6 +191,53 @@ class _RepositoryTopology:
         self.assertFalse(second.reused)
         self.assertEqual(second.echo, b"hello")
         self.assertEqual(cluster.nodes["node2"].recovery.counters["unsealable"], 1)
+
+    @inlineCallbacks
+    def test_used_tls13_ticket_put_back_is_not_resumed_again(self):
+        """
+        Whoever can write the repository keeps a ticket's row and, once
+        node2 has used the ticket, puts the row back: neither node that
+        saw the ticket move resumes it a second time.
+        """
+        # A budget a loaded machine keeps: a lookup that runs out of it is
+        # a full handshake too, which would hide a replay.
+        cluster = self._cluster(budget_ms=3000)
+        first = yield self._made_on_node1(cluster, "TLSv1.3")
+        node1, node2 = cluster.nodes["node1"], cluster.nodes["node2"]
+        (ticket,) = [state.session_id for state in node1.store.sessions()]
+        yield self._stored(node2, ticket)
+        kept = yield node2.repository.take(ticket)
+        yield node2.repository.put(ticket, kept.sealed, kept.expires)
+        used = yield cluster.client_round("node2", "TLSv1.3", first.session)
+        self.assertTrue(used.reused)
+        yield until(lambda: node1.store.get(ticket) is None)
+        for node in ("node1", "node2"):
+            yield node2.repository.put(ticket, kept.sealed, kept.expires)
+            replayed = yield cluster.client_round(node, "TLSv1.3",
+                                                  first.session)
+            self.assertFalse(replayed.reused, f"replayed on {node}")
+            self.assertEqual(
+                cluster.nodes[node].recovery.counters["replays_refused"], 1)
+
+    @inlineCallbacks
+    def test_forged_checkpoint_beside_the_blob_is_not_taken(self):
+        """
+        A checkpoint written into the repository without the state key (a
+        seq at the bound would stop the chain's checkpoints) is ignored by
+        the node that takes the session; the client is served.
+        """
+        cluster = self._cluster(budget_ms=3000)
+        first = yield self._made_on_node1(cluster, "TLSv1.2")
+        node2 = cluster.nodes["node2"]
+        yield self._stored(node2, first.session.id)
+        forged = yield node2.repository.checkpoint(
+            first.session.id, MAX_SEQ, os.urandom(SEALED_CHECKPOINT_LENGTH))
+        self.assertTrue(forged)
+        yield cluster.stop("node1")
+        second = yield cluster.client_round("node2", "TLSv1.2", first.session)
+        self.assertEqual((second.reused, second.echo), (True, b"hello"))
+        self.assertLess(node2.store.get(first.session.id).seq, MAX_SEQ)
+        self.assertEqual(node2.recovery.counters["bad_checkpoints"], 1)
 
 
 class SQLiteTopologyTests(_RepositoryTopology, TestCase):

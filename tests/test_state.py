@@ -39,7 +39,8 @@ def _field_offsets(encoded: bytes) -> dict[str, int]:
     offsets["owner length"] = 34 + encoded[33]
     owner_length = struct.unpack("!H", encoded[offsets["owner length"]:][:2])[0]
     offsets["times"] = offsets["owner length"] + 2 + owner_length
-    offsets["digest length"] = offsets["times"] + 24
+    offsets["moves"] = offsets["times"] + 24
+    offsets["digest length"] = offsets["moves"] + 4
     offsets["der length"] = offsets["digest length"] + 1 \
         + encoded[offsets["digest length"]]
     return offsets
@@ -52,19 +53,20 @@ class CodecTests(TestCase):
 
     def test_encoding_follows_documented_layout(self):
         s = session_state(owner="nöde", created=1.5, expires=2.5, seq=7,
-                          digest=b"\xdd" * 32, der=b"\xee" * 135)
+                          digest=b"\xdd" * 32, der=b"\xee" * 135, moves=9)
         encoded = s.encode()
-        self.assertEqual(encoded[0], 1)
+        self.assertEqual(encoded[0], 2)
         self.assertEqual(encoded[1:33], s.session_id)
         self.assertEqual(encoded[33], 32)
         self.assertEqual(encoded[34:66], s.id_context)
         self.assertEqual(encoded[66:68], b"\x00\x05")
         self.assertEqual(encoded[68:73], "nöde".encode())
-        self.assertEqual(struct.unpack("!ddQ", encoded[73:97]), (1.5, 2.5, 7))
-        self.assertEqual(encoded[97], 32)
-        self.assertEqual(encoded[98:130], b"\xdd" * 32)
-        self.assertEqual(encoded[130:132], b"\x00\x87")
-        self.assertEqual(encoded[132:], b"\xee" * 135)
+        self.assertEqual(struct.unpack("!ddQI", encoded[73:101]),
+                         (1.5, 2.5, 7, 9))
+        self.assertEqual(encoded[101], 32)
+        self.assertEqual(encoded[102:134], b"\xdd" * 32)
+        self.assertEqual(encoded[134:136], b"\x00\x87")
+        self.assertEqual(encoded[136:], b"\xee" * 135)
 
     def test_decode_of_encode_is_the_same_state(self):
         s = session_state(seq=3, digest=os.urandom(32))
@@ -83,8 +85,8 @@ class CodecTests(TestCase):
         self._assert_refused(b"", "truncated", "format")
 
     def test_unknown_format_is_refused(self):
-        self._assert_refused(b"\x02" + session_state().encode()[1:],
-                             "unknown state format 2")
+        self._assert_refused(b"\x01" + session_state().encode()[1:],
+                             "unknown state format 1")
 
     def test_every_truncation_is_refused(self):
         encoded = session_state(digest=b"\x01" * 32).encode()
@@ -239,11 +241,18 @@ class SessionStateTests(TestCase):
     def test_boolean_time_is_refused(self):
         self.assertRaises(TypeError, session_state, created=True)
 
-    def test_with_owner_changes_only_the_owner(self):
-        s = session_state(seq=4, digest=b"\x02" * 32)
+    def test_with_owner_changes_the_owner_and_counts_the_move(self):
+        s = session_state(seq=4, digest=b"\x02" * 32, moves=2)
         moved = s.with_owner("node2")
-        self.assertEqual(moved.owner, "node2")
-        self.assertEqual(attrs.evolve(moved, owner="node1"), s)
+        self.assertEqual((moved.owner, moved.moves), ("node2", 3))
+        self.assertEqual(attrs.evolve(moved, owner="node1", moves=2), s)
+
+    def test_with_owner_of_the_same_owner_is_no_move(self):
+        s = session_state(moves=2)
+        self.assertIs(s.with_owner(s.owner), s)
+
+    def test_moves_past_32_bits_are_refused(self):
+        self.assertRaises(ValueError, session_state, moves=2 ** 32)
 
     def test_with_owner_refuses_an_invalid_owner(self):
         self.assertRaises(ValueError, session_state().with_owner, "")

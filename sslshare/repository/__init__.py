@@ -80,6 +80,7 @@ from sslshare import sessionid
 from sslshare.state import (
     MAX_SEALED_LENGTH,
     MAX_SEQ,
+    SEALED_CHECKPOINT_LENGTH,
     checkpoint_problem,
 )
 
@@ -141,16 +142,18 @@ class ISessionRepository(Interface):
 
     def checkpoint(session_id: bytes, seq: int, digest: bytes) -> Deferred[bool]:
         """
-        Record that the session's first C{seq} records hash to C{digest},
-        if C{seq} is higher than the stored one and the blob is live.
+        Record that the session's first C{seq} records hash to C{digest}
+        (sealed: L{sslshare.state.StateKeys.seal_checkpoint}, which the
+        repository stores as it is and never checks), if C{seq} is higher
+        than the stored one and the blob is live.
 
         @return: whether it was recorded.
         """
 
     def checkpoint_of(session_id: bytes) -> Deferred[tuple[int, bytes] | None]:
         """
-        The stored C{(seq, digest)} of a live blob (C{(0, b"")} before the
-        first checkpoint), or C{None} when there is no live blob.
+        The stored C{(seq, sealed digest)} of a live blob (C{(0, b"")}
+        before the first checkpoint), or C{None} when there is no live blob.
         """
 
     def purge(session_id: bytes) -> Deferred[bool]:
@@ -205,7 +208,7 @@ def taken_outcome(sealed: object, seq: object, digest: object,
     The outcome of a take that found a live row: a hit, or what is wrong
     with the row.
     """
-    problem = sealed_problem(sealed) or checkpoint_problem(seq, digest)
+    problem = sealed_problem(sealed) or stored_checkpoint_problem(seq, digest)
     if problem is not None:
         return Outcome("bad", problem)
     return Outcome("hit", Taken(sealed, seq, digest, expires))
@@ -246,7 +249,9 @@ class InOrder:
 
         def finished(result: Any) -> None:
             line.release()
-            if not line.locked:
+            # The release may have run the next operation in line to its
+            # end already, and that one forgot the line.
+            if not line.locked and self._lines.get(key) is line:
                 del self._lines[key]
             if not answer.called:
                 if isinstance(result, Failure):
@@ -273,6 +278,14 @@ def sealed_problem(sealed: object) -> str | None:
     if not 0 < len(sealed) <= MAX_SEALED_LENGTH:
         return f"the blob is {len(sealed)} bytes (1..{MAX_SEALED_LENGTH} expected)"
     return None
+
+
+def stored_checkpoint_problem(seq: object, digest: object) -> str | None:
+    """
+    What is wrong with a checkpoint given to or read back from storage,
+    sealed (L{sslshare.state.StateKeys.seal_checkpoint}), or C{None}.
+    """
+    return checkpoint_problem(seq, digest, SEALED_CHECKPOINT_LENGTH)
 
 
 def id_problem(found: object, wanted: bytes) -> str | None:
@@ -601,7 +614,7 @@ class ThreadedRepository:
                    digest: bytes) -> Deferred[bool]:
         problem = _argument_problem(session_id)
         if problem is None:
-            problem = checkpoint_problem(seq, digest)
+            problem = stored_checkpoint_problem(seq, digest)
         if problem is not None:
             return fail(ValueError(f"checkpoint: {problem}"))
         recorded = self._for_session(session_id, "checkpoint",

@@ -53,9 +53,9 @@ from sslshare.repository import (
     RepositoryError,
     ThreadedRepository,
     as_bytes,
-    checkpoint_problem,
     id_problem,
     sealed_problem,
+    stored_checkpoint_problem,
     taken_outcome,
 )
 
@@ -228,7 +228,7 @@ class PostgresRepository(ThreadedRepository):
             return MISS
         seq, digest, expires = rows[0]
         digest = as_bytes(digest)
-        problem = checkpoint_problem(seq, digest)
+        problem = stored_checkpoint_problem(seq, digest)
         if problem is not None:
             connection.execute(f"DELETE FROM {TABLE} WHERE session_id = %s",
                                (session_id,))

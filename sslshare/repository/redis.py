@@ -48,7 +48,7 @@ from sslshare.repository import (
     Outcome,
     RepositoryError,
     ThreadedRepository,
-    checkpoint_problem,
+    stored_checkpoint_problem,
     taken_outcome,
 )
 
@@ -248,7 +248,7 @@ class RedisRepository(ThreadedRepository):
             return Outcome("bad", answer[1].decode("utf-8", "replace"))
         seq = _seq_from_text(answer[1])
         problem = ("the checkpoint seq is not 20 digits" if seq is None
-                   else checkpoint_problem(seq, answer[2]))
+                   else stored_checkpoint_problem(seq, answer[2]))
         if problem is not None:
             connection.client.delete(key(session_id))
             return Outcome("bad", problem)

@@ -42,9 +42,9 @@ from sslshare.repository import (
     Outcome,
     ThreadedRepository,
     as_bytes,
-    checkpoint_problem,
     id_problem,
     sealed_problem,
+    stored_checkpoint_problem,
     taken_outcome,
 )
 
@@ -197,7 +197,7 @@ class SQLiteRepository(ThreadedRepository):
             return MISS
         seq, digest, expires = rows[0]
         digest = as_bytes(digest)
-        problem = checkpoint_problem(seq, digest)
+        problem = stored_checkpoint_problem(seq, digest)
         if problem is None and (isinstance(expires, bool)
                                 or not isinstance(expires, (int, float))):
             problem = f"the expiry time is a {type(expires).__name__}"
