@@ -58,6 +58,7 @@ typedef struct ssl_method_st SSL_METHOD;
 typedef struct ssl_cipher_st SSL_CIPHER;
 typedef struct bio_st BIO;
 typedef struct bio_method_st BIO_METHOD;
+typedef struct stack_st OPENSSL_STACK;
 
 unsigned long OpenSSL_version_num(void);
 const char *OpenSSL_version(int type);
@@ -105,6 +106,10 @@ int SSL_session_reused(const SSL *ssl);
 int SSL_version(const SSL *ssl);
 const SSL_CIPHER *SSL_get_current_cipher(const SSL *ssl);
 const char *SSL_CIPHER_get_name(const SSL_CIPHER *cipher);
+uint32_t SSL_CIPHER_get_id(const SSL_CIPHER *cipher);
+OPENSSL_STACK *SSL_CTX_get_ciphers(const SSL_CTX *ctx);
+int OPENSSL_sk_num(const OPENSSL_STACK *stack);
+void *OPENSSL_sk_value(const OPENSSL_STACK *stack, int index);
 void SSL_get0_alpn_selected(const SSL *ssl, const unsigned char **data,
                             unsigned int *len);
 const char *SSL_get_servername(const SSL *ssl, const int type);
@@ -475,10 +480,12 @@ class NativeSession:
         length = ffi.new("unsigned int *")
         context = _lib.SSL_SESSION_get0_id_context(pointer, length)
         id_context = _bytes(context, length[0])
+        cipher = _lib.SSL_SESSION_get0_cipher(pointer)
         return SessionIdentity(
             _session_id(pointer, length),
             id_context,
             _lib.SSL_SESSION_get_protocol_version(pointer),
+            0 if cipher == ffi.NULL else _lib.SSL_CIPHER_get_id(cipher),
             _lib.SSL_SESSION_get_time(pointer)
             + _lib.SSL_SESSION_get_timeout(pointer),
             bool(_lib.SSL_SESSION_is_resumable(pointer)),
@@ -510,6 +517,9 @@ class SessionIdentity(NamedTuple):
     session_id: bytes
     id_context: bytes
     protocol_version: int
+    # OpenSSL's id of the session's cipher, as in L{NativeContext.cipher_ids};
+    # 0 when the session names none.
+    cipher_id: int
     expires: int
     resumable: bool
 
@@ -535,7 +545,12 @@ class NativeContext:
     """
     An ``SSL_CTX`` for a TLS server with the external session cache wired to
     the trampolines, and nothing of OpenSSL's own cache.
+
+    @ivar cipher_ids: the ids of the TLS 1.2 ciphers and TLS 1.3 suites the
+        context allows, as L{set_ciphers} last left them.
     """
+
+    cipher_ids: frozenset[int] = frozenset()
 
     def __init__(self, internal_cache: bool = False) -> None:
         """
@@ -598,6 +613,12 @@ class NativeContext:
             self._ctx, tls12_ciphers.encode("ascii")) == 1, "TLS 1.2 ciphers")
         _check(_lib.SSL_CTX_set_ciphersuites(
             self._ctx, tls13_suites.encode("ascii")) == 1, "TLS 1.3 suites")
+        # OpenSSL keeps both lists in one stack, TLS 1.3 suites first.
+        ciphers = _lib.SSL_CTX_get_ciphers(self._ctx)
+        self.cipher_ids = frozenset(
+            _lib.SSL_CIPHER_get_id(ffi.cast(
+                "const SSL_CIPHER *", _lib.OPENSSL_sk_value(ciphers, index)))
+            for index in range(_lib.OPENSSL_sk_num(ciphers)))
 
     def set_groups(self, groups: str) -> None:
         _lib.ERR_clear_error()

@@ -78,6 +78,14 @@ DEFAULT_SESSION_LIFETIME = 3600
 # keep sending meanwhile: past this many bytes it is not a client.
 MAX_INPUT_WHILE_PAUSED = 64 * 1024
 
+# Why a supplied session is not resumed, as ServerContext.counters names
+# them: it does not parse; it is another session than the one offered; it
+# belongs to another service or protocol version; it has expired; its
+# cipher is not one the service allows now (a reload took it out, or the
+# node that made it allows more).
+SESSION_REFUSALS = ("bad_der", "wrong_session", "context_mismatch",
+                    "version_mismatch", "expired", "cipher_not_allowed")
+
 # Directions of a record, as the running digest numbers them.
 CLIENT_TO_SERVER = 0
 SERVER_TO_CLIENT = 1
@@ -196,9 +204,8 @@ class ServerContext:
     @ivar counters: event name -> count.  C{full} and C{resumed} handshakes;
         C{lookups} (handshakes paused for a session), C{lookup_misses} (the
         answer was C{None}); the reasons a supplied session was refused
-        (C{bad_der}, C{wrong_session}, C{context_mismatch},
-        C{version_mismatch}, C{expired}) and a supplied session OpenSSL did
-        not resume (C{not_resumed}); offered keys that could not be ours
+        (L{SESSION_REFUSALS}) and a supplied session OpenSSL did not resume
+        (C{not_resumed}); offered keys that could not be ours
         (C{foreign_session_id}, C{malformed_psk}); and C{failed:<reason>}
         for handshakes that ended in an error.
     """
@@ -511,6 +518,12 @@ class Connection:
             return "version_mismatch"
         if found.expires <= time.time() or not found.resumable:
             return "expired"
+        # OpenSSL checks the session's cipher against what the client
+        # offers (TLS 1.2) or only its hash (TLS 1.3), never against the
+        # server's own list.
+        native = self._context._services[self._service_index][1]
+        if found.cipher_id not in native.cipher_ids:
+            return "cipher_not_allowed"
         return None
 
     def _finish_handshake(self) -> None:

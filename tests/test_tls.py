@@ -267,6 +267,50 @@ class RefusedSessionTests(TestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
+class ForbiddenCipherTests(TestCase):
+    """
+    A session whose cipher the resuming context does not allow (a reload
+    took it out, or another node never had it) gives a full handshake,
+    counted, whatever the client offers.
+    """
+
+    def setUp(self):
+        self.pki = support.pki()
+
+    @inlineCallbacks
+    def _cipher_taken_out(self, version, cipher, **second_options):
+        sessions = {}
+        first = TLSServer(self, self.pki.ec_chain, self.pki.ec_key,
+                          owner="node1", sessions=sessions)
+        second = TLSServer(self, self.pki.ec_chain, self.pki.ec_key,
+                           owner="node2", sessions=sessions, **second_options)
+        made = yield deferToThread(
+            python_client_round, first.port, self.pki.ca_cert, version)
+        (der,) = sessions.values()
+        self.assertEqual(tls.session_fields(der).cipher, cipher)
+        again = yield deferToThread(
+            python_client_round, second.port, self.pki.ca_cert, version,
+            made.session)
+        self.assertFalse(again.reused)
+        self.assertEqual(again.echo, b"hello")
+        self.assertEqual(second.context.counters["cipher_not_allowed"], 1)
+        self.assertEqual(second.context.counters["full"], 1)
+
+    def test_tls12_session_of_a_cipher_taken_out_gives_full_handshake(self):
+        return self._cipher_taken_out(
+            "TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256",
+            tls12_ciphers="ECDHE-ECDSA-AES256-GCM-SHA384")
+
+    def test_tls13_session_of_a_suite_taken_out_gives_full_handshake(self):
+        """
+        The suite left has the session's hash, with which OpenSSL alone
+        would resume it.
+        """
+        return self._cipher_taken_out(
+            "TLSv1.3", "TLS_AES_128_GCM_SHA256",
+            tls13_suites="TLS_CHACHA20_POLY1305_SHA256")
+
+
 class BadInputTests(TestCase):
     """
     Hand-made ClientHellos end in a full handshake or a clean alert, counted,
