@@ -24,7 +24,8 @@ owner's methods with Python values:
     - C{_on_new_session_id()} -> the bytes of a fresh session id;
     - C{_on_new_session(session_id, der)} for every session OpenSSL makes;
     - C{_on_get_session(session_id)} -> a L{NativeSession} or C{None};
-    - C{_on_select_alpn(offered)} -> one of the offered names or C{None}.
+    - C{_on_select_alpn(offered)} -> one of the offered names or C{None}
+      (none of them: see L{NativeContext.select_alpn}).
 
 The weak references matter: the owner holds its L{NativeConnection}, so a
 strong reference back (or from the module dict) would make a cycle that only
@@ -177,6 +178,7 @@ _SSL_CLIENT_HELLO_SUCCESS = 1
 _SSL_CLIENT_HELLO_ERROR = 0
 _SSL_CLIENT_HELLO_RETRY = -1
 _SSL_TLSEXT_ERR_OK = 0
+_SSL_TLSEXT_ERR_ALERT_FATAL = 2
 _SSL_TLSEXT_ERR_NOACK = 3
 _SSL_AD_INTERNAL_ERROR = 80
 _SSL_AD_HANDSHAKE_FAILURE = 40
@@ -389,10 +391,16 @@ def _get_session_trampoline(ssl, data, length, copy):
     return session._pointer
 
 
+# The callback argument of the ALPN trampoline: what a context does when
+# its owner chooses none of the protocols offered.
+_ALPN_GO_ON = ffi.NULL
+_ALPN_REFUSE = ffi.cast("void *", 1)
+
+
 @ffi.callback("int(SSL *, const unsigned char **, unsigned char *,"
               " const unsigned char *, unsigned int, void *)",
               error=_SSL_TLSEXT_ERR_NOACK)
-def _alpn_trampoline(ssl, out, outlen, offered, offered_length, _arg):
+def _alpn_trampoline(ssl, out, outlen, offered, offered_length, refuse):
     owned = _owned(ssl)
     if owned is None:
         return _SSL_TLSEXT_ERR_NOACK
@@ -400,7 +408,9 @@ def _alpn_trampoline(ssl, out, outlen, offered, offered_length, _arg):
     names, offsets = _parse_alpn(wire)
     chosen = owned[1]._on_select_alpn(names) if names else None
     if chosen is None or chosen not in names:
-        return _SSL_TLSEXT_ERR_NOACK
+        # OpenSSL answers ALERT_FATAL with no_application_protocol.
+        return (_SSL_TLSEXT_ERR_NOACK if refuse == _ALPN_GO_ON
+                else _SSL_TLSEXT_ERR_ALERT_FATAL)
     # The answer must point into memory that outlives this call; the
     # client's own list does, for as long as OpenSSL needs it.
     out[0] = offered + offsets[names.index(chosen)]
@@ -586,7 +596,6 @@ class NativeContext:
         _lib.SSL_CTX_sess_set_get_cb(ctx, _get_session_trampoline)
         _lib.SSL_CTX_set_generate_session_id(ctx, _generate_session_id_trampoline)
         _lib.SSL_CTX_set_client_hello_cb(ctx, _client_hello_trampoline, ffi.NULL)
-        _lib.SSL_CTX_set_alpn_select_cb(ctx, _alpn_trampoline, ffi.NULL)
 
     def load_certificate_chain(self, path: str) -> None:
         _lib.ERR_clear_error()
@@ -635,6 +644,20 @@ class NativeContext:
 
     def set_tls13_tickets(self, count: int) -> None:
         _check(_lib.SSL_CTX_set_num_tickets(self._ctx, count) == 1, "tickets")
+
+    def select_alpn(self, refuse_without_overlap: bool) -> None:
+        """
+        Let each connection's owner choose among the application protocols
+        a client offers (C{_on_select_alpn}).  Without this, OpenSSL
+        ignores ALPN.
+
+        @param refuse_without_overlap: when the owner chooses none, end the
+            handshake with a fatal no_application_protocol alert (RFC 7301,
+            3.2); otherwise go on without ALPN.
+        """
+        _lib.SSL_CTX_set_alpn_select_cb(
+            self._ctx, _alpn_trampoline,
+            _ALPN_REFUSE if refuse_without_overlap else _ALPN_GO_ON)
 
 
 class NativeConnection:

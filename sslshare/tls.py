@@ -74,6 +74,14 @@ DEFAULT_TLS13_SUITES = ("TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:"
 DEFAULT_GROUPS = "X25519:P-256:P-384"
 DEFAULT_SESSION_LIFETIME = 3600
 
+# What a service with ALPN does with a client that offers none of its
+# protocols -> whether that ends the handshake: the fatal
+# no_application_protocol alert RFC 7301 (3.2) asks for, or carry on
+# without ALPN.
+_ALPN_MISMATCH_REFUSES = {"alert": True, "ignore": False}
+ALPN_MISMATCH_ACTIONS = tuple(_ALPN_MISMATCH_REFUSES)
+DEFAULT_ALPN_MISMATCH = ALPN_MISMATCH_ACTIONS[0]
+
 # A paused handshake waits for at most the lookup budget, but a client may
 # keep sending meanwhile: past this many bytes it is not a client.
 MAX_INPUT_WHILE_PAUSED = 64 * 1024
@@ -201,6 +209,10 @@ class ServerContext:
     Everything the engine needs to accept TLS connections for a set of
     virtual services, and the counters of what happened to them.
 
+    @ivar alpn: the application protocols the services speak, in order of
+        preference; none: the engine ignores ALPN.
+    @ivar alpn_mismatch: one of L{ALPN_MISMATCH_ACTIONS}, for a client that
+        offers none of C{alpn}.
     @ivar counters: event name -> count.  C{full} and C{resumed} handshakes;
         C{lookups} (handshakes paused for a session), C{lookup_misses} (the
         answer was C{None}); the reasons a supplied session was refused
@@ -216,6 +228,7 @@ class ServerContext:
         owner_tag: bytes,
         on_new_session: NewSessionCallback | None = None,
         alpn: Sequence[bytes] = (),
+        alpn_mismatch: str = DEFAULT_ALPN_MISMATCH,
         minimum_version: str = "1.2",
         maximum_version: str = "1.3",
         tls12_ciphers: str = DEFAULT_TLS12_CIPHERS,
@@ -239,10 +252,15 @@ class ServerContext:
             raise TLSConfigurationError(
                 f"minimum TLS version {minimum_version} is above the "
                 f"maximum {maximum_version}")
+        if alpn_mismatch not in ALPN_MISMATCH_ACTIONS:
+            raise TLSConfigurationError(
+                f"ALPN mismatch action {alpn_mismatch!r} is not one of "
+                + ", ".join(map(repr, ALPN_MISMATCH_ACTIONS)))
         self.owner_tag = owner_tag
         self._new_session_id = sessionid.session_id_maker(owner_tag)
         self.on_new_session = on_new_session
         self.alpn = tuple(alpn)
+        self.alpn_mismatch = alpn_mismatch
         self.session_lifetime = session_lifetime
         self.counters: Counter[str] = Counter()
         self._services: list[tuple[VirtualService, _openssl.NativeContext]] = []
@@ -300,6 +318,9 @@ class ServerContext:
                 raise TLSConfigurationError(
                     f"{what}: service {service.name!r}: {e}") from None
         native.set_session_lifetime(self.session_lifetime)
+        if self.alpn:
+            native.select_alpn(
+                _ALPN_MISMATCH_REFUSES[self.alpn_mismatch])
         return native
 
     @property

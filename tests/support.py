@@ -340,9 +340,11 @@ class _Collect(ProcessProtocol):
         self.done.callback(b"".join(self.output).decode("utf-8", "replace"))
 
 
-def s_client_round(port, ca_cert, version, session_out=None, session_in=None):
+def s_client_round(port, ca_cert, version, session_out=None, session_in=None,
+                   alpn=()):
     """
-    One connection with C{openssl s_client}; fires with its output.
+    One connection with C{openssl s_client}, offering the application
+    protocols C{alpn} if any; fires with its output.
     """
     arguments = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
                  "-servername", "localhost", "-CAfile", ca_cert,
@@ -352,6 +354,8 @@ def s_client_round(port, ca_cert, version, session_out=None, session_in=None):
         arguments += ["-sess_out", session_out]
     if session_in:
         arguments += ["-sess_in", session_in]
+    if alpn:
+        arguments += ["-alpn", ",".join(alpn)]
     collector = _Collect(b"hello\n")
     reactor.spawnProcess(collector, "openssl", arguments, env=None)
     return collector.done

@@ -307,6 +307,32 @@ class ForbiddenCipherTests(TestCase):
             cluster.nodes["node2"].stats()["engine.cipher_not_allowed"], 1)
 
 
+class ALPNTests(TestCase):
+    """
+    A node's C{[tls]} ALPN settings reach its engine, and a reload changes
+    them.
+    """
+
+    @inlineCallbacks
+    def test_client_without_a_protocol_of_the_node_gets_alert_unless_ignored(self):
+        cluster = LocalCluster(self, nodes=("node1",))
+        cluster.edit("node1", "[[tls.service]]",
+                     '[tls]\nalpn = ["h2"]\n\n[[tls.service]]')
+        cluster.start("node1")
+        error = yield self.assertFailure(
+            cluster.client_round("node1", "TLSv1.3", alpn=["spdy/1"]),
+            ssl.SSLError)
+        self.assertIn("alert no application protocol", str(error))
+        stats = cluster.nodes["node1"].stats()
+        self.assertEqual(stats["engine.failed:no application protocol"], 1)
+        self.assertEqual(stats["failed"], 1)
+        cluster.edit("node1", 'alpn = ["h2"]\n',
+                     'alpn = ["h2"]\nalpn_mismatch = "ignore"\n')
+        self.assertTrue(cluster.services["node1"].reload())
+        served = yield cluster.client_round("node1", "TLSv1.3", alpn=["spdy/1"])
+        self.assertEqual((served.alpn, served.echo), (None, b"hello"))
+
+
 class FailingPeerTests(TestCase):
     """
     A peer that is killed, or stalls, turns its sessions into full

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gc
 import os
+import re
+import ssl
 import subprocess
 import sys
 import weakref
@@ -526,7 +528,9 @@ class ContextConfigurationTests(TestCase):
 class ServerNameAndALPNTests(TestCase):
     """
     SNI picks the certificate and the session id context; ALPN follows the
-    server's preference.
+    server's preference, and a client that offers none of the server's
+    protocols gets the no_application_protocol alert (RFC 7301, 3.2), on a
+    full and on a resumed handshake, unless the server is told to ignore it.
     """
 
     def setUp(self):
@@ -575,10 +579,112 @@ class ServerNameAndALPNTests(TestCase):
             python_client_round, server.port, self.pki.ca_cert, "TLSv1.3",
             alpn=["http/1.1", "h2"])
         self.assertEqual(result.alpn, "h2")
-        result = yield deferToThread(
-            python_client_round, server.port, self.pki.ca_cert, "TLSv1.3",
-            alpn=["spdy/1"])
+
+    @inlineCallbacks
+    def _no_overlap_is_refused(self, version):
+        server = self._server(alpn=(b"h2", b"http/1.1"))
+        error = yield self.assertFailure(deferToThread(
+            python_client_round, server.port, self.pki.ca_cert, version,
+            alpn=["spdy/1"]), ssl.SSLError)
+        self.assertIn("alert no application protocol", str(error))
+        self.assertEqual(
+            server.context.counters["failed:no application protocol"], 1)
+        self.assertEqual(server.context.counters["full"], 0)
+
+    def test_tls12_alpn_without_overlap_gets_alert(self):
+        return self._no_overlap_is_refused("TLSv1.2")
+
+    def test_tls13_alpn_without_overlap_gets_alert(self):
+        return self._no_overlap_is_refused("TLSv1.3")
+
+    @inlineCallbacks
+    def test_s_client_alpn_without_overlap_gets_alert_full_and_resumed(self):
+        """
+        Prints its figures: the alert each handshake ended with, and the
+        server's counts.
+        """
+        sessions = {}
+        first = TLSServer(self, self.pki.ec_chain, self.pki.ec_key,
+                          owner="node1", sessions=sessions, alpn=(b"h2",))
+        second = TLSServer(self, self.pki.ec_chain, self.pki.ec_key,
+                           owner="node2", sessions=sessions,
+                           alpn=(b"http/1.1",))
+        session_file = self.mktemp()
+        made = yield s_client_round(first.port, self.pki.ca_cert, "TLSv1.3",
+                                    session_out=session_file, alpn=["h2"])
+        self.assertIn("ALPN protocol: h2", made)
+        full = yield s_client_round(second.port, self.pki.ca_cert, "TLSv1.3",
+                                    alpn=["h2"])
+        resumed = yield s_client_round(second.port, self.pki.ca_cert,
+                                       "TLSv1.3", session_in=session_file,
+                                       alpn=["h2"])
+        alerts = [re.search(r"SSL alert number (\d+)", output)
+                  for output in (full, resumed)]
+        self.assertEqual([alert and alert.group(1) for alert in alerts],
+                         ["120", "120"])
+        counters = second.context.counters
+        self.assertEqual(counters["lookups"], 1)
+        self.assertEqual(counters["failed:no application protocol"], 2)
+        self.assertEqual(counters["full"] + counters["resumed"], 0)
+        print("\nALPN without overlap (s_client -alpn h2, server http/1.1): "
+              f"full handshake: alert {alerts[0].group(1)}, resumed "
+              f"handshake: alert {alerts[1].group(1)}; server counted "
+              f"lookups {counters['lookups']}, failed:no application "
+              f"protocol {counters['failed:no application protocol']}, "
+              f"completed {counters['full'] + counters['resumed']}")
+
+    @inlineCallbacks
+    def _resumed_without_overlap(self, version, **second_options):
+        """
+        The session is made where the client's protocol is spoken, and
+        offered where it is not.
+        """
+        sessions = {}
+        first = TLSServer(self, self.pki.ec_chain, self.pki.ec_key,
+                          owner="node1", sessions=sessions, alpn=(b"h2",))
+        second = TLSServer(self, self.pki.ec_chain, self.pki.ec_key,
+                           owner="node2", sessions=sessions,
+                           alpn=(b"http/1.1",), **second_options)
+        made = yield deferToThread(python_client_round, first.port,
+                                   self.pki.ca_cert, version, alpn=["h2"])
+        self.assertEqual(made.alpn, "h2")
+        offered = deferToThread(python_client_round, second.port,
+                                self.pki.ca_cert, version, made.session,
+                                alpn=["h2"])
+        return second, offered
+
+    @inlineCallbacks
+    def _resumed_no_overlap_is_refused(self, version):
+        second, offered = yield self._resumed_without_overlap(version)
+        error = yield self.assertFailure(offered, ssl.SSLError)
+        self.assertIn("alert no application protocol", str(error))
+        self.assertEqual(second.context.counters["lookups"], 1)
+        self.assertEqual(
+            second.context.counters["failed:no application protocol"], 1)
+        self.assertEqual(second.context.counters["resumed"], 0)
+
+    def test_tls12_resumed_alpn_without_overlap_gets_alert(self):
+        return self._resumed_no_overlap_is_refused("TLSv1.2")
+
+    def test_tls13_resumed_alpn_without_overlap_gets_alert(self):
+        return self._resumed_no_overlap_is_refused("TLSv1.3")
+
+    @inlineCallbacks
+    def test_alpn_mismatch_ignored_when_configured_so(self):
+        second, offered = yield self._resumed_without_overlap(
+            "TLSv1.3", alpn_mismatch="ignore")
+        result = yield offered
+        self.assertTrue(result.reused)
         self.assertIsNone(result.alpn)
+        self.assertEqual(result.echo, b"hello")
+
+    def test_unknown_alpn_mismatch_action_is_refused(self):
+        service = tls.VirtualService("web", self.pki.ec_chain,
+                                     self.pki.ec_key, b"ctx")
+        error = self.assertRaises(tls.TLSConfigurationError, tls.ServerContext,
+                                  [service], b"12345678", alpn=(b"h2",),
+                                  alpn_mismatch="drop")
+        self.assertIn("'drop' is not one of 'alert', 'ignore'", str(error))
 
 
 def _server_hello_session_id(body: bytes) -> bytes:
