@@ -29,8 +29,9 @@ answer at once (a local hit) or later from the reactor.
 
 Bad input never crashes the engine: a malformed extension, a foreign session
 id, a DER that does not parse, or one from another session id context, a
-protocol version or session that does not match, all end in a full handshake
-or in OpenSSL's own alert, and each is counted in L{ServerContext.counters}.
+protocol version or session that does not match, a session whose cipher the
+service no longer allows, all end in a full handshake or in OpenSSL's own
+alert, and each is counted in L{ServerContext.counters}.
 
 This module does no network I/O and holds no policy on where sessions live.
 """
