@@ -238,16 +238,19 @@ def _abort_all(protocols):
 class SharingPair:
     """
     Two independent contexts of nodes node1 and node2 sharing one dict of
-    DER bytes.
+    DER bytes, made with the same context C{options} but for
+    C{second_options}, which node2's context has instead.
     """
 
-    def __init__(self, testcase, chain, key, second_service="web", **options):
+    def __init__(self, testcase, chain, key, second_service="web",
+                 second_options=None, **options):
         self.sessions = {}
         self.first = TLSServer(testcase, chain, key, owner="node1",
                                sessions=self.sessions, **options)
         self.second = TLSServer(testcase, chain, key, owner="node2",
                                 sessions=self.sessions,
-                                service_name=second_service, **options)
+                                service_name=second_service,
+                                **{**options, **(second_options or {})})
 
 
 @attrs.frozen

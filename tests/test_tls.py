@@ -281,22 +281,20 @@ class ForbiddenCipherTests(TestCase):
 
     @inlineCallbacks
     def _cipher_taken_out(self, version, cipher, **second_options):
-        sessions = {}
-        first = TLSServer(self, self.pki.ec_chain, self.pki.ec_key,
-                          owner="node1", sessions=sessions)
-        second = TLSServer(self, self.pki.ec_chain, self.pki.ec_key,
-                           owner="node2", sessions=sessions, **second_options)
+        pair = SharingPair(self, self.pki.ec_chain, self.pki.ec_key,
+                           second_options=second_options)
         made = yield deferToThread(
-            python_client_round, first.port, self.pki.ca_cert, version)
-        (der,) = sessions.values()
+            python_client_round, pair.first.port, self.pki.ca_cert, version)
+        (der,) = pair.sessions.values()
         self.assertEqual(tls.session_fields(der).cipher, cipher)
         again = yield deferToThread(
-            python_client_round, second.port, self.pki.ca_cert, version,
+            python_client_round, pair.second.port, self.pki.ca_cert, version,
             made.session)
         self.assertFalse(again.reused)
         self.assertEqual(again.echo, b"hello")
-        self.assertEqual(second.context.counters["cipher_not_allowed"], 1)
-        self.assertEqual(second.context.counters["full"], 1)
+        counters = pair.second.context.counters
+        self.assertEqual(counters["cipher_not_allowed"], 1)
+        self.assertEqual(counters["full"], 1)
 
     def test_tls12_session_of_a_cipher_taken_out_gives_full_handshake(self):
         return self._cipher_taken_out(
@@ -581,15 +579,21 @@ class ServerNameAndALPNTests(TestCase):
         self.assertEqual(result.alpn, "h2")
 
     @inlineCallbacks
+    def _ends_in_alert(self, offered, counters):
+        """
+        The client of C{offered} got the no_application_protocol alert, and
+        the server, whose counters are C{counters}, finished no handshake.
+        """
+        error = yield self.assertFailure(offered, ssl.SSLError)
+        self.assertIn("alert no application protocol", str(error))
+        self.assertEqual(counters["failed:no application protocol"], 1)
+        self.assertEqual(counters["full"] + counters["resumed"], 0)
+
     def _no_overlap_is_refused(self, version):
         server = self._server(alpn=(b"h2", b"http/1.1"))
-        error = yield self.assertFailure(deferToThread(
+        return self._ends_in_alert(deferToThread(
             python_client_round, server.port, self.pki.ca_cert, version,
-            alpn=["spdy/1"]), ssl.SSLError)
-        self.assertIn("alert no application protocol", str(error))
-        self.assertEqual(
-            server.context.counters["failed:no application protocol"], 1)
-        self.assertEqual(server.context.counters["full"], 0)
+            alpn=["spdy/1"]), server.context.counters)
 
     def test_tls12_alpn_without_overlap_gets_alert(self):
         return self._no_overlap_is_refused("TLSv1.2")
@@ -603,26 +607,22 @@ class ServerNameAndALPNTests(TestCase):
         Prints its figures: the alert each handshake ended with, and the
         server's counts.
         """
-        sessions = {}
-        first = TLSServer(self, self.pki.ec_chain, self.pki.ec_key,
-                          owner="node1", sessions=sessions, alpn=(b"h2",))
-        second = TLSServer(self, self.pki.ec_chain, self.pki.ec_key,
-                           owner="node2", sessions=sessions,
-                           alpn=(b"http/1.1",))
+        pair = self._h2_then_http11()
         session_file = self.mktemp()
-        made = yield s_client_round(first.port, self.pki.ca_cert, "TLSv1.3",
-                                    session_out=session_file, alpn=["h2"])
-        self.assertIn("ALPN protocol: h2", made)
-        full = yield s_client_round(second.port, self.pki.ca_cert, "TLSv1.3",
+        made = yield s_client_round(pair.first.port, self.pki.ca_cert,
+                                    "TLSv1.3", session_out=session_file,
                                     alpn=["h2"])
-        resumed = yield s_client_round(second.port, self.pki.ca_cert,
+        self.assertIn("ALPN protocol: h2", made)
+        full = yield s_client_round(pair.second.port, self.pki.ca_cert,
+                                    "TLSv1.3", alpn=["h2"])
+        resumed = yield s_client_round(pair.second.port, self.pki.ca_cert,
                                        "TLSv1.3", session_in=session_file,
                                        alpn=["h2"])
         alerts = [re.search(r"SSL alert number (\d+)", output)
                   for output in (full, resumed)]
         self.assertEqual([alert and alert.group(1) for alert in alerts],
                          ["120", "120"])
-        counters = second.context.counters
+        counters = pair.second.context.counters
         self.assertEqual(counters["lookups"], 1)
         self.assertEqual(counters["failed:no application protocol"], 2)
         self.assertEqual(counters["full"] + counters["resumed"], 0)
@@ -633,35 +633,31 @@ class ServerNameAndALPNTests(TestCase):
               f"protocol {counters['failed:no application protocol']}, "
               f"completed {counters['full'] + counters['resumed']}")
 
-    @inlineCallbacks
-    def _resumed_without_overlap(self, version, **second_options):
+    def _h2_then_http11(self, **second_options):
         """
-        The session is made where the client's protocol is spoken, and
+        A session made where the client's protocol (h2) is spoken can be
         offered where it is not.
         """
-        sessions = {}
-        first = TLSServer(self, self.pki.ec_chain, self.pki.ec_key,
-                          owner="node1", sessions=sessions, alpn=(b"h2",))
-        second = TLSServer(self, self.pki.ec_chain, self.pki.ec_key,
-                           owner="node2", sessions=sessions,
-                           alpn=(b"http/1.1",), **second_options)
-        made = yield deferToThread(python_client_round, first.port,
+        return SharingPair(self, self.pki.ec_chain, self.pki.ec_key,
+                           alpn=(b"h2",), second_options={
+                               "alpn": (b"http/1.1",), **second_options})
+
+    @inlineCallbacks
+    def _resumed_without_overlap(self, version, **second_options):
+        pair = self._h2_then_http11(**second_options)
+        made = yield deferToThread(python_client_round, pair.first.port,
                                    self.pki.ca_cert, version, alpn=["h2"])
         self.assertEqual(made.alpn, "h2")
-        offered = deferToThread(python_client_round, second.port,
+        offered = deferToThread(python_client_round, pair.second.port,
                                 self.pki.ca_cert, version, made.session,
                                 alpn=["h2"])
-        return second, offered
+        return pair.second, offered
 
     @inlineCallbacks
     def _resumed_no_overlap_is_refused(self, version):
         second, offered = yield self._resumed_without_overlap(version)
-        error = yield self.assertFailure(offered, ssl.SSLError)
-        self.assertIn("alert no application protocol", str(error))
+        yield self._ends_in_alert(offered, second.context.counters)
         self.assertEqual(second.context.counters["lookups"], 1)
-        self.assertEqual(
-            second.context.counters["failed:no application protocol"], 1)
-        self.assertEqual(second.context.counters["resumed"], 0)
 
     def test_tls12_resumed_alpn_without_overlap_gets_alert(self):
         return self._resumed_no_overlap_is_refused("TLSv1.2")
