@@ -24,7 +24,8 @@ owner's methods with Python values:
     - C{_on_new_session_id()} -> the bytes of a fresh session id;
     - C{_on_new_session(session_id, der)} for every session OpenSSL makes;
     - C{_on_get_session(session_id)} -> a L{NativeSession} or C{None};
-    - C{_on_select_alpn(offered)} -> one of the offered names or C{None}.
+    - C{_on_select_alpn(offered)} -> one of the offered names or C{None}
+      (none of them: see L{NativeContext.select_alpn}).
 
 The weak references matter: the owner holds its L{NativeConnection}, so a
 strong reference back (or from the module dict) would make a cycle that only
@@ -58,6 +59,7 @@ typedef struct ssl_method_st SSL_METHOD;
 typedef struct ssl_cipher_st SSL_CIPHER;
 typedef struct bio_st BIO;
 typedef struct bio_method_st BIO_METHOD;
+typedef struct stack_st OPENSSL_STACK;
 
 unsigned long OpenSSL_version_num(void);
 const char *OpenSSL_version(int type);
@@ -105,6 +107,10 @@ int SSL_session_reused(const SSL *ssl);
 int SSL_version(const SSL *ssl);
 const SSL_CIPHER *SSL_get_current_cipher(const SSL *ssl);
 const char *SSL_CIPHER_get_name(const SSL_CIPHER *cipher);
+uint32_t SSL_CIPHER_get_id(const SSL_CIPHER *cipher);
+OPENSSL_STACK *SSL_CTX_get_ciphers(const SSL_CTX *ctx);
+int OPENSSL_sk_num(const OPENSSL_STACK *stack);
+void *OPENSSL_sk_value(const OPENSSL_STACK *stack, int index);
 void SSL_get0_alpn_selected(const SSL *ssl, const unsigned char **data,
                             unsigned int *len);
 const char *SSL_get_servername(const SSL *ssl, const int type);
@@ -172,6 +178,7 @@ _SSL_CLIENT_HELLO_SUCCESS = 1
 _SSL_CLIENT_HELLO_ERROR = 0
 _SSL_CLIENT_HELLO_RETRY = -1
 _SSL_TLSEXT_ERR_OK = 0
+_SSL_TLSEXT_ERR_ALERT_FATAL = 2
 _SSL_TLSEXT_ERR_NOACK = 3
 _SSL_AD_INTERNAL_ERROR = 80
 _SSL_AD_HANDSHAKE_FAILURE = 40
@@ -384,10 +391,16 @@ def _get_session_trampoline(ssl, data, length, copy):
     return session._pointer
 
 
+# The callback argument of the ALPN trampoline: what a context does when
+# its owner chooses none of the protocols offered.
+_ALPN_GO_ON = ffi.NULL
+_ALPN_REFUSE = ffi.cast("void *", 1)
+
+
 @ffi.callback("int(SSL *, const unsigned char **, unsigned char *,"
               " const unsigned char *, unsigned int, void *)",
               error=_SSL_TLSEXT_ERR_NOACK)
-def _alpn_trampoline(ssl, out, outlen, offered, offered_length, _arg):
+def _alpn_trampoline(ssl, out, outlen, offered, offered_length, refuse):
     owned = _owned(ssl)
     if owned is None:
         return _SSL_TLSEXT_ERR_NOACK
@@ -395,7 +408,9 @@ def _alpn_trampoline(ssl, out, outlen, offered, offered_length, _arg):
     names, offsets = _parse_alpn(wire)
     chosen = owned[1]._on_select_alpn(names) if names else None
     if chosen is None or chosen not in names:
-        return _SSL_TLSEXT_ERR_NOACK
+        # OpenSSL answers ALERT_FATAL with no_application_protocol.
+        return (_SSL_TLSEXT_ERR_NOACK if refuse == _ALPN_GO_ON
+                else _SSL_TLSEXT_ERR_ALERT_FATAL)
     # The answer must point into memory that outlives this call; the
     # client's own list does, for as long as OpenSSL needs it.
     out[0] = offered + offsets[names.index(chosen)]
@@ -475,10 +490,12 @@ class NativeSession:
         length = ffi.new("unsigned int *")
         context = _lib.SSL_SESSION_get0_id_context(pointer, length)
         id_context = _bytes(context, length[0])
+        cipher = _lib.SSL_SESSION_get0_cipher(pointer)
         return SessionIdentity(
             _session_id(pointer, length),
             id_context,
             _lib.SSL_SESSION_get_protocol_version(pointer),
+            0 if cipher == ffi.NULL else _lib.SSL_CIPHER_get_id(cipher),
             _lib.SSL_SESSION_get_time(pointer)
             + _lib.SSL_SESSION_get_timeout(pointer),
             bool(_lib.SSL_SESSION_is_resumable(pointer)),
@@ -510,6 +527,9 @@ class SessionIdentity(NamedTuple):
     session_id: bytes
     id_context: bytes
     protocol_version: int
+    # OpenSSL's id of the session's cipher, as in L{NativeContext.cipher_ids};
+    # 0 when the session names none.
+    cipher_id: int
     expires: int
     resumable: bool
 
@@ -535,7 +555,12 @@ class NativeContext:
     """
     An ``SSL_CTX`` for a TLS server with the external session cache wired to
     the trampolines, and nothing of OpenSSL's own cache.
+
+    @ivar cipher_ids: the ids of the TLS 1.2 ciphers and TLS 1.3 suites the
+        context allows, as L{set_ciphers} last left them.
     """
+
+    cipher_ids: frozenset[int] = frozenset()
 
     def __init__(self, internal_cache: bool = False) -> None:
         """
@@ -571,7 +596,6 @@ class NativeContext:
         _lib.SSL_CTX_sess_set_get_cb(ctx, _get_session_trampoline)
         _lib.SSL_CTX_set_generate_session_id(ctx, _generate_session_id_trampoline)
         _lib.SSL_CTX_set_client_hello_cb(ctx, _client_hello_trampoline, ffi.NULL)
-        _lib.SSL_CTX_set_alpn_select_cb(ctx, _alpn_trampoline, ffi.NULL)
 
     def load_certificate_chain(self, path: str) -> None:
         _lib.ERR_clear_error()
@@ -598,6 +622,12 @@ class NativeContext:
             self._ctx, tls12_ciphers.encode("ascii")) == 1, "TLS 1.2 ciphers")
         _check(_lib.SSL_CTX_set_ciphersuites(
             self._ctx, tls13_suites.encode("ascii")) == 1, "TLS 1.3 suites")
+        # OpenSSL keeps both lists in one stack, TLS 1.3 suites first.
+        ciphers = _lib.SSL_CTX_get_ciphers(self._ctx)
+        self.cipher_ids = frozenset(
+            _lib.SSL_CIPHER_get_id(ffi.cast(
+                "const SSL_CIPHER *", _lib.OPENSSL_sk_value(ciphers, index)))
+            for index in range(_lib.OPENSSL_sk_num(ciphers)))
 
     def set_groups(self, groups: str) -> None:
         _lib.ERR_clear_error()
@@ -614,6 +644,20 @@ class NativeContext:
 
     def set_tls13_tickets(self, count: int) -> None:
         _check(_lib.SSL_CTX_set_num_tickets(self._ctx, count) == 1, "tickets")
+
+    def select_alpn(self, refuse_without_overlap: bool) -> None:
+        """
+        Let each connection's owner choose among the application protocols
+        a client offers (C{_on_select_alpn}).  Without this, OpenSSL
+        ignores ALPN.
+
+        @param refuse_without_overlap: when the owner chooses none, end the
+            handshake with a fatal no_application_protocol alert (RFC 7301,
+            3.2); otherwise go on without ALPN.
+        """
+        _lib.SSL_CTX_set_alpn_select_cb(
+            self._ctx, _alpn_trampoline,
+            _ALPN_REFUSE if refuse_without_overlap else _ALPN_GO_ON)
 
 
 class NativeConnection:

@@ -83,8 +83,8 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
         "metrics_listen", "log_format", "checkpoint", "checkpoint_period_ms",
         "checkpoint_bound", "max_concurrent_lookups",
         "max_lookups_per_client", "drain_timeout_s"}),
-    "tls": frozenset({"min_version", "max_version", "alpn", "tls12_ciphers",
-                      "service"}),
+    "tls": frozenset({"min_version", "max_version", "alpn", "alpn_mismatch",
+                      "tls12_ciphers", "service"}),
     "tls.service": frozenset({"name", "certificate", "key", "server_names"}),
     "cluster": frozenset({
         "listen", "ca", "certificate", "key", "state_key", "peers",
@@ -165,6 +165,7 @@ class TLSConfig:
     min_version: str = "1.2"
     max_version: str = "1.3"
     alpn: tuple[bytes, ...] = ()
+    alpn_mismatch: str = tls.DEFAULT_ALPN_MISMATCH
     tls12_ciphers: str = tls.DEFAULT_TLS12_CIPHERS
 
 
@@ -655,11 +656,15 @@ class _Reader:
                              f"{min_version!r} is above tls.max_version "
                              f"{max_version!r}")
         alpn = table.value("alpn", self.alpn, default=())
+        alpn_mismatch = table.value(
+            "alpn_mismatch", self.choice(tls.ALPN_MISMATCH_ACTIONS),
+            default=tls.DEFAULT_ALPN_MISMATCH)
         tls12_ciphers = table.value("tls12_ciphers", self.tls12_ciphers,
                                     default=tls.DEFAULT_TLS12_CIPHERS)
         services = table.value("service", self.services, required=True)
         return TLSConfig(services=services, min_version=min_version,
                          max_version=max_version, alpn=alpn,
+                         alpn_mismatch=alpn_mismatch,
                          tls12_ciphers=tls12_ciphers)
 
     def tls_version(self, key: str, value: Any) -> str:

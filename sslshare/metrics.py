@@ -34,6 +34,7 @@ from twisted.web.server import Request, Site
 
 from sslshare.node import Node
 from sslshare.recovery import LOOKUP_SOURCES
+from sslshare.tls import SESSION_REFUSALS
 
 # Handshake outcomes, as Node.stats() names them.
 HANDSHAKE_OUTCOMES = ("full", "resumed_local", "resumed_peer",
@@ -101,6 +102,15 @@ class NodeCollector:
         yield GaugeMetricFamily(
             "sslshare_store_bytes", "Bytes used by this node's memory store.",
             value=stats["store.bytes"])
+        refused = CounterMetricFamily(
+            "sslshare_sessions_refused", "Sessions found for a client that "
+            "could not resume here, by reason (the session does not parse, "
+            "is another one, belongs to another service or version, has "
+            "expired, or its cipher is not allowed); each one is a full "
+            "handshake.", labels=["reason"])
+        for reason in SESSION_REFUSALS:
+            refused.add_metric([reason], stats.get(f"engine.{reason}", 0))
+        yield refused
         yield CounterMetricFamily(
             "sslshare_backend_failures", "Client connections closed because "
             "their backend connection failed.",

@@ -29,8 +29,9 @@ answer at once (a local hit) or later from the reactor.
 
 Bad input never crashes the engine: a malformed extension, a foreign session
 id, a DER that does not parse, or one from another session id context, a
-protocol version or session that does not match, all end in a full handshake
-or in OpenSSL's own alert, and each is counted in L{ServerContext.counters}.
+protocol version or session that does not match, a session whose cipher the
+service no longer allows, all end in a full handshake or in OpenSSL's own
+alert, and each is counted in L{ServerContext.counters}.
 
 This module does no network I/O and holds no policy on where sessions live.
 """
@@ -74,9 +75,25 @@ DEFAULT_TLS13_SUITES = ("TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:"
 DEFAULT_GROUPS = "X25519:P-256:P-384"
 DEFAULT_SESSION_LIFETIME = 3600
 
+# What a service with ALPN does with a client that offers none of its
+# protocols -> whether that ends the handshake: the fatal
+# no_application_protocol alert RFC 7301 (3.2) asks for, or carry on
+# without ALPN.
+_ALPN_MISMATCH_REFUSES = {"alert": True, "ignore": False}
+ALPN_MISMATCH_ACTIONS = tuple(_ALPN_MISMATCH_REFUSES)
+DEFAULT_ALPN_MISMATCH = ALPN_MISMATCH_ACTIONS[0]
+
 # A paused handshake waits for at most the lookup budget, but a client may
 # keep sending meanwhile: past this many bytes it is not a client.
 MAX_INPUT_WHILE_PAUSED = 64 * 1024
+
+# Why a supplied session is not resumed, as ServerContext.counters names
+# them: it does not parse; it is another session than the one offered; it
+# belongs to another service or protocol version; it has expired; its
+# cipher is not one the service allows now (a reload took it out, or the
+# node that made it allows more).
+SESSION_REFUSALS = ("bad_der", "wrong_session", "context_mismatch",
+                    "version_mismatch", "expired", "cipher_not_allowed")
 
 # Directions of a record, as the running digest numbers them.
 CLIENT_TO_SERVER = 0
@@ -193,12 +210,15 @@ class ServerContext:
     Everything the engine needs to accept TLS connections for a set of
     virtual services, and the counters of what happened to them.
 
+    @ivar alpn: the application protocols the services speak, in order of
+        preference; none: the engine ignores ALPN.
+    @ivar alpn_mismatch: one of L{ALPN_MISMATCH_ACTIONS}, for a client that
+        offers none of C{alpn}.
     @ivar counters: event name -> count.  C{full} and C{resumed} handshakes;
         C{lookups} (handshakes paused for a session), C{lookup_misses} (the
         answer was C{None}); the reasons a supplied session was refused
-        (C{bad_der}, C{wrong_session}, C{context_mismatch},
-        C{version_mismatch}, C{expired}) and a supplied session OpenSSL did
-        not resume (C{not_resumed}); offered keys that could not be ours
+        (L{SESSION_REFUSALS}) and a supplied session OpenSSL did not resume
+        (C{not_resumed}); offered keys that could not be ours
         (C{foreign_session_id}, C{malformed_psk}); and C{failed:<reason>}
         for handshakes that ended in an error.
     """
@@ -209,6 +229,7 @@ class ServerContext:
         owner_tag: bytes,
         on_new_session: NewSessionCallback | None = None,
         alpn: Sequence[bytes] = (),
+        alpn_mismatch: str = DEFAULT_ALPN_MISMATCH,
         minimum_version: str = "1.2",
         maximum_version: str = "1.3",
         tls12_ciphers: str = DEFAULT_TLS12_CIPHERS,
@@ -232,10 +253,15 @@ class ServerContext:
             raise TLSConfigurationError(
                 f"minimum TLS version {minimum_version} is above the "
                 f"maximum {maximum_version}")
+        if alpn_mismatch not in ALPN_MISMATCH_ACTIONS:
+            raise TLSConfigurationError(
+                f"ALPN mismatch action {alpn_mismatch!r} is not one of "
+                + ", ".join(map(repr, ALPN_MISMATCH_ACTIONS)))
         self.owner_tag = owner_tag
         self._new_session_id = sessionid.session_id_maker(owner_tag)
         self.on_new_session = on_new_session
         self.alpn = tuple(alpn)
+        self.alpn_mismatch = alpn_mismatch
         self.session_lifetime = session_lifetime
         self.counters: Counter[str] = Counter()
         self._services: list[tuple[VirtualService, _openssl.NativeContext]] = []
@@ -293,6 +319,9 @@ class ServerContext:
                 raise TLSConfigurationError(
                     f"{what}: service {service.name!r}: {e}") from None
         native.set_session_lifetime(self.session_lifetime)
+        if self.alpn:
+            native.select_alpn(
+                _ALPN_MISMATCH_REFUSES[self.alpn_mismatch])
         return native
 
     @property
@@ -511,6 +540,12 @@ class Connection:
             return "version_mismatch"
         if found.expires <= time.time() or not found.resumable:
             return "expired"
+        # OpenSSL checks the session's cipher against what the client
+        # offers (TLS 1.2) or only its hash (TLS 1.3), never against the
+        # server's own list.
+        native = self._context._services[self._service_index][1]
+        if found.cipher_id not in native.cipher_ids:
+            return "cipher_not_allowed"
         return None
 
     def _finish_handshake(self) -> None:

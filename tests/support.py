@@ -238,16 +238,19 @@ def _abort_all(protocols):
 class SharingPair:
     """
     Two independent contexts of nodes node1 and node2 sharing one dict of
-    DER bytes.
+    DER bytes, made with the same context C{options} but for
+    C{second_options}, which node2's context has instead.
     """
 
-    def __init__(self, testcase, chain, key, second_service="web", **options):
+    def __init__(self, testcase, chain, key, second_service="web",
+                 second_options=None, **options):
         self.sessions = {}
         self.first = TLSServer(testcase, chain, key, owner="node1",
                                sessions=self.sessions, **options)
         self.second = TLSServer(testcase, chain, key, owner="node2",
                                 sessions=self.sessions,
-                                service_name=second_service, **options)
+                                service_name=second_service,
+                                **{**options, **(second_options or {})})
 
 
 @attrs.frozen
@@ -340,9 +343,11 @@ class _Collect(ProcessProtocol):
         self.done.callback(b"".join(self.output).decode("utf-8", "replace"))
 
 
-def s_client_round(port, ca_cert, version, session_out=None, session_in=None):
+def s_client_round(port, ca_cert, version, session_out=None, session_in=None,
+                   alpn=()):
     """
-    One connection with C{openssl s_client}; fires with its output.
+    One connection with C{openssl s_client}, offering the application
+    protocols C{alpn} if any; fires with its output.
     """
     arguments = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
                  "-servername", "localhost", "-CAfile", ca_cert,
@@ -352,6 +357,8 @@ def s_client_round(port, ca_cert, version, session_out=None, session_in=None):
         arguments += ["-sess_out", session_out]
     if session_in:
         arguments += ["-sess_in", session_in]
+    if alpn:
+        arguments += ["-alpn", ",".join(alpn)]
     collector = _Collect(b"hello\n")
     reactor.spawnProcess(collector, "openssl", arguments, env=None)
     return collector.done

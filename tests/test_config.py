@@ -199,6 +199,11 @@ log_format = "json"
         self.assertEqual((node.tls.min_version, node.tls.max_version,
                           node.tls.alpn), ("1.3", "1.3", (b"h2", b"http/1.1")))
 
+    def test_alpn_mismatch_defaults_to_the_alert_and_can_be_ignored(self):
+        self.assertEqual(self.load(tls=TLS).tls.alpn_mismatch, "alert")
+        node = self.load(tls='[tls]\nalpn_mismatch = "ignore"\n' + TLS)
+        self.assertEqual(node.tls.alpn_mismatch, "ignore")
+
     def test_tls12_ciphers_default_to_the_engine_default_and_can_be_set(self):
         self.assertEqual(self.load(tls=TLS).tls.tls12_ciphers,
                          DEFAULT_TLS12_CIPHERS)
@@ -815,6 +820,11 @@ class TLSErrorTests(_ConfigTestCase):
         self.assertError(
             self.error(tls='[tls]\nalpn = ["h2", "h2"]\n' + TLS),
             "tls.alpn[1]", "'h2' is listed twice")
+
+    def test_alpn_mismatch_of_another_action(self):
+        self.assertError(
+            self.error(tls='[tls]\nalpn_mismatch = "drop"\n' + TLS),
+            "tls.alpn_mismatch", "'drop' is not one of 'alert', 'ignore'")
 
     def test_tls12_ciphers_openssl_selects_none_of(self):
         self.assertError(

@@ -15,6 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from sslshare import cli, config
 from sslshare.recovery import LOOKUP_SOURCES
+from sslshare.tls import SESSION_REFUSALS
 from tests.support import (
     LocalCluster,
     connect_without_certificate,
@@ -65,6 +66,11 @@ class MetricsPageTests(TestCase):
                 samples["sslshare_checkpoints_total"][
                     frozenset({("event", event)})],
                 stats.get(f"checkpoint.{event}", 0), event)
+        for reason in SESSION_REFUSALS:
+            self.assertEqual(
+                samples["sslshare_sessions_refused_total"][
+                    frozenset({("reason", reason)})],
+                stats.get(f"engine.{reason}", 0), reason)
         for labels, value in samples["sslshare_peer_connected"].items():
             (peer,) = dict(labels).values()
             self.assertEqual(value, stats[f"peers.{peer}.connected"])

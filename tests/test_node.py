@@ -16,18 +16,19 @@ import sys
 import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from sslshare.tls import LookupRequest
+from sslshare.tls import LookupRequest, session_fields
 from tests.support import (
     LocalCluster,
     SilentListener,
     s_client_round,
+    scrape_metrics,
 )
 
 
@@ -236,6 +237,100 @@ class MovingSessionTests(TestCase):
                 if os.path.exists(out):
                     session_file = out
             yield cluster.stop_all()
+
+
+# What a node's service picks for a TLS 1.2 client with the test PKI's P-256
+# certificate, first of the default list; and a list without it.
+_FIRST_TLS12_CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"
+_WITHOUT_IT = ('[tls]\ntls12_ciphers = "ECDHE-ECDSA-AES256-GCM-SHA384"\n\n'
+               '[[tls.service]]')
+
+
+class ForbiddenCipherTests(TestCase):
+    """
+    A node resumes no session whose cipher its configuration does not allow
+    now, wherever the session comes from: a full handshake, counted.
+    """
+
+    @inlineCallbacks
+    def _made_on_node1(self, cluster):
+        made = yield cluster.client_round("node1", "TLSv1.2")
+        kept = cluster.nodes["node1"].store.get(made.session.id)
+        self.assertEqual(session_fields(kept.der).cipher, _FIRST_TLS12_CIPHER)
+        return made
+
+    @inlineCallbacks
+    def test_stored_sessions_of_a_cipher_a_reload_took_out_are_not_resumed(self):
+        """
+        Prints its figures: sessions offered after the reload, how many
+        resumed, and the counter and metric of the refusals.
+        """
+        cluster = LocalCluster(self, nodes=("node1",), metrics=True)
+        cluster.start("node1")
+        made = []
+        for _ in range(10):
+            made.append((yield self._made_on_node1(cluster)))
+        cluster.edit("node1", "[[tls.service]]", _WITHOUT_IT)
+        self.assertTrue(cluster.services["node1"].reload())
+        again = []
+        for result in made:
+            again.append((yield cluster.client_round(
+                "node1", "TLSv1.2", result.session)))
+        self.assertEqual([(r.reused, r.echo) for r in again],
+                         [(False, b"hello")] * len(made))
+        refused = cluster.nodes["node1"].stats()["engine.cipher_not_allowed"]
+        self.assertEqual(refused, len(made))
+        samples = yield Deferred.fromCoroutine(
+            scrape_metrics(cluster.metrics_ports["node1"]))
+        metric = samples["sslshare_sessions_refused_total"][
+            frozenset({("reason", "cipher_not_allowed")})]
+        self.assertEqual(metric, len(made))
+        # The session made in its place, with a cipher allowed, resumes.
+        third = yield cluster.client_round("node1", "TLSv1.2", again[0].session)
+        self.assertTrue(third.reused)
+        print(f"\ncipher taken out by a reload: {len(made)} stored sessions "
+              f"offered, {sum(r.reused for r in again)} resumed; "
+              f"engine.cipher_not_allowed {refused}, "
+              f'sslshare_sessions_refused_total{{reason="cipher_not_allowed"}}'
+              f" {metric:g}")
+
+    @inlineCallbacks
+    def test_session_from_a_peer_of_a_cipher_this_node_forbids_is_not_resumed(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        cluster.edit("node2", "[[tls.service]]", _WITHOUT_IT)
+        yield cluster.start_all()
+        made = yield self._made_on_node1(cluster)
+        elsewhere = yield cluster.client_round("node2", "TLSv1.2", made.session)
+        self.assertFalse(elsewhere.reused)
+        self.assertEqual(elsewhere.echo, b"hello")
+        self.assertEqual(
+            cluster.nodes["node2"].stats()["engine.cipher_not_allowed"], 1)
+
+
+class ALPNTests(TestCase):
+    """
+    A node's C{[tls]} ALPN settings reach its engine, and a reload changes
+    them.
+    """
+
+    @inlineCallbacks
+    def test_client_without_a_protocol_of_the_node_gets_alert_unless_ignored(self):
+        cluster = LocalCluster(self, nodes=("node1",))
+        cluster.edit("node1", "[[tls.service]]",
+                     '[tls]\nalpn = ["h2"]\n\n[[tls.service]]')
+        cluster.start("node1")
+        error = yield self.assertFailure(
+            cluster.client_round("node1", "TLSv1.3", alpn=["spdy/1"]),
+            ssl.SSLError)
+        self.assertIn("alert no application protocol", str(error))
+        stats = cluster.nodes["node1"].stats()
+        self.assertEqual(stats["engine.failed:no application protocol"], 1)
+        self.assertEqual(stats["failed"], 1)
+        cluster.edit("node1", 'alpn = ["h2"]\n',
+                     'alpn = ["h2"]\nalpn_mismatch = "ignore"\n')
+        self.assertTrue(cluster.services["node1"].reload())
+        served = yield cluster.client_round("node1", "TLSv1.3", alpn=["spdy/1"])
+        self.assertEqual((served.alpn, served.echo), (None, b"hello"))
 
 
 class FailingPeerTests(TestCase):

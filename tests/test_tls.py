@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gc
 import os
+import re
+import ssl
 import subprocess
 import sys
 import weakref
@@ -267,6 +269,48 @@ class RefusedSessionTests(TestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
+class ForbiddenCipherTests(TestCase):
+    """
+    A session whose cipher the resuming context does not allow (a reload
+    took it out, or another node never had it) gives a full handshake,
+    counted, whatever the client offers.
+    """
+
+    def setUp(self):
+        self.pki = support.pki()
+
+    @inlineCallbacks
+    def _cipher_taken_out(self, version, cipher, **second_options):
+        pair = SharingPair(self, self.pki.ec_chain, self.pki.ec_key,
+                           second_options=second_options)
+        made = yield deferToThread(
+            python_client_round, pair.first.port, self.pki.ca_cert, version)
+        (der,) = pair.sessions.values()
+        self.assertEqual(tls.session_fields(der).cipher, cipher)
+        again = yield deferToThread(
+            python_client_round, pair.second.port, self.pki.ca_cert, version,
+            made.session)
+        self.assertFalse(again.reused)
+        self.assertEqual(again.echo, b"hello")
+        counters = pair.second.context.counters
+        self.assertEqual(counters["cipher_not_allowed"], 1)
+        self.assertEqual(counters["full"], 1)
+
+    def test_tls12_session_of_a_cipher_taken_out_gives_full_handshake(self):
+        return self._cipher_taken_out(
+            "TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256",
+            tls12_ciphers="ECDHE-ECDSA-AES256-GCM-SHA384")
+
+    def test_tls13_session_of_a_suite_taken_out_gives_full_handshake(self):
+        """
+        The suite left has the session's hash, with which OpenSSL alone
+        would resume it.
+        """
+        return self._cipher_taken_out(
+            "TLSv1.3", "TLS_AES_128_GCM_SHA256",
+            tls13_suites="TLS_CHACHA20_POLY1305_SHA256")
+
+
 class BadInputTests(TestCase):
     """
     Hand-made ClientHellos end in a full handshake or a clean alert, counted,
@@ -482,7 +526,9 @@ class ContextConfigurationTests(TestCase):
 class ServerNameAndALPNTests(TestCase):
     """
     SNI picks the certificate and the session id context; ALPN follows the
-    server's preference.
+    server's preference, and a client that offers none of the server's
+    protocols gets the no_application_protocol alert (RFC 7301, 3.2), on a
+    full and on a resumed handshake, unless the server is told to ignore it.
     """
 
     def setUp(self):
@@ -531,10 +577,110 @@ class ServerNameAndALPNTests(TestCase):
             python_client_round, server.port, self.pki.ca_cert, "TLSv1.3",
             alpn=["http/1.1", "h2"])
         self.assertEqual(result.alpn, "h2")
-        result = yield deferToThread(
-            python_client_round, server.port, self.pki.ca_cert, "TLSv1.3",
-            alpn=["spdy/1"])
+
+    @inlineCallbacks
+    def _ends_in_alert(self, offered, counters):
+        """
+        The client of C{offered} got the no_application_protocol alert, and
+        the server, whose counters are C{counters}, finished no handshake.
+        """
+        error = yield self.assertFailure(offered, ssl.SSLError)
+        self.assertIn("alert no application protocol", str(error))
+        self.assertEqual(counters["failed:no application protocol"], 1)
+        self.assertEqual(counters["full"] + counters["resumed"], 0)
+
+    def _no_overlap_is_refused(self, version):
+        server = self._server(alpn=(b"h2", b"http/1.1"))
+        return self._ends_in_alert(deferToThread(
+            python_client_round, server.port, self.pki.ca_cert, version,
+            alpn=["spdy/1"]), server.context.counters)
+
+    def test_tls12_alpn_without_overlap_gets_alert(self):
+        return self._no_overlap_is_refused("TLSv1.2")
+
+    def test_tls13_alpn_without_overlap_gets_alert(self):
+        return self._no_overlap_is_refused("TLSv1.3")
+
+    @inlineCallbacks
+    def test_s_client_alpn_without_overlap_gets_alert_full_and_resumed(self):
+        """
+        Prints its figures: the alert each handshake ended with, and the
+        server's counts.
+        """
+        pair = self._h2_then_http11()
+        session_file = self.mktemp()
+        made = yield s_client_round(pair.first.port, self.pki.ca_cert,
+                                    "TLSv1.3", session_out=session_file,
+                                    alpn=["h2"])
+        self.assertIn("ALPN protocol: h2", made)
+        full = yield s_client_round(pair.second.port, self.pki.ca_cert,
+                                    "TLSv1.3", alpn=["h2"])
+        resumed = yield s_client_round(pair.second.port, self.pki.ca_cert,
+                                       "TLSv1.3", session_in=session_file,
+                                       alpn=["h2"])
+        alerts = [re.search(r"SSL alert number (\d+)", output)
+                  for output in (full, resumed)]
+        self.assertEqual([alert and alert.group(1) for alert in alerts],
+                         ["120", "120"])
+        counters = pair.second.context.counters
+        self.assertEqual(counters["lookups"], 1)
+        self.assertEqual(counters["failed:no application protocol"], 2)
+        self.assertEqual(counters["full"] + counters["resumed"], 0)
+        print("\nALPN without overlap (s_client -alpn h2, server http/1.1): "
+              f"full handshake: alert {alerts[0].group(1)}, resumed "
+              f"handshake: alert {alerts[1].group(1)}; server counted "
+              f"lookups {counters['lookups']}, failed:no application "
+              f"protocol {counters['failed:no application protocol']}, "
+              f"completed {counters['full'] + counters['resumed']}")
+
+    def _h2_then_http11(self, **second_options):
+        """
+        A session made where the client's protocol (h2) is spoken can be
+        offered where it is not.
+        """
+        return SharingPair(self, self.pki.ec_chain, self.pki.ec_key,
+                           alpn=(b"h2",), second_options={
+                               "alpn": (b"http/1.1",), **second_options})
+
+    @inlineCallbacks
+    def _resumed_without_overlap(self, version, **second_options):
+        pair = self._h2_then_http11(**second_options)
+        made = yield deferToThread(python_client_round, pair.first.port,
+                                   self.pki.ca_cert, version, alpn=["h2"])
+        self.assertEqual(made.alpn, "h2")
+        offered = deferToThread(python_client_round, pair.second.port,
+                                self.pki.ca_cert, version, made.session,
+                                alpn=["h2"])
+        return pair.second, offered
+
+    @inlineCallbacks
+    def _resumed_no_overlap_is_refused(self, version):
+        second, offered = yield self._resumed_without_overlap(version)
+        yield self._ends_in_alert(offered, second.context.counters)
+        self.assertEqual(second.context.counters["lookups"], 1)
+
+    def test_tls12_resumed_alpn_without_overlap_gets_alert(self):
+        return self._resumed_no_overlap_is_refused("TLSv1.2")
+
+    def test_tls13_resumed_alpn_without_overlap_gets_alert(self):
+        return self._resumed_no_overlap_is_refused("TLSv1.3")
+
+    @inlineCallbacks
+    def test_alpn_mismatch_ignored_when_configured_so(self):
+        second, offered = yield self._resumed_without_overlap(
+            "TLSv1.3", alpn_mismatch="ignore")
+        result = yield offered
+        self.assertTrue(result.reused)
         self.assertIsNone(result.alpn)
+        self.assertEqual(result.echo, b"hello")
+
+    def test_unknown_alpn_mismatch_action_is_refused(self):
+        service = tls.VirtualService("web", self.pki.ec_chain,
+                                     self.pki.ec_key, b"ctx")
+        error = self.assertRaises(tls.TLSConfigurationError, tls.ServerContext,
+                                  [service], b"12345678", alpn=(b"h2",),
+                                  alpn_mismatch="drop")
+        self.assertIn("'drop' is not one of 'alert', 'ignore'", str(error))
 
 
 def _server_hello_session_id(body: bytes) -> bytes:
