@@ -573,7 +573,8 @@ class Recovery:
             self._log.warn("discarded the state of session {session} from "
                            "{source}: {why}",
                            session=sessionid.describe(request.session_id),
-                           source=source, why=str(e))
+                           source=source if giver is None else f"peer {giver}",
+                           why=str(e))
             return None
         if state.expired(self.clock.seconds()):
             return None

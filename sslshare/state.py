@@ -35,7 +35,9 @@ for storage with AES-GCM under the cluster state key:
 
 The additional data binds a blob to its session id and context, so a blob
 filed under another session never opens.  The first key seals and every key
-opens, which lets a cluster rotate keys.  Random 96-bit nonces are safe for
+opens, which lets a cluster rotate keys.  L{StateKeys.prove} lets two nodes
+show each other which key they seal with, and that they hold it, without
+revealing it: an HMAC-SHA256 under a key derived from it.  Random 96-bit nonces are safe for
 about 2**32 seals under one key (NIST SP 800-38D): rotate before that.
 
 This module does no I/O beyond reading a key file, and never puts a DER or
@@ -77,6 +79,10 @@ KEY_ID_LENGTH = 4
 NONCE_LENGTH = 12
 TAG_LENGTH = 16
 _SEAL_HEADER_LENGTH = 1 + KEY_ID_LENGTH + NONCE_LENGTH
+PROOF_LENGTH = 32
+# Derives the key of the proofs from a state key: the state key itself
+# only ever keys AES-GCM.
+_PROOF_KEY_LABEL = b"sslshare key proof v1"
 # The cluster channel refuses sealed blobs above this size.
 MAX_SEALED_LENGTH = 16 * 1024
 _AAD_PREFIX = b"sslshare state v1\0"
@@ -335,6 +341,7 @@ class StateKeys:
         if not keys:
             raise ValueError("no state keys")
         self._ciphers: dict[bytes, AESGCM] = {}
+        self._proof_keys: dict[bytes, bytes] = {}
         ids = []
         for index, key in enumerate(keys):
             if type(key) is not bytes or len(key) != KEY_LENGTH:
@@ -345,6 +352,8 @@ class StateKeys:
                     f"state key {index + 1} has the key id of an earlier key "
                     f"({identifier.hex()})")
             self._ciphers[identifier] = AESGCM(key)
+            self._proof_keys[identifier] = hmac.digest(
+                key, _PROOF_KEY_LABEL, "sha256")
             ids.append(identifier)
         self.key_ids: tuple[bytes, ...] = tuple(ids)
 
@@ -391,6 +400,32 @@ class StateKeys:
         A new random state key.
         """
         return os.urandom(KEY_LENGTH)
+
+    def holds(self, key_id: bytes) -> bool:
+        """
+        Whether one of these keys has the id C{key_id}.
+        """
+        return key_id in self._ciphers
+
+    def prove(self, message: bytes) -> tuple[bytes, bytes]:
+        """
+        The sealing key's id, and the proof that whoever made it holds that
+        key, for C{message} (which binds the proof to its occasion).
+        """
+        identifier = self.key_ids[0]
+        return identifier, hmac.digest(self._proof_keys[identifier], message,
+                                       "sha256")
+
+    def proven(self, key_id: bytes, message: bytes, proof: bytes) -> bool:
+        """
+        Whether C{proof} is what L{prove} makes for C{message} with the key
+        C{key_id}; C{False} for a key not among these.
+        """
+        proof_key = self._proof_keys.get(key_id)
+        if proof_key is None:
+            return False
+        return hmac.compare_digest(
+            hmac.digest(proof_key, message, "sha256"), proof)
 
     def seal(self, state: SessionState) -> bytes:
         """

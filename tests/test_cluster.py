@@ -14,7 +14,6 @@ import ssl
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
@@ -40,6 +39,7 @@ from sslshare.cluster import (
     fetch_from,
     stats_from,
 )
+from sslshare.state import StateKeys
 from sslshare.throwaway import free_port
 
 NODES = ("node1", "node2", "node3")
@@ -109,20 +109,25 @@ class Node:
     it: a server endpoint string, and the factory wrapped in TLS.
     """
 
-    def __init__(self, testcase, tls, handler, allowed=_allow_all, **options):
+    def __init__(self, testcase, tls, handler, allowed=_allow_all,
+                 keys=None, **options):
         self.testcase = testcase
         self.tls = tls
         self.handler = handler
+        options.setdefault("peers", NODES)
+        keys = keys or testcase.keys
         self.factory = cluster.PeerServerFactory(handler, tls.cluster, tls.node_id,
-                                                 allowed, **options)
+                                                 allowed, keys=lambda: keys,
+                                                 **options)
         self.port = None
         self.listening = None
         testcase.addCleanup(self.stop)
 
     @inlineCallbacks
     def start(self, factory=None):
-        self.wrapper = TLSMemoryBIOFactory(self.tls.server_options(), False,
-                                           factory or self.factory)
+        self.wrapper = TLSMemoryBIOFactory(
+            self.tls.server_options(self.factory.admit), False,
+            factory or self.factory)
         port = self.port or 0
         self.listening = yield serverFromString(
             reactor, f"tcp:{port}:interface=127.0.0.1").listen(self.wrapper)
@@ -150,6 +155,7 @@ class ClusterTestCase(TestCase):
 
     def setUp(self):
         self.pki = pki.init_pki(self.mktemp(), "demo", NODES)
+        self.keys = StateKeys([StateKeys.generate()])
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -166,9 +172,10 @@ class ClusterTestCase(TestCase):
         yield node.start()
         return node
 
-    def link(self, from_node, to_node, endpoint, tls=None):
+    def link(self, from_node, to_node, endpoint, tls=None, keys=None):
+        keys = keys or self.keys
         link = PeerLink(to_node, endpoint, tls or self.cluster_tls(from_node),
-                        retry_policy=FAST_RETRY)
+                        keys=lambda: keys, retry_policy=FAST_RETRY)
         link.startService()
         self.addCleanup(link.stopService)
         return link
@@ -265,7 +272,8 @@ class FetchTests(ClusterTestCase):
     def test_peers_fetch_session_goes_through_the_named_link(self):
         peers = Peers([("node1", self.server.endpoint),
                        ("node3", "tcp:host=127.0.0.1:port=1")],
-                      self.cluster_tls("node2"), retry_policy=FAST_RETRY)
+                      self.cluster_tls("node2"), keys=lambda: self.keys,
+                      retry_policy=FAST_RETRY)
         peers.startService()
         self.addCleanup(peers.stopService)
         yield peers.link("node1").when_connected(fail_after_failures=3)
@@ -274,7 +282,7 @@ class FetchTests(ClusterTestCase):
         self.assertEqual(peers.connected_count(), 1)
 
     def test_peers_fetch_from_a_node_that_is_not_a_peer_fails_at_once(self):
-        peers = Peers([], self.cluster_tls("node2"))
+        peers = Peers([], self.cluster_tls("node2"), keys=lambda: self.keys)
         failure = self.failureResultOf(peers.fetch_session("node7", _session_id()))
         failure.trap(PeerUnavailable)
 
@@ -544,7 +552,7 @@ class LinkTests(ClusterTestCase):
 
     def test_peers_refuse_to_link_a_node_to_itself(self):
         self.assertRaises(ValueError, Peers, [("node2", "tcp:host=127.0.0.1:port=1")],
-                          self.cluster_tls("node2"))
+                          self.cluster_tls("node2"), keys=lambda: self.keys)
 
 
 class _RogueFetch(amp.Command):
@@ -561,19 +569,16 @@ class _RogueFetch(amp.Command):
     ]
 
 
-class _RogueProtocol(amp.AMP):
+class _RogueProtocol(cluster.PeerServerFactory.protocol):
     """
-    A peer with a valid certificate that answers FetchSession with
-    C{answer}, fields the real server would never send included.
+    A peer with a valid certificate and the cluster's state key that
+    answers FetchSession with its factory's C{answer}, fields the real
+    server would never send included.
     """
-
-    def __init__(self, answer):
-        super().__init__()
-        self.answer = answer
 
     @_RogueFetch.responder
     def fetch(self, session_id):
-        return self.answer
+        return self.factory.answer
 
 
 class GarbageAnswerTests(ClusterTestCase):
@@ -585,7 +590,9 @@ class GarbageAnswerTests(ClusterTestCase):
     @inlineCallbacks
     def _fetch(self, answer):
         rogue = Node(self, self.cluster_tls("node1"), None)
-        yield rogue.start(Factory.forProtocol(lambda: _RogueProtocol(answer)))
+        rogue.factory.protocol = _RogueProtocol
+        rogue.factory.answer = answer
+        yield rogue.start()
         link = yield self.connected_link("node2", "node1", rogue.endpoint)
         yield self.assertFailure(fetch_from(link, _session_id()), PeerProtocolError)
 
