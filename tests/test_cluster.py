@@ -373,17 +373,20 @@ class AuthorizationTests(ClusterTestCase):
         self.assertEqual(response, {"removed": False})
 
 
-def _no_data(result):
+def _refused(result):
     """
-    Whether a L{_stock_client_attempt} got nothing from the server.
+    Whether a L{_stock_client_attempt} met the server's refusal: a TLS
+    alert, not an answer nor a connection that merely ended.
     """
-    return isinstance(result, Exception) or result == b""
+    return isinstance(result, ssl.SSLError) and "ALERT" in str(result.reason)
 
 
 def _stock_client_attempt(port, ca, certificate=None, key=None):
     """
     A handshake with Python's C{ssl}, verifying the server's chain only,
-    then one read.  Returns the bytes read or the exception met.  Blocking.
+    then a whole AMP box asking for L{cluster.Stats}, which the server
+    answers to any peer it accepts, and one read.  Returns the bytes read
+    or the exception met.  Blocking.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(ca)
@@ -395,7 +398,8 @@ def _stock_client_attempt(port, ca, certificate=None, key=None):
             with context.wrap_socket(raw) as client:
                 # With TLS 1.3 the server judges our certificate after our
                 # side of the handshake is done: its verdict comes here.
-                client.sendall(b"\0\x0cFetchSession")
+                client.sendall(amp.AmpBox(_command=b"Stats",
+                                          _ask=b"1").serialize())
                 return client.recv(1024)
     except (ssl.SSLError, OSError) as e:
         return e
@@ -443,12 +447,24 @@ class RefusedConnectionTests(ClusterTestCase):
         self.assertFalse(link.connected)
 
     @inlineCallbacks
+    def test_stock_client_attempt_of_a_peer_is_answered(self):
+        # What makes the refusals below mean something: the same attempt
+        # with a peer's certificate gets an answer.
+        node2 = self.pki.node("node2")
+        result = yield deferToThread(
+            _stock_client_attempt, self.server.port, self.pki.ca_certificate,
+            node2.certificate, node2.key)
+        self.assertIsInstance(result, bytes)
+        self.assertIn(b"_answer", result)
+
+    @inlineCallbacks
     def test_refused_connection_is_logged_with_the_reason(self):
         other, bundle = self._intruder_files()
         result = yield deferToThread(
             _stock_client_attempt, self.server.port, bundle,
             other.node("node2").certificate, other.node("node2").key)
-        self.assertTrue(_no_data(result), "the server answered an intruder")
+        self.assertTrue(_refused(result), f"the server answered an intruder: "
+                                          f"{result!r}")
         [event] = self.logged("refused connection")
         self.assertIn("not issued by the cluster CA", event["reason"])
 
@@ -456,7 +472,8 @@ class RefusedConnectionTests(ClusterTestCase):
     def test_client_without_certificate_is_refused(self):
         result = yield deferToThread(_stock_client_attempt, self.server.port,
                                      self.pki.ca_certificate)
-        self.assertTrue(_no_data(result), "the server answered a client without a certificate")
+        self.assertTrue(_refused(result), f"the server answered a client "
+                                          f"without a certificate: {result!r}")
         self.assertEqual(self.server.factory.counters["refused_connections"], 1)
 
     @inlineCallbacks
@@ -466,7 +483,8 @@ class RefusedConnectionTests(ClusterTestCase):
         result = yield deferToThread(_stock_client_attempt, self.server.port,
                                      self.pki.ca_certificate, node9.certificate,
                                      node9.key)
-        self.assertTrue(_no_data(result), "the server answered another cluster's node")
+        self.assertTrue(_refused(result), f"the server answered another "
+                                          f"cluster's node: {result!r}")
         self.assertEqual(self.server.factory.counters["refused_connections"], 1)
         [event] = self.logged("refused connection")
         self.assertIn("sslshare://other/node9", event["reason"])
@@ -478,7 +496,7 @@ class RefusedConnectionTests(ClusterTestCase):
         result = yield deferToThread(_stock_client_attempt, self.server.port,
                                      self.pki.ca_certificate, self.pki.server_chain,
                                      self.pki.server_key)
-        self.assertTrue(_no_data(result))
+        self.assertTrue(_refused(result), repr(result))
         self.assertEqual(self.server.factory.counters["refused_connections"], 1)
 
     @inlineCallbacks
