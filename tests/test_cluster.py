@@ -41,6 +41,7 @@ from sslshare.cluster import (
 )
 from sslshare.state import StateKeys
 from sslshare.throwaway import free_port
+from tests.support import held_amp_client
 
 NODES = ("node1", "node2", "node3")
 # Reconnect fast: the tests restart servers and wait for the links.
@@ -181,8 +182,8 @@ class ClusterTestCase(TestCase):
         return link
 
     @inlineCallbacks
-    def connected_link(self, from_node, to_node, endpoint):
-        link = self.link(from_node, to_node, endpoint)
+    def connected_link(self, from_node, to_node, endpoint, keys=None):
+        link = self.link(from_node, to_node, endpoint, keys=keys)
         yield link.when_connected(fail_after_failures=3)
         return link
 
@@ -515,6 +516,216 @@ class RefusedConnectionTests(ClusterTestCase):
         self.assertIn("names sslshare://demo/node1, not sslshare://demo/node3",
                       str(failure))
         self.assertFalse(link.connected)
+
+
+class AdmissionTests(ClusterTestCase):
+    """
+    Which nodes of the cluster may connect: its peers and itself, one host
+    per node id.
+    """
+
+    @inlineCallbacks
+    def test_node_of_the_cluster_that_is_no_peer_is_refused_at_handshake(self):
+        server = yield self.node("node1", peers=["node2"])
+        link = self.link("node3", "node1", server.endpoint)
+        failure = yield self.assertFailure(
+            link.when_connected(fail_after_failures=1), PeerUnavailable)
+        self.assertFalse(link.connected)
+        self.assertIn("alert", str(failure))
+        counters = server.factory.counters
+        yield _wait_until(lambda: counters["refused_nodes"] == 1)
+        self.assertEqual((counters["connections"], counters["refused_connections"]),
+                         (0, 0))
+        [event] = self.logged("refused connection")
+        self.assertEqual(event["reason"],
+                         "node node3 is not a peer of node1 (cluster.peers)")
+
+    @inlineCallbacks
+    def test_node_may_ask_itself(self):
+        # What `sslshare stats` does, with the node's own certificate.
+        server = yield self.node("node1", peers=["node2"])
+        link = yield self.connected_link("node1", "node1", server.endpoint)
+        counters = yield stats_from(link)
+        self.assertEqual(counters["cluster.connections"], 1)
+
+    @inlineCallbacks
+    def test_second_connection_for_a_node_id_from_another_host_is_refused(self):
+        server = yield self.node("node1")
+        first = yield self.connected_link("node2", "node1", server.endpoint)
+        impostor = self.link("node2", "node1",
+                             f"{server.endpoint}:bindAddress=127.0.0.2")
+        yield self.assertFailure(
+            impostor.when_connected(fail_after_failures=1), PeerUnavailable)
+        counters = server.factory.counters
+        yield _wait_until(lambda: counters["duplicate_nodes"] == 1)
+        [event] = self.logged("refused connection")
+        self.assertRegex(event["reason"],
+                         r"^node node2 is connected from 127\.0\.0\.1:\d+ "
+                         r"already, and 127\.0\.0\.2:\d+ claims its id too")
+        self.assertEqual(event["address"].split(":")[0], "127.0.0.2")
+        # The first one goes on.
+        counters = yield stats_from(first)
+        self.assertEqual(counters["cluster.connections"], 1)
+        self.assertEqual(server.factory.connected_peers(), {"node2"})
+
+    @inlineCallbacks
+    def test_second_connection_for_a_node_id_from_the_same_host_is_let_in(self):
+        # A node's own `sslshare stats` next to its link, or a node that
+        # restarted before its old connection was seen to end.
+        server = yield self.node("node1")
+        yield self.connected_link("node2", "node1", server.endpoint)
+        yield self.connected_link("node2", "node1", server.endpoint)
+        self.assertEqual(server.factory.counters["connections"], 2)
+        self.assertEqual(server.factory.counters["duplicate_nodes"], 0)
+
+
+class BoxBoundTests(ClusterTestCase):
+    """
+    AMP keeps a box until its end; the channel bounds it as it arrives.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        super().setUp()
+        self.server = yield self.node("node1")
+
+    @inlineCallbacks
+    def _send(self, box):
+        client = yield held_amp_client(
+            self.server.port, self.cluster_tls("node2").client_options("node1"),
+            box.serialize())
+        client.read()
+        yield client.closed
+        return client
+
+    @inlineCallbacks
+    def test_box_of_more_keys_than_the_bound_ends_the_connection(self):
+        box = amp.AmpBox(_command=b"Stats", _ask=b"1")
+        box.update({b"k%d" % i: b"" for i in range(cluster.MAX_BOX_KEYS - 1)})
+        client = yield self._send(box)
+        self.assertEqual(client.boxes, 0)
+        self.assertEqual(self.server.factory.counters["protocol_errors"], 1)
+        [event] = self.logged("dropped")
+        self.assertIn(f"more than {cluster.MAX_BOX_KEYS} keys", event["what"])
+
+    @inlineCallbacks
+    def test_box_of_more_bytes_than_the_bound_ends_the_connection(self):
+        box = amp.AmpBox(_command=b"Stats", _ask=b"1")
+        value = b"v" * 60000
+        box.update({b"k%d" % i: value
+                    for i in range(cluster.MAX_BOX_BYTES // len(value) + 1)})
+        client = yield self._send(box)
+        self.assertEqual(client.boxes, 0)
+        self.assertEqual(self.server.factory.counters["protocol_errors"], 1)
+
+    @inlineCallbacks
+    def test_box_at_the_bounds_is_answered(self):
+        box = amp.AmpBox(_command=b"Stats", _ask=b"1")
+        box.update({b"k%d" % i: b"" for i in range(cluster.MAX_BOX_KEYS - 3)})
+        box[b"junk"] = b"j" * 65535
+        client = yield held_amp_client(
+            self.server.port, self.cluster_tls("node2").client_options("node1"),
+            box.serialize())
+        client.read()
+        yield _wait_until(lambda: client.boxes == 1)
+        client.transport.loseConnection()
+        self.assertEqual(self.server.factory.counters["protocol_errors"], 0)
+
+
+class RefusalLogTests(ClusterTestCase):
+    """
+    What a remote can repeat at will is counted in full and logged at a
+    bounded rate.
+    """
+
+    @inlineCallbacks
+    def test_refused_commands_are_logged_at_a_bounded_rate(self):
+        server = yield self.node(
+            "node1", allowed=lambda command, node_id: command == "Stats")
+        count = 500
+        client = yield held_amp_client(
+            server.port, self.cluster_tls("node2").client_options("node1"),
+            b"".join(amp.AmpBox(_command=b"Purge", _ask=b"%d" % i,
+                                session_id=_session_id()).serialize()
+                     for i in range(count)))
+        client.read()
+        yield _wait_until(lambda: client.boxes == count)
+        client.transport.loseConnection()
+        self.assertEqual(server.factory.counters["refused_commands"], count)
+        [event] = self.logged("refused {command}")
+        self.assertEqual(event["command"], "Purge")
+
+    @inlineCallbacks
+    def test_one_kind_of_refusal_hides_no_other(self):
+        server = yield self.node(
+            "node1", allowed=lambda command, node_id: command == "Stats")
+        client = yield held_amp_client(
+            server.port, self.cluster_tls("node2").client_options("node1"),
+            b"".join(amp.AmpBox(_command=command, _ask=b"%d" % i,
+                                session_id=_session_id()).serialize()
+                     for i, command in enumerate([b"Purge"] * 50
+                                                 + [b"Explode"] * 50)))
+        client.read()
+        yield _wait_until(lambda: client.boxes == 100)
+        client.transport.loseConnection()
+        self.assertEqual((len(self.logged("refused {command}")),
+                          len(self.logged("unknown command"))), (1, 1))
+
+
+class KeyCheckTests(ClusterTestCase):
+    """
+    A link is up only once both ends showed that each can open what the
+    other seals.
+    """
+
+    def _keys(self, *keys):
+        return StateKeys(list(keys))
+
+    @inlineCallbacks
+    def test_node_with_another_state_key_is_refused_at_link_setup(self):
+        theirs = self._keys(StateKeys.generate())
+        server = yield self.node("node1")
+        link = self.link("node2", "node1", server.endpoint, keys=theirs)
+        failure = yield self.assertFailure(
+            link.when_connected(fail_after_failures=1), PeerUnavailable)
+        self.assertFalse(link.connected)
+        ours, other = self.keys.key_ids[0].hex(), theirs.key_ids[0].hex()
+        expected = (f"node2 seals with state key id {other}, which node1 does "
+                    f"not hold (it holds {ours})")
+        self.assertIn(f"node1 refused the key check of node2 ({expected})",
+                      str(failure))
+        self.assertEqual(server.factory.counters["key_mismatches"], 1)
+        self.assertEqual(link.counters["key_mismatches"], 1)
+        [event] = self.logged("refused the link")
+        self.assertEqual((event["peer"], event["reason"]), ("node2", expected))
+        [event] = self.logged("cannot connect to peer")
+        self.assertEqual(event["peer"], "node1")
+        self.assertIn(expected, event["reason"])
+
+    @inlineCallbacks
+    def test_link_refuses_a_peer_whose_sealing_key_it_does_not_hold(self):
+        # node1 seals with a new key it has not given node2 yet: node1 can
+        # open node2's sessions, node2 cannot open node1's.
+        old, new = StateKeys.generate(), StateKeys.generate()
+        ours, old_only = self._keys(new, old), self._keys(old)
+        server = yield self.node("node1", keys=ours)
+        link = self.link("node2", "node1", server.endpoint, keys=old_only)
+        failure = yield self.assertFailure(
+            link.when_connected(fail_after_failures=1), PeerUnavailable)
+        self.assertIn(f"node1 seals with state key id {ours.key_ids[0].hex()}, "
+                      f"which node2 does not hold (it holds "
+                      f"{old_only.key_ids[0].hex()})", str(failure))
+        self.assertEqual(server.factory.counters["key_mismatches"], 0)
+        self.assertEqual(link.counters["key_mismatches"], 1)
+
+    @inlineCallbacks
+    def test_nodes_in_the_middle_of_a_rotation_link_up(self):
+        new, old = StateKeys.generate(), StateKeys.generate()
+        server = yield self.node("node1", keys=self._keys(new, old))
+        link = yield self.connected_link("node2", "node1", server.endpoint,
+                                         keys=self._keys(old, new))
+        self.assertTrue(link.connected)
+        self.assertEqual(server.factory.counters["key_mismatches"], 0)
 
 
 class LinkTests(ClusterTestCase):
