@@ -476,7 +476,7 @@ class HandoverTests(_LogCapture, TestCase):
                          ["handed over 1 session to node2, 0 failed"])
 
 
-class RotationTests(TestCase):
+class RotationTests(_LogCapture, TestCase):
     """
     The state key rotation of README.rst, on two nodes sharing through a
     repository, which keeps sessions sealed: a new key is added second,
@@ -536,6 +536,24 @@ class RotationTests(TestCase):
         node2 = cluster.nodes["node2"]
         self.assertEqual(node2.recovery.counters["unsealable"], 1)
         self.assertEqual(node2.counters["full"], 1)
+
+    @inlineCallbacks
+    def test_state_from_a_peer_that_does_not_open_names_the_peer(self):
+        # A key changed by a reload, past the check at link setup.
+        self.capture_log()
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        yield cluster.start_all()
+        made = yield cluster.client_round("node1", "TLSv1.2")
+        with open(os.path.join(cluster.directory, "pki", "other.key"), "w") as f:
+            f.write(StateKeys.generate().hex() + "\n")
+        cluster.edit("node2", 'state_key = "pki/state.key"',
+                     'state_key = "pki/other.key"')
+        self.assertTrue(cluster.services["node2"].reload())
+        resumed = yield cluster.client_round("node2", "TLSv1.2", made.session)
+        self.assertFalse(resumed.reused)
+        [line] = self.lines_with("discarded the state of session")
+        self.assertIn(" from peer node1: ", line)
+        self.assertIn("unknown key id", line)
 
     @inlineCallbacks
     def test_key_new_prints_a_line_the_key_file_takes(self):
