@@ -730,10 +730,18 @@ class LocalCluster:
 
     def log(self, node):
         """
-        What C{node}'s C{twistd} process has logged so far.
+        What C{node}'s C{twistd} process has logged so far, in the files
+        twistd rotated (every 1 MB) too, oldest first.
         """
-        with open(os.path.join(self.directory, f"{node}.log")) as f:
-            return f.read()
+        path = os.path.join(self.directory, f"{node}.log")
+        rotated = sorted((int(name.rsplit(".", 1)[1]) for name
+                          in os.listdir(self.directory)
+                          if name.startswith(f"{node}.log.")), reverse=True)
+        text = ""
+        for name in [f"{path}.{number}" for number in rotated] + [path]:
+            with open(name) as f:
+                text += f.read()
+        return text
 
     def spawn(self, node):
         """

@@ -696,11 +696,12 @@ MiB = 1024 * 1024
 RUNAWAY_GROWTH = 32 * MiB
 
 
-class ChannelMemoryTests(TestCase):
+class ChannelBoundTests(TestCase):
     """
     node1 runs as a C{twistd} process of its own, so that its resident
-    memory is its own; a client with node2's certificate either never
-    ends a box or asks and never reads the answers.
+    memory and its log are its own; a client with node2's certificate
+    never ends a box, or asks and never reads the answers, or asks for
+    what it may not have.
     """
 
     timeout = 300
@@ -720,8 +721,9 @@ class ChannelMemoryTests(TestCase):
         warm.transport.loseConnection()
         self.before = resident_bytes(self.pid)
 
-    def _connect(self, data):
-        return held_amp_client(self.cluster.amp_ports["node1"], self.tls, data)
+    def _connect(self, data, tls=None):
+        return held_amp_client(self.cluster.amp_ports["node1"],
+                               tls or self.tls, data)
 
     def _growth(self):
         return resident_bytes(self.pid) - self.before
@@ -779,3 +781,24 @@ class ChannelMemoryTests(TestCase):
         client.read()
         yield until(lambda: client.boxes == count, timeout=120)
         client.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_refused_commands_are_logged_at_a_bounded_rate(self):
+        # node1's own certificate may ask node1 for Stats only.
+        node1 = self.cluster.pki.node("node1")
+        count = 20000
+        started = reactor.seconds()
+        client = yield self._connect(b"".join(
+            amp_command(b"Purge", ask=b"%d" % i, session_id=session_id_of("node1"))
+            for i in range(count)), _client_tls(node1.certificate, node1.key))
+        client.read()
+        yield until(lambda: client.boxes == count, timeout=120)
+        client.transport.loseConnection()
+        stats = yield self._stats()
+        lines = self.cluster.log("node1").count("refused Purge")
+        print(f"\nhostile channel log, {count} refused commands "
+              f"({count * len(amp_command(b'Purge', session_id=bytes(32))) // 1024} "
+              f"KiB): {lines} log lines", flush=True)
+        self.assertEqual(stats["cluster.refused_commands"], count)
+        # At most one line per 10 s of the run.
+        self.assertLessEqual(lines, 1 + (reactor.seconds() - started) // 10)
