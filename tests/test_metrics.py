@@ -12,6 +12,7 @@ import socket
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from sslshare import cli, config, pki
@@ -208,6 +209,14 @@ class MetricsPageTests(TestCase):
     def test_refusals_of_cluster_nodes_show_in_stats_and_metrics(self):
         cluster = LocalCluster(self, nodes=("node1", "node2"), metrics=True)
         yield cluster.start_all()
+        warnings = []
+
+        def observe(event):
+            if event.get("log_level") == LogLevel.warn:
+                warnings.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
         node3 = pki.add_node(cluster.pki.directory, "test", "node3")
         node2 = cluster.pki.node("node2")
         keys = StateKeys.from_file(os.path.join(cluster.pki.directory,
@@ -241,6 +250,9 @@ class MetricsPageTests(TestCase):
                 ("key_mismatches", "sslshare_peer_key_mismatches_total")]:
             self.assertEqual(stats[f"cluster.{counter}"], 1, counter)
             self.assertEqual(samples[metric][frozenset()], 1, metric)
+        # The lines an operator reads, for the records (docs/hardening.md).
+        print("".join(f"\n  {line}" for line in warnings
+                      if "refused" in line), flush=True)
 
     @inlineCallbacks
     def test_nodes_in_one_process_keep_their_numbers_apart(self):
