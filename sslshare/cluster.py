@@ -915,14 +915,10 @@ class _PeerServerProtocol(_BoundedBoxes, amp.AMP, _HandshakeDeadline):
         self.factory._protocols.discard(self)
         if self.peer_node_id is None and not self._refused:
             problem = _verify_refusal(self.transport)
-            if isinstance(problem, NodeRefused):
-                self._refuse(str(problem), problem.counter)
-            elif problem is not None:
-                self._refuse(str(problem))
-            else:
-                why = _tls_failure(reason)
-                if why is not None:
-                    self._refuse(why)
+            why = _tls_failure(reason) if problem is None else str(problem)
+            if why is not None:
+                self._refuse(why, problem.counter if isinstance(
+                    problem, NodeRefused) else "refused_connections")
         super().connectionLost(reason)
 
     def locateResponder(self, name: bytes) -> Any:

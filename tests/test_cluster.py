@@ -703,6 +703,23 @@ class KeyCheckTests(ClusterTestCase):
         self.assertIn(expected, event["reason"])
 
     @inlineCallbacks
+    def test_server_ends_the_connection_of_a_failed_key_check(self):
+        server = yield self.node("node1")
+        client = yield held_amp_client(
+            server.port, self.cluster_tls("node2").client_options("node1"),
+            amp.AmpBox(_command=b"KeyCheck", _ask=b"1",
+                       key_id=self.keys.key_ids[0],
+                       proof=bytes(32)).serialize())
+        client.read()
+        yield client.closed
+        self.assertEqual(client.boxes, 1)
+        self.assertEqual(server.factory.counters["key_mismatches"], 1)
+        [event] = self.logged("refused the link")
+        self.assertEqual(event["reason"],
+                         f"node2 names state key id {self.keys.key_ids[0].hex()} "
+                         f"but does not prove that it holds it")
+
+    @inlineCallbacks
     def test_link_refuses_a_peer_whose_sealing_key_it_does_not_hold(self):
         # node1 seals with a new key it has not given node2 yet: node1 can
         # open node2's sessions, node2 cannot open node1's.
