@@ -144,7 +144,7 @@ MAX_SEALED = 16 * 1024
 """The largest sealed session blob the channel carries, in bytes."""
 
 MAX_BOX_KEYS = 16
-"""The most keys a box on the channel may have; a command uses 6 at most."""
+"""The most keys a box on the channel may have; a command uses 5 at most."""
 
 MAX_BOX_BYTES = 128 * 1024
 """
@@ -1507,9 +1507,10 @@ class PeerLink(Service):
     def _lost(self, protocol: _PeerClientProtocol, reason: Failure,
               refusal: str | None) -> None:
         """
-        The connection of C{protocol} ended, C{refusal} says why if TLS
-        refused it.  It counts as a failed attempt when it ended before the
-        handshake, and also when a TLS alert ended it before the peer
+        The connection of C{protocol} ended, C{refusal} says why if TLS or
+        the key check refused it.  It counts as a failed attempt when it
+        ended before the link was set up (handshake and key check), and
+        also when a TLS alert ended it before the peer
         answered anything: with TLS 1.3 the server judges our certificate
         after our side of the handshake is done, so its refusal arrives as
         an alert on a connection that looked up.
