@@ -6,20 +6,39 @@ Every node listens for its peers (L{PeerServerFactory}, wrapped in Twisted's
 L{TLSMemoryBIOFactory} with L{ClusterTLS.server_options}) and keeps one
 reconnecting client per peer (L{PeerLink}, gathered in L{Peers}).  Four AMP
 commands cross the channel: L{FetchSession} (move a sealed session to the
-asker), L{Checkpoint}, L{Purge} and L{Stats}.  What a node does with them is
-not this module's business: the server calls an L{ICommandHandler}.
+asker), L{Backup}, L{Checkpoint}, L{Purge} and L{Stats}, and L{KeyCheck}
+sets a link up.  What a node does with them is not this module's
+business: the server calls an L{ICommandHandler}.
 
 Identity.  Both ends present a certificate from the cluster CA whose SAN
 URI is C{sslshare://<cluster>/<node id>} (L{sslshare.pki.node_uri}).
 OpenSSL verifies the chain (trust root: the CA file only; extended key
 usage: clientAuth for the side that dials, serverAuth for the side that
 answers); a per-connection verify callback then reads the URI of the leaf:
-the server accepts any node id of its own cluster, the client only the one
-peer it dialled.  Anything else fails the handshake with an alert to the
-peer, and the callback keeps a L{PeerIdentityError} saying why for the
-protocol on top, which logs the refusal with its reason.  A peer's node id
-is only ever read from its verified certificate, never from anything it
-sends.
+the client accepts only the one peer it dialled; the server accepts its
+configured peers and itself (C{sslshare stats} asks with the node's own
+certificate), counting any other node of the cluster (a decommissioned
+one, say) in C{refused_nodes}, and refuses a second connection for a node
+id that is connected from another host already (two nodes given the same
+id), counted in C{duplicate_nodes}.  Anything else fails the handshake with
+an alert to the peer, and the callback keeps a L{PeerIdentityError} saying
+why for the protocol on top, which logs the refusal with its reason.  A
+peer's node id is only ever read from its verified certificate, never from
+anything it sends.
+
+Link setup.  Right after the handshake, a link sends L{KeyCheck}: the id of
+the state key it seals with, and a proof that it holds that key
+(L{sslshare.state.StateKeys.prove}) over both node ids and a value both
+ends derive from this TLS connection, so that the proof is worth nothing
+on another connection.  The server checks that it holds that key (it can
+open what the peer seals) and the proof, and answers the same for its own
+key; the link checks the answer likewise, and is up only then.  A node
+with another state key is refused with a line naming the peer and both key
+ids, counted in C{key_mismatches}, instead of failing every session it
+gets.  During a key rotation this asks for the order the rotation needs
+anyway: every node holds a new key before any node seals with it.  The
+check guards against mistakes, not attackers: a peer's certificate is what
+authenticates it.
 
 Why not C{service_identity.URI_ID}: service_identity matches a URI-ID on
 scheme and host only (RFC 6125 6.5.2).  C{URI_ID("sslshare://demo/node1")}
@@ -46,6 +65,15 @@ a peer answers: garbage becomes L{PeerProtocolError}.
 Connections that fail the handshake (no certificate, another CA, another
 cluster, a timeout) get no data; they are logged and counted in
 C{counters["refused_connections"]} (timeouts in C{handshake_timeouts}).
+
+Bounds.  AMP keeps a box until its end and takes any number of keys, so a
+box of more than L{MAX_BOX_KEYS} keys or L{MAX_BOX_BYTES} bytes ends the
+connection as it arrives (a protocol error), on both ends.  The server
+stops reading from a peer (and parsing what it has read) while the answers
+it wrote are not taken: the connection is its transport's producer, paused
+while the transport's write buffer is over its bound (Twisted's 64 KiB),
+counted in C{reading_paused}.  Whatever a remote can repeat is logged at a
+bounded rate, one L{RateLimitedWarning} per kind, and counted in full.
 
 Availability.  L{PeerLink.call} never waits for a connection: the recovery
 chain has a budget of tens of milliseconds, so a peer that is not connected
@@ -88,6 +116,7 @@ from twisted.internet.defer import (
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError, ConnectionClosed
 from twisted.internet.interfaces import (
+    IAddress,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -108,14 +137,27 @@ from zope.interface import Interface, implementer
 
 from sslshare import pki, sessionid
 from sslshare.errors import FileError
+from sslshare.logs import RateLimitedWarning
 from sslshare.state import (
     KEY_ID_LENGTH,
     MAX_ID_CONTEXT_LENGTH,
     MAX_KEYS,
+    PROOF_LENGTH,
     PROTOCOLS,
+    StateKeys,
     checkpoint_problem,
 )
 from sslshare.state import MAX_SEALED_LENGTH as MAX_SEALED
+
+MAX_BOX_KEYS = 16
+"""The most keys a box on the channel may have; a command uses 5 at most."""
+
+MAX_BOX_BYTES = 128 * 1024
+"""
+The most bytes a box may take on the wire: room for one value of AMP's
+largest (64 KiB), so that an oversized argument is a bad request, not a
+dropped connection.
+"""
 
 FETCH_STATUSES = ("found", "redirect", "missing", "refused")
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -166,6 +208,25 @@ class PeerIdentityError(Exception):
     """
     A certificate does not name an acceptable node, or does not chain to the
     cluster CA.  The message names the certificate and the reason.
+    """
+
+
+class NodeRefused(PeerIdentityError):
+    """
+    A certificate names a node of the cluster that may not connect now.
+
+    @ivar counter: the counter of the server it is counted in.
+    """
+
+    def __init__(self, counter: str, reason: str) -> None:
+        super().__init__(reason)
+        self.counter = counter
+
+
+class KeyMismatch(Exception):
+    """
+    The two ends of a link cannot open what the other seals (AMP error
+    C{KEY_MISMATCH}): another state key, or no proof of holding it.
     """
 
 
@@ -255,13 +316,63 @@ class Stats(amp.Command):
     errors = _ERRORS
 
 
+class KeyCheck(amp.Command):
+    """
+    I seal with the state key C{key_id}, and C{proof} shows that I hold it
+    (see the module's "Link setup"); the answer is the same from the
+    server.  Any peer that may connect may send it.
+    """
+
+    arguments = [(b"key_id", amp.String()), (b"proof", amp.String())]
+    response = [(b"key_id", amp.String()), (b"proof", amp.String())]
+    errors = {**_ERRORS, KeyMismatch: b"KEY_MISMATCH"}
+
+
 COMMANDS: dict[str, type[amp.Command]] = {
     command.__name__: command
     for command in (FetchSession, Backup, Checkpoint, Purge, Stats)
 }
 """The channel's commands by name: the names authorization uses."""
 
-_COMMAND_NAMES = frozenset(command.commandName for command in COMMANDS.values())
+_COMMAND_NAMES = frozenset(command.commandName for command in COMMANDS.values()
+                           ) | {KeyCheck.commandName}
+
+# The exporter label (RFC 5705) of the value a key check is bound to.
+_KEY_CHECK_LABEL = b"EXPORTER-sslshare-key-check"
+
+
+def _key_check_message(connection: SSL.Connection, role: bytes, cluster: str,
+                       client: str, server: str) -> bytes:
+    """
+    What a L{KeyCheck} proof of C{role} (C{b"client"} or C{b"server"})
+    covers on C{connection}.  The role keeps a server from handing the
+    client's own proof back; node ids never hold a NUL.
+    """
+    binding = connection.export_keying_material(_KEY_CHECK_LABEL, 32)
+    return b"\0".join((b"sslshare key check v1", role, cluster.encode(),
+                       client.encode(), server.encode(), binding))
+
+
+def _key_ids(keys: StateKeys) -> str:
+    return ", ".join(key_id.hex() for key_id in keys.key_ids)
+
+
+def _key_problem(keys: StateKeys, peer: str, node_id: str, key_id: bytes,
+                 message: bytes, proof: bytes) -> str | None:
+    """
+    Why C{peer}'s key check fails at C{node_id}, or C{None}.
+    """
+    if len(key_id) != KEY_ID_LENGTH or len(proof) != PROOF_LENGTH:
+        return (f"{peer} sent a key check of a {len(key_id)}-byte key id and "
+                f"a {len(proof)}-byte proof ({KEY_ID_LENGTH} and "
+                f"{PROOF_LENGTH} expected)")
+    if not keys.holds(key_id):
+        return (f"{peer} seals with state key id {key_id.hex()}, which "
+                f"{node_id} does not hold (it holds {_key_ids(keys)})")
+    if not keys.proven(key_id, message, proof):
+        return (f"{peer} names state key id {key_id.hex()} but does not "
+                f"prove that it holds it")
+    return None
 
 
 @attrs.frozen
@@ -523,14 +634,19 @@ def _verifier(check: Callable[[x509.Certificate], object]):
 
 @implementer(IOpenSSLServerConnectionCreator)
 class _ServerCreator:
-    def __init__(self, tls: ClusterTLS) -> None:
+    def __init__(self, tls: ClusterTLS,
+                 admit: Callable[[str, IAddress], None]) -> None:
         self._tls = tls
         self._cluster = tls.cluster
+        self._admit = admit
 
     def serverConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
         connection = SSL.Connection(self._tls._context, None)
+        # The transport is not there yet: the peer's address is read when
+        # its certificate is.
         connection.set_verify(_VERIFY_MODE, _verifier(
-            lambda leaf: node_identity(leaf, self._cluster)))
+            lambda leaf: self._admit(node_identity(leaf, self._cluster),
+                                     tls_protocol.getPeer())))
         return connection
 
 
@@ -642,13 +758,16 @@ class ClusterTLS:
     def __repr__(self) -> str:
         return f"<ClusterTLS {pki.node_uri(self.cluster, self.node_id)}>"
 
-    def server_options(self) -> IOpenSSLServerConnectionCreator:
+    def server_options(self, admit: Callable[[str, IAddress], None],
+                       ) -> IOpenSSLServerConnectionCreator:
         """
         What the AMP listener's L{TLSMemoryBIOFactory} takes: it demands a
         client certificate from the cluster CA naming a node of this
-        cluster.
+        cluster, and C{admit(node id, peer address)} has the last word
+        (L{PeerServerFactory.admit}): it raises L{PeerIdentityError} to
+        refuse.
         """
-        return _ServerCreator(self)
+        return _ServerCreator(self, admit)
 
     def client_options(self, peer_node_id: str) -> IOpenSSLClientConnectionCreator:
         """
@@ -701,15 +820,65 @@ class _HandshakeDeadline:
         raise NotImplementedError
 
 
+def _verify_refusal(transport: Any) -> PeerIdentityError | None:
+    """
+    Why our verify callback refused the connection of C{transport} (a TLS
+    protocol), if it did.
+    """
+    return _verify_refusals.pop(transport.getHandle(), None)
+
+
 def _refusal(reason: Failure, transport: Any) -> str | None:
     """
     Why the connection of C{transport} (a TLS protocol) ended, if TLS
     refused it: our verify callback's reason, or the alert the peer sent.
     """
-    problem = _verify_refusals.pop(transport.getHandle(), None)
+    problem = _verify_refusal(transport)
     if problem is not None:
         return str(problem)
     return _tls_failure(reason)
+
+
+class _BoundedBoxes:
+    """
+    An AMP protocol whose boxes are bounded (L{MAX_BOX_KEYS},
+    L{MAX_BOX_BYTES}) as they arrive: AMP itself keeps a box until its end,
+    however long that takes.  The class on top says what a box too large
+    means (L{_box_too_large}) and calls L{_drop} when it ends the
+    connection.
+    """
+
+    state: str
+    transport: Any
+    _box_keys = 0
+    _box_bytes = 0
+    _dropped = False
+
+    def stringReceived(self, string: bytes) -> None:
+        if self._dropped:
+            # The rest of what was read with a box that ended the
+            # connection: nothing of it is acted on.
+            return
+        if self.state == "init":
+            self._box_keys = self._box_bytes = 0
+        # 2: the length before each key and value.
+        self._box_bytes += 2 + len(string)
+        if self.state != "value" and string:
+            self._box_keys += 1
+        if self._box_keys > MAX_BOX_KEYS or self._box_bytes > MAX_BOX_BYTES:
+            self._box_too_large(
+                f"a box of more than {MAX_BOX_KEYS} keys or {MAX_BOX_BYTES} "
+                f"bytes ({self._box_keys} keys and {self._box_bytes} bytes "
+                f"so far)")
+            return
+        super().stringReceived(string)  # type: ignore[misc]
+
+    def _box_too_large(self, what: str) -> None:
+        raise NotImplementedError
+
+    def _drop(self) -> None:
+        self._dropped = True
+        self.transport.abortConnection()
 
 
 def _tls_failure(reason: Failure) -> str | None:
@@ -739,15 +908,19 @@ def _shown_address(address: Any) -> str:
 
 
 @implementer(IHandshakeListener)
-class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
+class _PeerServerProtocol(_BoundedBoxes, amp.AMP, _HandshakeDeadline):
     factory: PeerServerFactory
 
     peer_node_id: str | None = None
     _refused = False
+    # A failed key check: the connection ends once its answer is out.
+    _link_refused = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._address = _shown_address(self.transport.getPeer())
+        peer = self.transport.getPeer()
+        self.host = getattr(peer, "host", None)
+        self._address = _shown_address(peer)
         self.factory._protocols.add(self)
         self._start_deadline(self.factory.clock, self.factory.handshake_timeout)
 
@@ -769,27 +942,42 @@ class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
         self.factory.counters["connections"] += 1
         _log.info("peer {peer} connected from {address}", peer=node_id,
                   address=self._address)
+        # Answers the peer does not take stop this side reading its
+        # questions (see pauseProducing).
+        self.transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's write buffer is over its bound: the peer asks
+        faster than it reads the answers.  Reading stops, and so does
+        parsing what was read already, until the buffer drains.
+        """
+        self.factory.counters["reading_paused"] += 1
+        super().pauseProducing()
 
     def _handshake_timed_out(self) -> None:
         self._refused = True
         self.factory.counters["handshake_timeouts"] += 1
-        _log.warn("dropped connection from {address}: no TLS handshake in "
-                  "{timeout} s", address=self._address,
-                  timeout=self.factory.handshake_timeout)
+        self.factory.warn("handshake_timeouts",
+                          "dropped connection from {address}: no TLS "
+                          "handshake in {timeout} s", address=self._address,
+                          timeout=self.factory.handshake_timeout)
 
-    def _refuse(self, reason: str) -> None:
+    def _refuse(self, reason: str, counter: str = "refused_connections") -> None:
         self._refused = True
-        self.factory.counters["refused_connections"] += 1
-        _log.warn("refused connection from {address}: {reason}",
-                  address=self._address, reason=reason)
+        self.factory.counters[counter] += 1
+        self.factory.warn(counter, "refused connection from {address}: {reason}",
+                          address=self._address, reason=reason)
 
     def connectionLost(self, reason: Failure) -> None:
         self._stop_deadline()
         self.factory._protocols.discard(self)
         if self.peer_node_id is None and not self._refused:
-            why = _refusal(reason, self.transport)
+            problem = _verify_refusal(self.transport)
+            why = _tls_failure(reason) if problem is None else str(problem)
             if why is not None:
-                self._refuse(why)
+                self._refuse(why, problem.counter if isinstance(
+                    problem, NodeRefused) else "refused_connections")
         super().connectionLost(reason)
 
     def locateResponder(self, name: bytes) -> Any:
@@ -797,9 +985,11 @@ class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
         # would try to start TLS inside TLS.
         if name not in _COMMAND_NAMES:
             self.factory.counters["unknown_commands"] += 1
-            _log.warn("unknown command {command!r} from {peer} at {address}",
-                      command=name[:64], peer=self.peer_node_id or "(unknown)",
-                      address=self._address)
+            self.factory.warn("unknown_commands",
+                              "unknown command {command!r} from {peer} at "
+                              "{address}", command=name[:64],
+                              peer=self.peer_node_id or "(unknown)",
+                              address=self._address)
             return None
         responder = super().locateResponder(name)
 
@@ -811,12 +1001,17 @@ class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
             try:
                 return responder(box)
             except (KeyError, ValueError, TypeError) as e:
-                command = COMMANDS[name.decode("ascii")]
-                try:
-                    self._authorize(command)
-                except NotAuthorized as refusal:
-                    raise amp.RemoteAmpError(b"NOT_AUTHORIZED",
-                                             str(refusal)) from None
+                command: type[amp.Command]
+                if name == KeyCheck.commandName:
+                    # Open to every peer the handshake admitted.
+                    command = KeyCheck
+                else:
+                    command = COMMANDS[name.decode("ascii")]
+                    try:
+                        self._authorize(command)
+                    except NotAuthorized as refusal:
+                        raise amp.RemoteAmpError(b"NOT_AUTHORIZED",
+                                                 str(refusal)) from None
                 raise amp.RemoteAmpError(
                     b"BAD_REQUEST", str(self._bad_request(
                         command, f"unreadable arguments "
@@ -835,19 +1030,28 @@ class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
                                  f"{sorted(box)[:8]!r})")
             return
         super().ampBoxReceived(box)
+        if self._link_refused:
+            # The answer of the failed key check is written already.
+            self._dropped = True
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
 
     def lengthLimitExceeded(self, length: int) -> None:
         self._protocol_error(f"a key of {length} bytes (AMP allows 255)")
+
+    def _box_too_large(self, what: str) -> None:
+        self._protocol_error(what)
 
     def _protocol_error(self, what: str) -> None:
         """
         The peer broke AMP itself: count it, say so, and drop it.
         """
         self.factory.counters["protocol_errors"] += 1
-        _log.warn("dropped {peer} at {address}: it sent {what}",
-                  peer=self.peer_node_id or "(unknown)",
-                  address=self._address, what=what)
-        self.transport.abortConnection()
+        self.factory.warn("protocol_errors",
+                          "dropped {peer} at {address}: it sent {what}",
+                          peer=self.peer_node_id or "(unknown)",
+                          address=self._address, what=what)
+        self._drop()
 
     def _authorize(self, command: type[amp.Command]) -> str:
         """
@@ -858,9 +1062,10 @@ class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
         peer = self.peer_node_id
         if peer is None or not self.factory.allowed(name, peer):
             self.factory.counters["refused_commands"] += 1
-            _log.warn("refused {command} from {peer} at {address}: not "
-                      "authorized", command=name, peer=peer or "(unknown)",
-                      address=self._address)
+            self.factory.warn("refused_commands",
+                              "refused {command} from {peer} at {address}: "
+                              "not authorized", command=name,
+                              peer=peer or "(unknown)", address=self._address)
             raise NotAuthorized(f"{peer or 'an unidentified peer'} may not "
                                 f"call {name} on {self.factory.node_id}")
         self.factory.counters[f"commands:{name}"] += 1
@@ -868,9 +1073,9 @@ class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
 
     def _bad_request(self, command: type[amp.Command], reason: str) -> BadRequest:
         self.factory.counters["bad_requests"] += 1
-        _log.warn("bad {command} from {peer}: {reason}",
-                  command=command.__name__, peer=self.peer_node_id,
-                  reason=reason)
+        self.factory.warn("bad_requests", "bad {command} from {peer}: {reason}",
+                          command=command.__name__, peer=self.peer_node_id,
+                          reason=reason)
         return BadRequest(reason)
 
     def _session_id(self, command: type[amp.Command], session_id: bytes) -> None:
@@ -878,6 +1083,30 @@ class _PeerServerProtocol(amp.AMP, _HandshakeDeadline):
             _check_session_id(session_id)
         except BadRequest as e:
             raise self._bad_request(command, str(e)) from None
+
+    @KeyCheck.responder
+    def _key_check(self, key_id: bytes, proof: bytes) -> dict[str, Any]:
+        peer = self.peer_node_id
+        # TLS delivers no box before the handshake, which set it.
+        assert peer is not None
+        node_id = self.factory.node_id
+        keys = self.factory.keys()
+        connection = self.transport.getHandle()
+        problem = _key_problem(
+            keys, peer, node_id, key_id,
+            _key_check_message(connection, b"client", self.factory.cluster,
+                               peer, node_id), proof)
+        if problem is not None:
+            self._link_refused = True
+            self.factory.counters["key_mismatches"] += 1
+            self.factory.warn("key_mismatches",
+                              "refused the link of peer {peer} at {address}: "
+                              "{reason}", peer=peer, address=self._address,
+                              reason=problem)
+            raise KeyMismatch(problem)
+        own_key_id, own_proof = keys.prove(_key_check_message(
+            connection, b"server", self.factory.cluster, peer, node_id))
+        return {"key_id": own_key_id, "proof": own_proof}
 
     @FetchSession.responder
     async def _fetch_session(self, session_id: bytes,
@@ -953,13 +1182,20 @@ class PeerServerFactory(Factory):
     The AMP side of the channel that answers peers.  Listen with it wrapped
     in TLS::
 
-        TLSMemoryBIOFactory(cluster_tls.server_options(), False, factory)
+        TLSMemoryBIOFactory(cluster_tls.server_options(factory.admit),
+                            False, factory)
 
     @ivar counters: C{connections} (identified peers), C{refused_connections},
-        C{handshake_timeouts}, C{refused_commands}, C{bad_requests},
-        C{unknown_commands}, C{protocol_errors} (boxes AMP cannot take,
-        which end the connection), and C{commands:<name>} for each command
+        C{refused_nodes} (nodes of the cluster that are not peers),
+        C{duplicate_nodes} (a node id connected from another host
+        already), C{handshake_timeouts}, C{key_mismatches},
+        C{refused_commands}, C{bad_requests}, C{unknown_commands},
+        C{protocol_errors} (boxes AMP cannot take, which end the
+        connection), C{reading_paused} (times reading stopped while a
+        peer's answers waited), and C{commands:<name>} for each command
         let through.
+    @ivar peers: the node ids of the peers, which may connect (and this
+        node, which may ask for its own L{Stats}).
 
     Stopping the last listener that uses the factory also closes the
     connections it accepted: a node that stops listening answers no one.
@@ -969,6 +1205,7 @@ class PeerServerFactory(Factory):
 
     def __init__(self, handler: ICommandHandler, cluster: str, node_id: str,
                  allowed: Callable[[str, str], bool], *,
+                 peers: Iterable[str], keys: Callable[[], StateKeys],
                  clock: IReactorTime | None = None,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
         """
@@ -977,6 +1214,8 @@ class PeerServerFactory(Factory):
         @param node_id: this node's id (for the log and error messages).
         @param allowed: C{(command name, requester node id) -> bool}, asked
             before every command (names are the keys of L{COMMANDS}).
+        @param peers: the node ids that may connect, besides this node.
+        @param keys: the node's state keys now, for L{KeyCheck}.
         @param handshake_timeout: seconds a connection may take to finish
             its TLS handshake.
         """
@@ -988,10 +1227,44 @@ class PeerServerFactory(Factory):
         self.cluster = cluster
         self.node_id = node_id
         self.allowed = allowed
+        self.peers = frozenset(peers)
+        self.keys = keys
         self.clock = clock
         self.handshake_timeout = handshake_timeout
         self.counters: Counter[str] = Counter()
         self._protocols: set[_PeerServerProtocol] = set()
+        self._warnings: dict[str, RateLimitedWarning] = {}
+
+    def warn(self, kind: str, format: str, **fields: Any) -> None:
+        """
+        Log a warning a remote can repeat at will at a bounded rate, apart
+        for each C{kind} (a counter name), so that a flood of one kind
+        hides no other.
+        """
+        if kind not in self._warnings:
+            self._warnings[kind] = RateLimitedWarning(self.clock, log=_log)
+        self._warnings[kind].warn(format, **fields)
+
+    def admit(self, node_id: str, address: IAddress) -> None:
+        """
+        Refuse node C{node_id}, connecting from C{address} with a verified
+        certificate, unless it is a peer (or this node) and is not
+        connected from another host already.
+
+        @raise NodeRefused: it may not, and why.
+        """
+        if node_id != self.node_id and node_id not in self.peers:
+            raise NodeRefused(
+                "refused_nodes", f"node {node_id} is not a peer of "
+                                 f"{self.node_id} (cluster.peers)")
+        host = getattr(address, "host", None)
+        for protocol in self._protocols:
+            if protocol.peer_node_id == node_id and protocol.host != host:
+                raise NodeRefused(
+                    "duplicate_nodes",
+                    f"node {node_id} is connected from {protocol._address} "
+                    f"already, and {_shown_address(address)} claims its id "
+                    f"too: two nodes have the same id")
 
     def stats(self) -> dict[str, int]:
         """
@@ -1017,32 +1290,73 @@ class PeerServerFactory(Factory):
 # The client.
 
 @implementer(IHandshakeListener)
-class _PeerClientProtocol(amp.AMP, _HandshakeDeadline):
+class _PeerClientProtocol(_BoundedBoxes, amp.AMP, _HandshakeDeadline):
     def __init__(self, link: PeerLink) -> None:
         super().__init__()
         self._link = link
+        # Whether the link is set up: TLS, then the key check.
         self.handshake_done = False
         # Whether the peer has answered anything on this connection: proof
         # that it accepted our certificate (see PeerLink._lost).
         self.answered = False
+        # Why this side ended the connection, if it did.
+        self._refusal: str | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._start_deadline(self._link.clock, self._link.handshake_timeout)
 
     def handshakeCompleted(self) -> None:
-        self._stop_deadline()
-        self.handshake_done = True
-        self._link._ready(self)
+        # The handshake deadline runs on until the key check is done.
+        link = self._link
+        connection = self.transport.getHandle()
+        keys = link.keys()
+
+        def message(role: bytes) -> bytes:
+            return _key_check_message(connection, role, link.cluster,
+                                      link.node_id, link.peer_node_id)
+
+        def checked(answer: dict[str, Any]) -> None:
+            problem = _key_problem(keys, link.peer_node_id, link.node_id,
+                                   answer["key_id"], message(b"server"),
+                                   answer["proof"])
+            if problem is not None:
+                self._refuse(problem)
+                return
+            self._stop_deadline()
+            self.handshake_done = True
+            link._ready(self)
+
+        def failed(reason: Failure) -> None:
+            if reason.check(ConnectionClosed, SSL.Error):
+                # connectionLost says why.
+                return
+            self._refuse(f"{link.peer_node_id} refused the key check of "
+                         f"{link.node_id} ({reason.getErrorMessage()})")
+
+        key_id, proof = keys.prove(message(b"client"))
+        self.callRemote(KeyCheck, key_id=key_id, proof=proof).addCallbacks(
+            checked, failed)
+
+    def _refuse(self, reason: str) -> None:
+        self._link.counters["key_mismatches"] += 1
+        self._refusal = reason
+        self.transport.abortConnection()
 
     def _handshake_timed_out(self) -> None:
-        _log.warn("peer {peer}: no TLS handshake in {timeout} s",
-                  peer=self._link.peer_node_id,
+        _log.warn("peer {peer}: no TLS handshake and key check in "
+                  "{timeout} s", peer=self._link.peer_node_id,
                   timeout=self._link.handshake_timeout)
+
+    def _box_too_large(self, what: str) -> None:
+        self._link.counters["protocol_errors"] += 1
+        _log.warn("dropped the connection to peer {peer}: it sent {what}",
+                  peer=self._link.peer_node_id, what=what)
+        self._drop()
 
     def connectionLost(self, reason: Failure) -> None:
         self._stop_deadline()
-        refusal = _refusal(reason, self.transport)
+        refusal = _refusal(reason, self.transport) or self._refusal
         super().connectionLost(reason)
         self._link._lost(self, reason, refusal)
 
@@ -1097,12 +1411,15 @@ class PeerLink(Service):
     @ivar peer_node_id: the peer; also this service's name.
     @ivar endpoint: the endpoint string or endpoint the link was made with.
     @ivar counters: C{connects}, C{disconnects}, C{failed_attempts},
+        C{key_mismatches} (connections ended by the key check),
+        C{protocol_errors} (connections ended by a box too large),
         C{unavailable} (calls refused because not connected),
         C{unanswered_bound} (fetches refused because too many wait).
     """
 
     def __init__(self, peer_node_id: str,
                  endpoint: str | IStreamClientEndpoint, tls: ClusterTLS, *,
+                 keys: Callable[[], StateKeys],
                  reactor: Any = None,
                  retry_policy: Callable[[int], float] | None = None,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
@@ -1110,6 +1427,7 @@ class PeerLink(Service):
         """
         @param endpoint: a client endpoint string (C{"tcp:host=...:port=..."})
             or endpoint for the peer's AMP listener; TLS is added here.
+        @param keys: the node's state keys now, for L{KeyCheck}.
         @param retry_policy: seconds to wait before attempt N (1, 2, ...),
             as for L{ClientService}; the attempt number also counts the
             connections in a row that the peer refused at TLS.  Default:
@@ -1127,6 +1445,9 @@ class PeerLink(Service):
         self._unanswered_fetches = 0
         self.peer_node_id = pki.validate_name("node id", peer_node_id)
         self.name = peer_node_id
+        self.cluster = tls.cluster
+        self.node_id = tls.node_id
+        self.keys = keys
         # As given: what a reconfiguration compares.
         self.endpoint = endpoint
         self.clock = reactor
@@ -1157,8 +1478,8 @@ class PeerLink(Service):
     @property
     def connected(self) -> bool:
         """
-        Whether the peer can be asked right now: TLS is up and the peer's
-        certificate names the expected node.
+        Whether the peer can be asked right now: TLS is up, the peer's
+        certificate names the expected node, and the key check passed.
         """
         return self._protocol is not None
 
@@ -1250,9 +1571,10 @@ class PeerLink(Service):
     def _lost(self, protocol: _PeerClientProtocol, reason: Failure,
               refusal: str | None) -> None:
         """
-        The connection of C{protocol} ended, C{refusal} says why if TLS
-        refused it.  It counts as a failed attempt when it ended before the
-        handshake, and also when a TLS alert ended it before the peer
+        The connection of C{protocol} ended, C{refusal} says why if TLS or
+        the key check refused it.  It counts as a failed attempt when it
+        ended before the link was set up (handshake and key check), and
+        also when a TLS alert ended it before the peer
         answered anything: with TLS 1.3 the server judges our certificate
         after our side of the handshake is done, so its refusal arrives as
         an alert on a connection that looked up.
@@ -1297,19 +1619,22 @@ class Peers(MultiService):
     """
 
     def __init__(self, peers: Iterable[tuple[str, str | IStreamClientEndpoint]],
-                 tls: ClusterTLS, *, reactor: Any = None,
+                 tls: ClusterTLS, *, keys: Callable[[], StateKeys],
+                 reactor: Any = None,
                  retry_policy: Callable[[int], float] | None = None,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_unanswered_fetches: int | None = None) -> None:
         """
         @param peers: (node id, client endpoint string or endpoint) pairs.
+        @param keys: the node's state keys now (see L{PeerLink}).
         @param max_unanswered_fetches: the bound of each link (see
             L{PeerLink}).
         @raise ValueError: a peer is listed twice, or is this node itself.
         """
         super().__init__()
         self._tls = tls
-        self._link_options = {"reactor": reactor, "retry_policy": retry_policy,
+        self._link_options = {"keys": keys, "reactor": reactor,
+                              "retry_policy": retry_policy,
                               "handshake_timeout": handshake_timeout,
                               "max_unanswered_fetches": max_unanswered_fetches}
         for link in self._new_links(peers):

@@ -120,6 +120,19 @@ class NodeCollector:
             "channel refused at TLS (no or a foreign certificate).",
             value=stats.get("cluster.refused_connections", 0))
         yield CounterMetricFamily(
+            "sslshare_peer_refused_nodes", "Connections to the peer channel "
+            "refused at TLS: the certificate names a node of the cluster "
+            "that is not a peer.",
+            value=stats.get("cluster.refused_nodes", 0))
+        yield CounterMetricFamily(
+            "sslshare_peer_duplicate_nodes", "Connections to the peer "
+            "channel refused at TLS: the node id is connected from another "
+            "host already.", value=stats.get("cluster.duplicate_nodes", 0))
+        yield CounterMetricFamily(
+            "sslshare_peer_key_mismatches", "Peer links refused at setup: "
+            "the peer seals with a state key this node does not hold.",
+            value=stats.get("cluster.key_mismatches", 0))
+        yield CounterMetricFamily(
             "sslshare_peer_refused_commands", "Peer commands refused: the "
             "peer is not authorized to send them.",
             value=stats.get("cluster.refused_commands", 0))

@@ -93,7 +93,7 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
     services = _virtual_services(node_config)
     channel = _channel(node_config)
     peers = cluster.Peers(
-        cluster_config.peers, channel, reactor=reactor,
+        cluster_config.peers, channel, keys=lambda: node.keys, reactor=reactor,
         # A peer that never answers holds no more questions than the
         # node may have lookups out.
         max_unanswered_fetches=node_config.max_concurrent_lookups)
@@ -132,11 +132,13 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
             top.add_client_listener(
                 Listener(reactor, node_config.path, key, endpoint, clients))
         elif key == "cluster.listen":
-            amp = cluster.PeerServerFactory(node, node_config.cluster_name,
-                                            node_config.node_id,
-                                            cluster_config.allowed)
+            amp = cluster.PeerServerFactory(
+                node, node_config.cluster_name, node_config.node_id,
+                cluster_config.allowed, peers=_peer_ids(node_config),
+                keys=lambda: node.keys)
             Listener(reactor, node_config.path, key, endpoint,
-                     TLSMemoryBIOFactory(channel.server_options(), False, amp),
+                     TLSMemoryBIOFactory(channel.server_options(amp.admit),
+                                         False, amp),
                      ).setServiceParent(top)
             node.peer_server = amp
         else:
@@ -231,6 +233,10 @@ def _virtual_services(node_config: config.NodeConfig) -> list[tls.VirtualService
             service.server_names)
         for service in node_config.tls.services
     ]
+
+
+def _peer_ids(node_config: config.NodeConfig) -> frozenset[str]:
+    return frozenset(node_id for node_id, _ in node_config.cluster.peers)
 
 
 def _channel(node_config: config.NodeConfig) -> cluster.ClusterTLS:
@@ -396,9 +402,10 @@ class NodeService(MultiService):
         added, removed = node.peer_links.reconfigure(new.cluster.peers)
         self._channel.adopt(channel)
         if node.peer_server is not None:
-            # A node no longer listed may still connect (any node of the
-            # cluster may), but none of its commands is allowed now.
+            # A node no longer listed connects no more; a connection it
+            # has open runs none of its commands now.
             node.peer_server.allowed = new.cluster.allowed
+            node.peer_server.peers = _peer_ids(new)
         # One count across reloads: open connections keep counting on the
         # old context.
         context.counters = self._clients.context.counters

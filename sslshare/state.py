@@ -38,8 +38,11 @@ for storage with AES-GCM under the cluster state key:
 The additional data binds a blob to its session id and context, so a blob
 filed under another session never opens.  The move count tells a replayed
 older blob from the session's present one: a node that saw the session
-leave at some count refuses every copy at or below it.  The first key seals and every key
-opens, which lets a cluster rotate keys.  Random 96-bit nonces are safe for
+leave at some count refuses every copy at or below it.  The first key seals
+and every key opens, which lets a cluster rotate keys.  L{StateKeys.prove}
+lets two nodes show each other which key they seal with, and that they hold
+it, without revealing it: an HMAC-SHA256 under a key derived from it.
+Random 96-bit nonces are safe for
 about 2**32 seals under one key (NIST SP 800-38D): rotate before that.
 
 A checkpoint kept beside a blob (a repository's seq and digest columns) is
@@ -86,6 +89,10 @@ KEY_ID_LENGTH = 4
 NONCE_LENGTH = 12
 TAG_LENGTH = 16
 _SEAL_HEADER_LENGTH = 1 + KEY_ID_LENGTH + NONCE_LENGTH
+PROOF_LENGTH = 32
+# Derives the key of the proofs from a state key: the state key itself
+# only ever keys AES-GCM.
+_PROOF_KEY_LABEL = b"sslshare key proof v1"
 # The cluster channel refuses sealed blobs above this size.
 MAX_SEALED_LENGTH = 16 * 1024
 _AAD_PREFIX = b"sslshare state v1\0"
@@ -377,7 +384,7 @@ def _aad(session_id: bytes, id_context: bytes) -> bytes:
 def _checkpoint_tag(key: bytes, session_id: bytes, seq: int,
                     digest: bytes) -> bytes:
     message = _CHECKPOINT_PREFIX + session_id + seq.to_bytes(8, "big") + digest
-    return hmac.new(key, message, hashlib.sha256).digest()[:CHECKPOINT_TAG_LENGTH]
+    return hmac.digest(key, message, "sha256")[:CHECKPOINT_TAG_LENGTH]
 
 
 class StateKeys:
@@ -396,10 +403,9 @@ class StateKeys:
         if len(keys) > MAX_KEYS:
             raise ValueError(f"{len(keys)} state keys (at most {MAX_KEYS})")
         self._ciphers: dict[bytes, AESGCM] = {}
-        # In the order of the keys: the first tags, all check.
-        self._checkpoint_keys = [
-            hmac.new(key, _CHECKPOINT_KEY_LABEL, hashlib.sha256).digest()
-            for key in keys]
+        # Keys of their own for what is not sealed, derived from each.
+        self._proof_keys: dict[bytes, bytes] = {}
+        self._checkpoint_keys: dict[bytes, bytes] = {}
         ids = []
         for index, key in enumerate(keys):
             if type(key) is not bytes or len(key) != KEY_LENGTH:
@@ -410,6 +416,10 @@ class StateKeys:
                     f"state key {index + 1} has the key id of an earlier key "
                     f"({identifier.hex()})")
             self._ciphers[identifier] = AESGCM(key)
+            self._proof_keys[identifier] = hmac.digest(
+                key, _PROOF_KEY_LABEL, "sha256")
+            self._checkpoint_keys[identifier] = hmac.digest(
+                key, _CHECKPOINT_KEY_LABEL, "sha256")
             ids.append(identifier)
         self.key_ids: tuple[bytes, ...] = tuple(ids)
 
@@ -457,6 +467,32 @@ class StateKeys:
         """
         return os.urandom(KEY_LENGTH)
 
+    def holds(self, key_id: bytes) -> bool:
+        """
+        Whether one of these keys has the id C{key_id}.
+        """
+        return key_id in self._ciphers
+
+    def prove(self, message: bytes) -> tuple[bytes, bytes]:
+        """
+        The sealing key's id, and the proof that whoever made it holds that
+        key, for C{message} (which binds the proof to its occasion).
+        """
+        identifier = self.key_ids[0]
+        return identifier, hmac.digest(self._proof_keys[identifier], message,
+                                       "sha256")
+
+    def proven(self, key_id: bytes, message: bytes, proof: bytes) -> bool:
+        """
+        Whether C{proof} is what L{prove} makes for C{message} with the key
+        C{key_id}; C{False} for a key not among these.
+        """
+        proof_key = self._proof_keys.get(key_id)
+        if proof_key is None:
+            return False
+        return hmac.compare_digest(
+            hmac.digest(proof_key, message, "sha256"), proof)
+
     def sealing_key_for(self, key_ids: Sequence[bytes]) -> bytes | None:
         """
         The id of the key to seal a state with for a node that holds the
@@ -489,8 +525,8 @@ class StateKeys:
         """
         if not digest:
             return b""
-        return digest + _checkpoint_tag(self._checkpoint_keys[0], session_id,
-                                        seq, digest)
+        return digest + _checkpoint_tag(self._checkpoint_keys[self.key_ids[0]],
+                                        session_id, seq, digest)
 
     def open_checkpoint(self, session_id: bytes, seq: int,
                         sealed: bytes) -> bytes:
@@ -507,7 +543,7 @@ class StateKeys:
                 f"checkpoint of session {sessionid.describe(session_id)}: "
                 f"{len(sealed)} bytes, not {SEALED_CHECKPOINT_LENGTH}")
         digest, tag = sealed[:DIGEST_LENGTH], sealed[DIGEST_LENGTH:]
-        for key in self._checkpoint_keys:
+        for key in self._checkpoint_keys.values():
             if hmac.compare_digest(
                     tag, _checkpoint_tag(key, session_id, seq, digest)):
                 return digest

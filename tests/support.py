@@ -36,11 +36,14 @@ from twisted.internet.endpoints import (
     connectProtocol,
     wrapClientTLS,
 )
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
+from twisted.protocols import amp
 from twisted.protocols.basic import LineReceiver
 from twisted.python.filepath import FilePath
+from zope.interface import implementer
 
 from sslshare import pki as pki_files
 from sslshare import sessionid, state, tls
@@ -737,10 +740,18 @@ class LocalCluster:
 
     def log(self, node):
         """
-        What C{node}'s C{twistd} process has logged so far.
+        What C{node}'s C{twistd} process has logged so far, in the files
+        twistd rotated (every 1 MB) too, oldest first.
         """
-        with open(os.path.join(self.directory, f"{node}.log")) as f:
-            return f.read()
+        path = os.path.join(self.directory, f"{node}.log")
+        rotated = sorted((int(name.rsplit(".", 1)[1]) for name
+                          in os.listdir(self.directory)
+                          if name.startswith(f"{node}.log.")), reverse=True)
+        text = ""
+        for name in [f"{path}.{number}" for number in rotated] + [path]:
+            with open(name) as f:
+                text += f.read()
+        return text
 
     def spawn(self, node):
         """
@@ -931,11 +942,12 @@ def shared_server(kind):
     return found
 
 
-def resident_bytes() -> int:
+def resident_bytes(pid: int | str = "self") -> int:
     """
-    This process's resident set size (C{VmRSS}), in bytes.
+    The resident set size (C{VmRSS}) of process C{pid} (this one by
+    default), in bytes.
     """
-    with open("/proc/self/status") as status:
+    with open(f"/proc/{pid}/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
@@ -1008,6 +1020,65 @@ class SilentListener:
     def stop(self):
         _abort_all(self.accepted)
         return self.listening.stopListening()
+
+
+@implementer(IHandshakeListener)
+class _HeldAmpClient(Protocol):
+    """
+    Sends C{data} once TLS is up, then reads nothing until L{read}: what
+    the server answers waits on its side.  C{boxes} counts the boxes
+    received, parsed by AMP's own parser.
+    """
+
+    def __init__(self, data):
+        self.data = data
+        self.boxes = 0
+        self.closed = Deferred()
+        self._parser = amp.BinaryBoxProtocol(self)
+
+    def connectionMade(self):
+        self._parser.makeConnection(self.transport)
+        self.transport.write(self.data)
+
+    reading = False
+    _paused = False
+
+    def handshakeCompleted(self):
+        if not self.reading:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def read(self):
+        self.reading = True
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def dataReceived(self, data):
+        self._parser.dataReceived(data)
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+    # IBoxReceiver of the parser.
+    def startReceivingBoxes(self, sender):
+        pass
+
+    def ampBoxReceived(self, box):
+        self.boxes += 1
+
+    def stopReceivingBoxes(self, reason):
+        pass
+
+
+def held_amp_client(port, tls, data):
+    """
+    Connect to the AMP listener on C{port} of 127.0.0.1 with the client
+    TLS options C{tls}, send C{data} and read nothing until told
+    (L{_HeldAmpClient.read}); fires with the protocol once connected.
+    """
+    endpoint = wrapClientTLS(tls, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+    return connectProtocol(endpoint, _HeldAmpClient(data))
 
 
 def fragment(record, size):

@@ -14,7 +14,6 @@ import ssl
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
@@ -40,7 +39,9 @@ from sslshare.cluster import (
     fetch_from,
     stats_from,
 )
+from sslshare.state import StateKeys
 from sslshare.throwaway import free_port
+from tests.support import held_amp_client
 
 NODES = ("node1", "node2", "node3")
 # Reconnect fast: the tests restart servers and wait for the links.
@@ -109,20 +110,25 @@ class Node:
     it: a server endpoint string, and the factory wrapped in TLS.
     """
 
-    def __init__(self, testcase, tls, handler, allowed=_allow_all, **options):
+    def __init__(self, testcase, tls, handler, allowed=_allow_all,
+                 keys=None, **options):
         self.testcase = testcase
         self.tls = tls
         self.handler = handler
+        options.setdefault("peers", NODES)
+        keys = keys or testcase.keys
         self.factory = cluster.PeerServerFactory(handler, tls.cluster, tls.node_id,
-                                                 allowed, **options)
+                                                 allowed, keys=lambda: keys,
+                                                 **options)
         self.port = None
         self.listening = None
         testcase.addCleanup(self.stop)
 
     @inlineCallbacks
     def start(self, factory=None):
-        self.wrapper = TLSMemoryBIOFactory(self.tls.server_options(), False,
-                                           factory or self.factory)
+        self.wrapper = TLSMemoryBIOFactory(
+            self.tls.server_options(self.factory.admit), False,
+            factory or self.factory)
         port = self.port or 0
         self.listening = yield serverFromString(
             reactor, f"tcp:{port}:interface=127.0.0.1").listen(self.wrapper)
@@ -150,6 +156,7 @@ class ClusterTestCase(TestCase):
 
     def setUp(self):
         self.pki = pki.init_pki(self.mktemp(), "demo", NODES)
+        self.keys = StateKeys([StateKeys.generate()])
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -166,16 +173,17 @@ class ClusterTestCase(TestCase):
         yield node.start()
         return node
 
-    def link(self, from_node, to_node, endpoint, tls=None):
+    def link(self, from_node, to_node, endpoint, tls=None, keys=None):
+        keys = keys or self.keys
         link = PeerLink(to_node, endpoint, tls or self.cluster_tls(from_node),
-                        retry_policy=FAST_RETRY)
+                        keys=lambda: keys, retry_policy=FAST_RETRY)
         link.startService()
         self.addCleanup(link.stopService)
         return link
 
     @inlineCallbacks
-    def connected_link(self, from_node, to_node, endpoint):
-        link = self.link(from_node, to_node, endpoint)
+    def connected_link(self, from_node, to_node, endpoint, keys=None):
+        link = self.link(from_node, to_node, endpoint, keys=keys)
         yield link.when_connected(fail_after_failures=3)
         return link
 
@@ -265,7 +273,8 @@ class FetchTests(ClusterTestCase):
     def test_peers_fetch_session_goes_through_the_named_link(self):
         peers = Peers([("node1", self.server.endpoint),
                        ("node3", "tcp:host=127.0.0.1:port=1")],
-                      self.cluster_tls("node2"), retry_policy=FAST_RETRY)
+                      self.cluster_tls("node2"), keys=lambda: self.keys,
+                      retry_policy=FAST_RETRY)
         peers.startService()
         self.addCleanup(peers.stopService)
         yield peers.link("node1").when_connected(fail_after_failures=3)
@@ -274,7 +283,7 @@ class FetchTests(ClusterTestCase):
         self.assertEqual(peers.connected_count(), 1)
 
     def test_peers_fetch_from_a_node_that_is_not_a_peer_fails_at_once(self):
-        peers = Peers([], self.cluster_tls("node2"))
+        peers = Peers([], self.cluster_tls("node2"), keys=lambda: self.keys)
         failure = self.failureResultOf(peers.fetch_session("node7", _session_id()))
         failure.trap(PeerUnavailable)
 
@@ -365,17 +374,20 @@ class AuthorizationTests(ClusterTestCase):
         self.assertEqual(response, {"removed": False})
 
 
-def _no_data(result):
+def _refused(result):
     """
-    Whether a L{_stock_client_attempt} got nothing from the server.
+    Whether a L{_stock_client_attempt} met the server's refusal: a TLS
+    alert, not an answer nor a connection that merely ended.
     """
-    return isinstance(result, Exception) or result == b""
+    return isinstance(result, ssl.SSLError) and "ALERT" in str(result.reason)
 
 
 def _stock_client_attempt(port, ca, certificate=None, key=None):
     """
     A handshake with Python's C{ssl}, verifying the server's chain only,
-    then one read.  Returns the bytes read or the exception met.  Blocking.
+    then a whole AMP box asking for L{cluster.Stats}, which the server
+    answers to any peer it accepts, and one read.  Returns the bytes read
+    or the exception met.  Blocking.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(ca)
@@ -387,7 +399,8 @@ def _stock_client_attempt(port, ca, certificate=None, key=None):
             with context.wrap_socket(raw) as client:
                 # With TLS 1.3 the server judges our certificate after our
                 # side of the handshake is done: its verdict comes here.
-                client.sendall(b"\0\x0cFetchSession")
+                client.sendall(amp.AmpBox(_command=b"Stats",
+                                          _ask=b"1").serialize())
                 return client.recv(1024)
     except (ssl.SSLError, OSError) as e:
         return e
@@ -435,12 +448,24 @@ class RefusedConnectionTests(ClusterTestCase):
         self.assertFalse(link.connected)
 
     @inlineCallbacks
+    def test_stock_client_attempt_of_a_peer_is_answered(self):
+        # What makes the refusals below mean something: the same attempt
+        # with a peer's certificate gets an answer.
+        node2 = self.pki.node("node2")
+        result = yield deferToThread(
+            _stock_client_attempt, self.server.port, self.pki.ca_certificate,
+            node2.certificate, node2.key)
+        self.assertIsInstance(result, bytes)
+        self.assertIn(b"_answer", result)
+
+    @inlineCallbacks
     def test_refused_connection_is_logged_with_the_reason(self):
         other, bundle = self._intruder_files()
         result = yield deferToThread(
             _stock_client_attempt, self.server.port, bundle,
             other.node("node2").certificate, other.node("node2").key)
-        self.assertTrue(_no_data(result), "the server answered an intruder")
+        self.assertTrue(_refused(result), f"the server answered an intruder: "
+                                          f"{result!r}")
         [event] = self.logged("refused connection")
         self.assertIn("not issued by the cluster CA", event["reason"])
 
@@ -448,7 +473,8 @@ class RefusedConnectionTests(ClusterTestCase):
     def test_client_without_certificate_is_refused(self):
         result = yield deferToThread(_stock_client_attempt, self.server.port,
                                      self.pki.ca_certificate)
-        self.assertTrue(_no_data(result), "the server answered a client without a certificate")
+        self.assertTrue(_refused(result), f"the server answered a client "
+                                          f"without a certificate: {result!r}")
         self.assertEqual(self.server.factory.counters["refused_connections"], 1)
 
     @inlineCallbacks
@@ -458,7 +484,8 @@ class RefusedConnectionTests(ClusterTestCase):
         result = yield deferToThread(_stock_client_attempt, self.server.port,
                                      self.pki.ca_certificate, node9.certificate,
                                      node9.key)
-        self.assertTrue(_no_data(result), "the server answered another cluster's node")
+        self.assertTrue(_refused(result), f"the server answered another "
+                                          f"cluster's node: {result!r}")
         self.assertEqual(self.server.factory.counters["refused_connections"], 1)
         [event] = self.logged("refused connection")
         self.assertIn("sslshare://other/node9", event["reason"])
@@ -470,7 +497,7 @@ class RefusedConnectionTests(ClusterTestCase):
         result = yield deferToThread(_stock_client_attempt, self.server.port,
                                      self.pki.ca_certificate, self.pki.server_chain,
                                      self.pki.server_key)
-        self.assertTrue(_no_data(result))
+        self.assertTrue(_refused(result), repr(result))
         self.assertEqual(self.server.factory.counters["refused_connections"], 1)
 
     @inlineCallbacks
@@ -489,6 +516,233 @@ class RefusedConnectionTests(ClusterTestCase):
         self.assertIn("names sslshare://demo/node1, not sslshare://demo/node3",
                       str(failure))
         self.assertFalse(link.connected)
+
+
+class AdmissionTests(ClusterTestCase):
+    """
+    Which nodes of the cluster may connect: its peers and itself, one host
+    per node id.
+    """
+
+    @inlineCallbacks
+    def test_node_of_the_cluster_that_is_no_peer_is_refused_at_handshake(self):
+        server = yield self.node("node1", peers=["node2"])
+        link = self.link("node3", "node1", server.endpoint)
+        failure = yield self.assertFailure(
+            link.when_connected(fail_after_failures=1), PeerUnavailable)
+        self.assertFalse(link.connected)
+        self.assertIn("alert", str(failure))
+        counters = server.factory.counters
+        yield _wait_until(lambda: counters["refused_nodes"] == 1)
+        self.assertEqual((counters["connections"], counters["refused_connections"]),
+                         (0, 0))
+        [event] = self.logged("refused connection")
+        self.assertEqual(event["reason"],
+                         "node node3 is not a peer of node1 (cluster.peers)")
+
+    @inlineCallbacks
+    def test_node_may_ask_itself(self):
+        # What `sslshare stats` does, with the node's own certificate.
+        server = yield self.node("node1", peers=["node2"])
+        link = yield self.connected_link("node1", "node1", server.endpoint)
+        counters = yield stats_from(link)
+        self.assertEqual(counters["cluster.connections"], 1)
+
+    @inlineCallbacks
+    def test_second_connection_for_a_node_id_from_another_host_is_refused(self):
+        server = yield self.node("node1")
+        first = yield self.connected_link("node2", "node1", server.endpoint)
+        impostor = self.link("node2", "node1",
+                             f"{server.endpoint}:bindAddress=127.0.0.2")
+        yield self.assertFailure(
+            impostor.when_connected(fail_after_failures=1), PeerUnavailable)
+        counters = server.factory.counters
+        yield _wait_until(lambda: counters["duplicate_nodes"] == 1)
+        [event] = self.logged("refused connection")
+        self.assertRegex(event["reason"],
+                         r"^node node2 is connected from 127\.0\.0\.1:\d+ "
+                         r"already, and 127\.0\.0\.2:\d+ claims its id too")
+        self.assertEqual(event["address"].split(":")[0], "127.0.0.2")
+        # The first one goes on.
+        counters = yield stats_from(first)
+        self.assertEqual(counters["cluster.connections"], 1)
+        self.assertEqual(server.factory.connected_peers(), {"node2"})
+
+    @inlineCallbacks
+    def test_second_connection_for_a_node_id_from_the_same_host_is_let_in(self):
+        # A node's own `sslshare stats` next to its link, or a node that
+        # restarted before its old connection was seen to end.
+        server = yield self.node("node1")
+        yield self.connected_link("node2", "node1", server.endpoint)
+        yield self.connected_link("node2", "node1", server.endpoint)
+        self.assertEqual(server.factory.counters["connections"], 2)
+        self.assertEqual(server.factory.counters["duplicate_nodes"], 0)
+
+
+class BoxBoundTests(ClusterTestCase):
+    """
+    AMP keeps a box until its end; the channel bounds it as it arrives.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        super().setUp()
+        self.server = yield self.node("node1")
+
+    @inlineCallbacks
+    def _send(self, box):
+        client = yield held_amp_client(
+            self.server.port, self.cluster_tls("node2").client_options("node1"),
+            box.serialize())
+        client.read()
+        yield client.closed
+        return client
+
+    @inlineCallbacks
+    def test_box_of_more_keys_than_the_bound_ends_the_connection(self):
+        box = amp.AmpBox(_command=b"Stats", _ask=b"1")
+        box.update({b"k%d" % i: b"" for i in range(cluster.MAX_BOX_KEYS - 1)})
+        client = yield self._send(box)
+        self.assertEqual(client.boxes, 0)
+        self.assertEqual(self.server.factory.counters["protocol_errors"], 1)
+        [event] = self.logged("dropped")
+        self.assertIn(f"more than {cluster.MAX_BOX_KEYS} keys", event["what"])
+
+    @inlineCallbacks
+    def test_box_of_more_bytes_than_the_bound_ends_the_connection(self):
+        box = amp.AmpBox(_command=b"Stats", _ask=b"1")
+        value = b"v" * 60000
+        box.update({b"k%d" % i: value
+                    for i in range(cluster.MAX_BOX_BYTES // len(value) + 1)})
+        client = yield self._send(box)
+        self.assertEqual(client.boxes, 0)
+        self.assertEqual(self.server.factory.counters["protocol_errors"], 1)
+
+    @inlineCallbacks
+    def test_box_at_the_bounds_is_answered(self):
+        box = amp.AmpBox(_command=b"Stats", _ask=b"1")
+        box.update({b"k%d" % i: b"" for i in range(cluster.MAX_BOX_KEYS - 3)})
+        box[b"junk"] = b"j" * 65535
+        client = yield held_amp_client(
+            self.server.port, self.cluster_tls("node2").client_options("node1"),
+            box.serialize())
+        client.read()
+        yield _wait_until(lambda: client.boxes == 1)
+        client.transport.loseConnection()
+        self.assertEqual(self.server.factory.counters["protocol_errors"], 0)
+
+
+class RefusalLogTests(ClusterTestCase):
+    """
+    What a remote can repeat at will is counted in full and logged at a
+    bounded rate.
+    """
+
+    @inlineCallbacks
+    def test_refused_commands_are_logged_at_a_bounded_rate(self):
+        server = yield self.node(
+            "node1", allowed=lambda command, node_id: command == "Stats")
+        count = 500
+        client = yield held_amp_client(
+            server.port, self.cluster_tls("node2").client_options("node1"),
+            b"".join(amp.AmpBox(_command=b"Purge", _ask=b"%d" % i,
+                                session_id=_session_id()).serialize()
+                     for i in range(count)))
+        client.read()
+        yield _wait_until(lambda: client.boxes == count)
+        client.transport.loseConnection()
+        self.assertEqual(server.factory.counters["refused_commands"], count)
+        [event] = self.logged("refused {command}")
+        self.assertEqual(event["command"], "Purge")
+
+    @inlineCallbacks
+    def test_one_kind_of_refusal_hides_no_other(self):
+        server = yield self.node(
+            "node1", allowed=lambda command, node_id: command == "Stats")
+        client = yield held_amp_client(
+            server.port, self.cluster_tls("node2").client_options("node1"),
+            b"".join(amp.AmpBox(_command=command, _ask=b"%d" % i,
+                                session_id=_session_id()).serialize()
+                     for i, command in enumerate([b"Purge"] * 50
+                                                 + [b"Explode"] * 50)))
+        client.read()
+        yield _wait_until(lambda: client.boxes == 100)
+        client.transport.loseConnection()
+        self.assertEqual((len(self.logged("refused {command}")),
+                          len(self.logged("unknown command"))), (1, 1))
+
+
+class KeyCheckTests(ClusterTestCase):
+    """
+    A link is up only once both ends showed that each can open what the
+    other seals.
+    """
+
+    def _keys(self, *keys):
+        return StateKeys(list(keys))
+
+    @inlineCallbacks
+    def test_node_with_another_state_key_is_refused_at_link_setup(self):
+        theirs = self._keys(StateKeys.generate())
+        server = yield self.node("node1")
+        link = self.link("node2", "node1", server.endpoint, keys=theirs)
+        failure = yield self.assertFailure(
+            link.when_connected(fail_after_failures=1), PeerUnavailable)
+        self.assertFalse(link.connected)
+        ours, other = self.keys.key_ids[0].hex(), theirs.key_ids[0].hex()
+        expected = (f"node2 seals with state key id {other}, which node1 does "
+                    f"not hold (it holds {ours})")
+        self.assertIn(f"node1 refused the key check of node2 ({expected})",
+                      str(failure))
+        self.assertEqual(server.factory.counters["key_mismatches"], 1)
+        self.assertEqual(link.counters["key_mismatches"], 1)
+        [event] = self.logged("refused the link")
+        self.assertEqual((event["peer"], event["reason"]), ("node2", expected))
+        [event] = self.logged("cannot connect to peer")
+        self.assertEqual(event["peer"], "node1")
+        self.assertIn(expected, event["reason"])
+
+    @inlineCallbacks
+    def test_server_ends_the_connection_of_a_failed_key_check(self):
+        server = yield self.node("node1")
+        client = yield held_amp_client(
+            server.port, self.cluster_tls("node2").client_options("node1"),
+            amp.AmpBox(_command=b"KeyCheck", _ask=b"1",
+                       key_id=self.keys.key_ids[0],
+                       proof=bytes(32)).serialize())
+        client.read()
+        yield client.closed
+        self.assertEqual(client.boxes, 1)
+        self.assertEqual(server.factory.counters["key_mismatches"], 1)
+        [event] = self.logged("refused the link")
+        self.assertEqual(event["reason"],
+                         f"node2 names state key id {self.keys.key_ids[0].hex()} "
+                         f"but does not prove that it holds it")
+
+    @inlineCallbacks
+    def test_link_refuses_a_peer_whose_sealing_key_it_does_not_hold(self):
+        # node1 seals with a new key it has not given node2 yet: node1 can
+        # open node2's sessions, node2 cannot open node1's.
+        old, new = StateKeys.generate(), StateKeys.generate()
+        ours, old_only = self._keys(new, old), self._keys(old)
+        server = yield self.node("node1", keys=ours)
+        link = self.link("node2", "node1", server.endpoint, keys=old_only)
+        failure = yield self.assertFailure(
+            link.when_connected(fail_after_failures=1), PeerUnavailable)
+        self.assertIn(f"node1 seals with state key id {ours.key_ids[0].hex()}, "
+                      f"which node2 does not hold (it holds "
+                      f"{old_only.key_ids[0].hex()})", str(failure))
+        self.assertEqual(server.factory.counters["key_mismatches"], 0)
+        self.assertEqual(link.counters["key_mismatches"], 1)
+
+    @inlineCallbacks
+    def test_nodes_in_the_middle_of_a_rotation_link_up(self):
+        new, old = StateKeys.generate(), StateKeys.generate()
+        server = yield self.node("node1", keys=self._keys(new, old))
+        link = yield self.connected_link("node2", "node1", server.endpoint,
+                                         keys=self._keys(old, new))
+        self.assertTrue(link.connected)
+        self.assertEqual(server.factory.counters["key_mismatches"], 0)
 
 
 class LinkTests(ClusterTestCase):
@@ -544,7 +798,7 @@ class LinkTests(ClusterTestCase):
 
     def test_peers_refuse_to_link_a_node_to_itself(self):
         self.assertRaises(ValueError, Peers, [("node2", "tcp:host=127.0.0.1:port=1")],
-                          self.cluster_tls("node2"))
+                          self.cluster_tls("node2"), keys=lambda: self.keys)
 
 
 class _RogueFetch(amp.Command):
@@ -561,19 +815,16 @@ class _RogueFetch(amp.Command):
     ]
 
 
-class _RogueProtocol(amp.AMP):
+class _RogueProtocol(cluster.PeerServerFactory.protocol):
     """
-    A peer with a valid certificate that answers FetchSession with
-    C{answer}, fields the real server would never send included.
+    A peer with a valid certificate and the cluster's state key that
+    answers FetchSession with its factory's C{answer}, fields the real
+    server would never send included.
     """
-
-    def __init__(self, answer):
-        super().__init__()
-        self.answer = answer
 
     @_RogueFetch.responder
     def fetch(self, session_id):
-        return self.answer
+        return self.factory.answer
 
 
 class GarbageAnswerTests(ClusterTestCase):
@@ -585,7 +836,9 @@ class GarbageAnswerTests(ClusterTestCase):
     @inlineCallbacks
     def _fetch(self, answer):
         rogue = Node(self, self.cluster_tls("node1"), None)
-        yield rogue.start(Factory.forProtocol(lambda: _RogueProtocol(answer)))
+        rogue.factory.protocol = _RogueProtocol
+        rogue.factory.answer = answer
+        yield rogue.start()
         link = yield self.connected_link("node2", "node1", rogue.endpoint)
         yield self.assertFailure(fetch_from(link, _session_id()), PeerProtocolError)
 

@@ -20,22 +20,27 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from sslshare import sessionid
+from sslshare import config, sessionid
+from sslshare.cli import ask_stats
+from sslshare.state import StateKeys
 from sslshare.cluster import ClusterTLS, ICommandHandler, PeerServerFactory
 from tests.support import (
     LocalCluster,
     client_hello,
     exchange,
     fragment,
+    held_amp_client,
     pki,
     psk_extension,
     python_client_round,
+    resident_bytes,
     until,
 )
 
@@ -350,11 +355,14 @@ class LookupBoundTests(TestCase):
         channel = ClusterTLS(self.cluster.ca_cert, files.certificate, files.key,
                              "test", "node1")
         self.stalled = _StallingHandler()
+        keys = StateKeys.from_file(os.path.join(self.cluster.directory,
+                                                "pki", "state.key"))
         amp = PeerServerFactory(self.stalled, "test", "node1",
-                                lambda command, peer: True)
+                                lambda command, peer: True, peers=["node2"],
+                                keys=lambda: keys)
         listening = reactor.listenTCP(
             self.cluster.amp_ports["node1"],
-            TLSMemoryBIOFactory(channel.server_options(), False, amp),
+            TLSMemoryBIOFactory(channel.server_options(amp.admit), False, amp),
             interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
         self.node2 = self.cluster.start("node2")
@@ -680,3 +688,117 @@ class ClusterChannelTests(_HostileClusterTestCase):
         counters = self.cluster.nodes["node1"].peer_server.counters
         self.assertEqual((counters["refused_commands"], counters["bad_requests"]),
                          (2, 0))
+
+
+MiB = 1024 * 1024
+# Growth of the node's resident memory that only an unbounded buffer
+# reaches: a bounded channel stays far below it.
+RUNAWAY_GROWTH = 32 * MiB
+
+
+class ChannelBoundTests(TestCase):
+    """
+    node1 runs as a C{twistd} process of its own, so that its resident
+    memory and its log are its own; a client with node2's certificate
+    never ends a box, or asks and never reads the answers, or asks for
+    what it may not have.
+    """
+
+    timeout = 300
+
+    @inlineCallbacks
+    def setUp(self):
+        self.cluster = LocalCluster(self, nodes=("node1", "node2"))
+        yield self.cluster.spawn("node1")
+        self.pid = self.cluster.processes["node1"].pid
+        node2 = self.cluster.pki.node("node2")
+        self.tls = _client_tls(node2.certificate, node2.key)
+        # A first round trip, so that the baseline includes what any
+        # connection costs.
+        warm = yield self._connect(amp_command(b"Stats"))
+        warm.read()
+        yield until(lambda: warm.boxes == 1)
+        warm.transport.loseConnection()
+        self.before = resident_bytes(self.pid)
+
+    def _connect(self, data, tls=None):
+        return held_amp_client(self.cluster.amp_ports["node1"],
+                               tls or self.tls, data)
+
+    def _growth(self):
+        return resident_bytes(self.pid) - self.before
+
+    def _stats(self):
+        return Deferred.fromCoroutine(ask_stats(
+            reactor, config.load(self.cluster.paths["node2"], reactor), "node1"))
+
+    def _report(self, what, figures):
+        print(f"\nhostile channel memory, {what}: node1 RSS "
+              f"{self.before / MiB:.1f} -> {resident_bytes(self.pid) / MiB:.1f} "
+              f"MiB, {figures}", flush=True)
+
+    @inlineCallbacks
+    def test_a_box_that_never_ends_is_cut_at_its_bound(self):
+        value = b"v" * 60000
+        data = amp_box((b"_command", b"Stats"), (b"_ask", b"1"),
+                       *[(b"k%d" % i, value) for i in range(1100)])[:-2]
+        client = yield self._connect(data)
+        yield until(lambda: client.closed.called
+                    or self._growth() > RUNAWAY_GROWTH, timeout=60)
+        growth = self._growth()
+        self._report(f"a box of {len(data) // MiB} MiB that never ends",
+                     f"connection {'closed' if client.closed.called else 'open'}")
+        self.assertTrue(client.closed.called, "node1 kept the box growing")
+        self.assertLess(growth, RUNAWAY_GROWTH)
+        stats = yield self._stats()
+        self.assertEqual(stats["cluster.protocol_errors"], 1)
+
+    @inlineCallbacks
+    def test_reading_pauses_while_answers_wait_for_the_peer(self):
+        count = 100000
+        client = yield self._connect(b"".join(
+            amp_command(b"Stats", ask=b"%d" % i) for i in range(count)))
+        paused = []
+
+        async def paused_or_runaway():
+            while self._growth() <= RUNAWAY_GROWTH:
+                stats = await self._stats()
+                if stats.get("cluster.reading_paused", 0) >= 1:
+                    paused.append(stats)
+                    return
+                if stats["cluster.commands:Stats"] > count:
+                    return
+                await deferLater(reactor, 0.2, lambda: None)
+
+        yield Deferred.fromCoroutine(paused_or_runaway())
+        growth = self._growth()
+        answered = paused[0]["cluster.commands:Stats"] if paused else count
+        self._report(f"{count} Stats asked, answers not read",
+                     f"{answered} answered before reading paused")
+        self.assertTrue(paused, "node1 read on while its answers piled up")
+        self.assertLess(growth, RUNAWAY_GROWTH)
+        # Nothing is lost: once the peer reads, every question is answered.
+        client.read()
+        yield until(lambda: client.boxes == count, timeout=120)
+        client.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_refused_commands_are_logged_at_a_bounded_rate(self):
+        # node1's own certificate may ask node1 for Stats only.
+        node1 = self.cluster.pki.node("node1")
+        count = 20000
+        started = reactor.seconds()
+        client = yield self._connect(b"".join(
+            amp_command(b"Purge", ask=b"%d" % i, session_id=session_id_of("node1"))
+            for i in range(count)), _client_tls(node1.certificate, node1.key))
+        client.read()
+        yield until(lambda: client.boxes == count, timeout=120)
+        client.transport.loseConnection()
+        stats = yield self._stats()
+        lines = self.cluster.log("node1").count("refused Purge")
+        print(f"\nhostile channel log, {count} refused commands "
+              f"({count * len(amp_command(b'Purge', session_id=bytes(32))) // 1024} "
+              f"KiB): {lines} log lines", flush=True)
+        self.assertEqual(stats["cluster.refused_commands"], count)
+        # At most one line per 10 s of the run.
+        self.assertLessEqual(lines, 1 + (reactor.seconds() - started) // 10)

@@ -476,7 +476,7 @@ class HandoverTests(_LogCapture, TestCase):
                          ["handed over 1 session to node2, 0 failed"])
 
 
-class RotationTests(TestCase):
+class RotationTests(_LogCapture, TestCase):
     """
     The state key rotation of README.rst, on two nodes sharing through a
     repository, which keeps sessions sealed: a new key is added second,
@@ -536,6 +536,28 @@ class RotationTests(TestCase):
         node2 = cluster.nodes["node2"]
         self.assertEqual(node2.recovery.counters["unsealable"], 1)
         self.assertEqual(node2.counters["full"], 1)
+
+    @inlineCallbacks
+    def test_a_peer_without_the_key_is_refused_naming_it_and_both_keys(self):
+        # A key changed by a reload, past the check at link setup: node1
+        # keeps the session rather than give node2 what it cannot open.
+        self.capture_log()
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        yield cluster.start_all()
+        made = yield cluster.client_round("node1", "TLSv1.2")
+        with open(os.path.join(cluster.directory, "pki", "other.key"), "w") as f:
+            f.write(StateKeys.generate().hex() + "\n")
+        cluster.edit("node2", 'state_key = "pki/state.key"',
+                     'state_key = "pki/other.key"')
+        self.assertTrue(cluster.services["node2"].reload())
+        resumed = yield cluster.client_round("node2", "TLSv1.2", made.session)
+        self.assertFalse(resumed.reused)
+        [line] = self.lines_with("that node2 asked for: none of its state keys")
+        keys = cluster.nodes["node1"].keys.key_ids + cluster.nodes["node2"].keys.key_ids
+        for key_id in keys:
+            self.assertIn(key_id.hex(), line)
+        home = yield cluster.client_round("node1", "TLSv1.2", made.session)
+        self.assertTrue(home.reused)
 
     @inlineCallbacks
     def test_key_new_prints_a_line_the_key_file_takes(self):

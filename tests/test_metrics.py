@@ -6,16 +6,20 @@ over the cluster channel: the two views agree, and move by what happened.
 
 from __future__ import annotations
 
+import os
 import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from sslshare import cli, config
+from sslshare import cli, config, pki
+from sslshare.cluster import ClusterTLS, PeerLink, PeerUnavailable
 from sslshare.recovery import LOOKUP_SOURCES
 from sslshare.tls import SESSION_REFUSALS
+from sslshare.state import StateKeys
 from tests.support import (
     LocalCluster,
     connect_without_certificate,
@@ -206,6 +210,55 @@ class MetricsPageTests(TestCase):
             samples["sslshare_peer_refused_commands_total"][frozenset()], 0)
         stats = yield _stats(cluster, "node1")
         self.assertEqual(stats["cluster.refused_connections"], 1)
+
+    @inlineCallbacks
+    def test_refusals_of_cluster_nodes_show_in_stats_and_metrics(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"), metrics=True)
+        yield cluster.start_all()
+        warnings = []
+
+        def observe(event):
+            if event.get("log_level") == LogLevel.warn:
+                warnings.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        node3 = pki.add_node(cluster.pki.directory, "test", "node3")
+        node2 = cluster.pki.node("node2")
+        keys = StateKeys.from_file(os.path.join(cluster.pki.directory,
+                                                "state.key"))
+        endpoint = f"tcp:host=127.0.0.1:port={cluster.amp_ports['node1']}"
+        attempts = [
+            # A node of the cluster that is no peer of node1.
+            ("node3", node3, endpoint, keys),
+            # A second node2, on another host.
+            ("node2", node2, f"{endpoint}:bindAddress=127.0.0.2", keys),
+            # node2 with another state key.
+            ("node2", node2, endpoint, StateKeys([StateKeys.generate()])),
+        ]
+        for node_id, files, at, state_keys in attempts:
+            link = PeerLink("node1", at, ClusterTLS(
+                cluster.ca_cert, files.certificate, files.key, "test", node_id),
+                keys=lambda state_keys=state_keys: state_keys)
+            link.startService()
+            yield self.assertFailure(
+                link.when_connected(fail_after_failures=1), PeerUnavailable)
+            # One attempt each: no retry to count.
+            yield link.stopService()
+        counters = cluster.nodes["node1"].peer_server.counters
+        names = ("refused_nodes", "duplicate_nodes", "key_mismatches")
+        yield until(lambda: all(counters[name] for name in names))
+        stats = yield _stats(cluster, "node1")
+        samples = yield _scrape(cluster, "node1")
+        for counter, metric in [
+                ("refused_nodes", "sslshare_peer_refused_nodes_total"),
+                ("duplicate_nodes", "sslshare_peer_duplicate_nodes_total"),
+                ("key_mismatches", "sslshare_peer_key_mismatches_total")]:
+            self.assertEqual(stats[f"cluster.{counter}"], 1, counter)
+            self.assertEqual(samples[metric][frozenset()], 1, metric)
+        # The lines an operator reads, for the records (docs/hardening.md).
+        print("".join(f"\n  {line}" for line in warnings
+                      if "refused" in line), flush=True)
 
     @inlineCallbacks
     def test_nodes_in_one_process_keep_their_numbers_apart(self):
