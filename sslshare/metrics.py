@@ -39,7 +39,8 @@ from sslshare.recovery import LOOKUP_SOURCES
 HANDSHAKE_OUTCOMES = ("full", "resumed_local", "resumed_peer",
                       "resumed_repository", "failed")
 # The checkpoint pipelines' counters (sslshare.digest.CheckpointPipeline).
-CHECKPOINT_EVENTS = ("written", "rejected", "coalesced", "failed", "pauses")
+CHECKPOINT_EVENTS = ("written", "rejected", "coalesced", "failed", "pauses",
+                     "pauses_cut")
 
 
 class NodeCollector:
@@ -89,8 +90,9 @@ class NodeCollector:
 
         checkpoints = CounterMetricFamily(
             "sslshare_checkpoints", "Record digest checkpoints: written, "
-            "rejected by the store, coalesced, failed, and pauses of "
-            "connections while the store lagged.", labels=["event"])
+            "rejected by the store, coalesced, failed, pauses of "
+            "connections while the store lagged, and those pauses cut at "
+            "checkpoint_max_pause.", labels=["event"])
         for event in CHECKPOINT_EVENTS:
             checkpoints.add_metric([event], stats.get(f"checkpoint.{event}", 0))
         yield checkpoints
