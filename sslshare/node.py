@@ -39,7 +39,7 @@ from sslshare.digest import (
     exporter,
 )
 from sslshare.logs import RateLimitedWarning
-from sslshare.recovery import LOOKUP_SOURCES, Recovered, Recovery
+from sslshare.recovery import LOOKUP_SOURCES, BackupRing, Recovered, Recovery
 from sslshare.state import SealError, SessionState, StateKeys
 from sslshare.store import SessionStore
 from sslshare.tls import Connection, LookupRequest, ServerContext
@@ -85,6 +85,10 @@ class Node:
         C{resumed_peer}, C{resumed_repository}, C{handshake_timeouts}),
         C{sessions_made}, C{sessions_given}, C{repository_put_failures},
         C{backups_kept}, C{backups_refused}, C{backup_failures},
+        C{backups_moved} (copies given to a backup node that had none,
+        as when the one before it in the ring went down) and
+        C{stale_copy_purge_failures} (the old copies that could not be
+        dropped then),
         C{sessions_handed_over} and C{handover_failures} (when the node
         stopped), C{reloads} and C{reload_failures}, C{backend_failures}
         (clients closed because their backend connection failed).
@@ -100,7 +104,7 @@ class Node:
                  recovery: Recovery, clock: IReactorTime,
                  session_lifetime: int, repository: Any = None,
                  peers: Any = None,
-                 backup_of: Callable[[bytes, str], str | None] | None = None,
+                 backup_of: BackupRing | None = None,
                  checkpoint_policy: CheckpointPolicy = CheckpointPolicy(),
                  ) -> None:
         self.node_id = node_id
@@ -244,6 +248,11 @@ class Node:
         self._warnings.warn("could not give node {peer} its backup copy: "
                             "{why}", peer=backup, why=reason.getErrorMessage())
 
+    def _stale_copy_kept(self, reason: Any) -> None:
+        # A node that cannot be told is usually down, and lost its copy
+        # with its memory; its link logs that it is unreachable.
+        self.counters["stale_copy_purge_failures"] += 1
+
     def _repository_put_failed(self, reason: Any) -> None:
         # Fail open: the session stays resumable through this node.
         self.counters["repository_put_failures"] += 1
@@ -331,8 +340,41 @@ class Node:
         if backup is None:
             # A cluster of one: there is nowhere outside.
             return True
-        return self.peer_links.checkpoint_session(backup, session_id, seq,
-                                                  digest)
+        writing = self.peer_links.checkpoint_session(backup, session_id, seq,
+                                                     digest)
+        return writing.addCallback(self._checkpoint_answered, session_id,
+                                   backup)
+
+    def _checkpoint_answered(self, accepted: bool, session_id: bytes,
+                             backup: str) -> Deferred[bool] | bool:
+        """
+        The session's backup node answered a checkpoint; if it keeps no
+        copy of the session (it has just become its backup node because
+        the one before it in the ring is down, or it restarted), give it
+        one, checkpoint included, and drop the copies the other nodes of
+        the ring may still keep.
+        """
+        if accepted:
+            return True
+        state = self.store.get(session_id)
+        if state is None or state.owner != self.node_id:
+            # Given away meanwhile: its checkpoints are no longer ours.
+            return False
+        self.counters["backups_moved"] += 1
+
+        def given(kept: bool) -> bool:
+            if kept:
+                for other in self.backup_of.candidates(session_id,
+                                                       self.node_id):
+                    if other != backup:
+                        self.peer_links.purge_session(
+                            other, session_id).addErrback(
+                                self._stale_copy_kept)
+            return kept
+
+        giving = self.peer_links.backup_session(backup, session_id,
+                                                self.keys.seal(state))
+        return giving.addCallback(given)
 
     # What peers ask (ICommandHandler); the requester is the node id from
     # the peer's verified certificate.

@@ -146,28 +146,46 @@ class BackupRing:
     """
     Which node keeps the backup copy of a session: in the ring of the
     cluster's node ids in sorted order, the first after the node that made
-    the session (its id's owner tag) that is not the session's holder.
-    Every node computes the same answer from the id alone, so whoever looks
-    for a session whose holder is gone knows where the copy is.
+    the session (its id's owner tag) that is not the session's holder and
+    is alive; when none is, the first that is not the holder.  Every node
+    computes the same answer from the id and the nodes that run, so whoever
+    looks for a session whose holder is gone knows where the copy is, and
+    a backup node that is down hands its part to the next live one.
+
+    @param node_id: the node asking, alive by definition.
+    @param alive: C{node_id -> bool} for the other nodes; C{None}: all are.
     """
 
-    def __init__(self, owners: Mapping[bytes, str]) -> None:
+    def __init__(self, owners: Mapping[bytes, str], node_id: str | None = None,
+                 alive: Callable[[str], bool] | None = None) -> None:
         self._owners = dict(owners)
         self._nodes = sorted(set(self._owners.values()))
+        self._node_id = node_id
+        self._alive = alive
 
     def __call__(self, session_id: bytes, holder: str) -> str | None:
+        candidates = self.candidates(session_id, holder)
+        for node in candidates:
+            if (node == self._node_id or self._alive is None
+                    or self._alive(node)):
+                return node
+        return candidates[0] if candidates else None
+
+    def candidates(self, session_id: bytes, holder: str) -> list[str]:
+        """
+        Every node that may keep the backup copy of C{session_id} while
+        C{holder} holds it, in the ring's order, alive or not.
+        """
         try:
             owner = self._owners.get(sessionid.owner_of(session_id))
         except ValueError:
-            return None
+            return []
         if owner is None:
-            return None
+            return []
         start = self._nodes.index(owner)
-        for step in range(1, len(self._nodes) + 1):
-            node = self._nodes[(start + step) % len(self._nodes)]
-            if node != holder:
-                return node
-        return None
+        ring = (self._nodes[(start + step) % len(self._nodes)]
+                for step in range(1, len(self._nodes) + 1))
+        return [node for node in ring if node != holder]
 
 
 class Recovery:

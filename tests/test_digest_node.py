@@ -365,7 +365,10 @@ class UnavailableTargetTests(TestCase):
         yield cluster.start_all()
         node1, node3 = cluster.nodes["node1"], cluster.nodes["node3"]
 
+        copies_before = []
+
         def stop_node2():
+            copies_before.append(len(node3.store))
             stopped = cluster.stop("node2")
             return stopped.addCallback(lambda _: until(
                 lambda: not node1.peer_links.link("node2").connected))
@@ -375,12 +378,13 @@ class UnavailableTargetTests(TestCase):
             _conversation, cluster.ports["node1"], cluster.ca_cert, MESSAGES,
             before={10: stop_node2})
         seconds = time.monotonic() - started
-        self.assertIsNone(node3.store.get(session.id))
+        self.assertEqual(copies_before, [0])
         yield until(lambda: _holds(node3, session.id, len(records)))
         held = node1.store.get(session.id)
         copy = node3.store.get(session.id)
         self.assertEqual(copy.owner, "node1")
         self.assertEqual(copy.digest, held.digest)
+        self.assertEqual(node1.counters["backups_moved"], 1)
         self.assertEqual(node1.checkpoint_counters["pauses"], 0)
         _figures("stopped mid-connection (node2 of 3)", node1, len(records),
                  seconds)
