@@ -627,18 +627,23 @@ class LocalCluster:
             self.start(node)
         return self.wait_linked()
 
-    async def _wait_linked(self, timeout=10.0):
+    async def _wait_linked(self, timeout, down):
         deadline = reactor.seconds() + timeout
         while reactor.seconds() < deadline:
-            if all(node.peer_links.connected_count() == len(self.paths) - 1
+            if all(node.peer_links.connected_count()
+                   == len(self.paths) - 1 - len(down)
                    for name, node in self.nodes.items()
                    if name in self.services):
                 return
             await deferLater(reactor, 0.05, lambda: None)
         raise AssertionError("the nodes did not link up in time")
 
-    def wait_linked(self, timeout=10.0):
-        return Deferred.fromCoroutine(self._wait_linked(timeout))
+    def wait_linked(self, timeout=10.0, down=()):
+        """
+        Wait until every node started in this process has its links up to
+        all the others but those named in C{down}, which do not run.
+        """
+        return Deferred.fromCoroutine(self._wait_linked(timeout, set(down)))
 
     def client_round(self, node, version, session=None, **options):
         """
