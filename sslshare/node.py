@@ -363,7 +363,8 @@ class Node:
         self.counters["backups_moved"] += 1
 
         def given(kept: bool) -> bool:
-            if kept:
+            held = self.store.get(session_id)
+            if kept and held is not None and held.owner == self.node_id:
                 for other in self.backup_of.candidates(session_id,
                                                        self.node_id):
                     if other != backup:
@@ -431,8 +432,14 @@ class Node:
     def backup(self, session_id: bytes, sealed: bytes, requester: str) -> bool:
         """
         Keep a copy of a session C{requester} holds, if it opens as one of
-        this node's services and names C{requester} as its holder.
+        this node's services and names C{requester} as its holder, and this
+        node does not hold the session itself: then the copy is older than
+        the move that brought the session here.
         """
+        kept = self.store.get(session_id)
+        if kept is not None and kept.owner == self.node_id:
+            self.counters["backups_refused"] += 1
+            return False
         for context in self.recovery.id_contexts.values():
             try:
                 state = self.keys.open(sealed, session_id, context)
@@ -454,6 +461,7 @@ class Node:
         and total seconds of the lookups that ended at each of
         L{LOOKUP_SOURCES} (C{lookup.<source>.count}, C{.seconds}), whether
         each peer is connected (C{peers.<node id>.connected}, 0 or 1) and
+        how many calls it did not answer in time (C{.call_timeouts}), and
         the peer channel's (C{cluster.}).  C{sslshare stats} and the
         metrics page both show these numbers.
         """
@@ -484,6 +492,8 @@ class Node:
             for link in self.peer_links.links:
                 numbers[f"peers.{link.peer_node_id}.connected"] = int(
                     link.connected)
+                numbers[f"peers.{link.peer_node_id}.call_timeouts"] = (
+                    link.counters["call_timeouts"])
         if self.peer_server is not None:
             numbers.update(self.peer_server.stats())
         return numbers

@@ -201,8 +201,8 @@ class Recovery:
         peer to drop its copy of a session this node now holds.
     @param backup_on_peer: C{(node_id, session_id, sealed) -> Deferred},
         giving a peer the copy it keeps as the session's backup node.
-    @param backup_of: C{(session_id, holder) -> node id or None}: the
-        backup node of a session while C{holder} holds it.
+    @param backup_of: the L{BackupRing}: the backup node of a session
+        while C{holder} holds it.
     @param id_contexts: service name -> session id context.
     @param max_lookups: how many chains may be out at the peers or the
         repository at once; C{None}: no bound.
@@ -239,7 +239,7 @@ class Recovery:
         repository: Any = None,
         purge_on_peer: Callable[[str, bytes], Deferred[Any]] | None = None,
         backup_on_peer: Callable[[str, bytes, bytes], Deferred[Any]] | None = None,
-        backup_of: Callable[[bytes, str], str | None] | None = None,
+        backup_of: BackupRing | None = None,
         max_lookups: int | None = None,
         max_lookups_per_client: int | None = None,
         peer_alive: Callable[[str], bool] | None = None,
@@ -353,8 +353,8 @@ class Recovery:
         """
         This node resumes a session it holds.  A TLS 1.2 session is resumed
         again and again under one id, so it stays; a TLS 1.3 ticket is
-        single use: it goes from here, from the repository and from its
-        backup node.
+        single use: it goes from here, from the repository and from the
+        nodes that may keep its backup copy.
         """
         if request.protocol == "TLSv1.2":
             return
@@ -363,7 +363,7 @@ class Recovery:
         if self.repository is not None:
             self._repository_write("purge", self.repository.purge(session_id))
         self._purge_elsewhere(session_id,
-                              {self._backup_node(session_id, self.node_id)})
+                              self._backup_nodes(session_id, self.node_id))
 
     async def _own_session_taken_from_repository(
             self, request: LookupRequest, context: bytes,
@@ -607,7 +607,7 @@ class Recovery:
         """
         session_id = request.session_id
         previous = found.state.owner
-        others = {previous, self._backup_node(session_id, previous)}
+        others = {previous} | self._backup_nodes(session_id, previous)
         others -= {found.giver}
         if request.protocol == "TLSv1.2":
             mine = found.state.with_owner(self.node_id)
@@ -630,14 +630,16 @@ class Recovery:
                                        self.repository.purge(session_id))
         self._purge_elsewhere(session_id, others)
 
-    def _backup_node(self, session_id: bytes, holder: str) -> str | None:
+    def _backup_nodes(self, session_id: bytes, holder: str) -> set[str]:
         """
-        The peer keeping the backup copy of C{session_id} while C{holder}
-        holds it, or C{None} when the repository keeps it instead.
+        The peers that may keep a backup copy of C{session_id} naming
+        C{holder}: every node of the ring but the holder, since the copy
+        went to whichever was the first live one when it was written (none
+        when the repository keeps it instead).
         """
         if self.backup_of is None or self.repository is not None:
-            return None
-        return self.backup_of(session_id, holder)
+            return set()
+        return set(self.backup_of.candidates(session_id, holder))
 
     def _purge_elsewhere(self, session_id: bytes,
                          nodes: set[str | None]) -> None:

@@ -487,8 +487,10 @@ class _Soak:
         # 1.2 session is in this process.
         await self.cluster.kill("node1", "TERM")
         await self.cluster.settled()
-        held_twice = [session_id.hex() for session_id in load.tls12_sessions
-                      if len(holders_named(self.cluster, session_id)) > 1]
+        held_twice = [(session_id.hex(), sorted(holders))
+                      for session_id in load.tls12_sessions
+                      if len(holders := holders_named(self.cluster,
+                                                      session_id)) > 1]
 
         loads = (warm_up, load)
         outcomes = warm_up.outcomes + load.outcomes
