@@ -390,6 +390,35 @@ class UnavailableTargetTests(TestCase):
                  seconds)
 
 
+class BackupAtALaterNodeTests(TestCase):
+    """
+    With node1 down, the copy of a session of node2 held by node3 goes to
+    node2, the next live node of node3's ring for it; once the session
+    moves on, that copy goes too.
+    """
+
+    @inlineCallbacks
+    def test_copy_at_a_later_node_of_the_ring_goes_when_the_session_moves(self):
+        cluster = LocalCluster(self)
+        node2, node3 = cluster.start("node2"), cluster.start("node3")
+        yield cluster.wait_linked(down=("node1",))
+        made = yield cluster.client_round("node2", "TLSv1.2")
+        session_id = made.session.id
+        yield until(lambda: node3.store.get(session_id) is not None)
+        moved = yield cluster.client_round("node3", "TLSv1.2", made.session)
+        self.assertTrue(moved.reused)
+        yield cluster.settled()
+        self.assertEqual(node2.store.get(session_id).owner, "node3")
+        node1 = cluster.start("node1")
+        yield cluster.wait_linked()
+        again = yield cluster.client_round("node1", "TLSv1.2", made.session)
+        self.assertTrue(again.reused)
+        self.assertEqual(node1.store.get(session_id).owner, "node1")
+        yield cluster.settled()
+        self.assertIsNone(node2.store.get(session_id))
+        self.assertEqual(node3.store.get(session_id).owner, "node1")
+
+
 class StalledTargetTests(TestCase):
     """
     node2 links up and then answers nothing: a backup node whose process
