@@ -386,9 +386,16 @@ class BackPressureTests(PipelineTestCase):
         self.elapse(2)
         self.assertEqual(self.slow.applied, [50])
 
-    def test_pause_ends_at_max_pause(self):
-        pipeline = self.pipeline(bound=4, max_pause=0.25, timeout=100)
+    def unanswered(self):
+        """
+        A pipeline to a store that takes longer to answer than the test
+        lasts.
+        """
         self.slow.delay = 60
+        return self.pipeline(bound=4, max_pause=0.25, timeout=100)
+
+    def test_pause_ends_at_max_pause(self):
+        pipeline = self.unanswered()
         for step in checkpoints(5):
             pipeline.enqueue(*step)
         self.assertEqual(self.connection.producerState, "paused")
@@ -399,8 +406,7 @@ class BackPressureTests(PipelineTestCase):
                       .format(**self.events[0]))
 
     def test_store_that_never_answers_pauses_only_once(self):
-        pipeline = self.pipeline(bound=4, max_pause=0.25, timeout=100)
-        self.slow.delay = 60
+        pipeline = self.unanswered()
         for step in checkpoints(200):
             pipeline.enqueue(*step)
             self.elapse(0.125)

@@ -307,13 +307,28 @@ def _holds(node, session_id, seq):
     return copy is not None and copy.seq == seq
 
 
-def _figures(what, node, records, seconds):
-    counters = node.checkpoint_counters
-    print(f"\ncheckpoint target {what}: {records} records served in "
+@inlineCallbacks
+def _served(testcase, cluster, what, before=None):
+    """
+    L{MESSAGES} exchanged with node1 of C{cluster}: every record is
+    served, and a line of figures says how long it took and what became
+    of the checkpoints.
+
+    @return: the client's session and the records.
+    """
+    started = time.monotonic()
+    session, _, records = yield deferToThread(
+        _conversation, cluster.ports["node1"], cluster.ca_cert, MESSAGES,
+        before=before)
+    seconds = time.monotonic() - started
+    testcase.assertEqual(len(records), 2 * len(MESSAGES))
+    counters = cluster.nodes["node1"].checkpoint_counters
+    print(f"\ncheckpoint target {what}: {len(records)} records served in "
           f"{seconds:.2f} s, checkpoints {counters['written']} written, "
           f"{counters['failed']} failed, {counters['pauses']} pauses, "
           f"{counters['pauses_cut']} cut at checkpoint_max_pause",
           flush=True)
+    return session, records
 
 
 class UnavailableTargetTests(TestCase):
@@ -327,16 +342,11 @@ class UnavailableTargetTests(TestCase):
     def test_backup_node_down_long_connection_is_served(self):
         cluster = LocalCluster(self, nodes=("node1", "node2"), backend=_Echo)
         node1 = cluster.start("node1")
-        started = time.monotonic()
-        _, _, records = yield deferToThread(
-            _conversation, cluster.ports["node1"], cluster.ca_cert, MESSAGES)
-        seconds = time.monotonic() - started
-        self.assertEqual(len(records), 2 * len(MESSAGES))
+        _, records = yield _served(self, cluster, "down (node2 of 2)")
         counters = node1.checkpoint_counters
         self.assertEqual(counters["pauses"], 0)
         self.assertEqual(counters["written"], 0)
         self.assertGreaterEqual(counters["failed"], len(records) - 1)
-        _figures("down (node2 of 2)", node1, len(records), seconds)
 
     @inlineCallbacks
     def test_checkpoints_of_a_new_session_go_to_the_next_live_node(self):
@@ -373,11 +383,9 @@ class UnavailableTargetTests(TestCase):
             return stopped.addCallback(lambda _: until(
                 lambda: not node1.peer_links.link("node2").connected))
 
-        started = time.monotonic()
-        session, _, records = yield deferToThread(
-            _conversation, cluster.ports["node1"], cluster.ca_cert, MESSAGES,
+        session, records = yield _served(
+            self, cluster, "stopped mid-connection (node2 of 3)",
             before={10: stop_node2})
-        seconds = time.monotonic() - started
         self.assertEqual(copies_before, [0])
         yield until(lambda: _holds(node3, session.id, len(records)))
         held = node1.store.get(session.id)
@@ -386,8 +394,6 @@ class UnavailableTargetTests(TestCase):
         self.assertEqual(copy.digest, held.digest)
         self.assertEqual(node1.counters["backups_moved"], 1)
         self.assertEqual(node1.checkpoint_counters["pauses"], 0)
-        _figures("stopped mid-connection (node2 of 3)", node1, len(records),
-                 seconds)
 
 
 class BackupAtALaterNodeTests(TestCase):
@@ -437,17 +443,12 @@ class StalledTargetTests(TestCase):
     @inlineCallbacks
     def test_pause_for_a_stalled_backup_ends_at_the_bound(self):
         cluster, node1 = yield self._stalled_cluster()
-        started = time.monotonic()
-        _, _, records = yield deferToThread(
-            _conversation, cluster.ports["node1"], cluster.ca_cert, MESSAGES)
-        seconds = time.monotonic() - started
-        self.assertEqual(len(records), 2 * len(MESSAGES))
+        yield _served(self, cluster, "stalled (node2 of 2)")
         counters = node1.checkpoint_counters
         self.assertGreaterEqual(counters["pauses"], 1)
         self.assertEqual(counters["pauses_cut"], counters["pauses"])
         self.assertFalse(any(pipeline.paused
                              for pipeline in node1._pipelines))
-        _figures("stalled (node2 of 2)", node1, len(records), seconds)
 
     @inlineCallbacks
     def test_calls_to_a_stalled_peer_time_out(self):
