@@ -30,12 +30,18 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from sslshare import node as node_module
 from sslshare import sessionid
 from sslshare.cluster import ClusterTLS, Peers, PeerUnavailable
-from tests.support import LocalCluster, StallingHandler, until
+from tests.support import (
+    LocalCluster,
+    RedisServer,
+    ServerUnavailable,
+    StallingHandler,
+    until,
+)
 
 
 class _Echo(Protocol):
@@ -347,6 +353,24 @@ class UnavailableTargetTests(TestCase):
         self.assertEqual(counters["pauses"], 0)
         self.assertEqual(counters["written"], 0)
         self.assertGreaterEqual(counters["failed"], len(records) - 1)
+
+    @inlineCallbacks
+    def test_repository_down_long_connection_is_served(self):
+        try:
+            server = RedisServer()
+        except ServerUnavailable as e:
+            raise SkipTest(str(e))
+        self.addCleanup(server.remove)
+        server.start()
+        cluster = LocalCluster(
+            self, nodes=("node1",), backend=_Echo,
+            repository=f'kind = "redis"\nurl = "{server.url}"\n')
+        node1 = cluster.start("node1")
+        server.stop()
+        _, records = yield _served(self, cluster, "down (the repository)")
+        counters = node1.checkpoint_counters
+        self.assertEqual(counters["pauses"], 0)
+        self.assertGreater(counters["failed"], 0)
 
     @inlineCallbacks
     def test_checkpoints_of_a_new_session_go_to_the_next_live_node(self):
