@@ -355,6 +355,25 @@ class UnavailableTargetTests(TestCase):
         self.assertGreaterEqual(counters["failed"], len(records) - 1)
 
     @inlineCallbacks
+    def test_backup_node_that_comes_back_gets_a_copy_at_once(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"), backend=_Echo)
+        node1 = cluster.start("node1")
+
+        def start_node2():
+            cluster.start("node2")
+            return cluster.wait_linked()
+
+        session, records = yield _served(
+            self, cluster, "down, then back (node2 of 2)",
+            before={50: start_node2})
+        yield until(lambda: _holds(cluster.nodes["node2"], session.id,
+                                   len(records)))
+        self.assertEqual(cluster.nodes["node2"].store.get(session.id).owner,
+                         "node1")
+        self.assertEqual(node1.counters["backups_moved"], 1)
+        self.assertEqual(node1.checkpoint_counters["pauses"], 0)
+
+    @inlineCallbacks
     def test_repository_down_long_connection_is_served(self):
         try:
             server = RedisServer()
