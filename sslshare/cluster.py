@@ -79,7 +79,11 @@ Availability.  L{PeerLink.call} never waits for a connection: the recovery
 chain has a budget of tens of milliseconds, so a peer that is not connected
 right now fails the call at once with L{PeerUnavailable}; the link keeps
 reconnecting in the background (Twisted's L{ClientService}, exponential
-backoff that also grows while handshakes keep failing).
+backoff that also grows while handshakes keep failing).  Nor does a call
+wait for ever for an answer: a command other than L{FetchSession} (whose
+asker bounds it with its own budget) that the peer has not answered within
+the link's call timeout fails with L{PeerUnavailable} too, counted in
+C{counters["call_timeouts"]}.
 
 Reload.  L{Peers.reconfigure} starts and stops links to match a new peer
 list, leaving the others up; L{ClusterTLS.adopt} gives the connections made
@@ -161,6 +165,9 @@ dropped connection.
 
 FETCH_STATUSES = ("found", "redirect", "missing", "refused")
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# Seconds a peer has to answer a Backup, Checkpoint, Purge or Stats: a
+# connected peer answers in milliseconds, a stopped or hung one never.
+DEFAULT_CALL_TIMEOUT = 5.0
 # Failed connection attempts a purge waits through for a peer that is
 # down before it gives up (see Peers.purge_session).
 PURGE_CONNECT_ATTEMPTS = 3
@@ -1414,7 +1421,8 @@ class PeerLink(Service):
         C{key_mismatches} (connections ended by the key check),
         C{protocol_errors} (connections ended by a box too large),
         C{unavailable} (calls refused because not connected),
-        C{unanswered_bound} (fetches refused because too many wait).
+        C{unanswered_bound} (fetches refused because too many wait),
+        C{call_timeouts} (calls the peer did not answer in time).
     """
 
     def __init__(self, peer_node_id: str,
@@ -1423,7 +1431,8 @@ class PeerLink(Service):
                  reactor: Any = None,
                  retry_policy: Callable[[int], float] | None = None,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 max_unanswered_fetches: int | None = None) -> None:
+                 max_unanswered_fetches: int | None = None,
+                 call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
         """
         @param endpoint: a client endpoint string (C{"tcp:host=...:port=..."})
             or endpoint for the peer's AMP listener; TLS is added here.
@@ -1438,9 +1447,12 @@ class PeerLink(Service):
             the peer answers or the connection ends: a peer that takes
             questions and never answers must not pile them up without
             bound.  C{None}: no bound.
+        @param call_timeout: seconds the peer has to answer a command other
+            than L{FetchSession}.
         """
         if reactor is None:
             from twisted.internet import reactor
+        self.call_timeout = call_timeout
         self.max_unanswered_fetches = max_unanswered_fetches
         self._unanswered_fetches = 0
         self.peer_node_id = pki.validate_name("node id", peer_node_id)
@@ -1497,7 +1509,9 @@ class PeerLink(Service):
         """
         Send C{command} to the peer.  Fails at once with L{PeerUnavailable}
         when not connected; fails with it too if the connection ends before
-        the answer.  Cancelling the Deferred abandons the answer.
+        the answer, or, for commands other than L{FetchSession}, if no
+        answer comes within the call timeout.  Cancelling the Deferred
+        abandons the answer.
         """
         protocol = self._protocol
         if protocol is None:
@@ -1509,6 +1523,8 @@ class PeerLink(Service):
             return response
 
         def lost(reason: Failure) -> Failure:
+            if reason.check(CancelledError):
+                return reason
             if reason.check(ConnectionClosed, SSL.Error, PeerIdentityError):
                 why = _tls_failure(reason) or reason.getErrorMessage()
                 raise PeerUnavailable(
@@ -1518,8 +1534,15 @@ class PeerLink(Service):
             return reason
 
         if command is not FetchSession:
+            def timed_out(result: Any, timeout: float) -> Failure:
+                self.counters["call_timeouts"] += 1
+                return Failure(PeerUnavailable(
+                    self.peer_node_id,
+                    f"no answer to {command.__name__} in {timeout} s"))
+
             return protocol.callRemote(command, **arguments).addCallbacks(
-                answered, lost)
+                answered, lost).addTimeout(self.call_timeout, self.clock,
+                                           onTimeoutCancel=timed_out)
         if (self.max_unanswered_fetches is not None
                 and self._unanswered_fetches >= self.max_unanswered_fetches):
             self.counters["unanswered_bound"] += 1
@@ -1623,11 +1646,14 @@ class Peers(MultiService):
                  reactor: Any = None,
                  retry_policy: Callable[[int], float] | None = None,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 max_unanswered_fetches: int | None = None) -> None:
+                 max_unanswered_fetches: int | None = None,
+                 call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
         """
         @param peers: (node id, client endpoint string or endpoint) pairs.
         @param keys: the node's state keys now (see L{PeerLink}).
         @param max_unanswered_fetches: the bound of each link (see
+            L{PeerLink}).
+        @param call_timeout: the call timeout of each link (see
             L{PeerLink}).
         @raise ValueError: a peer is listed twice, or is this node itself.
         """
@@ -1636,7 +1662,8 @@ class Peers(MultiService):
         self._link_options = {"keys": keys, "reactor": reactor,
                               "retry_policy": retry_policy,
                               "handshake_timeout": handshake_timeout,
-                              "max_unanswered_fetches": max_unanswered_fetches}
+                              "max_unanswered_fetches": max_unanswered_fetches,
+                              "call_timeout": call_timeout}
         for link in self._new_links(peers):
             link.setServiceParent(self)
 

@@ -81,7 +81,7 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
         "id", "cluster", "listen", "backend", "state_dir", "lookup_budget_ms",
         "session_lifetime_s", "store_max_bytes", "handshake_timeout_s",
         "metrics_listen", "log_format", "checkpoint", "checkpoint_period_ms",
-        "checkpoint_bound", "max_concurrent_lookups",
+        "checkpoint_bound", "checkpoint_max_pause", "max_concurrent_lookups",
         "max_lookups_per_client", "drain_timeout_s"}),
     "tls": frozenset({"min_version", "max_version", "alpn", "alpn_mismatch",
                       "tls12_ciphers", "service"}),
@@ -96,6 +96,9 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
 
 CHECKPOINT_MODES = MODES
 DEFAULT_CHECKPOINT_BOUND = CheckpointPolicy().bound
+DEFAULT_CHECKPOINT_MAX_PAUSE = CheckpointPolicy().max_pause
+# A pause is a wait a client sees; past a few seconds it is a hang.
+MAX_CHECKPOINT_PAUSE = 10.0
 
 # Node ids and cluster names go into certificate URIs
 # (sslshare://<cluster>/<node id>), which service_identity compares as
@@ -281,8 +284,8 @@ class NodeConfig:
         lines, or C{"json"}, one JSON object per line.
     @ivar checkpoint: when the running digest of each connection's records
         is checkpointed outside the node (C{every-record}, C{interval}
-        with its period, or C{off}), and how many unacknowledged records
-        pause a connection.
+        with its period, or C{off}), how many unacknowledged records
+        pause a connection, and for how long at most.
     """
 
     path: str
@@ -607,6 +610,9 @@ class _Reader:
                               default=1000) / 1000,
             bound=node.value("checkpoint_bound", self.integer(1, 1000000),
                              default=DEFAULT_CHECKPOINT_BOUND),
+            max_pause=node.value("checkpoint_max_pause",
+                                 self.seconds(0, MAX_CHECKPOINT_PAUSE),
+                                 default=DEFAULT_CHECKPOINT_MAX_PAUSE),
         )
         tls_table = top.table("tls", TABLE_KEYS["tls"], required=True)
         assert tls_table is not None

@@ -59,7 +59,12 @@ it is given), asynchronously:
     - back-pressure: when the records the store has not yet answered for
       exceed a bound, the pipeline calls C{pause} (the connection stops
       reading); it calls C{resume} when they fall under half the bound.  A
-      slow store slows the connection only past the bound;
+      slow store slows the connection only past the bound, and only while
+      it answers: a failed write skips the records it stood for (a store
+      that is down, refuses or fails never stops traffic), and a pause
+      ends after C{max_pause} seconds whatever the store does (counted as
+      C{pauses_cut}); the pipeline pauses again only once the store has
+      answered since;
     - modes: C{every-record} writes as fast as the store answers;
       C{interval} writes the newest checkpoint once per period at most;
       C{off} writes nothing.
@@ -357,6 +362,9 @@ class CheckpointPolicy:
     @ivar bound: records the store may leave unanswered before the
         connection is paused; it resumes under half of it.
     @ivar timeout: seconds a write may take before it counts as failed.
+    @ivar max_pause: seconds a connection stays paused for the store at
+        most; then it goes on, and is paused again only after the store
+        has answered.
     @ivar retry_initial: seconds before the newest checkpoint is written
         again after a failure, when no newer one came; it doubles with
         every failure in a row, up to C{retry_max}.
@@ -366,6 +374,7 @@ class CheckpointPolicy:
     period: float = attrs.field(default=1.0, validator=_positive)
     bound: int = attrs.field(default=64, validator=_bound)
     timeout: float = attrs.field(default=5.0, validator=_positive)
+    max_pause: float = attrs.field(default=0.25, validator=_positive)
     retry_initial: float = attrs.field(default=0.25, validator=_positive)
     retry_max: float = attrs.field(default=5.0, validator=_positive)
 
@@ -382,6 +391,11 @@ class FailureLog(RateLimitedWarning):
                   seq=seq, session=sessionid.describe(session_id),
                   why=reason.getErrorMessage() or reason.type.__name__)
 
+    def pause_cut(self, session_id: bytes, seconds: float) -> None:
+        self.warn("session {session}: the checkpoint store did not answer "
+                  "in {seconds} s, its connection goes on",
+                  session=sessionid.describe(session_id), seconds=seconds)
+
 
 Write = Callable[[bytes, int, bytes], "Deferred[bool] | bool"]
 
@@ -395,7 +409,8 @@ class CheckpointPipeline:
     @ivar counters: C{written} (the store accepted), C{rejected} (the store
         answered no: it no longer holds the session, or holds a newer
         seq), C{coalesced} (replaced by a newer checkpoint before being
-        written), C{failed} (errors and timeouts), C{pauses}.  Pass one
+        written), C{failed} (errors and timeouts), C{pauses},
+        C{pauses_cut} (pauses ended at C{max_pause}).  Pass one
         C{Counter} to all of a node's pipelines to count for the node.
     @ivar last_acknowledged: the newest checkpoint the store accepted, or
         the one the pipeline started from.
@@ -439,10 +454,16 @@ class CheckpointPipeline:
         self._in_flight: _Mark | None = None
         # The store should hold this seq by now (the newest in every-record
         # mode; the newest at the last tick or flush in interval mode), and
-        # has answered for this one: their gap is the backlog.
+        # has answered for this one, or a write up to this one failed:
+        # their gap is the backlog.
         self._due_seq = start[0]
         self._overdue_seq = start[0]
         self._answered_seq = start[0]
+        self._skipped_seq = start[0]
+        # The connection was paused for max_pause and the store has not
+        # answered since: no pause until it does.
+        self._unanswering = False
+        self._pause_limit: IDelayedCall | None = None
         self._send_when_free = False
         self._tick: IDelayedCall | None = None
         self._retry: IDelayedCall | None = None
@@ -463,7 +484,7 @@ class CheckpointPipeline:
         an earlier tick than the last, so that a store that keeps up with
         the period never pauses the connection.
         """
-        return self._overdue_seq - self._answered_seq
+        return self._overdue_seq - max(self._answered_seq, self._skipped_seq)
 
     def enqueue(self, seq: int, digest: bytes) -> None:
         """
@@ -532,10 +553,10 @@ class CheckpointPipeline:
         if self._stopped:
             return
         self._stopped = True
-        for call in (self._tick, self._retry):
+        for call in (self._tick, self._retry, self._pause_limit):
             if call is not None and call.active():
                 call.cancel()
-        self._tick = self._retry = None
+        self._tick = self._retry = self._pause_limit = None
         self._waiting = None
         flushes, self._flushes = self._flushes, []
         for _, waiter in flushes:
@@ -576,6 +597,7 @@ class CheckpointPipeline:
 
     def _answered(self, accepted: object, checkpoint: _Mark) -> None:
         self._in_flight = None
+        self._unanswering = False
         self._retry_delay = self.policy.retry_initial
         seq = checkpoint[0]
         self._answered_seq = max(self._answered_seq, seq)
@@ -598,11 +620,15 @@ class CheckpointPipeline:
         self._failure_log.failed(self.session_id, checkpoint[0], reason)
         if self._stopped:
             return
+        # A store that cannot be written is no reason to hold the client:
+        # these records go without a checkpoint unless a retry makes one.
+        self._skipped_seq = max(self._skipped_seq, checkpoint[0])
         if self._waiting is None:
             # Nothing newer will retry it: do it after a while.
             self._waiting = checkpoint
             self._retry = self._clock.callLater(self._retry_delay, self._retried)
             self._retry_delay = min(2 * self._retry_delay, self.policy.retry_max)
+            self._check_pressure()
         else:
             self._next()
 
@@ -636,12 +662,28 @@ class CheckpointPipeline:
             return
         backlog = self.backlog
         if not self.paused:
-            if backlog > self.policy.bound:
+            if backlog > self.policy.bound and not self._unanswering:
                 self.paused = True
                 self.counters["pauses"] += 1
+                self._pause_limit = self._clock.callLater(
+                    self.policy.max_pause, self._pause_too_long)
                 if self._pause is not None:
                     self._pause()
         elif 2 * backlog < self.policy.bound:
-            self.paused = False
-            if self._resume is not None:
-                self._resume()
+            self._go_on()
+
+    def _pause_too_long(self) -> None:
+        self._pause_limit = None
+        self._unanswering = True
+        self.counters["pauses_cut"] += 1
+        self._failure_log.pause_cut(self.session_id, self.policy.max_pause)
+        self._go_on()
+
+    def _go_on(self) -> None:
+        if self._pause_limit is not None:
+            if self._pause_limit.active():
+                self._pause_limit.cancel()
+            self._pause_limit = None
+        self.paused = False
+        if self._resume is not None:
+            self._resume()

@@ -40,7 +40,8 @@ from sslshare.tls import SESSION_REFUSALS
 HANDSHAKE_OUTCOMES = ("full", "resumed_local", "resumed_peer",
                       "resumed_repository", "failed")
 # The checkpoint pipelines' counters (sslshare.digest.CheckpointPipeline).
-CHECKPOINT_EVENTS = ("written", "rejected", "coalesced", "failed", "pauses")
+CHECKPOINT_EVENTS = ("written", "rejected", "coalesced", "failed", "pauses",
+                     "pauses_cut")
 
 
 class NodeCollector:
@@ -90,8 +91,9 @@ class NodeCollector:
 
         checkpoints = CounterMetricFamily(
             "sslshare_checkpoints", "Record digest checkpoints: written, "
-            "rejected by the store, coalesced, failed, and pauses of "
-            "connections while the store lagged.", labels=["event"])
+            "rejected by the store, coalesced, failed, pauses of "
+            "connections while the store lagged, and those pauses cut at "
+            "checkpoint_max_pause.", labels=["event"])
         for event in CHECKPOINT_EVENTS:
             checkpoints.add_metric([event], stats.get(f"checkpoint.{event}", 0))
         yield checkpoints

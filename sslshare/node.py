@@ -40,7 +40,7 @@ from sslshare.digest import (
     exporter,
 )
 from sslshare.logs import RateLimitedWarning
-from sslshare.recovery import LOOKUP_SOURCES, Recovered, Recovery
+from sslshare.recovery import LOOKUP_SOURCES, BackupRing, Recovered, Recovery
 from sslshare.state import SealError, SessionState, StateKeys, der_protocol
 from sslshare.store import SessionStore
 from sslshare.tls import Connection, LookupRequest, ServerContext
@@ -86,6 +86,10 @@ class Node:
         C{resumed_peer}, C{resumed_repository}, C{handshake_timeouts}),
         C{sessions_made}, C{sessions_given}, C{repository_put_failures},
         C{backups_kept}, C{backups_refused}, C{backup_failures},
+        C{backups_moved} (copies given to a backup node that had none,
+        as when the one before it in the ring went down) and
+        C{stale_copy_purge_failures} (the old copies that could not be
+        dropped then),
         C{sessions_handed_over} and C{handover_failures} (when the node
         stopped), C{reloads} and C{reload_failures}, C{backend_failures}
         (clients closed because their backend connection failed),
@@ -107,7 +111,7 @@ class Node:
                  recovery: Recovery, clock: IReactorTime,
                  session_lifetime: int, repository: Any = None,
                  peers: Any = None,
-                 backup_of: Callable[[bytes, str], str | None] | None = None,
+                 backup_of: BackupRing | None = None,
                  checkpoint_policy: CheckpointPolicy = CheckpointPolicy(),
                  ) -> None:
         self.node_id = node_id
@@ -251,6 +255,11 @@ class Node:
         self._warnings.warn("could not give node {peer} its backup copy: "
                             "{why}", peer=backup, why=reason.getErrorMessage())
 
+    def _stale_copy_kept(self, reason: Any) -> None:
+        # A node that cannot be told is usually down, and lost its copy
+        # with its memory; its link logs that it is unreachable.
+        self.counters["stale_copy_purge_failures"] += 1
+
     def _repository_put_failed(self, reason: Any) -> None:
         # Fail open: the session stays resumable through this node.
         self.counters["repository_put_failures"] += 1
@@ -353,8 +362,42 @@ class Node:
         if backup is None:
             # A cluster of one: there is nowhere outside.
             return True
-        return self.peer_links.checkpoint_session(backup, session_id, seq,
-                                                  digest)
+        writing = self.peer_links.checkpoint_session(backup, session_id, seq,
+                                                     digest)
+        return writing.addCallback(self._checkpoint_answered, session_id,
+                                   backup)
+
+    def _checkpoint_answered(self, accepted: bool, session_id: bytes,
+                             backup: str) -> Deferred[bool] | bool:
+        """
+        The session's backup node answered a checkpoint; if it keeps no
+        copy of the session (it has just become its backup node because
+        the one before it in the ring is down, or it restarted), give it
+        one, checkpoint included, and drop the copies the other nodes of
+        the ring may still keep.
+        """
+        if accepted:
+            return True
+        state = self.store.get(session_id)
+        if state is None or state.owner != self.node_id:
+            # Given away meanwhile: its checkpoints are no longer ours.
+            return False
+        self.counters["backups_moved"] += 1
+
+        def given(kept: bool) -> bool:
+            held = self.store.get(session_id)
+            if kept and held is not None and held.owner == self.node_id:
+                for other in self.backup_of.candidates(session_id,
+                                                       self.node_id):
+                    if other != backup:
+                        self.peer_links.purge_session(
+                            other, session_id).addErrback(
+                                self._stale_copy_kept)
+            return kept
+
+        giving = self.peer_links.backup_session(backup, session_id,
+                                                self.keys.seal(state))
+        return giving.addCallback(given)
 
     # What peers ask (ICommandHandler); the requester is the node id from
     # the peer's verified certificate.
@@ -429,27 +472,23 @@ class Node:
 
     def _purge_other_copy(self, given: SessionState, requester: str) -> None:
         """
-        The one other copy of a session this node just gave away goes too,
-        told by this node, whom that copy's node takes a purge from: a
-        session this node held leaves its backup node; a backup copy kept
-        here leaves its holder, which could not be reached to give it.  A
-        TLS 1.2 session whose new holder has the same backup node is left
-        there: the new holder's backup copy replaces it.
+        A session this node held and just gave away leaves the nodes that
+        may keep a backup copy of it, told by this node, the one whose
+        word they take.  A TLS 1.2 session whose new holder has the same
+        backup node is left there: the new holder's copy replaces it.  (A
+        backup copy this node gave away names a holder that could not be
+        reached; the new holder tells the other nodes.)
         """
-        if self.repository is not None:
+        if self.repository is not None or given.owner != self.node_id:
             return
         session_id = given.session_id
-        if given.owner != self.node_id:
-            other = given.owner
-        else:
-            other = self._backup_node(session_id)
-        if other in (None, requester):
-            return
-        if (other != given.owner and der_protocol(given.der) == "TLSv1.2"
-                and other == self.backup_of(session_id, requester)):
-            return
-        purging = self.peer_links.purge_session(other, session_id)
-        purging.addErrback(self._purge_failed, other)
+        others = set(self.backup_of.candidates(session_id, self.node_id))
+        others.discard(requester)
+        if der_protocol(given.der) == "TLSv1.2":
+            others.discard(self.backup_of(session_id, requester))
+        for other in sorted(others):
+            purging = self.peer_links.purge_session(other, session_id)
+            purging.addErrback(self._purge_failed, other)
 
     def _purge_failed(self, reason: Any, peer: str) -> None:
         # A peer that cannot be told is usually a peer that is down, and
@@ -475,19 +514,19 @@ class Node:
     def purge(self, session_id: bytes, requester: str) -> bool:
         """
         Drop this node's copy of a session C{requester} now holds, leaving
-        a tombstone that sends whoever asks here to it.  Only the copy's
-        holder may say so, or, for a session this node holds itself, its
-        backup node, which gave its copy away while this node could not be
-        reached.  With a repository any peer may: the repository decides
-        who holds a session, and this node resumes its own only once it
-        has taken the repository's copy.
+        a tombstone that sends whoever asks here to it.  The copy's holder
+        may say so; anyone, for a backup copy whose holder is gone (it
+        would serve only then, and a session recovered from another copy
+        meanwhile would be served twice); never for a session this node
+        holds itself.  With a repository any peer may: the repository
+        decides who holds a session, and this node resumes its own only
+        once it has taken the repository's copy.
         """
         holder = self.store.held_by(session_id)
         if holder is None:
             return False
         if not (holder == requester or self.repository is not None
-                or (holder == self.node_id
-                    and requester == self._backup_node(session_id))):
+                or (holder != self.node_id and not self.peer_alive(holder))):
             self._refused_peer("Purge", session_id, requester, holder)
             return False
         state = self.store.take(session_id)
@@ -505,8 +544,14 @@ class Node:
     def backup(self, session_id: bytes, sealed: bytes, requester: str) -> bool:
         """
         Keep a copy of a session C{requester} holds, if it opens as one of
-        this node's services and names C{requester} as its holder.
+        this node's services and names C{requester} as its holder, and this
+        node does not hold the session itself: then the copy is older than
+        the move that brought the session here.
         """
+        kept = self.store.get(session_id)
+        if kept is not None and kept.owner == self.node_id:
+            self.counters["backups_refused"] += 1
+            return False
         for context in self.recovery.id_contexts.values():
             try:
                 state = self.keys.open(sealed, session_id, context)
@@ -528,6 +573,7 @@ class Node:
         and total seconds of the lookups that ended at each of
         L{LOOKUP_SOURCES} (C{lookup.<source>.count}, C{.seconds}), whether
         each peer is connected (C{peers.<node id>.connected}, 0 or 1) and
+        how many calls it did not answer in time (C{.call_timeouts}), and
         the peer channel's (C{cluster.}).  C{sslshare stats} and the
         metrics page both show these numbers.
         """
@@ -558,6 +604,8 @@ class Node:
             for link in self.peer_links.links:
                 numbers[f"peers.{link.peer_node_id}.connected"] = int(
                     link.connected)
+                numbers[f"peers.{link.peer_node_id}.call_timeouts"] = (
+                    link.counters["call_timeouts"])
         if self.peer_server is not None:
             numbers.update(self.peer_server.stats())
         return numbers

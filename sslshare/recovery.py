@@ -147,28 +147,46 @@ class BackupRing:
     """
     Which node keeps the backup copy of a session: in the ring of the
     cluster's node ids in sorted order, the first after the node that made
-    the session (its id's owner tag) that is not the session's holder.
-    Every node computes the same answer from the id alone, so whoever looks
-    for a session whose holder is gone knows where the copy is.
+    the session (its id's owner tag) that is not the session's holder and
+    is alive; when none is, the first that is not the holder.  Every node
+    computes the same answer from the id and the nodes that run, so whoever
+    looks for a session whose holder is gone knows where the copy is, and
+    a backup node that is down hands its part to the next live one.
+
+    @param node_id: the node asking, alive by definition.
+    @param alive: C{node_id -> bool} for the other nodes; C{None}: all are.
     """
 
-    def __init__(self, owners: Mapping[bytes, str]) -> None:
+    def __init__(self, owners: Mapping[bytes, str], node_id: str | None = None,
+                 alive: Callable[[str], bool] | None = None) -> None:
         self._owners = dict(owners)
         self._nodes = sorted(set(self._owners.values()))
+        self._node_id = node_id
+        self._alive = alive
 
     def __call__(self, session_id: bytes, holder: str) -> str | None:
+        candidates = self.candidates(session_id, holder)
+        for node in candidates:
+            if (node == self._node_id or self._alive is None
+                    or self._alive(node)):
+                return node
+        return candidates[0] if candidates else None
+
+    def candidates(self, session_id: bytes, holder: str) -> list[str]:
+        """
+        Every node that may keep the backup copy of C{session_id} while
+        C{holder} holds it, in the ring's order, alive or not.
+        """
         try:
             owner = self._owners.get(sessionid.owner_of(session_id))
         except ValueError:
-            return None
+            return []
         if owner is None:
-            return None
+            return []
         start = self._nodes.index(owner)
-        for step in range(1, len(self._nodes) + 1):
-            node = self._nodes[(start + step) % len(self._nodes)]
-            if node != holder:
-                return node
-        return None
+        ring = (self._nodes[(start + step) % len(self._nodes)]
+                for step in range(1, len(self._nodes) + 1))
+        return [node for node in ring if node != holder]
 
 
 class Recovery:
@@ -186,8 +204,8 @@ class Recovery:
         peer to drop its copy of a session this node now holds.
     @param backup_on_peer: C{(node_id, session_id, sealed) -> Deferred},
         giving a peer the copy it keeps as the session's backup node.
-    @param backup_of: C{(session_id, holder) -> node id or None}: the
-        backup node of a session while C{holder} holds it.
+    @param backup_of: the L{BackupRing}: the backup node of a session
+        while C{holder} holds it.
     @param id_contexts: service name -> session id context.
     @param max_lookups: how many chains may be out at the peers or the
         repository at once; C{None}: no bound.
@@ -228,7 +246,7 @@ class Recovery:
         repository: Any = None,
         purge_on_peer: Callable[[str, bytes], Deferred[Any]] | None = None,
         backup_on_peer: Callable[[str, bytes, bytes], Deferred[Any]] | None = None,
-        backup_of: Callable[[bytes, str], str | None] | None = None,
+        backup_of: BackupRing | None = None,
         max_lookups: int | None = None,
         max_lookups_per_client: int | None = None,
         peer_alive: Callable[[str], bool] | None = None,
@@ -363,8 +381,8 @@ class Recovery:
         """
         This node resumes a session it holds.  A TLS 1.2 session is resumed
         again and again under one id, so it stays; a TLS 1.3 ticket is
-        single use: it goes from here, from the repository and from its
-        backup node.
+        single use: it goes from here, from the repository and from the
+        nodes that may keep its backup copy.
         """
         if request.protocol == "TLSv1.2":
             return
@@ -373,7 +391,7 @@ class Recovery:
         if self.repository is not None:
             self._repository_write("purge", self.repository.purge(session_id))
         self._purge_elsewhere(session_id,
-                              {self._backup_node(session_id, self.node_id)})
+                              self._backup_nodes(session_id, self.node_id))
 
     def _used_up(self, ticket: SessionState) -> None:
         """
@@ -672,11 +690,13 @@ class Recovery:
         """
         session_id = request.session_id
         previous = found.state.owner
-        if found.giver is None:
-            others = {previous, self._backup_node(session_id, previous)}
-        else:
-            # The giver drops the one other copy itself: only it may.
+        if found.giver == previous:
+            # The holder that gave it drops its other copies itself: the
+            # nodes keeping them take a live holder's word only.
             others = set()
+        else:
+            others = {previous} | self._backup_nodes(session_id, previous)
+            others -= {found.giver}
         if request.protocol == "TLSv1.2":
             mine = found.state.with_owner(self.node_id)
             self.store.put(mine)
@@ -698,14 +718,16 @@ class Recovery:
                                        self.repository.purge(session_id))
         self._purge_elsewhere(session_id, others)
 
-    def _backup_node(self, session_id: bytes, holder: str) -> str | None:
+    def _backup_nodes(self, session_id: bytes, holder: str) -> set[str]:
         """
-        The peer keeping the backup copy of C{session_id} while C{holder}
-        holds it, or C{None} when the repository keeps it instead.
+        The peers that may keep a backup copy of C{session_id} naming
+        C{holder}: every node of the ring but the holder, since the copy
+        went to whichever was the first live one when it was written (none
+        when the repository keeps it instead).
         """
         if self.backup_of is None or self.repository is not None:
-            return None
-        return self.backup_of(session_id, holder)
+            return set()
+        return set(self.backup_of.candidates(session_id, holder))
 
     def _purge_elsewhere(self, session_id: bytes,
                          nodes: set[str | None]) -> None:

@@ -97,7 +97,9 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
         # A peer that never answers holds no more questions than the
         # node may have lookups out.
         max_unanswered_fetches=node_config.max_concurrent_lookups)
-    backup_ring = BackupRing(owners)
+    # Alive as the recovery chain sees it: a connection either way is up.
+    backup_ring = BackupRing(owners, node_config.node_id,
+                             lambda node_id: node.peer_alive(node_id))
     repository = None
     if node_config.repository is not None:
         repository = from_config(node_config.repository, reactor,
@@ -415,7 +417,8 @@ class NodeService(MultiService):
                                 for service in services}
         owners = _owners(new)
         recovery.owners = owners
-        node.backup_of = recovery.backup_of = BackupRing(owners)
+        node.backup_of = recovery.backup_of = BackupRing(
+            owners, new.node_id, node.peer_alive)
         recovery.budget = new.lookup_budget
         recovery.max_lookups = new.max_concurrent_lookups
         recovery.max_lookups_per_client = new.max_lookups_per_client

@@ -42,13 +42,15 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.protocols import amp
 from twisted.protocols.basic import LineReceiver
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from sslshare import pki as pki_files
 from sslshare import sessionid, state, tls
+from sslshare.cluster import ClusterTLS, ICommandHandler, PeerServerFactory
 from sslshare.protocol import SessionResumingTLSFactory
-from sslshare.state import SessionState
+from sslshare.state import SessionState, StateKeys
 from sslshare.throwaway import (
     PostgresServer,
     RedisServer,
@@ -576,6 +578,7 @@ class LocalCluster:
             own (C{metrics_ports}).
         @param node_options: more lines of each node's C{[node]} table.
         """
+        self._testcase = testcase
         self.directory = os.path.abspath(testcase.mktemp())
         os.makedirs(self.directory)
         self.pki = pki_files.init_pki(os.path.join(self.directory, "pki"), "test",
@@ -636,18 +639,23 @@ class LocalCluster:
             self.start(node)
         return self.wait_linked()
 
-    async def _wait_linked(self, timeout=10.0):
+    async def _wait_linked(self, timeout, down):
         deadline = reactor.seconds() + timeout
         while reactor.seconds() < deadline:
-            if all(node.peer_links.connected_count() == len(self.paths) - 1
+            if all(node.peer_links.connected_count()
+                   == len(self.paths) - 1 - len(down)
                    for name, node in self.nodes.items()
                    if name in self.services):
                 return
             await deferLater(reactor, 0.05, lambda: None)
         raise AssertionError("the nodes did not link up in time")
 
-    def wait_linked(self, timeout=10.0):
-        return Deferred.fromCoroutine(self._wait_linked(timeout))
+    def wait_linked(self, timeout=10.0, down=()):
+        """
+        Wait until every node started in this process has its links up to
+        all the others but those named in C{down}, which do not run.
+        """
+        return Deferred.fromCoroutine(self._wait_linked(timeout, set(down)))
 
     def client_round(self, node, version, session=None, **options):
         """
@@ -688,6 +696,29 @@ class LocalCluster:
                 await deferLater(reactor, 0.05, lambda: None)
 
         return Deferred.fromCoroutine(linked())
+
+    def impersonate(self, node, handler):
+        """
+        Answer the cluster channel of C{node} with C{handler} (an
+        L{ICommandHandler}) behind C{node}'s own certificate, allowing
+        every command: a peer that links up as C{node} and does what
+        C{handler} says.
+        """
+        files = self.pki.node(node)
+        channel = ClusterTLS(self.ca_cert, files.certificate, files.key,
+                             "test", node)
+        keys = StateKeys.from_file(os.path.join(self.directory, "pki",
+                                                "state.key"))
+        amp = PeerServerFactory(handler, "test", node,
+                                lambda command, peer: True,
+                                peers=[peer for peer in self.ports
+                                       if peer != node],
+                                keys=lambda: keys)
+        listening = reactor.listenTCP(
+            self.amp_ports[node],
+            TLSMemoryBIOFactory(channel.server_options(amp.admit), False, amp),
+            interface="127.0.0.1")
+        self._testcase.addCleanup(listening.stopListening)
 
     def stop(self, node):
         self.nodes.pop(node, None)
@@ -1003,6 +1034,46 @@ def accepted_on(port: int) -> int:
     """
     return sum(1 for local, _, state in _my_tcp_sockets()
                if local == _loopback(port) and state != "0A")
+
+
+@implementer(ICommandHandler)
+class StallingHandler:
+    """
+    A peer that takes every FetchSession and never answers it (C{fetches}
+    keeps their Deferreds); with C{everything}, a peer that answers no
+    command but Stats (C{unanswered} keeps the others'), as one whose
+    process hangs once its links are up.
+    """
+
+    def __init__(self, everything=False):
+        self.everything = everything
+        self.fetches = []
+        self.unanswered = []
+
+    def _answer(self, value):
+        if not self.everything:
+            return value
+        waiting = Deferred()
+        self.unanswered.append(waiting)
+        return waiting
+
+    def fetch_session(self, session_id, requester, terms=None):
+        waiting = Deferred()
+        self.fetches.append(waiting)
+        return waiting
+
+    def checkpoint(self, session_id, seq, digest, requester):
+        return self._answer(True)
+
+    def purge(self, session_id, requester):
+        return self._answer(False)
+
+    def backup(self, session_id, sealed, requester):
+        return self._answer(False)
+
+    def stats(self):
+        # The Stats responder answers at once, whatever its handler is.
+        return {}
 
 
 class SilentListener:

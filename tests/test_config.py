@@ -193,6 +193,11 @@ log_format = "json"
             (0.120, 600, 65536, 2.5, 30.0, "tcp:9441:interface=127.0.0.1", 20,
              5, "json"))
 
+    def test_checkpoint_max_pause_defaults_to_a_quarter_second(self):
+        self.assertEqual(self.load().checkpoint.max_pause, 0.25)
+        node = self.load(node=NODE + "checkpoint_max_pause = 1.5\n")
+        self.assertEqual(node.checkpoint.max_pause, 1.5)
+
     def test_tls_settings_are_read_and_alpn_becomes_bytes(self):
         node = self.load(tls='[tls]\nmin_version = "1.3"\nmax_version = "1.3"\n'
                              'alpn = ["h2", "http/1.1"]\n' + TLS)
@@ -531,6 +536,11 @@ class RangeErrorTests(_ConfigTestCase):
         self.assertError(self.error(node=NODE + "lookup_budget_ms = 10001\n"),
                          "node.lookup_budget_ms",
                          "10001 is out of range: must be from 1 to 10000")
+
+    def test_checkpoint_max_pause_zero(self):
+        self.assertError(self.error(node=NODE + "checkpoint_max_pause = 0\n"),
+                         "node.checkpoint_max_pause",
+                         "0 is out of range: must be above 0 and at most 10.0")
 
     def test_max_concurrent_lookups_zero(self):
         self.assertError(self.error(node=NODE + "max_concurrent_lookups = 0\n"),

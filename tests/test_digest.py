@@ -362,7 +362,7 @@ class BackPressureTests(PipelineTestCase):
         self.assertEqual(pipeline.counters["pauses"], 1)
 
     def test_connection_resumes_under_half_the_bound(self):
-        pipeline = self.pipeline(bound=4)
+        pipeline = self.pipeline(bound=4, max_pause=10)
         for step in checkpoints(5):
             pipeline.enqueue(*step)
         self.elapse(1)
@@ -375,20 +375,69 @@ class BackPressureTests(PipelineTestCase):
         self.assertEqual(self.connection.producerState, "producing")
         self.assertEqual(pipeline.counters["pauses"], 1)
 
-    def test_failing_store_pauses_and_retries_while_paused(self):
-        pipeline = self.pipeline(bound=2, retry_initial=0.5)
-        self.slow.failing = 2
-        for step in checkpoints(3):
+    def test_failed_writes_never_pause_the_connection(self):
+        """
+        A store that is down fails every write: the records it stood for
+        are skipped, the connection goes on, and the newest is retried.
+        """
+        pipeline = self.pipeline(bound=2, retry_initial=0.5, retry_max=0.5)
+        self.slow.delay = 0.125
+        self.slow.failing = 100
+        for step in checkpoints(50):
             pipeline.enqueue(*step)
-        self.assertTrue(pipeline.paused)
-        # seq 1 fails at 1.0 and seq 3 goes out; it fails at 2.0; no record
-        # comes while paused, so the retry timer sends seq 3 again.
-        self.elapse(1)
-        self.elapse(1)
-        self.assertEqual(pipeline.counters["failed"], 2)
-        self.elapse(0.5)
-        self.elapse(1)
-        self.assertEqual(self.slow.applied, [3])
+            self.elapse(0.125)
+        self.assertEqual(pipeline.counters["pauses"], 0)
+        self.assertEqual(self.connection.producerState, "producing")
+        self.assertEqual(pipeline.counters["failed"], 50)
+        self.slow.failing = 0
+        self.elapse(2)
+        self.assertEqual(self.slow.applied, [50])
+
+    def unanswered(self):
+        """
+        A pipeline to a store that takes longer to answer than the test
+        lasts.
+        """
+        self.slow.delay = 60
+        return self.pipeline(bound=4, max_pause=0.25, timeout=100)
+
+    def test_pause_ends_at_max_pause(self):
+        pipeline = self.unanswered()
+        for step in checkpoints(5):
+            pipeline.enqueue(*step)
+        self.assertEqual(self.connection.producerState, "paused")
+        self.elapse(0.25)
+        self.assertEqual(self.connection.producerState, "producing")
+        self.assertEqual(pipeline.counters["pauses_cut"], 1)
+        self.assertIn("did not answer in 0.25 s", self.events[0]["log_format"]
+                      .format(**self.events[0]))
+
+    def test_store_that_never_answers_pauses_only_once(self):
+        pipeline = self.unanswered()
+        for step in checkpoints(200):
+            pipeline.enqueue(*step)
+            self.elapse(0.125)
+        self.assertEqual(pipeline.counters["pauses"], 1)
+        self.assertEqual(self.connection.producerState, "producing")
+
+    def test_store_that_answers_again_may_pause_again(self):
+        """
+        Once the store answers, it is slow, not stalled: back-pressure
+        applies again, each pause at most max_pause long.
+        """
+        pipeline = self.pipeline(bound=4, max_pause=0.25, timeout=100)
+        self.slow.delay = 2
+        steps = checkpoints(20)
+        for step in steps[:5]:
+            pipeline.enqueue(*step)
+        self.elapse(2)
+        self.assertEqual(self.slow.applied, [1])
+        self.assertEqual(pipeline.counters["pauses_cut"], 1)
+        for step in steps[5:]:
+            pipeline.enqueue(*step)
+        self.assertEqual(pipeline.counters["pauses"], 2)
+        self.assertEqual(self.connection.producerState, "paused")
+        self.elapse(0.25)
         self.assertEqual(self.connection.producerState, "producing")
 
 

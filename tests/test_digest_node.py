@@ -4,6 +4,13 @@ after two connections of one session, on two nodes, is the chain a test
 recomputes from the records it sent and received, and its seq is their
 number; and with the session's holder killed, the session resumes on a
 third node from its backup copy, its chain continuing.
+
+Checkpoint targets that fail: a backup node that is down never stops a
+client's traffic, and the session's copy moves to the next live node of
+the ring; a peer that takes questions and never answers pauses a
+connection no longer than C{checkpoint_max_pause}, and the calls to it
+other than FetchSession fail after the call timeout.  These tests print
+one line of figures each ("checkpoint target ...").
 """
 
 from __future__ import annotations
@@ -15,17 +22,27 @@ import socket
 import ssl
 import struct
 import sys
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from sslshare import node as node_module
-from tests.support import LocalCluster
+from sslshare import sessionid
+from sslshare.cluster import ClusterTLS, Peers, PeerUnavailable
+from sslshare.state import StateKeys
+from tests.support import (
+    LocalCluster,
+    RedisServer,
+    ServerUnavailable,
+    StallingHandler,
+    until,
+)
 
 
 class _Echo(Protocol):
@@ -33,12 +50,14 @@ class _Echo(Protocol):
         self.transport.write(data)
 
 
-def _conversation(port, ca_cert, messages, session=None):
+def _conversation(port, ca_cert, messages, session=None, before=None):
     """
     Send each message as one TLS record and wait for its echo before the
     next, so that the records alternate: client, server, client, ...
     Blocking.
 
+    @param before: message index -> a function run in the reactor's thread
+        (and waited for, if it returns a Deferred) before that message.
     @return: the client's session and the records, as (direction, bytes).
     """
     context = _client_context(ca_cert)
@@ -47,7 +66,9 @@ def _conversation(port, ca_cert, messages, session=None):
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with context.wrap_socket(raw, server_hostname="localhost",
                                  session=session) as client:
-            for message in messages:
+            for index, message in enumerate(messages):
+                if before and index in before:
+                    blockingCallFromThread(reactor, before[index])
                 client.sendall(message)
                 echo = b""
                 while len(echo) < len(message):
@@ -286,3 +307,230 @@ class DigestVerifyCommandTests(_ExporterRecording, TestCase):
         self.assertEqual(code, 2)
         self.assertIn("line 1", error.decode())
         self.assertEqual(len(error.decode().strip().splitlines()), 1)
+
+
+# Past the default checkpoint_bound of 64 records, many times over.
+MESSAGES = [b"long-lived %d " % n * 8 for n in range(100)]
+
+
+def _holds(node, session_id, seq):
+    copy = node.store.get(session_id)
+    return copy is not None and copy.seq == seq
+
+
+@inlineCallbacks
+def _served(testcase, cluster, what, before=None):
+    """
+    L{MESSAGES} exchanged with node1 of C{cluster}: every record is
+    served, and a line of figures says how long it took and what became
+    of the checkpoints.
+
+    @return: the client's session and the records.
+    """
+    started = time.monotonic()
+    session, _, records = yield deferToThread(
+        _conversation, cluster.ports["node1"], cluster.ca_cert, MESSAGES,
+        before=before)
+    seconds = time.monotonic() - started
+    testcase.assertEqual(len(records), 2 * len(MESSAGES))
+    counters = cluster.nodes["node1"].checkpoint_counters
+    print(f"\ncheckpoint target {what}: {len(records)} records served in "
+          f"{seconds:.2f} s, checkpoints {counters['written']} written, "
+          f"{counters['failed']} failed, {counters['pauses']} pauses, "
+          f"{counters['pauses_cut']} cut at checkpoint_max_pause",
+          flush=True)
+    return session, records
+
+
+class UnavailableTargetTests(TestCase):
+    """
+    A backup node that is down (connection refused, link not up) fails its
+    checkpoints at once: they are counted and skipped, and the connection
+    never waits for them.
+    """
+
+    @inlineCallbacks
+    def test_backup_node_down_long_connection_is_served(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"), backend=_Echo)
+        node1 = cluster.start("node1")
+        _, records = yield _served(self, cluster, "down (node2 of 2)")
+        counters = node1.checkpoint_counters
+        self.assertEqual(counters["pauses"], 0)
+        self.assertEqual(counters["written"], 0)
+        self.assertGreaterEqual(counters["failed"], len(records) - 1)
+
+    @inlineCallbacks
+    def test_backup_node_that_comes_back_gets_a_copy_at_once(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"), backend=_Echo)
+        node1 = cluster.start("node1")
+
+        def start_node2():
+            cluster.start("node2")
+            return cluster.wait_linked()
+
+        session, records = yield _served(
+            self, cluster, "down, then back (node2 of 2)",
+            before={50: start_node2})
+        yield until(lambda: _holds(cluster.nodes["node2"], session.id,
+                                   len(records)))
+        self.assertEqual(cluster.nodes["node2"].store.get(session.id).owner,
+                         "node1")
+        self.assertEqual(node1.counters["backups_moved"], 1)
+        self.assertEqual(node1.checkpoint_counters["pauses"], 0)
+
+    @inlineCallbacks
+    def test_repository_down_long_connection_is_served(self):
+        try:
+            server = RedisServer()
+        except ServerUnavailable as e:
+            raise SkipTest(str(e))
+        self.addCleanup(server.remove)
+        server.start()
+        cluster = LocalCluster(
+            self, nodes=("node1",), backend=_Echo,
+            repository=f'kind = "redis"\nurl = "{server.url}"\n')
+        node1 = cluster.start("node1")
+        server.stop()
+        _, records = yield _served(self, cluster, "down (the repository)")
+        counters = node1.checkpoint_counters
+        self.assertEqual(counters["pauses"], 0)
+        self.assertGreater(counters["failed"], 0)
+
+    @inlineCallbacks
+    def test_checkpoints_of_a_new_session_go_to_the_next_live_node(self):
+        cluster = LocalCluster(self, backend=_Echo)
+        node1 = cluster.start("node1")
+        node3 = cluster.start("node3")
+        yield node1.peer_links.link("node3").when_connected()
+        session, _, records = yield deferToThread(
+            _conversation, cluster.ports["node1"], cluster.ca_cert,
+            MESSAGES[:10])
+        yield until(lambda: _holds(node3, session.id, len(records)))
+        held = node1.store.get(session.id)
+        copy = node3.store.get(session.id)
+        self.assertEqual(copy.owner, "node1")
+        self.assertEqual((copy.seq, copy.digest), (held.seq, held.digest))
+        self.assertEqual(node1.checkpoint_counters["failed"], 0)
+
+    @inlineCallbacks
+    def test_backup_node_stopped_mid_connection_copy_moves_on(self):
+        """
+        node2, the session's backup node, stops while the connection runs:
+        the checkpoints go on to node3, which gets a copy of the session
+        first, and the client never waits.
+        """
+        cluster = LocalCluster(self, backend=_Echo)
+        yield cluster.start_all()
+        node1, node3 = cluster.nodes["node1"], cluster.nodes["node3"]
+
+        copies_before = []
+
+        def stop_node2():
+            copies_before.append(len(node3.store))
+            stopped = cluster.stop("node2")
+            return stopped.addCallback(lambda _: until(
+                lambda: not node1.peer_links.link("node2").connected))
+
+        session, records = yield _served(
+            self, cluster, "stopped mid-connection (node2 of 3)",
+            before={10: stop_node2})
+        self.assertEqual(copies_before, [0])
+        yield until(lambda: _holds(node3, session.id, len(records)))
+        held = node1.store.get(session.id)
+        copy = node3.store.get(session.id)
+        self.assertEqual(copy.owner, "node1")
+        self.assertEqual(copy.digest, held.digest)
+        self.assertEqual(node1.counters["backups_moved"], 1)
+        self.assertEqual(node1.checkpoint_counters["pauses"], 0)
+
+
+class BackupAtALaterNodeTests(TestCase):
+    """
+    With node1 down, the copy of a session of node2 held by node3 goes to
+    node2, the next live node of node3's ring for it; once the session
+    moves on, that copy goes too.
+    """
+
+    @inlineCallbacks
+    def test_copy_at_a_later_node_of_the_ring_goes_when_the_session_moves(self):
+        cluster = LocalCluster(self)
+        node2, node3 = cluster.start("node2"), cluster.start("node3")
+        yield cluster.wait_linked(down=("node1",))
+        made = yield cluster.client_round("node2", "TLSv1.2")
+        session_id = made.session.id
+        yield until(lambda: node3.store.get(session_id) is not None)
+        moved = yield cluster.client_round("node3", "TLSv1.2", made.session)
+        self.assertTrue(moved.reused)
+        yield cluster.settled()
+        self.assertEqual(node2.store.get(session_id).owner, "node3")
+        node1 = cluster.start("node1")
+        yield cluster.wait_linked()
+        again = yield cluster.client_round("node1", "TLSv1.2", made.session)
+        self.assertTrue(again.reused)
+        self.assertEqual(node1.store.get(session_id).owner, "node1")
+        yield cluster.settled()
+        self.assertIsNone(node2.store.get(session_id))
+        self.assertEqual(node3.store.get(session_id).owner, "node1")
+
+
+class StalledTargetTests(TestCase):
+    """
+    node2 links up and then answers nothing: a backup node whose process
+    hangs.
+    """
+
+    @inlineCallbacks
+    def _stalled_cluster(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"), backend=_Echo)
+        self.stalled = StallingHandler(everything=True)
+        cluster.impersonate("node2", self.stalled)
+        node1 = cluster.start("node1")
+        yield node1.peer_links.link("node2").when_connected()
+        return cluster, node1
+
+    @inlineCallbacks
+    def test_pause_for_a_stalled_backup_ends_at_the_bound(self):
+        cluster, node1 = yield self._stalled_cluster()
+        yield _served(self, cluster, "stalled (node2 of 2)")
+        counters = node1.checkpoint_counters
+        self.assertGreaterEqual(counters["pauses"], 1)
+        self.assertEqual(counters["pauses_cut"], counters["pauses"])
+        self.assertFalse(any(pipeline.paused
+                             for pipeline in node1._pipelines))
+
+    @inlineCallbacks
+    def test_calls_to_a_stalled_peer_time_out(self):
+        """
+        Backup, Checkpoint and Purge to a peer that never answers fail
+        with L{PeerUnavailable} once the call timeout has passed.
+        """
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        stalled = StallingHandler(everything=True)
+        cluster.impersonate("node2", stalled)
+        files = cluster.pki.node("node1")
+        keys = StateKeys.from_file(os.path.join(cluster.directory, "pki",
+                                                "state.key"))
+        peers = Peers(
+            [("node2", f"tcp:host=127.0.0.1:port={cluster.amp_ports['node2']}")],
+            ClusterTLS(cluster.ca_cert, files.certificate, files.key, "test",
+                       "node1"),
+            reactor=reactor, call_timeout=0.5, keys=lambda: keys)
+        peers.startService()
+        self.addCleanup(peers.stopService)
+        link = peers.link("node2")
+        yield link.when_connected()
+        session_id = sessionid.new_session_id(
+            sessionid.owner_tag("test", "node1"))
+        calls = [peers.backup_session("node2", session_id, b"sealed"),
+                 peers.checkpoint_session("node2", session_id, 1, b"d" * 32),
+                 peers.purge_session("node2", session_id)]
+        outcomes = []
+        for call in calls:
+            call.addErrback(lambda reason: outcomes.append(reason))
+        yield until(lambda: len(outcomes) == len(calls), timeout=5)
+        for reason in outcomes:
+            self.assertTrue(reason.check(PeerUnavailable))
+            self.assertIn("no answer", reason.getErrorMessage())
+        self.assertEqual(len(stalled.unanswered), len(calls))
+        self.assertEqual(link.counters["call_timeouts"], len(calls))
+        self.assertTrue(link.connected)

@@ -23,16 +23,13 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.threads import deferToThread
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 
 from sslshare import config, sessionid
 from sslshare.cli import ask_stats
-from sslshare.state import StateKeys
-from sslshare.cluster import ClusterTLS, ICommandHandler, PeerServerFactory
 from tests.support import (
     LocalCluster,
+    StallingHandler,
     client_hello,
     exchange,
     fragment,
@@ -307,33 +304,6 @@ def _extensions_offset(hello):
     return at
 
 
-@implementer(ICommandHandler)
-class _StallingHandler:
-    """
-    A peer that takes every FetchSession and never answers it.
-    """
-
-    def __init__(self):
-        self.fetches = []
-
-    def fetch_session(self, session_id, requester, terms=None):
-        waiting = Deferred()
-        self.fetches.append(waiting)
-        return waiting
-
-    def checkpoint(self, session_id, seq, digest, requester):
-        return True
-
-    def purge(self, session_id, requester):
-        return False
-
-    def backup(self, session_id, sealed, requester):
-        return False
-
-    def stats(self):
-        return {}
-
-
 class LookupBoundTests(TestCase):
     """
     node1 is a peer that connects and takes questions but never answers:
@@ -351,20 +321,8 @@ class LookupBoundTests(TestCase):
             node_options=f"max_concurrent_lookups = {total}\n"
                          f"max_lookups_per_client = {per_client}\n"
                          + more_options)
-        files = self.cluster.pki.node("node1")
-        channel = ClusterTLS(self.cluster.ca_cert, files.certificate, files.key,
-                             "test", "node1")
-        self.stalled = _StallingHandler()
-        keys = StateKeys.from_file(os.path.join(self.cluster.directory,
-                                                "pki", "state.key"))
-        amp = PeerServerFactory(self.stalled, "test", "node1",
-                                lambda command, peer: True, peers=["node2"],
-                                keys=lambda: keys)
-        listening = reactor.listenTCP(
-            self.cluster.amp_ports["node1"],
-            TLSMemoryBIOFactory(channel.server_options(amp.admit), False, amp),
-            interface="127.0.0.1")
-        self.addCleanup(listening.stopListening)
+        self.stalled = StallingHandler()
+        self.cluster.impersonate("node1", self.stalled)
         self.node2 = self.cluster.start("node2")
         yield self.node2.peer_links.link("node1").when_connected()
         self.outcomes = []

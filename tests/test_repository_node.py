@@ -51,8 +51,9 @@ class _RepositoryTopology:
     def _made_on_node1(self, cluster, version):
         yield cluster.start_all()
         first = yield cluster.client_round("node1", version)
-        repository = cluster.nodes["node1"].repository
-        yield until(lambda: repository.counters["puts"] >= 1)
+        node1 = cluster.nodes["node1"]
+        for state in node1.store.sessions():
+            yield self._stored(node1, state.session_id)
         return first
 
     @inlineCallbacks

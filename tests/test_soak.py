@@ -18,7 +18,11 @@ Faults come on a schedule, once per cycle of the run: node1 killed
 accepts and never answers, then node1 started again; node1 stopped
 (SIGSTOP: the kernel still accepts its connections, nobody answers) and
 continued; with a repository, PostgreSQL killed (an immediate shutdown:
-every connection breaks) and started again on its port.
+every connection breaks) and started again on its port.  One variant
+runs these faults with node2, the backup node of node1's sessions, down
+for the whole run (never started, its ports closed): the copies and
+checkpoints go to the next live node of the ring, node3, and the clients
+connect to node1 and node3 only.
 
 Each test class runs the soak once, prints one line of figures, and each
 of its tests asserts one part of them:
@@ -154,12 +158,14 @@ class _ClientProcess(ProcessProtocol):
 
 class Load:
     """
-    Client processes (tests/soak_client.py) connecting to the cluster in a
-    loop, and what they saw, added up when they stop.
+    Client processes (tests/soak_client.py) connecting to the nodes of
+    the cluster not named in C{down} in a loop, and what they saw, added
+    up when they stop.
     """
 
-    def __init__(self, cluster: LocalCluster) -> None:
+    def __init__(self, cluster: LocalCluster, down: tuple[str, ...] = ()) -> None:
         self.cluster = cluster
+        self.down = down
         self.origin = time.monotonic()
         self.connections = 0
         self.outcomes: Counter[str] = Counter()
@@ -179,7 +185,7 @@ class Load:
         its summary is added up, failing if one did not end well.
         """
         ports = [f"{name}={port}" for name, port
-                 in sorted(self.cluster.ports.items())]
+                 in sorted(self.cluster.ports.items()) if name not in self.down]
         environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
             filter(None, (ROOT, os.environ.get("PYTHONPATH")))))
         for index in range(CLIENT_PROCESSES):
@@ -272,6 +278,9 @@ class _Soak:
 
     timeout = 3 * SOAK_SECONDS + 240
     repository = None
+    # Nodes that never run, and the node whose sessions control() moves.
+    down: tuple[str, ...] = ()
+    maker = "node2"
     _figures = None
 
     def figures(self) -> Deferred:
@@ -337,8 +346,9 @@ class _Soak:
         # nothing but SIGCONT reaches a stopped process.
         self.addCleanup(self._continue_node1)
         await self.cluster.spawn("node1")
-        self.cluster.start("node2")
-        self.cluster.start("node3")
+        for node in ("node2", "node3"):
+            if node not in self.down:
+                self.cluster.start(node)
         await self.linked()
         self.faults = Counter()
         self.timeline = []
@@ -351,7 +361,8 @@ class _Soak:
             os.kill(process.pid, signal.SIGCONT)
 
     def linked(self):
-        return gatherResults([self.cluster.wait_linked(timeout=RECOVERY_BOUND),
+        return gatherResults([self.cluster.wait_linked(timeout=RECOVERY_BOUND,
+                                                       down=self.down),
                               self.cluster.wait_linked_to(
                                   "node1", timeout=RECOVERY_BOUND)])
 
@@ -386,11 +397,15 @@ class _Soak:
         await self.linked()
         await self.control()
 
-    async def control(self, maker="node2", others=("node1", "node3")):
+    async def control(self):
         """
-        Until a session made on C{maker} resumes on each of C{others}, for
-        both versions: the cluster shares sessions again after a fault.
+        Until a session made on the C{maker} node resumes on each other
+        node that runs, for both versions: the cluster shares sessions
+        again after a fault.
         """
+        maker = self.maker
+        others = [node for node in sorted(self.cluster.ports)
+                  if node not in self.down and node != maker]
         started = time.monotonic()
         for version in VERSIONS:
             for other in others:
@@ -437,7 +452,7 @@ class _Soak:
             await sleep(delay)
 
     def load(self):
-        load = Load(self.cluster)
+        load = Load(self.cluster, self.down)
         # Clients that outlive a failed test would go on connecting.
         self.addCleanup(load.stop)
         return load
@@ -472,8 +487,10 @@ class _Soak:
         # 1.2 session is in this process.
         await self.cluster.kill("node1", "TERM")
         await self.cluster.settled()
-        held_twice = [session_id.hex() for session_id in load.tls12_sessions
-                      if len(holders_named(self.cluster, session_id)) > 1]
+        held_twice = [(session_id.hex(), sorted(holders))
+                      for session_id in load.tls12_sessions
+                      if len(holders := holders_named(self.cluster,
+                                                      session_id)) > 1]
 
         loads = (warm_up, load)
         outcomes = warm_up.outcomes + load.outcomes
@@ -537,6 +554,19 @@ class PeerSoakTests(_Soak, TestCase):
         await self.kill_and_restart_node1(0.15 * length)
         await self.at(start + 0.55 * length)
         await self.stall_node1()
+
+
+class BackupDownSoakTests(_Soak, TestCase):
+    """
+    Peers only, the faults of L{PeerSoakTests}, with node2 down for the
+    whole run: node1's sessions keep their copies and checkpoints at node3,
+    the next live node of the ring, and none is served twice.
+    """
+
+    soak_name = "peers, backup node down"
+    down = ("node2",)
+    maker = "node3"
+    cycle = PeerSoakTests.cycle
 
 
 class RepositorySoakTests(_Soak, TestCase):

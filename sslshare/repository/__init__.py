@@ -79,7 +79,6 @@ from zope.interface import Attribute, Interface, implementer
 from sslshare import sessionid
 from sslshare.state import (
     MAX_SEALED_LENGTH,
-    MAX_SEQ,
     SEALED_CHECKPOINT_LENGTH,
     checkpoint_problem,
 )

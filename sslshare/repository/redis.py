@@ -43,7 +43,6 @@ from redis.retry import Retry
 from sslshare.repository import (
     DEFAULT_THREADS,
     DEFAULT_TIMEOUT,
-    MAX_SEQ,
     MISS,
     Outcome,
     RepositoryError,
@@ -51,6 +50,7 @@ from sslshare.repository import (
     stored_checkpoint_problem,
     taken_outcome,
 )
+from sslshare.state import MAX_SEQ
 
 KEY_PREFIX = b"sslshare:session:"
 _SEQ_DIGITS = 20
