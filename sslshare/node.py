@@ -51,7 +51,6 @@ from sslshare.tls import Connection, LookupRequest, ServerContext
 HANDOVER_CONCURRENCY = 32
 
 
-@implementer(ICommandHandler)
 def fired_within(waiting: Deferred[Any], seconds: float,
                  clock: IReactorTime) -> Deferred[bool]:
     """
@@ -78,6 +77,7 @@ def fired_within(waiting: Deferred[Any], seconds: float,
     return first
 
 
+@implementer(ICommandHandler)
 class Node:
     """
     One node's sessions.

@@ -219,7 +219,8 @@ class SessionState:
     created: float = attrs.field(converter=_unix_time)
     expires: float = attrs.field(converter=_unix_time)
     seq: int = 0
-    digest: bytes = b""
+    # Not a secret, but it confirms a guess of the records: not in a repr.
+    digest: bytes = attrs.field(default=b"", repr=False)
     moves: int = 0
 
     def __attrs_post_init__(self) -> None:

@@ -1,0 +1,66 @@
+"""
+Every part that declares an interface provides it: C{verifyObject} on a real
+instance of each, built from a node of a real cluster where it needs one.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IPushProducer,
+)
+from twisted.trial.unittest import TestCase
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface.verify import verifyObject
+
+from sslshare.client import SessionSharingPolicy
+from sslshare.cluster import ClusterTLS, ICommandHandler
+from sslshare.protocol import _BackendSide, _Gate
+from sslshare.tls import ISessionLookupListener
+from tests.support import LocalCluster
+
+_CLIENT = IPv4Address("TCP", "127.0.0.1", 50000)
+
+
+class NodePartsTests(TestCase):
+
+    @inlineCallbacks
+    def setUp(self):
+        self.cluster = LocalCluster(self, nodes=("node1", "node2"))
+        yield self.cluster.start_all()
+        self.service = self.cluster.services["node1"]
+
+    def test_node_handles_the_cluster_commands(self):
+        verifyObject(ICommandHandler, self.cluster.nodes["node1"])
+
+    def test_client_side_tls_protocol(self):
+        factory = self.service._clients
+        verifyObject(IOpenSSLServerConnectionCreator, factory)
+        protocol = factory.buildProtocol(_CLIENT)
+        verifyObject(ISessionLookupListener, protocol)
+        verifyObject(IHandshakeListener, protocol.wrappedProtocol)
+        verifyObject(IHalfCloseableProtocol, _BackendSide(protocol.wrappedProtocol))
+        verifyObject(IPushProducer, _Gate(None))
+
+    def test_cluster_channel_connection_creators(self):
+        files = self.cluster.pki.node("node1")
+        channel = ClusterTLS(self.cluster.ca_cert, files.certificate,
+                             files.key, "test", "node1")
+        verifyObject(IOpenSSLServerConnectionCreator,
+                     channel.server_options(lambda node, address: None))
+        verifyObject(IOpenSSLClientConnectionCreator,
+                     channel.client_options("node2"))
+
+
+class ClientPartsTests(TestCase):
+
+    def test_policy_and_its_creators(self):
+        policy = SessionSharingPolicy()
+        verifyObject(IPolicyForHTTPS, policy)
+        verifyObject(IOpenSSLClientConnectionCreator,
+                     policy.creatorForNetloc(b"localhost", 443))
