@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import ssl
+import stat
 import struct
 import sys
 import tempfile
@@ -92,8 +93,22 @@ def _pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
-def _write(directory: str, filename: str, data: bytes) -> str:
+def write_private(path: str, data: bytes = b"") -> str:
+    """
+    Write C{data} to a new file at C{path}, mode 0600 from the start, as a
+    node's configuration requires of its keys and password files.
+    """
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+              "wb") as f:
+        f.write(data)
+    return path
+
+
+def _write(directory: str, filename: str, data: bytes,
+           private: bool = False) -> str:
     path = os.path.join(directory, filename)
+    if private:
+        return write_private(path, data)
     with open(path, "wb") as f:
         f.write(data)
     return path
@@ -125,7 +140,7 @@ def make_pki(directory: FilePath | str) -> PKI:
         paths[f"{prefix}_key"] = _write(
             directory, f"{prefix}-key.pem", key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption()))
+                serialization.NoEncryption()), private=True)
     return PKI(**paths)
 
 
@@ -722,7 +737,7 @@ class LocalCluster:
         _write(self.directory, chain, _pem(certificate) + ca_pem)
         _write(self.directory, key_path, key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
+            serialization.NoEncryption()), private=True)
         return chain, key_path
 
     def log(self, node):
@@ -919,6 +934,22 @@ def shared_server(kind):
     if isinstance(found, ServerUnavailable):
         raise found
     return found
+
+
+def umask_for_test(testcase, mask):
+    """
+    Set the process's umask to C{mask} until C{testcase} ends: files made
+    meanwhile get exactly the mode their maker asks for, unless the maker
+    sets it itself.
+    """
+    testcase.addCleanup(os.umask, os.umask(mask))
+
+
+def file_mode(path) -> int:
+    """
+    The permission bits of C{path}.
+    """
+    return stat.S_IMODE(os.stat(path).st_mode)
 
 
 def resident_bytes() -> int:

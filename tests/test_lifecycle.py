@@ -36,6 +36,7 @@ from tests.support import (
     free_port,
     open_descriptors,
     until,
+    write_private,
 )
 
 SQLITE = 'topology = "repository"\nkind = "sqlite"\npath = "{directory}/s.sqlite3"\n'
@@ -330,9 +331,8 @@ class ReloadTests(_LogCapture, TestCase):
 
     def test_bad_state_key_file_keeps_the_running_configuration(self):
         def break_it(cluster):
-            path = os.path.join(cluster.directory, "pki", "bad.key")
-            with open(path, "w") as f:
-                f.write("not a key\n")
+            write_private(os.path.join(cluster.directory, "pki", "bad.key"),
+                          b"not a key\n")
             cluster.edit("node1", "pki/state.key", "pki/bad.key")
 
         return self._invalid_reload_keeps_everything(

@@ -44,9 +44,11 @@ from tests.support import (
     PostgresServer,
     RedisServer,
     ServerUnavailable,
+    file_mode,
     pki,
     session_state,
     shared_server,
+    umask_for_test,
 )
 
 # Long enough to take a blob before it expires, short enough to wait out.
@@ -491,6 +493,35 @@ class SQLiteRepositoryTests(RepositoryBehaviour, TestCase):
         self.assertIn(path, str(failure))
         # A failed start leaves nothing running; close is harmless.
         yield repository.close()
+
+    @inlineCallbacks
+    def test_file_and_its_companions_are_mode_0600_whatever_the_umask(self):
+        from sslshare.repository.sqlite import SQLiteRepository
+
+        umask_for_test(self, 0)
+        path = os.path.join(os.path.dirname(self.path), "new.sqlite3")
+        repository = yield self.started(SQLiteRepository(path, reactor))
+        yield repository.put(new_id(), blob(), self.expires())
+        # In WAL mode the -wal and -shm files stay while connections are
+        # open.
+        self.assertEqual(
+            [file_mode(path + suffix) for suffix in ("", "-wal", "-shm")],
+            [0o600] * 3)
+
+    @inlineCallbacks
+    def test_files_an_earlier_run_left_readable_are_made_0600(self):
+        from sslshare.repository.sqlite import SQLiteRepository
+
+        yield self.repository.close()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with open(self.path + suffix, "ab"):
+                pass
+            os.chmod(self.path + suffix, 0o644)
+        yield self.started(SQLiteRepository(self.path, reactor))
+        self.assertEqual(
+            [file_mode(self.path + suffix)
+             for suffix in ("", "-wal", "-shm", "-journal")],
+            [0o600] * 4)
 
     @inlineCallbacks
     def test_config_without_a_path_uses_the_state_directory(self):

@@ -7,6 +7,7 @@ lookups into full handshakes within the budget until it comes back.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 
@@ -21,7 +22,9 @@ from tests.support import (
     PostgresServer,
     RedisServer,
     ServerUnavailable,
+    file_mode,
     shared_server,
+    umask_for_test,
     until,
 )
 
@@ -185,6 +188,22 @@ class _RepositoryTopology:
 class SQLiteTopologyTests(_RepositoryTopology, TestCase):
     def section(self):
         return 'kind = "sqlite"\npath = "{directory}/sessions.sqlite3"\n'
+
+    @inlineCallbacks
+    def test_state_dirs_and_database_files_are_private_after_start(self):
+        umask_for_test(self, 0)
+        cluster = self._cluster()
+        yield self._made_on_node1(cluster, "TLSv1.2")
+        database = os.path.join(cluster.directory, "sessions.sqlite3")
+        self.assertEqual(
+            {path: file_mode(path) for path in (
+                os.path.join(cluster.directory, "state", "node1"),
+                os.path.join(cluster.directory, "state", "node2"),
+                database, database + "-wal", database + "-shm")},
+            {os.path.join(cluster.directory, "state", "node1"): 0o700,
+             os.path.join(cluster.directory, "state", "node2"): 0o700,
+             database: 0o600, database + "-wal": 0o600,
+             database + "-shm": 0o600})
 
     def tamper(self, cluster, session_id):
         with sqlite3.connect(f"{cluster.directory}/sessions.sqlite3") as db:
