@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib
 import ipaddress
 import os
 import shutil
@@ -42,6 +43,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.protocols.basic import LineReceiver
 from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SkipTest
 
 from sslshare import pki as pki_files
 from sslshare import sessionid, state, tls
@@ -52,6 +54,8 @@ from sslshare.throwaway import (
     RedisServer,
     ServerUnavailable,
     free_port,
+    postgres_binaries,
+    redis_server_binary,
 )
 
 
@@ -908,32 +912,71 @@ async def wait_for_port(port, ended=None, timeout=20.0):
 
 
 
+# The Python driver a node reaches each kind of server with.
+SERVER_DRIVERS = {"redis": "redis", "postgres": "psycopg"}
+
 _shared_servers = {}
+
+
+def skip_without(kind, server=True):
+    """
+    Skip the running test unless the driver of C{kind} (C{"redis"} or
+    C{"postgres"}) can be imported and, with C{server}, the server's
+    programs are installed: the L{SkipTest} says which is missing and how
+    to install it.  Every test that needs either asks here (through
+    L{shared_server} or L{throwaway_server} when it needs a server running).
+    """
+    try:
+        importlib.import_module(SERVER_DRIVERS[kind])
+    except ImportError as e:
+        raise SkipTest(f"the {kind} driver is not installed (pip install "
+                       f"'sslshare[{kind}]'): {e}") from None
+    if server:
+        try:
+            redis_server_binary() if kind == "redis" else postgres_binaries()
+        except ServerUnavailable as e:
+            raise SkipTest(str(e)) from None
+
+
+def _made_or_skipped(kind, **options):
+    skip_without(kind)
+    try:
+        return (RedisServer(**options) if kind == "redis"
+                else PostgresServer(**options))
+    except ServerUnavailable as e:
+        # Found, but cannot run here (root without a user to run as).
+        raise SkipTest(str(e)) from None
 
 
 def shared_server(kind):
     """
-    The server of C{kind} (C{"redis"} or C{"postgres"}) that every test of
-    this process may use, started on first use and removed when the process
-    exits.  Tests keep to their own keys and rows, and never stop it (a
-    test that stops its server starts one of its own).
+    The server of C{kind} (C{"redis"} or C{"postgres"}, PostgreSQL with
+    TLS) that every test of this process may use, started on first use and
+    removed when the process exits.  Tests keep to their own keys and rows,
+    and never stop it (a test that stops its server has its own, from
+    L{throwaway_server}).
 
-    @raise ServerUnavailable: the server is not installed (again on every
-        call: the failure is remembered).
+    @raise SkipTest: as L{skip_without} says.
     """
     if kind not in _shared_servers:
-        try:
-            server = (RedisServer() if kind == "redis"
-                      else PostgresServer(tls=pki()))
-        except ServerUnavailable as e:
-            _shared_servers[kind] = e
-        else:
-            atexit.register(server.remove)
-            _shared_servers[kind] = server.start()
-    found = _shared_servers[kind]
-    if isinstance(found, ServerUnavailable):
-        raise found
-    return found
+        options = {"tls": pki()} if kind == "postgres" else {}
+        server = _made_or_skipped(kind, **options)
+        atexit.register(server.remove)
+        _shared_servers[kind] = server.start()
+    return _shared_servers[kind]
+
+
+def throwaway_server(testcase, kind, **options):
+    """
+    A server of C{kind} of C{testcase}'s own, made with C{options} (those of
+    L{RedisServer} or L{PostgresServer}) but not started, and removed when
+    the test ends.
+
+    @raise SkipTest: as L{skip_without} says.
+    """
+    server = _made_or_skipped(kind, **options)
+    testcase.addCleanup(server.remove)
+    return server
 
 
 def umask_for_test(testcase, mask):

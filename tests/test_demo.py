@@ -16,9 +16,9 @@ import sys
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
-from sslshare.throwaway import ServerUnavailable, free_port, redis_server_binary
+from tests.support import free_port, skip_without
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf")
 DEMO_PORTS = (8441, 8442, 8443, 7441, 7442, 7443, 9441, 9442, 9443, 8080)
@@ -96,10 +96,7 @@ class DemoTests(TestCase):
 
     @inlineCallbacks
     def test_demo_through_redis_resumes_from_the_repository(self):
-        try:
-            redis_server_binary()
-        except ServerUnavailable as e:
-            raise SkipTest(str(e))
+        skip_without("redis")
         counts = yield self._demo("--repository", "redis")
         self.assertGreaterEqual(counts["resumed_repository"], 35)
         self.assertEqual(counts["full"] + counts["resumed_repository"], 40)

@@ -15,15 +15,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from tests.support import (
     LocalCluster,
-    PostgresServer,
-    RedisServer,
-    ServerUnavailable,
     file_mode,
     shared_server,
+    throwaway_server,
     umask_for_test,
     until,
 )
@@ -221,22 +219,12 @@ class _ServerTopology(_RepositoryTopology):
     Backends behind a server, which can also die and come back.
     """
 
-    server_class = None
-
     def server(self):
-        try:
-            return shared_server(self.kind)
-        except ServerUnavailable as e:
-            raise SkipTest(str(e))
+        return shared_server(self.kind)
 
     @inlineCallbacks
     def test_repository_killed_gives_full_handshakes_then_sharing_returns(self):
-        try:
-            server = self.server_class()
-        except ServerUnavailable as e:
-            raise SkipTest(str(e))
-        self.addCleanup(server.remove)
-        server.start()
+        server = throwaway_server(self, self.kind).start()
         self._own = server
         cluster = self._cluster(budget_ms=200)
         first = yield self._made_on_node1(cluster, "TLSv1.2")
@@ -258,7 +246,6 @@ class _ServerTopology(_RepositoryTopology):
 
 class RedisTopologyTests(_ServerTopology, TestCase):
     kind = "redis"
-    server_class = RedisServer
 
     def section(self):
         server = getattr(self, "_own", None) or self.server()
@@ -278,7 +265,6 @@ class RedisTopologyTests(_ServerTopology, TestCase):
 
 class PostgresTopologyTests(_ServerTopology, TestCase):
     kind = "postgres"
-    server_class = PostgresServer
 
     def section(self):
         server = getattr(self, "_own", None) or self.server()
