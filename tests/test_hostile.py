@@ -262,6 +262,18 @@ class ClientHelloTests(_HostileClusterTestCase):
         yield self.assert_still_serving("TLSv1.3")
         report("TLS 1.3 PSK identities", outcomes, self.controls)
 
+
+class LookupFloodTests(_HostileClusterTestCase):
+    """
+    A flood of ClientHellos for sessions nobody holds, 200 at a time from
+    one address.  The nodes keep their default handshake timeout: the
+    flood, the nodes and its clients share this process, and on a busy
+    machine (trial -j) a short timeout would cut hellos that are only
+    waiting for the CPU.
+    """
+
+    node_options = ""
+
     @inlineCallbacks
     def test_thousands_of_unknown_ids_are_no_amplifier(self):
         """
