@@ -10,7 +10,9 @@ import ssl
 import sys
 
 import attrs
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -94,6 +96,26 @@ class MakePKITests(TestCase):
         self.assertIs(support.pki(), support.pki())
 
 
+class _PortsOfAChild(ProcessProtocol):
+    """
+    A child that prints one line of ports, then waits until its standard
+    input is closed.
+    """
+
+    def __init__(self):
+        self.ports = Deferred()
+        self.ended = Deferred()
+        self._output = b""
+
+    def outReceived(self, data):
+        self._output += data
+        if b"\n" in self._output and not self.ports.called:
+            self.ports.callback({int(port) for port in self._output.split()})
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
+
+
 class FreePortTests(TestCase):
     """
     L{free_port}: ports a test can name in a configuration and listen on
@@ -114,6 +136,26 @@ class FreePortTests(TestCase):
         with socket.socket() as listener:
             listener.bind(("127.0.0.1", port))
             listener.listen()
+
+    @inlineCallbacks
+    def test_ports_given_to_a_live_process_are_not_given_here(self):
+        # A few hundred ports each of a range of about 20000 would share
+        # some if each process drew its own.
+        child = ("import sys\n"
+                 "from sslshare.throwaway import free_port\n"
+                 "print(' '.join(str(free_port()) for _ in range(300)),"
+                 " flush=True)\n"
+                 "sys.stdin.read()\n")
+        child_process = _PortsOfAChild()
+        process = reactor.spawnProcess(child_process, sys.executable,
+                                       [sys.executable, "-c", child],
+                                       env=os.environ)
+        theirs = yield child_process.ports
+        ours = {free_port() for _ in range(1000)}
+        process.closeStdin()
+        yield child_process.ended
+        self.assertEqual(len(theirs), 300)
+        self.assertEqual(ours & theirs, set())
 
 
 # A test of each kind that needs a driver: the repository's own, a cluster's
