@@ -66,6 +66,7 @@ REPOSITORY_KINDS = ("sqlite", "postgres", "redis")
 REPOSITORY_TOPOLOGIES = ("repository", "both")
 LOG_FORMATS = ("text", "json")
 LOOSE_KEY_PERMISSIONS = ("refuse", "warn")
+DEFAULT_LOOSE_KEY_PERMISSIONS = "refuse"
 # The mode bits that let anyone but the owner at a secret file.
 _NOT_OWNER = 0o077
 
@@ -315,7 +316,7 @@ class NodeConfig:
     repository: RepositoryConfig | None = None
     metrics_listen: str | None = None
     log_format: str = "text"
-    loose_key_permissions: str = "refuse"
+    loose_key_permissions: str = DEFAULT_LOOSE_KEY_PERMISSIONS
 
     @property
     def topology(self) -> str:
@@ -439,7 +440,7 @@ class _Reader:
         self.directory = os.path.dirname(os.path.abspath(path))
         self.reactor = reactor
         # Read from [node] before the tables that name secret files.
-        self.loose_key_permissions = "refuse"
+        self.loose_key_permissions = DEFAULT_LOOSE_KEY_PERMISSIONS
 
     def error(self, key: str, reason: str) -> ConfigError:
         return ConfigError(self.path, key, reason)
@@ -566,7 +567,7 @@ class _Reader:
             why = "open to group/other"
         problem = (f"{shown} is mode {stat.S_IMODE(mode):04o} ({why}): "
                    f"chmod 600 {shlex.quote(path)}")
-        if self.loose_key_permissions == "refuse":
+        if self.loose_key_permissions != "warn":
             raise self.error(key, problem)
         self._log.warn("{problem}", problem=str(self.error(
             key, f"{problem}; accepted, as node.loose_key_permissions is "
@@ -650,7 +651,7 @@ class _Reader:
                                 default="text")
         self.loose_key_permissions = node.value(
             "loose_key_permissions", self.choice(LOOSE_KEY_PERMISSIONS),
-            default="refuse")
+            default=DEFAULT_LOOSE_KEY_PERMISSIONS)
         checkpoint = CheckpointPolicy(
             mode=node.value("checkpoint", self.choice(CHECKPOINT_MODES),
                             default="every-record"),
