@@ -103,7 +103,8 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass
+        # It exists, as another user's.
+        return True
     return True
 
 

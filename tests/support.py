@@ -931,11 +931,15 @@ def skip_without(kind, server=True):
     except ImportError as e:
         raise SkipTest(f"the {kind} driver is not installed (pip install "
                        f"'sslshare[{kind}]'): {e}") from None
-    if server:
-        try:
-            redis_server_binary() if kind == "redis" else postgres_binaries()
-        except ServerUnavailable as e:
-            raise SkipTest(str(e)) from None
+    if not server:
+        return
+    try:
+        if kind == "redis":
+            redis_server_binary()
+        else:
+            postgres_binaries()
+    except ServerUnavailable as e:
+        raise SkipTest(str(e)) from None
 
 
 def _made_or_skipped(kind, **options):
