@@ -23,7 +23,10 @@ C{tls.service[0].certificate}).  What is checked:
       configuration file and stored absolute; certificates, keys, the CA and
       the state key file must exist and be readable regular files.  Their
       contents are not parsed here: the TLS layer and L{sslshare.state} do
-      that and name the file when it is wrong;
+      that and name the file when it is wrong.  Private keys, the state key
+      and the repository's password file must be private to their owner:
+      one that group or other may open is refused, or, with
+      C{node.loose_key_permissions = "warn"}, accepted with a warning;
     - endpoint strings, by building them with Twisted's C{serverFromString}
       or C{clientFromString} (nothing listens or connects);
     - the cluster: node ids, peers that are not this node, and
@@ -41,6 +44,7 @@ import difflib
 import math
 import os
 import re
+import shlex
 import stat
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -49,6 +53,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.logger import Logger
 
 from sslshare import tls
 from sslshare.digest import MODES, CheckpointPolicy
@@ -60,6 +65,10 @@ TLS_VERSIONS = ("1.2", "1.3")
 REPOSITORY_KINDS = ("sqlite", "postgres", "redis")
 REPOSITORY_TOPOLOGIES = ("repository", "both")
 LOG_FORMATS = ("text", "json")
+LOOSE_KEY_PERMISSIONS = ("refuse", "warn")
+DEFAULT_LOOSE_KEY_PERMISSIONS = "refuse"
+# The mode bits that let anyone but the owner at a secret file.
+_NOT_OWNER = 0o077
 
 DEFAULT_LOOKUP_BUDGET_MS = 50
 DEFAULT_SESSION_LIFETIME_S = 3600
@@ -82,7 +91,8 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
         "session_lifetime_s", "store_max_bytes", "handshake_timeout_s",
         "metrics_listen", "log_format", "checkpoint", "checkpoint_period_ms",
         "checkpoint_bound", "checkpoint_max_pause", "max_concurrent_lookups",
-        "max_lookups_per_client", "drain_timeout_s"}),
+        "max_lookups_per_client", "drain_timeout_s",
+        "loose_key_permissions"}),
     "tls": frozenset({"min_version", "max_version", "alpn", "alpn_mismatch",
                       "tls12_ciphers", "service"}),
     "tls.service": frozenset({"name", "certificate", "key", "server_names"}),
@@ -282,6 +292,9 @@ class NodeConfig:
     @ivar metrics_listen: server endpoint string for metrics, or C{None}.
     @ivar log_format: how C{twistd} writes the node's log: C{"text"}
         lines, or C{"json"}, one JSON object per line.
+    @ivar loose_key_permissions: what becomes of a secret file (a private
+        key, the state key, the repository's password file) that group or
+        other may open: C{"refuse"}d, or accepted with a C{"warn"}ing.
     @ivar checkpoint: when the running digest of each connection's records
         is checkpointed outside the node (C{every-record}, C{interval}
         with its period, or C{off}), how many unacknowledged records
@@ -307,6 +320,7 @@ class NodeConfig:
     repository: RepositoryConfig | None = None
     metrics_listen: str | None = None
     log_format: str = "text"
+    loose_key_permissions: str = DEFAULT_LOOSE_KEY_PERMISSIONS
 
     @property
     def topology(self) -> str:
@@ -423,10 +437,14 @@ class _Reader:
     L{ConfigError}.
     """
 
+    _log = Logger()
+
     def __init__(self, path: str, reactor: Any) -> None:
         self.path = path
         self.directory = os.path.dirname(os.path.abspath(path))
         self.reactor = reactor
+        # Read from [node] before the tables that name secret files.
+        self.loose_key_permissions = DEFAULT_LOOSE_KEY_PERMISSIONS
 
     def error(self, key: str, reason: str) -> ConfigError:
         return ConfigError(self.path, key, reason)
@@ -511,7 +529,11 @@ class _Reader:
         self.string(key, value)
         return os.path.normpath(os.path.join(self.directory, value))
 
-    def readable_file(self, key: str, value: Any) -> str:
+    def _regular_file(self, key: str, value: Any) -> tuple[str, str, int]:
+        """
+        The absolute path of a readable regular file, how to show it, and
+        its mode.
+        """
         path = self.file_path(key, value)
         shown = repr(value) if path == value else f"{value!r} ({path})"
         try:
@@ -526,6 +548,34 @@ class _Reader:
         if not stat.S_ISREG(mode):
             what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
             raise self.error(key, f"cannot read {shown}: {what}")
+        return path, shown, mode
+
+    def readable_file(self, key: str, value: Any) -> str:
+        return self._regular_file(key, value)[0]
+
+    def secret_file(self, key: str, value: Any) -> str:
+        """
+        A readable regular file that only its owner may open: a private
+        key, the state key or a password.  A group-readable key (Debian's
+        ssl-cert group) passes with a warning under
+        C{node.loose_key_permissions = "warn"}.
+        """
+        path, shown, mode = self._regular_file(key, value)
+        if not mode & _NOT_OWNER:
+            return path
+        if mode & 0o044:
+            why = "readable by group/other"
+        elif mode & 0o022:
+            why = "writable by group/other"
+        else:
+            why = "open to group/other"
+        problem = (f"{shown} is mode {stat.S_IMODE(mode):04o} ({why}): "
+                   f"chmod 600 {shlex.quote(path)}")
+        if self.loose_key_permissions != "warn":
+            raise self.error(key, problem)
+        self._log.warn("{problem}", problem=str(self.error(
+            key, f"{problem}; accepted, as node.loose_key_permissions is "
+                 f"\"warn\"")))
         return path
 
     # Endpoints.
@@ -603,6 +653,9 @@ class _Reader:
                                     self.server_endpoint(plain=False))
         log_format = node.value("log_format", self.choice(LOG_FORMATS),
                                 default="text")
+        self.loose_key_permissions = node.value(
+            "loose_key_permissions", self.choice(LOOSE_KEY_PERMISSIONS),
+            default=DEFAULT_LOOSE_KEY_PERMISSIONS)
         checkpoint = CheckpointPolicy(
             mode=node.value("checkpoint", self.choice(CHECKPOINT_MODES),
                             default="every-record"),
@@ -636,6 +689,7 @@ class _Reader:
             drain_timeout=drain_timeout,
             metrics_listen=metrics_listen,
             log_format=log_format,
+            loose_key_permissions=self.loose_key_permissions,
             checkpoint=checkpoint,
             tls=self.tls(tls_table),
             cluster=self.cluster(cluster_table, node_id),
@@ -724,7 +778,7 @@ class _Reader:
             names[name] = item_key
             certificate = table.value("certificate", self.readable_file,
                                       required=True)
-            private_key = table.value("key", self.readable_file, required=True)
+            private_key = table.value("key", self.secret_file, required=True)
             listed = []
             for name_key, server_name in table.value(
                     "server_names", self.strings, default=[]):
@@ -748,8 +802,8 @@ class _Reader:
         ca = table.value("ca", self.readable_file, required=True)
         certificate = table.value("certificate", self.readable_file,
                                   required=True)
-        private_key = table.value("key", self.readable_file, required=True)
-        state_key = table.value("state_key", self.readable_file, required=True)
+        private_key = table.value("key", self.secret_file, required=True)
+        state_key = table.value("state_key", self.secret_file, required=True)
         peers: list[tuple[str, str]] = []
         peers_table = table.value("peers", self.table_value, default={})
         peers_key = table.child("peers")
@@ -813,7 +867,7 @@ class _Reader:
             url = table.value("url", self.redis_url, required=True)
         return RepositoryConfig(
             kind=kind, topology=topology, path=path, dsn=dsn, url=url,
-            password_file=table.value("password_file", self.readable_file),
+            password_file=table.value("password_file", self.secret_file),
             tls=table.value("tls", self.boolean, default=False))
 
     def redis_url(self, key: str, value: Any) -> str:

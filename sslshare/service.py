@@ -50,6 +50,7 @@ from sslshare.state import StateKeys
 from sslshare.store import SessionStore
 
 EXPIRY_INTERVAL = 30.0
+STATE_DIR_MODE = 0o700
 
 # The share of the drain timeout kept for the handover of sessions: open
 # connections get the rest.
@@ -83,7 +84,10 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
     cluster_config = node_config.cluster
     keys = StateKeys.from_file(cluster_config.state_key)
     try:
-        os.makedirs(node_config.state_dir, exist_ok=True)
+        # Private to the node.  A directory that exists keeps the mode its
+        # operator gave it: state_dir may name one that is not the node's
+        # alone, and the files the node makes in it are private anyway.
+        os.makedirs(node_config.state_dir, mode=STATE_DIR_MODE, exist_ok=True)
     except OSError as e:
         raise FileError(node_config.state_dir,
                         f"cannot make the node's state directory: "

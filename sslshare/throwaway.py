@@ -18,6 +18,8 @@ Nothing here is used by a running node.
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import functools
 import glob
 import os
@@ -39,6 +41,12 @@ class ServerFailed(Exception):
 
 
 _ports_given: set[int] = set()
+
+# Ports given to the processes of this user, one file per port holding the
+# pid it went to: processes that run side by side (trial -j, a test run
+# beside another) would otherwise give one port to two servers, the second
+# failing to listen when the first started in the meantime.
+_CLAIMS = os.path.join(tempfile.gettempdir(), f"sslshare-ports-{os.getuid()}")
 
 
 @functools.cache
@@ -69,7 +77,8 @@ def free_port():
     It is taken outside the kernel's ephemeral range where it can be: a
     port the kernel picked there can be a client connection's own port by
     the time its server listens (every outgoing connection takes one),
-    which fails the listen.  A port is given once per process.
+    which fails the listen.  A port is given once per process, and to one
+    process at a time.
     """
     first, last = _port_range()
     for _ in range(1000):
@@ -81,9 +90,54 @@ def free_port():
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
+        if not _claim(port):
+            continue
         _ports_given.add(port)
         return port
     raise OSError(f"no free TCP port on 127.0.0.1 from {first} to {last}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # It exists, as another user's.
+        return True
+    return True
+
+
+def _claim(port: int) -> bool:
+    """
+    Claim C{port} for this process, unless a live process of this user
+    has; a claim of a process that has ended is taken over.  The claims
+    are read and written under one lock, held only meanwhile.
+    """
+    os.makedirs(_CLAIMS, mode=0o700, exist_ok=True)
+    path = os.path.join(_CLAIMS, str(port))
+    with open(os.path.join(_CLAIMS, "lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(path) as f:
+                owner = int(f.read())
+        except (OSError, ValueError):
+            owner = None
+        if owner is not None and owner != os.getpid() and _alive(owner):
+            return False
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+    if not _ports_given:
+        atexit.register(_release_claims)
+    return True
+
+
+def _release_claims() -> None:
+    for port in _ports_given:
+        try:
+            os.unlink(os.path.join(_CLAIMS, str(port)))
+        except OSError:
+            pass
 
 
 class ServerUnavailable(Exception):

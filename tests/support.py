@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib
 import ipaddress
 import os
 import shutil
 import socket
 import ssl
+import stat
 import struct
 import sys
 import tempfile
@@ -44,6 +46,7 @@ from twisted.protocols import amp
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SkipTest
 from zope.interface import implementer
 
 from sslshare import pki as pki_files
@@ -56,6 +59,8 @@ from sslshare.throwaway import (
     RedisServer,
     ServerUnavailable,
     free_port,
+    postgres_binaries,
+    redis_server_binary,
 )
 
 
@@ -97,8 +102,22 @@ def _pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
-def _write(directory: str, filename: str, data: bytes) -> str:
+def write_private(path: str, data: bytes = b"") -> str:
+    """
+    Write C{data} to a new file at C{path}, mode 0600 from the start, as a
+    node's configuration requires of its keys and password files.
+    """
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+              "wb") as f:
+        f.write(data)
+    return path
+
+
+def _write(directory: str, filename: str, data: bytes,
+           private: bool = False) -> str:
     path = os.path.join(directory, filename)
+    if private:
+        return write_private(path, data)
     with open(path, "wb") as f:
         f.write(data)
     return path
@@ -130,7 +149,7 @@ def make_pki(directory: FilePath | str) -> PKI:
         paths[f"{prefix}_key"] = _write(
             directory, f"{prefix}-key.pem", key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption()))
+                serialization.NoEncryption()), private=True)
     return PKI(**paths)
 
 
@@ -766,7 +785,7 @@ class LocalCluster:
         _write(self.directory, chain, _pem(certificate) + ca_pem)
         _write(self.directory, key_path, key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
+            serialization.NoEncryption()), private=True)
         return chain, key_path
 
     def log(self, node):
@@ -945,32 +964,91 @@ async def wait_for_port(port, ended=None, timeout=20.0):
 
 
 
+# The Python driver a node reaches each kind of server with.
+SERVER_DRIVERS = {"redis": "redis", "postgres": "psycopg"}
+
 _shared_servers = {}
+
+
+def skip_without(kind, server=True):
+    """
+    Skip the running test unless the driver of C{kind} (C{"redis"} or
+    C{"postgres"}) can be imported and, with C{server}, the server's
+    programs are installed: the L{SkipTest} says which is missing and how
+    to install it.  Every test that needs either asks here (through
+    L{shared_server} or L{throwaway_server} when it needs a server running).
+    """
+    try:
+        importlib.import_module(SERVER_DRIVERS[kind])
+    except ImportError as e:
+        raise SkipTest(f"the {kind} driver is not installed (pip install "
+                       f"'sslshare[{kind}]'): {e}") from None
+    if not server:
+        return
+    try:
+        if kind == "redis":
+            redis_server_binary()
+        else:
+            postgres_binaries()
+    except ServerUnavailable as e:
+        raise SkipTest(str(e)) from None
+
+
+def _made_or_skipped(kind, **options):
+    skip_without(kind)
+    try:
+        return (RedisServer(**options) if kind == "redis"
+                else PostgresServer(**options))
+    except ServerUnavailable as e:
+        # Found, but cannot run here (root without a user to run as).
+        raise SkipTest(str(e)) from None
 
 
 def shared_server(kind):
     """
-    The server of C{kind} (C{"redis"} or C{"postgres"}) that every test of
-    this process may use, started on first use and removed when the process
-    exits.  Tests keep to their own keys and rows, and never stop it (a
-    test that stops its server starts one of its own).
+    The server of C{kind} (C{"redis"} or C{"postgres"}, PostgreSQL with
+    TLS) that every test of this process may use, started on first use and
+    removed when the process exits.  Tests keep to their own keys and rows,
+    and never stop it (a test that stops its server has its own, from
+    L{throwaway_server}).
 
-    @raise ServerUnavailable: the server is not installed (again on every
-        call: the failure is remembered).
+    @raise SkipTest: as L{skip_without} says.
     """
     if kind not in _shared_servers:
-        try:
-            server = (RedisServer() if kind == "redis"
-                      else PostgresServer(tls=pki()))
-        except ServerUnavailable as e:
-            _shared_servers[kind] = e
-        else:
-            atexit.register(server.remove)
-            _shared_servers[kind] = server.start()
-    found = _shared_servers[kind]
-    if isinstance(found, ServerUnavailable):
-        raise found
-    return found
+        options = {"tls": pki()} if kind == "postgres" else {}
+        server = _made_or_skipped(kind, **options)
+        atexit.register(server.remove)
+        _shared_servers[kind] = server.start()
+    return _shared_servers[kind]
+
+
+def throwaway_server(testcase, kind, **options):
+    """
+    A server of C{kind} of C{testcase}'s own, made with C{options} (those of
+    L{RedisServer} or L{PostgresServer}) but not started, and removed when
+    the test ends.
+
+    @raise SkipTest: as L{skip_without} says.
+    """
+    server = _made_or_skipped(kind, **options)
+    testcase.addCleanup(server.remove)
+    return server
+
+
+def umask_for_test(testcase, mask):
+    """
+    Set the process's umask to C{mask} until C{testcase} ends: files made
+    meanwhile get exactly the mode their maker asks for, unless the maker
+    sets it itself.
+    """
+    testcase.addCleanup(os.umask, os.umask(mask))
+
+
+def file_mode(path) -> int:
+    """
+    The permission bits of C{path}.
+    """
+    return stat.S_IMODE(os.stat(path).st_mode)
 
 
 def resident_bytes(pid: int | str = "self") -> int:

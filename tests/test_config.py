@@ -18,11 +18,13 @@ import subprocess
 import sys
 
 import attrs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, TestCase
 
 from sslshare import config, pki
 from sslshare.config import ConfigError
 from sslshare.tls import DEFAULT_TLS12_CIPHERS
+from tests.support import write_private
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "conf")
@@ -55,9 +57,10 @@ node3 = "tcp:host=127.0.0.1:port=7443"
 node2 = "tcp:host=127.0.0.1:port=7442"
 """
 
-PLACEHOLDERS = ("web.pem", "web-key.pem", "other.pem", "other-key.pem",
-                "ca.pem", "node1.pem", "node1-key.pem", "state.key",
-                "password")
+# Secret files are private to their owner, as the configuration requires.
+PLACEHOLDERS = ("web.pem", "other.pem", "ca.pem", "node1.pem")
+SECRET_PLACEHOLDERS = ("web-key.pem", "other-key.pem", "node1-key.pem",
+                       "state.key", "password")
 
 DEMO_NODES = ("node1", "node2", "node3")
 DEMO_PKI_FILES = ("ca.pem", "ca-key.pem", "localhost-chain.pem",
@@ -85,6 +88,8 @@ class _ConfigTestCase(TestCase):
         os.makedirs(os.path.join(self.directory, "pki"))
         for name in PLACEHOLDERS:
             open(os.path.join(self.directory, "pki", name), "w").close()
+        for name in SECRET_PLACEHOLDERS:
+            write_private(os.path.join(self.directory, "pki", name))
         self.path = os.path.join(self.directory, "node.toml")
 
     def write(self, node=NODE, tls=TLS, cluster=CLUSTER, extra=""):
@@ -184,14 +189,15 @@ metrics_listen = "tcp:9441:interface=127.0.0.1"
 max_concurrent_lookups = 20
 max_lookups_per_client = 5
 log_format = "json"
+loose_key_permissions = "warn"
 """)
         self.assertEqual(
             (node.lookup_budget, node.session_lifetime, node.store_max_bytes,
              node.handshake_timeout, node.drain_timeout, node.metrics_listen,
              node.max_concurrent_lookups, node.max_lookups_per_client,
-             node.log_format),
+             node.log_format, node.loose_key_permissions),
             (0.120, 600, 65536, 2.5, 30.0, "tcp:9441:interface=127.0.0.1", 20,
-             5, "json"))
+             5, "json", "warn"))
 
     def test_checkpoint_max_pause_defaults_to_a_quarter_second(self):
         self.assertEqual(self.load().checkpoint.max_pause, 0.25)
@@ -642,6 +648,95 @@ class FileReferenceErrorTests(_ConfigTestCase):
             "repository.password_file",
             f"cannot read 'pki/nope' ({self.pki_path('nope')}): "
             f"No such file or directory")
+
+
+PASSWORD_FILE = ('[repository]\nkind = "redis"\nurl = "redis://x"\n'
+                 'password_file = "pki/password"\n')
+
+# Each kind of secret file: its key, its placeholder, and the sections
+# that name it.
+SECRET_FILES = (
+    ("tls.service[0].key", "web-key.pem", {}),
+    ("cluster.key", "node1-key.pem", {}),
+    ("cluster.state_key", "state.key", {}),
+    ("repository.password_file", "password", {"extra": PASSWORD_FILE}),
+)
+
+
+class SecretFileModeTests(_ConfigTestCase):
+    """
+    Private keys, the state key and the password file must be private to
+    their owner; node.loose_key_permissions = "warn" accepts them with a
+    warning.
+    """
+
+    def refusal(self, name, mode):
+        path = self.pki_path(name)
+        return (f"'pki/{name}' ({path}) is mode {mode:04o} (readable by "
+                f"group/other): chmod 600 {path}")
+
+    def test_each_secret_file_readable_by_group_or_other_is_refused(self):
+        for mode in (0o644, 0o640, 0o604):
+            for key, name, sections in SECRET_FILES:
+                os.chmod(self.pki_path(name), mode)
+                self.assertError(self.error(**sections), key,
+                                 self.refusal(name, mode))
+                os.chmod(self.pki_path(name), 0o600)
+
+    def test_secret_file_writable_by_group_is_refused(self):
+        os.chmod(self.pki_path("state.key"), 0o620)
+        self.assertError(
+            self.error(), "cluster.state_key",
+            f"'pki/state.key' ({self.pki_path('state.key')}) is mode 0620 "
+            f"(writable by group/other): chmod 600 "
+            f"{self.pki_path('state.key')}")
+
+    def test_secret_files_of_mode_0600_and_0400_are_accepted(self):
+        for mode in (0o600, 0o400):
+            for _, name, _ in SECRET_FILES:
+                os.chmod(self.pki_path(name), mode)
+            node = self.load(extra=PASSWORD_FILE)
+            self.assertEqual(node.repository.password_file,
+                             self.pki_path("password"))
+            self.assertEqual(node.loose_key_permissions, "refuse")
+
+    def test_certificates_and_the_ca_may_be_world_readable(self):
+        for name in PLACEHOLDERS:
+            os.chmod(self.pki_path(name), 0o644)
+        self.load()
+
+    def test_a_chmod_the_message_names_fixes_it(self):
+        os.chmod(self.pki_path("node1-key.pem"), 0o644)
+        self.error()
+        chmod = self.refusal("node1-key.pem", 0o644).rsplit(": ", 1)[1]
+        subprocess.run(chmod.split(), check=True)
+        self.load()
+
+    def test_loose_key_permissions_warn_accepts_with_one_warning_each(self):
+        for _, name, _ in SECRET_FILES:
+            os.chmod(self.pki_path(name), 0o640)
+        with capturedLogs() as events:
+            node = self.load(node=NODE + 'loose_key_permissions = "warn"\n',
+                             extra=PASSWORD_FILE)
+        self.assertEqual(node.loose_key_permissions, "warn")
+        self.assertEqual(
+            [formatEvent(event) for event in events],
+            [f"{self.path}: {key}: {self.refusal(name, 0o640)}; accepted, as "
+             f"node.loose_key_permissions is \"warn\""
+             for key, name, _ in SECRET_FILES])
+        self.assertEqual({event["log_level"].name for event in events},
+                         {"warn"})
+
+    def test_loose_key_permissions_warn_is_silent_for_private_files(self):
+        with capturedLogs() as events:
+            self.load(node=NODE + 'loose_key_permissions = "warn"\n')
+        self.assertEqual(list(events), [])
+
+    def test_loose_key_permissions_takes_refuse_or_warn(self):
+        self.assertError(
+            self.error(node=NODE + 'loose_key_permissions = "allow"\n'),
+            "node.loose_key_permissions",
+            "'allow' is not one of 'refuse', 'warn'")
 
 
 class EndpointErrorTests(_ConfigTestCase):

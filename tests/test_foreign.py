@@ -16,7 +16,13 @@ from twisted.trial.unittest import TestCase
 
 from sslshare.cluster import BadRequest
 from sslshare.state import MAX_SEQ, StateKeys
-from tests.support import LocalCluster, client_hello, psk_extension, read_records
+from tests.support import (
+    LocalCluster,
+    client_hello,
+    psk_extension,
+    read_records,
+    write_private,
+)
 
 SQLITE = 'kind = "sqlite"\npath = "{directory}/s.sqlite3"\n'
 
@@ -130,8 +136,8 @@ class KeyRotationTests(TestCase):
         yield cluster.start_all()
         with open(os.path.join(cluster.directory, "pki", "state.key")) as f:
             old = f.read().strip()
-        with open(os.path.join(cluster.directory, "pki", "state2.key"), "w") as f:
-            f.write(f"{StateKeys.generate().hex()}\n{old}\n")
+        write_private(os.path.join(cluster.directory, "pki", "state2.key"),
+                      f"{StateKeys.generate().hex()}\n{old}\n".encode())
         cluster.edit("node2", 'state_key = "pki/state.key"',
                      'state_key = "pki/state2.key"')
         self.assertTrue(cluster.services["node2"].reload())

@@ -36,6 +36,7 @@ from tests.support import (
     free_port,
     open_descriptors,
     until,
+    write_private,
 )
 
 SQLITE = 'topology = "repository"\nkind = "sqlite"\npath = "{directory}/s.sqlite3"\n'
@@ -330,9 +331,8 @@ class ReloadTests(_LogCapture, TestCase):
 
     def test_bad_state_key_file_keeps_the_running_configuration(self):
         def break_it(cluster):
-            path = os.path.join(cluster.directory, "pki", "bad.key")
-            with open(path, "w") as f:
-                f.write("not a key\n")
+            write_private(os.path.join(cluster.directory, "pki", "bad.key"),
+                          b"not a key\n")
             cluster.edit("node1", "pki/state.key", "pki/bad.key")
 
         return self._invalid_reload_keeps_everything(
@@ -545,8 +545,8 @@ class RotationTests(_LogCapture, TestCase):
         cluster = LocalCluster(self, nodes=("node1", "node2"))
         yield cluster.start_all()
         made = yield cluster.client_round("node1", "TLSv1.2")
-        with open(os.path.join(cluster.directory, "pki", "other.key"), "w") as f:
-            f.write(StateKeys.generate().hex() + "\n")
+        write_private(os.path.join(cluster.directory, "pki", "other.key"),
+                      StateKeys.generate().hex().encode() + b"\n")
         cluster.edit("node2", 'state_key = "pki/state.key"',
                      'state_key = "pki/other.key"')
         self.assertTrue(cluster.services["node2"].reload())

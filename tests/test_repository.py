@@ -3,8 +3,8 @@ The central session repository (L{sslshare.repository}) against real
 storage: an SQLite file in a temporary directory, and a C{redis-server} and
 a PostgreSQL cluster started by the tests (L{tests.support.shared_server}
 shares one of each per test process; the tests that stop a server start
-one of their own).  A test whose server is not installed is skipped, and
-says which and how to install it.
+one of their own).  A test whose driver or server is not installed is
+skipped, and says which and how to install it (L{tests.support.skip_without}).
 
 L{RepositoryBehaviour} holds what every backend must do; one subclass per
 backend says how to make a repository and how to reach under it to its
@@ -28,7 +28,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from sslshare import sessionid
@@ -43,11 +43,13 @@ from sslshare.repository import (
 from sslshare.state import MAX_SEALED_LENGTH, SEALED_CHECKPOINT_LENGTH, StateKeys
 from tests.support import (
     PostgresServer,
-    RedisServer,
-    ServerUnavailable,
+    file_mode,
     pki,
     session_state,
     shared_server,
+    skip_without,
+    throwaway_server,
+    umask_for_test,
 )
 
 # Long enough to take a blob before it expires, short enough to wait out.
@@ -67,25 +69,6 @@ def blob(size=200):
 
 def later(seconds):
     return deferLater(reactor, seconds, lambda: None)
-
-
-DRIVERS = {"redis": "redis", "postgres": "psycopg"}
-
-
-def driver_or_skip(kind):
-    try:
-        __import__(DRIVERS[kind])
-    except ImportError as e:
-        raise SkipTest(f"the {kind} driver is not installed (pip install "
-                       f"'sslshare[{kind}]'): {e}") from None
-
-
-def server_or_skip(kind):
-    driver_or_skip(kind)
-    try:
-        return shared_server(kind)
-    except ServerUnavailable as e:
-        raise SkipTest(str(e)) from None
 
 
 class RepositoryBehaviour:
@@ -494,6 +477,35 @@ class SQLiteRepositoryTests(RepositoryBehaviour, TestCase):
         yield repository.close()
 
     @inlineCallbacks
+    def test_file_and_its_companions_are_mode_0600_whatever_the_umask(self):
+        from sslshare.repository.sqlite import SQLiteRepository
+
+        umask_for_test(self, 0)
+        path = os.path.join(os.path.dirname(self.path), "new.sqlite3")
+        repository = yield self.started(SQLiteRepository(path, reactor))
+        yield repository.put(new_id(), blob(), self.expires())
+        # In WAL mode the -wal and -shm files stay while connections are
+        # open.
+        self.assertEqual(
+            [file_mode(path + suffix) for suffix in ("", "-wal", "-shm")],
+            [0o600] * 3)
+
+    @inlineCallbacks
+    def test_files_an_earlier_run_left_readable_are_made_0600(self):
+        from sslshare.repository.sqlite import SQLiteRepository
+
+        yield self.repository.close()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with open(self.path + suffix, "ab"):
+                pass
+            os.chmod(self.path + suffix, 0o644)
+        yield self.started(SQLiteRepository(self.path, reactor))
+        self.assertEqual(
+            [file_mode(self.path + suffix)
+             for suffix in ("", "-wal", "-shm", "-journal")],
+            [0o600] * 4)
+
+    @inlineCallbacks
     def test_config_without_a_path_uses_the_state_directory(self):
         state_dir = os.path.dirname(self.path)
         repository = from_config(RepositoryConfig(kind="sqlite"), reactor,
@@ -518,9 +530,9 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
         return RedisRepository(self.server.url, reactor, **options)
 
     def clear(self):
+        self.server = shared_server("redis")
         import redis
 
-        self.server = server_or_skip("redis")
         self.client = redis.Redis.from_url(self.server.url)
         self.addCleanup(self.client.close)
         self.client.flushdb()
@@ -539,12 +551,7 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
         return self.client.exists(key(session_id)) == 1
 
     def own_server(self):
-        try:
-            server = RedisServer()
-        except ServerUnavailable as e:
-            raise SkipTest(str(e)) from None
-        self.addCleanup(server.remove)
-        return server.start()
+        return throwaway_server(self, "redis").start()
 
     def make_for(self, server, **options):
         from sslshare.repository.redis import RedisRepository
@@ -571,9 +578,7 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
 
     @inlineCallbacks
     def test_password_from_the_password_file_is_used(self):
-        server = RedisServer(password="s3cret pass")
-        self.addCleanup(server.remove)
-        server.start()
+        server = throwaway_server(self, "redis", password="s3cret pass").start()
         password_file = self.mktemp()
         with open(password_file, "w") as f:
             f.write("s3cret pass\n")
@@ -587,9 +592,7 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
 
     @inlineCallbacks
     def test_missing_password_fails_calls_naming_the_server(self):
-        server = RedisServer(password="s3cret pass")
-        self.addCleanup(server.remove)
-        server.start()
+        server = throwaway_server(self, "redis", password="s3cret pass").start()
         repository = yield self.started(self.make_for(server))
         failure = yield self.assertFailure(repository.take(new_id()),
                                            RepositoryError)
@@ -598,9 +601,7 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
 
     @inlineCallbacks
     def test_tls_connects_to_a_tls_server(self):
-        server = RedisServer(tls=pki())
-        self.addCleanup(server.remove)
-        server.start()
+        server = throwaway_server(self, "redis", tls=pki()).start()
         # A redis:// URL with tls set becomes rediss://; the test CA is
         # named in the URL, as a deployment with a private CA would.
         url = (f"redis://127.0.0.1:{server.port}/0"
@@ -614,9 +615,7 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
 
     @inlineCallbacks
     def test_tls_server_refuses_a_plain_connection(self):
-        server = RedisServer(tls=pki())
-        self.addCleanup(server.remove)
-        server.start()
+        server = throwaway_server(self, "redis", tls=pki()).start()
         repository = yield self.started(self.make_for(_PlainURL(server.port)))
         yield self.assertFailure(repository.take(new_id()), RepositoryError)
 
@@ -642,7 +641,7 @@ class PostgresRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
         return PostgresRepository(self.server.dsn(), reactor, **options)
 
     def clear(self):
-        self.server = server_or_skip("postgres")
+        self.server = shared_server("postgres")
         self.server.execute("DROP TABLE IF EXISTS sslshare_sessions")
 
     def raw_put(self, session_id, sealed, expires, seq=0, digest=b""):
@@ -656,12 +655,7 @@ class PostgresRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
             session_id))
 
     def own_server(self):
-        try:
-            server = PostgresServer(tls=pki())
-        except ServerUnavailable as e:
-            raise SkipTest(str(e)) from None
-        self.addCleanup(server.remove)
-        return server.start()
+        return throwaway_server(self, "postgres", tls=pki()).start()
 
     def make_for(self, server, **options):
         from sslshare.repository.postgres import PostgresRepository
@@ -745,8 +739,8 @@ class FromConfigTests(TestCase):
     """
 
     def test_each_kind_gives_its_backend(self):
-        driver_or_skip("postgres")
-        driver_or_skip("redis")
+        skip_without("postgres", server=False)
+        skip_without("redis", server=False)
         from sslshare.repository.postgres import PostgresRepository
         from sslshare.repository.redis import RedisRepository
         from sslshare.repository.sqlite import SQLiteRepository
@@ -762,7 +756,7 @@ class FromConfigTests(TestCase):
             self.assertIsInstance(from_config(config, reactor, "."), kind)
 
     def test_dsn_that_is_not_one_is_refused_without_quoting_it(self):
-        driver_or_skip("postgres")
+        skip_without("postgres", server=False)
         config = RepositoryConfig(kind="postgres",
                                   dsn="host=db password='s3cret")
         error = self.assertRaises(RepositoryError, from_config, config,
@@ -771,7 +765,7 @@ class FromConfigTests(TestCase):
         self.assertNotIn("s3cret", str(error))
 
     def test_tls_with_a_unix_socket_is_refused(self):
-        driver_or_skip("redis")
+        skip_without("redis", server=False)
         config = RepositoryConfig(kind="redis", url="unix:///run/redis.sock",
                                   tls=True)
         error = self.assertRaises(RepositoryError, from_config, config,
@@ -787,8 +781,8 @@ class FromConfigTests(TestCase):
         self.assertIn(path, str(error))
 
     def test_description_never_holds_the_password(self):
-        driver_or_skip("postgres")
-        driver_or_skip("redis")
+        skip_without("postgres", server=False)
+        skip_without("redis", server=False)
         repository = from_config(
             RepositoryConfig(kind="redis", url="redis://:s3cret@db:6380/2"),
             reactor, ".")

@@ -15,15 +15,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from sslshare.state import MAX_SEQ, SEALED_CHECKPOINT_LENGTH
 from tests.support import (
     LocalCluster,
-    PostgresServer,
-    RedisServer,
-    ServerUnavailable,
+    file_mode,
     shared_server,
+    throwaway_server,
+    umask_for_test,
     until,
 )
 
@@ -245,6 +245,22 @@ class SQLiteTopologyTests(_RepositoryTopology, TestCase):
     def section(self):
         return 'kind = "sqlite"\npath = "{directory}/sessions.sqlite3"\n'
 
+    @inlineCallbacks
+    def test_state_dirs_and_database_files_are_private_after_start(self):
+        umask_for_test(self, 0)
+        cluster = self._cluster()
+        yield self._made_on_node1(cluster, "TLSv1.2")
+        database = os.path.join(cluster.directory, "sessions.sqlite3")
+        self.assertEqual(
+            {path: file_mode(path) for path in (
+                os.path.join(cluster.directory, "state", "node1"),
+                os.path.join(cluster.directory, "state", "node2"),
+                database, database + "-wal", database + "-shm")},
+            {os.path.join(cluster.directory, "state", "node1"): 0o700,
+             os.path.join(cluster.directory, "state", "node2"): 0o700,
+             database: 0o600, database + "-wal": 0o600,
+             database + "-shm": 0o600})
+
     def tamper(self, cluster, session_id):
         with sqlite3.connect(f"{cluster.directory}/sessions.sqlite3") as db:
             (sealed,) = db.execute("SELECT sealed FROM sslshare_sessions "
@@ -261,22 +277,12 @@ class _ServerTopology(_RepositoryTopology):
     Backends behind a server, which can also die and come back.
     """
 
-    server_class = None
-
     def server(self):
-        try:
-            return shared_server(self.kind)
-        except ServerUnavailable as e:
-            raise SkipTest(str(e))
+        return shared_server(self.kind)
 
     @inlineCallbacks
     def test_repository_killed_gives_full_handshakes_then_sharing_returns(self):
-        try:
-            server = self.server_class()
-        except ServerUnavailable as e:
-            raise SkipTest(str(e))
-        self.addCleanup(server.remove)
-        server.start()
+        server = throwaway_server(self, self.kind).start()
         self._own = server
         cluster = self._cluster(budget_ms=200)
         first = yield self._made_on_node1(cluster, "TLSv1.2")
@@ -298,7 +304,6 @@ class _ServerTopology(_RepositoryTopology):
 
 class RedisTopologyTests(_ServerTopology, TestCase):
     kind = "redis"
-    server_class = RedisServer
 
     def section(self):
         server = getattr(self, "_own", None) or self.server()
@@ -318,7 +323,6 @@ class RedisTopologyTests(_ServerTopology, TestCase):
 
 class PostgresTopologyTests(_ServerTopology, TestCase):
     kind = "postgres"
-    server_class = PostgresServer
 
     def section(self):
         server = getattr(self, "_own", None) or self.server()

@@ -75,16 +75,15 @@ from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from tests.support import (
     LocalCluster,
-    PostgresServer,
-    ServerUnavailable,
     SilentListener,
     connections_to,
     open_descriptors,
     resident_bytes,
+    throwaway_server,
     until,
 )
 
@@ -580,12 +579,8 @@ class RepositorySoakTests(_Soak, TestCase):
     def setUp(self):
         if type(self)._figures is not None:
             return
-        try:
-            self.server = PostgresServer(survives_kill=True)
-        except ServerUnavailable as e:
-            raise SkipTest(str(e))
-        self.addCleanup(self.server.remove)
-        self.server.start()
+        self.server = throwaway_server(self, "postgres",
+                                       survives_kill=True).start()
         self.repository = (f'topology = "repository"\nkind = "postgres"\n'
                            f'dsn = "{self.server.dsn()}"\n')
 

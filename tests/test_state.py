@@ -11,7 +11,7 @@ import struct
 
 import attrs
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
@@ -25,9 +25,11 @@ from sslshare.state import (
 )
 from tests.support import session_ids, session_state, session_states
 
-# No example database in the trial directory, and no deadline: the machine
-# is shared and a slow example is not a failure.
-properties = settings(database=None, deadline=None)
+# No example database in the trial directory, and no deadline nor check
+# of how fast examples are made: the machine is shared (trial -j, other
+# runs), and a slow example is not a failure.
+properties = settings(database=None, deadline=None,
+                      suppress_health_check=[HealthCheck.too_slow])
 
 
 

@@ -1,13 +1,19 @@
 """
 The test PKI: its files load into Python's C{ssl} and a stock client that
-trusts the CA accepts each server identity under its names.
+trusts the CA accepts each server identity under its names.  Free ports,
+and the skip of the tests that need a Redis or PostgreSQL driver.
 """
 
 import os
 import socket
 import ssl
+import sys
 
 import attrs
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
 from sslshare.throwaway import free_port
@@ -90,6 +96,26 @@ class MakePKITests(TestCase):
         self.assertIs(support.pki(), support.pki())
 
 
+class _PortsOfAChild(ProcessProtocol):
+    """
+    A child that prints one line of ports, then waits until its standard
+    input is closed.
+    """
+
+    def __init__(self):
+        self.ports = Deferred()
+        self.ended = Deferred()
+        self._output = b""
+
+    def outReceived(self, data):
+        self._output += data
+        if b"\n" in self._output and not self.ports.called:
+            self.ports.callback({int(port) for port in self._output.split()})
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
+
+
 class FreePortTests(TestCase):
     """
     L{free_port}: ports a test can name in a configuration and listen on
@@ -110,3 +136,65 @@ class FreePortTests(TestCase):
         with socket.socket() as listener:
             listener.bind(("127.0.0.1", port))
             listener.listen()
+
+    @inlineCallbacks
+    def test_ports_given_to_a_live_process_are_not_given_here(self):
+        # A few hundred ports each of a range of about 20000 would share
+        # some if each process drew its own.
+        child = ("import sys\n"
+                 "from sslshare.throwaway import free_port\n"
+                 "print(' '.join(str(free_port()) for _ in range(300)),"
+                 " flush=True)\n"
+                 "sys.stdin.read()\n")
+        child_process = _PortsOfAChild()
+        process = reactor.spawnProcess(child_process, sys.executable,
+                                       [sys.executable, "-c", child],
+                                       env=os.environ)
+        theirs = yield child_process.ports
+        ours = {free_port() for _ in range(1000)}
+        process.closeStdin()
+        yield child_process.ended
+        self.assertEqual(len(theirs), 300)
+        self.assertEqual(ours & theirs, set())
+
+
+# A test of each kind that needs a driver: the repository's own, a cluster's
+# through the repository, and the demo's.
+NEEDS_A_DRIVER = (
+    "tests.test_repository.RedisRepositoryTests.test_key_lives_as_long_as_the_session",
+    "tests.test_repository.PostgresRepositoryTests.test_repositories_starting_together_make_the_table_once",
+    "tests.test_repository_node.RedisTopologyTests.test_tampered_blob_gives_full_handshake",
+    "tests.test_repository_node.PostgresTopologyTests.test_repository_killed_gives_full_handshakes_then_sharing_returns",
+    "tests.test_demo.DemoTests.test_demo_through_redis_resumes_from_the_repository",
+)
+
+
+class SkipWithoutTests(TestCase):
+    """
+    L{support.skip_without}: a test that needs a driver that is not
+    installed is skipped with the reason, never an error.
+    """
+
+    @inlineCallbacks
+    def test_tests_skip_naming_the_driver_that_cannot_be_imported(self):
+        # A directory first on the path whose redis and psycopg packages
+        # fail to import, as when they are not installed.
+        hidden = os.path.abspath(self.mktemp())
+        for driver in support.SERVER_DRIVERS.values():
+            os.makedirs(os.path.join(hidden, driver))
+            reason = f"no module {driver}"
+            with open(os.path.join(hidden, driver, "__init__.py"), "w") as f:
+                f.write(f"raise ImportError({reason!r})\n")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join((hidden, root)))
+        output, error, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "twisted.trial", "--temp-directory",
+             os.path.abspath(self.mktemp()), *NEEDS_A_DRIVER],
+            env=env, path=root)
+        output = output.decode()
+        self.assertEqual(code, 0, output + error.decode())
+        self.assertIn(f"PASSED (skips={len(NEEDS_A_DRIVER)})", output)
+        for kind, driver in support.SERVER_DRIVERS.items():
+            self.assertIn(f"the {kind} driver is not installed (pip install "
+                          f"'sslshare[{kind}]'): no module {driver}", output)

@@ -23,6 +23,12 @@ a cache of resumable sessions only means some full handshakes.  A writer
 that finds the file locked by another connection waits up to the
 repository's timeout (SQLite's busy timeout), then fails.
 
+Files: the database file and the C{-wal}, C{-shm} and C{-journal} files
+beside it are mode 0600.  The node makes the database file before SQLite
+opens it, and SQLite gives the files it makes beside it the mode of the
+database file, so none of them is ever readable by anyone else, whatever
+the umask; a file an earlier run left laxer is made 0600 too.
+
 Atomic take: C{DELETE ... RETURNING} (SQLite 3.35 and later) is one
 statement, so one writer deletes the row and gets it, and every other finds
 nothing.  With an older SQLite the same is done in a C{BEGIN IMMEDIATE}
@@ -33,7 +39,9 @@ This module never reads a blob beyond checking its length.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from typing import Any
 
 from sslshare.repository import (
@@ -51,6 +59,9 @@ from sslshare.repository import (
 TABLE = "sslshare_sessions"
 # DELETE ... RETURNING arrived in SQLite 3.35.0.
 HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+FILE_MODE = 0o600
+# The files SQLite keeps beside the database, named by suffix.
+_COMPANIONS = ("-wal", "-shm", "-journal")
 
 _SCHEMA = (
     f"""CREATE TABLE IF NOT EXISTS {TABLE} (
@@ -62,6 +73,29 @@ _SCHEMA = (
     ) WITHOUT ROWID""",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_expires ON {TABLE} (expires)",
 )
+
+
+def _make_private(path: str) -> None:
+    """
+    Make the database file at C{path} if missing, mode L{FILE_MODE}, and
+    give that mode to it and its companions where they have another.
+
+    @raise sqlite3.OperationalError: a file cannot be made or changed.
+    """
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         FILE_MODE))
+        for name in (path, *(path + suffix for suffix in _COMPANIONS)):
+            try:
+                mode = stat.S_IMODE(os.stat(name).st_mode)
+            except FileNotFoundError:
+                continue
+            if mode != FILE_MODE:
+                os.chmod(name, FILE_MODE)
+    except OSError as e:
+        raise sqlite3.OperationalError(
+            f"cannot make {e.filename} mode {FILE_MODE:04o}: "
+            f"{e.strerror}") from None
 
 
 def _row_problem(session_id: bytes, row: tuple[Any, ...]) -> str | None:
@@ -113,6 +147,7 @@ class SQLiteRepository(ThreadedRepository):
         # transaction unless a BEGIN says otherwise.  check_same_thread is
         # off only so that close() may close the connections of threads
         # that have ended; each is used by its own thread alone.
+        _make_private(self.path)
         connection = sqlite3.connect(self.path, timeout=self.timeout,
                                      isolation_level=None,
                                      check_same_thread=False)
