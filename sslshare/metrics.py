@@ -18,7 +18,7 @@ This module never changes a counter and holds no session data.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -44,6 +44,19 @@ CHECKPOINT_EVENTS = ("written", "rejected", "coalesced", "failed", "pauses",
                      "pauses_cut")
 
 
+def _counted_by(name: str, documentation: str, label: str,
+                values: Iterable[str], stats: Mapping[str, int | float],
+                stat: str) -> CounterMetricFamily:
+    """
+    A counter with one sample per value of C{label}, read from the stat
+    C{stat.format(value)} (0 when the node has not counted it yet).
+    """
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value in values:
+        family.add_metric([value], stats.get(stat.format(value), 0))
+    return family
+
+
 class NodeCollector:
     """
     A prometheus_client collector of one node's numbers, read at each
@@ -55,14 +68,11 @@ class NodeCollector:
 
     def collect(self) -> Iterator[Metric]:
         stats = self.node.stats()
-        handshakes = CounterMetricFamily(
+        yield _counted_by(
             "sslshare_handshakes", "Client TLS handshakes by outcome: full, "
             "resumed with the session from this node, a peer or the "
             "repository, or failed (errors and timeouts).",
-            labels=["outcome"])
-        for outcome in HANDSHAKE_OUTCOMES:
-            handshakes.add_metric([outcome], stats.get(outcome, 0))
-        yield handshakes
+            "outcome", HANDSHAKE_OUTCOMES, stats, "{}")
 
         latency = HistogramMetricFamily(
             "sslshare_lookup_duration_seconds", "Time to look up the session "
@@ -89,14 +99,12 @@ class NodeCollector:
                 peers.add_metric([name[len(prefix):-len(suffix)]], value)
         yield peers
 
-        checkpoints = CounterMetricFamily(
+        yield _counted_by(
             "sslshare_checkpoints", "Record digest checkpoints: written, "
             "rejected by the store, coalesced, failed, pauses of "
             "connections while the store lagged, and those pauses cut at "
-            "checkpoint_max_pause.", labels=["event"])
-        for event in CHECKPOINT_EVENTS:
-            checkpoints.add_metric([event], stats.get(f"checkpoint.{event}", 0))
-        yield checkpoints
+            "checkpoint_max_pause.", "event", CHECKPOINT_EVENTS, stats,
+            "checkpoint.{}")
 
         yield GaugeMetricFamily(
             "sslshare_store_sessions", "Sessions in this node's memory store.",
@@ -104,15 +112,12 @@ class NodeCollector:
         yield GaugeMetricFamily(
             "sslshare_store_bytes", "Bytes used by this node's memory store.",
             value=stats["store.bytes"])
-        refused = CounterMetricFamily(
+        yield _counted_by(
             "sslshare_sessions_refused", "Sessions found for a client that "
             "could not resume here, by reason (the session does not parse, "
             "is another one, belongs to another service or version, has "
             "expired, or its cipher is not allowed); each one is a full "
-            "handshake.", labels=["reason"])
-        for reason in SESSION_REFUSALS:
-            refused.add_metric([reason], stats.get(f"engine.{reason}", 0))
-        yield refused
+            "handshake.", "reason", SESSION_REFUSALS, stats, "engine.{}")
         yield CounterMetricFamily(
             "sslshare_backend_failures", "Client connections closed because "
             "their backend connection failed.",

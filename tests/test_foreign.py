@@ -64,63 +64,55 @@ class MismatchedHelloTests(TestCase):
         return cluster
 
     @inlineCallbacks
-    def _tls12_session(self, cluster):
+    def _offered_then_resumed(self, offer_at, hello, resume_at, **options):
+        """
+        node1 makes a TLS 1.2 session; C{hello(session_id)} is offered to
+        C{offer_at}; then the session's own client resumes at C{resume_at}.
+        """
+        cluster = yield self._cluster(**options)
         first = yield cluster.client_round("node1", "TLSv1.2")
         yield cluster.settled()
-        return first
+        yield _offer(cluster, offer_at, hello(first.session.id))
+        yield cluster.settled()
+        again = yield cluster.client_round(resume_at, "TLSv1.2", first.session)
+        self.assertTrue(again.reused)
+        return cluster
 
     @inlineCallbacks
     def test_tls12_id_as_tls13_psk_at_a_peer_moves_nothing(self):
-        cluster = yield self._cluster()
-        first = yield self._tls12_session(cluster)
-        yield _offer(cluster, "node3", _as_tls13_psk(first.session.id))
-        yield cluster.settled()
-        again = yield cluster.client_round("node3", "TLSv1.2", first.session)
-        self.assertTrue(again.reused)
+        cluster = yield self._offered_then_resumed("node3", _as_tls13_psk,
+                                                   "node3")
         self.assertEqual(cluster.nodes["node1"].counters["fetches_refused"], 1)
 
     @inlineCallbacks
     def test_tls12_id_as_tls13_psk_at_its_backup_node_moves_nothing(self):
-        cluster = yield self._cluster()
-        first = yield self._tls12_session(cluster)
-        yield _offer(cluster, "node2", _as_tls13_psk(first.session.id))
-        again = yield cluster.client_round("node2", "TLSv1.2", first.session)
-        self.assertTrue(again.reused)
+        cluster = yield self._offered_then_resumed("node2", _as_tls13_psk,
+                                                   "node2")
         self.assertEqual(
             cluster.nodes["node2"].recovery.counters["unresumable"], 1)
 
     @inlineCallbacks
     def test_tls12_id_as_tls13_psk_at_its_own_node_uses_nothing_up(self):
-        cluster = yield self._cluster()
-        first = yield self._tls12_session(cluster)
-        yield _offer(cluster, "node1", _as_tls13_psk(first.session.id))
-        again = yield cluster.client_round("node2", "TLSv1.2", first.session)
-        self.assertTrue(again.reused)
+        cluster = yield self._offered_then_resumed("node1", _as_tls13_psk,
+                                                   "node2")
         self.assertEqual(
             cluster.nodes["node1"].recovery.counters["unresumable"], 1)
 
     @inlineCallbacks
     def test_id_under_another_service_at_a_peer_moves_nothing(self):
-        cluster = yield self._cluster()
-        first = yield self._tls12_session(cluster)
-        yield _offer(cluster, "node3", client_hello(
-            tls13=False, session_id=first.session.id,
-            server_name="api.localhost"))
-        yield cluster.settled()
-        again = yield cluster.client_round("node3", "TLSv1.2", first.session)
-        self.assertTrue(again.reused)
+        cluster = yield self._offered_then_resumed(
+            "node3", lambda session_id: client_hello(
+                tls13=False, session_id=session_id,
+                server_name="api.localhost"), "node3")
         self.assertEqual(cluster.nodes["node1"].counters["fetches_refused"], 1)
 
     @inlineCallbacks
     def test_tls12_id_as_tls13_psk_with_a_repository_goes_back(self):
-        cluster = yield self._cluster(nodes=("node1", "node2"),
-                                      repository=SQLITE)
-        first = yield self._tls12_session(cluster)
-        yield _offer(cluster, "node2", _as_tls13_psk(first.session.id))
-        again = yield cluster.client_round("node2", "TLSv1.2", first.session)
-        self.assertTrue(again.reused)
-        recovery = cluster.nodes["node2"].recovery
-        self.assertEqual(recovery.counters["given_back"], 1)
+        cluster = yield self._offered_then_resumed(
+            "node2", _as_tls13_psk, "node2", nodes=("node1", "node2"),
+            repository=SQLITE)
+        self.assertEqual(
+            cluster.nodes["node2"].recovery.counters["given_back"], 1)
 
 
 class KeyRotationTests(TestCase):
