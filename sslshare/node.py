@@ -472,18 +472,18 @@ class Node:
 
     def _purge_other_copy(self, given: SessionState, requester: str) -> None:
         """
-        A session this node held and just gave away leaves the nodes that
-        may keep a backup copy of it, told by this node, the one whose
-        word they take.  A TLS 1.2 session whose new holder has the same
-        backup node is left there: the new holder's copy replaces it.  (A
-        backup copy this node gave away names a holder that could not be
-        reached; the new holder tells the other nodes.)
+        What this node just gave away leaves the nodes that may keep a
+        backup copy of it, told by this node: a session it held, as its
+        holder; a backup copy it kept, for a holder that could not answer
+        (that holder's own copy stays: a node drops its own sessions on
+        nobody's word).  A TLS 1.2 session whose new holder has the same
+        backup node is left there: the new holder's copy replaces it.
         """
-        if self.repository is not None or given.owner != self.node_id:
+        if self.repository is not None:
             return
         session_id = given.session_id
-        others = set(self.backup_of.candidates(session_id, self.node_id))
-        others.discard(requester)
+        others = set(self.backup_of.candidates(session_id, given.owner))
+        others -= {requester, self.node_id}
         if der_protocol(given.der) == "TLSv1.2":
             others.discard(self.backup_of(session_id, requester))
         for other in sorted(others):

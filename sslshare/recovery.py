@@ -690,13 +690,14 @@ class Recovery:
         """
         session_id = request.session_id
         previous = found.state.owner
-        if found.giver == previous:
-            # The holder that gave it drops its other copies itself: the
-            # nodes keeping them take a live holder's word only.
+        if found.giver is not None:
+            # The node that gave it (its holder, or the backup node of a
+            # holder that could not answer) drops the other copies itself:
+            # the nodes keeping them take the holder's word, and that node
+            # knows whose they are.
             others = set()
         else:
             others = {previous} | self._backup_nodes(session_id, previous)
-            others -= {found.giver}
         if request.protocol == "TLSv1.2":
             mine = found.state.with_owner(self.node_id)
             self.store.put(mine)
