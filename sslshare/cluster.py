@@ -279,7 +279,7 @@ class FetchSession(amp.Command):
 
 class Checkpoint(amp.Command):
     """
-    The record digest of C{session_id} after C{seq} records (issue 6).
+    The record digest of C{session_id} after C{seq} records.
     """
 
     arguments = [
@@ -294,8 +294,7 @@ class Checkpoint(amp.Command):
 class Backup(amp.Command):
     """
     Keep this sealed copy of C{session_id}: the sender holds the session,
-    and the receiver is its backup node, asked when the holder is gone
-    (issue 6).
+    and the receiver is its backup node, asked when the holder is gone.
     """
 
     arguments = [(b"session_id", amp.String()), (b"sealed", amp.String())]

@@ -246,7 +246,7 @@ def _redact_password(url: str | None) -> str:
 @attrs.frozen
 class RepositoryConfig:
     """
-    The central session repository (issue 5 builds the backends).
+    The central session repository.
 
     @ivar kind: C{"sqlite"}, C{"postgres"} or C{"redis"}.
     @ivar topology: C{"both"}: recover from the owner peer, then from the

@@ -390,7 +390,7 @@ def _checkpoint_tag(key: bytes, session_id: bytes, seq: int,
 
 class StateKeys:
     """
-    Cluster state keys: the first seals, all open (rotation, issue 9).
+    Cluster state keys: the first seals, all open (so that a cluster can rotate them).
     """
 
     def __init__(self, keys: Sequence[bytes]) -> None:

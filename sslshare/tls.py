@@ -354,7 +354,7 @@ class Connection:
     record_observer: Callable[[int, bytes], object] | None = None
     """
     Called with (direction, plaintext) for every record read or written
-    (the running digest, issue 6): one C{SSL_read} yields at most one
+    (the running digest): one C{SSL_read} yields at most one
     record, and with partial writes enabled (see L{sslshare._openssl}) one
     C{SSL_write} of at most 16 KiB, which is what Twisted hands us, makes
     exactly one.

@@ -950,7 +950,7 @@ class TLSErrorTests(_ConfigTestCase):
 
 class RepositoryErrorTests(_ConfigTestCase):
     """
-    A [repository] section issue 5's backends could not use.
+    A [repository] section the backends could not use.
     """
 
     def test_unknown_repository_kind(self):

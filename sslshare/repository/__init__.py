@@ -5,9 +5,10 @@ recovers from the repository only.
 
 L{ISessionRepository} is the whole contract.  A repository holds, per
 session id, one I{sealed} blob (L{sslshare.state.StateKeys.seal}), its
-expiry time, and the session's checkpoint (record count and running digest,
-issue 6) in separate fields beside the blob.  It never sees a plaintext
-state, a DER or a key: sealing and opening are the caller's job.
+expiry time, and the session's checkpoint (record count and running digest
+with its tag, L{sslshare.state.StateKeys.seal_checkpoint}) in separate
+fields beside the blob.  It never sees a plaintext state, a DER or a key:
+sealing and opening are the caller's job.
 
 Three backends share the code in this module:
 
