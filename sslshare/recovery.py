@@ -36,6 +36,13 @@ which keeps its id when resumed, this node stores it under its own name.
 A TLS 1.3 ticket is used once; the resumed handshake issues a new one,
 which the node stores as any new session.
 
+Nothing moves for a handshake that cannot resume it: a peer is asked with
+the handshake's TLS version, session id context and this node's state key
+ids (L{sslshare.cluster.FetchTerms}) and refuses otherwise, a copy here is
+checked before it is used up, and one taken from the repository that
+cannot serve goes back.  A copy of a session from before it last left this
+node (its move count at or below the one its tombstone keeps) is refused.
+
 This module does no TLS and holds no sockets of its own: it talks to the
 store, the peer links and the repository it is given.
 """
@@ -683,10 +690,12 @@ class Recovery:
     def _hold(self, found: Recovered, request: LookupRequest) -> None:
         """
         Make this node the one holder of what it recovered ("move, not
-        copy"): every other copy the cluster may keep is dropped, and a
-        TLS 1.2 session (which keeps its id) is stored here with a fresh
-        copy in the repository or at this node's backup for it.  A used
-        TLS 1.3 ticket is dropped everywhere.
+        copy"): every other copy the cluster may keep is dropped (by the
+        peer that gave it, when one did; by this node for a copy it kept
+        or took from the repository), and a TLS 1.2 session (which keeps
+        its id) is stored here with a fresh copy in the repository or at
+        this node's backup for it.  A used TLS 1.3 ticket is dropped
+        everywhere, and its tombstone here refuses it if it comes back.
         """
         session_id = request.session_id
         previous = found.state.owner
