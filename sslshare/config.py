@@ -55,11 +55,11 @@ import attrs
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 
-from sslshare import tls
+from sslshare import cluster, tls
 from sslshare.digest import MODES, CheckpointPolicy
 
-# The AMP commands a peer may be allowed to send (sslshare.cluster).
-COMMANDS = ("Backup", "Checkpoint", "FetchSession", "Purge", "Stats")
+# The AMP commands a peer may be allowed to send: the channel's own list.
+COMMANDS = tuple(sorted(cluster.COMMANDS))
 
 TLS_VERSIONS = ("1.2", "1.3")
 REPOSITORY_KINDS = ("sqlite", "postgres", "redis")
