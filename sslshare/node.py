@@ -87,17 +87,16 @@ class Node:
         C{sessions_made}, C{sessions_given}, C{repository_put_failures},
         C{backups_kept}, C{backups_refused}, C{backup_failures},
         C{backups_moved} (copies given to a backup node that had none,
-        as when the one before it in the ring went down) and
-        C{stale_copy_purge_failures} (the old copies that could not be
-        dropped then),
+        as when the one before it in the ring went down),
         C{sessions_handed_over} and C{handover_failures} (when the node
         stopped), C{reloads} and C{reload_failures}, C{backend_failures}
         (clients closed because their backend connection failed),
         C{fetches_refused} (a peer asked for a session its handshake
         cannot resume: kept here), C{refused_checkpoints} and
         C{refused_purges} (from a peer that
-        does not hold the session), C{purge_failures} (the other copy of a
-        session given away could not be dropped), C{chains_exhausted}
+        does not hold the session), C{purge_failures} (an old copy of a
+        session at another node could not be dropped: given away, or
+        replaced by a copy at a new backup node), C{chains_exhausted}
         (a digest chain at its bound, no longer digested).
     @ivar checkpoint_counters: the checkpoint pipelines' C{written},
         C{rejected}, C{coalesced}, C{failed}, C{pauses}.
@@ -255,11 +254,6 @@ class Node:
         self._warnings.warn("could not give node {peer} its backup copy: "
                             "{why}", peer=backup, why=reason.getErrorMessage())
 
-    def _stale_copy_kept(self, reason: Any) -> None:
-        # A node that cannot be told is usually down, and lost its copy
-        # with its memory; its link logs that it is unreachable.
-        self.counters["stale_copy_purge_failures"] += 1
-
     def _repository_put_failed(self, reason: Any) -> None:
         # Fail open: the session stays resumable through this node.
         self.counters["repository_put_failures"] += 1
@@ -387,12 +381,7 @@ class Node:
         def given(kept: bool) -> bool:
             held = self.store.get(session_id)
             if kept and held is not None and held.owner == self.node_id:
-                for other in self.backup_of.candidates(session_id,
-                                                       self.node_id):
-                    if other != backup:
-                        self.peer_links.purge_session(
-                            other, session_id).addErrback(
-                                self._stale_copy_kept)
+                self._purge_copies(session_id, self.node_id, {backup})
             return kept
 
         giving = self.peer_links.backup_session(backup, session_id,
@@ -459,11 +448,9 @@ class Node:
         Why the handshake that asks under C{terms} cannot resume C{state},
         or C{None}.
         """
-        if state.id_context != terms.id_context:
-            return "it is another service's"
-        protocol = der_protocol(state.der)
-        if protocol not in (None, terms.protocol):
-            return f"it is a {protocol} session, the client asked for {terms.protocol}"
+        problem = state.unresumable(terms.protocol, terms.id_context)
+        if problem is not None:
+            return problem
         if self.keys.sealing_key_for(terms.key_ids) is None:
             return (f"none of its state keys "
                     f"({', '.join(k.hex() for k in terms.key_ids)}) is one of "
@@ -482,11 +469,19 @@ class Node:
         if self.repository is not None:
             return
         session_id = given.session_id
-        others = set(self.backup_of.candidates(session_id, given.owner))
-        others -= {requester, self.node_id}
+        kept = {requester}
         if der_protocol(given.der) == "TLSv1.2":
-            others.discard(self.backup_of(session_id, requester))
-        for other in sorted(others):
+            kept.add(self.backup_of(session_id, requester))
+        self._purge_copies(session_id, given.owner, kept)
+
+    def _purge_copies(self, session_id: bytes, holder: str,
+                      kept: set[str | None]) -> None:
+        """
+        Tell the nodes that may keep a backup copy of C{session_id} naming
+        C{holder}, but C{kept} and this node, to drop it.
+        """
+        others = set(self.backup_of.candidates(session_id, holder))
+        for other in sorted(others - kept - {self.node_id}):
             purging = self.peer_links.purge_session(other, session_id)
             purging.addErrback(self._purge_failed, other)
 

@@ -64,7 +64,7 @@ from sslshare import sessionid
 from sslshare.logs import RateLimitedWarning
 from sslshare.repository import Taken
 from sslshare.cluster import FetchTerms
-from sslshare.state import SealError, SessionState, StateKeys, der_protocol
+from sslshare.state import SealError, SessionState, StateKeys
 from sslshare.store import SessionStore
 from sslshare.tls import LookupRequest
 
@@ -347,15 +347,15 @@ class Recovery:
         Whether C{state} can resume C{request}'s handshake in C{context};
         what cannot is counted (C{unresumable}).
         """
-        protocol = der_protocol(state.der)
-        if (state.id_context == context
-                and protocol in (None, request.protocol)):
+        problem = state.unresumable(request.protocol, context)
+        if problem is None:
             return True
         self.counters["unresumable"] += 1
         self._log.info("session {session} cannot resume a {protocol} "
-                       "handshake of service {service}: left as it is",
+                       "handshake of service {service} ({why}): left as it is",
                        session=sessionid.describe(request.session_id),
-                       protocol=request.protocol, service=request.service)
+                       protocol=request.protocol, service=request.service,
+                       why=problem)
         return False
 
     def _admit(self, client: str | None) -> bool:

@@ -312,6 +312,20 @@ class SessionState:
                              f"{DIGEST_LENGTH}-byte digest")
         return attrs.evolve(self, seq=seq, digest=digest)
 
+    def unresumable(self, protocol: str, id_context: bytes) -> str | None:
+        """
+        Why a handshake of TLS version C{protocol} in session id context
+        C{id_context} cannot resume this session, or C{None}: what a node
+        checks before the session moves or is used up.  A DER whose
+        version does not read (see L{der_protocol}) is left to the engine.
+        """
+        if self.id_context != id_context:
+            return "it is another service's"
+        own = der_protocol(self.der)
+        if own not in (None, protocol):
+            return f"it is a {own} session, the client asked for {protocol}"
+        return None
+
     def expired(self, now: float) -> bool:
         """
         Whether the session is past its lifetime at unix time C{now}.

@@ -499,3 +499,31 @@ class KeyFileTests(TestCase):
         key = StateKeys.generate().hex()
         self._assert_key_error(self._write(f"{key}\n{key}\n"),
                                "state key 2 has the key id of an earlier key")
+
+
+# The head of an OpenSSL session's DER: SEQUENCE (long form, two length
+# bytes), INTEGER 1, INTEGER ssl_version, OCTET STRING cipher.
+_TLS12_DER = bytes.fromhex("3082044d020101020203030402c030") + b"\0" * 16
+
+
+class ResumabilityTests(TestCase):
+    """
+    What a node checks before a session moves or is used up.
+    """
+
+    def test_der_protocol_reads_the_version_of_a_session(self):
+        self.assertEqual(state.der_protocol(_TLS12_DER), "TLSv1.2")
+        tls13 = _TLS12_DER[:9] + b"\x03\x04" + _TLS12_DER[11:]
+        self.assertEqual(state.der_protocol(tls13), "TLSv1.3")
+
+    def test_der_protocol_of_what_is_no_session_is_none(self):
+        for der in (b"", b"\x30", b"\x31" + _TLS12_DER[1:],
+                    _TLS12_DER[:4] + b"\x02\x01\x02" + _TLS12_DER[7:],
+                    _TLS12_DER[:9] + b"\x03\x01" + _TLS12_DER[11:]):
+            self.assertIsNone(state.der_protocol(der), der[:12].hex())
+
+    def test_unresumable_names_the_mismatch(self):
+        s = session_state(der=_TLS12_DER)
+        self.assertIsNone(s.unresumable("TLSv1.2", s.id_context))
+        self.assertIn("TLSv1.2 session", s.unresumable("TLSv1.3", s.id_context))
+        self.assertIn("another service", s.unresumable("TLSv1.2", b"other"))
