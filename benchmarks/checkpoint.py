@@ -29,7 +29,7 @@ Every part is its own process on 127.0.0.1, as in a deployment:
     - two clusters of two nodes each, real C{twistd -n sslshare} processes
       from TOML files this script writes in a temporary directory (its own
       small template: C{tests/support.LocalCluster}'s has no checkpoint
-      key), sharing one PKI made by L{sslshare.pki.init_pki}.  Cluster
+      key), sharing one PKI made by L{sslshare.dev.pki.init_pki}.  Cluster
       C{every-record} checkpoints every record, cluster C{off} none;
       everything else is the same.  With two nodes, each session's backup
       node is the other one, so node1's checkpoints leave the process: an
@@ -286,7 +286,7 @@ def machine_busy_and_total() -> tuple[float, float]:
 
 
 def _free_port() -> int:
-    from sslshare.throwaway import free_port
+    from sslshare.dev.throwaway import free_port
 
     return free_port()
 
@@ -522,7 +522,7 @@ def machine() -> dict[str, Any]:
 
 def run(quick: bool, profile: str | None, keep: bool, breakdown: bool,
         progress: Any) -> dict[str, Any]:
-    from sslshare.pki import init_pki
+    from sslshare.dev.pki import init_pki
 
     modes = MODES + ((BREAKDOWN_MODE,) if breakdown else ())
     rounds, phase_seconds = (8, 1.5) if quick else (16, 3.0)

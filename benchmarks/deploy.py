@@ -118,11 +118,11 @@ _handed_out: set[int] = set()
 def free_port() -> int:
     """
     A free port of 127.0.0.1 not handed out before in this run: each
-    L{sslshare.throwaway.free_port} closes its socket, so two calls can
+    L{sslshare.dev.throwaway.free_port} closes its socket, so two calls can
     name the same port, and a node whose client port is another's cluster
     port would make a balancer send connections to the wrong listener.
     """
-    from sslshare.throwaway import free_port as any_free_port
+    from sslshare.dev.throwaway import free_port as any_free_port
 
     while (port := any_free_port()) in _handed_out:
         pass
@@ -190,7 +190,7 @@ def start_sslshare(processes: Processes, directory: str, deployment: str,
                    tables: str = "") -> list[Node]:
     """
     C{twistd -n sslshare} nodes from TOML files written into C{directory}
-    (whose C{pki/} holds the PKI, from L{sslshare.pki.init_pki}), named
+    (whose C{pki/} holds the PKI, from L{sslshare.dev.pki.init_pki}), named
     C{deployment}-C{node}: each with all the others as peers when C{peers},
     with none otherwise; C{repository} is the body of a C{[repository]}
     table, or empty for none; C{node_options} are more lines of the

@@ -29,7 +29,7 @@ from typing import Any
 
 import attrs
 
-from sslshare.demo import get_over_tls
+from sslshare.dev.demo import get_over_tls
 
 VERSIONS = {"tls1.2": ssl.TLSVersion.TLSv1_2, "tls1.3": ssl.TLSVersion.TLSv1_3}
 _VERSION_NAMES = {"tls1.2": "TLSv1.2", "tls1.3": "TLSv1.3"}

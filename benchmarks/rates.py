@@ -133,7 +133,7 @@ def _repository_settings(kind: str, directory: str,
     The C{[repository]} table of a repository kind, starting its throwaway
     server (kept in C{servers}, for the caller to remove).
     """
-    from sslshare import throwaway
+    from sslshare.dev import throwaway
 
     if kind == "sqlite":
         where = f'path = "{os.path.join(directory, "sessions.sqlite3")}"'

@@ -15,14 +15,14 @@ What runs
 =========
 
 Everything lives in this process and one reactor, except the Redis and
-PostgreSQL servers: throwaway ones from L{sslshare.throwaway}, started in
+PostgreSQL servers: throwaway ones from L{sslshare.dev.throwaway}, started in
 temporary directories on free ports of 127.0.0.1.  A source whose server
 binary or Python driver is missing, or that cannot be set up, is reported
 as skipped with the reason; the others run.  The TLS handshakes are those
 of C{benchmarks/engine.py} (whose functions this script imports): a
 pyOpenSSL client and an L{sslshare.tls.Connection} talking through memory
 BIOs, no sockets, one TLS version (1.3 unless C{--tls 1.2}), the P-256
-localhost certificate of a PKI made by L{sslshare.pki.init_pki}.
+localhost certificate of a PKI made by L{sslshare.dev.pki.init_pki}.
 
 Each source has a node that makes sessions and a node that resumes them,
 each a real L{sslshare.node.Node} (store, state keys, L{Recovery}) whose
@@ -123,7 +123,8 @@ from benchmarks.engine import (
     machine,
     new_client,
 )
-from sslshare import cluster, config, pki, sessionid, throwaway, tls
+from sslshare import cluster, config, sessionid, tls
+from sslshare.dev import pki, throwaway
 from sslshare.node import Node
 from sslshare.recovery import Recovered, Recovery
 from sslshare.state import StateKeys

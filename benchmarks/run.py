@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
 
     deploy.stop_on_sigterm()
 
-    from sslshare.pki import init_pki
+    from sslshare.dev.pki import init_pki
 
     started = time.monotonic()
     directory = tempfile.mkdtemp(prefix="sslshare-bench-")

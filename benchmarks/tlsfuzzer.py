@@ -441,7 +441,7 @@ def write_certificate(directory: str) -> tuple[str, str]:
     """
     An RSA-2048 chain for C{localhost} in the PKI directory, under the
     names the nodes' files use for their server certificate (replacing the
-    EC one L{sslshare.pki.init_pki} wrote).
+    EC one L{sslshare.dev.pki.init_pki} wrote).
     """
     from benchmarks.engine import write_certificates
 
@@ -670,7 +670,7 @@ def report(results: dict[str, dict[str, Outcome]], scripts: list[Script],
 
 def run(checkout: str, python: str, scripts: list[Script], targets: list[str],
         timeout: float, keep: bool, progress: Any) -> dict[str, dict[str, Outcome]]:
-    from sslshare.pki import init_pki
+    from sslshare.dev.pki import init_pki
 
     directory = tempfile.mkdtemp(prefix="sslshare-tlsfuzzer-")
     backend = Processes()

@@ -27,7 +27,8 @@ from twisted.internet.endpoints import clientFromString, connectProtocol, wrapCl
 from twisted.protocols.amp import AMP
 from twisted.python.failure import Failure
 
-from sslshare import cluster, config, pki
+from sslshare import cluster, config
+from sslshare.dev import pki
 from sslshare.errors import FileError
 from sslshare.state import SealError, StateKeyError, StateKeys
 
@@ -382,7 +383,7 @@ def _digest_verify(arguments: argparse.Namespace) -> None:
 
 
 def _demo(arguments: argparse.Namespace) -> None:
-    from sslshare import demo
+    from sslshare.dev import demo
 
     demo.run(arguments)
 

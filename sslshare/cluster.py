@@ -11,7 +11,7 @@ sets a link up.  What a node does with them is not this module's
 business: the server calls an L{ICommandHandler}.
 
 Identity.  Both ends present a certificate from the cluster CA whose SAN
-URI is C{sslshare://<cluster>/<node id>} (L{sslshare.pki.node_uri}).
+URI is C{sslshare://<cluster>/<node id>} (L{sslshare.identity.node_uri}).
 OpenSSL verifies the chain (trust root: the CA file only; extended key
 usage: clientAuth for the side that dials, serverAuth for the side that
 answers); a per-connection verify callback then reads the URI of the leaf:
@@ -139,7 +139,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from sslshare import pki, sessionid
+from sslshare import identity, sessionid
 from sslshare.errors import FileError
 from sslshare.logs import RateLimitedWarning
 from sslshare.state import (
@@ -492,7 +492,7 @@ def _fetch_answer_problem(status: Any, sealed: Any, holder: Any) -> str | None:
     elif sealed is not None:
         return f"{status} with a sealed state"
     if status == "redirect":
-        if not isinstance(holder, str) or pki.NAME_PATTERN.fullmatch(holder) is None:
+        if not identity.is_name(holder):
             return f"redirect to {holder!r}, which is not a node id"
     elif holder is not None:
         return f"{status} with a holder"
@@ -554,22 +554,25 @@ def node_identity(certificate: x509.Certificate, cluster: str) -> str:
     @raise PeerIdentityError: it names no node of C{cluster}, or several,
         or an invalid node id.
     """
-    pki.validate_name("cluster name", cluster)
-    prefix = f"{pki.URI_SCHEME}://{cluster}/"
+    identity.validate_name("cluster name", cluster)
     uris = certificate_uris(certificate)
-    ours = [uri for uri in uris if uri.startswith(prefix)]
+    ours = []
+    for uri in uris:
+        try:
+            node_id = identity.node_of(uri, cluster)
+        except ValueError:
+            raise PeerIdentityError(
+                f"certificate {_subject(certificate)} names {uri}, whose node "
+                f"id is not valid") from None
+        if node_id is not None:
+            ours.append(node_id)
     if len(ours) != 1:
         named = ", ".join(uris) or "no URI"
         count = "no node" if not ours else "several nodes"
         raise PeerIdentityError(
             f"certificate {_subject(certificate)} names {count} of cluster "
             f"{cluster} ({named})")
-    node_id = ours[0][len(prefix):]
-    if pki.NAME_PATTERN.fullmatch(node_id) is None:
-        raise PeerIdentityError(
-            f"certificate {_subject(certificate)} names {ours[0]}, whose node "
-            f"id is not valid")
-    return node_id
+    return ours[0]
 
 
 # OpenSSL's X509_V_ERR_* numbers for the refusals an operator will meet; the
@@ -668,8 +671,8 @@ class _ClientCreator:
         if found != self._peer:
             raise PeerIdentityError(
                 f"certificate {_subject(leaf)} names "
-                f"{pki.node_uri(self._cluster, found)}, not "
-                f"{pki.node_uri(self._cluster, self._peer)}")
+                f"{identity.node_uri(self._cluster, found)}, not "
+                f"{identity.node_uri(self._cluster, self._peer)}")
 
     def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
         connection = SSL.Connection(self._tls._context, None)
@@ -712,7 +715,7 @@ class ClusterTLS:
             CA (or has expired).
         @raise ValueError: C{cluster} or C{node_id} is not a valid name.
         """
-        expected = pki.node_uri(cluster, node_id)
+        expected = identity.node_uri(cluster, node_id)
         self.cluster = cluster
         self.node_id = node_id
         authorities = _load_certificates(ca_path)
@@ -732,7 +735,7 @@ class ClusterTLS:
         if found != node_id:
             raise ClusterTLSError(
                 certificate_path,
-                f"names {pki.node_uri(cluster, found)}, not {expected}")
+                f"names {identity.node_uri(cluster, found)}, not {expected}")
 
         roots = [crypto.X509.from_cryptography(c) for c in authorities]
         extra = [crypto.X509.from_cryptography(c) for c in chain[1:]]
@@ -762,7 +765,7 @@ class ClusterTLS:
         self._context = options.getContext()
 
     def __repr__(self) -> str:
-        return f"<ClusterTLS {pki.node_uri(self.cluster, self.node_id)}>"
+        return f"<ClusterTLS {identity.node_uri(self.cluster, self.node_id)}>"
 
     def server_options(self, admit: Callable[[str, IAddress], None],
                        ) -> IOpenSSLServerConnectionCreator:
@@ -781,7 +784,7 @@ class ClusterTLS:
         certificate and accepts only a server certificate from the cluster
         CA naming C{sslshare://<cluster>/<peer_node_id>}.
         """
-        pki.validate_name("node id", peer_node_id)
+        identity.validate_name("node id", peer_node_id)
         return _ClientCreator(self, peer_node_id)
 
     def adopt(self, other: ClusterTLS) -> None:
@@ -1225,8 +1228,8 @@ class PeerServerFactory(Factory):
         @param handshake_timeout: seconds a connection may take to finish
             its TLS handshake.
         """
-        pki.validate_name("cluster name", cluster)
-        pki.validate_name("node id", node_id)
+        identity.validate_name("cluster name", cluster)
+        identity.validate_name("node id", node_id)
         if clock is None:
             from twisted.internet import reactor as clock
         self.handler = handler
@@ -1454,7 +1457,7 @@ class PeerLink(Service):
         self.call_timeout = call_timeout
         self.max_unanswered_fetches = max_unanswered_fetches
         self._unanswered_fetches = 0
-        self.peer_node_id = pki.validate_name("node id", peer_node_id)
+        self.peer_node_id = identity.validate_name("node id", peer_node_id)
         self.name = peer_node_id
         self.cluster = tls.cluster
         self.node_id = tls.node_id

@@ -55,7 +55,7 @@ import attrs
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 
-from sslshare import cluster, tls
+from sslshare import cluster, identity, tls
 from sslshare.digest import MODES, CheckpointPolicy
 
 # The AMP commands a peer may be allowed to send: the channel's own list.
@@ -110,13 +110,6 @@ DEFAULT_CHECKPOINT_MAX_PAUSE = CheckpointPolicy().max_pause
 # A pause is a wait a client sees; past a few seconds it is a hang.
 MAX_CHECKPOINT_PAUSE = 10.0
 
-# Node ids and cluster names go into certificate URIs
-# (sslshare://<cluster>/<node id>), which service_identity compares as
-# lower-case host names: allowing upper case would let two spellings of one
-# name disagree.
-_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-_NAME_RULE = ("1 to 64 characters of a-z, 0-9, '.', '_' and '-', starting "
-              "with a letter or a digit")
 _SERVER_NAME = re.compile(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
 # sslshare wraps these endpoints in its own TLS: an ssl:/tls: endpoint there
@@ -507,9 +500,9 @@ class _Reader:
 
     def name(self, key: str, value: Any) -> str:
         self.string(key, value)
-        if not _NAME.fullmatch(value):
+        if not identity.is_name(value):
             raise self.error(key, f"{value!r} is not a valid name: use "
-                                  f"{_NAME_RULE}")
+                                  f"{identity.NAME_RULE}")
         return value
 
     def strings(self, key: str, value: Any) -> list[tuple[str, str]]:
@@ -810,9 +803,9 @@ class _Reader:
         endpoint = self.client_endpoint()
         for peer, description in peers_table.items():
             peer_key = _join(peers_key, peer)
-            if not _NAME.fullmatch(peer):
+            if not identity.is_name(peer):
                 raise self.error(peer_key, f"{peer!r} is not a valid node id: "
-                                           f"use {_NAME_RULE}")
+                                           f"use {identity.NAME_RULE}")
             if peer == node_id:
                 raise self.error(peer_key, f"{peer!r} is this node "
                                            f"(node.id): a node is not its "

@@ -49,12 +49,12 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest
 from zope.interface import implementer
 
-from sslshare import pki as pki_files
+from sslshare.dev import pki as pki_files
 from sslshare import sessionid, state, tls
 from sslshare.cluster import ClusterTLS, ICommandHandler, PeerServerFactory
 from sslshare.protocol import SessionResumingTLSFactory
 from sslshare.state import SessionState, StateKeys
-from sslshare.throwaway import (
+from sslshare.dev.throwaway import (
     PostgresServer,
     RedisServer,
     ServerUnavailable,
@@ -572,7 +572,7 @@ state_key = "pki/state.key"
 """
 """
 A node of a local cluster whose PKI is in C{pki/} beside its file (as
-L{sslshare.pki.init_pki} writes it); C{node_options} are more lines of its
+L{sslshare.dev.pki.init_pki} writes it); C{node_options} are more lines of its
 C{[node]} table.  Also used by C{benchmarks/checkpoint.py}.
 """
 
@@ -580,7 +580,7 @@ C{[node]} table.  Also used by C{benchmarks/checkpoint.py}.
 class LocalCluster:
     """
     A cluster of nodes of the test's own: a PKI made by
-    L{sslshare.pki.init_pki}, one TOML file per node with free ports, a
+    L{sslshare.dev.pki.init_pki}, one TOML file per node with free ports, a
     one-shot echo backend, and nodes started in this process with
     L{sslshare.service.build_node} (or by the test as C{twistd} processes
     from the same files).

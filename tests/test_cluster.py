@@ -22,7 +22,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from sslshare import cluster, pki, sessionid
+from sslshare import cluster, sessionid
+from sslshare.dev import pki
 from sslshare.cluster import (
     BadRequest,
     Checkpoint,
@@ -40,7 +41,7 @@ from sslshare.cluster import (
     stats_from,
 )
 from sslshare.state import StateKeys
-from sslshare.throwaway import free_port
+from sslshare.dev.throwaway import free_port
 from tests.support import held_amp_client
 
 NODES = ("node1", "node2", "node3")

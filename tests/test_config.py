@@ -5,7 +5,7 @@ each kind of mistake gets.
 Certificate and key files are empty placeholders here: L{sslshare.config}
 checks only that they exist and can be read, and the TLS layer parses them
 later.  The demo configurations (conf/node1..3.toml, conf/example.toml) are
-loaded against a real demo PKI, made by L{sslshare.pki.init_pki} as
+loaded against a real demo PKI, made by L{sslshare.dev.pki.init_pki} as
 C{sslshare pki init} makes it.
 """
 
@@ -21,7 +21,8 @@ import attrs
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, TestCase
 
-from sslshare import config, pki
+from sslshare import config
+from sslshare.dev import pki
 from sslshare.config import ConfigError
 from sslshare.tls import DEFAULT_TLS12_CIPHERS
 from tests.support import write_private

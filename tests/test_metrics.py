@@ -15,7 +15,8 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from sslshare import cli, config, pki
+from sslshare import cli, config
+from sslshare.dev import pki
 from sslshare.cluster import ClusterTLS, PeerLink, PeerUnavailable
 from sslshare.recovery import LOOKUP_SOURCES
 from sslshare.tls import SESSION_REFUSALS

@@ -1,5 +1,5 @@
 """
-The development PKI (L{sslshare.pki}): what L{pki.init_pki} writes, that
+The development PKI (L{sslshare.dev.pki}): what L{pki.init_pki} writes, that
 OpenSSL and a stock client accept it, and that it never overwrites a file
 unless forced.
 """
@@ -17,7 +17,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from sslshare import pki
+from sslshare.dev import pki
 from sslshare.state import StateKeys
 from tests.support import TLSServer, python_client_round
 
@@ -205,15 +205,16 @@ class InitPKIArgumentTests(TestCase):
                           ["node1"], server_names=["no spaces"])
 
 
-class NodeURITests(TestCase):
-    def test_uri_names_cluster_and_node(self):
-        self.assertEqual(pki.node_uri("demo", "node1"), "sslshare://demo/node1")
+class NameRuleTests(TestCase):
+    def test_a_node_id_the_config_refuses_gets_no_certificate(self):
+        self.assertRaises(ValueError, pki.init_pki, self.mktemp(), "demo",
+                          ["Node1"])
 
-    def test_node_id_with_a_colon_is_refused(self):
-        self.assertRaises(ValueError, pki.node_uri, "demo", "node:1")
-
-    def test_node_id_longer_than_64_characters_is_refused(self):
-        self.assertRaises(ValueError, pki.node_uri, "demo", "n" * 65)
+    def test_a_cluster_name_the_config_refuses_gets_no_ca(self):
+        directory = self.mktemp()
+        self.assertRaises(ValueError, pki.init_pki, directory, "Demo",
+                          ["node1"])
+        self.assertFalse(os.path.exists(directory))
 
 
 class AddNodeTests(TestCase):

@@ -16,7 +16,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
-from sslshare.throwaway import free_port
+from sslshare.dev.throwaway import free_port
 from tests import support
 
 
@@ -142,7 +142,7 @@ class FreePortTests(TestCase):
         # A few hundred ports each of a range of about 20000 would share
         # some if each process drew its own.
         child = ("import sys\n"
-                 "from sslshare.throwaway import free_port\n"
+                 "from sslshare.dev.throwaway import free_port\n"
                  "print(' '.join(str(free_port()) for _ in range(300)),"
                  " flush=True)\n"
                  "sys.stdin.read()\n")

@@ -8,9 +8,9 @@ needs, as PEM files in one directory:
     <node>.pem, <node>-key.pem  one per node: the node certificate, then the
                                 CA; its identity is the SAN URI
                                 C{sslshare://<cluster>/<node id>}
-                                (L{node_uri}), its extended key usage both
-                                clientAuth and serverAuth, since a node
-                                dials its peers and answers them
+                                (L{sslshare.identity}), its extended key usage
+                                both clientAuth and serverAuth, since a
+                                node dials its peers and answers them
     localhost-chain.pem,        the certificate clients see, for the server
     localhost-key.pem           names given (DNS names, and IP 127.0.0.1
                                 when C{localhost} is one of them), then the
@@ -23,9 +23,9 @@ overwritten unless asked to, and then each file is replaced whole (a new
 file renamed over the old one), never left half-written.  L{add_node} issues
 one more node certificate from an existing CA.
 
-Cluster names and node ids are restricted to L{NAME_PATTERN}: they end up
-in URIs and in file names, so they carry no slash, colon, space or dot at
-the start.  They are compared as exact strings everywhere.
+Cluster names and node ids follow the one rule of L{sslshare.identity}, the
+rule the config applies: a certificate this module writes names a node a
+config can name.
 
 This module is for development and demos: a production cluster brings its
 own CA.  It never reads a key it did not write and never talks to a network.
@@ -49,14 +49,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sslshare.errors import FileError
+from sslshare.identity import node_uri, validate_name
 from sslshare.state import StateKeys
-
-URI_SCHEME = "sslshare"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-"""
-What a cluster name or node id may be: 1..64 characters, letters, digits,
-C{_ . -}, starting with a letter or digit.
-"""
 
 # Back-dated against clock skew between the nodes of a cluster.
 _NOT_BEFORE = datetime.timedelta(hours=1)
@@ -119,32 +113,6 @@ class PKIFiles:
             if files.node_id == node_id:
                 return files
         raise KeyError(node_id)
-
-
-def validate_name(kind: str, value: str) -> str:
-    """
-    C{value}, if it is a usable cluster name or node id.
-
-    @param kind: what C{value} is, for the message (C{"node id"}).
-    @raise ValueError: it is not (the message says why).
-    """
-    if not isinstance(value, str) or NAME_PATTERN.fullmatch(value) is None:
-        raise ValueError(
-            f"{kind} {value!r} is not 1..64 letters, digits, '_', '.' or '-' "
-            f"starting with a letter or digit")
-    return value
-
-
-def node_uri(cluster: str, node_id: str) -> str:
-    """
-    The identity of C{node_id} of C{cluster}, as its certificate names it:
-    C{sslshare://<cluster>/<node id>}.
-
-    @raise ValueError: C{cluster} or C{node_id} is not a valid name.
-    """
-    validate_name("cluster name", cluster)
-    validate_name("node id", node_id)
-    return f"{URI_SCHEME}://{cluster}/{node_id}"
 
 
 def init_pki(directory: str, cluster: str, nodes: Sequence[str],

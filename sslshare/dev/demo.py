@@ -36,7 +36,8 @@ from twisted.internet.threads import deferToThread
 from twisted.web import resource, server
 from twisted.web.client import Agent, readBody
 
-from sslshare import cli, config, metrics, pki, throwaway
+from sslshare import cli, config, metrics
+from sslshare.dev import pki, throwaway
 from sslshare.service import configured_listeners, listen_problem
 
 NODES = ("node1", "node2", "node3")
