@@ -59,7 +59,7 @@ CLUSTER_KINDS = ("full", "local", "peer", "sqlite", "redis", "postgres")
 NGINX_KINDS = ("alone_full", "alone_resumed", "nginx_full", "nginx_resumed")
 PEER_NODES = ("node1", "node2", "node3")
 # Each node's backup node is the next in this sorted ring
-# (sslshare.recovery.BackupRing): clients walk it the other way.
+# (sslshare.placement.BackupRing): clients walk it the other way.
 PEER_ORDER = ("node1", "node3", "node2")
 REPOSITORY_NODES = ("node1", "node2")
 # Seconds between launching the clients and their common start: enough for

@@ -125,8 +125,9 @@ from benchmarks.engine import (
 )
 from sslshare import cluster, config, sessionid, tls
 from sslshare.dev import pki, throwaway
-from sslshare.node import Node
-from sslshare.recovery import Recovered, Recovery
+from sslshare.node import Node, NodeSettings
+from sslshare.placement import BackupRing, Layout, Placement
+from sslshare.recovery import LookupSettings, Recovered, Recovery
 from sslshare.state import StateKeys
 from sslshare.store import SessionStore
 
@@ -409,11 +410,15 @@ class Bench:
         defaults but no peer links at all, and its engine context.
         """
         store = SessionStore(config.DEFAULT_STORE_MAX_BYTES, self.reactor)
-        recovery = Recovery(node_id, store, self.keys, {}, {SERVICE: self.id_context},
-                            BUDGET, self.reactor, fetch_from_peer=None,
-                            repository=repository)
-        node = Node(node_id, store, self.keys, recovery, self.reactor,
-                    config.DEFAULT_SESSION_LIFETIME_S, repository)
+        placement = Placement(node_id, Layout(self.keys, BackupRing({})),
+                              self._no_peers(node_id),
+                              repository)
+        recovery = Recovery(store, placement,
+                            LookupSettings(id_contexts={SERVICE: self.id_context},
+                                           budget=BUDGET),
+                            self.reactor, ask_peers=False)
+        node = Node(store, placement, recovery, self.reactor,
+                    NodeSettings(config.DEFAULT_SESSION_LIFETIME_S))
         service = tls.VirtualService(SERVICE, self.pki.server_chain,
                                      self.pki.server_key, self.id_context,
                                      (HOST_NAME,))
@@ -424,6 +429,12 @@ class Bench:
             session_lifetime=config.DEFAULT_SESSION_LIFETIME_S)
         node.context = context
         return node, context
+
+    def _no_peers(self, node_id: str) -> cluster.Peers:
+        files = self.pki.node(node_id)
+        channel = cluster.ClusterTLS(self.pki.ca_certificate, files.certificate,
+                                     files.key, CLUSTER, node_id)
+        return cluster.Peers([], channel, keys=lambda: self.keys)
 
     async def source(self, name: str) -> Source:
         """
@@ -664,13 +675,10 @@ def _not_holding(maker: Node) -> str:
     """
     A node of the peer cluster that holds no copy of the sessions C{maker}
     makes: not C{maker}, and not the node that keeps their backup copies
-    when the recovery chain has one (C{backup_of}).
+    when the node has one.
     """
-    backup_of = getattr(maker.recovery, "backup_of", None)
-    backup = None
-    if backup_of is not None:
-        backup = backup_of(sessionid.new_session_id(maker.context.owner_tag),
-                           maker.node_id)
+    backup = maker.placement.backup_node(
+        sessionid.new_session_id(maker.context.owner_tag), maker.node_id)
     return next(node_id for node_id in PEER_NODES
                 if node_id not in (maker.node_id, backup))
 

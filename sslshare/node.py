@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -40,7 +41,9 @@ from sslshare.digest import (
     exporter,
 )
 from sslshare.logs import RateLimitedWarning
-from sslshare.recovery import LOOKUP_SOURCES, BackupRing, Recovered, Recovery
+from sslshare.placement import REPOSITORY, PeerChannel, PeerServer, Placement
+from sslshare.recovery import LOOKUP_SOURCES, Recovered, Recovery
+from sslshare.repository import ISessionRepository
 from sslshare.state import SealError, SessionState, StateKeys, der_protocol
 from sslshare.store import SessionStore
 from sslshare.tls import Connection, LookupRequest, ServerContext
@@ -77,6 +80,20 @@ def fired_within(waiting: Deferred[Any], seconds: float,
     return first
 
 
+@attrs.frozen
+class NodeSettings:
+    """
+    What a reload may change of how a node keeps its sessions.
+
+    @ivar session_lifetime: seconds a new session stays resumable.
+    @ivar checkpoint: when the running digest of a connection's records is
+        checkpointed outside the node.
+    """
+
+    session_lifetime: int
+    checkpoint: CheckpointPolicy = CheckpointPolicy()
+
+
 @implementer(ICommandHandler)
 class Node:
     """
@@ -100,40 +117,59 @@ class Node:
         (a digest chain at its bound, no longer digested).
     @ivar checkpoint_counters: the checkpoint pipelines' C{written},
         C{rejected}, C{coalesced}, C{failed}, C{pauses}.
-    @ivar repository: the central repository every new session is also
-        written to, or C{None}.
+    @ivar placement: where the node's sessions and checkpoints go.
+    @ivar settings: the node's settings in force; a reload replaces them
+        whole.
     """
 
     _log = Logger()
 
-    def __init__(self, node_id: str, store: SessionStore, keys: StateKeys,
+    def __init__(self, store: SessionStore, placement: Placement,
                  recovery: Recovery, clock: IReactorTime,
-                 session_lifetime: int, repository: Any = None,
-                 peers: Any = None,
-                 backup_of: BackupRing | None = None,
-                 checkpoint_policy: CheckpointPolicy = CheckpointPolicy(),
-                 ) -> None:
-        self.node_id = node_id
+                 settings: NodeSettings) -> None:
         self.store = store
-        self.keys = keys
+        self.placement = placement
         self.recovery = recovery
         self.clock = clock
-        self.session_lifetime = session_lifetime
-        self.repository = repository
-        self.peer_links = peers
-        self.backup_of = backup_of
-        self.checkpoint_policy = checkpoint_policy
+        self.settings = settings
         self.counters: Counter[str] = Counter()
         self.checkpoint_counters: Counter[str] = Counter()
         self.context: ServerContext | None = None
-        # The AMP factory answering peers, when the node listens for them.
-        self.peer_server: Any = None
         self._warnings = RateLimitedWarning(clock)
         # Apart: a backend outage must not hide the cluster's warnings.
         self._backend_warnings = RateLimitedWarning(clock)
         self._checkpoint_failures = FailureLog(clock)
         # Weak: a pipeline lives as long as its connection.
         self._pipelines: weakref.WeakSet[CheckpointPipeline] = weakref.WeakSet()
+
+    # What the node runs with, as its placement has it.
+
+    @property
+    def node_id(self) -> str:
+        return self.placement.node_id
+
+    @property
+    def keys(self) -> StateKeys:
+        return self.placement.keys
+
+    @property
+    def repository(self) -> ISessionRepository | None:
+        """
+        The central repository every new session is also written to, or
+        C{None}.
+        """
+        return self.placement.repository
+
+    @property
+    def peer_links(self) -> PeerChannel:
+        return self.placement.peers
+
+    @property
+    def peer_server(self) -> PeerServer | None:
+        """
+        The peers' connections to this node, when it listens for them.
+        """
+        return self.placement.peer_server
 
     def stop(self) -> None:
         """
@@ -181,18 +217,12 @@ class Node:
         return fired_within(everything, within, self.clock).addCallback(done)
 
     def _hand_over_one(self, state: SessionState) -> Deferred[str]:
-        sealed = self.keys.seal(state)
-        if self.repository is not None:
-            moving = self.repository.put(state.session_id, sealed, state.expires)
-            moving.addCallback(lambda _: "repository")
-        else:
-            backup = self._backup_node(state.session_id)
-            if backup is None:
-                # A cluster of one: there is nowhere to go.
-                return succeed("failed")
-            moving = self.peer_links.backup_session(backup, state.session_id,
-                                                    sealed)
-            moving.addCallback(lambda kept: backup if kept else "failed")
+        copy = self.placement.write_copy(state)
+        if copy is None:
+            # A cluster of one: there is nowhere to go.
+            return succeed("failed")
+        where, moving = copy
+        moving.addCallback(lambda kept: where if kept else "failed")
 
         def failed(reason: Any) -> str:
             if not reason.check(CancelledError):
@@ -215,7 +245,7 @@ class Node:
                 der=der,
                 owner=self.node_id,
                 created=now,
-                expires=now + self.session_lifetime,
+                expires=now + self.settings.session_lifetime,
             )
         except ValueError as e:
             # Not worth failing a handshake for: the client simply cannot
@@ -226,39 +256,25 @@ class Node:
             return
         self.store.put(state)
         self.counters["sessions_made"] += 1
-        if self.repository is not None:
-            # The repository runs a session's operations in order: its
-            # checkpoints and takes come after this put.
-            writing = self.repository.put(session_id, self.keys.seal(state),
-                                          state.expires)
-            writing.addErrback(self._repository_put_failed)
-        else:
-            self._send_backup(state)
+        # The repository runs a session's operations in order: its
+        # checkpoints and takes come after this put.
+        copy = self.placement.write_copy(state)
+        if copy is not None:
+            where, writing = copy
+            writing.addErrback(self._copy_failed, where)
 
-    def _send_backup(self, state: SessionState) -> None:
-        backup = self._backup_node(state.session_id)
-        if backup is None:
-            return
-        sending = self.peer_links.backup_session(
-            backup, state.session_id, self.keys.seal(state))
-        sending.addErrback(self._backup_failed, backup)
-
-    def _backup_node(self, session_id: bytes) -> str | None:
-        if self.peer_links is None or self.backup_of is None:
-            return None
-        return self.backup_of(session_id, self.node_id)
-
-    def _backup_failed(self, reason: Any, backup: str) -> None:
+    def _copy_failed(self, reason: Failure, where: str) -> None:
         # Fail open: the session stays resumable while this node lives.
-        self.counters["backup_failures"] += 1
-        self._warnings.warn("could not give node {peer} its backup copy: "
-                            "{why}", peer=backup, why=reason.getErrorMessage())
-
-    def _repository_put_failed(self, reason: Any) -> None:
-        # Fail open: the session stays resumable through this node.
-        self.counters["repository_put_failures"] += 1
-        self._warnings.warn("could not write a new session to the "
-                            "repository: {why}", why=reason.getErrorMessage())
+        if where == REPOSITORY:
+            self.counters["repository_put_failures"] += 1
+            self._warnings.warn("could not write a new session to the "
+                                "repository: {why}",
+                                why=reason.getErrorMessage())
+        else:
+            self.counters["backup_failures"] += 1
+            self._warnings.warn("could not give node {peer} its backup copy: "
+                                "{why}", peer=where,
+                                why=reason.getErrorMessage())
 
     def backend_failed(self, backend: str, client: str, reason: Failure) -> None:
         """
@@ -298,7 +314,7 @@ class Node:
             found = None
         else:
             self.counters[f"resumed_{getattr(found, 'source', 'local')}"] += 1
-        if self.checkpoint_policy.mode == "off":
+        if self.settings.checkpoint.mode == "off":
             return None
         return self._record(connection, getattr(found, "state", None),
                             pause, resume)
@@ -319,7 +335,7 @@ class Node:
             start = (0, b"")
         pipeline = CheckpointPipeline(
             session_id, self._write_checkpoint, self.clock,
-            self.checkpoint_policy, start=start, pause=pause, resume=resume,
+            self.settings.checkpoint, start=start, pause=pause, resume=resume,
             counters=self.checkpoint_counters,
             failure_log=self._checkpoint_failures)
         self._pipelines.add(pipeline)
@@ -349,17 +365,15 @@ class Node:
         the repository when there is one, else the session's backup node.
         """
         self.store.update_checkpoint(session_id, seq, digest)
-        if self.repository is not None:
-            return self.repository.checkpoint(
-                session_id, seq, self.keys.seal_checkpoint(session_id, seq, digest))
-        backup = self._backup_node(session_id)
-        if backup is None:
+        checkpoint = self.placement.write_checkpoint(session_id, seq, digest)
+        if checkpoint is None:
             # A cluster of one: there is nowhere outside.
             return True
-        writing = self.peer_links.checkpoint_session(backup, session_id, seq,
-                                                     digest)
+        where, writing = checkpoint
+        if where == REPOSITORY:
+            return writing
         return writing.addCallback(self._checkpoint_answered, session_id,
-                                   backup)
+                                   where)
 
     def _checkpoint_answered(self, accepted: bool, session_id: bytes,
                              backup: str) -> Deferred[bool] | bool:
@@ -384,29 +398,18 @@ class Node:
                 self._purge_copies(session_id, self.node_id, {backup})
             return kept
 
-        giving = self.peer_links.backup_session(backup, session_id,
-                                                self.keys.seal(state))
+        giving = self.placement.peers.backup_session(backup, session_id,
+                                                     self.keys.seal(state))
         return giving.addCallback(given)
 
     # What peers ask (ICommandHandler); the requester is the node id from
     # the peer's verified certificate.
 
-    def peer_alive(self, node_id: str) -> bool:
-        """
-        Whether node C{node_id} evidently runs: this node's link to it is
-        up, or it holds a connection to this node.
-        """
-        link = None if self.peer_links is None else self.peer_links.link(node_id)
-        if link is not None and link.connected:
-            return True
-        return (self.peer_server is not None
-                and node_id in self.peer_server.connected_peers())
-
     def fetch_session(self, session_id: bytes, requester: str,
                       terms: FetchTerms | None = None) -> FetchAnswer:
         kept = self.store.get(session_id)
         if (kept is not None and kept.owner not in (self.node_id, requester)
-                and self.peer_alive(kept.owner)):
+                and self.placement.alive(kept.owner)):
             # A backup copy whose holder still runs: the session is the
             # holder's to give, or the same session could be served twice.
             self.counters["copies_withheld"] += 1
@@ -466,12 +469,10 @@ class Node:
         nobody's word).  A TLS 1.2 session whose new holder has the same
         backup node is left there: the new holder's copy replaces it.
         """
-        if self.repository is not None:
-            return
         session_id = given.session_id
         kept = {requester}
         if der_protocol(given.der) == "TLSv1.2":
-            kept.add(self.backup_of(session_id, requester))
+            kept.add(self.placement.backup_node(session_id, requester))
         self._purge_copies(session_id, given.owner, kept)
 
     def _purge_copies(self, session_id: bytes, holder: str,
@@ -480,9 +481,9 @@ class Node:
         Tell the nodes that may keep a backup copy of C{session_id} naming
         C{holder}, but C{kept} and this node, to drop it.
         """
-        others = set(self.backup_of.candidates(session_id, holder))
-        for other in sorted(others - kept - {self.node_id}):
-            purging = self.peer_links.purge_session(other, session_id)
+        others = self.placement.backup_nodes(session_id, holder)
+        for other in sorted(others - kept):
+            purging = self.placement.peers.purge_session(other, session_id)
             purging.addErrback(self._purge_failed, other)
 
     def _purge_failed(self, reason: Any, peer: str) -> None:
@@ -521,7 +522,8 @@ class Node:
         if holder is None:
             return False
         if not (holder == requester or self.repository is not None
-                or (holder != self.node_id and not self.peer_alive(holder))):
+                or (holder != self.node_id
+                    and not self.placement.alive(holder))):
             self._refused_peer("Purge", session_id, requester, holder)
             return False
         state = self.store.take(session_id)
@@ -547,7 +549,7 @@ class Node:
         if kept is not None and kept.owner == self.node_id:
             self.counters["backups_refused"] += 1
             return False
-        for context in self.recovery.id_contexts.values():
+        for context in self.recovery.settings.id_contexts.values():
             try:
                 state = self.keys.open(sealed, session_id, context)
             except SealError:

@@ -204,7 +204,7 @@ class BackendProxy(Protocol):
     def connectionMade(self) -> None:
         self._pending: list[bytes] = []
         self._timeout = self.factory.clock.callLater(
-            self.factory.handshake_timeout, self._handshakeTimedOut)
+            self.factory.settings.handshake_timeout, self._handshakeTimedOut)
 
     def _handshakeTimedOut(self) -> None:
         self._timeout = None
@@ -221,7 +221,8 @@ class BackendProxy(Protocol):
             tls.getHandle(), tls.recovered, self._hold, self._release)
         # Client bytes wait in the kernel until the backend can take them.
         tls.pauseProducing()
-        connecting = connectProtocol(self.factory.backend, _BackendSide(self))
+        connecting = connectProtocol(self.factory.settings.backend,
+                                     _BackendSide(self))
         connecting.addCallbacks(self._backendConnected, self._backendFailed)
 
     def _backendConnected(self, backend: _BackendSide) -> None:
@@ -242,7 +243,7 @@ class BackendProxy(Protocol):
     def _backendFailed(self, reason: Failure) -> None:
         client = self.transport.getPeer()
         self.factory.backend_failed(
-            self.factory.backend_name,
+            self.factory.settings.backend_name,
             f"{getattr(client, 'host', client)}:{getattr(client, 'port', '')}",
             reason)
         # Reading was paused for the backend: the client's answer to our
@@ -365,19 +366,34 @@ class _BackendSide(Protocol):
         self.client.transport.loseConnection()
 
 
+@attrs.frozen
+class ProxySettings:
+    """
+    What a reload may change of the proxy.
+
+    @ivar backend: where the plaintext goes.
+    @ivar backend_name: how the configuration names C{backend}, for the
+        log.
+    @ivar handshake_timeout: seconds a client has to finish its handshake.
+    """
+
+    backend: IStreamClientEndpoint
+    backend_name: str
+    handshake_timeout: float
+
+
 class BackendProxyFactory(Factory):
     """
     Makes L{BackendProxy} protocols.
 
-    @param backend: where the plaintext goes.
+    @param settings: the proxy's settings in force; a reload replaces them
+        whole (C{settings}).
     @param handshake_done: told of each handshake's end, as
         C{handshake_done(connection, found, pause, resume)}: the engine
         connection, what the lookup found for it (or C{None}), and two
         callables that stop and restart the connection's traffic; it may
         return the connection's checkpoint pipeline, flushed at close.  A
         handshake that timed out is told as C{handshake_done(None)}.
-    @param backend_name: how the configuration names C{backend}, for the
-        log.
     @param backend_failed: told of each client whose backend connection
         failed, as C{backend_failed(backend_name, client, reason)} with the
         client's C{host:port}; the client connection is closed.
@@ -390,14 +406,11 @@ class BackendProxyFactory(Factory):
     # after the backend failed is cut off then.
     close_timeout = 1.0
 
-    def __init__(self, backend: IStreamClientEndpoint,
-                 handshake_done: HandshakeDone, clock: IReactorTime,
-                 handshake_timeout: float, backend_name: str,
+    def __init__(self, handshake_done: HandshakeDone, clock: IReactorTime,
+                 settings: ProxySettings,
                  backend_failed: Callable[[str, str, Failure], object]
                  ) -> None:
-        self.backend = backend
-        self.backend_name = backend_name
         self.handshake_done = handshake_done
         self.clock = clock
-        self.handshake_timeout = handshake_timeout
+        self.settings = settings
         self.backend_failed = backend_failed

@@ -44,7 +44,8 @@ cannot serve goes back.  A copy of a session from before it last left this
 node (its move count at or below the one its tombstone keeps) is refused.
 
 This module does no TLS and holds no sockets of its own: it talks to the
-store, the peer links and the repository it is given.
+store and, through its L{sslshare.placement.Placement}, to the peer links
+and the repository; the placement says which node keeps a copy.
 """
 
 from __future__ import annotations
@@ -61,10 +62,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from sslshare import sessionid
-from sslshare.logs import RateLimitedWarning
-from sslshare.repository import Taken
 from sslshare.cluster import FetchTerms
-from sslshare.state import SealError, SessionState, StateKeys
+from sslshare.logs import RateLimitedWarning
+from sslshare.placement import REPOSITORY, Placement
+from sslshare.repository import Taken
+from sslshare.state import SealError, SessionState
 from sslshare.store import SessionStore
 from sslshare.tls import LookupRequest
 
@@ -150,77 +152,35 @@ class LatencyHistogram:
         return counts
 
 
-class BackupRing:
+@attrs.frozen(kw_only=True)
+class LookupSettings:
     """
-    Which node keeps the backup copy of a session: in the ring of the
-    cluster's node ids in sorted order, the first after the node that made
-    the session (its id's owner tag) that is not the session's holder and
-    is alive; when none is, the first that is not the holder.  Every node
-    computes the same answer from the id and the nodes that run, so whoever
-    looks for a session whose holder is gone knows where the copy is, and
-    a backup node that is down hands its part to the next live one.
+    What a reload may change of the recovery chain.
 
-    @param node_id: the node asking, alive by definition.
-    @param alive: C{node_id -> bool} for the other nodes; C{None}: all are.
+    @ivar id_contexts: service name -> session id context.
+    @ivar budget: seconds a lookup may take, the whole chain included.
+    @ivar max_lookups: how many chains may be out at the peers or the
+        repository at once; C{None}: no bound.
+    @ivar max_lookups_per_client: the same, for one client address
+        (L{LookupRequest.client}).
     """
 
-    def __init__(self, owners: Mapping[bytes, str], node_id: str | None = None,
-                 alive: Callable[[str], bool] | None = None) -> None:
-        self._owners = dict(owners)
-        self._nodes = sorted(set(self._owners.values()))
-        self._node_id = node_id
-        self._alive = alive
-
-    def __call__(self, session_id: bytes, holder: str) -> str | None:
-        candidates = self.candidates(session_id, holder)
-        for node in candidates:
-            if (node == self._node_id or self._alive is None
-                    or self._alive(node)):
-                return node
-        return candidates[0] if candidates else None
-
-    def candidates(self, session_id: bytes, holder: str) -> list[str]:
-        """
-        Every node that may keep the backup copy of C{session_id} while
-        C{holder} holds it, in the ring's order, alive or not.
-        """
-        try:
-            owner = self._owners.get(sessionid.owner_of(session_id))
-        except ValueError:
-            return []
-        if owner is None:
-            return []
-        start = self._nodes.index(owner)
-        ring = (self._nodes[(start + step) % len(self._nodes)]
-                for step in range(1, len(self._nodes) + 1))
-        return [node for node in ring if node != holder]
+    id_contexts: Mapping[str, bytes] = attrs.field(converter=dict)
+    budget: float
+    max_lookups: int | None = None
+    max_lookups_per_client: int | None = None
 
 
 class Recovery:
     """
     The recovery chain of one node.
 
-    @param owners: owner tag -> node id, for every node of the cluster.
-    @param fetch_from_peer: C{(node_id, session_id, terms) ->
-        Deferred[FetchAnswer]}, failing when the peer cannot be asked; the
-        L{FetchTerms} say what this handshake can resume, so that the peer
-        gives nothing else away.
-    @param repository: the central repository
-        (L{sslshare.repository.ISessionRepository}), or C{None}.
-    @param purge_on_peer: C{(node_id, session_id) -> Deferred}, telling a
-        peer to drop its copy of a session this node now holds.
-    @param backup_on_peer: C{(node_id, session_id, sealed) -> Deferred},
-        giving a peer the copy it keeps as the session's backup node.
-    @param backup_of: the L{BackupRing}: the backup node of a session
-        while C{holder} holds it.
-    @param id_contexts: service name -> session id context.
-    @param max_lookups: how many chains may be out at the peers or the
-        repository at once; C{None}: no bound.
-    @param max_lookups_per_client: the same, for one client address
-        (L{LookupRequest.client}).
-    @param peer_alive: C{node_id -> bool}: whether that node evidently
-        runs (a connection between it and this node is up).  A backup copy
-        here serves only when its holder cannot answer and is not alive.
+    @param placement: where the copies of sessions are (the repository,
+        backup nodes), and the peers to ask.
+    @param settings: the chain's settings in force; a reload replaces them
+        whole (C{settings}).
+    @param ask_peers: whether the chain asks the owner peer and its backup
+        node; without, it asks the repository only.
     @ivar latency: how long each lookup chain took, by where it ended.
     @ivar counters: C{recovered_<source>}, C{misses}, C{timeouts},
         C{joined}, C{lookups_shed}, C{lookups_shed_per_client},
@@ -240,39 +200,14 @@ class Recovery:
 
     _log = Logger()
 
-    def __init__(
-        self,
-        node_id: str,
-        store: SessionStore,
-        keys: StateKeys,
-        owners: Mapping[bytes, str],
-        id_contexts: Mapping[str, bytes],
-        budget: float,
-        clock: IReactorTime,
-        fetch_from_peer: Callable[[str, bytes, FetchTerms], Deferred[Any]] | None = None,
-        repository: Any = None,
-        purge_on_peer: Callable[[str, bytes], Deferred[Any]] | None = None,
-        backup_on_peer: Callable[[str, bytes, bytes], Deferred[Any]] | None = None,
-        backup_of: BackupRing | None = None,
-        max_lookups: int | None = None,
-        max_lookups_per_client: int | None = None,
-        peer_alive: Callable[[str], bool] | None = None,
-    ) -> None:
-        self.node_id = node_id
+    def __init__(self, store: SessionStore, placement: Placement,
+                 settings: LookupSettings, clock: IReactorTime,
+                 ask_peers: bool = True) -> None:
         self.store = store
-        self.keys = keys
-        self.owners = dict(owners)
-        self.id_contexts = dict(id_contexts)
-        self.budget = budget
+        self.placement = placement
+        self.settings = settings
         self.clock = clock
-        self.fetch_from_peer = fetch_from_peer
-        self.repository = repository
-        self.purge_on_peer = purge_on_peer
-        self.backup_on_peer = backup_on_peer
-        self.backup_of = backup_of
-        self.max_lookups = max_lookups
-        self.max_lookups_per_client = max_lookups_per_client
-        self.peer_alive = peer_alive
+        self.ask_peers = ask_peers
         self._warnings = RateLimitedWarning(clock)
         self._shed_warnings = RateLimitedWarning(clock)
         self.counters: Counter[str] = Counter()
@@ -281,6 +216,10 @@ class Recovery:
         # Chains past the store, in all and by client address.
         self._asking = 0
         self._asking_for: Counter[str | None] = Counter()
+
+    @property
+    def node_id(self) -> str:
+        return self.placement.node_id
 
     def recover(self, request: LookupRequest) -> Deferred[Recovered | None]:
         """
@@ -294,7 +233,7 @@ class Recovery:
         waiters = self._in_flight[request.session_id] = []
         waiter = self._wait(waiters)
         chain = Deferred.fromCoroutine(self._chain(request))
-        chain.addTimeout(self.budget, self.clock)
+        chain.addTimeout(self.settings.budget, self.clock)
         chain.addErrback(self._gave_up, request)
         chain.addCallback(self._timed, self.clock.seconds())
         chain.addCallback(self._answer_all, request)
@@ -310,7 +249,7 @@ class Recovery:
         return waiter
 
     async def _chain(self, request: LookupRequest) -> Recovered | None:
-        context = self.id_contexts.get(request.service)
+        context = self.settings.id_contexts.get(request.service)
         if context is None:
             return None
         local = self.store.get(request.session_id)
@@ -319,7 +258,7 @@ class Recovery:
             # and everywhere: the client that can may still come.
             return None
         if local is not None and local.owner == self.node_id:
-            if self.repository is not None:
+            if self.placement.repository is not None:
                 return await self._own_session_taken_from_repository(
                     request, context, local)
             self._used_here(request, local)
@@ -331,7 +270,7 @@ class Recovery:
                 found = await self._from_holder_or_copy(request, context, local)
             else:
                 found = await self._from_peers(request, context)
-                if found is None and self.repository is not None:
+                if found is None and self.placement.repository is not None:
                     found = await self._from_repository(request, context)
         finally:
             self._release(request.client)
@@ -363,10 +302,12 @@ class Recovery:
         Whether one more chain of C{client} may ask past the store; if so,
         it counts until L{_release}.
         """
-        if self.max_lookups is not None and self._asking >= self.max_lookups:
+        settings = self.settings
+        if (settings.max_lookups is not None
+                and self._asking >= settings.max_lookups):
             shed = "lookups_shed"
-        elif (self.max_lookups_per_client is not None
-              and self._asking_for[client] >= self.max_lookups_per_client):
+        elif (settings.max_lookups_per_client is not None
+              and self._asking_for[client] >= settings.max_lookups_per_client):
             shed = "lookups_shed_per_client"
         else:
             self._asking += 1
@@ -395,10 +336,10 @@ class Recovery:
             return
         session_id = request.session_id
         self._used_up(state)
-        if self.repository is not None:
-            self._repository_write("purge", self.repository.purge(session_id))
-        self._purge_elsewhere(session_id,
-                              self._backup_nodes(session_id, self.node_id))
+        if self.placement.repository is not None:
+            self._repository_write("purge", self.placement.repository.purge(session_id))
+        self._purge_elsewhere(
+            session_id, self.placement.backup_nodes(session_id, self.node_id))
 
     def _used_up(self, ticket: SessionState) -> None:
         """
@@ -452,8 +393,8 @@ class Recovery:
         state = self._with_repository_checkpoint(local, taken)
         if tls12:
             self.store.put(state)
-            self._repository_write("put", self.repository.put(
-                session_id, self.keys.seal(state), state.expires))
+            self._repository_write("put", self.placement.repository.put(
+                session_id, self.placement.keys.seal(state), state.expires))
         else:
             self._used_up(opened.state)
         return Recovered(state, "local")
@@ -464,10 +405,10 @@ class Recovery:
         blob, then the checkpoint kept beside it.
         """
         self.counters["given_back"] += 1
-        self._repository_write("put", self.repository.put(
+        self._repository_write("put", self.placement.repository.put(
             session_id, taken.sealed, taken.expires))
         if taken.seq:
-            self._repository_write("checkpoint", self.repository.checkpoint(
+            self._repository_write("checkpoint", self.placement.repository.checkpoint(
                 session_id, taken.seq, taken.digest))
 
     async def _from_holder_or_copy(self, request: LookupRequest, context: bytes,
@@ -483,7 +424,7 @@ class Recovery:
         holder = giver = copy.owner
         if not self._resumable(copy, request, context):
             return None
-        if self.fetch_from_peer is None:
+        if not self.ask_peers:
             answer = None
         else:
             # A redirect: the session moved on, and the backup copy naming
@@ -504,7 +445,7 @@ class Recovery:
         if giver != holder:
             # The holder it moved to cannot answer: this copy is older.
             return None
-        if self.peer_alive is not None and self.peer_alive(holder):
+        if self.placement.alive(holder):
             self.counters["copies_withheld"] += 1
             return None
         return Recovered(copy, "peer", found_at="local")
@@ -512,11 +453,11 @@ class Recovery:
     async def _from_peers(self, request: LookupRequest,
                           context: bytes) -> Recovered | None:
         session_id = request.session_id
-        owner = self.owners.get(sessionid.owner_of(session_id))
+        owner = self.placement.owner(session_id)
         if owner == self.node_id:
             # Made here and given away since: ask where it went.
             owner = self.store.holder(session_id)
-        if owner is None or owner == self.node_id or self.fetch_from_peer is None:
+        if owner is None or owner == self.node_id or not self.ask_peers:
             return None
         giver, answer = await self._ask_holder(owner, request)
         holder, giver, answer = await self._follow_redirects(
@@ -563,21 +504,21 @@ class Recovery:
         @return: who answered last, and the answer (C{None}: nobody could).
         """
         answer = await self._ask_peer(holder, request)
-        if (answer is not None or self.backup_of is None
-                or self.repository is not None):
+        if answer is not None:
             return holder, answer
-        backup = self.backup_of(request.session_id, holder)
-        if backup in (None, self.node_id):
+        backup = self.placement.backup_node(request.session_id, holder)
+        if backup is None:
             return holder, None
         self.counters["backups_asked"] += 1
         return backup, await self._ask_peer(backup, request)
 
     async def _ask_peer(self, node_id: str, request: LookupRequest) -> Any:
-        terms = FetchTerms(request.protocol, self.id_contexts[request.service],
-                           self.keys.key_ids)
+        terms = FetchTerms(request.protocol,
+                           self.settings.id_contexts[request.service],
+                           self.placement.keys.key_ids)
         try:
-            return await self.fetch_from_peer(node_id, request.session_id,
-                                              terms)
+            return await self.placement.peers.fetch_session(
+                node_id, request.session_id, terms)
         except CancelledError:
             raise
         except Exception as e:
@@ -612,7 +553,7 @@ class Recovery:
         counted and logged, and has not answered.
         """
         try:
-            return True, await self.repository.take(request.session_id)
+            return True, await self.placement.repository.take(request.session_id)
         except CancelledError:
             raise
         except Exception as e:
@@ -633,7 +574,7 @@ class Recovery:
         if taken.seq <= state.seq:
             return state
         try:
-            digest = self.keys.open_checkpoint(state.session_id, taken.seq,
+            digest = self.placement.keys.open_checkpoint(state.session_id, taken.seq,
                                                taken.digest)
             return state.with_checkpoint(taken.seq, digest)
         except ValueError as e:
@@ -661,7 +602,7 @@ class Recovery:
                 context: bytes, source: str,
                 giver: str | None) -> SessionState | None:
         try:
-            return self.keys.open(sealed or b"", request.session_id, context)
+            return self.placement.keys.open(sealed or b"", request.session_id, context)
         except SealError as e:
             self.counters["unsealable"] += 1
             self._log.warn("could not open the state of session {session} "
@@ -706,38 +647,27 @@ class Recovery:
             # knows whose they are.
             others = set()
         else:
-            others = {previous} | self._backup_nodes(session_id, previous)
+            others = ({previous}
+                      | self.placement.backup_nodes(session_id, previous))
         if request.protocol == "TLSv1.2":
             mine = found.state.with_owner(self.node_id)
             self.store.put(mine)
-            if self.repository is not None:
-                self._repository_write("put", self.repository.put(
-                    session_id, self.keys.seal(mine), mine.expires))
-            elif self.backup_on_peer is not None:
-                backup = self.backup_of(session_id, self.node_id)
-                if backup is not None:
-                    # The new copy replaces the old one there.
-                    others.discard(backup)
-                    self._peer_write("backup", backup, self.backup_on_peer(
-                        backup, session_id, self.keys.seal(mine)))
+            copy = self.placement.write_copy(mine)
+            if copy is not None:
+                where, writing = copy
+                # The new copy replaces the old one there.
+                others.discard(where)
+                if where == REPOSITORY:
+                    self._repository_write("put", writing)
+                else:
+                    self._peer_write("backup", where, writing)
         else:
             # A used ticket lives nowhere, this node's backup copy included.
             self._used_up(found.state)
-            if self.repository is not None and found.source != "repository":
+            if self.placement.repository is not None and found.source != "repository":
                 self._repository_write("purge",
-                                       self.repository.purge(session_id))
+                                       self.placement.repository.purge(session_id))
         self._purge_elsewhere(session_id, others)
-
-    def _backup_nodes(self, session_id: bytes, holder: str) -> set[str]:
-        """
-        The peers that may keep a backup copy of C{session_id} naming
-        C{holder}: every node of the ring but the holder, since the copy
-        went to whichever was the first live one when it was written (none
-        when the repository keeps it instead).
-        """
-        if self.backup_of is None or self.repository is not None:
-            return set()
-        return set(self.backup_of.candidates(session_id, holder))
 
     def _purge_elsewhere(self, session_id: bytes,
                          nodes: set[str | None]) -> None:
@@ -745,10 +675,9 @@ class Recovery:
         Tell C{nodes} (C{None} and this node left out) to drop their copy
         of C{session_id}.
         """
-        if self.purge_on_peer is None:
-            return
         for node in sorted(nodes - {None, self.node_id}):
-            self._peer_write("purge", node, self.purge_on_peer(node, session_id))
+            self._peer_write("purge", node, self.placement.peers.purge_session(
+                node, session_id))
 
     def _peer_write(self, what: str, peer: str, writing: Deferred[Any]) -> None:
         # Best effort: a peer that cannot be told is usually a peer that is

@@ -42,9 +42,14 @@ from twisted.python.logfile import LogFile
 from sslshare import cluster, config, metrics, sessionid, tls
 from sslshare.errors import FileError
 from sslshare.logs import RateLimitedWarning, json_lines_observer
-from sslshare.node import Node, fired_within
-from sslshare.protocol import BackendProxyFactory, SessionResumingTLSFactory
-from sslshare.recovery import BackupRing, Recovery
+from sslshare.node import Node, NodeSettings, fired_within
+from sslshare.placement import BackupRing, Layout, Placement
+from sslshare.protocol import (
+    BackendProxyFactory,
+    ProxySettings,
+    SessionResumingTLSFactory,
+)
+from sslshare.recovery import LookupSettings, Recovery
 from sslshare.repository import ISessionRepository, RepositoryError, from_config
 from sslshare.state import StateKeys
 from sslshare.store import SessionStore
@@ -93,60 +98,48 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
                         f"cannot make the node's state directory: "
                         f"{e.strerror}") from None
     store = SessionStore(node_config.store_max_bytes, reactor)
-    owners = _owners(node_config)
     services = _virtual_services(node_config)
     channel = _channel(node_config)
     peers = cluster.Peers(
-        cluster_config.peers, channel, keys=lambda: node.keys, reactor=reactor,
+        cluster_config.peers, channel, keys=lambda: placement.keys,
+        reactor=reactor,
         # A peer that never answers holds no more questions than the
         # node may have lookups out.
         max_unanswered_fetches=node_config.max_concurrent_lookups)
-    # Alive as the recovery chain sees it: a connection either way is up.
-    backup_ring = BackupRing(owners, node_config.node_id,
-                             lambda node_id: node.peer_alive(node_id))
     repository = None
     if node_config.repository is not None:
         repository = from_config(node_config.repository, reactor,
                                  node_config.state_dir)
+    placement = Placement(node_config.node_id, _layout(node_config, keys),
+                          peers, repository)
     recovery = Recovery(
-        node_config.node_id, store, keys, owners,
-        {service.name: service.id_context for service in services},
-        node_config.lookup_budget, reactor,
+        store, placement, _lookup_settings(node_config, services), reactor,
         # The repository topology asks the repository only.
-        fetch_from_peer=(None if node_config.topology == "repository"
-                         else peers.fetch_session),
-        repository=repository,
-        purge_on_peer=peers.purge_session,
-        backup_on_peer=peers.backup_session,
-        backup_of=backup_ring,
-        max_lookups=node_config.max_concurrent_lookups,
-        max_lookups_per_client=node_config.max_lookups_per_client,
-        peer_alive=lambda node_id: node.peer_alive(node_id),
-    )
-    node = Node(node_config.node_id, store, keys, recovery, reactor,
-                node_config.session_lifetime, repository, peers, backup_ring,
-                node_config.checkpoint)
+        ask_peers=node_config.topology != "repository")
+    node = Node(store, placement, recovery, reactor,
+                _node_settings(node_config))
     node.context = _server_context(node_config, services, node)
-    proxy = BackendProxyFactory(clientFromString(reactor, node_config.backend),
-                                node.handshake_done, reactor,
-                                node_config.handshake_timeout,
-                                node_config.backend, node.backend_failed)
+    proxy = BackendProxyFactory(node.handshake_done, reactor,
+                                _proxy_settings(node_config, reactor),
+                                node.backend_failed)
     clients = SessionResumingTLSFactory(node.context, node.lookup, proxy)
-    top = NodeService(node_config, node, clients, proxy, channel, reactor)
+    amp = None
+    if cluster_config.listen is not None:
+        amp = placement.peer_server = cluster.PeerServerFactory(
+            node, node_config.cluster_name, node_config.node_id,
+            cluster_config.allowed, peers=_peer_ids(node_config),
+            keys=lambda: placement.keys)
+    top = NodeService(node_config, node, clients, proxy, channel, amp,
+                      reactor)
     for key, endpoint in configured_listeners(node_config):
         if key.startswith("node.listen"):
             top.add_client_listener(
                 Listener(reactor, node_config.path, key, endpoint, clients))
-        elif key == "cluster.listen":
-            amp = cluster.PeerServerFactory(
-                node, node_config.cluster_name, node_config.node_id,
-                cluster_config.allowed, peers=_peer_ids(node_config),
-                keys=lambda: node.keys)
+        elif amp is not None and key == "cluster.listen":
             Listener(reactor, node_config.path, key, endpoint,
                      TLSMemoryBIOFactory(channel.server_options(amp.admit),
                                          False, amp),
                      ).setServiceParent(top)
-            node.peer_server = amp
         else:
             Listener(reactor, node_config.path, key, endpoint,
                      metrics.metrics_site(node)).setServiceParent(top)
@@ -221,14 +214,34 @@ class Listener(StreamServerEndpointService):
                 self.path, self.key, self.endpoint_description, e)) from None
 
 
-def _owners(node_config: config.NodeConfig) -> dict[bytes, str]:
+def _layout(node_config: config.NodeConfig, keys: StateKeys) -> Layout:
     """
-    Owner tag -> node id, for this node and its peers.
+    The state keys, and the ring of this node and its peers by owner tag.
     """
     node_ids = [node_config.node_id,
                 *(node_id for node_id, _ in node_config.cluster.peers)]
-    return {sessionid.owner_tag(node_config.cluster_name, node_id): node_id
-            for node_id in node_ids}
+    return Layout(keys, BackupRing(
+        {sessionid.owner_tag(node_config.cluster_name, node_id): node_id
+         for node_id in node_ids}))
+
+
+def _lookup_settings(node_config: config.NodeConfig,
+                     services: list[tls.VirtualService]) -> LookupSettings:
+    return LookupSettings(
+        id_contexts={service.name: service.id_context for service in services},
+        budget=node_config.lookup_budget,
+        max_lookups=node_config.max_concurrent_lookups,
+        max_lookups_per_client=node_config.max_lookups_per_client)
+
+
+def _node_settings(node_config: config.NodeConfig) -> NodeSettings:
+    return NodeSettings(node_config.session_lifetime, node_config.checkpoint)
+
+
+def _proxy_settings(node_config: config.NodeConfig,
+                    reactor: Any) -> ProxySettings:
+    return ProxySettings(clientFromString(reactor, node_config.backend),
+                         node_config.backend, node_config.handshake_timeout)
 
 
 def _virtual_services(node_config: config.NodeConfig) -> list[tls.VirtualService]:
@@ -287,6 +300,31 @@ FIXED_AT_RUNTIME = {
 }
 
 
+# What a reload puts in force, as NodeConfig attributes: the rest of the
+# file, each in the frozen settings of the part that runs on it (the
+# channel, the peer links and the peer server, the client-facing context,
+# the placement's layout, the recovery chain's, the node's and the proxy's
+# settings, the drain of a stop).
+RELOADABLE = frozenset({
+    "backend",
+    "lookup_budget",
+    "max_concurrent_lookups",
+    "max_lookups_per_client",
+    "session_lifetime",
+    "handshake_timeout",
+    "drain_timeout",
+    "checkpoint",
+    "loose_key_permissions",
+    "tls",
+    "cluster.ca",
+    "cluster.certificate",
+    "cluster.key",
+    "cluster.state_key",
+    "cluster.peers",
+    "cluster.authorize",
+})
+
+
 def _attribute(node_config: config.NodeConfig, path: str) -> Any:
     value: Any = node_config
     for name in path.split("."):
@@ -330,6 +368,7 @@ class NodeService(MultiService):
     def __init__(self, node_config: config.NodeConfig, node: Node,
                  clients: SessionResumingTLSFactory,
                  proxy: BackendProxyFactory, channel: cluster.ClusterTLS,
+                 peer_server: cluster.PeerServerFactory | None,
                  reactor: Any) -> None:
         super().__init__()
         self.config = node_config
@@ -337,6 +376,7 @@ class NodeService(MultiService):
         self._clients = clients
         self._proxy = proxy
         self._channel = channel
+        self._peer_server = peer_server
         self._reactor = reactor
         self._client_listeners: list[IService] = []
 
@@ -403,34 +443,25 @@ class NodeService(MultiService):
         """
         Put a checked configuration in force: nothing here fails on what
         the file says (L{config.load} has checked the peers already).
+        Each part's settings are replaced whole, so that no part runs on a
+        mix of the old and the new.
         """
-        node, recovery = self.node, self.node.recovery
+        node = self.node
         added, removed = node.peer_links.reconfigure(new.cluster.peers)
         self._channel.adopt(channel)
-        if node.peer_server is not None:
+        if self._peer_server is not None:
             # A node no longer listed connects no more; a connection it
             # has open runs none of its commands now.
-            node.peer_server.allowed = new.cluster.allowed
-            node.peer_server.peers = _peer_ids(new)
+            self._peer_server.allowed = new.cluster.allowed
+            self._peer_server.peers = _peer_ids(new)
         # One count across reloads: open connections keep counting on the
         # old context.
         context.counters = self._clients.context.counters
         self._clients.context = node.context = context
-        node.keys = recovery.keys = keys
-        recovery.id_contexts = {service.name: service.id_context
-                                for service in services}
-        owners = _owners(new)
-        recovery.owners = owners
-        node.backup_of = recovery.backup_of = BackupRing(
-            owners, new.node_id, node.peer_alive)
-        recovery.budget = new.lookup_budget
-        recovery.max_lookups = new.max_concurrent_lookups
-        recovery.max_lookups_per_client = new.max_lookups_per_client
-        node.session_lifetime = new.session_lifetime
-        node.checkpoint_policy = new.checkpoint
-        self._proxy.handshake_timeout = new.handshake_timeout
-        self._proxy.backend = clientFromString(self._reactor, new.backend)
-        self._proxy.backend_name = new.backend
+        node.placement.layout = _layout(new, keys)
+        node.recovery.settings = _lookup_settings(new, services)
+        node.settings = _node_settings(new)
+        self._proxy.settings = _proxy_settings(new, self._reactor)
         self.config = new
         return added, removed
 

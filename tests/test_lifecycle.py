@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 
+import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -27,7 +28,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from sslshare.config import NodeConfig
 from sslshare.node import fired_within
+from sslshare.service import FIXED_AT_RUNTIME, RELOADABLE
 from sslshare.state import StateKeys
 from tests.support import (
     LocalCluster,
@@ -352,9 +355,50 @@ class ReloadTests(_LogCapture, TestCase):
         service = cluster.services["node1"]
         self.assertEqual(service.config.listen[0].split(":")[1], str(port))
         # The rest applies.
-        self.assertEqual(cluster.nodes["node1"].recovery.budget, 0.2)
+        self.assertEqual(cluster.nodes["node1"].recovery.settings.budget, 0.2)
         result = yield cluster.client_round("node1", "TLSv1.3")
         self.assertEqual(result.echo, b"hello")
+
+    def test_each_part_runs_on_the_reloaded_settings(self):
+        cluster = LocalCluster(self, nodes=("node1",))
+        cluster.start("node1")
+        cluster.edit("node1", "lookup_budget_ms = 300",
+                     "lookup_budget_ms = 250\nsession_lifetime_s = 600\n"
+                     "max_concurrent_lookups = 7\nmax_lookups_per_client = 3\n"
+                     "handshake_timeout_s = 4\ncheckpoint = \"off\"")
+        self.assertTrue(cluster.services["node1"].reload())
+        service, node = cluster.services["node1"], cluster.nodes["node1"]
+        self.assertEqual(
+            (node.recovery.settings.budget, node.recovery.settings.max_lookups,
+             node.recovery.settings.max_lookups_per_client),
+            (0.25, 7, 3))
+        self.assertEqual(
+            (node.settings.session_lifetime, node.settings.checkpoint.mode),
+            (600, "off"))
+        self.assertEqual(service._proxy.settings.handshake_timeout, 4)
+
+
+class SettingsAtReloadTests(SynchronousTestCase):
+    """
+    Every setting of the file is either put in force by a reload or fixed
+    while the node runs: none is silently left as it was.
+    """
+
+    def test_every_setting_is_reloadable_or_fixed_at_runtime(self):
+        fixed = set(FIXED_AT_RUNTIME.values())
+        self.assertEqual(fixed & RELOADABLE, set())
+        listed = fixed | RELOADABLE
+
+        def settings(cls, prefix):
+            for field in attrs.fields(attrs.resolve_types(cls)):
+                path = prefix + field.name
+                if any(other.startswith(path + ".") for other in listed):
+                    yield from settings(field.type, path + ".")
+                else:
+                    yield path
+
+        # The path is no setting: it names the file a reload reads again.
+        self.assertEqual(set(settings(NodeConfig, "")) - {"path"}, listed)
 
 
 class HandoverTests(_LogCapture, TestCase):
