@@ -14,6 +14,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
     IPushProducer,
 )
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface.verify import verifyObject
@@ -21,7 +22,9 @@ from zope.interface.verify import verifyObject
 from sslshare.client import SessionSharingPolicy
 from sslshare.cluster import ClusterTLS, ICommandHandler
 from sslshare.protocol import _BackendSide, _Gate
+from sslshare.repository import ISessionRepository
 from sslshare.tls import ISessionLookupListener
+from tests.memory import MemoryRepository
 from tests.support import LocalCluster
 
 _CLIENT = IPv4Address("TCP", "127.0.0.1", 50000)
@@ -64,3 +67,12 @@ class ClientPartsTests(TestCase):
         verifyObject(IPolicyForHTTPS, policy)
         verifyObject(IOpenSSLClientConnectionCreator,
                      policy.creatorForNetloc(b"localhost", 443))
+
+
+class DoublesTests(TestCase):
+    """
+    The in-memory doubles of the tests provide what they stand for.
+    """
+
+    def test_memory_repository(self):
+        verifyObject(ISessionRepository, MemoryRepository(Clock()))
