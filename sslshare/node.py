@@ -290,7 +290,7 @@ class Node:
         return self.recovery.recover(request)
 
     def handshake_done(self, connection: Connection | None,
-                       found: Any = None,
+                       found: Recovered | None = None,
                        pause: Callable[[], object] | None = None,
                        resume: Callable[[], object] | None = None,
                        ) -> CheckpointPipeline | None:
@@ -298,8 +298,7 @@ class Node:
         Count a finished handshake, and start the running digest of its
         records (continuing the chain of a resumed session).
 
-        @param found: what the lookup found for it (a L{Recovered}), if
-            anything.
+        @param found: what the lookup found for it, if anything.
         @param pause: stops the connection's traffic while the checkpoint
             store lags past its bound; C{resume} starts it again.
         @return: the connection's checkpoint pipeline, to flush when it
@@ -313,10 +312,11 @@ class Node:
             self.counters["full"] += 1
             found = None
         else:
-            self.counters[f"resumed_{getattr(found, 'source', 'local')}"] += 1
+            source = "local" if found is None else found.source
+            self.counters[f"resumed_{source}"] += 1
         if self.settings.checkpoint.mode == "off":
             return None
-        return self._record(connection, getattr(found, "state", None),
+        return self._record(connection, None if found is None else found.state,
                             pause, resume)
 
     def _record(self, connection: Connection, state: SessionState | None,

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-from typing import Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
@@ -56,6 +55,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sslshare import sessionid
+from sslshare.recovery import Recovered
 from sslshare.tls import (
     Connection,
     ISessionLookupListener,
@@ -64,17 +64,8 @@ from sslshare.tls import (
 )
 
 
-class Found(TypingProtocol):
-    """
-    What a lookup finds: the session's DER and the name of its source.
-    L{sslshare.recovery.Recovered} is one.
-    """
-
-    der: bytes
-    source: str
-
-
-Lookup = Callable[[LookupRequest], "Deferred[Found | None] | Found | None"]
+Lookup = Callable[[LookupRequest],
+                  "Deferred[Recovered | None] | Recovered | None"]
 
 
 @implementer(ISessionLookupListener)
@@ -83,14 +74,13 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
     A TLS server protocol whose handshake waits for the session a client
     offers.
 
-    @ivar recovered: what the lookup found for the handshake (a L{Found}),
-        or C{None}.
+    @ivar recovered: what the lookup found for the handshake, or C{None}.
     """
 
     _log = Logger()
     _pendingLookup: Deferred[None] | None = None
     _answerArrivesLater = False
-    recovered: Found | None = None
+    recovered: Recovered | None = None
 
     def makeConnection(self, transport: Any) -> None:
         # A handshake is a few small flights each way: Nagle's algorithm
@@ -120,7 +110,8 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
                 reason, session=sessionid.describe(request.session_id))
         return None
 
-    def _supply(self, found: Found | None, connection: Connection) -> None:
+    def _supply(self, found: Recovered | None,
+                connection: Connection) -> None:
         self._pendingLookup = None
         if self._lostTLSConnection:
             return
@@ -148,8 +139,8 @@ class SessionResumingTLSFactory(TLSMemoryBIOFactory):
 
     @ivar context: the L{ServerContext} of new connections; replacing it
         (a reload) leaves the connections already open on the old one.
-    @ivar lookup: called with a L{LookupRequest}; returns a L{Found}, C{None},
-        or a Deferred of either.
+    @ivar lookup: called with a L{LookupRequest}; returns a
+        L{sslshare.recovery.Recovered}, C{None}, or a Deferred of either.
     """
 
     protocol = SessionResumingTLSProtocol

@@ -31,7 +31,7 @@ logged and counted, never fatal.  Concurrent lookups of one session id on
 this node are joined: one chain runs, every waiter gets its answer.
 
 A session recovered from elsewhere is held here from then on ("move, not
-copy"): its owner deleted it when it answered, so for a TLS 1.2 session,
+copy"): the node that gave it deleted it when it answered, so for a TLS 1.2 session,
 which keeps its id when resumed, this node stores it under its own name.
 A TLS 1.3 ticket is used once; the resumed handshake issues a new one,
 which the node stores as any new session.
@@ -453,15 +453,16 @@ class Recovery:
     async def _from_peers(self, request: LookupRequest,
                           context: bytes) -> Recovered | None:
         session_id = request.session_id
-        owner = self.placement.owner(session_id)
-        if owner == self.node_id:
+        # The owner holds the sessions it made until it gives them away.
+        first = self.placement.owner(session_id)
+        if first == self.node_id:
             # Made here and given away since: ask where it went.
-            owner = self.store.holder(session_id)
-        if owner is None or owner == self.node_id or not self.ask_peers:
+            first = self.store.holder(session_id)
+        if first is None or first == self.node_id or not self.ask_peers:
             return None
-        giver, answer = await self._ask_holder(owner, request)
+        giver, answer = await self._ask_holder(first, request)
         holder, giver, answer = await self._follow_redirects(
-            request, owner, giver, answer, self._ask_holder)
+            request, first, giver, answer, self._ask_holder)
         if answer is None or answer.status != "found":
             return None
         return self._open(answer.sealed, request, context, "peer", giver,

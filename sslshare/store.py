@@ -16,14 +16,14 @@ checked field by field by its constructor, when one is read:
     0       8     expires, unix time, binary64
     8       8     created, the same
     16      8     seq
-    24      4     the number of its (session id context, owner) pair
+    24      4     the number of its (session id context, holder) pair
     28      4     moves
     32      1     d: digest length, 0 or 32
     33      d     digest
     33+d    ...   DER
 
 in native byte order.  The session id is the dict's key; the id context and
-owner, which many sessions share, are numbered in a table the store keeps
+holder, which many sessions share, are numbered in a table the store keeps
 while a session uses them.  A checkpoint rewrites the record's head and
 digest without making a state.  A tombstone is a bytes object of its own
 type: the unix time it ends at, binary64, the session's move count when it
@@ -87,7 +87,7 @@ class _Tombstone(bytes):
 
 class _Contexts:
     """
-    The (session id context, owner) pairs of the sessions held, each
+    The (session id context, holder) pairs of the sessions held, each
     numbered once while a session uses it: a node has a few services and
     knows a few nodes, so a few pairs serve every session.
     """
@@ -104,11 +104,11 @@ class _Contexts:
     def __len__(self) -> int:
         return len(self._numbers)
 
-    def acquire(self, id_context: bytes, owner: str) -> int:
+    def acquire(self, id_context: bytes, holder: str) -> int:
         """
         The number of the pair, counting one more session that uses it.
         """
-        pair = (id_context, owner)
+        pair = (id_context, holder)
         number = self._numbers.get(pair)
         if number is None:
             if self._free:
@@ -221,11 +221,11 @@ class SessionStore:
         # The constructor checks every field again, as a decoder should.
         expires, created, seq, context, moves, digest_length = (
             _HEAD.unpack_from(record))
-        id_context, owner = self._contexts[context]
+        id_context, holder = self._contexts[context]
         der_at = _DIGEST_AT + digest_length
         return SessionState(
             session_id=session_id, id_context=id_context, der=record[der_at:],
-            owner=owner, created=created, expires=expires, seq=seq,
+            owner=holder, created=created, expires=expires, seq=seq,
             digest=record[_DIGEST_AT:der_at], moves=moves)
 
     def put(self, state: SessionState) -> None:
