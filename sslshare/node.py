@@ -15,7 +15,7 @@ from __future__ import annotations
 import weakref
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 import attrs
 from twisted.internet.defer import (
@@ -48,13 +48,15 @@ from sslshare.state import SealError, SessionState, StateKeys, der_protocol
 from sslshare.store import SessionStore
 from sslshare.tls import Connection, LookupRequest, ServerContext
 
+_T = TypeVar("_T")
+
 # Sessions on their way to their new place at once when a node stops: enough
 # to keep a peer link or the repository's threads busy, few enough not to
 # queue a whole store's worth of calls.
 HANDOVER_CONCURRENCY = 32
 
 
-def fired_within(waiting: Deferred[Any], seconds: float,
+def fired_within(waiting: Deferred[_T], seconds: float,
                  clock: IReactorTime) -> Deferred[bool]:
     """
     Fires with C{True} once C{waiting} fires, or with C{False} after
@@ -71,7 +73,7 @@ def fired_within(waiting: Deferred[Any], seconds: float,
 
     deadline = clock.callLater(max(0.0, seconds), at_deadline)
 
-    def fired(_: Any) -> None:
+    def fired(_: object) -> None:
         if not first.called:
             deadline.cancel()
             first.callback(True)
@@ -222,16 +224,18 @@ class Node:
             # A cluster of one: there is nowhere to go.
             return succeed("failed")
         where, moving = copy
-        moving.addCallback(lambda kept: where if kept else "failed")
 
-        def failed(reason: Any) -> str:
+        def arrived(kept: bool) -> str:
+            return where if kept else "failed"
+
+        def failed(reason: Failure) -> str:
             if not reason.check(CancelledError):
                 self._warnings.warn("could not hand session {session} over: "
                                     "{why}", why=reason.getErrorMessage(),
                                     session=sessionid.describe(state.session_id))
             return "failed"
 
-        return moving.addErrback(failed)
+        return moving.addCallback(arrived).addErrback(failed)
 
     # The engine's hooks.
 
@@ -472,11 +476,13 @@ class Node:
         session_id = given.session_id
         kept = {requester}
         if der_protocol(given.der) == "TLSv1.2":
-            kept.add(self.placement.backup_node(session_id, requester))
+            backup = self.placement.backup_node(session_id, requester)
+            if backup is not None:
+                kept.add(backup)
         self._purge_copies(session_id, given.owner, kept)
 
     def _purge_copies(self, session_id: bytes, holder: str,
-                      kept: set[str | None]) -> None:
+                      kept: set[str]) -> None:
         """
         Tell the nodes that may keep a backup copy of C{session_id} naming
         C{holder}, but C{kept} and this node, to drop it.
@@ -486,7 +492,7 @@ class Node:
             purging = self.placement.peers.purge_session(other, session_id)
             purging.addErrback(self._purge_failed, other)
 
-    def _purge_failed(self, reason: Any, peer: str) -> None:
+    def _purge_failed(self, reason: Failure, peer: str) -> None:
         # A peer that cannot be told is usually a peer that is down, and
         # lost what it held.
         self.counters["purge_failures"] += 1

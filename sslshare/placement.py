@@ -50,7 +50,7 @@ class BackupRing:
     @ivar owners: owner tag -> node id, for every node of the cluster.
     """
 
-    owners: Mapping[bytes, str] = attrs.field(converter=dict)
+    owners: Mapping[bytes, str]
     _nodes: tuple[str, ...] = attrs.field(init=False)
 
     @_nodes.default

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
@@ -55,6 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sslshare import sessionid
+from sslshare.digest import CheckpointPipeline
 from sslshare.recovery import Recovered
 from sslshare.tls import (
     Connection,
@@ -174,7 +176,16 @@ class SessionResumingTLSFactory(TLSMemoryBIOFactory):
         return waiter
 
 
-HandshakeDone = Callable[..., Any]
+class HandshakeDone(TypingProtocol):
+    """
+    Told of each handshake's end (L{sslshare.node.Node.handshake_done}).
+    """
+
+    def __call__(self, connection: Connection | None,
+                 found: Recovered | None = None,
+                 pause: Callable[[], object] | None = None,
+                 resume: Callable[[], object] | None = None,
+                 ) -> CheckpointPipeline | None: ...
 
 
 @implementer(IHandshakeListener)
@@ -187,9 +198,9 @@ class BackendProxy(Protocol):
     _log = Logger()
     factory: BackendProxyFactory
     _backend: _BackendSide | None = None
-    _timeout: Any = None
+    _timeout: IDelayedCall | None = None
     _linked = False
-    _checkpoints: Any = None
+    _checkpoints: CheckpointPipeline | None = None
     _abort_call: IDelayedCall | None = None
 
     def connectionMade(self) -> None:

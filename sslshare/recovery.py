@@ -53,19 +53,20 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from sslshare import sessionid
-from sslshare.cluster import FetchTerms
+from sslshare.cluster import FetchAnswer, FetchTerms
 from sslshare.logs import RateLimitedWarning
 from sslshare.placement import REPOSITORY, Placement
-from sslshare.repository import Taken
+from sslshare.repository import ISessionRepository, Taken
 from sslshare.state import SealError, SessionState
 from sslshare.store import SessionStore
 from sslshare.tls import LookupRequest
@@ -85,6 +86,12 @@ LOOKUP_SOURCES = ("local", "peer", "backup", "repository", "miss")
 # while the copy or tombstone naming its new holder was still on its way,
 # rarely more than one move; the budget bounds the chain in any case.
 MAX_REDIRECTS = 3
+
+_T = TypeVar("_T")
+
+# Who answered a question about a session asked of a node, and what (None:
+# nobody could).
+_Ask = Callable[[str, LookupRequest], Awaitable[tuple[str, "FetchAnswer | None"]]]
 
 # Upper bounds in seconds of the lookup latency buckets: from a local hit
 # (microseconds) to the largest lookup budget (10 s).
@@ -165,7 +172,7 @@ class LookupSettings:
         (L{LookupRequest.client}).
     """
 
-    id_contexts: Mapping[str, bytes] = attrs.field(converter=dict)
+    id_contexts: Mapping[str, bytes]
     budget: float
     max_lookups: int | None = None
     max_lookups_per_client: int | None = None
@@ -257,10 +264,11 @@ class Recovery:
             # Whatever cannot resume this handshake is left as it is, here
             # and everywhere: the client that can may still come.
             return None
+        repository = self.placement.repository
         if local is not None and local.owner == self.node_id:
-            if self.placement.repository is not None:
+            if repository is not None:
                 return await self._own_session_taken_from_repository(
-                    request, context, local)
+                    request, context, local, repository)
             self._used_here(request, local)
             return Recovered(local, "local")
         if not self._admit(request.client):
@@ -270,8 +278,9 @@ class Recovery:
                 found = await self._from_holder_or_copy(request, context, local)
             else:
                 found = await self._from_peers(request, context)
-                if found is None and self.placement.repository is not None:
-                    found = await self._from_repository(request, context)
+                if found is None and repository is not None:
+                    found = await self._from_repository(request, context,
+                                                        repository)
         finally:
             self._release(request.client)
         if found is None:
@@ -336,8 +345,9 @@ class Recovery:
             return
         session_id = request.session_id
         self._used_up(state)
-        if self.placement.repository is not None:
-            self._repository_write("purge", self.placement.repository.purge(session_id))
+        repository = self.placement.repository
+        if repository is not None:
+            self._repository_write("purge", repository.purge(session_id))
         self._purge_elsewhere(
             session_id, self.placement.backup_nodes(session_id, self.node_id))
 
@@ -352,7 +362,8 @@ class Recovery:
 
     async def _own_session_taken_from_repository(
             self, request: LookupRequest, context: bytes,
-            local: SessionState) -> Recovered | None:
+            local: SessionState,
+            repository: ISessionRepository) -> Recovered | None:
         """
         A session this node holds, with a repository.  Other nodes take
         sessions from the repository, and the purge of this node's copy
@@ -371,7 +382,8 @@ class Recovery:
         tls12 = request.protocol == "TLSv1.2"
         if not tls12:
             self.store.take(session_id)
-        answered, taken = await self._take_from_repository(request)
+        answered, taken = await self._take_from_repository(request,
+                                                           repository)
         if not answered:
             return None
         # A TLS 1.2 copy may go while the repository answers: a peer's
@@ -386,29 +398,30 @@ class Recovery:
                 # Another node took the session and stored it again under
                 # its name, or sealed it under a key this node lacks: its
                 # copy goes back as it was.
-                self._give_back(session_id, taken)
+                self._give_back(session_id, taken, repository)
             self.counters["stale_copies"] += 1
             self.store.take(session_id)
             return None
         state = self._with_repository_checkpoint(local, taken)
         if tls12:
             self.store.put(state)
-            self._repository_write("put", self.placement.repository.put(
+            self._repository_write("put", repository.put(
                 session_id, self.placement.keys.seal(state), state.expires))
         else:
             self._used_up(opened.state)
         return Recovered(state, "local")
 
-    def _give_back(self, session_id: bytes, taken: Taken) -> None:
+    def _give_back(self, session_id: bytes, taken: Taken,
+                   repository: ISessionRepository) -> None:
         """
         Put what this node took from the repository back as it was: the
         blob, then the checkpoint kept beside it.
         """
         self.counters["given_back"] += 1
-        self._repository_write("put", self.placement.repository.put(
+        self._repository_write("put", repository.put(
             session_id, taken.sealed, taken.expires))
         if taken.seq:
-            self._repository_write("checkpoint", self.placement.repository.checkpoint(
+            self._repository_write("checkpoint", repository.checkpoint(
                 session_id, taken.seq, taken.digest))
 
     async def _from_holder_or_copy(self, request: LookupRequest, context: bytes,
@@ -470,8 +483,8 @@ class Recovery:
 
     async def _follow_redirects(
             self, request: LookupRequest, asked: str, giver: str,
-            answer: Any, ask: Callable[[str, LookupRequest], Any],
-    ) -> tuple[str, str, Any]:
+            answer: FetchAnswer | None, ask: _Ask,
+    ) -> tuple[str, str, FetchAnswer | None]:
         """
         Follow the redirects of C{answer}, which C{giver} gave when
         C{asked} was asked: at most L{MAX_REDIRECTS}, never to a node asked
@@ -492,11 +505,13 @@ class Recovery:
         return asked, giver, answer
 
     async def _ask_peer_named(self, node_id: str,
-                              request: LookupRequest) -> tuple[str, Any]:
+                              request: LookupRequest
+                              ) -> tuple[str, FetchAnswer | None]:
         return node_id, await self._ask_peer(node_id, request)
 
     async def _ask_holder(self, holder: str,
-                          request: LookupRequest) -> tuple[str, Any]:
+                          request: LookupRequest
+                          ) -> tuple[str, FetchAnswer | None]:
         """
         Ask C{holder}, then, when it cannot answer, its backup node for the
         session, which keeps a copy, and which a stopping holder hands its
@@ -513,7 +528,8 @@ class Recovery:
         self.counters["backups_asked"] += 1
         return backup, await self._ask_peer(backup, request)
 
-    async def _ask_peer(self, node_id: str, request: LookupRequest) -> Any:
+    async def _ask_peer(self, node_id: str,
+                        request: LookupRequest) -> FetchAnswer | None:
         terms = FetchTerms(request.protocol,
                            self.settings.id_contexts[request.service],
                            self.placement.keys.key_ids)
@@ -530,9 +546,10 @@ class Recovery:
                 why=str(e) or type(e).__name__)
             return None
 
-    async def _from_repository(self, request: LookupRequest,
-                               context: bytes) -> Recovered | None:
-        _, taken = await self._take_from_repository(request)
+    async def _from_repository(self, request: LookupRequest, context: bytes,
+                               repository: ISessionRepository
+                               ) -> Recovered | None:
+        _, taken = await self._take_from_repository(request, repository)
         if taken is None:
             return None
         state = self._opened(taken.sealed, request, context, "repository", None)
@@ -541,12 +558,13 @@ class Recovery:
         if (state is None or state.expired(self.clock.seconds())
                 or not self._resumable(state, request, context)):
             # Not this handshake's to use up: back as it was.
-            self._give_back(request.session_id, taken)
+            self._give_back(request.session_id, taken, repository)
             return None
         return Recovered(self._with_repository_checkpoint(state, taken),
                          "repository")
 
-    async def _take_from_repository(self, request: LookupRequest
+    async def _take_from_repository(self, request: LookupRequest,
+                                    repository: ISessionRepository,
                                     ) -> tuple[bool, Taken | None]:
         """
         Take the session from the repository: whether it answered, and what
@@ -554,7 +572,7 @@ class Recovery:
         counted and logged, and has not answered.
         """
         try:
-            return True, await self.placement.repository.take(request.session_id)
+            return True, await repository.take(request.session_id)
         except CancelledError:
             raise
         except Exception as e:
@@ -665,39 +683,38 @@ class Recovery:
         else:
             # A used ticket lives nowhere, this node's backup copy included.
             self._used_up(found.state)
-            if self.placement.repository is not None and found.source != "repository":
-                self._repository_write("purge",
-                                       self.placement.repository.purge(session_id))
+            repository = self.placement.repository
+            if repository is not None and found.source != "repository":
+                self._repository_write("purge", repository.purge(session_id))
         self._purge_elsewhere(session_id, others)
 
-    def _purge_elsewhere(self, session_id: bytes,
-                         nodes: set[str | None]) -> None:
+    def _purge_elsewhere(self, session_id: bytes, nodes: set[str]) -> None:
         """
-        Tell C{nodes} (C{None} and this node left out) to drop their copy
-        of C{session_id}.
+        Tell C{nodes} (this node left out) to drop their copy of
+        C{session_id}.
         """
-        for node in sorted(nodes - {None, self.node_id}):
+        for node in sorted(nodes - {self.node_id}):
             self._peer_write("purge", node, self.placement.peers.purge_session(
                 node, session_id))
 
-    def _peer_write(self, what: str, peer: str, writing: Deferred[Any]) -> None:
+    def _peer_write(self, what: str, peer: str, writing: Deferred[_T]) -> None:
         # Best effort: a peer that cannot be told is usually a peer that is
         # down, and lost what it held.
-        def failed(reason: Any) -> None:
+        def failed(reason: Failure) -> None:
             self.counters[f"peer_{what}_failures"] += 1
 
         writing.addErrback(failed)
 
-    def _repository_write(self, what: str, writing: Deferred[Any]) -> None:
+    def _repository_write(self, what: str, writing: Deferred[_T]) -> None:
         # Fail open: the handshake goes on, the node keeps serving.
-        def failed(reason: Any) -> None:
+        def failed(reason: Failure) -> None:
             self.counters[f"repository_{what}_failures"] += 1
             self._warnings.warn("repository {what} failed: {why}", what=what,
                                 why=reason.getErrorMessage())
 
         writing.addErrback(failed)
 
-    def _gave_up(self, reason: Any, request: LookupRequest) -> None:
+    def _gave_up(self, reason: Failure, request: LookupRequest) -> None:
         if reason.check(TimeoutError, CancelledError):
             self.counters["timeouts"] += 1
         else:

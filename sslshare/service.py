@@ -129,7 +129,7 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
             node, node_config.cluster_name, node_config.node_id,
             cluster_config.allowed, peers=_peer_ids(node_config),
             keys=lambda: placement.keys)
-    top = NodeService(node_config, node, clients, proxy, channel, amp,
+    top = NodeService(node_config, node, clients, proxy, channel, peers, amp,
                       reactor)
     for key, endpoint in configured_listeners(node_config):
         if key.startswith("node.listen"):
@@ -368,6 +368,7 @@ class NodeService(MultiService):
     def __init__(self, node_config: config.NodeConfig, node: Node,
                  clients: SessionResumingTLSFactory,
                  proxy: BackendProxyFactory, channel: cluster.ClusterTLS,
+                 peers: cluster.Peers,
                  peer_server: cluster.PeerServerFactory | None,
                  reactor: Any) -> None:
         super().__init__()
@@ -376,6 +377,7 @@ class NodeService(MultiService):
         self._clients = clients
         self._proxy = proxy
         self._channel = channel
+        self._peers = peers
         self._peer_server = peer_server
         self._reactor = reactor
         self._client_listeners: list[IService] = []
@@ -447,7 +449,7 @@ class NodeService(MultiService):
         mix of the old and the new.
         """
         node = self.node
-        added, removed = node.peer_links.reconfigure(new.cluster.peers)
+        added, removed = self._peers.reconfigure(new.cluster.peers)
         self._channel.adopt(channel)
         if self._peer_server is not None:
             # A node no longer listed connects no more; a connection it
