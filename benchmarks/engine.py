@@ -101,7 +101,7 @@ from zope.interface import implementer
 # directory, ahead of any installed copy.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sslshare import _openssl, sessionid, tls
+from sslshare import _openssl, hooks, sessionid, tls
 
 CLUSTER = "bench"
 SERVICE = "web"
@@ -255,7 +255,7 @@ class DictLookup:
         self.sessions = sessions
 
     def lookup_requested(self, connection: tls.Connection,
-                         request: tls.LookupRequest) -> None:
+                         request: hooks.LookupRequest) -> None:
         connection.supply(self.sessions.get(request.session_id))
 
 
