@@ -67,7 +67,7 @@ and is printed with the results):
     - engine overhead = median over rounds of (engine figure / raw figure,
       same round and handshake type) - 1.
 
-The goals of issue 3 are checked against those: resumed/full >= 2.0 for
+The engine's goals are checked against those: resumed/full >= 2.0 for
 TLS 1.2 with RSA-2048, and an engine overhead of at most 15% for every
 kind.  This script times; it never asserts a timing.
 """
