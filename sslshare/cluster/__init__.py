@@ -110,17 +110,6 @@ carries sealed blobs.
 
 from __future__ import annotations
 
-from sslshare.cluster._errors import (
-    BadRequest,
-    ClusterTLSError,
-    HandlerFault,
-    KeyMismatch,
-    NodeRefused,
-    NotAuthorized,
-    PeerIdentityError,
-    PeerProtocolError,
-    PeerUnavailable,
-)
 from sslshare.cluster._commands import (
     COMMANDS,
     FETCH_STATUSES,
@@ -137,17 +126,18 @@ from sslshare.cluster._commands import (
     Purge,
     Stats,
 )
-from sslshare.cluster._framing import (
-    DEFAULT_HANDSHAKE_TIMEOUT,
+from sslshare.cluster._errors import (
+    BadRequest,
+    ClusterTLSError,
+    HandlerFault,
+    KeyMismatch,
+    NodeRefused,
+    NotAuthorized,
+    PeerIdentityError,
+    PeerProtocolError,
+    PeerUnavailable,
 )
-from sslshare.cluster._tls import (
-    ClusterTLS,
-    certificate_uris,
-    node_identity,
-)
-from sslshare.cluster._server import (
-    PeerServerFactory,
-)
+from sslshare.cluster._framing import DEFAULT_HANDSHAKE_TIMEOUT
 from sslshare.cluster._links import (
     DEFAULT_CALL_TIMEOUT,
     PURGE_CONNECT_ATTEMPTS,
@@ -158,6 +148,9 @@ from sslshare.cluster._links import (
     purge_on,
     stats_from,
 )
+from sslshare.cluster._server import PeerServerFactory
+from sslshare.cluster._tls import ClusterTLS, certificate_uris, node_identity
+
 __all__ = [
     "Backup",
     "BadRequest",

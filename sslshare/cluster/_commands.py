@@ -26,7 +26,6 @@ from sslshare.state import (
     checkpoint_problem,
 )
 
-
 MAX_BOX_KEYS = 16
 """The most keys a box on the channel may have; a command uses 5 at most."""
 
@@ -113,7 +112,7 @@ class Stats(amp.Command):
     The node's counters, as a JSON object of name -> number.
     """
 
-    arguments: list = []
+    arguments = []
     response = [(b"counters", amp.Unicode())]
     errors = _ERRORS
 
@@ -136,9 +135,9 @@ COMMANDS: dict[str, type[amp.Command]] = {
 }
 """The channel's commands by name: the names authorization uses."""
 
+_EVERY_COMMAND: tuple[type[amp.Command], ...] = (*COMMANDS.values(), KeyCheck)
 BY_WIRE_NAME: dict[bytes, type[amp.Command]] = {
-    command.commandName: command
-    for command in (*COMMANDS.values(), KeyCheck)
+    command.commandName: command for command in _EVERY_COMMAND
 }
 """Every command a peer may send, by the name a box carries."""
 
@@ -204,10 +203,9 @@ def fetch_terms(protocol: str | None, id_context: bytes | None,
 
     @raise BadRequest: some but not all, or one out of its bounds.
     """
-    given = [protocol is not None, id_context is not None, key_ids is not None]
-    if not any(given):
+    if protocol is None and id_context is None and key_ids is None:
         return None
-    if not all(given):
+    if protocol is None or id_context is None or key_ids is None:
         raise BadRequest("protocol, id_context and key_ids come together")
     if protocol not in PROTOCOLS:
         raise BadRequest(f"protocol {protocol[:16]!r} is not one of "
@@ -281,7 +279,8 @@ class ICommandHandler(Interface):
 
 # Checks shared by both ends.
 
-def fetch_answer_problem(status: Any, sealed: Any, holder: Any) -> str | None:
+def fetch_answer_problem(status: object, sealed: object,
+                         holder: object) -> str | None:
     if status not in FETCH_STATUSES:
         return f"status {status!r} is not one of {', '.join(FETCH_STATUSES)}"
     if status == "found":
@@ -298,7 +297,7 @@ def fetch_answer_problem(status: Any, sealed: Any, holder: Any) -> str | None:
     return None
 
 
-def counters_problem(counters: Any) -> str | None:
+def counters_problem(counters: object) -> str | None:
     if not isinstance(counters, dict):
         return "counters are not an object"
     for name, value in counters.items():

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from sslshare.cluster._commands import MAX_BOX_BYTES, MAX_BOX_KEYS
-
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
@@ -21,7 +20,9 @@ class HandshakeDeadline:
     that connects and says nothing must not hold a connection forever.
     """
 
-    _deadline: Any = None
+    _deadline: IDelayedCall | None = None
+    # As AMP types it: these classes mix into AMP protocols.
+    transport: Any
 
     def _start_deadline(self, clock: IReactorTime, timeout: float) -> None:
         self._deadline = clock.callLater(timeout, self._deadline_passed)
@@ -50,6 +51,7 @@ class BoundedBoxes:
     """
 
     state: str
+    # As AMP types it: these classes mix into AMP protocols.
     transport: Any
     _box_keys = 0
     _box_bytes = 0

@@ -5,12 +5,14 @@ and the checked calls the recovery chain and the CLI make.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
+import attrs
 from OpenSSL import SSL
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
@@ -18,10 +20,14 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError, ConnectionClosed
 from twisted.internet.interfaces import (
+    IAddress,
     IHandshakeListener,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -58,6 +64,8 @@ from sslshare.cluster._tls import ClusterTLS, refusal_of, tls_failure
 from sslshare.state import StateKeys
 
 _log = Logger()
+
+_Answer = TypeVar("_Answer")
 
 
 # Seconds a peer has to answer a Backup, Checkpoint, Purge or Stats: a
@@ -133,13 +141,13 @@ class _PeerClientProtocol(BoundedBoxes, amp.AMP, HandshakeDeadline):
                   peer=self._link.peer_node_id, what=what)
         self._drop()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_deadline()
         refusal = refusal_of(reason, self.transport) or self._refusal
         super().connectionLost(reason)
         self._link._lost(self, reason, refusal)
 
-    def locateResponder(self, name: bytes) -> Any:
+    def locateResponder(self, name: bytes) -> None:
         # Peers ask us through our own server, never through this link.
         return None
 
@@ -148,7 +156,7 @@ class _LinkFactory(Factory):
     def __init__(self, link: PeerLink) -> None:
         self._link = link
 
-    def buildProtocol(self, addr: Any) -> _PeerClientProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> _PeerClientProtocol:
         return _PeerClientProtocol(self._link)
 
 
@@ -164,7 +172,7 @@ class _ObservedEndpoint:
         self._wrapped = wrapped
         self._failed = failed
 
-    def connect(self, factory: Any) -> Deferred:
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         def observe(reason: Failure) -> Failure:
             # A cancelled attempt is the link stopping, not the peer failing.
             if not reason.check(CancelledError, ConnectingCancelledError):
@@ -172,6 +180,17 @@ class _ObservedEndpoint:
             return reason
 
         return self._wrapped.connect(factory).addErrback(observe)
+
+
+@attrs.define
+class _Waiter:
+    """
+    A caller of L{PeerLink.when_connected}, and how many more failed
+    attempts it waits through (C{None}: any number).
+    """
+
+    waiting: Deferred[None]
+    remaining: int | None
 
 
 def default_retry_policy() -> Callable[[int], float]:
@@ -200,7 +219,7 @@ class PeerLink(Service):
     def __init__(self, peer_node_id: str,
                  endpoint: str | IStreamClientEndpoint, tls: ClusterTLS, *,
                  keys: Callable[[], StateKeys],
-                 reactor: Any = None,
+                 reactor: IReactorTime | None = None,
                  retry_policy: Callable[[int], float] | None = None,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_unanswered_fetches: int | None = None,
@@ -223,12 +242,13 @@ class PeerLink(Service):
             than L{FetchSession}.
         """
         if reactor is None:
-            from twisted.internet import reactor
+            from twisted.internet import reactor as default
+            reactor = default
         self.call_timeout = call_timeout
         self.max_unanswered_fetches = max_unanswered_fetches
         self._unanswered_fetches = 0
         self.peer_node_id = identity.validate_name("node id", peer_node_id)
-        self.name = peer_node_id
+        self.setName(peer_node_id)
         self.cluster = tls.cluster
         self.node_id = tls.node_id
         self.keys = keys
@@ -237,10 +257,10 @@ class PeerLink(Service):
         self.clock = reactor
         self.handshake_timeout = handshake_timeout
         self.counters: Counter[str] = Counter()
-        if isinstance(endpoint, str):
-            endpoint = clientFromString(reactor, endpoint)
+        tcp = (clientFromString(reactor, endpoint)
+               if isinstance(endpoint, str) else endpoint)
         self._endpoint = _ObservedEndpoint(
-            wrapClientTLS(tls.client_options(peer_node_id), endpoint),
+            wrapClientTLS(tls.client_options(peer_node_id), tcp),
             lambda reason: self._attempt_failed(reason.getErrorMessage()))
         policy = retry_policy or default_retry_policy()
         self._protocol: _PeerClientProtocol | None = None
@@ -249,7 +269,7 @@ class PeerLink(Service):
         # without this a peer that refuses our certificate would be retried
         # at the shortest delay forever.
         self._refusals = 0
-        self._waiters: list[list[Any]] = []
+        self._waiters: list[_Waiter] = []
         self._client = ClientService(
             self._endpoint, _LinkFactory(self),
             retryPolicy=lambda attempt: policy(attempt + self._refusals),
@@ -306,7 +326,7 @@ class PeerLink(Service):
             return reason
 
         if command is not FetchSession:
-            def timed_out(result: Any, timeout: float) -> Failure:
+            def timed_out(result: object, timeout: float) -> Failure:
                 self.counters["call_timeouts"] += 1
                 return Failure(PeerUnavailable(
                     self.peer_node_id,
@@ -360,9 +380,9 @@ class PeerLink(Service):
         """
         if self._protocol is not None:
             return succeed(None)
-        waiter: list[Any] = []
-        waiting: Deferred[None] = Deferred(lambda d: self._waiters.remove(waiter))
-        waiter.extend([waiting, fail_after_failures])
+        waiting: Deferred[None] = Deferred(
+            lambda d: self._waiters.remove(waiter))
+        waiter = _Waiter(waiting, fail_after_failures)
         self._waiters.append(waiter)
         return waiting
 
@@ -371,8 +391,8 @@ class PeerLink(Service):
         self.counters["connects"] += 1
         _log.info("connected to peer {peer}", peer=self.peer_node_id)
         waiters, self._waiters = self._waiters, []
-        for waiting, _ in waiters:
-            waiting.callback(None)
+        for waiter in waiters:
+            waiter.waiting.callback(None)
 
     def _lost(self, protocol: _PeerClientProtocol, reason: Failure,
               refusal: str | None) -> None:
@@ -409,14 +429,15 @@ class PeerLink(Service):
         self._fail_waiters(lambda remaining: remaining is not None and remaining <= 1,
                            why)
         for waiter in self._waiters:
-            if waiter[1] is not None:
-                waiter[1] -= 1
+            if waiter.remaining is not None:
+                waiter.remaining -= 1
 
     def _fail_waiters(self, done: Callable[[int | None], bool], reason: str) -> None:
-        failing = [waiter for waiter in self._waiters if done(waiter[1])]
-        self._waiters = [waiter for waiter in self._waiters if not done(waiter[1])]
-        for waiting, _ in failing:
-            waiting.errback(PeerUnavailable(self.peer_node_id, reason))
+        failing = [waiter for waiter in self._waiters if done(waiter.remaining)]
+        self._waiters = [waiter for waiter in self._waiters
+                         if not done(waiter.remaining)]
+        for waiter in failing:
+            waiter.waiting.errback(PeerUnavailable(self.peer_node_id, reason))
 
 
 class Peers(MultiService):
@@ -426,7 +447,7 @@ class Peers(MultiService):
 
     def __init__(self, peers: Iterable[tuple[str, str | IStreamClientEndpoint]],
                  tls: ClusterTLS, *, keys: Callable[[], StateKeys],
-                 reactor: Any = None,
+                 reactor: IReactorTime | None = None,
                  retry_policy: Callable[[int], float] | None = None,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_unanswered_fetches: int | None = None,
@@ -442,11 +463,11 @@ class Peers(MultiService):
         """
         super().__init__()
         self._tls = tls
-        self._link_options = {"keys": keys, "reactor": reactor,
-                              "retry_policy": retry_policy,
-                              "handshake_timeout": handshake_timeout,
-                              "max_unanswered_fetches": max_unanswered_fetches,
-                              "call_timeout": call_timeout}
+        self._new_link = functools.partial(
+            PeerLink, tls=tls, keys=keys, reactor=reactor,
+            retry_policy=retry_policy, handshake_timeout=handshake_timeout,
+            max_unanswered_fetches=max_unanswered_fetches,
+            call_timeout=call_timeout)
         for link in self._new_links(peers):
             link.setServiceParent(self)
 
@@ -458,8 +479,7 @@ class Peers(MultiService):
                 raise ValueError(f"node {node_id} cannot be its own peer")
             if node_id in (link.peer_node_id for link in links):
                 raise ValueError(f"peer {node_id} listed twice")
-            links.append(PeerLink(node_id, endpoint, self._tls,
-                                  **self._link_options))
+            links.append(self._new_link(node_id, endpoint))
         return links
 
     def reconfigure(self, peers: Iterable[tuple[str, str | IStreamClientEndpoint]],
@@ -546,8 +566,9 @@ class Peers(MultiService):
         return link.when_connected(PURGE_CONNECT_ATTEMPTS).addCallback(
             lambda _: purge_on(link, session_id))
 
-    def _call(self, node_id: str, operation: Callable[[PeerLink, bytes], Deferred[Any]],
-              session_id: bytes) -> Deferred[Any]:
+    def _call(self, node_id: str,
+              operation: Callable[[PeerLink, bytes], Deferred[_Answer]],
+              session_id: bytes) -> Deferred[_Answer]:
         link = self.link(node_id)
         if link is None:
             return fail(PeerUnavailable(node_id, "not a peer of this node"))
@@ -607,7 +628,7 @@ def fetch_from(link: PeerLink, session_id: bytes,
         return reason
 
     def checked(response: dict[str, Any]) -> FetchAnswer:
-        status = response.get("status")
+        status = response.get("status", "")
         sealed = response.get("sealed")
         holder = response.get("holder")
         problem = fetch_answer_problem(status, sealed, holder)

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IReactorTime,
 )
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -59,7 +59,7 @@ from sslshare.state import StateKeys
 _log = Logger()
 
 
-def _shown_address(address: Any) -> str:
+def _shown_address(address: IAddress) -> str:
     # A log field: a string survives a JSON log, an IAddress does not.
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     if host is None or port is None:
@@ -132,7 +132,7 @@ class _PeerServerProtocol(BoundedBoxes, amp.AMP, HandshakeDeadline):
         self.factory.warn(counter, "refused connection from {address}: {reason}",
                           address=self._address, reason=reason)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_deadline()
         self.factory._protocols.discard(self)
         if self.peer_node_id is None and not self._refused:
@@ -220,6 +220,7 @@ class _PeerCommands:
 
     async def _answer(self, command: type[amp.Command],
                       box: amp.AmpBox) -> amp.AmpBox:
+        known = {**command.errors, **command.fatalErrors}
         try:
             requester = self._authorize(command)
             try:
@@ -235,8 +236,8 @@ class _PeerCommands:
                 raise self._bad_request(command, str(e)) from None
             response = await maybeDeferred(
                 self._RESPONDERS[command], self, requester, **arguments)
-        except tuple(command.allErrors) as e:
-            raise amp.RemoteAmpError(command.allErrors[type(e)], str(e),
+        except tuple(known) as e:
+            raise amp.RemoteAmpError(known[type(e)], str(e),
                                      type(e) in command.fatalErrors) from None
         return command.makeResponse(response, self._protocol)
 
@@ -351,7 +352,7 @@ class _PeerCommands:
     }
 
 
-class PeerServerFactory(Factory):
+class PeerServerFactory(Factory["_PeerServerProtocol"]):
     """
     The AMP side of the channel that answers peers.  Listen with it wrapped
     in TLS::
@@ -396,7 +397,8 @@ class PeerServerFactory(Factory):
         identity.validate_name("cluster name", cluster)
         identity.validate_name("node id", node_id)
         if clock is None:
-            from twisted.internet import reactor as clock
+            from twisted.internet import reactor
+            clock = reactor
         self.handler = handler
         self.cluster = cluster
         self.node_id = node_id
@@ -452,7 +454,7 @@ class PeerServerFactory(Factory):
         The node ids of the peers connected to this node right now.
         """
         return {protocol.peer_node_id for protocol in self._protocols
-                if getattr(protocol, "peer_node_id", None) is not None}
+                if protocol.peer_node_id is not None}
 
     def stopFactory(self) -> None:
         # Aborted, not closed: a TLS close waits for the peer's close_notify,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -25,6 +24,7 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -165,7 +165,8 @@ class _ServerCreator:
         self._cluster = tls.cluster
         self._admit = admit
 
-    def serverConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+    def serverConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol,
+                               ) -> SSL.Connection:
         connection = SSL.Connection(self._tls._context, None)
         # The transport is not there yet: the peer's address is read when
         # its certificate is.
@@ -190,7 +191,8 @@ class _ClientCreator:
                 f"{identity.node_uri(self._cluster, found)}, not "
                 f"{identity.node_uri(self._cluster, self._peer)}")
 
-    def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+    def clientConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol,
+                               ) -> SSL.Connection:
         connection = SSL.Connection(self._tls._context, None)
         connection.set_verify(_VERIFY_MODE, _verifier(self._check))
         return connection
@@ -268,11 +270,12 @@ class ClusterTLS:
                 certificate_path, f"does not verify against {ca_path} ({e})") from None
 
         # cryptography objects where pyOpenSSL takes them (it deprecates its
-        # own X509 there); Twisted's trust root still wants its Certificate.
+        # own X509 there), though Twisted's annotations still name pyOpenSSL's
+        # types; Twisted's trust root still wants its Certificate.
         options = CertificateOptions(
-            privateKey=key,
-            certificate=leaf,
-            extraCertChain=chain[1:],
+            privateKey=key,  # type: ignore[arg-type]
+            certificate=leaf,  # type: ignore[arg-type]
+            extraCertChain=chain[1:],  # type: ignore[arg-type]
             trustRoot=trustRootFromCertificates([Certificate(r) for r in roots]),
             raiseMinimumTo=TLSVersion.TLSv1_2,
         )
@@ -318,7 +321,7 @@ class ClusterTLS:
         self._context = other._context
 
 
-def verify_refusal(transport: Any) -> PeerIdentityError | None:
+def verify_refusal(transport: TLSMemoryBIOProtocol) -> PeerIdentityError | None:
     """
     Why our verify callback refused the connection of C{transport} (a TLS
     protocol), if it did.
@@ -326,7 +329,8 @@ def verify_refusal(transport: Any) -> PeerIdentityError | None:
     return _verify_refusals.pop(transport.getHandle(), None)
 
 
-def refusal_of(reason: Failure, transport: Any) -> str | None:
+def refusal_of(reason: Failure,
+               transport: TLSMemoryBIOProtocol) -> str | None:
     """
     Why the connection of C{transport} (a TLS protocol) ended, if TLS
     refused it: our verify callback's reason, or the alert the peer sent.
