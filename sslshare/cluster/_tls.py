@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from sslshare import identity
 from sslshare.cluster._errors import ClusterTLSError, PeerIdentityError
+from sslshare.errors import read_bytes
 
 _log = Logger()
 
@@ -198,17 +199,9 @@ class _ClientCreator:
         return connection
 
 
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ClusterTLSError(path, f"cannot read ({e.strerror})") from None
-
-
 def _load_certificates(path: str) -> list[x509.Certificate]:
     try:
-        certificates = x509.load_pem_x509_certificates(_read(path))
+        certificates = x509.load_pem_x509_certificates(read_bytes(path, ClusterTLSError))
     except ValueError as e:
         raise ClusterTLSError(path, f"not PEM certificates ({e})") from None
     return certificates
@@ -239,7 +232,7 @@ class ClusterTLS:
         authorities = _load_certificates(ca_path)
         chain = _load_certificates(certificate_path)
         try:
-            key = serialization.load_pem_private_key(_read(key_path), None)
+            key = serialization.load_pem_private_key(read_bytes(key_path, ClusterTLSError), None)
         except (ValueError, TypeError) as e:
             raise ClusterTLSError(
                 key_path, f"not an unencrypted PEM private key ({e})") from None
