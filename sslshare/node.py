@@ -46,7 +46,8 @@ from sslshare.recovery import LOOKUP_SOURCES, Recovered, Recovery
 from sslshare.repository import ISessionRepository
 from sslshare.state import SealError, SessionState, StateKeys, der_protocol
 from sslshare.store import SessionStore
-from sslshare.tls import Connection, LookupRequest, ServerContext
+from sslshare.hooks import LookupRequest
+from sslshare.tls import Connection, ServerContext
 
 _T = TypeVar("_T")
 

@@ -57,13 +57,9 @@ from zope.interface import implementer
 
 from sslshare import sessionid
 from sslshare.digest import CheckpointPipeline
+from sslshare.hooks import LookupRequest
 from sslshare.recovery import Recovered
-from sslshare.tls import (
-    Connection,
-    ISessionLookupListener,
-    LookupRequest,
-    ServerContext,
-)
+from sslshare.tls import Connection, ISessionLookupListener, ServerContext
 
 
 Lookup = Callable[[LookupRequest],

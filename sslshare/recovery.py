@@ -69,7 +69,7 @@ from sslshare.placement import REPOSITORY, Placement
 from sslshare.repository import ISessionRepository, Taken
 from sslshare.state import SealError, SessionState
 from sslshare.store import SessionStore
-from sslshare.tls import LookupRequest
+from sslshare.hooks import LookupRequest
 
 # "peer": another node's session, fetched from it now or kept here as its
 # backup copy.

@@ -23,7 +23,8 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from sslshare.tls import LookupRequest, session_fields
+from sslshare.hooks import LookupRequest
+from sslshare.tls import session_fields
 from tests.support import (
     LocalCluster,
     SilentListener,
