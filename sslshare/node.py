@@ -534,6 +534,8 @@ class Node:
             self._refused_peer("Purge", session_id, requester, holder)
             return False
         state = self.store.take(session_id)
+        if state is None:
+            return False
         self.store.tombstone(session_id, requester, state.expires, state.moves)
         return True
 

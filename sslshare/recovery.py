@@ -373,8 +373,9 @@ class Recovery:
         as it was): a TLS 1.3 ticket is used up; a TLS 1.2 session, which
         is resumed again and again under its id, goes back to the
         repository at once (the repository runs this node's operations on
-        a session in order, so the put lands after the take).  When the repository cannot answer, a full handshake:
-        never the same session served twice.  The checkpoint kept beside
+        a session in order, so the put lands after the take).  When the
+        repository cannot answer, a full handshake: never the same session
+        served twice.  The checkpoint kept beside
         the repository's copy may be newer than this node's: the digest
         continues from the newest.
         """
@@ -393,7 +394,7 @@ class Recovery:
         if taken is not None and still_here:
             opened = self._open(taken.sealed, request, context, "repository",
                                 None, "repository")
-        if opened is None or opened.state.owner != self.node_id:
+        if taken is None or opened is None or opened.state.owner != self.node_id:
             if taken is not None:
                 # Another node took the session and stored it again under
                 # its name, or sealed it under a key this node lacks: its
@@ -495,11 +496,12 @@ class Recovery:
         """
         seen = {None, self.node_id, asked, giver}
         for _ in range(MAX_REDIRECTS):
-            if (answer is None or answer.status != "redirect"
-                    or answer.holder in seen):
+            holder = (answer.holder if answer is not None
+                      and answer.status == "redirect" else None)
+            if holder is None or holder in seen:
                 break
             self.counters["redirects_followed"] += 1
-            asked = answer.holder
+            asked = holder
             giver, answer = await ask(asked, request)
             seen.update((asked, giver))
         return asked, giver, answer

@@ -33,10 +33,12 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
 from sslshare import cluster, config, metrics, sessionid, tls
@@ -529,7 +531,8 @@ class _RepositoryService(Service):
 
     _log = Logger()
 
-    def __init__(self, repository: ISessionRepository, clock: Any) -> None:
+    def __init__(self, repository: ISessionRepository,
+                 clock: IReactorTime) -> None:
         self.repository = repository
         self._expiry = LoopingCall(self._expire)
         self._expiry.clock = clock
@@ -537,13 +540,13 @@ class _RepositoryService(Service):
 
     def startService(self) -> Deferred[None]:
         super().startService()
-        starting = self.repository.start()
-        starting.addCallback(
-            lambda _: self._expiry.start(EXPIRY_INTERVAL, now=False) and None)
-        return starting
+        def started(_: None) -> None:
+            self._expiry.start(EXPIRY_INTERVAL, now=False)
 
-    def _expire(self) -> Deferred[None]:
-        def failed(reason: Any) -> None:
+        return self.repository.start().addCallback(started)
+
+    def _expire(self) -> Deferred[int | None]:
+        def failed(reason: Failure) -> None:
             self._warnings.warn("could not remove expired sessions from the "
                                 "repository: {why}",
                                 why=reason.getErrorMessage())
