@@ -716,12 +716,15 @@ class LocalCluster:
 
         return Deferred.fromCoroutine(linked())
 
-    def impersonate(self, node, handler):
+    def impersonate(self, node, handler, protocol=None):
         """
         Answer the cluster channel of C{node} with C{handler} (an
         L{ICommandHandler}) behind C{node}'s own certificate, allowing
         every command: a peer that links up as C{node} and does what
         C{handler} says.
+
+        @param protocol: a subclass of the channel's server protocol, for
+            a peer that answers what the real one never would.
         """
         files = self.pki.node(node)
         channel = ClusterTLS(self.ca_cert, files.certificate, files.key,
@@ -733,6 +736,8 @@ class LocalCluster:
                                 peers=[peer for peer in self.ports
                                        if peer != node],
                                 keys=lambda: keys)
+        if protocol is not None:
+            amp.protocol = protocol
         listening = reactor.listenTCP(
             self.amp_ports[node],
             TLSMemoryBIOFactory(channel.server_options(amp.admit), False, amp),
