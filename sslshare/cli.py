@@ -230,14 +230,15 @@ def _stored_checkpoint(arguments: argparse.Namespace,
     if session_id is None:
         raise CommandError("--config needs --session-id")
     node_config = config.load(arguments.config)
-    if node_config.repository is None:
+    repository_config = node_config.repository
+    if repository_config is None:
         raise CommandError(f"{node_config.path}: no [repository]: this node "
                            "keeps checkpoints in memory only; give "
                            "--checkpoint SEQ:HEX")
     from sslshare.repository import from_config
 
-    async def read(reactor: Any) -> Any:
-        repository = from_config(node_config.repository, reactor,
+    async def read(reactor: Any) -> tuple[int, bytes] | None:
+        repository = from_config(repository_config, reactor,
                                  node_config.state_dir)
         await repository.start()
         try:

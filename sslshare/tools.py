@@ -10,10 +10,10 @@ certificate and state key, and with the answer checked.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 
 from sslshare import cluster, config
@@ -99,7 +99,7 @@ def client_endpoint_for(listen: str) -> str:
     return f"tcp:host={interface}:port={port}"
 
 
-def run_in_reactor(work: Callable[[Any], Awaitable[T]]) -> T:
+def run_in_reactor(work: Callable[[Any], Coroutine[Deferred[Any], Any, T]]) -> T:
     """
     Run the coroutine function C{work(reactor)} to its end in the global
     reactor, and return its result or raise its exception.  Unlike
@@ -107,10 +107,10 @@ def run_in_reactor(work: Callable[[Any], Awaitable[T]]) -> T:
     """
     from twisted.internet import reactor
 
-    outcome: list[Any] = []
+    outcome: list[T | Failure] = []
 
     def start() -> None:
-        finished = ensureDeferred(work(reactor))
+        finished: Deferred[T] = ensureDeferred(work(reactor))
         finished.addBoth(outcome.append)
         finished.addBoth(lambda _: reactor.stop())
 

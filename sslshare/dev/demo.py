@@ -130,7 +130,7 @@ class Fetched:
     version: str
     reused: bool
     answer: bytes
-    session: ssl.SSLSession
+    session: ssl.SSLSession | None
 
 
 def get_over_tls(context: ssl.SSLContext, port: int,
@@ -148,8 +148,8 @@ def get_over_tls(context: ssl.SSLContext, port: int,
             answer = b""
             while chunk := tls.recv(65536):
                 answer += chunk
-            return Fetched(tls.version() or "", tls.session_reused, answer,
-                           tls.session)
+            return Fetched(tls.version() or "", bool(tls.session_reused),
+                           answer, tls.session)
 
 
 def _client(ca: str, version: str, ports: Sequence[tuple[str, int]],
@@ -242,7 +242,7 @@ def _repository_section(kind: str, directory: str,
               else throwaway.PostgresServer())
     servers.append(server)
     server.start()
-    if kind == "redis":
+    if isinstance(server, throwaway.RedisServer):
         return f'kind = "redis"\nurl = "{server.url}"\n'
     return f'kind = "postgres"\ndsn = "{server.dsn()}"\n'
 

@@ -61,7 +61,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import (
@@ -215,7 +215,9 @@ def taken_outcome(sealed: object, seq: object, digest: object,
     problem = sealed_problem(sealed) or stored_checkpoint_problem(seq, digest)
     if problem is not None:
         return Outcome("bad", problem)
-    return Outcome("hit", Taken(sealed, seq, digest, expires))
+    # The checks have found bytes, an int and bytes.
+    return Outcome("hit", Taken(cast(bytes, sealed), cast(int, seq),
+                                cast(bytes, digest), expires))
 
 
 class InOrder:
