@@ -87,8 +87,8 @@ size:
 
     - MB/s and CPU s/MB of a mode: median over rounds;
     - throughput ratio = median over rounds of (MB/s every-record / MB/s
-      off), both from the same round; the goal of issue 6 is >= 0.9 for
-      16 KiB records;
+      off), both from the same round; the goal is >= 0.9 for 16 KiB
+      records;
     - CPU ratio = median over rounds of (CPU s/MB every-record / CPU s/MB
       off): what checkpointing adds to the node's work per byte; its
       inverse is the throughput ratio a CPU-bound node would see.

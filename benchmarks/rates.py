@@ -154,8 +154,8 @@ def run(directory: str, settings: Settings,
         progress: Callable[[str], None]) -> dict[str, Any]:
     """
     Every kind for every TLS version of C{settings}: per version, per kind,
-    the figures of L{measure}; and per version the ratios the issue names
-    (peer/local capacity, sslshare/nginx rates).
+    the figures of L{measure}; and per version the ratios that judge the
+    cluster (peer/local capacity, sslshare/nginx rates).
     """
     ca_certificate = os.path.join(directory, "pki", "ca.pem")
     results: dict[str, dict[str, Any]] = {v: {} for v in settings.versions}
@@ -226,7 +226,7 @@ def run(directory: str, settings: Settings,
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """
-    Per TLS version: peer/local capacity (the issue's goal, >= 0.9) and
+    Per TLS version: peer/local capacity (the goal: >= 0.9) and
     rate, each resumption source's capacity against local, and
     sslshare/nginx for full and resumed handshakes, by rate and by server
     CPU.

@@ -123,7 +123,7 @@ from benchmarks.engine import (
     machine,
     new_client,
 )
-from sslshare import cluster, config, sessionid, tls
+from sslshare import cluster, config, hooks, sessionid, tls
 from sslshare.dev import pki, throwaway
 from sslshare.node import Node
 from sslshare.recovery import Recovered, Recovery
@@ -236,7 +236,7 @@ class RecoveryLookup:
         C{supply_cpu_ns} the thread CPU time of the same.
     """
 
-    def __init__(self, lookup: Callable[[tls.LookupRequest],
+    def __init__(self, lookup: Callable[[hooks.LookupRequest],
                                         Deferred[Recovered | None]]) -> None:
         self._lookup = lookup
         self._later = False
@@ -247,7 +247,7 @@ class RecoveryLookup:
         self.supply_cpu_ns = 0
 
     def lookup_requested(self, connection: tls.Connection,
-                         request: tls.LookupRequest) -> None:
+                         request: hooks.LookupRequest) -> None:
         started = time.perf_counter_ns()
         looking = self._lookup(request)
         looking.addCallback(self._answer, connection, started)
@@ -356,7 +356,7 @@ class Source:
     name: str
     maker: tls.ServerContext
     resumer: tls.ServerContext
-    lookup: Callable[[tls.LookupRequest], Deferred[Recovered | None]]
+    lookup: Callable[[hooks.LookupRequest], Deferred[Recovered | None]]
     nodes: list[Node]
     writes: Callable[[], Awaitable[Any]] | None = None
     stop: Callable[[], Awaitable[Any]] | None = None

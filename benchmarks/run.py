@@ -1,5 +1,5 @@
 """
-The benchmark run of issue 8: what sslshare exists for, measured as ratios
+The benchmark run: what sslshare exists for, measured as ratios
 in one run and set beside what an operator would otherwise deploy.  It
 starts everything it measures itself, on 127.0.0.1, with bounded request
 counts and durations, and writes C{benchmarks/RESULTS.md} and
@@ -36,7 +36,7 @@ The measurements, each made by the module named (whose docstring says how):
        and 1M sessions.
 
 The full run also measures the TLS engine against plain OpenSSL
-(C{benchmarks/engine.py}, issue 3).  The load generator's CPU is reported
+(C{benchmarks/engine.py}).  The load generator's CPU is reported
 beside each rate.  This script measures; it never asserts a number, and
 RESULTS.md holds no number this run did not produce.
 """
@@ -220,7 +220,7 @@ def _met(met: bool) -> str:
 def results_json(command: str, facts: dict[str, Any], measured: dict[str, Any],
                  seconds: float) -> dict[str, Any]:
     """
-    C{results.json}: the keys of issue 8 first, then the detail they come
+    C{results.json}: the headline keys first, then the detail they come
     from.
     """
     handshake_rates = measured["rates"]["kinds"]
@@ -273,14 +273,14 @@ def report(command: str, facts: dict[str, Any], measured: dict[str, Any],
     checkpoint = measured["checkpoint"]
     from benchmarks import checkpoint as checkpoint_script
 
-    lines += ["", "## 4. Checkpoint cost (issue 6)", "",
+    lines += ["", "## 4. Checkpoint cost", "",
               f"`{checkpoint['command']}`:", "", "```",
               table_of(checkpoint_script.print_table, checkpoint), "```"]
     lines += ["", *memory_section(measured["memory"])]
     if "engine" in measured:
         from benchmarks import engine
 
-        lines += ["", "## TLS engine against plain OpenSSL (issue 3)", "",
+        lines += ["", "## TLS engine against plain OpenSSL", "",
                   f"`{measured['engine']['command']}`:", "", "```",
                   table_of(engine.print_table, measured["engine"]), "```"]
     return "\n".join(lines) + "\n"

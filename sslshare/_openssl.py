@@ -3,7 +3,7 @@ The binding of the system libssl, and the only file that names a C symbol.
 
 pyOpenSSL and cryptography expose none of the server-side session cache hooks
 sslshare is built on (``SSL_CTX_sess_set_get_cb`` and friends, see
-DESIGN.md), and cryptography links a private copy of OpenSSL whose symbols are
+docs/architecture.md), and cryptography links a private copy of OpenSSL whose symbols are
 hidden.  So this module opens the system ``libssl.so.3`` with cffi in ABI mode
 (nothing is compiled at install time) and wraps it in three small classes that
 speak Python: L{NativeContext} (an ``SSL_CTX``), L{NativeConnection} (an
@@ -585,7 +585,8 @@ class NativeContext:
             _SSL_SESS_CACHE_SERVER if internal_cache
             else _SSL_SESS_CACHE_SERVER_NO_INTERNAL, ffi.NULL)
         # NO_TICKET: TLS 1.2 without stateless tickets, and TLS 1.3 with
-        # stateful tickets whose identity is the session id (DESIGN.md).
+        # stateful tickets whose identity is the session id
+        # (docs/architecture.md).
         _lib.SSL_CTX_set_options(
             ctx,
             _SSL_OP_NO_TICKET | _SSL_OP_NO_COMPRESSION

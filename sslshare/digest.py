@@ -94,7 +94,7 @@ from twisted.python.failure import Failure
 from sslshare import sessionid
 from sslshare.logs import RateLimitedWarning
 from sslshare.state import DIGEST_LENGTH, MAX_SEQ
-from sslshare.tls import CLIENT_TO_SERVER, SERVER_TO_CLIENT
+from sslshare.hooks import CLIENT_TO_SERVER, SERVER_TO_CLIENT
 
 EXPORTER_LABEL = b"EXPORTER-sslshare-digest"
 EXPORTER_LENGTH = 32

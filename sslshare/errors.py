@@ -19,3 +19,19 @@ class FileError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+def read_bytes(path: str, error: type[FileError] = FileError) -> bytes:
+    """
+    The contents of the file at C{path}.
+
+    @param error: the L{FileError} subclass to raise, that of the module
+        reading.
+    @raise FileError: C{error}, when the file cannot be read, with the reason
+        the system gave.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise error(path, f"cannot read ({e.strerror})") from None

@@ -43,7 +43,8 @@ from sslshare.logs import RateLimitedWarning
 from sslshare.recovery import LOOKUP_SOURCES, BackupRing, Recovered, Recovery
 from sslshare.state import SealError, SessionState, StateKeys, der_protocol
 from sslshare.store import SessionStore
-from sslshare.tls import Connection, LookupRequest, ServerContext
+from sslshare.hooks import LookupRequest
+from sslshare.tls import Connection, ServerContext
 
 # Sessions on their way to their new place at once when a node stops: enough
 # to keep a peer link or the repository's threads busy, few enough not to

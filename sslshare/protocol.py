@@ -59,12 +59,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sslshare import sessionid
-from sslshare.tls import (
-    Connection,
-    ISessionLookupListener,
-    LookupRequest,
-    ServerContext,
-)
+from sslshare.hooks import LookupRequest
+from sslshare.tls import Connection, ISessionLookupListener, ServerContext
 
 
 class Found(TypingProtocol):

@@ -66,7 +66,7 @@ from sslshare.repository import Taken
 from sslshare.cluster import FetchTerms
 from sslshare.state import SealError, SessionState, StateKeys
 from sslshare.store import SessionStore
-from sslshare.tls import LookupRequest
+from sslshare.hooks import LookupRequest
 
 # "peer": another node's session, fetched from it now or kept here as its
 # backup copy.

@@ -59,6 +59,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import Interface, implementer
 
 from sslshare import _openssl, sessionid
+from sslshare.hooks import CLIENT_TO_SERVER, SERVER_TO_CLIENT, LookupRequest
 
 TLS_1_2 = _openssl.TLS_1_2
 TLS_1_3 = _openssl.TLS_1_3
@@ -95,10 +96,6 @@ MAX_INPUT_WHILE_PAUSED = 64 * 1024
 # node that made it allows more).
 SESSION_REFUSALS = ("bad_der", "wrong_session", "context_mismatch",
                     "version_mismatch", "expired", "cipher_not_allowed")
-
-# Directions of a record, as the running digest numbers them.
-CLIENT_TO_SERVER = 0
-SERVER_TO_CLIENT = 1
 
 # TLS extension numbers (RFC 6066, RFC 8446).
 _EXTENSION_SERVER_NAME = 0
@@ -154,27 +151,6 @@ class VirtualService:
     private_key: str
     id_context: bytes
     server_names: tuple[str, ...] = ()
-
-
-@attrs.frozen
-class LookupRequest:
-    """
-    A session a client offered, which the handshake waits for.
-
-    @ivar session_id: the 32-byte sslshare session id (TLS 1.2 session id or
-        TLS 1.3 PSK identity).
-    @ivar protocol: C{"TLSv1.2"} or C{"TLSv1.3"}: the version the session
-        must have.
-    @ivar service: the name of the virtual service the client reached.
-    @ivar client: the client's address (its IP address, for TCP), which
-        the engine does not know: the protocol on top fills it in, for
-        the bound on lookups per client.  C{None} when unknown.
-    """
-
-    session_id: bytes
-    protocol: str
-    service: str
-    client: str | None = None
 
 
 class ISessionLookupListener(Interface):

@@ -31,6 +31,7 @@ from sslshare.cluster import (
     ClusterTLSError,
     FetchAnswer,
     FetchSession,
+    HandlerFault,
     NotAuthorized,
     PeerLink,
     PeerProtocolError,
@@ -325,6 +326,36 @@ class BadRequestTests(ClusterTestCase):
 
     def test_fetch_from_refuses_a_bad_session_id_without_asking(self):
         self.failureResultOf(fetch_from(self.link2, b"short"), BadRequest)
+
+
+class HandlerFaultTests(ClusterTestCase):
+    """
+    What this node's own handler answers is checked before it goes out: an
+    answer the channel cannot carry is a L{HandlerFault}, logged at the
+    answering node, and never reaches the asker as if it were an answer.
+    """
+
+    @inlineCallbacks
+    def _asked(self, handler, ask):
+        server = yield self.node("node1", handler=handler)
+        link = yield self.connected_link("node2", "node1", server.endpoint)
+        yield self.assertFailure(ask(link), amp.UnknownRemoteError)
+        self.assertEqual(len(self.flushLoggedErrors(HandlerFault)), 1)
+
+    def test_a_found_answer_without_a_sealed_state_is_the_handlers_fault(self):
+        handler = RecordingHandler()
+        handler.pending = FetchAnswer("found")
+        return self._asked(handler, lambda link: fetch_from(link, _session_id()))
+
+    def test_an_answer_of_another_type_is_the_handlers_fault(self):
+        handler = RecordingHandler()
+        handler.pending = {"status": "found"}
+        return self._asked(handler, lambda link: fetch_from(link, _session_id()))
+
+    def test_counters_that_are_not_numbers_are_the_handlers_fault(self):
+        handler = RecordingHandler()
+        handler.stats = lambda: {"sessions": "many"}
+        return self._asked(handler, stats_from)
 
 
 class AuthorizationTests(ClusterTestCase):
@@ -820,8 +851,19 @@ class _RogueProtocol(cluster.PeerServerFactory.protocol):
     """
     A peer with a valid certificate and the cluster's state key that
     answers FetchSession with its factory's C{answer}, fields the real
-    server would never send included.
+    server would never send included: FetchSession from its own responder,
+    the rest (the key check) through the server's checked ones.
     """
+
+    def __init__(self):
+        super().__init__()
+        self._checked = self.locator
+        self.locator = self
+
+    def locateResponder(self, name):
+        if name == _RogueFetch.commandName:
+            return amp.AMP.locateResponder(self, name)
+        return self._checked.locateResponder(name)
 
     @_RogueFetch.responder
     def fetch(self, session_id):

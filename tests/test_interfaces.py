@@ -13,7 +13,9 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
     IPushProducer,
+    IStreamClientEndpoint,
 )
+from twisted.protocols.amp import IResponderLocator
 from twisted.trial.unittest import TestCase
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface.verify import verifyObject
@@ -46,6 +48,17 @@ class NodePartsTests(TestCase):
         verifyObject(IHandshakeListener, protocol.wrappedProtocol)
         verifyObject(IHalfCloseableProtocol, _BackendSide(protocol.wrappedProtocol))
         verifyObject(IPushProducer, _Gate(None))
+
+    @inlineCallbacks
+    def test_cluster_channel_protocols(self):
+        node = self.cluster.nodes["node1"]
+        server = node.peer_server.buildProtocol(_CLIENT)
+        verifyObject(IHandshakeListener, server)
+        verifyObject(IResponderLocator, server.locator)
+        link = node.peer_links.link("node2")
+        verifyObject(IStreamClientEndpoint, link._endpoint)
+        yield link.when_connected(fail_after_failures=3)
+        verifyObject(IHandshakeListener, link._protocol)
 
     def test_cluster_channel_connection_creators(self):
         files = self.cluster.pki.node("node1")

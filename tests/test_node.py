@@ -24,7 +24,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from sslshare.cluster import PeerServerFactory, Stats
-from sslshare.tls import LookupRequest, session_fields
+from sslshare.hooks import LookupRequest
+from sslshare.tls import session_fields
 from tests.support import (
     LocalCluster,
     SilentListener,

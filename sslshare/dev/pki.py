@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sslshare.errors import FileError
+from sslshare.errors import FileError, read_bytes
 from sslshare.identity import node_uri, validate_name
 from sslshare.state import StateKeys
 
@@ -202,13 +202,13 @@ def add_node(directory: str, cluster: str, node_id: str, *,
     directory = os.path.abspath(directory)
     ca_path = os.path.join(directory, CA_CERTIFICATE)
     ca_key_path = os.path.join(directory, CA_KEY)
-    ca_pem = _read(ca_path)
+    ca_pem = read_bytes(ca_path, PKIError)
     try:
         ca = x509.load_pem_x509_certificate(ca_pem)
     except ValueError as e:
         raise PKIError(ca_path, f"not a PEM certificate ({e})") from None
     try:
-        ca_key = serialization.load_pem_private_key(_read(ca_key_path), None)
+        ca_key = serialization.load_pem_private_key(read_bytes(ca_key_path, PKIError), None)
     except (ValueError, TypeError) as e:
         raise PKIError(ca_key_path, f"not an unencrypted PEM private key ({e})") from None
     if ca_key.public_key() != ca.public_key():
@@ -270,14 +270,6 @@ def _refuse_existing(paths) -> None:
     for path in paths:
         if os.path.lexists(path):
             raise PKIError(path, "exists; not overwritten (use force to replace it)")
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise PKIError(path, f"cannot read ({e.strerror})") from None
 
 
 def _write(path: str, data: bytes, mode: int, replace: bool) -> None:
