@@ -34,7 +34,7 @@ sessions come from.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 from typing import Protocol as TypingProtocol
 
 import attrs
@@ -69,11 +69,18 @@ class Found(TypingProtocol):
     L{sslshare.recovery.Recovered} is one.
     """
 
-    der: bytes
-    source: str
+    @property
+    def der(self) -> bytes: ...
+
+    @property
+    def source(self) -> str: ...
 
 
-Lookup = Callable[[LookupRequest], "Deferred[Found | None] | Found | None"]
+# What a factory's lookups answer: a Found or None, at once or later.
+# Deferred is invariant, so a lookup whose Deferred fires with a kind of
+# Found is a Lookup of that kind.
+Answer = TypeVar("Answer", bound="Found | None")
+Lookup = Callable[[LookupRequest], "Deferred[Answer] | Answer"]
 
 
 @implementer(ISessionLookupListener)
@@ -87,7 +94,7 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
     """
 
     _log = Logger()
-    factory: SessionResumingTLSFactory
+    factory: SessionResumingTLSFactory[Found | None]
     # The TCP connection, from makeConnection on.
     transport: ITransport
     _pendingLookup: Deferred[None] | None = None
@@ -146,7 +153,7 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
 
 
 @implementer(IOpenSSLServerConnectionCreator)
-class SessionResumingTLSFactory(TLSMemoryBIOFactory):
+class SessionResumingTLSFactory(TLSMemoryBIOFactory, Generic[Answer]):
     """
     Wraps C{wrappedFactory} in TLS served by C{context}, asking C{lookup}
     for the sessions clients offer.
@@ -159,7 +166,7 @@ class SessionResumingTLSFactory(TLSMemoryBIOFactory):
 
     protocol = SessionResumingTLSProtocol
 
-    def __init__(self, context: ServerContext, lookup: Lookup,
+    def __init__(self, context: ServerContext, lookup: Lookup[Answer],
                  wrappedFactory: IProtocolFactory) -> None:
         super().__init__(self, False, wrappedFactory)
         self.context = context
