@@ -577,6 +577,27 @@ C{[node]} table.  Also used by C{benchmarks/checkpoint.py}.
 """
 
 
+class RoguePeerProtocol(PeerServerFactory.protocol):
+    """
+    A peer with a valid certificate and the cluster's state key that
+    answers the commands named in C{rogue} from responders of its own,
+    fields the real server would never send included, and the rest (the
+    key check) through the server's checked ones.
+    """
+
+    rogue: frozenset[bytes] = frozenset()
+
+    def __init__(self):
+        super().__init__()
+        self._checked = self.locator
+        self.locator = self
+
+    def locateResponder(self, name):
+        if name in self.rogue:
+            return amp.AMP.locateResponder(self, name)
+        return self._checked.locateResponder(name)
+
+
 class LocalCluster:
     """
     A cluster of nodes of the test's own: a PKI made by

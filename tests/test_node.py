@@ -23,11 +23,12 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from sslshare.cluster import PeerServerFactory, Stats
+from sslshare.cluster import Stats
 from sslshare.hooks import LookupRequest
 from sslshare.tls import session_fields
 from tests.support import (
     LocalCluster,
+    RoguePeerProtocol,
     SilentListener,
     s_client_round,
     scrape_metrics,
@@ -420,10 +421,12 @@ class TwistdTests(TestCase):
             self.assertTrue(second.reused, version)
 
 
-class _GarbledStatsProtocol(PeerServerFactory.protocol):
+class _GarbledStatsProtocol(RoguePeerProtocol):
     """
     A node that answers Stats with a counter that is no number.
     """
+
+    rogue = frozenset({Stats.commandName})
 
     @Stats.responder
     def _stats(self):
