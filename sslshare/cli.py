@@ -190,6 +190,8 @@ def _key_new(arguments: argparse.Namespace) -> None:
 def _stats(arguments: argparse.Namespace) -> None:
     node_config = config.load(arguments.config)
     target = arguments.node or node_config.node_id
+    # A node the file cannot reach is a mistake in the command, said as
+    # it is rather than as a failed ask.
     node_endpoint(node_config, target)
     try:
         results = run_in_reactor(
