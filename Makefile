@@ -15,8 +15,10 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: test venv system-deps demo bench tlsfuzzer clean
 
+# The tests, then mypy over the whole package (settings: [mypy] in setup.cfg).
 test: system-deps venv
 	$(VENV)/bin/python -m twisted.trial $(TRIAL_ARGS) $(TESTS)
+	$(VENV)/bin/python -m mypy
 
 venv: $(STAMP)
 
@@ -64,5 +66,5 @@ tlsfuzzer: venv
 	$(VENV)/bin/python benchmarks/tlsfuzzer.py $(TLSFUZZER) --python $(TLSFUZZER_PYTHON)
 
 clean:
-	rm -rf _trial_temp* build dist *.egg-info twisted/plugins/dropin.cache .ci/test.log
+	rm -rf _trial_temp* build dist *.egg-info twisted/plugins/dropin.cache .ci/test.log .mypy_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import ctypes.util
 import weakref
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import attrs
 from cffi import FFI
@@ -237,7 +237,9 @@ def _load() -> tuple[FFI, Any]:
         try:
             # dlsym on this handle also finds libcrypto's symbols, since
             # libssl depends on it.
-            lib = ffi.dlopen(name)
+            # Any: its attributes are the C functions of _CDEF, which the
+            # stubs of cffi's Lib cannot name.
+            lib: Any = ffi.dlopen(name)
         except OSError as e:
             failures.append(f"{name}: {e}")
             continue
@@ -263,7 +265,7 @@ def library_version() -> str:
     """
     The version string of the loaded libssl, such as C{"OpenSSL 3.0.19 ..."}.
     """
-    return ffi.string(_lib.OpenSSL_version(0)).decode("ascii")
+    return _char_string(_lib.OpenSSL_version(0)).decode("ascii")
 
 
 def take_errors() -> list[tuple[str, str]]:
@@ -272,7 +274,7 @@ def take_errors() -> list[tuple[str, str]]:
 
     @return: (library, reason) pairs, oldest first.
     """
-    errors = []
+    errors: list[tuple[str, str]] = []
     while True:
         code = _lib.ERR_get_error()
         if not code:
@@ -284,7 +286,12 @@ def take_errors() -> list[tuple[str, str]]:
 def _string(pointer: Any) -> str:
     if pointer == ffi.NULL:
         return ""
-    return ffi.string(pointer).decode("ascii", "replace")
+    return _char_string(pointer).decode("ascii", "replace")
+
+
+def _char_string(pointer: Any) -> bytes:
+    # A char * reads as bytes; only a wchar_t * would read as str.
+    return cast(bytes, ffi.string(pointer))
 
 
 def _bytes(pointer: Any, length: int) -> bytes:
@@ -335,7 +342,9 @@ def _owned(ssl: Any) -> tuple[NativeConnection, SessionOwner] | None:
     """
     reference = _connections.get(ssl)
     connection = None if reference is None else reference()
-    owner = None if connection is None else connection._owner()
+    if connection is None:
+        return None
+    owner = connection._owner()
     return None if owner is None else (connection, owner)
 
 
@@ -800,7 +809,7 @@ class NativeConnection:
         name = _lib.SSL_get_servername(self._ssl, _TLSEXT_NAMETYPE_host_name)
         if name == ffi.NULL:
             return None
-        return ffi.string(name)
+        return _char_string(name)
 
     def session_id(self) -> bytes:
         session = _lib.SSL_get_session(self._ssl)

@@ -19,26 +19,14 @@ import argparse
 import hmac
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
-from twisted.internet.defer import ensureDeferred
-from twisted.internet.endpoints import clientFromString, connectProtocol, wrapClientTLS
-from twisted.protocols.amp import AMP
-from twisted.python.failure import Failure
-
-from sslshare import cluster, config
+from sslshare import config
 from sslshare.dev import pki
 from sslshare.errors import FileError
 from sslshare.state import SealError, StateKeyError, StateKeys
-
-T = TypeVar("T")
-
-
-class CommandError(Exception):
-    """
-    A mistake the user can fix; the message says what and where.
-    """
+from sslshare.tools import CommandError, ask_stats, node_endpoint, run_in_reactor
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -199,94 +187,12 @@ def _key_new(arguments: argparse.Namespace) -> None:
     print(StateKeys.generate().hex())
 
 
-def ask_stats(reactor: Any, node_config: config.NodeConfig,
-              target: str) -> Awaitable[dict[str, Any]]:
-    """
-    Fire with the counters of node C{target}, asked with the certificate of
-    the node of C{node_config}.
-    """
-    endpoint = _amp_endpoint(node_config, target)
-    channel = cluster.ClusterTLS(
-        node_config.cluster.ca, node_config.cluster.certificate,
-        node_config.cluster.key, node_config.cluster_name,
-        node_config.node_id)
-
-    async def ask() -> dict[str, Any]:
-        protocol = await connectProtocol(
-            wrapClientTLS(channel.client_options(target),
-                          clientFromString(reactor, endpoint)), AMP())
-        try:
-            answer = await protocol.callRemote(cluster.Stats)
-        finally:
-            protocol.transport.loseConnection()
-        return json.loads(answer["counters"])
-
-    return ask()
-
-
-def _amp_endpoint(node_config: config.NodeConfig, target: str) -> str:
-    if target != node_config.node_id:
-        try:
-            return node_config.cluster.peer_endpoint(target)
-        except KeyError:
-            raise CommandError(
-                f"{node_config.path}: cluster.peers: no peer {target!r}") from None
-    listen = node_config.cluster.listen
-    if listen is None:
-        raise CommandError(f"{node_config.path}: cluster.listen: the node "
-                           "does not listen for peers, so it has no stats to ask")
-    return client_endpoint_for(listen)
-
-
-def client_endpoint_for(listen: str) -> str:
-    """
-    The client endpoint that reaches a C{tcp:} server endpoint on this host.
-    """
-    kind, _, rest = listen.partition(":")
-    if kind != "tcp":
-        raise CommandError(f"cannot reach listen endpoint {listen!r} from "
-                           "here: only tcp: endpoints are supported")
-    port, interface = None, "127.0.0.1"
-    for index, part in enumerate(rest.split(":")):
-        key, equals, value = part.partition("=")
-        if not equals and index == 0:
-            port = key
-        elif key == "port":
-            port = value
-        elif key == "interface" and value not in ("", "0.0.0.0", "::"):
-            interface = value
-    if port is None:
-        raise CommandError(f"listen endpoint {listen!r} names no port")
-    return f"tcp:host={interface}:port={port}"
-
-
-def run_in_reactor(work: Callable[[Any], Awaitable[T]]) -> T:
-    """
-    Run the coroutine function C{work(reactor)} to its end in the global
-    reactor, and return its result or raise its exception.  Unlike
-    C{task.react}, this returns to the caller.
-    """
-    from twisted.internet import reactor
-
-    outcome: list[Any] = []
-
-    def start() -> None:
-        finished = ensureDeferred(work(reactor))
-        finished.addBoth(outcome.append)
-        finished.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    (result,) = outcome
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
-
-
 def _stats(arguments: argparse.Namespace) -> None:
     node_config = config.load(arguments.config)
     target = arguments.node or node_config.node_id
-    _amp_endpoint(node_config, target)
+    # A node the file cannot reach is a mistake in the command, said as
+    # it is rather than as a failed ask.
+    node_endpoint(node_config, target)
     try:
         results = run_in_reactor(
             lambda reactor: ask_stats(reactor, node_config, target))
@@ -326,14 +232,15 @@ def _stored_checkpoint(arguments: argparse.Namespace,
     if session_id is None:
         raise CommandError("--config needs --session-id")
     node_config = config.load(arguments.config)
-    if node_config.repository is None:
+    repository_config = node_config.repository
+    if repository_config is None:
         raise CommandError(f"{node_config.path}: no [repository]: this node "
                            "keeps checkpoints in memory only; give "
                            "--checkpoint SEQ:HEX")
     from sslshare.repository import from_config
 
-    async def read(reactor: Any) -> Any:
-        repository = from_config(node_config.repository, reactor,
+    async def read(reactor: Any) -> tuple[int, bytes] | None:
+        repository = from_config(repository_config, reactor,
                                  node_config.state_dir)
         await repository.start()
         try:

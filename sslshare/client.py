@@ -61,10 +61,15 @@ import attrs
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+)
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -319,7 +324,8 @@ class _Watcher:
     handshake start, keeps sessions as they appear.
     """
 
-    def __init__(self, creator: _SessionOfferingCreator, tls_protocol: Any) -> None:
+    def __init__(self, creator: _SessionOfferingCreator,
+                 tls_protocol: TLSMemoryBIOProtocol) -> None:
         self._creator = creator
         self._protocol = tls_protocol
         self._key: tuple[str, str] | None = None
@@ -339,7 +345,7 @@ class _Watcher:
         creator = self._creator
         if where & SSL.SSL_CB_HANDSHAKE_START and self._started is None:
             self._started = time.perf_counter()
-            peer = self._protocol.transport.getPeer()
+            peer = self._protocol.getPeer()
             host = getattr(peer, "host", None)
             self._peer = (str(host), getattr(peer, "port", 0))
             self._key = (creator.policy.relatedness.group_of(host, creator.connect_host),
@@ -389,7 +395,8 @@ class _SessionOfferingCreator:
         self.connect_host = connect_host
         self._options = options
 
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol
+                               ) -> SSL.Connection:
         connection = self._options.clientConnectionForTLS(tlsProtocol)
         connection.set_info_callback(_Watcher(self, tlsProtocol))
         return connection
@@ -445,17 +452,26 @@ class SessionSharingPolicy:
         name = hostname.decode("ascii")
         return self.creator(name, name)
 
-    def _report(self, report: HandshakeReport, tls_protocol: Any) -> None:
+    def _report(self, report: HandshakeReport,
+                tls_protocol: TLSMemoryBIOProtocol) -> None:
         for observer in list(self.reports):
             observer(report)
-        handshake = getattr(tls_protocol, "_sslshare_report", None)
-        if handshake is not None:
-            handshake(report)
+        probing = _probe_over(tls_protocol)
+        if probing is not None:
+            probing.handshake_reported(report)
 
-    def _ticket(self, tls_protocol: Any) -> None:
-        ticket = getattr(tls_protocol, "_sslshare_ticket", None)
-        if ticket is not None:
-            ticket()
+    def _ticket(self, tls_protocol: TLSMemoryBIOProtocol) -> None:
+        probing = _probe_over(tls_protocol)
+        if probing is not None:
+            probing.ticket_arrived()
+
+
+def _probe_over(tls_protocol: TLSMemoryBIOProtocol) -> _ProbeProtocol | None:
+    """
+    The probe's protocol inside C{tls_protocol}, if it carries one.
+    """
+    wrapped = tls_protocol.wrappedProtocol
+    return wrapped if isinstance(wrapped, _ProbeProtocol) else None
 
 
 # The probe.
@@ -497,29 +513,36 @@ class _ProbeProtocol(Protocol):
     quiet.
     """
 
-    def __init__(self, request: bytes, reactor: Any, linger: float) -> None:
+    # The TLS connection, from makeConnection on.
+    transport: TLSMemoryBIOProtocol
+
+    def __init__(self, request: bytes, reactor: IReactorTime,
+                 linger: float) -> None:
         self.request = request
         self.reactor = reactor
         self.linger = linger
         self.report: HandshakeReport | None = None
         self.closed: Deferred[None] = Deferred()
         self._ticket = False
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self.reason: Failure | None = None
 
     def connectionMade(self) -> None:
-        tls = self.transport
-        tls._sslshare_report = self._handshake
-        tls._sslshare_ticket = self._got_ticket
         # The request rides behind the handshake (Twisted buffers it).
         if self.request:
             self.transport.write(self.request)
 
-    def _handshake(self, report: HandshakeReport) -> None:
+    def handshake_reported(self, report: HandshakeReport) -> None:
+        """
+        The policy saw the handshake of this connection end.
+        """
         self.report = report
         self._rearm()
 
-    def _got_ticket(self) -> None:
+    def ticket_arrived(self) -> None:
+        """
+        The policy kept a session ticket of this connection.
+        """
         self._ticket = True
         self._rearm()
 
@@ -539,7 +562,7 @@ class _ProbeProtocol(Protocol):
             # Still waiting for a ticket: give it one more quiet period.
             self._timer = self.reactor.callLater(self.linger, self.transport.loseConnection)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self.reason = reason
@@ -602,7 +625,7 @@ async def probe(reactor: Any, targets: Sequence[str], policy: SessionSharingPoli
             closed = protocol.closed.addTimeout(timeout, reactor)
             await closed
         except Exception as e:
-            if protocol.transport is not None:
+            if protocol.connected:
                 protocol.transport.abortConnection()
             if protocol.report is None:
                 results.append(ProbeResult(target, error=_describe(e)))

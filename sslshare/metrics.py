@@ -44,6 +44,36 @@ CHECKPOINT_EVENTS = ("written", "rejected", "coalesced", "failed", "pauses",
                      "pauses_cut")
 
 
+# (metric, documentation, the stat it reads) of each gauge and counter
+# without labels.
+_GAUGES = (
+    ("sslshare_store_sessions", "Sessions in this node's memory store.",
+     "store.sessions"),
+    ("sslshare_store_bytes", "Bytes used by this node's memory store.",
+     "store.bytes"),
+)
+_COUNTERS = (
+    ("sslshare_backend_failures", "Client connections closed because "
+     "their backend connection failed.", "backend_failures"),
+    ("sslshare_peer_refused_connections", "Connections to the peer channel "
+     "refused at TLS (no or a foreign certificate).",
+     "cluster.refused_connections"),
+    ("sslshare_peer_refused_nodes", "Connections to the peer channel "
+     "refused at TLS: the certificate names a node of the cluster that is "
+     "not a peer.", "cluster.refused_nodes"),
+    ("sslshare_peer_duplicate_nodes", "Connections to the peer channel "
+     "refused at TLS: the node id is connected from another host already.",
+     "cluster.duplicate_nodes"),
+    ("sslshare_peer_key_mismatches", "Peer links refused at setup: the peer "
+     "seals with a state key this node does not hold.",
+     "cluster.key_mismatches"),
+    ("sslshare_peer_refused_commands", "Peer commands refused: the peer is "
+     "not authorized to send them.", "cluster.refused_commands"),
+    ("sslshare_peer_bad_requests", "Peer commands with invalid arguments.",
+     "cluster.bad_requests"),
+)
+
+
 def _counted_by(name: str, documentation: str, label: str,
                 values: Iterable[str], stats: Mapping[str, int | float],
                 stat: str) -> CounterMetricFamily:
@@ -106,46 +136,17 @@ class NodeCollector:
             "checkpoint_max_pause.", "event", CHECKPOINT_EVENTS, stats,
             "checkpoint.{}")
 
-        yield GaugeMetricFamily(
-            "sslshare_store_sessions", "Sessions in this node's memory store.",
-            value=stats["store.sessions"])
-        yield GaugeMetricFamily(
-            "sslshare_store_bytes", "Bytes used by this node's memory store.",
-            value=stats["store.bytes"])
+        for name, documentation, stat in _GAUGES:
+            yield GaugeMetricFamily(name, documentation, value=stats[stat])
         yield _counted_by(
             "sslshare_sessions_refused", "Sessions found for a client that "
             "could not resume here, by reason (the session does not parse, "
             "is another one, belongs to another service or version, has "
             "expired, or its cipher is not allowed); each one is a full "
             "handshake.", "reason", SESSION_REFUSALS, stats, "engine.{}")
-        yield CounterMetricFamily(
-            "sslshare_backend_failures", "Client connections closed because "
-            "their backend connection failed.",
-            value=stats.get("backend_failures", 0))
-        yield CounterMetricFamily(
-            "sslshare_peer_refused_connections", "Connections to the peer "
-            "channel refused at TLS (no or a foreign certificate).",
-            value=stats.get("cluster.refused_connections", 0))
-        yield CounterMetricFamily(
-            "sslshare_peer_refused_nodes", "Connections to the peer channel "
-            "refused at TLS: the certificate names a node of the cluster "
-            "that is not a peer.",
-            value=stats.get("cluster.refused_nodes", 0))
-        yield CounterMetricFamily(
-            "sslshare_peer_duplicate_nodes", "Connections to the peer "
-            "channel refused at TLS: the node id is connected from another "
-            "host already.", value=stats.get("cluster.duplicate_nodes", 0))
-        yield CounterMetricFamily(
-            "sslshare_peer_key_mismatches", "Peer links refused at setup: "
-            "the peer seals with a state key this node does not hold.",
-            value=stats.get("cluster.key_mismatches", 0))
-        yield CounterMetricFamily(
-            "sslshare_peer_refused_commands", "Peer commands refused: the "
-            "peer is not authorized to send them.",
-            value=stats.get("cluster.refused_commands", 0))
-        yield CounterMetricFamily(
-            "sslshare_peer_bad_requests", "Peer commands with invalid "
-            "arguments.", value=stats.get("cluster.bad_requests", 0))
+        for name, documentation, stat in _COUNTERS:
+            yield CounterMetricFamily(name, documentation,
+                                      value=stats.get(stat, 0))
 
 
 class _MetricsPage(Resource):

@@ -34,22 +34,25 @@ sessions come from.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import (
+    IConsumer,
     IHalfCloseableProtocol,
     IDelayedCall,
     IHandshakeListener,
     IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
     IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
+    ITransport,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -76,11 +79,14 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
     """
 
     _log = Logger()
+    factory: SessionResumingTLSFactory
+    # The TCP connection, from makeConnection on.
+    transport: ITransport
     _pendingLookup: Deferred[None] | None = None
     _answerArrivesLater = False
     recovered: Recovered | None = None
 
-    def makeConnection(self, transport: Any) -> None:
+    def makeConnection(self, transport: ITransport) -> None:
         # A handshake is a few small flights each way: Nagle's algorithm
         # would hold the last one for the peer's delayed ACK (up to 40 ms).
         setNoDelay = getattr(transport, "setTcpNoDelay", None)
@@ -94,9 +100,12 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
         # opening many connections is one client.
         client = getattr(self.transport.getPeer(), "host", None)
         request = attrs.evolve(request, client=client)
-        lookup = maybeDeferred(self.factory.lookup, request)
-        lookup.addErrback(self._lookupFailed, request)
-        lookup.addCallback(self._supply, connection)
+        # maybeDeferred waits for a Deferred answer, which its stubs cannot
+        # say of a lookup that may answer either way.
+        found = cast("Deferred[Recovered | None]",
+                     maybeDeferred(self.factory.lookup, request))
+        lookup = found.addErrback(self._lookupFailed, request).addCallback(
+            self._supply, connection)
         if not lookup.called:
             self._answerArrivesLater = True
             self._pendingLookup = lookup
@@ -121,7 +130,7 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
         if self._answerArrivesLater:
             self.dataReceived(b"")
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # The TLS connection is marked lost first, so that the answer a
         # cancellation delivers is dropped rather than supplied.
         super().connectionLost(reason)
@@ -144,16 +153,19 @@ class SessionResumingTLSFactory(TLSMemoryBIOFactory):
     protocol = SessionResumingTLSProtocol
 
     def __init__(self, context: ServerContext, lookup: Lookup,
-                 wrappedFactory: Any) -> None:
+                 wrappedFactory: IProtocolFactory) -> None:
         super().__init__(self, False, wrappedFactory)
         self.context = context
         self.lookup = lookup
         self._closed_waiters: list[Deferred[None]] = []
 
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> Connection:
+    # Twisted types the interface's answer as pyOpenSSL's Connection; what
+    # TLSMemoryBIOProtocol calls of it, sslshare.tls.Connection has.
+    def serverConnectionForTLS(  # type: ignore[override]
+            self, tlsProtocol: TLSMemoryBIOProtocol) -> Connection:
         return self.context.serverConnectionForTLS(tlsProtocol)
 
-    def unregisterProtocol(self, protocol: Any) -> None:
+    def unregisterProtocol(self, protocol: TLSMemoryBIOProtocol) -> None:
         super().unregisterProtocol(protocol)
         if not self.protocols:
             waiters, self._closed_waiters = self._closed_waiters, []
@@ -193,6 +205,8 @@ class BackendProxy(Protocol):
 
     _log = Logger()
     factory: BackendProxyFactory
+    # The TLS connection to the client, from makeConnection on.
+    transport: SessionResumingTLSProtocol
     _backend: _BackendSide | None = None
     _timeout: IDelayedCall | None = None
     _linked = False
@@ -258,7 +272,7 @@ class BackendProxy(Protocol):
         else:
             self._backend.transport.write(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timeout is not None:
             self._timeout.cancel()
             self._timeout = None
@@ -288,7 +302,7 @@ class BackendProxy(Protocol):
         End the producer/consumer pairing of the two sides: a transport
         with a producer registered waits for it before it closes.
         """
-        if self._linked:
+        if self._linked and self._backend is not None:
             self._linked = False
             self.transport.unregisterProducer()
             self._backend.transport.unregisterProducer()
@@ -341,8 +355,19 @@ class _Gate:
             self.producer.resumeProducing()
 
 
+class _IStream(ITransport, IConsumer, IPushProducer):
+    """
+    What each side of a proxied connection uses of the other's transport:
+    its bytes, its flow control both ways, and its end.  Twisted's stream
+    transports provide all three interfaces, and declare some.
+    """
+
+
 @implementer(IHalfCloseableProtocol)
 class _BackendSide(Protocol):
+    # The TCP connection to the backend, from makeConnection on.
+    transport: _IStream
+
     def __init__(self, client: BackendProxy) -> None:
         self.client = client
 
@@ -359,7 +384,7 @@ class _BackendSide(Protocol):
         Nothing to do: the client side closes on its own.
         """
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.client.unlink()
         self.client.transport.loseConnection()
 
@@ -380,7 +405,7 @@ class ProxySettings:
     handshake_timeout: float
 
 
-class BackendProxyFactory(Factory):
+class BackendProxyFactory(Factory[BackendProxy]):
     """
     Makes L{BackendProxy} protocols.
 

@@ -55,6 +55,7 @@ from OpenSSL.SSL import (
     ZeroReturnError,
 )
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import Interface, implementer
 
 from sslshare import _openssl, sessionid
@@ -312,7 +313,10 @@ class ServerContext:
             index = self._by_name.get("*." + server_name.split(".", 1)[1])
         return 0 if index is None else index
 
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> Connection:
+    # Twisted types the interface's answer as pyOpenSSL's Connection; what
+    # TLSMemoryBIOProtocol calls of it, L{Connection} has.
+    def serverConnectionForTLS(  # type: ignore[override]
+            self, tlsProtocol: TLSMemoryBIOProtocol) -> Connection:
         """
         A new server-side L{Connection} for Twisted's TLS protocol.
         """

@@ -577,6 +577,27 @@ C{[node]} table.  Also used by C{benchmarks/checkpoint.py}.
 """
 
 
+class RoguePeerProtocol(PeerServerFactory.protocol):
+    """
+    A peer with a valid certificate and the cluster's state key that
+    answers the commands named in C{rogue} from responders of its own,
+    fields the real server would never send included, and the rest (the
+    key check) through the server's checked ones.
+    """
+
+    rogue: frozenset[bytes] = frozenset()
+
+    def __init__(self):
+        super().__init__()
+        self._checked = self.locator
+        self.locator = self
+
+    def locateResponder(self, name):
+        if name in self.rogue:
+            return amp.AMP.locateResponder(self, name)
+        return self._checked.locateResponder(name)
+
+
 class LocalCluster:
     """
     A cluster of nodes of the test's own: a PKI made by
@@ -716,12 +737,15 @@ class LocalCluster:
 
         return Deferred.fromCoroutine(linked())
 
-    def impersonate(self, node, handler):
+    def impersonate(self, node, handler, protocol=None):
         """
         Answer the cluster channel of C{node} with C{handler} (an
         L{ICommandHandler}) behind C{node}'s own certificate, allowing
         every command: a peer that links up as C{node} and does what
         C{handler} says.
+
+        @param protocol: a subclass of the channel's server protocol, for
+            a peer that answers what the real one never would.
         """
         files = self.pki.node(node)
         channel = ClusterTLS(self.ca_cert, files.certificate, files.key,
@@ -733,6 +757,8 @@ class LocalCluster:
                                 peers=[peer for peer in self.ports
                                        if peer != node],
                                 keys=lambda: keys)
+        if protocol is not None:
+            amp.protocol = protocol
         listening = reactor.listenTCP(
             self.amp_ports[node],
             TLSMemoryBIOFactory(channel.server_options(amp.admit), False, amp),

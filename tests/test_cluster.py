@@ -43,7 +43,7 @@ from sslshare.cluster import (
 )
 from sslshare.state import StateKeys
 from sslshare.dev.throwaway import free_port
-from tests.support import held_amp_client
+from tests.support import RoguePeerProtocol, held_amp_client
 
 NODES = ("node1", "node2", "node3")
 # Reconnect fast: the tests restart servers and wait for the links.
@@ -847,23 +847,12 @@ class _RogueFetch(amp.Command):
     ]
 
 
-class _RogueProtocol(cluster.PeerServerFactory.protocol):
+class _RogueProtocol(RoguePeerProtocol):
     """
-    A peer with a valid certificate and the cluster's state key that
-    answers FetchSession with its factory's C{answer}, fields the real
-    server would never send included: FetchSession from its own responder,
-    the rest (the key check) through the server's checked ones.
+    A peer that answers FetchSession with its factory's C{answer}.
     """
 
-    def __init__(self):
-        super().__init__()
-        self._checked = self.locator
-        self.locator = self
-
-    def locateResponder(self, name):
-        if name == _RogueFetch.commandName:
-            return amp.AMP.locateResponder(self, name)
-        return self._checked.locateResponder(name)
+    rogue = frozenset({_RogueFetch.commandName})
 
     @_RogueFetch.responder
     def fetch(self, session_id):

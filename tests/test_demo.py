@@ -126,3 +126,14 @@ class DemoTests(TestCase):
         self.assertIn(f"{node2}: node.listen: 127.0.0.1:{port}: "
                       f"address already in use", error.decode())
         self.assertEqual(output, b"")
+
+    @inlineCallbacks
+    def test_the_demo_does_not_import_the_command(self):
+        # The command imports the demo when it runs it; the other way
+        # round would be a cycle.
+        output, error, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "import sys, sslshare.dev.demo; "
+                   "print('sslshare.cli' in sys.modules)"],
+            env=os.environ)
+        self.assertEqual((code, output.strip()), (0, b"False"), error.decode())

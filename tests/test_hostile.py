@@ -26,7 +26,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from sslshare import config, sessionid
-from sslshare.cli import ask_stats
+from sslshare.tools import ask_stats
 from tests.support import (
     LocalCluster,
     StallingHandler,

@@ -15,7 +15,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from sslshare import cli, config
+from sslshare import config, tools
 from sslshare.dev import pki
 from sslshare.cluster import ClusterTLS, PeerLink, PeerUnavailable
 from sslshare.recovery import LOOKUP_SOURCES
@@ -46,7 +46,7 @@ def _stats(cluster, node):
     """
     C{node}'s counters as C{sslshare stats} asks for them.
     """
-    return Deferred.fromCoroutine(cli.ask_stats(
+    return Deferred.fromCoroutine(tools.ask_stats(
         reactor, config.load(cluster.paths[node], reactor), node))
 
 

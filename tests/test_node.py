@@ -23,10 +23,12 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from sslshare.cluster import Stats
 from sslshare.hooks import LookupRequest
 from sslshare.tls import session_fields
 from tests.support import (
     LocalCluster,
+    RoguePeerProtocol,
     SilentListener,
     s_client_round,
     scrape_metrics,
@@ -419,6 +421,18 @@ class TwistdTests(TestCase):
             self.assertTrue(second.reused, version)
 
 
+class _GarbledStatsProtocol(RoguePeerProtocol):
+    """
+    A node that answers Stats with a counter that is no number.
+    """
+
+    rogue = frozenset({Stats.commandName})
+
+    @Stats.responder
+    def _stats(self):
+        return {"counters": json.dumps({"full": "many"})}
+
+
 class OperatorToolTests(TestCase):
     """
     C{sslshare stats} and C{sslshare pki init}, as an operator types them.
@@ -451,6 +465,17 @@ class OperatorToolTests(TestCase):
         self.assertEqual(code, 2)
         self.assertEqual(len(error.decode().strip().splitlines()), 1, error)
         self.assertIn("node1", error.decode())
+
+    @inlineCallbacks
+    def test_stats_refuses_an_answer_that_is_not_counters(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        cluster.impersonate("node1", None, _GarbledStatsProtocol)
+        output, error, code = yield self._sslshare(
+            "stats", "--config", cluster.paths["node2"], "--node", "node1",
+            "--json")
+        self.assertEqual((code, output), (2, b""))
+        self.assertEqual(len(error.decode().strip().splitlines()), 1, error)
+        self.assertIn("counter 'full' is 'many', not a number", error.decode())
 
     @inlineCallbacks
     def test_pki_init_refuses_to_overwrite(self):

@@ -36,9 +36,10 @@ from twisted.internet.threads import deferToThread
 from twisted.web import resource, server
 from twisted.web.client import Agent, readBody
 
-from sslshare import cli, config, metrics
+from sslshare import config, metrics
 from sslshare.dev import pki, throwaway
 from sslshare.service import configured_listeners, listen_problem
+from sslshare.tools import CommandError, ask_stats, client_endpoint_for, run_in_reactor
 
 NODES = ("node1", "node2", "node3")
 START_TIMEOUT = 30.0
@@ -86,7 +87,7 @@ def _twistd() -> list[str]:
 
 
 def _listen_port(node_config: config.NodeConfig) -> int:
-    return int(cli.client_endpoint_for(node_config.listen[0]).rsplit("=", 1)[1])
+    return int(client_endpoint_for(node_config.listen[0]).rsplit("=", 1)[1])
 
 
 def metrics_url(node_config: config.NodeConfig) -> str | None:
@@ -95,7 +96,7 @@ def metrics_url(node_config: config.NodeConfig) -> str | None:
     """
     if node_config.metrics_listen is None:
         return None
-    fields = dict(part.split("=", 1) for part in cli.client_endpoint_for(
+    fields = dict(part.split("=", 1) for part in client_endpoint_for(
         node_config.metrics_listen).split(":")[1:])
     return f"http://{fields['host']}:{fields['port']}/metrics"
 
@@ -129,7 +130,7 @@ class Fetched:
     version: str
     reused: bool
     answer: bytes
-    session: ssl.SSLSession
+    session: ssl.SSLSession | None
 
 
 def get_over_tls(context: ssl.SSLContext, port: int,
@@ -147,8 +148,8 @@ def get_over_tls(context: ssl.SSLContext, port: int,
             answer = b""
             while chunk := tls.recv(65536):
                 answer += chunk
-            return Fetched(tls.version() or "", tls.session_reused, answer,
-                           tls.session)
+            return Fetched(tls.version() or "", bool(tls.session_reused),
+                           answer, tls.session)
 
 
 def _client(ca: str, version: str, ports: Sequence[tuple[str, int]],
@@ -180,7 +181,7 @@ async def _wait_listening(reactor: Any, port: int,
     deadline = reactor.seconds() + START_TIMEOUT
     while reactor.seconds() < deadline:
         if process.ended.called:
-            raise cli.CommandError(
+            raise CommandError(
                 f"{process.name} stopped at start:\n"
                 + b"".join(process.output).decode("utf-8", "replace"))
         try:
@@ -188,7 +189,7 @@ async def _wait_listening(reactor: Any, port: int,
             return
         except OSError:
             await deferLater(reactor, 0.2, lambda: None)
-    raise cli.CommandError(f"{process.name} did not listen on port {port} "
+    raise CommandError(f"{process.name} did not listen on port {port} "
                            f"within {START_TIMEOUT:.0f} s")
 
 
@@ -202,7 +203,7 @@ async def _wait_linked(reactor: Any, asking: config.NodeConfig) -> None:
     waiting = list(NODES)
     while waiting and reactor.seconds() < deadline:
         try:
-            counters = await cli.ask_stats(reactor, asking, waiting[0])
+            counters = await ask_stats(reactor, asking, waiting[0])
         except Exception:
             counters = {}
         if counters.get("peers.connected") == len(NODES) - 1:
@@ -210,7 +211,7 @@ async def _wait_linked(reactor: Any, asking: config.NodeConfig) -> None:
         else:
             await deferLater(reactor, 0.2, lambda: None)
     if waiting:
-        raise cli.CommandError(f"{waiting[0]} did not link to its peers "
+        raise CommandError(f"{waiting[0]} did not link to its peers "
                                f"within {START_TIMEOUT:.0f} s")
 
 
@@ -241,7 +242,7 @@ def _repository_section(kind: str, directory: str,
               else throwaway.PostgresServer())
     servers.append(server)
     server.start()
-    if kind == "redis":
+    if isinstance(server, throwaway.RedisServer):
         return f'kind = "redis"\nurl = "{server.url}"\n'
     return f'kind = "postgres"\ndsn = "{server.dsn()}"\n'
 
@@ -293,7 +294,7 @@ async def _listen(reactor: Any, path: str, key: str, endpoint: str,
     try:
         return await serverFromString(reactor, endpoint).listen(factory)
     except CannotListenError as e:
-        raise cli.CommandError(listen_problem(path, key, endpoint, e)) from None
+        raise CommandError(listen_problem(path, key, endpoint, e)) from None
 
 
 async def _check_free(reactor: Any,
@@ -347,7 +348,7 @@ async def _run_cluster(reactor: Any, arguments: Any,
             for visit in result[1]]
         counters = {}
         for node in NODES:
-            counters[node] = await cli.ask_stats(reactor, configs["node1"], node)
+            counters[node] = await ask_stats(reactor, configs["node1"], node)
         scraped = {node: await _scraped_handshakes(reactor, url)
                    for node, url in urls.items()}
     finally:
@@ -383,7 +384,7 @@ def _report(visits: list[Visit], counters: dict[str, dict[str, Any]],
 
 
 def run(arguments: Any) -> None:
-    report = cli.run_in_reactor(lambda reactor: demo(reactor, arguments))
+    report = run_in_reactor(lambda reactor: demo(reactor, arguments))
     if arguments.json:
         print(json.dumps({key: report[key] for key in (
             "connections", "full", "resumed_local", "resumed_peer",

@@ -334,6 +334,19 @@ def _builder(subject: str, issuer: x509.Name, public_key,
     )
 
 
+def _key_usage(*, digital_signature: bool = False,
+               key_encipherment: bool = False, key_cert_sign: bool = False,
+               crl_sign: bool = False) -> x509.KeyUsage:
+    """
+    The key usage extension granting what is given, and nothing else.
+    """
+    return x509.KeyUsage(
+        digital_signature=digital_signature, content_commitment=False,
+        key_encipherment=key_encipherment, data_encipherment=False,
+        key_agreement=False, key_cert_sign=key_cert_sign, crl_sign=crl_sign,
+        encipher_only=False, decipher_only=False)
+
+
 def ca_certificate(cluster: str, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
     """
     A self-signed CA certificate for C{cluster}, signed by C{key}.
@@ -343,13 +356,8 @@ def ca_certificate(cluster: str, key: ec.EllipticCurvePrivateKey) -> x509.Certif
     return (
         _builder(name, _name(name), key.public_key(), _CA_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False, content_commitment=False,
-                key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False),
-            critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True),
+                       critical=True)
         .sign(key, hashes.SHA256())
     )
 
@@ -369,13 +377,8 @@ def issue_certificate(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
         _builder(common_name, ca.subject, key.public_key(), _LEAF_LIFETIME)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False,
-                key_encipherment=enciphers, data_encipherment=False,
-                key_agreement=False, key_cert_sign=False, crl_sign=False,
-                encipher_only=False, decipher_only=False),
-            critical=True)
+        .add_extension(_key_usage(digital_signature=True,
+                                  key_encipherment=enciphers), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         # Strict verifiers (RFC 5280, Python 3.13's default) require it.
         .add_extension(

@@ -217,7 +217,41 @@ def _log_tail(path):
         return ""
 
 
-class RedisServer:
+class _ServerProcess:
+    """
+    What the servers share: a child process, and a temporary directory.
+
+    @cvar stop_signal: what L{stop} sends by default.
+    @cvar stop_wait: seconds L{stop} waits for the process to end.
+    """
+
+    stop_signal: signal.Signals
+    stop_wait: float
+
+    def __init__(self, prefix):
+        self.directory = tempfile.mkdtemp(prefix=prefix)
+        self.port = free_port()
+        self.process = None
+
+    def stop(self, sig=None):
+        """
+        Stop the server with C{sig} (by default L{stop_signal}) and wait
+        until it has ended.  Blocking.
+        """
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(self.stop_signal if sig is None else sig)
+            self.process.wait(self.stop_wait)
+        self.process = None
+
+    def remove(self):
+        """
+        Stop the server and remove its directory.
+        """
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class RedisServer(_ServerProcess):
     """
     A C{redis-server} on 127.0.0.1 with no persistence, in a temporary
     directory:
@@ -232,13 +266,15 @@ class RedisServer:
     @ivar port: its TCP port; the same across L{stop} and L{start}.
     """
 
+    # As a crash.
+    stop_signal = signal.SIGKILL
+    stop_wait = 10.0
+
     def __init__(self, password=None, tls=None):
         self.binary = redis_server_binary()
+        super().__init__("sslshare-redis-")
         self.password = password
         self.tls = tls
-        self.port = free_port()
-        self.directory = tempfile.mkdtemp(prefix="sslshare-redis-")
-        self.process = None
 
     @property
     def url(self):
@@ -285,22 +321,6 @@ class RedisServer:
         except OSError:
             return False
 
-    def stop(self, sig=signal.SIGKILL):
-        """
-        Stop the server (by default as a crash: C{SIGKILL}) and wait until
-        it has ended.  Blocking.
-        """
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(10)
-        self.process = None
-
-    def remove(self):
-        """
-        Stop the server and remove its directory.
-        """
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _unprivileged_user():
@@ -320,7 +340,7 @@ def _unprivileged_user():
                             "nobody user exists to run PostgreSQL as")
 
 
-class PostgresServer:
+class PostgresServer(_ServerProcess):
     """
     A PostgreSQL cluster of its own in a temporary directory, made with
 
@@ -347,6 +367,11 @@ class PostgresServer:
     """
 
     PASSWORD = "correct horse battery staple"
+    # PostgreSQL's immediate shutdown: every backend ends at once,
+    # connections break, and the next start runs crash recovery (a SIGKILL
+    # of the postmaster alone would leave its backends running).
+    stop_signal = signal.SIGQUIT
+    stop_wait = 20.0
 
     def __init__(self, tls=None, survives_kill=False):
         """
@@ -361,11 +386,9 @@ class PostgresServer:
         self.survives_kill = survives_kill
         self.bin = postgres_binaries()
         self.user = _unprivileged_user()
-        self.port = free_port()
-        self.directory = tempfile.mkdtemp(prefix="sslshare-pg-")
+        super().__init__("sslshare-pg-")
         self.data = os.path.join(self.directory, "data")
         self.log = os.path.join(self.directory, "postgres.log")
-        self.process = None
         self._roles_made = False
         self._chown(self.directory)
         self._run([os.path.join(self.bin, "initdb"), "-D", self.data,
@@ -475,22 +498,3 @@ class PostgresServer:
             cursor = connection.execute(statement, parameters or None)
             return cursor.fetchall() if cursor.description else None
 
-    def stop(self, sig=signal.SIGQUIT):
-        """
-        Stop the server and wait until it has ended.  Blocking.  The
-        default, C{SIGQUIT}, is PostgreSQL's immediate shutdown: every
-        backend ends at once, connections break, and the next start runs
-        crash recovery (a C{SIGKILL} of the postmaster alone would leave
-        its backends running).
-        """
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(20)
-        self.process = None
-
-    def remove(self):
-        """
-        Stop the server and remove its directory.
-        """
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)

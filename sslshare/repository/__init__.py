@@ -59,8 +59,9 @@ import math
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import (
@@ -83,6 +84,9 @@ from sslshare.state import (
     SEALED_CHECKPOINT_LENGTH,
     checkpoint_problem,
 )
+
+if TYPE_CHECKING:
+    from sslshare.config import RepositoryConfig
 
 T = TypeVar("T")
 
@@ -211,7 +215,9 @@ def taken_outcome(sealed: object, seq: object, digest: object,
     problem = sealed_problem(sealed) or stored_checkpoint_problem(seq, digest)
     if problem is not None:
         return Outcome("bad", problem)
-    return Outcome("hit", Taken(sealed, seq, digest, expires))
+    # The checks have found bytes, an int and bytes.
+    return Outcome("hit", Taken(cast(bytes, sealed), cast(int, seq),
+                                cast(bytes, digest), expires))
 
 
 class InOrder:
@@ -666,28 +672,54 @@ class ThreadedRepository:
     # -- what a backend implements (worker threads) ------------------------
 
     def _do_start(self, connection: Any) -> None:
+        """
+        Prepare the storage: make the schema if it is missing.
+        """
         raise NotImplementedError
 
     def _do_put(self, connection: Any, session_id: bytes, sealed: bytes,
                 expires: float, now: float) -> None:
+        """
+        Store C{sealed} until C{expires}, over any blob of C{session_id},
+        keeping the stored checkpoint.
+        """
         raise NotImplementedError
 
     def _do_take(self, connection: Any, session_id: bytes,
                  now: float) -> Outcome:
+        """
+        Delete the row of C{session_id} and read it in one atomic step: a
+        hit with its L{Taken}, a miss, expired, or what is wrong with it.
+        """
         raise NotImplementedError
 
     def _do_checkpoint(self, connection: Any, session_id: bytes, seq: int,
                        digest: bytes, now: float) -> bool:
+        """
+        Store the checkpoint if C{seq} is above the stored one and the blob
+        is live, in one atomic compare-and-set; whether it did.
+        """
         raise NotImplementedError
 
     def _do_checkpoint_of(self, connection: Any, session_id: bytes,
                           now: float) -> Outcome:
+        """
+        The stored C{(seq, digest)} of a live blob as a hit, a miss, or
+        what is wrong with it (the row is deleted then).
+        """
         raise NotImplementedError
 
     def _do_purge(self, connection: Any, session_id: bytes) -> bool:
+        """
+        Delete the row of C{session_id}; whether there was one.
+        """
         raise NotImplementedError
 
     def _do_expire(self, connection: Any, now: float) -> int:
+        """
+        Delete the rows expired by C{now}; how many (0 where the storage
+        expires them by itself).
+        """
         raise NotImplementedError
 
 
@@ -696,11 +728,31 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def from_config(config: Any, reactor: Any, state_dir: str
+@contextmanager
+def _needs_driver(kind: str, driver: str) -> Iterator[None]:
+    """
+    Turn a failed import of the driver of C{kind} into the
+    L{RepositoryError} that says how to install it.
+    """
+    try:
+        yield
+    except ImportError as e:
+        raise RepositoryError(
+            f"repository kind {kind!r} needs {driver} (pip install "
+            f"'sslshare[{kind}]'): {e}") from None
+
+
+def _server(kind: str, address: str | None) -> str:
+    if address is None:
+        raise RepositoryError(f"repository kind {kind!r} names no server")
+    return address
+
+
+def from_config(config: RepositoryConfig, reactor: Any, state_dir: str
                 ) -> ISessionRepository:
     """
-    The repository a node's C{[repository]} section describes (a
-    L{sslshare.config.RepositoryConfig}), not started yet.
+    The repository a node's C{[repository]} section describes, not
+    started yet.
 
     @param state_dir: the node's own directory; an SQLite repository with
         no C{path} keeps C{sessions.sqlite3} there.
@@ -716,21 +768,13 @@ def from_config(config: Any, reactor: Any, state_dir: str
     if config.password_file is not None:
         password = read_secret_file(config.password_file)
     if config.kind == "postgres":
-        try:
+        with _needs_driver("postgres", "psycopg 3"):
             from sslshare.repository.postgres import PostgresRepository
-        except ImportError as e:
-            raise RepositoryError(
-                f"repository kind 'postgres' needs psycopg 3 (pip install "
-                f"'sslshare[postgres]'): {e}") from None
-        return PostgresRepository(config.dsn, reactor, password=password,
-                                  tls=config.tls)
+        return PostgresRepository(_server(config.kind, config.dsn), reactor,
+                                  password=password, tls=config.tls)
     if config.kind == "redis":
-        try:
+        with _needs_driver("redis", "redis-py"):
             from sslshare.repository.redis import RedisRepository
-        except ImportError as e:
-            raise RepositoryError(
-                f"repository kind 'redis' needs redis-py (pip install "
-                f"'sslshare[redis]'): {e}") from None
-        return RedisRepository(config.url, reactor, password=password,
-                               tls=config.tls)
+        return RedisRepository(_server(config.kind, config.url), reactor,
+                               password=password, tls=config.tls)
     raise RepositoryError(f"unknown repository kind {config.kind!r}")

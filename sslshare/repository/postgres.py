@@ -36,10 +36,9 @@ libpq; the caller's own timeout (the recovery budget) covers that case.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 from psycopg import conninfo, errors
@@ -47,21 +46,10 @@ from psycopg import conninfo, errors
 from sslshare.repository import (
     DEFAULT_THREADS,
     DEFAULT_TIMEOUT,
-    EXPIRED,
-    MISS,
-    Outcome,
     RepositoryError,
-    ThreadedRepository,
-    as_bytes,
-    id_problem,
-    sealed_problem,
-    stored_checkpoint_problem,
-    taken_outcome,
 )
+from sslshare.repository.sql import TABLE, Cursor, SQLRepository, Statements
 
-T = TypeVar("T")
-
-TABLE = "sslshare_sessions"
 # pg_advisory_xact_lock key: "sslshare" in ASCII, as a bigint.
 _SCHEMA_LOCK = int.from_bytes(b"sslshare", "big") & (2 ** 63 - 1)
 _SCHEMA = (
@@ -77,28 +65,7 @@ _SCHEMA = (
 _STRONG_SSLMODES = ("require", "verify-ca", "verify-full")
 
 
-def _schema_first(method: Callable[..., T]) -> Callable[..., T]:
-    """
-    Run a worker-thread operation once the table exists; if the table
-    turns out to be gone, make it again and run the operation once more.
-    """
-
-    @functools.wraps(method)
-    def run(self: PostgresRepository, connection: psycopg.Connection,
-            *arguments: Any) -> T:
-        if not self._schema_ready:
-            self._create_schema(connection)
-        try:
-            return method(self, connection, *arguments)
-        except errors.UndefinedTable:
-            self._schema_ready = False
-            self._create_schema(connection)
-            return method(self, connection, *arguments)
-
-    return run
-
-
-class PostgresRepository(ThreadedRepository):
+class PostgresRepository(SQLRepository[psycopg.Connection[Any]]):
     """
     Sessions in the PostgreSQL database that C{dsn} (a libpq connection
     string or URI) names.
@@ -112,6 +79,7 @@ class PostgresRepository(ThreadedRepository):
     """
 
     kind = "postgres"
+    statements = Statements.with_marker("%s")
 
     def __init__(self, dsn: str, reactor: Any, *, password: str | None = None,
                  tls: bool = False, threads: int = DEFAULT_THREADS,
@@ -154,7 +122,7 @@ class PostgresRepository(ThreadedRepository):
         # autocommit connection usable; a lost server does not.
         return connection.closed
 
-    def _connect(self) -> psycopg.Connection:
+    def _connect(self) -> psycopg.Connection[Any]:
         connection = psycopg.connect(self._conninfo, autocommit=True)
         try:
             connection.execute(
@@ -165,7 +133,7 @@ class PostgresRepository(ThreadedRepository):
             raise
         return connection
 
-    def _create_schema(self, connection: psycopg.Connection) -> None:
+    def _create_schema(self, connection: psycopg.Connection[Any]) -> None:
         with connection.transaction():
             connection.execute("SELECT pg_advisory_xact_lock(%s)",
                                (_SCHEMA_LOCK,))
@@ -173,79 +141,18 @@ class PostgresRepository(ThreadedRepository):
                 connection.execute(statement)
         self._schema_ready = True
 
-    def _do_start(self, connection: psycopg.Connection) -> None:
+    def _do_start(self, connection: psycopg.Connection[Any]) -> None:
         self._create_schema(connection)
 
-    @_schema_first
-    def _do_put(self, connection: psycopg.Connection, session_id: bytes,
-                sealed: bytes, expires: float, now: float) -> None:
-        # The upsert keeps the checkpoint of a blob it replaces.
-        connection.execute(
-            f"INSERT INTO {TABLE} (session_id, sealed, expires) "
-            f"VALUES (%s, %s, %s) ON CONFLICT (session_id) DO UPDATE SET "
-            f"sealed = EXCLUDED.sealed, expires = EXCLUDED.expires",
-            (session_id, sealed, expires))
-
-    @_schema_first
-    def _do_take(self, connection: psycopg.Connection, session_id: bytes,
-                 now: float) -> Outcome:
-        # An expired row is deleted all the same: nobody may have it.
-        rows = connection.execute(
-            f"DELETE FROM {TABLE} WHERE session_id = %s "
-            f"RETURNING session_id, sealed, expires, seq, digest",
-            (session_id,)).fetchall()
-        if not rows:
-            return MISS
-        found, sealed, expires, seq, digest = rows[0]
-        sealed = as_bytes(sealed)
-        problem = id_problem(as_bytes(found), session_id) or sealed_problem(
-            sealed)
-        if problem is not None:
-            return Outcome("bad", problem)
-        if expires <= now:
-            return EXPIRED
-        return taken_outcome(sealed, seq, as_bytes(digest), expires)
-
-    @_schema_first
-    def _do_checkpoint(self, connection: psycopg.Connection,
-                       session_id: bytes, seq: int, digest: bytes,
-                       now: float) -> bool:
-        # One statement: the row lock makes the comparison and the update
-        # one step against concurrent checkpoints.
-        cursor = connection.execute(
-            f"UPDATE {TABLE} SET seq = %s, digest = %s "
-            f"WHERE session_id = %s AND seq < %s AND expires > %s",
-            (seq, digest, session_id, seq, now))
-        return cursor.rowcount == 1
-
-    @_schema_first
-    def _do_checkpoint_of(self, connection: psycopg.Connection,
-                          session_id: bytes, now: float) -> Outcome:
-        rows = connection.execute(
-            f"SELECT seq, digest, expires FROM {TABLE} WHERE session_id = %s",
-            (session_id,)).fetchall()
-        if not rows:
-            return MISS
-        seq, digest, expires = rows[0]
-        digest = as_bytes(digest)
-        problem = stored_checkpoint_problem(seq, digest)
-        if problem is not None:
-            connection.execute(f"DELETE FROM {TABLE} WHERE session_id = %s",
-                               (session_id,))
-            return Outcome("bad", problem)
-        if expires <= now:
-            return MISS
-        return Outcome("hit", (seq, digest))
-
-    @_schema_first
-    def _do_purge(self, connection: psycopg.Connection,
-                  session_id: bytes) -> bool:
-        cursor = connection.execute(
-            f"DELETE FROM {TABLE} WHERE session_id = %s", (session_id,))
-        return cursor.rowcount > 0
-
-    @_schema_first
-    def _do_expire(self, connection: psycopg.Connection, now: float) -> int:
-        cursor = connection.execute(
-            f"DELETE FROM {TABLE} WHERE expires <= %s", (now,))
-        return cursor.rowcount
+    def _execute(self, connection: psycopg.Connection[Any], statement: str,
+                 parameters: Sequence[object]) -> Cursor:
+        # Once the table exists; one that turns out to be gone is made
+        # again, and the statement run once more.
+        if not self._schema_ready:
+            self._create_schema(connection)
+        try:
+            return connection.execute(statement, parameters)
+        except errors.UndefinedTable:
+            self._schema_ready = False
+            self._create_schema(connection)
+            return connection.execute(statement, parameters)

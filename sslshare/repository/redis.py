@@ -54,6 +54,7 @@ from sslshare.state import MAX_SEQ
 
 KEY_PREFIX = b"sslshare:session:"
 _SEQ_DIGITS = 20
+_BAD_SEQ = f"the checkpoint seq is not {_SEQ_DIGITS} digits"
 
 # Scripts that read a session's hash start here: a missing key is a miss,
 # any other type is a bad row, dropped.
@@ -120,6 +121,21 @@ def _seq_from_text(text: bytes) -> int | None:
         return None
     seq = int(text)
     return seq if seq <= MAX_SEQ else None
+
+
+def _found(script: Any, session_id: bytes) -> list[Any] | Outcome:
+    """
+    Run C{script}, one that starts with L{_HASH_OR_DISCARD}, on the hash
+    of C{session_id}: what it found after its C{'hit'}, or the outcome of a
+    miss or a bad row.
+    """
+    answer = script(keys=[key(session_id)])
+    status = answer[0]
+    if status == b"miss":
+        return MISS
+    if status == b"bad":
+        return Outcome("bad", answer[1].decode("utf-8", "replace"))
+    return answer[1:]
 
 
 @attrs.frozen
@@ -218,20 +234,17 @@ class RedisRepository(ThreadedRepository):
 
     def _do_take(self, connection: _Client, session_id: bytes,
                  now: float) -> Outcome:
-        answer = connection.take(keys=[key(session_id)])
-        status = answer[0]
-        if status == b"miss":
-            return MISS
-        if status == b"bad":
-            return Outcome("bad", answer[1].decode("utf-8", "replace"))
-        seq = _seq_from_text(answer[2])
+        found = _found(connection.take, session_id)
+        if isinstance(found, Outcome):
+            return found
+        sealed, seq_text, digest, lifetime = found
+        seq = _seq_from_text(seq_text)
         if seq is None:
-            return Outcome("bad", "the checkpoint seq is not 20 digits")
+            return Outcome("bad", _BAD_SEQ)
         # PTTL: milliseconds left, negative for a key without an expiry
         # (written by hand: every put sets one).
-        lifetime = answer[4]
         expires = now + lifetime / 1000 if lifetime >= 0 else math.inf
-        return taken_outcome(answer[1], seq, answer[3], expires)
+        return taken_outcome(sealed, seq, digest, expires)
 
     def _do_checkpoint(self, connection: _Client, session_id: bytes,
                        seq: int, digest: bytes, now: float) -> bool:
@@ -240,19 +253,17 @@ class RedisRepository(ThreadedRepository):
 
     def _do_checkpoint_of(self, connection: _Client, session_id: bytes,
                           now: float) -> Outcome:
-        answer = connection.checkpoint_of(keys=[key(session_id)])
-        status = answer[0]
-        if status == b"miss":
-            return MISS
-        if status == b"bad":
-            return Outcome("bad", answer[1].decode("utf-8", "replace"))
-        seq = _seq_from_text(answer[1])
-        problem = ("the checkpoint seq is not 20 digits" if seq is None
-                   else stored_checkpoint_problem(seq, answer[2]))
+        found = _found(connection.checkpoint_of, session_id)
+        if isinstance(found, Outcome):
+            return found
+        seq_text, digest = found
+        seq = _seq_from_text(seq_text)
+        problem = (_BAD_SEQ if seq is None
+                   else stored_checkpoint_problem(seq, digest))
         if problem is not None:
             connection.client.delete(key(session_id))
             return Outcome("bad", problem)
-        return Outcome("hit", (seq, answer[2]))
+        return Outcome("hit", (seq, digest))
 
     def _do_purge(self, connection: _Client, session_id: bytes) -> bool:
         return connection.client.delete(key(session_id)) > 0

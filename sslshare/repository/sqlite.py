@@ -33,8 +33,6 @@ Atomic take: C{DELETE ... RETURNING} (SQLite 3.35 and later) is one
 statement, so one writer deletes the row and gets it, and every other finds
 nothing.  With an older SQLite the same is done in a C{BEGIN IMMEDIATE}
 transaction, which takes the write lock before it reads.
-
-This module never reads a blob beyond checking its length.
 """
 
 from __future__ import annotations
@@ -44,19 +42,8 @@ import sqlite3
 import stat
 from typing import Any
 
-from sslshare.repository import (
-    EXPIRED,
-    MISS,
-    Outcome,
-    ThreadedRepository,
-    as_bytes,
-    id_problem,
-    sealed_problem,
-    stored_checkpoint_problem,
-    taken_outcome,
-)
+from sslshare.repository.sql import TABLE, SQLRepository, Statements
 
-TABLE = "sslshare_sessions"
 # DELETE ... RETURNING arrived in SQLite 3.35.0.
 HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 FILE_MODE = 0o600
@@ -98,17 +85,7 @@ def _make_private(path: str) -> None:
             f"{e.strerror}") from None
 
 
-def _row_problem(session_id: bytes, row: tuple[Any, ...]) -> str | None:
-    found, sealed, expires = row
-    problem = id_problem(as_bytes(found), session_id) or sealed_problem(
-        as_bytes(sealed))
-    if problem is None and (isinstance(expires, bool)
-                            or not isinstance(expires, (int, float))):
-        problem = f"the expiry time is a {type(expires).__name__}"
-    return problem
-
-
-class SQLiteRepository(ThreadedRepository):
+class SQLiteRepository(SQLRepository[sqlite3.Connection]):
     """
     Sessions in the SQLite file at C{path} (made if missing; its directory
     must exist).
@@ -120,6 +97,7 @@ class SQLiteRepository(ThreadedRepository):
     """
 
     kind = "sqlite"
+    statements = Statements.with_marker("?")
 
     def __init__(self, path: str, reactor: Any, *, threads: int = 2,
                  timeout: float = 2.0) -> None:
@@ -163,94 +141,21 @@ class SQLiteRepository(ThreadedRepository):
         for statement in _SCHEMA:
             connection.execute(statement)
 
-    def _do_put(self, connection: sqlite3.Connection, session_id: bytes,
-                sealed: bytes, expires: float, now: float) -> None:
-        # The upsert keeps the checkpoint of a blob it replaces.
-        connection.execute(
-            f"INSERT INTO {TABLE} (session_id, sealed, expires) "
-            f"VALUES (?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET "
-            f"sealed = excluded.sealed, expires = excluded.expires",
-            (session_id, sealed, expires))
-
-    def _do_take(self, connection: sqlite3.Connection, session_id: bytes,
-                 now: float) -> Outcome:
+    def _take_rows(self, connection: sqlite3.Connection,
+                   session_id: bytes) -> list[Any]:
         if self.returning:
-            # fetchall: the deletion completes only once the statement has
-            # run to its end.
-            rows = connection.execute(
-                f"DELETE FROM {TABLE} WHERE session_id = ? "
-                f"RETURNING session_id, sealed, expires, seq, digest",
-                (session_id,)).fetchall()
-        else:
-            rows = self._take_in_transaction(connection, session_id)
-        if not rows:
-            return MISS
-        # An expired row is deleted all the same: nobody may have it.
-        problem = _row_problem(session_id, rows[0][:3])
-        if problem is not None:
-            return Outcome("bad", problem)
-        _, sealed, expires, seq, digest = rows[0]
-        if expires <= now:
-            return EXPIRED
-        return taken_outcome(as_bytes(sealed), seq, as_bytes(digest), expires)
-
-    @staticmethod
-    def _take_in_transaction(connection: sqlite3.Connection,
-                             session_id: bytes) -> list[Any]:
+            return super()._take_rows(connection, session_id)
         # IMMEDIATE takes the write lock before the read: no other writer
         # can read the row between our read and our delete.
-        connection.execute("BEGIN IMMEDIATE")
+        self._execute(connection, "BEGIN IMMEDIATE", ())
         try:
-            rows = connection.execute(
-                f"SELECT session_id, sealed, expires, seq, digest "
-                f"FROM {TABLE} WHERE session_id = ?", (session_id,)).fetchall()
+            rows = self._execute(connection, self.statements.select_taken,
+                                 (session_id,)).fetchall()
             if rows:
-                connection.execute(
-                    f"DELETE FROM {TABLE} WHERE session_id = ?", (session_id,))
-            connection.execute("COMMIT")
+                self._execute(connection, self.statements.delete,
+                              (session_id,))
+            self._execute(connection, "COMMIT", ())
         except BaseException:
-            connection.execute("ROLLBACK")
+            self._execute(connection, "ROLLBACK", ())
             raise
         return rows
-
-    def _do_checkpoint(self, connection: sqlite3.Connection,
-                       session_id: bytes, seq: int, digest: bytes,
-                       now: float) -> bool:
-        # One statement: the comparison and the update are one step.
-        cursor = connection.execute(
-            f"UPDATE {TABLE} SET seq = ?, digest = ? "
-            f"WHERE session_id = ? AND seq < ? AND expires > ?",
-            (seq, digest, session_id, seq, now))
-        return cursor.rowcount == 1
-
-    def _do_checkpoint_of(self, connection: sqlite3.Connection,
-                          session_id: bytes, now: float) -> Outcome:
-        rows = connection.execute(
-            f"SELECT seq, digest, expires FROM {TABLE} WHERE session_id = ?",
-            (session_id,)).fetchall()
-        if not rows:
-            return MISS
-        seq, digest, expires = rows[0]
-        digest = as_bytes(digest)
-        problem = stored_checkpoint_problem(seq, digest)
-        if problem is None and (isinstance(expires, bool)
-                                or not isinstance(expires, (int, float))):
-            problem = f"the expiry time is a {type(expires).__name__}"
-        if problem is not None:
-            connection.execute(f"DELETE FROM {TABLE} WHERE session_id = ?",
-                               (session_id,))
-            return Outcome("bad", problem)
-        if expires <= now:
-            return MISS
-        return Outcome("hit", (seq, digest))
-
-    def _do_purge(self, connection: sqlite3.Connection,
-                  session_id: bytes) -> bool:
-        cursor = connection.execute(
-            f"DELETE FROM {TABLE} WHERE session_id = ?", (session_id,))
-        return cursor.rowcount > 0
-
-    def _do_expire(self, connection: sqlite3.Connection, now: float) -> int:
-        cursor = connection.execute(
-            f"DELETE FROM {TABLE} WHERE expires <= ?", (now,))
-        return cursor.rowcount
