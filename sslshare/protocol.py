@@ -282,11 +282,16 @@ class BackendProxy(Protocol):
             self.unlink()
             # Whatever the client sent still goes out before the close.
             self._backend.transport.loseConnection()
-        if self._checkpoints is not None:
+        checkpoints = self._checkpoints
+        if checkpoints is not None:
             # The last records' checkpoint gets a moment to reach the store.
-            flushing = self._checkpoints.flush()
+            flushing = checkpoints.flush()
             flushing.addTimeout(self.factory.flush_timeout, self.factory.clock)
-            flushing.addBoth(lambda _: self._checkpoints.stop())
+
+            def stop(_: object) -> None:
+                checkpoints.stop()
+
+            flushing.addBoth(stop)
 
     def _hold(self) -> None:
         # The checkpoint store lags: both directions wait for it.

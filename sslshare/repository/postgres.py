@@ -43,7 +43,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo, errors
 
-from sslshare.repository import (
+from sslshare.repository._base import (
     DEFAULT_THREADS,
     DEFAULT_TIMEOUT,
     RepositoryError,

@@ -40,7 +40,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from sslshare.repository import (
+from sslshare.repository._base import (
     DEFAULT_THREADS,
     DEFAULT_TIMEOUT,
     MISS,

@@ -28,7 +28,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 
-from sslshare.repository import (
+from sslshare.repository._base import (
     EXPIRED,
     MISS,
     Outcome,
