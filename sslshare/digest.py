@@ -61,7 +61,8 @@ it is given), asynchronously:
       reading); it calls C{resume} when they fall under half the bound.  A
       slow store slows the connection only past the bound, and only while
       it answers: a failed write skips the records it stood for (a store
-      that is down, refuses or fails never stops traffic), and a pause
+      that is down, refuses or fails never stops traffic, however slowly
+      it fails), and a pause
       ends after C{max_pause} seconds whatever the store does (counted as
       C{pauses_cut}); the pipeline pauses again only once the store has
       answered since;
@@ -621,8 +622,13 @@ class CheckpointPipeline:
         if self._stopped:
             return
         # A store that cannot be written is no reason to hold the client:
-        # these records go without a checkpoint unless a retry makes one.
+        # these records go without a checkpoint unless a retry makes one,
+        # a pause for them ends, and a store that failed has not answered:
+        # no pause for it until it answers again.
         self._skipped_seq = max(self._skipped_seq, checkpoint[0])
+        self._unanswering = True
+        if self.paused:
+            self._go_on()
         if self._waiting is None:
             # Nothing newer will retry it: do it after a while.
             self._waiting = checkpoint

@@ -393,6 +393,23 @@ class BackPressureTests(PipelineTestCase):
         self.elapse(2)
         self.assertEqual(self.slow.applied, [50])
 
+    def test_a_store_that_fails_slowly_pauses_only_before_its_first_answer(self):
+        """
+        Before a store has answered at all, a backlog past the bound pauses
+        the connection; its first failure ends the pause, and it never
+        pauses again, however long each failure takes.
+        """
+        pipeline = self.pipeline(bound=2, retry_initial=0.5, retry_max=0.5)
+        self.slow.delay = 0.125
+        self.slow.failing = 100
+        for step in checkpoints(60):
+            pipeline.enqueue(*step)
+            self.clock.advance(0.03125)
+        self.assertEqual(pipeline.counters["pauses"], 1)
+        self.assertEqual(pipeline.counters["pauses_cut"], 0)
+        self.assertGreater(pipeline.counters["failed"], 1)
+        self.assertEqual(self.connection.producerState, "producing")
+
     def unanswered(self):
         """
         A pipeline to a store that takes longer to answer than the test

@@ -391,6 +391,14 @@ class UnavailableTargetTests(TestCase):
             repository=f'kind = "redis"\nurl = "{server.url}"\n')
         node1 = cluster.start("node1")
         server.stop()
+        # The port stays this test's, bound and not listening (connections
+        # to it are refused at once): a server another test starts on a
+        # port just freed would not be "down".
+        refusing = socket.socket()
+        self.addCleanup(refusing.close)
+        # The closed server's connections may linger in TIME_WAIT.
+        refusing.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        refusing.bind(("127.0.0.1", server.port))
         _, records = yield _served(self, cluster, "down (the repository)")
         counters = node1.checkpoint_counters
         self.assertEqual(counters["pauses"], 0)
