@@ -11,7 +11,7 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import (
@@ -37,6 +37,17 @@ from sslshare.state import (
 
 
 T = TypeVar("T")
+
+
+class Closable(Protocol):
+    """
+    What the base needs of a backend's connection: that it can be closed.
+    """
+
+    def close(self) -> None: ...
+
+
+Connection = TypeVar("Connection", bound=Closable)
 
 # Seconds a connection attempt or a single command may take before it
 # fails: the recovery chain waits for tens of milliseconds, so a server that
@@ -300,7 +311,7 @@ def _argument_problem(session_id: object) -> str | None:
 
 
 @implementer(ISessionRepository)
-class ThreadedRepository:
+class ThreadedRepository(Generic[Connection]):
     """
     What the backends share: the worker threads, one connection per worker
     thread, argument checks, counters and logs.  A backend implements the
@@ -331,7 +342,7 @@ class ThreadedRepository:
         self._start_waiters: list[Deferred[None]] | None = None
         self._local = threading.local()
         self._connections_lock = threading.Lock()
-        self._connections: list[Any] = []
+        self._connections: list[Connection] = []
         self._shutdown_trigger: Any = None
         self._in_order = InOrder()
 
@@ -411,13 +422,13 @@ class ThreadedRepository:
 
     # -- worker threads ----------------------------------------------------
 
-    def _connect(self) -> Any:
+    def _connect(self) -> Connection:
         """
         Open a connection (in a worker thread).
         """
         raise NotImplementedError
 
-    def _disconnect(self, connection: Any) -> None:
+    def _disconnect(self, connection: Connection) -> None:
         """
         Close C{connection}, ignoring the driver's errors (any thread): a
         connection being dropped is usually broken already.
@@ -433,14 +444,14 @@ class ThreadedRepository:
         """
         raise NotImplementedError
 
-    def _is_broken(self, connection: Any, error: BaseException) -> bool:
+    def _is_broken(self, connection: Connection, error: BaseException) -> bool:
         """
         Whether C{error} left C{connection} unusable, so that it must be
         replaced (and a call on it that had been idle may be retried once).
         """
         return True
 
-    def _connection(self) -> tuple[Any, bool]:
+    def _connection(self) -> tuple[Connection, bool]:
         """
         This worker thread's connection, made if missing; and whether it
         is fresh.
@@ -454,7 +465,7 @@ class ThreadedRepository:
             self._connections.append(connection)
         return connection, True
 
-    def _drop_connection(self, connection: Any) -> None:
+    def _drop_connection(self, connection: Connection) -> None:
         self._local.connection = None
         with self._connections_lock:
             if connection in self._connections:
@@ -619,13 +630,13 @@ class ThreadedRepository:
 
     # -- what a backend implements (worker threads) ------------------------
 
-    def _do_start(self, connection: Any) -> None:
+    def _do_start(self, connection: Connection) -> None:
         """
         Prepare the storage: make the schema if it is missing.
         """
         raise NotImplementedError
 
-    def _do_put(self, connection: Any, session_id: bytes, sealed: bytes,
+    def _do_put(self, connection: Connection, session_id: bytes, sealed: bytes,
                 expires: float, now: float) -> None:
         """
         Store C{sealed} until C{expires}, over any blob of C{session_id},
@@ -633,7 +644,7 @@ class ThreadedRepository:
         """
         raise NotImplementedError
 
-    def _do_take(self, connection: Any, session_id: bytes,
+    def _do_take(self, connection: Connection, session_id: bytes,
                  now: float) -> Outcome:
         """
         Delete the row of C{session_id} and read it in one atomic step: a
@@ -641,7 +652,7 @@ class ThreadedRepository:
         """
         raise NotImplementedError
 
-    def _do_checkpoint(self, connection: Any, session_id: bytes, seq: int,
+    def _do_checkpoint(self, connection: Connection, session_id: bytes, seq: int,
                        digest: bytes, now: float) -> bool:
         """
         Store the checkpoint if C{seq} is above the stored one and the blob
@@ -649,7 +660,7 @@ class ThreadedRepository:
         """
         raise NotImplementedError
 
-    def _do_checkpoint_of(self, connection: Any, session_id: bytes,
+    def _do_checkpoint_of(self, connection: Connection, session_id: bytes,
                           now: float) -> Outcome:
         """
         The stored C{(seq, digest)} of a live blob as a hit, a miss, or
@@ -657,13 +668,13 @@ class ThreadedRepository:
         """
         raise NotImplementedError
 
-    def _do_purge(self, connection: Any, session_id: bytes) -> bool:
+    def _do_purge(self, connection: Connection, session_id: bytes) -> bool:
         """
         Delete the row of C{session_id}; whether there was one.
         """
         raise NotImplementedError
 
-    def _do_expire(self, connection: Any, now: float) -> int:
+    def _do_expire(self, connection: Connection, now: float) -> int:
         """
         Delete the rows expired by C{now}; how many (0 where the storage
         expires them by itself).

@@ -117,7 +117,8 @@ class PostgresRepository(SQLRepository[psycopg.Connection[Any]]):
     def _driver_errors(self) -> tuple[type[BaseException], ...]:
         return (psycopg.Error,)
 
-    def _is_broken(self, connection: Any, error: BaseException) -> bool:
+    def _is_broken(self, connection: psycopg.Connection[Any],
+                   error: BaseException) -> bool:
         # A statement that failed (a timeout, a constraint) leaves an
         # autocommit connection usable; a lost server does not.
         return connection.closed

@@ -154,7 +154,7 @@ class _Client:
         self.client.close()
 
 
-class RedisRepository(ThreadedRepository):
+class RedisRepository(ThreadedRepository[_Client]):
     """
     Sessions in the Redis server that C{url} names (C{redis://},
     C{rediss://} or C{unix://}).
@@ -200,7 +200,7 @@ class RedisRepository(ThreadedRepository):
     def _driver_errors(self) -> tuple[type[BaseException], ...]:
         return (redis.RedisError,)
 
-    def _is_broken(self, connection: Any, error: BaseException) -> bool:
+    def _is_broken(self, connection: _Client, error: BaseException) -> bool:
         # The client drops a broken connection and makes a new one on the
         # next command by itself.
         return False

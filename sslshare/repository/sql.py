@@ -24,7 +24,7 @@ This module never reads a blob beyond checking its length.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
 
@@ -62,6 +62,8 @@ class Connection(Protocol):
     """
 
     def execute(self, query: str, params: Sequence[object], /) -> Cursor: ...
+
+    def close(self) -> None: ...
 
 
 @attrs.frozen
@@ -114,7 +116,7 @@ def _expiry_problem(expires: object) -> str | None:
 C = TypeVar("C", bound=Connection)
 
 
-class SQLRepository(ThreadedRepository, Generic[C]):
+class SQLRepository(ThreadedRepository[C]):
     """
     The operations of a repository on L{TABLE}; a backend gives its
     L{statements} and its connections, of type C{C}.

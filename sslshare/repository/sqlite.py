@@ -115,7 +115,8 @@ class SQLiteRepository(SQLRepository[sqlite3.Connection]):
     def _driver_errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)
 
-    def _is_broken(self, connection: Any, error: BaseException) -> bool:
+    def _is_broken(self, connection: sqlite3.Connection,
+                   error: BaseException) -> bool:
         # An SQLite connection survives its errors (a busy file, a full
         # disk); only a closed one must go.
         return isinstance(error, sqlite3.ProgrammingError)
