@@ -63,7 +63,7 @@ def fill(count: int, template: bytes) -> dict[str, Any]:
     for _ in range(count):
         store.put(SessionState(
             session_id=sessionid.new_session_id(tag), id_context=id_context,
-            der=head + os.urandom(32), owner="node1", created=1.0,
+            der=head + os.urandom(32), holder="node1", created=1.0,
             expires=1e10, seq=1, digest=os.urandom(32)))
     grown = resident_bytes() - before
     return {"sessions": len(store), "rss_growth_bytes": grown,

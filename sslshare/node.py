@@ -197,7 +197,7 @@ class Node:
             node id or C{"repository"}) and C{"failed"}.
         """
         held = [state for state in self.store.sessions()
-                if state.owner == self.node_id]
+                if state.holder == self.node_id]
         for state in held:
             self.store.take(state.session_id)
         moved: Counter[str] = Counter()
@@ -248,7 +248,7 @@ class Node:
                 session_id=session_id,
                 id_context=connection.service.id_context,
                 der=der,
-                owner=self.node_id,
+                holder=self.node_id,
                 created=now,
                 expires=now + self.settings.session_lifetime,
             )
@@ -392,14 +392,14 @@ class Node:
         if accepted:
             return True
         state = self.store.get(session_id)
-        if state is None or state.owner != self.node_id:
+        if state is None or state.holder != self.node_id:
             # Given away meanwhile: its checkpoints are no longer ours.
             return False
         self.counters["backups_moved"] += 1
 
         def given(kept: bool) -> bool:
             held = self.store.get(session_id)
-            if kept and held is not None and held.owner == self.node_id:
+            if kept and held is not None and held.holder == self.node_id:
                 self._purge_copies(session_id, self.node_id, {backup})
             return kept
 
@@ -413,12 +413,12 @@ class Node:
     def fetch_session(self, session_id: bytes, requester: str,
                       terms: FetchTerms | None = None) -> FetchAnswer:
         kept = self.store.get(session_id)
-        if (kept is not None and kept.owner not in (self.node_id, requester)
-                and self.placement.alive(kept.owner)):
+        if (kept is not None and kept.holder not in (self.node_id, requester)
+                and self.placement.alive(kept.holder)):
             # A backup copy whose holder still runs: the session is the
             # holder's to give, or the same session could be served twice.
             self.counters["copies_withheld"] += 1
-            return FetchAnswer("redirect", holder=kept.owner)
+            return FetchAnswer("redirect", holder=kept.holder)
         key_id = None
         if kept is not None and terms is not None:
             refusal = self._fetch_refusal(kept, terms)
@@ -434,7 +434,7 @@ class Node:
             key_id = self.keys.sealing_key_for(terms.key_ids)
         state = self.store.take(session_id)
         if state is not None:
-            given = state.with_owner(requester)
+            given = state.with_holder(requester)
             # The requester holds it from now on; whoever asks us later is
             # sent there, and a copy of it from before is an old one.
             self.store.tombstone(session_id, requester, given.expires,
@@ -480,7 +480,7 @@ class Node:
             backup = self.placement.backup_node(session_id, requester)
             if backup is not None:
                 kept.add(backup)
-        self._purge_copies(session_id, given.owner, kept)
+        self._purge_copies(session_id, given.holder, kept)
 
     def _purge_copies(self, session_id: bytes, holder: str,
                       kept: set[str]) -> None:
@@ -555,7 +555,7 @@ class Node:
         the move that brought the session here.
         """
         kept = self.store.get(session_id)
-        if kept is not None and kept.owner == self.node_id:
+        if kept is not None and kept.holder == self.node_id:
             self.counters["backups_refused"] += 1
             return False
         for context in self.recovery.settings.id_contexts.values():
@@ -563,7 +563,7 @@ class Node:
                 state = self.keys.open(sealed, session_id, context)
             except SealError:
                 continue
-            if state.owner != requester:
+            if state.holder != requester:
                 break
             self.store.put(state)
             self.counters["backups_kept"] += 1

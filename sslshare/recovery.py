@@ -265,7 +265,7 @@ class Recovery:
             # and everywhere: the client that can may still come.
             return None
         repository = self.placement.repository
-        if local is not None and local.owner == self.node_id:
+        if local is not None and local.holder == self.node_id:
             if repository is not None:
                 return await self._own_session_taken_from_repository(
                     request, context, local, repository)
@@ -394,7 +394,7 @@ class Recovery:
         if taken is not None and still_here:
             opened = self._open(taken.sealed, request, context, "repository",
                                 None, "repository")
-        if taken is None or opened is None or opened.state.owner != self.node_id:
+        if taken is None or opened is None or opened.state.holder != self.node_id:
             if taken is not None:
                 # Another node took the session and stored it again under
                 # its name, or sealed it under a key this node lacks: its
@@ -435,7 +435,7 @@ class Recovery:
         resume the session itself, so the copy is withheld: a full
         handshake, never the same session served twice.
         """
-        holder = giver = copy.owner
+        holder = giver = copy.holder
         if not self._resumable(copy, request, context):
             return None
         if not self.ask_peers:
@@ -660,7 +660,7 @@ class Recovery:
         everywhere, and its tombstone here refuses it if it comes back.
         """
         session_id = request.session_id
-        previous = found.state.owner
+        previous = found.state.holder
         if found.giver is not None:
             # The node that gave it (its holder, or the backup node of a
             # holder that could not answer) drops the other copies itself:
@@ -671,7 +671,7 @@ class Recovery:
             others = ({previous}
                       | self.placement.backup_nodes(session_id, previous))
         if request.protocol == "TLSv1.2":
-            mine = found.state.with_owner(self.node_id)
+            mine = found.state.with_holder(self.node_id)
             self.store.put(mine)
             copy = self.placement.write_copy(mine)
             if copy is not None:

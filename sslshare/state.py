@@ -14,8 +14,8 @@ from storage either become a valid state or raise L{StateFormatError}:
     1       32    session id (L{sslshare.sessionid} layout)
     33      1     n: length of the session id context, 1..32
     34      n     session id context
-            2     m: length of the owner's node id in UTF-8, 1..256
-            m     owner: 1..64 printable characters
+            2     m: length of the holder's node id in UTF-8, 1..256
+            m     holder: 1..64 printable characters
             8     created, unix time, IEEE 754 binary64
             8     expires, the same; not before created
             8     seq, unsigned, at most MAX_SEQ
@@ -74,15 +74,15 @@ from sslshare.errors import FileError
 STATE_FORMAT = 2
 SEAL_FORMAT = 1
 MAX_ID_CONTEXT_LENGTH = sessionid.ID_CONTEXT_LENGTH
-MAX_OWNER_CHARACTERS = 64
+MAX_HOLDER_CHARACTERS = 64
 # Four bytes of UTF-8 at most per character.
-MAX_OWNER_BYTES = 4 * MAX_OWNER_CHARACTERS
+MAX_HOLDER_BYTES = 4 * MAX_HOLDER_CHARACTERS
 DIGEST_LENGTH = 32
 # An OpenSSL session is about 135 bytes, a few KiB with a client
 # certificate; the bound keeps a sealed state under MAX_SEALED_LENGTH.
 MAX_DER_LENGTH = 12 * 1024
 MAX_ENCODED_LENGTH = (1 + sessionid.SESSION_ID_LENGTH + 1 + MAX_ID_CONTEXT_LENGTH
-                      + 2 + MAX_OWNER_BYTES + 8 + 8 + 8 + 4 + 1 + DIGEST_LENGTH
+                      + 2 + MAX_HOLDER_BYTES + 8 + 8 + 8 + 4 + 1 + DIGEST_LENGTH
                       + 2 + MAX_DER_LENGTH)
 KEY_LENGTH = 32
 KEY_ID_LENGTH = 4
@@ -158,14 +158,14 @@ def _problem(state: SessionState) -> str | None:
                 f"bytes, not {len(state.id_context)}")
     if not 0 < len(state.der) <= MAX_DER_LENGTH:
         return f"DER must be 1 to {MAX_DER_LENGTH} bytes, not {len(state.der)}"
-    if type(state.owner) is not str:
-        return f"owner must be a str, not {type(state.owner).__name__}"
-    if not 0 < len(state.owner) <= MAX_OWNER_CHARACTERS:
-        return (f"owner must be 1 to {MAX_OWNER_CHARACTERS} characters, "
-                f"not {len(state.owner)}")
-    # Owners reach logs: no control characters, no lone surrogates.
-    if not state.owner.isprintable():
-        return "owner has unprintable characters"
+    if type(state.holder) is not str:
+        return f"holder must be a str, not {type(state.holder).__name__}"
+    if not 0 < len(state.holder) <= MAX_HOLDER_CHARACTERS:
+        return (f"holder must be 1 to {MAX_HOLDER_CHARACTERS} characters, "
+                f"not {len(state.holder)}")
+    # Holders reach logs: no control characters, no lone surrogates.
+    if not state.holder.isprintable():
+        return "holder has unprintable characters"
     if not (math.isfinite(state.created) and math.isfinite(state.expires)):
         return "created and expires must be finite"
     if state.expires < state.created:
@@ -203,7 +203,8 @@ class SessionState:
     @ivar id_context: the session id context of its service, 1..32 bytes.
     @ivar der: the OpenSSL session; a secret, kept out of C{repr} and
         compared in constant time.
-    @ivar owner: the node id of the node that holds it now.
+    @ivar holder: the node id of the node that holds it now (not always
+        the owner the session id names: see docs/architecture.md).
     @ivar created: unix time.
     @ivar expires: unix time, not before C{created}.
     @ivar seq: the number of records the digest covers.
@@ -215,7 +216,7 @@ class SessionState:
     id_context: bytes
     der: bytes = attrs.field(
         repr=False, eq=attrs.cmp_using(eq=hmac.compare_digest), hash=False)
-    owner: str
+    holder: str
     created: float = attrs.field(converter=_unix_time)
     expires: float = attrs.field(converter=_unix_time)
     seq: int = 0
@@ -232,11 +233,11 @@ class SessionState:
         """
         The binary encoding (see the module docstring).
         """
-        owner = self.owner.encode("utf-8")
+        holder = self.holder.encode("utf-8")
         return b"".join((
             bytes((STATE_FORMAT,)), self.session_id,
             bytes((len(self.id_context),)), self.id_context,
-            struct.pack("!H", len(owner)), owner,
+            struct.pack("!H", len(holder)), holder,
             _TIMES_SEQ_AND_MOVES.pack(self.created, self.expires, self.seq,
                                       self.moves),
             bytes((len(self.digest),)), self.digest,
@@ -258,8 +259,8 @@ class SessionState:
         id_context = reader.take(
             reader.length(1, "session id context", 1, MAX_ID_CONTEXT_LENGTH),
             "session id context")
-        owner_bytes = reader.take(
-            reader.length(2, "owner", 1, MAX_OWNER_BYTES), "owner")
+        holder_bytes = reader.take(
+            reader.length(2, "holder", 1, MAX_HOLDER_BYTES), "holder")
         created, expires, seq, moves = _TIMES_SEQ_AND_MOVES.unpack(
             reader.take(_TIMES_SEQ_AND_MOVES.size, "times, seq and moves"))
         digest_length = reader.byte("digest length")
@@ -272,26 +273,26 @@ class SessionState:
             raise StateFormatError(
                 f"{reader.remaining} bytes after the end of the state")
         try:
-            owner = owner_bytes.decode("utf-8")
+            holder = holder_bytes.decode("utf-8")
         except UnicodeDecodeError:
-            raise StateFormatError("owner is not UTF-8") from None
+            raise StateFormatError("holder is not UTF-8") from None
         try:
             return cls(session_id=session_id, id_context=id_context, der=der,
-                       owner=owner, created=created, expires=expires,
+                       holder=holder, created=created, expires=expires,
                        seq=seq, digest=digest, moves=moves)
         except ValueError as e:
             raise StateFormatError(str(e)) from None
 
-    def with_owner(self, owner: str) -> SessionState:
+    def with_holder(self, holder: str) -> SessionState:
         """
-        This state, held by C{owner}: one move more when that is another
+        This state, held by C{holder}: one move more when that is another
         holder.
         """
-        if owner == self.owner:
+        if holder == self.holder:
             return self
         # Four billion moves within one lifetime: not reached in practice,
         # and a count that stops there still refuses every older copy.
-        return attrs.evolve(self, owner=owner,
+        return attrs.evolve(self, holder=holder,
                             moves=min(self.moves + 1, MAX_MOVES))
 
     def with_checkpoint(self, seq: int, digest: bytes) -> SessionState:

@@ -211,7 +211,7 @@ class SessionStore:
         return record
 
     def _record(self, state: SessionState) -> bytes:
-        context = self._contexts.acquire(state.id_context, state.owner)
+        context = self._contexts.acquire(state.id_context, state.holder)
         return b"".join((
             _HEAD.pack(state.expires, state.created, state.seq, context,
                        state.moves, len(state.digest)),
@@ -225,7 +225,7 @@ class SessionStore:
         der_at = _DIGEST_AT + digest_length
         return SessionState(
             session_id=session_id, id_context=id_context, der=record[der_at:],
-            owner=holder, created=created, expires=expires, seq=seq,
+            holder=holder, created=created, expires=expires, seq=seq,
             digest=record[_DIGEST_AT:der_at], moves=moves)
 
     def put(self, state: SessionState) -> None:

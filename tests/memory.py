@@ -329,6 +329,6 @@ class MemoryCluster:
         """
         Node id -> the holder its copy of C{session_id} names.
         """
-        return {node_id: state.owner
+        return {node_id: state.holder
                 for node_id, node in self.network.nodes.items()
                 if (state := node.store.get(session_id)) is not None}

@@ -514,7 +514,7 @@ def session_state(**fields):
         session_id=sessionid.new_session_id(sessionid.owner_tag("test", "node1")),
         id_context=sessionid.service_id_context("test", "web"),
         der=os.urandom(135),
-        owner="node1",
+        holder="node1",
         created=0.0,
         expires=100.0,
     )
@@ -526,17 +526,17 @@ def session_state(**fields):
 session_ids = st.binary(min_size=31, max_size=31).map(lambda b: b"\x01" + b)
 _times = st.floats(allow_nan=False, allow_infinity=False)
 session_states = st.builds(
-    lambda session_id, id_context, der, owner, created_expires, seq, digest,
+    lambda session_id, id_context, der, holder, created_expires, seq, digest,
     moves:
         SessionState(session_id=session_id, id_context=id_context, der=der,
-                     owner=owner, created=min(created_expires),
+                     holder=holder, created=min(created_expires),
                      expires=max(created_expires), seq=seq, digest=digest,
                      moves=moves),
     session_id=session_ids,
     id_context=st.binary(min_size=1, max_size=state.MAX_ID_CONTEXT_LENGTH),
     der=st.binary(min_size=1, max_size=state.MAX_DER_LENGTH),
-    owner=st.text(st.characters(exclude_categories=("C", "Zl", "Zp")),
-                  min_size=1, max_size=state.MAX_OWNER_CHARACTERS)
+    holder=st.text(st.characters(exclude_categories=("C", "Zl", "Zp")),
+                  min_size=1, max_size=state.MAX_HOLDER_CHARACTERS)
     .filter(str.isprintable),
     created_expires=st.tuples(_times, _times),
     seq=st.integers(0, state.MAX_SEQ),

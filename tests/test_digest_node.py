@@ -153,7 +153,7 @@ class DigestAcrossNodesTests(_ExporterRecording, TestCase):
         self.assertEqual((holder.seq, holder.digest), expected)
         # Outside the serving node: node1 is node2's backup for it.
         backup = cluster.nodes["node1"].store.get(session_id)
-        self.assertEqual(backup.owner, "node2")
+        self.assertEqual(backup.holder, "node2")
         self.assertEqual((backup.seq, backup.digest), expected)
 
     @inlineCallbacks
@@ -173,7 +173,7 @@ class DigestAcrossNodesTests(_ExporterRecording, TestCase):
             _conversation, cluster.ports["node1"], cluster.ca_cert, messages)
         yield cluster.kill("node1")
         backup = cluster.nodes["node2"].store.get(session.id)
-        self.assertEqual(backup.owner, "node1")
+        self.assertEqual(backup.holder, "node1")
         # Killed right after its last record: the backup's checkpoint lags
         # at most by the checkpoints still in flight (one per direction).
         self.assertGreaterEqual(backup.seq, len(records1) - 2)
@@ -373,7 +373,7 @@ class UnavailableTargetTests(TestCase):
             before={50: start_node2})
         yield until(lambda: _holds(cluster.nodes["node2"], session.id,
                                    len(records)))
-        self.assertEqual(cluster.nodes["node2"].store.get(session.id).owner,
+        self.assertEqual(cluster.nodes["node2"].store.get(session.id).holder,
                          "node1")
         self.assertEqual(node1.counters["backups_moved"], 1)
         self.assertEqual(node1.checkpoint_counters["pauses"], 0)
@@ -416,7 +416,7 @@ class UnavailableTargetTests(TestCase):
         yield until(lambda: _holds(node3, session.id, len(records)))
         held = node1.store.get(session.id)
         copy = node3.store.get(session.id)
-        self.assertEqual(copy.owner, "node1")
+        self.assertEqual(copy.holder, "node1")
         self.assertEqual((copy.seq, copy.digest), (held.seq, held.digest))
         self.assertEqual(node1.checkpoint_counters["failed"], 0)
 
@@ -446,7 +446,7 @@ class UnavailableTargetTests(TestCase):
         yield until(lambda: _holds(node3, session.id, len(records)))
         held = node1.store.get(session.id)
         copy = node3.store.get(session.id)
-        self.assertEqual(copy.owner, "node1")
+        self.assertEqual(copy.holder, "node1")
         self.assertEqual(copy.digest, held.digest)
         self.assertEqual(node1.counters["backups_moved"], 1)
         self.assertEqual(node1.checkpoint_counters["pauses"], 0)
@@ -470,15 +470,15 @@ class BackupAtALaterNodeTests(TestCase):
         moved = yield cluster.client_round("node3", "TLSv1.2", made.session)
         self.assertTrue(moved.reused)
         yield cluster.settled()
-        self.assertEqual(node2.store.get(session_id).owner, "node3")
+        self.assertEqual(node2.store.get(session_id).holder, "node3")
         node1 = cluster.start("node1")
         yield cluster.wait_linked()
         again = yield cluster.client_round("node1", "TLSv1.2", made.session)
         self.assertTrue(again.reused)
-        self.assertEqual(node1.store.get(session_id).owner, "node1")
+        self.assertEqual(node1.store.get(session_id).holder, "node1")
         yield cluster.settled()
         self.assertIsNone(node2.store.get(session_id))
-        self.assertEqual(node3.store.get(session_id).owner, "node1")
+        self.assertEqual(node3.store.get(session_id).holder, "node1")
 
 
 class StalledTargetTests(TestCase):

@@ -455,7 +455,7 @@ class HandoverTests(_LogCapture, TestCase):
         session_id = made.session.id
         node4 = cluster.nodes["node4"]
         yield until(lambda: node4.store.get(session_id) is not None
-                    and node4.store.get(session_id).owner == "node1")
+                    and node4.store.get(session_id).holder == "node1")
         node4.store.discard(session_id)
         yield cluster.stop("node1")
         self.assertEqual(holders(cluster, session_id), ["node4"])

@@ -69,11 +69,11 @@ class MovingSessionTests(TestCase):
         first = yield cluster.client_round("node1", "TLSv1.2")
         node1, node2 = cluster.nodes["node1"], cluster.nodes["node2"]
         session_id = first.session.id
-        self.assertEqual(node1.store.get(session_id).owner, "node1")
+        self.assertEqual(node1.store.get(session_id).holder, "node1")
         yield cluster.client_round("node2", "TLSv1.2", first.session)
         self.assertIsNone(node1.store.get(session_id))
         self.assertEqual(node1.store.holder(session_id), "node2")
-        self.assertEqual(node2.store.get(session_id).owner, "node2")
+        self.assertEqual(node2.store.get(session_id).holder, "node2")
 
     @inlineCallbacks
     def _tls13_ticket_of_node1(self):
@@ -148,7 +148,7 @@ class MovingSessionTests(TestCase):
         yield cluster.settled()
         node2 = cluster.nodes["node2"]
         session_id = result.session.id
-        node2.store.put(node2.store.get(session_id).with_owner("node3"))
+        node2.store.put(node2.store.get(session_id).with_holder("node3"))
         on_node2 = yield cluster.client_round(
             "node2", "TLSv1.2", result.session)
         self.assertTrue(on_node2.reused)
@@ -216,7 +216,7 @@ class MovingSessionTests(TestCase):
         session_id = result.session.id
         holders = [name for name, node in cluster.nodes.items()
                    if (state := node.store.get(session_id)) is not None
-                   and state.owner == name]
+                   and state.holder == name]
         self.assertEqual(holders, ["node2"])
 
     @inlineCallbacks

@@ -98,7 +98,7 @@ class ChainTests(SynchronousTestCase):
         cluster.network.down.add("node1")
         found = self.successResultOf(cluster.lookup(backup, session_id))
         self.assertEqual((found.source, found.found_at), ("peer", "local"))
-        self.assertEqual(cluster[backup].store.get(session_id).owner, backup)
+        self.assertEqual(cluster[backup].store.get(session_id).holder, backup)
 
     def test_session_of_another_version_moves_nothing(self):
         cluster = MemoryCluster()
@@ -311,7 +311,7 @@ class RepositoryTests(SynchronousTestCase):
         # TLS 1.2: back in the repository under its new holder.
         sealed = cluster.repository.rows[session_id].sealed
         self.assertEqual(
-            cluster.keys.open(sealed, session_id, CONTEXT).owner, "node2")
+            cluster.keys.open(sealed, session_id, CONTEXT).holder, "node2")
 
     def test_repository_that_fails_is_a_miss_counted(self):
         cluster = MemoryCluster(repository=True)

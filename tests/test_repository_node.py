@@ -90,7 +90,7 @@ class _RepositoryTopology:
         session_id = first.session.id
         # node2 told node1, the previous holder, to drop its copy.
         yield until(lambda: node1.store.get(session_id) is None)
-        self.assertEqual(node2.store.get(session_id).owner, "node2")
+        self.assertEqual(node2.store.get(session_id).holder, "node2")
 
     @inlineCallbacks
     def test_purge_waits_for_a_link_that_is_down(self):

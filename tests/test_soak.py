@@ -244,7 +244,7 @@ def holders_named(cluster: LocalCluster, session_id: bytes) -> set[str]:
     The holders that the copies of C{session_id} in the stores of the
     nodes of this process name (a backup copy names its holder too).
     """
-    return {state.owner for node in cluster.nodes.values()
+    return {state.holder for node in cluster.nodes.values()
             if (state := node.store.get(session_id)) is not None}
 
 

@@ -38,9 +38,9 @@ def _field_offsets(encoded: bytes) -> dict[str, int]:
     Where each field of an encoding starts, read from its length fields.
     """
     offsets = {"format": 0, "session id": 1, "context length": 33}
-    offsets["owner length"] = 34 + encoded[33]
-    owner_length = struct.unpack("!H", encoded[offsets["owner length"]:][:2])[0]
-    offsets["times"] = offsets["owner length"] + 2 + owner_length
+    offsets["holder length"] = 34 + encoded[33]
+    holder_length = struct.unpack("!H", encoded[offsets["holder length"]:][:2])[0]
+    offsets["times"] = offsets["holder length"] + 2 + holder_length
     offsets["moves"] = offsets["times"] + 24
     offsets["digest length"] = offsets["moves"] + 4
     offsets["der length"] = offsets["digest length"] + 1 \
@@ -54,7 +54,7 @@ class CodecTests(TestCase):
     """
 
     def test_encoding_follows_documented_layout(self):
-        s = session_state(owner="nöde", created=1.5, expires=2.5, seq=7,
+        s = session_state(holder="nöde", created=1.5, expires=2.5, seq=7,
                           digest=b"\xdd" * 32, der=b"\xee" * 135, moves=9)
         encoded = s.encode()
         self.assertEqual(encoded[0], 2)
@@ -120,23 +120,23 @@ class CodecTests(TestCase):
         encoded[33] = 33
         self._assert_refused(bytes(encoded), "not 33")
 
-    def test_owner_not_utf8_is_refused(self):
-        encoded = bytearray(session_state(owner="abc").encode())
-        at = _field_offsets(encoded)["owner length"] + 2
+    def test_holder_not_utf8_is_refused(self):
+        encoded = bytearray(session_state(holder="abc").encode())
+        at = _field_offsets(encoded)["holder length"] + 2
         encoded[at] = 0xff
-        self._assert_refused(bytes(encoded), "owner is not UTF-8")
+        self._assert_refused(bytes(encoded), "holder is not UTF-8")
 
-    def test_owner_with_control_character_is_refused(self):
-        encoded = bytearray(session_state(owner="abc").encode())
-        at = _field_offsets(encoded)["owner length"] + 2
+    def test_holder_with_control_character_is_refused(self):
+        encoded = bytearray(session_state(holder="abc").encode())
+        at = _field_offsets(encoded)["holder length"] + 2
         encoded[at] = ord("\n")
         self._assert_refused(bytes(encoded), "unprintable")
 
-    def test_owner_over_256_bytes_is_refused(self):
+    def test_holder_over_256_bytes_is_refused(self):
         encoded = bytearray(session_state().encode())
-        at = _field_offsets(encoded)["owner length"]
+        at = _field_offsets(encoded)["holder length"]
         encoded[at:at + 2] = struct.pack("!H", 257)
-        self._assert_refused(bytes(encoded), "owner length must be 1 to 256")
+        self._assert_refused(bytes(encoded), "holder length must be 1 to 256")
 
     def test_nan_time_is_refused(self):
         encoded = bytearray(session_state().encode())
@@ -233,8 +233,8 @@ class SessionStateTests(TestCase):
         e = self.assertRaises(ValueError, session_state, der=bytearray(b"x"))
         self.assertIn("der must be bytes, not bytearray", str(e))
 
-    def test_owner_over_64_characters_is_refused(self):
-        e = self.assertRaises(ValueError, session_state, owner="n" * 65)
+    def test_holder_over_64_characters_is_refused(self):
+        e = self.assertRaises(ValueError, session_state, holder="n" * 65)
         self.assertIn("1 to 64 characters", str(e))
 
     def test_negative_seq_is_refused(self):
@@ -243,21 +243,21 @@ class SessionStateTests(TestCase):
     def test_boolean_time_is_refused(self):
         self.assertRaises(TypeError, session_state, created=True)
 
-    def test_with_owner_changes_the_owner_and_counts_the_move(self):
+    def test_with_holder_changes_the_holder_and_counts_the_move(self):
         s = session_state(seq=4, digest=b"\x02" * 32, moves=2)
-        moved = s.with_owner("node2")
-        self.assertEqual((moved.owner, moved.moves), ("node2", 3))
-        self.assertEqual(attrs.evolve(moved, owner="node1", moves=2), s)
+        moved = s.with_holder("node2")
+        self.assertEqual((moved.holder, moved.moves), ("node2", 3))
+        self.assertEqual(attrs.evolve(moved, holder="node1", moves=2), s)
 
-    def test_with_owner_of_the_same_owner_is_no_move(self):
+    def test_with_holder_of_the_same_holder_is_no_move(self):
         s = session_state(moves=2)
-        self.assertIs(s.with_owner(s.owner), s)
+        self.assertIs(s.with_holder(s.holder), s)
 
     def test_moves_past_32_bits_are_refused(self):
         self.assertRaises(ValueError, session_state, moves=2 ** 32)
 
-    def test_with_owner_refuses_an_invalid_owner(self):
-        self.assertRaises(ValueError, session_state().with_owner, "")
+    def test_with_holder_refuses_an_invalid_holder(self):
+        self.assertRaises(ValueError, session_state().with_holder, "")
 
     def test_with_checkpoint_takes_a_newer_one(self):
         s = session_state(seq=4, digest=b"\x02" * 32)
@@ -325,7 +325,7 @@ class SealingTests(TestCase):
         self.assertNotIn(b"SECRET-DER", self.keys.seal(s))
 
     def test_largest_state_fits_the_channel_bound(self):
-        s = session_state(owner="\U0001f600" * 64, digest=b"\x01" * 32,
+        s = session_state(holder="\U0001f600" * 64, digest=b"\x01" * 32,
                           der=b"\x02" * state.MAX_DER_LENGTH,
                           id_context=b"\x03" * 32)
         blob = self.keys.seal(s)

@@ -62,7 +62,7 @@ class PutGetTakeTests(StoreTestCase):
     def test_put_replaces_the_state_under_the_same_id(self):
         s = self.state()
         self.store.put(s)
-        newer = s.with_owner("node2")
+        newer = s.with_holder("node2")
         self.store.put(newer)
         self.assertEqual(self.store.get(s.session_id), newer)
         self.assertEqual(len(self.store), 1)
@@ -78,23 +78,23 @@ class PutGetTakeTests(StoreTestCase):
         self.assertEqual(store.sessions(), [s])
         self.assertEqual(store.take(s.session_id), s)
 
-    def test_sessions_of_other_owners_and_contexts_keep_theirs(self):
+    def test_sessions_of_other_holders_and_contexts_keep_theirs(self):
         mine = self.state(seq=2, digest=b"\x02" * 32)
-        backup = self.state(owner="nœud-2", id_context=b"\x07" * 5)
-        other = self.state(owner="nœud-2")
+        backup = self.state(holder="nœud-2", id_context=b"\x07" * 5)
+        other = self.state(holder="nœud-2")
         for s in (mine, backup, other):
             self.store.put(s)
         self.assertEqual(self.store.sessions(), [mine, backup, other])
 
-    def test_owner_and_context_are_forgotten_with_their_last_session(self):
-        kept, moved = self.state(), self.state(owner="node2")
+    def test_holder_and_context_are_forgotten_with_their_last_session(self):
+        kept, moved = self.state(), self.state(holder="node2")
         self.store.put(kept)
         self.store.put(moved)
-        self.store.put(moved.with_owner("node3"))
+        self.store.put(moved.with_holder("node3"))
         self.store.take(kept.session_id)
         self.store.tombstone(moved.session_id, "node3", 50)
         self.assertEqual(len(self.store._contexts), 0)
-        again = self.state(owner="node2")
+        again = self.state(holder="node2")
         self.store.put(again)
         self.assertEqual(self.store.get(again.session_id), again)
         self.assertEqual(len(self.store._contexts), 1)
@@ -235,9 +235,9 @@ class BoundTests(StoreTestCase):
         self.assertLessEqual(self.store.bytes_used, self.store.max_bytes)
         self.assertEqual(self.store.counters["evicted"], 48)
 
-    def test_eviction_forgets_owners_and_contexts(self):
-        for owner in ("node1", "node2", "node3", "node4"):
-            self.store.put(self.state(owner=owner))
+    def test_eviction_forgets_holders_and_contexts(self):
+        for holder in ("node1", "node2", "node3", "node4"):
+            self.store.put(self.state(holder=holder))
         self.assertEqual(len(self.store._contexts), 2)
 
     def test_zero_bytes_is_refused(self):
