@@ -540,8 +540,12 @@ class _RepositoryService(Service):
 
     def startService(self) -> Deferred[None]:
         super().startService()
+
         def started(_: None) -> None:
-            self._expiry.start(EXPIRY_INTERVAL, now=False)
+            # A repository that connects after the node began to stop must
+            # not leave an expiry loop running on a stopped service.
+            if self.running:
+                self._expiry.start(EXPIRY_INTERVAL, now=False)
 
         return self.repository.start().addCallback(started)
 

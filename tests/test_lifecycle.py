@@ -30,8 +30,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sslshare.config import NodeConfig
 from sslshare.node import fired_within
-from sslshare.service import FIXED_AT_RUNTIME, RELOADABLE
+from sslshare.service import (
+    EXPIRY_INTERVAL,
+    FIXED_AT_RUNTIME,
+    RELOADABLE,
+    _RepositoryService,
+)
 from sslshare.state import StateKeys
+from tests.memory import MemoryRepository
 from tests.support import (
     LocalCluster,
     TrickleFactory,
@@ -729,3 +735,43 @@ class FiredWithinTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(first), False)
         # Left alone: what never fires cannot hold the stop up.
         self.assertNoResult(waiting)
+
+
+class _SlowToConnect(MemoryRepository):
+    """
+    A repository whose C{start} fires only when the test says so.
+    """
+
+    def __init__(self, clock):
+        super().__init__(clock)
+        self.connected = Deferred()
+
+    def start(self):
+        return self.connected
+
+
+class RepositoryServiceTests(SynchronousTestCase):
+    """
+    The repository's service removes expired sessions while the node runs,
+    and only then.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.repository = _SlowToConnect(self.clock)
+        self.service = _RepositoryService(self.repository, self.clock)
+
+    def test_expires_sessions_every_interval_once_connected(self):
+        self.service.startService()
+        self.repository.put(b"s" * 32, b"sealed", expires=1.0)
+        self.repository.connected.callback(None)
+        self.clock.advance(EXPIRY_INTERVAL)
+        self.assertEqual(self.repository.rows, {})
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(),
+                         2 * EXPIRY_INTERVAL)
+
+    def test_repository_connecting_after_the_stop_starts_no_expiry(self):
+        self.service.startService()
+        self.service.stopService()
+        self.repository.connected.callback(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
