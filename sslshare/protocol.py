@@ -39,8 +39,8 @@ from typing import Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import (
+    IAddress,
     IConsumer,
     IHalfCloseableProtocol,
     IDelayedCall,
@@ -233,8 +233,8 @@ class BackendProxy(Protocol):
             tls.getHandle(), tls.recovered, self._hold, self._release)
         # Client bytes wait in the kernel until the backend can take them.
         tls.pauseProducing()
-        connecting = connectProtocol(self.factory.settings.backend,
-                                     _BackendSide(self))
+        connecting = self.factory.settings.backend.connect(
+            _BackendConnection(self))
         connecting.addCallbacks(self._backendConnected, self._backendFailed)
 
     def _backendConnected(self, backend: _BackendSide) -> None:
@@ -392,6 +392,23 @@ class _BackendSide(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.client.unlink()
         self.client.transport.loseConnection()
+
+
+class _BackendConnection(Factory[_BackendSide]):
+    """
+    Makes the one L{_BackendSide} of C{client}'s backend connection.
+    Quiet, unlike the factory of C{connectProtocol}: its "Starting
+    factory" and "Stopping factory" lines, two for every client, were a
+    sixth of a resumed connection's CPU.
+    """
+
+    noisy = False
+
+    def __init__(self, client: BackendProxy) -> None:
+        self.client = client
+
+    def buildProtocol(self, addr: IAddress | None) -> _BackendSide:
+        return _BackendSide(self.client)
 
 
 @attrs.frozen

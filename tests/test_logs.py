@@ -14,7 +14,7 @@ import sys
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from sslshare import sessionid, tls
@@ -185,3 +185,34 @@ class JSONLogTests(TestCase):
         self.assertEqual(err.decode().strip().splitlines(), [
             f"sslshare: {cluster.paths['node1']}: node.log_format: \"json\" "
             f"is written to a file or stdout, not to syslog: drop --syslog"])
+
+
+class QuietConnectionsTests(TestCase):
+    """
+    At the default level (info) a node logs nothing for a connection that
+    goes well, full, resumed locally or from a peer: a busy node's log
+    would otherwise cost it a share of its CPU and its operator the lines
+    that matter.
+    """
+
+    @inlineCallbacks
+    def test_connections_log_nothing_at_the_default_level(self):
+        cluster = LocalCluster(self)
+        yield cluster.start_all()
+        yield cluster.settled()
+        logged = []
+
+        def observe(event):
+            if event["log_level"] >= LogLevel.info:
+                logged.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        for version in ("TLSv1.2", "TLSv1.3"):
+            result = yield cluster.client_round("node1", version)
+            for node in ("node1", "node3", "node2"):
+                result = yield cluster.client_round(
+                    node, version, result.session)
+                self.assertTrue(result.reused)
+        yield cluster.settled()
+        self.assertEqual(logged, [])
