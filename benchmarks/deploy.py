@@ -32,9 +32,11 @@ from benchmarks.checkpoint import (
 )
 
 CLUSTER = "bench"
+# The certificate chain and key NODE_CONFIG serves, relative to its file.
+DEFAULT_SERVER = ("pki/localhost-chain.pem", "pki/localhost-key.pem")
 
 # Debian package providing each command.
-PACKAGES = {"haproxy": "haproxy", "nginx": "nginx-light"}
+PACKAGES = {"haproxy": "haproxy", "nginx": "nginx"}
 
 
 class Processes:
@@ -138,9 +140,20 @@ def ensure_command(command: str) -> str:
     found = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
     if found:
         return found
-    package = PACKAGES[command]
+    install_package(PACKAGES[command])
+    found = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
+    if not found:
+        raise BenchmarkError(f"{command} is missing after installing "
+                             f"{PACKAGES[command]}")
+    return found
+
+
+def install_package(package: str) -> None:
+    """
+    Install the Debian package C{package} with apt-get.
+    """
     sudo = [] if os.geteuid() == 0 else ["sudo"]
-    print(f"installing {package} (for {command}) with apt-get", file=sys.stderr)
+    print(f"installing {package} with apt-get", file=sys.stderr)
     apt_environment = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for step in (["apt-get", "update", "-qq"],
                  ["apt-get", "install", "-y", "-qq", package]):
@@ -148,10 +161,6 @@ def ensure_command(command: str) -> str:
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise BenchmarkError(f"{' '.join(step)} failed: {done.stderr[-2000:]}")
-    found = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
-    if not found:
-        raise BenchmarkError(f"{command} is missing after installing {package}")
-    return found
 
 
 def start_backend(processes: Processes, directory: str) -> int:
@@ -187,14 +196,17 @@ class Node:
 def start_sslshare(processes: Processes, directory: str, deployment: str,
                    backend_port: int, nodes: tuple[str, ...], peers: bool,
                    repository: str = "", node_options: str = "",
-                   tables: str = "") -> list[Node]:
+                   tables: str = "",
+                   server: tuple[str, str] | None = None) -> list[Node]:
     """
     C{twistd -n sslshare} nodes from TOML files written into C{directory}
     (whose C{pki/} holds the PKI, from L{sslshare.dev.pki.init_pki}), named
     C{deployment}-C{node}: each with all the others as peers when C{peers},
     with none otherwise; C{repository} is the body of a C{[repository]}
     table, or empty for none; C{node_options} are more lines of the
-    C{[node]} table, C{tables} more TOML tables (C{[tls]}, ...).
+    C{[node]} table, C{tables} more TOML tables (C{[tls]}, ...); C{server}
+    the certificate chain and key the nodes serve, when not the PKI's
+    localhost pair.
     """
     from tests.support import NODE_CONFIG
 
@@ -207,12 +219,12 @@ def start_sslshare(processes: Processes, directory: str, deployment: str,
             for peer in nodes if peer != node and peers)
         path = os.path.join(directory, f"{deployment}-{node}.toml")
         with open(path, "w") as f:
-            f.write(NODE_CONFIG.format(
+            f.write(_serving(NODE_CONFIG.format(
                 node=node, cluster=CLUSTER, client_port=client_ports[node],
                 backend_port=backend_port,
                 state_dir=f"state/{deployment}/{node}",
                 node_options=node_options, amp_port=amp_ports[node],
-                peers=peer_lines) + tables)
+                peers=peer_lines), server) + tables)
             if repository:
                 f.write(f"\n[repository]\n{repository}\n")
         log = os.path.join(directory, f"{deployment}-{node}.log")
@@ -227,6 +239,53 @@ def start_sslshare(processes: Processes, directory: str, deployment: str,
     if peers and len(nodes) > 1:
         _wait_linked(started)
     return started
+
+
+def _serving(configuration: str, server: tuple[str, str] | None) -> str:
+    """
+    C{configuration} (a formatted C{NODE_CONFIG}) serving the chain and key
+    C{server} instead of the PKI's localhost pair.
+    """
+    if server is None:
+        return configuration
+    for default, path in zip(DEFAULT_SERVER, server):
+        if f'"{default}"' not in configuration:
+            raise BenchmarkError(f"NODE_CONFIG no longer names {default}")
+        configuration = configuration.replace(f'"{default}"', f'"{path}"')
+    return configuration
+
+
+def write_rsa_server(directory: str) -> tuple[str, str]:
+    """
+    An RSA-2048 certificate for localhost from the CA in C{directory}/pki,
+    written beside the PKI's own (P-256) pair; its chain and key.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from sslshare.dev.pki import issue_certificate
+
+    pki = os.path.join(directory, "pki")
+    with open(os.path.join(pki, "ca.pem"), "rb") as f:
+        ca_pem = f.read()
+    with open(os.path.join(pki, "ca-key.pem"), "rb") as f:
+        ca_key = serialization.load_pem_private_key(f.read(), None)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    certificate = issue_certificate(
+        x509.load_pem_x509_certificate(ca_pem), ca_key, key, "localhost",
+        [x509.DNSName("localhost")], [ExtendedKeyUsageOID.SERVER_AUTH])
+    chain = os.path.join(pki, "localhost-rsa-chain.pem")
+    key_path = os.path.join(pki, "localhost-rsa-key.pem")
+    with open(chain, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM) + ca_pem)
+    with open(os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+              "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return chain, key_path
 
 
 def node_stats(node: Node) -> dict[str, Any] | None:
@@ -244,12 +303,16 @@ def node_stats(node: Node) -> dict[str, Any] | None:
 
 HANDSHAKE_COUNTERS = ("full", "resumed_local", "resumed_peer",
                       "resumed_repository", "handshake_timeouts", "failed")
+# What a node counts of the commands its peers sent it: the cluster's
+# messages, each counted once, where it arrived.
+COMMAND_COUNTER = "cluster.commands:"
 
 
 def handshake_counters(nodes: list[Node]) -> dict[str, int]:
     """
     The handshake outcomes (L{HANDSHAKE_COUNTERS}) summed over C{nodes}:
-    the servers' side of the clients' counts.
+    the servers' side of the clients' counts; and, as C{commands:Name},
+    the cluster commands the nodes received.
     """
     total = dict.fromkeys(HANDSHAKE_COUNTERS, 0)
     for node in nodes:
@@ -260,6 +323,10 @@ def handshake_counters(nodes: list[Node]) -> dict[str, int]:
         # count the same handshakes again).
         for key in HANDSHAKE_COUNTERS:
             total[key] += stats.get(key, 0)
+        for key, value in stats.items():
+            if key.startswith(COMMAND_COUNTER):
+                name = "commands:" + key[len(COMMAND_COUNTER):]
+                total[name] = total.get(name, 0) + value
     return total
 
 
@@ -372,3 +439,102 @@ def start_haproxy(processes: Processes, directory: str, name: str,
         os.path.join(directory, f"haproxy-{name}.log"))
     processes.wait_for_port(process, port)
     return port
+
+
+HAPROXY_TLS_CONFIG = """\
+global
+    maxconn 1024
+    nbthread 1
+    tune.ssl.default-dh-param 2048
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+listen tls
+    bind 127.0.0.1:{port} ssl crt {pem} ssl-min-ver TLSv1.2 no-tls-tickets
+    server backend 127.0.0.1:{backend_port}
+"""
+
+
+def start_haproxy_tls(processes: Processes, directory: str, name: str,
+                      backend_port: int, certificate: str, key: str
+                      ) -> tuple[int, subprocess.Popen]:
+    """
+    HAProxy, one thread, C{mode tcp}, terminating TLS with C{certificate}
+    (a chain) and C{key}, its session cache on and tickets off (so that,
+    as with sslshare, the server's cache resumes), passing the plaintext to
+    C{backend_port}; its port and process.
+    """
+    haproxy = ensure_command("haproxy")
+    port = free_port()
+    prefix = os.path.join(directory, name)
+    os.makedirs(prefix, exist_ok=True)
+    pem = os.path.join(prefix, "crt.pem")
+    with open(pem, "w") as f:
+        for path in (certificate, key):
+            with open(path) as part:
+                f.write(part.read())
+    configuration = os.path.join(prefix, "haproxy.cfg")
+    with open(configuration, "w") as f:
+        f.write(HAPROXY_TLS_CONFIG.format(port=port, pem=pem,
+                                          backend_port=backend_port))
+    process = processes.start(
+        name, [haproxy, "-f", configuration, "-db"],
+        os.path.join(prefix, "haproxy.log"))
+    processes.wait_for_port(process, port)
+    return port, process
+
+
+NGINX_STREAM_CONFIG = """\
+{user}
+daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+load_module {stream_module};
+events {{ worker_connections 1024; }}
+stream {{
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {certificate};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:{name}:1m;
+        ssl_session_timeout 10m;
+        ssl_session_tickets off;
+        proxy_pass 127.0.0.1:{backend_port};
+    }}
+}}
+"""
+# Debian builds nginx's stream module as a module of its own package.
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+NGINX_STREAM_PACKAGE = "libnginx-mod-stream"
+
+
+def start_nginx_stream(processes: Processes, directory: str, name: str,
+                       backend_port: int, certificate: str, key: str
+                       ) -> tuple[int, subprocess.Popen]:
+    """
+    One nginx worker, C{stream} module, terminating TLS with
+    C{certificate} and C{key} and its own session cache (tickets off),
+    passing the plaintext to C{backend_port}; its port and process.
+    """
+    nginx = ensure_command("nginx")
+    if not os.path.exists(NGINX_STREAM_MODULE):
+        install_package(NGINX_STREAM_PACKAGE)
+    prefix = os.path.join(directory, name)
+    os.makedirs(prefix, exist_ok=True)
+    port = free_port()
+    configuration = os.path.join(prefix, "nginx.conf")
+    with open(configuration, "w") as f:
+        f.write(NGINX_STREAM_CONFIG.format(
+            user="user root;" if os.geteuid() == 0 else "",
+            prefix=prefix, port=port, name=name, certificate=certificate,
+            key=key, backend_port=backend_port,
+            stream_module=NGINX_STREAM_MODULE))
+    process = processes.start(
+        name, [nginx, "-p", prefix, "-c", configuration],
+        os.path.join(prefix, "stderr.log"))
+    processes.wait_for_port(process, port)
+    return port, process

@@ -55,8 +55,6 @@ from benchmarks import deploy
 from benchmarks.checkpoint import BenchmarkError
 from benchmarks.load import Load, run_clients
 
-CLUSTER_KINDS = ("full", "local", "peer", "sqlite", "redis", "postgres")
-NGINX_KINDS = ("alone_full", "alone_resumed", "nginx_full", "nginx_resumed")
 PEER_NODES = ("node1", "node2", "node3")
 # Each node's backup node is the next in this sorted ring
 # (sslshare.placement.BackupRing): clients walk it the other way.
@@ -65,6 +63,45 @@ REPOSITORY_NODES = ("node1", "node2")
 # Seconds between launching the clients and their common start: enough for
 # their interpreters to start on a loaded machine.
 LAUNCH_SECONDS = 1.5
+# The commands a measuring tool sends itself (sslshare stats), not counted
+# as the cluster's messages.
+TOOL_COMMANDS = ("Stats", "KeyCheck")
+
+
+@attrs.frozen
+class Kind:
+    """
+    One measured load: the C{deployment} that serves it (see L{DEPLOYMENTS}),
+    whether clients C{offer} their previous session, and whether they walk
+    the cluster against its backup ring (C{peer_order}) or all go to its
+    first server.
+    """
+
+    deployment: str
+    offer: bool
+    peer_order: bool = False
+
+
+KINDS: dict[str, Kind] = {
+    "full": Kind("cluster", offer=False),
+    "local": Kind("cluster", offer=True),
+    "peer": Kind("cluster", offer=True, peer_order=True),
+    "rsa_full": Kind("rsa_cluster", offer=False),
+    "rsa_local": Kind("rsa_cluster", offer=True),
+    "rsa_peer": Kind("rsa_cluster", offer=True, peer_order=True),
+    "sqlite": Kind("sqlite", offer=True),
+    "redis": Kind("redis", offer=True),
+    "postgres": Kind("postgres", offer=True),
+    "alone_full": Kind("alone", offer=False),
+    "alone_resumed": Kind("alone", offer=True),
+    "haproxy_full": Kind("haproxy", offer=False),
+    "haproxy_resumed": Kind("haproxy", offer=True),
+    "nginx_full": Kind("nginx", offer=False),
+    "nginx_resumed": Kind("nginx", offer=True),
+}
+CLUSTER_KINDS = ("full", "local", "peer", "sqlite", "redis", "postgres")
+REFERENCE_KINDS = ("alone_full", "alone_resumed", "haproxy_full",
+                   "haproxy_resumed", "nginx_full", "nginx_resumed")
 
 
 @attrs.frozen
@@ -72,9 +109,10 @@ class Settings:
     clients: int
     seconds: float
     versions: tuple[str, ...]
+    kinds: tuple[str, ...] = tuple(KINDS)
 
 
-QUICK = Settings(clients=6, seconds=2.0, versions=("tls1.3",))
+QUICK = Settings(clients=6, seconds=2.0, versions=("tls1.2", "tls1.3"))
 FULL = Settings(clients=6, seconds=8.0, versions=("tls1.2", "tls1.3"))
 
 
@@ -95,7 +133,7 @@ def measure(deployment: Deployment, load: Load, ca_certificate: str,
             ) -> dict[str, Any]:
     """
     One kind: the clients' counts, the servers' and backend's CPU, and the
-    nodes' handshake counters, over one window.
+    nodes' handshake and command counters, over one window.
     """
     before = deploy.handshake_counters(list(deployment.nodes))
     cpu = [deploy.tree_cpu_seconds(p.pid) for p in deployment.servers]
@@ -108,6 +146,11 @@ def measure(deployment: Deployment, load: Load, ca_certificate: str,
     handshakes = counts["connections"]
     if not handshakes:
         raise BenchmarkError(f"no connection completed: {counts}")
+    changed = {key: after[key] - before.get(key, 0) for key in after
+               if after[key] - before.get(key, 0)}
+    # The clients' last connections may end after the window: the nodes
+    # count every connection made, the clients only those in the window.
+    served = sum(changed.get(key, 0) for key in deploy.HANDSHAKE_COUNTERS)
     return {
         "handshakes_per_s": handshakes / settings.seconds,
         "handshakes": handshakes,
@@ -122,8 +165,13 @@ def measure(deployment: Deployment, load: Load, ca_certificate: str,
         "client_busy": counts["cpu_s"] / settings.seconds,
         "errors": counts["errors"],
         "error_reasons": counts.get("error_reasons", {}),
-        "server_counts": {key: after[key] - before[key] for key in after
-                          if after[key] - before[key]},
+        "server_counts": {key: value for key, value in changed.items()
+                          if not key.startswith("commands:")},
+        "messages_per_connection": {
+            key[len("commands:"):]: value / served
+            for key, value in sorted(changed.items())
+            if key.startswith("commands:")
+            and key[len("commands:"):] not in TOOL_COMMANDS and served},
     }
 
 
@@ -150,12 +198,81 @@ def _repository_settings(kind: str, directory: str,
     return f'kind = "{kind}"\ntopology = "repository"\n{where}'
 
 
+@attrs.frozen
+class _Started:
+    """
+    A deployment as it runs: the ports of its servers (a cluster's in the
+    order opposite to its backup ring), its server processes and sslshare
+    nodes; a cluster's full and local kinds go to its first node alone.
+    """
+
+    ports: tuple[int, ...]
+    servers: tuple[subprocess.Popen, ...]
+    nodes: tuple[deploy.Node, ...] = ()
+    cluster: bool = False
+
+    def for_kind(self, kind: Kind) -> Deployment:
+        first_only = self.cluster and not kind.peer_order
+        return Deployment(self.ports[:1] if first_only else self.ports,
+                          self.servers, self.nodes)
+
+
+def _start(name: str, directory: str, processes: deploy.Processes,
+           backend_port: int, servers: list[Any]) -> _Started:
+    """
+    Start the deployment C{name} of L{DEPLOYMENTS}.
+    """
+    pki = os.path.join(directory, "pki")
+    if name in ("cluster", "rsa_cluster"):
+        server = (deploy.write_rsa_server(directory)
+                  if name == "rsa_cluster" else None)
+        nodes = {node.name: node for node in deploy.start_sslshare(
+            processes, directory, f"rate-{name}", backend_port, PEER_NODES,
+            peers=True, server=server)}
+        ordered = tuple(nodes[n] for n in PEER_ORDER)
+        return _Started(tuple(n.port for n in ordered),
+                        tuple(n.process for n in ordered), ordered,
+                        cluster=True)
+    if name in ("sqlite", "redis", "postgres"):
+        repository = _repository_settings(name, directory, servers)
+        started = tuple(deploy.start_sslshare(
+            processes, directory, f"rate-{name}", backend_port,
+            REPOSITORY_NODES, peers=False, repository=repository))
+        return _Started(tuple(n.port for n in started),
+                        tuple(n.process for n in started), started)
+    if name == "alone":
+        alone = tuple(deploy.start_sslshare(
+            processes, directory, "rate-alone", backend_port, ("node1",),
+            peers=False))
+        return _Started((alone[0].port,), (alone[0].process,), alone)
+    start_reference = {"haproxy": deploy.start_haproxy_tls,
+                       "nginx": deploy.start_nginx_stream}[name]
+    port, process = start_reference(
+        processes, directory, f"{name}-tls", backend_port,
+        os.path.join(pki, "localhost-chain.pem"),
+        os.path.join(pki, "localhost-key.pem"))
+    return _Started((port,), (process,))
+
+
+DEPLOYMENTS = {
+    "cluster": "three nodes, peers of one another (P-256 certificate)",
+    "rsa_cluster": "the same with an RSA-2048 certificate",
+    "sqlite": "two nodes with no peers sharing SQLite",
+    "redis": "two nodes with no peers sharing Redis",
+    "postgres": "two nodes with no peers sharing PostgreSQL",
+    "alone": "one node, no peers, no repository",
+    "haproxy": "HAProxy, one thread, mode tcp, ssl crt (P-256)",
+    "nginx": "nginx, one worker, stream ssl (P-256)",
+}
+
+
 def run(directory: str, settings: Settings,
         progress: Callable[[str], None]) -> dict[str, Any]:
     """
-    Every kind for every TLS version of C{settings}: per version, per kind,
-    the figures of L{measure}; and per version the ratios that judge the
-    cluster (peer/local capacity, sslshare/nginx rates).
+    Every kind of C{settings} for every TLS version of C{settings}, each
+    deployment started once for its kinds: per version, per kind, the
+    figures of L{measure}; and per version the ratios that judge the
+    cluster (L{ratios}).
     """
     ca_certificate = os.path.join(directory, "pki", "ca.pem")
     results: dict[str, dict[str, Any]] = {v: {} for v in settings.versions}
@@ -163,89 +280,138 @@ def run(directory: str, settings: Settings,
     try:
         backend_port, backend = deploy.start_nginx(
             processes, directory, "nginx-backend", tls=False)
-
-        def each_version(kind: str, deployment: Deployment, offer: bool,
-                         with_backend: bool = True) -> None:
-            for version in settings.versions:
-                load = Load(ports=deployment.ports, version=version,
-                            offer=offer, seconds=settings.seconds)
-                figures = measure(deployment, load, ca_certificate, settings,
-                                  backend if with_backend else None)
-                results[version][kind] = figures
-                progress(f"  {kind} {version}: "
-                         f"{figures['handshakes_per_s']:.0f}/s, server "
-                         f"{figures['server_cpu_us_per_handshake']:.0f} "
-                         f"µs/handshake, busy {figures['server_busy']:.2f}, "
-                         f"resumed {figures['resumed_fraction']:.3f}")
-
-        cluster = {node.name: node for node in deploy.start_sslshare(
-            processes, directory, "rate-cluster", backend_port, PEER_NODES,
-            peers=True)}
-        everyone = (tuple(node.process for node in cluster.values()),
-                    tuple(cluster.values()))
-        first = (cluster[PEER_ORDER[0]].port,)
-        each_version("full", Deployment(first, *everyone), offer=False)
-        each_version("local", Deployment(first, *everyone), offer=True)
-        each_version("peer", Deployment(
-            tuple(cluster[name].port for name in PEER_ORDER), *everyone),
-            offer=True)
-
-        for kind in ("sqlite", "redis", "postgres"):
+        order = list(dict.fromkeys(KINDS[k].deployment for k in settings.kinds))
+        for name in order:
             servers: list[Any] = []
+            started = _start(name, directory, processes, backend_port, servers)
             try:
-                repository = _repository_settings(kind, directory, servers)
-                nodes = deploy.start_sslshare(
-                    processes, directory, f"rate-{kind}", backend_port,
-                    REPOSITORY_NODES, peers=False, repository=repository)
-                each_version(kind, Deployment(
-                    tuple(node.port for node in nodes),
-                    tuple(node.process for node in nodes), tuple(nodes)),
-                    offer=True)
+                for kind_name in settings.kinds:
+                    kind = KINDS[kind_name]
+                    if kind.deployment != name:
+                        continue
+                    deployment = started.for_kind(kind)
+                    for version in settings.versions:
+                        load = Load(ports=deployment.ports, version=version,
+                                    offer=kind.offer, seconds=settings.seconds)
+                        figures = measure(deployment, load, ca_certificate,
+                                          settings, backend)
+                        results[version][kind_name] = figures
+                        progress(
+                            f"  {kind_name} {version}: "
+                            f"{figures['handshakes_per_s']:.0f}/s, server "
+                            f"{figures['server_cpu_us_per_handshake']:.0f} "
+                            f"µs/handshake, busy {figures['server_busy']:.2f}, "
+                            f"resumed {figures['resumed_fraction']:.3f}")
             finally:
+                for process in started.servers:
+                    process.terminate()
                 for server in servers:
                     server.stop()
                     server.remove()
-
-        alone = deploy.start_sslshare(processes, directory, "rate-alone",
-                                      backend_port, ("node1",), peers=False)
-        one = Deployment((alone[0].port,), (alone[0].process,), tuple(alone))
-        each_version("alone_full", one, offer=False)
-        each_version("alone_resumed", one, offer=True)
-
-        nginx_port, nginx = deploy.start_nginx(processes, directory, "nginx-tls")
-        nginx_deployment = Deployment((nginx_port,), (nginx,))
-        each_version("nginx_full", nginx_deployment, offer=False,
-                     with_backend=False)
-        each_version("nginx_resumed", nginx_deployment, offer=True,
-                     with_backend=False)
     finally:
         processes.stop_all()
     return {"kinds": results, "ratios": ratios(results),
             "settings": attrs.asdict(settings)}
 
 
-def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+def _ratio(kinds: dict[str, Any], a: str, b: str, figure: str
+           ) -> dict[str, float]:
+    if a in kinds and b in kinds:
+        return {f"{a}_vs_{b}": kinds[a][figure] / kinds[b][figure]}
+    return {}
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """
-    Per TLS version: peer/local capacity (the goal: >= 0.9) and
-    rate, each resumption source's capacity against local, and
-    sslshare/nginx for full and resumed handshakes, by rate and by server
-    CPU.
+    Per TLS version, of the kinds measured: each resumption source's
+    capacity (handshakes per server CPU second) against local; server CPU
+    per connection of a peer resumption over a full handshake (C{peer_vs_full},
+    also with the RSA certificate); what the cluster adds to a lone node's
+    resumption (C{cluster_overhead_us}: local minus alone_resumed) and what
+    the fetch adds (C{fetch_us}: peer minus local), in µs per connection;
+    and the lone node's server CPU per connection over HAProxy's and
+    nginx's, full and resumed.
     """
-    found: dict[str, dict[str, float]] = {}
+    cpu = "server_cpu_us_per_handshake"
+    found: dict[str, dict[str, Any]] = {}
     for version, kinds in results.items():
-        local = kinds["local"]["handshakes_per_server_cpu_s"]
-        mine = found[version] = {
-            f"{kind}_vs_local_capacity":
-                kinds[kind]["handshakes_per_server_cpu_s"] / local
-            for kind in ("peer", "sqlite", "redis", "postgres")}
-        mine["peer_vs_local_rate"] = (kinds["peer"]["handshakes_per_s"]
-                                      / kinds["local"]["handshakes_per_s"])
+        mine: dict[str, Any] = {}
+        found[version] = mine
+        for kind in ("peer", "sqlite", "redis", "postgres"):
+            if kind in kinds and "local" in kinds:
+                mine[f"{kind}_vs_local_capacity"] = (
+                    kinds[kind]["handshakes_per_server_cpu_s"]
+                    / kinds["local"]["handshakes_per_server_cpu_s"])
+        if "peer" in kinds and "local" in kinds:
+            mine["peer_vs_local_rate"] = (kinds["peer"]["handshakes_per_s"]
+                                          / kinds["local"]["handshakes_per_s"])
+        for prefix in ("", "rsa_"):
+            mine.update({prefix + key: value for key, value in _ratio(
+                kinds, prefix + "peer", prefix + "full", cpu).items()})
+        if "local" in kinds and "alone_resumed" in kinds:
+            mine["cluster_overhead_us"] = (kinds["local"][cpu]
+                                           - kinds["alone_resumed"][cpu])
+        if "peer" in kinds and "local" in kinds:
+            mine["fetch_us"] = kinds["peer"][cpu] - kinds["local"][cpu]
         for name in ("full", "resumed"):
-            sslshare_kind, nginx_kind = f"alone_{name}", f"nginx_{name}"
-            mine[f"{name}_rate_vs_nginx"] = (
-                kinds[sslshare_kind]["handshakes_per_s"]
-                / kinds[nginx_kind]["handshakes_per_s"])
-            mine[f"{name}_capacity_vs_nginx"] = (
-                kinds[sslshare_kind]["handshakes_per_server_cpu_s"]
-                / kinds[nginx_kind]["handshakes_per_server_cpu_s"])
+            for reference in ("haproxy", "nginx"):
+                mine.update(_ratio(kinds, f"alone_{name}",
+                                   f"{reference}_{name}", cpu))
     return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    """
+    Measure some kinds on their own, for development, from the root of a
+    checkout: C{.venv/bin/python -m benchmarks.rates --kinds
+    alone_full,haproxy_full}.
+    """
+    import argparse
+    import json
+    import shutil
+    import sys
+    import tempfile
+
+    from benchmarks.checkpoint import progress as print_progress
+    from sslshare.dev.pki import init_pki
+
+    parser = argparse.ArgumentParser(
+        description="Handshake rates and server CPU per handshake of the "
+        "kinds named, over real sockets (see the module docstring).")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help="comma-separated, of: " + ", ".join(KINDS))
+    parser.add_argument("--versions", default="tls1.2,tls1.3")
+    parser.add_argument("--seconds", type=float, default=FULL.seconds)
+    parser.add_argument("--clients", type=int, default=FULL.clients)
+    parser.add_argument("--json", action="store_true",
+                        help="print the result as JSON on standard output")
+    options = parser.parse_args(argv)
+    kinds = tuple(options.kinds.split(","))
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        parser.error(f"unknown kinds: {', '.join(unknown)}")
+    settings = Settings(clients=options.clients, seconds=options.seconds,
+                        versions=tuple(options.versions.split(",")),
+                        kinds=kinds)
+    deploy.stop_on_sigterm()
+    directory = tempfile.mkdtemp(prefix="sslshare-rates-")
+    try:
+        init_pki(os.path.join(directory, "pki"), deploy.CLUSTER, PEER_NODES)
+        measured = run(directory, settings, print_progress)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    if options.json:
+        json.dump(measured, sys.stdout, indent=2)
+        print()
+    else:
+        for version, mine in measured["ratios"].items():
+            print(version, ", ".join(f"{key} {value:.2f}"
+                                     for key, value in mine.items()))
+            for kind, figures in measured["kinds"][version].items():
+                print(f"  {kind}: {figures['server_cpu_us_per_handshake']:.0f}"
+                      f" µs/connection, messages "
+                      f"{figures['messages_per_connection']}")
+
+
+if __name__ == "__main__":
+    main()
