@@ -10,29 +10,41 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+from collections import Counter
 
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    gatherResults,
+    inlineCallbacks,
+)
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from sslshare import cluster, sessionid
 from sslshare.dev import pki
 from sslshare.cluster import (
+    BATCH_WINDOW,
+    MAX_ITEMS,
+    MAX_ITEMS_BYTES,
+    Backup,
     BadRequest,
     Checkpoint,
     ClusterTLS,
     ClusterTLSError,
+    Deliver,
     FetchAnswer,
     FetchSession,
     HandlerFault,
     NotAuthorized,
+    Outbox,
     PeerLink,
     PeerProtocolError,
     Peers,
@@ -41,7 +53,8 @@ from sslshare.cluster import (
     fetch_from,
     stats_from,
 )
-from sslshare.state import StateKeys
+from sslshare.cluster._commands import pack_item, unpack_items
+from sslshare.state import MAX_SEALED_LENGTH, StateKeys
 from sslshare.dev.throwaway import free_port
 from tests.support import RoguePeerProtocol, held_amp_client
 
@@ -101,6 +114,12 @@ class RecordingHandler:
     def purge(self, session_id, requester):
         self.calls.append(("purge", session_id, requester))
         return False
+
+    def backup(self, session_id, sealed, requester):
+        self.calls.append(("backup", session_id, sealed, requester))
+        if sealed == b"explode":
+            raise RuntimeError("the handler failed")
+        return True
 
     def stats(self):
         return {"sessions": 3, "ratio": 0.5}
@@ -288,6 +307,233 @@ class FetchTests(ClusterTestCase):
         peers = Peers([], self.cluster_tls("node2"), keys=lambda: self.keys)
         failure = self.failureResultOf(peers.fetch_session("node7", _session_id()))
         failure.trap(PeerUnavailable)
+
+
+class DeliverTests(ClusterTestCase):
+    """
+    What a node has for a peer goes in one L{Deliver}, whose items run in
+    order, each as its own command would, and answer one by one.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        super().setUp()
+
+        def allowed(command, node_id):
+            return not (command == "Purge" and node_id == "node3")
+
+        self.server = yield self.node("node1", allowed=allowed)
+        self.link2 = yield self.connected_link("node2", "node1",
+                                               self.server.endpoint)
+
+    @inlineCallbacks
+    def test_items_of_one_turn_go_in_one_command_and_run_in_order(self):
+        first, second = _session_id(), _session_id()
+        answers = yield gatherResults([
+            self.link2.outbox.add(Backup, session_id=first, sealed=b"copy"),
+            self.link2.outbox.add(Checkpoint, session_id=first, seq=3,
+                                  digest=b"d" * 32),
+            self.link2.outbox.add(Purge, session_id=second)])
+        self.assertEqual(answers, [True, True, False])
+        self.assertEqual(self.server.handler.calls, [
+            ("backup", first, b"copy", "node2"),
+            ("checkpoint", first, 3, b"d" * 32, "node2"),
+            ("purge", second, "node2")])
+        counters = self.server.factory.counters
+        self.assertEqual((counters["commands:Deliver"], counters["items:Backup"],
+                          counters["items:Checkpoint"], counters["items:Purge"]),
+                         (1, 1, 1, 1))
+
+    @inlineCallbacks
+    def test_peers_backup_checkpoint_and_purge_are_delivered(self):
+        peers = Peers([("node1", self.server.endpoint)],
+                      self.cluster_tls("node2"), keys=lambda: self.keys,
+                      retry_policy=FAST_RETRY)
+        peers.startService()
+        self.addCleanup(peers.stopService)
+        yield peers.link("node1").when_connected(fail_after_failures=3)
+        session_id = _session_id("node2")
+        answers = yield gatherResults([
+            peers.backup_session("node1", session_id, b"copy"),
+            peers.checkpoint_session("node1", session_id, 1, b""),
+            peers.purge_session("node1", session_id)])
+        self.assertEqual(answers, [True, True, False])
+        self.assertEqual(self.server.factory.counters["commands:Deliver"], 1)
+
+    @inlineCallbacks
+    def test_refused_item_fails_and_the_others_run(self):
+        link3 = yield self.connected_link("node3", "node1", self.server.endpoint)
+        session_id = _session_id()
+        purging = link3.outbox.add(Purge, session_id=session_id)
+        keeping = link3.outbox.add(Backup, session_id=session_id, sealed=b"c")
+        again = link3.outbox.add(Purge, session_id=session_id)
+        yield self.assertFailure(purging, NotAuthorized)
+        self.assertTrue((yield keeping))
+        yield self.assertFailure(again, NotAuthorized)
+        self.assertEqual(self.server.handler.calls,
+                         [("backup", session_id, b"c", "node3")])
+        # Refused once per command, however many items name it.
+        self.assertEqual(self.server.factory.counters["refused_commands"], 1)
+        [event] = self.logged("not authorized")
+        self.assertEqual((event["peer"], event["command"]), ("node3", "Purge"))
+
+    @inlineCallbacks
+    def test_handler_failure_fails_its_item_alone(self):
+        session_id = _session_id()
+        failing = self.link2.outbox.add(Backup, session_id=session_id,
+                                        sealed=b"explode")
+        after = self.link2.outbox.add(Purge, session_id=session_id)
+        yield self.assertFailure(failing, amp.UnknownRemoteError)
+        self.assertFalse((yield after))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_arguments_out_of_bounds_fail_before_anything_is_sent(self):
+        failure = self.failureResultOf(self.link2.outbox.add(
+            Checkpoint, session_id=_session_id(), seq=1, digest=b"d" * 16))
+        failure.trap(BadRequest)
+        self.failureResultOf(self.link2.outbox.add(
+            Purge, session_id=b"short")).trap(BadRequest)
+
+    @inlineCallbacks
+    def test_items_before_a_fetch_reach_the_peer_before_it(self):
+        session_id = _session_id()
+        purging = self.link2.outbox.add(Purge, session_id=session_id)
+        yield fetch_from(self.link2, session_id)
+        yield purging
+        self.assertEqual([call[0] for call in self.server.handler.calls],
+                         ["purge", "fetch_session"])
+
+
+class _AnsweringLink:
+    """
+    What an L{Outbox} uses of its L{PeerLink}: every L{Deliver} it sends
+    waits in C{sent} for the test to answer.
+    """
+
+    peer_node_id = "node1"
+    node_id = "node2"
+
+    def __init__(self):
+        self.connected = True
+        self.counters = Counter()
+        self.sent = []
+
+    def call(self, command, **arguments):
+        waiting = Deferred()
+        self.sent.append((command, arguments["items"], waiting))
+        return waiting
+
+    def answer(self, index, outcomes):
+        self.sent[index][2].callback({"outcomes": outcomes})
+
+
+class OutboxTests(SynchronousTestCase):
+    """
+    An L{Outbox} on a L{Clock}: when its items leave, and how many go at
+    once.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.link = _AnsweringLink()
+        self.outbox = Outbox(self.link, self.clock)
+        self.session_id = _session_id()
+
+    def add(self):
+        return self.outbox.add(Purge, session_id=self.session_id)
+
+    def test_items_leave_at_the_end_of_the_turn_in_one_command(self):
+        answers = [self.add(), self.add()]
+        self.assertEqual(self.link.sent, [])
+        self.clock.advance(0)
+        [(command, items, _)] = self.link.sent
+        self.assertIs(command, Deliver)
+        self.assertEqual(len(unpack_items(items)), 2)
+        self.link.answer(0, b"\x01\x00")
+        self.assertEqual([self.successResultOf(a) for a in answers],
+                         [True, False])
+
+    def test_while_a_command_is_unanswered_items_wait_for_its_answer(self):
+        self.add()
+        self.clock.advance(0)
+        later = self.add()
+        self.clock.advance(BATCH_WINDOW / 2)
+        self.assertEqual(len(self.link.sent), 1)
+        self.link.answer(0, b"\x01")
+        self.clock.advance(0)
+        self.assertEqual(len(self.link.sent), 2)
+        self.link.answer(1, b"\x00")
+        self.assertFalse(self.successResultOf(later))
+
+    def test_no_item_waits_longer_than_the_window(self):
+        self.add()
+        self.clock.advance(0)
+        self.add()
+        self.clock.advance(BATCH_WINDOW)
+        self.assertEqual(len(self.link.sent), 2)
+
+    def test_a_full_command_leaves_at_once(self):
+        for _ in range(MAX_ITEMS + 1):
+            self.add()
+        self.assertEqual(len(self.link.sent), 1)
+        self.assertEqual(len(unpack_items(self.link.sent[0][1])), MAX_ITEMS)
+
+    def test_a_wrong_number_of_outcomes_fails_every_item(self):
+        answers = [self.add(), self.add()]
+        self.clock.advance(0)
+        self.link.answer(0, b"\x01")
+        for answer in answers:
+            self.failureResultOf(answer).trap(PeerProtocolError)
+
+    def test_an_unknown_outcome_fails_its_item(self):
+        answers = [self.add(), self.add()]
+        self.clock.advance(0)
+        self.link.answer(0, b"?\x01")
+        self.failureResultOf(answers[0]).trap(PeerProtocolError)
+        self.assertTrue(self.successResultOf(answers[1]))
+
+    def test_a_link_that_is_down_fails_at_once(self):
+        self.link.connected = False
+        self.failureResultOf(self.add()).trap(PeerUnavailable)
+        self.assertEqual(self.link.counters["unavailable"], 1)
+
+    def test_a_failed_command_fails_every_item(self):
+        answers = [self.add(), self.add()]
+        self.clock.advance(0)
+        self.link.sent[0][2].errback(PeerUnavailable("node1", "lost"))
+        for answer in answers:
+            self.failureResultOf(answer).trap(PeerUnavailable)
+
+
+class ItemTests(SynchronousTestCase):
+    """
+    L{pack_item} and L{unpack_items}: what one end packs the other reads
+    back, checked as the commands' own arguments are.
+    """
+
+    def test_every_kind_reads_back_as_packed(self):
+        session_id = _session_id()
+        items = [(Backup, {"session_id": session_id, "sealed": b"s" * 300}),
+                 (Checkpoint, {"session_id": session_id, "seq": 2 ** 40,
+                               "digest": b"d" * 32}),
+                 (Checkpoint, {"session_id": session_id, "seq": 0,
+                               "digest": b""}),
+                 (Purge, {"session_id": session_id})]
+        packed = b"".join(pack_item(command, arguments)
+                          for command, arguments in items)
+        self.assertEqual(unpack_items(packed), items)
+
+    def test_a_bad_item_names_its_place_and_command(self):
+        packed = (pack_item(Purge, {"session_id": _session_id()})
+                  + b"C\x20" + _session_id() + bytes(8) + b"\x05ddddd")
+        with self.assertRaises(BadRequest) as raised:
+            unpack_items(packed)
+        self.assertIn("item 2 (Checkpoint)", str(raised.exception))
+
+    def test_the_largest_items_fit_one_command(self):
+        item = pack_item(Backup, {"session_id": _session_id(),
+                                  "sealed": b"s" * MAX_SEALED_LENGTH})
+        self.assertLessEqual(len(item) * 3, MAX_ITEMS_BYTES)
 
 
 class BadRequestTests(ClusterTestCase):

@@ -510,7 +510,8 @@ class StalledTargetTests(TestCase):
     def test_calls_to_a_stalled_peer_time_out(self):
         """
         Backup, Checkpoint and Purge to a peer that never answers fail
-        with L{PeerUnavailable} once the call timeout has passed.
+        with L{PeerUnavailable} once the call timeout has passed.  They go
+        in one Deliver, whose first item the peer's handler holds.
         """
         cluster = LocalCluster(self, nodes=("node1", "node2"))
         stalled = StallingHandler(everything=True)
@@ -539,6 +540,6 @@ class StalledTargetTests(TestCase):
         for reason in outcomes:
             self.assertTrue(reason.check(PeerUnavailable))
             self.assertIn("no answer", reason.getErrorMessage())
-        self.assertEqual(len(stalled.unanswered), len(calls))
-        self.assertEqual(link.counters["call_timeouts"], len(calls))
+        self.assertEqual(len(stalled.unanswered), 1)
+        self.assertEqual(link.counters["call_timeouts"], 1)
         self.assertTrue(link.connected)

@@ -4,13 +4,18 @@ certificates and authorization per command.
 
 Every node listens for its peers (L{PeerServerFactory}, wrapped in Twisted's
 L{TLSMemoryBIOFactory} with L{ClusterTLS.server_options}) and keeps one
-reconnecting client per peer (L{PeerLink}, gathered in L{Peers}).  Five AMP
+reconnecting client per peer (L{PeerLink}, gathered in L{Peers}).  These
 commands cross the channel: L{FetchSession} (move a sealed session to the
 asker), L{Backup} (keep a copy of a session its sender holds),
 L{Checkpoint} (a session's record digest), L{Purge} (forget a session) and
-L{Stats} (the node's counters); L{KeyCheck} sets a link up.  What a node
-does with them is not this package's business: the server calls an
-L{ICommandHandler}.
+L{Stats} (the node's counters); L{KeyCheck} sets a link up.  A node sends
+its Backups, Checkpoints and Purges as the items of L{Deliver} commands,
+gathered per peer by the link's L{Outbox}: the channel's cost is per
+command (AMP's parsing, dispatch, Deferreds, a TLS record each way), so a
+busy node sends many items in one.  The server runs an item as it runs
+the command it names, which it still answers alone too, as nodes of the
+release before Deliver send it.  What a node does with them is not this
+package's business: the server calls an L{ICommandHandler}.
 
 The package's modules, each of one concern: C{_errors} (what goes wrong,
 and whose fault it is), C{_commands} (the commands, what they carry, and
@@ -115,9 +120,13 @@ from sslshare.cluster._commands import (
     FETCH_STATUSES,
     MAX_BOX_BYTES,
     MAX_BOX_KEYS,
+    MAX_ITEMS,
+    MAX_ITEMS_BYTES,
     MAX_SEALED,
+    OUTCOMES,
     Backup,
     Checkpoint,
+    Deliver,
     FetchAnswer,
     FetchSession,
     FetchTerms,
@@ -139,8 +148,10 @@ from sslshare.cluster._errors import (
 )
 from sslshare.cluster._framing import DEFAULT_HANDSHAKE_TIMEOUT
 from sslshare.cluster._links import (
+    BATCH_WINDOW,
     DEFAULT_CALL_TIMEOUT,
     PURGE_CONNECT_ATTEMPTS,
+    Outbox,
     PeerLink,
     Peers,
     default_retry_policy,
@@ -152,6 +163,7 @@ from sslshare.cluster._server import PeerServerFactory
 from sslshare.cluster._tls import ClusterTLS, certificate_uris, node_identity
 
 __all__ = [
+    "BATCH_WINDOW",
     "Backup",
     "BadRequest",
     "COMMANDS",
@@ -160,6 +172,7 @@ __all__ = [
     "ClusterTLSError",
     "DEFAULT_CALL_TIMEOUT",
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "Deliver",
     "FETCH_STATUSES",
     "FetchAnswer",
     "FetchSession",
@@ -170,9 +183,13 @@ __all__ = [
     "KeyMismatch",
     "MAX_BOX_BYTES",
     "MAX_BOX_KEYS",
+    "MAX_ITEMS",
+    "MAX_ITEMS_BYTES",
     "MAX_SEALED",
     "NodeRefused",
     "NotAuthorized",
+    "OUTCOMES",
+    "Outbox",
     "PURGE_CONNECT_ATTEMPTS",
     "PeerIdentityError",
     "PeerLink",

@@ -6,6 +6,7 @@ arguments and answers that both ends make.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -129,13 +130,30 @@ class KeyCheck(amp.Command):
     errors = {**_ERRORS, KeyMismatch: b"KEY_MISMATCH"}
 
 
+class Deliver(amp.Command):
+    """
+    Run these items in order, each as the command it names would run:
+    sealed copies to keep (L{Backup}), checkpoints (L{Checkpoint}),
+    sessions to forget (L{Purge}), packed by L{pack_item}; C{outcomes} has
+    one byte per item (L{OUTCOMES}).  The channel's cost is per command,
+    not per item, so a node sends what it has for one peer in one command
+    (see L{sslshare.cluster._links.Outbox}).  Authorization is per item,
+    by the command it names; any peer may send the command itself.
+    """
+
+    arguments = [(b"items", amp.String())]
+    response = [(b"outcomes", amp.String())]
+    errors = _ERRORS
+
+
 COMMANDS: dict[str, type[amp.Command]] = {
     command.__name__: command
     for command in (FetchSession, Backup, Checkpoint, Purge, Stats)
 }
 """The channel's commands by name: the names authorization uses."""
 
-_EVERY_COMMAND: tuple[type[amp.Command], ...] = (*COMMANDS.values(), KeyCheck)
+_EVERY_COMMAND: tuple[type[amp.Command], ...] = (
+    *COMMANDS.values(), KeyCheck, Deliver)
 BY_WIRE_NAME: dict[bytes, type[amp.Command]] = {
     command.commandName: command for command in _EVERY_COMMAND
 }
@@ -348,11 +366,109 @@ def _as_parsed(**arguments: Any) -> dict[str, Any]:
     return arguments
 
 
+# Delivered items.  Each is a kind byte, the session id (a length byte and
+# its bytes), then what the kind carries: a Backup the sealed state (a
+# 2-byte length and its bytes), a Checkpoint the seq (8 bytes) and the
+# digest (a length byte and its bytes), a Purge nothing.  Integers are
+# big-endian.
+
+ITEM_COMMANDS: dict[bytes, type[amp.Command]] = {
+    b"B": Backup, b"C": Checkpoint, b"P": Purge}
+"""The commands an item may name, by its kind byte."""
+_ITEM_KINDS = {command: kind for kind, command in ITEM_COMMANDS.items()}
+
+MAX_ITEMS = 256
+"""The most items one L{Deliver} carries."""
+
+MAX_ITEMS_BYTES = 0xFFFF
+"""The most bytes of packed items one L{Deliver} carries: one AMP value."""
+
+OUTCOMES: dict[bool | str, bytes] = {False: b"\x00", True: b"\x01", "refused": b"R", "failed": b"F"}
+"""
+An item's outcome: the boolean its command would answer; C{R}, not
+authorized; C{F}, this node's handler failed (logged where it ran).
+"""
+
+_SEQ = struct.Struct("!Q")
+_LENGTH = struct.Struct("!H")
+
+
+def pack_item(command: type[amp.Command], arguments: dict[str, Any]) -> bytes:
+    """
+    One item for L{Deliver}: C{command} (L{Backup}, L{Checkpoint} or
+    L{Purge}) with C{arguments} as its L{ARGUMENT_CHECKS} take them.
+
+    @raise BadRequest: an argument is out of its command's bounds; nothing
+        out of them is ever sent.
+    """
+    checked = ARGUMENT_CHECKS[command](**arguments)
+    session_id = checked["session_id"]
+    head = _ITEM_KINDS[command] + bytes((len(session_id),)) + session_id
+    if command is Backup:
+        return head + _LENGTH.pack(len(checked["sealed"])) + checked["sealed"]
+    if command is Checkpoint:
+        digest = checked["digest"]
+        return head + _SEQ.pack(checked["seq"]) + bytes((len(digest),)) + digest
+    return head
+
+
+def _take(data: bytes, at: int, length: int, what: str) -> tuple[bytes, int]:
+    end = at + length
+    if end > len(data):
+        raise BadRequest(f"{what} runs past the end of the items "
+                         f"({length} bytes at offset {at} of {len(data)})")
+    return data[at:end], end
+
+
+def unpack_items(items: bytes) -> list[tuple[type[amp.Command], dict[str, Any]]]:
+    """
+    The items of a L{Deliver}, each its command and its checked arguments.
+
+    @raise BadRequest: any item is malformed or out of its command's
+        bounds, or there are more than L{MAX_ITEMS}: then none is run.
+    """
+    found: list[tuple[type[amp.Command], dict[str, Any]]] = []
+    at = 0
+    while at < len(items):
+        if len(found) == MAX_ITEMS:
+            raise BadRequest(f"more than {MAX_ITEMS} items")
+        where = f"item {len(found) + 1}"
+        kind, at = _take(items, at, 1, where)
+        command = ITEM_COMMANDS.get(kind)
+        if command is None:
+            raise BadRequest(f"{where} is of unknown kind {kind!r}")
+        length, at = _take(items, at, 1, f"{where}'s session id length")
+        session_id, at = _take(items, at, length[0], f"{where}'s session id")
+        arguments: dict[str, Any] = {"session_id": session_id}
+        if command is Backup:
+            size, at = _take(items, at, _LENGTH.size, f"{where}'s length")
+            arguments["sealed"], at = _take(
+                items, at, _LENGTH.unpack(size)[0], f"{where}'s sealed state")
+        elif command is Checkpoint:
+            seq, at = _take(items, at, _SEQ.size, f"{where}'s seq")
+            arguments["seq"] = _SEQ.unpack(seq)[0]
+            length, at = _take(items, at, 1, f"{where}'s digest length")
+            arguments["digest"], at = _take(items, at, length[0],
+                                            f"{where}'s digest")
+        try:
+            found.append((command, ARGUMENT_CHECKS[command](**arguments)))
+        except BadRequest as e:
+            raise BadRequest(f"{where} ({command.__name__}): {e}") from None
+    if not found:
+        raise BadRequest("no items")
+    return found
+
+
+def _deliver_arguments(items: bytes) -> dict[str, Any]:
+    return {"items": unpack_items(items)}
+
+
 ARGUMENT_CHECKS: dict[type[amp.Command], Callable[..., dict[str, Any]]] = {
     FetchSession: _fetch_session_arguments,
     Checkpoint: _checkpoint_arguments,
     Backup: _backup_arguments,
     Purge: _purge_arguments,
+    Deliver: _deliver_arguments,
     Stats: _as_parsed,
     # Its lengths are part of the proof's check (key_problem), which says
     # more than a bad request would.

@@ -21,6 +21,7 @@ from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError, ConnectionClosed
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IHandshakeListener,
     IProtocol,
     IProtocolFactory,
@@ -35,8 +36,12 @@ from zope.interface import implementer
 
 from sslshare import identity, sessionid
 from sslshare.cluster._commands import (
+    MAX_ITEMS,
+    MAX_ITEMS_BYTES,
+    OUTCOMES,
     Backup,
     Checkpoint,
+    Deliver,
     FetchAnswer,
     FetchSession,
     FetchTerms,
@@ -48,9 +53,11 @@ from sslshare.cluster._commands import (
     fetch_answer_problem,
     key_check_message,
     key_problem,
+    pack_item,
 )
 from sslshare.cluster._errors import (
     BadRequest,
+    NotAuthorized,
     PeerIdentityError,
     PeerProtocolError,
     PeerUnavailable,
@@ -68,7 +75,7 @@ _log = Logger()
 _Answer = TypeVar("_Answer")
 
 
-# Seconds a peer has to answer a Backup, Checkpoint, Purge or Stats: a
+# Seconds a peer has to answer a Deliver or Stats: a
 # connected peer answers in milliseconds, a stopped or hung one never.
 DEFAULT_CALL_TIMEOUT = 5.0
 # Failed connection attempts a purge waits through for a peer that is
@@ -193,6 +200,135 @@ class _Waiter:
     remaining: int | None
 
 
+BATCH_WINDOW = 0.002
+"""
+The most seconds an item waits in an L{Outbox} past the reactor turn that
+made it: the bound of how much later a peer has a checkpoint or a copy.
+"""
+
+
+class Outbox:
+    """
+    The items (L{ITEM_COMMANDS}) this node has for one peer, sent in as
+    few L{Deliver} commands as it can: the channel costs per command, not
+    per item.  An item waits for the end of the reactor turn that made it;
+    while a Deliver is unanswered, for its answer, at most L{BATCH_WINDOW}
+    seconds.  So an idle node sends each item at once, and a busy one
+    many in each command.  Items go out in the order they came, in
+    commands sent in order, so that a session's items reach the peer in
+    the order they were made.
+
+    @ivar _items: the packed items not sent yet.
+    @ivar _waiting: for each of C{_items}, its asker's L{Deferred} and its
+        command's name.
+    @ivar _bytes: the length of C{_items} packed: a command carries at
+        most L{MAX_ITEMS_BYTES}.
+    @ivar _sending: the call that sends C{_items}, when one is scheduled.
+    @ivar _unanswered: how many Delivers wait for their answer.
+    """
+
+    def __init__(self, link: PeerLink, clock: IReactorTime) -> None:
+        self._link = link
+        self._clock = clock
+        self._items: list[bytes] = []
+        self._waiting: list[tuple[Deferred[bool], str]] = []
+        self._bytes = 0
+        self._sending: IDelayedCall | None = None
+        self._unanswered = 0
+
+    def add(self, command: type[amp.Command], **arguments: Any
+            ) -> Deferred[bool]:
+        """
+        Send the peer C{command} (L{Backup}, L{Checkpoint} or L{Purge})
+        with C{arguments}, in the next L{Deliver}.
+
+        @return: fires with the command's answer; fails at once with
+            L{BadRequest} for arguments out of bounds and with
+            L{PeerUnavailable} when the link is down, later as L{PeerLink.call}
+            fails, with L{NotAuthorized} when the peer refused the
+            command, or with L{amp.UnknownRemoteError} when its handler
+            failed.
+        """
+        try:
+            item = pack_item(command, arguments)
+        except BadRequest as e:
+            return fail(e)
+        if not self._link.connected:
+            self._link.counters["unavailable"] += 1
+            return fail(PeerUnavailable(self._link.peer_node_id,
+                                        "not connected"))
+        if (len(self._items) == MAX_ITEMS
+                or self._bytes + len(item) > MAX_ITEMS_BYTES):
+            self.flush()
+        answer: Deferred[bool] = Deferred()
+        self._items.append(item)
+        self._waiting.append((answer, command.__name__))
+        self._bytes += len(item)
+        if self._sending is None:
+            self._sending = self._clock.callLater(
+                BATCH_WINDOW if self._unanswered else 0, self.flush)
+        return answer
+
+    def flush(self) -> None:
+        """
+        Send the items waiting now, if any.
+        """
+        if self._sending is not None:
+            if self._sending.active():
+                self._sending.cancel()
+            self._sending = None
+        if not self._items:
+            return
+        items, waiting = b"".join(self._items), self._waiting
+        self._items, self._waiting, self._bytes = [], [], 0
+        self._unanswered += 1
+        self._link.call(Deliver, items=items).addCallbacks(
+            self._answered, self._failed, callbackArgs=(waiting,),
+            errbackArgs=(waiting,))
+
+    def _answered(self, response: dict[str, Any],
+                  waiting: list[tuple[Deferred[bool], str]]) -> None:
+        self._settled()
+        outcomes = response.get("outcomes")
+        if not isinstance(outcomes, bytes) or len(outcomes) != len(waiting):
+            self._failed(Failure(PeerProtocolError(
+                f"peer {self._link.peer_node_id} answered {len(waiting)} "
+                f"delivered items with {outcomes!r:.60}")), waiting)
+            return
+        peer, node = self._link.peer_node_id, self._link.node_id
+        for (answer, name), outcome in zip(waiting, outcomes):
+            found = _OUTCOME_OF.get(outcome)
+            if isinstance(found, bool):
+                answer.callback(found)
+            elif found == "refused":
+                answer.errback(NotAuthorized(
+                    f"{node} may not call {name} on {peer}"))
+            elif found == "failed":
+                answer.errback(amp.UnknownRemoteError(
+                    f"peer {peer} failed to run {name}"))
+            else:
+                answer.errback(PeerProtocolError(
+                    f"peer {peer} answered {name} with outcome {outcome}"))
+
+    def _failed(self, reason: Failure,
+                waiting: list[tuple[Deferred[bool], str]]) -> None:
+        if not isinstance(reason.value, PeerProtocolError):
+            self._settled()
+        for answer, _ in waiting:
+            answer.errback(reason)
+
+    def _settled(self) -> None:
+        self._unanswered -= 1
+        if self._unanswered == 0 and self._sending is not None:
+            # What waited for this answer goes at the end of this turn.
+            self._sending.cancel()
+            self._sending = self._clock.callLater(0, self.flush)
+
+
+_OUTCOME_OF: dict[int, bool | str] = {
+    value[0]: outcome for outcome, value in OUTCOMES.items()}
+
+
 def default_retry_policy() -> Callable[[int], float]:
     """
     Reconnection delays: 0.2 s doubling up to 30 s, plus up to 0.2 s of
@@ -270,6 +406,7 @@ class PeerLink(Service):
         # at the shortest delay forever.
         self._refusals = 0
         self._waiters: list[_Waiter] = []
+        self.outbox = Outbox(self, reactor)
         self._client = ClientService(
             self._endpoint, _LinkFactory(self),
             retryPolicy=lambda attempt: policy(attempt + self._refusals),
@@ -293,6 +430,7 @@ class PeerLink(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        self.outbox.flush()
         stopped = self._client.stopService()
         self._fail_waiters(lambda remaining: True, "link stopped")
         return stopped
@@ -335,6 +473,9 @@ class PeerLink(Service):
             return protocol.callRemote(command, **arguments).addCallbacks(
                 answered, lost).addTimeout(self.call_timeout, self.clock,
                                            onTimeoutCancel=timed_out)
+        # What the outbox holds was made before this question: it goes
+        # first, as it would have without the outbox.
+        self.outbox.flush()
         if (self.max_unanswered_fetches is not None
                 and self._unanswered_fetches >= self.max_unanswered_fetches):
             self.counters["unanswered_bound"] += 1
@@ -538,8 +679,8 @@ class Peers(MultiService):
         Give C{node_id} a sealed copy of C{session_id} to keep; fires with
         whether it kept it.
         """
-        return self._call(node_id, lambda link, sid: _boolean(
-            link, Backup, "kept", session_id=sid, sealed=sealed), session_id)
+        return self._call(node_id, lambda link, sid: link.outbox.add(
+            Backup, session_id=sid, sealed=sealed), session_id)
 
     def checkpoint_session(self, node_id: str, session_id: bytes, seq: int,
                            digest: bytes) -> Deferred[bool]:
@@ -547,9 +688,8 @@ class Peers(MultiService):
         Send C{node_id} the digest checkpoint of C{session_id}; fires with
         whether it was newer than the one it had.
         """
-        return self._call(node_id, lambda link, sid: _boolean(
-            link, Checkpoint, "accepted", session_id=sid, seq=seq,
-            digest=digest), session_id)
+        return self._call(node_id, lambda link, sid: link.outbox.add(
+            Checkpoint, session_id=sid, seq=seq, digest=digest), session_id)
 
     def purge_session(self, node_id: str, session_id: bytes) -> Deferred[bool]:
         """
@@ -582,25 +722,7 @@ def purge_on(link: PeerLink, session_id: bytes) -> Deferred[bool]:
     Ask the peer behind C{link} to drop C{session_id}; fires with whether
     it held it.
     """
-    return _boolean(link, Purge, "removed", session_id=session_id)
-
-
-def _boolean(link: PeerLink, command: type[amp.Command], answer: str,
-             **arguments: Any) -> Deferred[bool]:
-    try:
-        check_session_id(arguments["session_id"])
-    except BadRequest as e:
-        return fail(e)
-
-    def checked(response: dict[str, Any]) -> bool:
-        value = response.get(answer)
-        if not isinstance(value, bool):
-            raise PeerProtocolError(
-                f"peer {link.peer_node_id} answered {command.__name__} "
-                f"with {answer}={value!r}")
-        return value
-
-    return link.call(command, **arguments).addCallback(checked)
+    return link.outbox.add(Purge, session_id=session_id)
 
 
 def fetch_from(link: PeerLink, session_id: bytes,

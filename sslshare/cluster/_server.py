@@ -25,8 +25,10 @@ from sslshare import identity
 from sslshare.cluster._commands import (
     ARGUMENT_CHECKS,
     BY_WIRE_NAME,
+    OUTCOMES,
     Backup,
     Checkpoint,
+    Deliver,
     FetchAnswer,
     FetchSession,
     FetchTerms,
@@ -187,7 +189,9 @@ class _PeerCommands:
 
       1. the peer must be allowed to run the command: C{NOT_AUTHORIZED},
          counted in C{refused_commands} (L{KeyCheck} is open to every peer
-         the handshake admitted);
+         the handshake admitted, and so is L{Deliver}, whose items are
+         authorized one by one, by the command each names: a refused item
+         answers C{R}, and the others run);
       2. AMP parses the arguments, and L{ARGUMENT_CHECKS} checks them
          against the command's bounds: C{BAD_REQUEST}, counted in
          C{bad_requests}; the connection stays up, since a malformed
@@ -195,6 +199,10 @@ class _PeerCommands:
       3. the command's responder here runs the handler, and checks what it
          answers before it goes out: a L{HandlerFault} is this node's
          fault, logged here, and the asker gets AMP's unknown error.
+
+    A L{Deliver} checks all its items in step 2, so that a malformed one
+    runs none; an item whose handler fails answers C{F}, logged here, and
+    the items after it run.  Items are counted in C{items:<command>}.
 
     Any other name gets AMP's C{UNHANDLED}, counted in C{unknown_commands}:
     AMP's built-in StartTLS among them, which would start TLS inside TLS.
@@ -246,13 +254,23 @@ class _PeerCommands:
         The requester's node id, if it may run C{command}.
         """
         protocol = self._protocol
+        if command is KeyCheck or command is Deliver:
+            # TLS delivers no box before the handshake, which set it.
+            peer = protocol.peer_node_id
+            assert peer is not None
+        else:
+            peer = self._allowed(command.__name__)
+        if command is not KeyCheck:
+            protocol.factory.counters[f"commands:{command.__name__}"] += 1
+        return peer
+
+    def _allowed(self, name: str) -> str:
+        """
+        The requester's node id, if it may run the command C{name}.
+        """
+        protocol = self._protocol
         factory = protocol.factory
         peer = protocol.peer_node_id
-        if command is KeyCheck:
-            # TLS delivers no box before the handshake, which set it.
-            assert peer is not None
-            return peer
-        name = command.__name__
         if peer is None or not factory.allowed(name, peer):
             factory.counters["refused_commands"] += 1
             factory.warn("refused_commands",
@@ -261,7 +279,6 @@ class _PeerCommands:
                          peer=peer or "(unknown)", address=protocol._address)
             raise NotAuthorized(f"{peer or 'an unidentified peer'} may not "
                                 f"call {name} on {factory.node_id}")
-        factory.counters[f"commands:{name}"] += 1
         return peer
 
     def _bad_request(self, command: type[amp.Command],
@@ -314,23 +331,68 @@ class _PeerCommands:
             response["holder"] = answer.holder
         return response
 
-    async def _checkpoint(self, requester: str, session_id: bytes, seq: int,
-                          digest: bytes) -> dict[str, bool]:
-        accepted = await maybeDeferred(self._protocol.factory.handler.checkpoint,
-                                       session_id, seq, digest, requester)
-        return {"accepted": bool(accepted)}
+    async def _run_item(self, command: type[amp.Command], requester: str,
+                        arguments: dict[str, Any]) -> bool:
+        """
+        Run an item command (L{ITEM_COMMANDS}) on the handler: a single
+        command and an item of a L{Deliver} do the same.
+        """
+        handler = self._protocol.factory.handler
+        if command is Checkpoint:
+            answer = handler.checkpoint(arguments["session_id"],
+                                        arguments["seq"], arguments["digest"],
+                                        requester)
+        elif command is Backup:
+            answer = handler.backup(arguments["session_id"],
+                                    arguments["sealed"], requester)
+        else:
+            answer = handler.purge(arguments["session_id"], requester)
+        if isinstance(answer, Deferred):
+            answer = await answer
+        return bool(answer)
 
-    async def _backup(self, requester: str, session_id: bytes,
-                      sealed: bytes) -> dict[str, bool]:
-        kept = await maybeDeferred(self._protocol.factory.handler.backup,
-                                   session_id, sealed, requester)
-        return {"kept": bool(kept)}
+    async def _checkpoint(self, requester: str,
+                          **arguments: Any) -> dict[str, bool]:
+        return {"accepted": await self._run_item(Checkpoint, requester,
+                                                 arguments)}
+
+    async def _backup(self, requester: str,
+                      **arguments: Any) -> dict[str, bool]:
+        return {"kept": await self._run_item(Backup, requester, arguments)}
 
     async def _purge(self, requester: str,
-                     session_id: bytes) -> dict[str, bool]:
-        removed = await maybeDeferred(self._protocol.factory.handler.purge,
-                                      session_id, requester)
-        return {"removed": bool(removed)}
+                     **arguments: Any) -> dict[str, bool]:
+        return {"removed": await self._run_item(Purge, requester, arguments)}
+
+    async def _deliver(self, requester: str,
+                       items: list[tuple[type[amp.Command], dict[str, Any]]]
+                       ) -> dict[str, bytes]:
+        # Each command is authorized once per batch: its refusal is then
+        # counted and logged once, however many items name it.
+        allowed: dict[type[amp.Command], bool] = {}
+        counters = self._protocol.factory.counters
+        outcomes = []
+        for command, arguments in items:
+            name = command.__name__
+            if command not in allowed:
+                try:
+                    self._allowed(name)
+                    allowed[command] = True
+                except NotAuthorized:
+                    allowed[command] = False
+            if not allowed[command]:
+                outcomes.append(OUTCOMES["refused"])
+                continue
+            counters[f"items:{name}"] += 1
+            try:
+                done = await self._run_item(command, requester, arguments)
+            except Exception:
+                _log.failure("{command} item from {peer} failed",
+                             command=command.__name__, peer=requester)
+                outcomes.append(OUTCOMES["failed"])
+            else:
+                outcomes.append(OUTCOMES[done])
+        return {"outcomes": b"".join(outcomes)}
 
     def _stats(self, requester: str) -> dict[str, str]:
         factory = self._protocol.factory
@@ -348,6 +410,7 @@ class _PeerCommands:
         Checkpoint: _checkpoint,
         Backup: _backup,
         Purge: _purge,
+        Deliver: _deliver,
         Stats: _stats,
     }
 
