@@ -196,7 +196,7 @@ def start_sslshare(processes: Processes, directory: str, deployment: str,
     table, or empty for none; C{node_options} are more lines of the
     C{[node]} table, C{tables} more TOML tables (C{[tls]}, ...).
     """
-    from tests.support import NODE_CONFIG
+    from tests.support.cluster import NODE_CONFIG
 
     client_ports = {node: free_port() for node in nodes}
     amp_ports = {node: free_port() for node in nodes}

@@ -23,7 +23,6 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from sslshare import cluster, sessionid
-from sslshare.dev import pki
 from sslshare.cluster import (
     BadRequest,
     Checkpoint,
@@ -41,9 +40,11 @@ from sslshare.cluster import (
     fetch_from,
     stats_from,
 )
-from sslshare.state import StateKeys
+from sslshare.dev import pki
 from sslshare.dev.throwaway import free_port
-from tests.support import RoguePeerProtocol, held_amp_client
+from sslshare.state import StateKeys
+from tests.support.clients import held_amp_client
+from tests.support.servers import RoguePeerProtocol
 
 NODES = ("node1", "node2", "node3")
 # Reconnect fast: the tests restart servers and wait for the links.

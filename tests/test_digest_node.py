@@ -35,14 +35,11 @@ from twisted.trial.unittest import SkipTest, TestCase
 from sslshare import node as node_module
 from sslshare import sessionid
 from sslshare.cluster import ClusterTLS, Peers, PeerUnavailable
+from sslshare.dev.throwaway import RedisServer, ServerUnavailable
 from sslshare.state import StateKeys
-from tests.support import (
-    LocalCluster,
-    RedisServer,
-    ServerUnavailable,
-    StallingHandler,
-    until,
-)
+from tests.support.cluster import LocalCluster
+from tests.support.servers import StallingHandler
+from tests.support.waiting import until
 
 
 class _Echo(Protocol):

@@ -26,8 +26,8 @@ from sslshare.cluster import ClusterTLS, ICommandHandler
 from sslshare.protocol import _BackendSide, _Gate
 from sslshare.repository import ISessionRepository
 from sslshare.tls import ISessionLookupListener
-from tests.memory import MemoryRepository
-from tests.support import LocalCluster
+from tests.support.cluster import LocalCluster
+from tests.support.memory import MemoryRepository
 
 _CLIENT = IPv4Address("TCP", "127.0.0.1", 50000)
 

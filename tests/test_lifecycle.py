@@ -29,18 +29,15 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sslshare.config import NodeConfig
+from sslshare.dev.throwaway import free_port
 from sslshare.node import fired_within
 from sslshare.service import FIXED_AT_RUNTIME, RELOADABLE
 from sslshare.state import StateKeys
-from tests.support import (
-    LocalCluster,
-    TrickleFactory,
-    accepted_on,
-    free_port,
-    open_descriptors,
-    until,
-    write_private,
-)
+from tests.support.cluster import LocalCluster
+from tests.support.files import write_private
+from tests.support.processes import accepted_on, open_descriptors
+from tests.support.servers import TrickleFactory
+from tests.support.waiting import until
 
 SQLITE = 'topology = "repository"\nkind = "sqlite"\npath = "{directory}/s.sqlite3"\n'
 

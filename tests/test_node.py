@@ -26,13 +26,10 @@ from twisted.trial.unittest import TestCase
 from sslshare.cluster import Stats
 from sslshare.hooks import LookupRequest
 from sslshare.tls import session_fields
-from tests.support import (
-    LocalCluster,
-    RoguePeerProtocol,
-    SilentListener,
-    s_client_round,
-    scrape_metrics,
-)
+from tests.support.clients import s_client_round
+from tests.support.cluster import LocalCluster
+from tests.support.metrics import scrape_metrics
+from tests.support.servers import RoguePeerProtocol, SilentListener
 
 
 class MovingSessionTests(TestCase):

@@ -1,10 +1,11 @@
 """
 The central session repository (L{sslshare.repository}) against real
 storage: an SQLite file in a temporary directory, and a C{redis-server} and
-a PostgreSQL cluster started by the tests (L{tests.support.shared_server}
+a PostgreSQL cluster started by the tests (L{tests.support.databases.shared_server}
 shares one of each per test process; the tests that stop a server start
 one of their own).  A test whose driver or server is not installed is
-skipped, and says which and how to install it (L{tests.support.skip_without}).
+skipped, and says which and how to install it
+(L{tests.support.databases.skip_without}).
 
 L{RepositoryBehaviour} holds what every backend must do; one subclass per
 backend says how to make a repository and how to reach under it to its
@@ -33,6 +34,7 @@ from zope.interface.verify import verifyObject
 
 from sslshare import sessionid
 from sslshare.config import RepositoryConfig
+from sslshare.dev.throwaway import PostgresServer
 from sslshare.repository import (
     InOrder,
     ISessionRepository,
@@ -40,17 +42,19 @@ from sslshare.repository import (
     Taken,
     from_config,
 )
-from sslshare.state import MAX_SEALED_LENGTH, SEALED_CHECKPOINT_LENGTH, StateKeys
-from tests.support import (
-    PostgresServer,
-    file_mode,
-    pki,
-    session_state,
+from sslshare.state import (
+    MAX_SEALED_LENGTH,
+    SEALED_CHECKPOINT_LENGTH,
+    StateKeys,
+)
+from tests.support.databases import (
     shared_server,
     skip_without,
     throwaway_server,
-    umask_for_test,
 )
+from tests.support.files import file_mode, umask_for_test
+from tests.support.pki import pki
+from tests.support.sessions import session_state
 
 # Long enough to take a blob before it expires, short enough to wait out.
 SHORT_LIFETIME = 0.15

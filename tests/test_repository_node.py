@@ -18,14 +18,10 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from sslshare.state import MAX_SEQ, SEALED_CHECKPOINT_LENGTH
-from tests.support import (
-    LocalCluster,
-    file_mode,
-    shared_server,
-    throwaway_server,
-    umask_for_test,
-    until,
-)
+from tests.support.cluster import LocalCluster
+from tests.support.databases import shared_server, throwaway_server
+from tests.support.files import file_mode, umask_for_test
+from tests.support.waiting import until
 
 
 class _RepositoryTopology:

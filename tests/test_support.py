@@ -17,7 +17,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
 from sslshare.dev.throwaway import free_port
-from tests import support
+from tests.support.clients import client_context
+from tests.support.databases import SERVER_DRIVERS
+from tests.support.pki import make_pki, pki
 
 
 def _handshake(server_context: ssl.SSLContext, client_context: ssl.SSLContext,
@@ -53,47 +55,44 @@ class MakePKITests(TestCase):
 
     def test_writes_every_file(self):
         directory = self.mktemp()
-        pki = support.make_pki(directory)
-        for path in attrs.astuple(pki):
+        files = make_pki(directory)
+        for path in attrs.astuple(files):
             self.assertEqual(os.path.dirname(path), directory)
             self.assertGreater(os.path.getsize(path), 0)
 
     def test_chains_load_with_their_keys(self):
-        pki = support.pki()
-        for chain, key in [(pki.rsa_chain, pki.rsa_key),
-                           (pki.ec_chain, pki.ec_key),
-                           (pki.other_chain, pki.other_key)]:
+        files = pki()
+        for chain, key in [(files.rsa_chain, files.rsa_key),
+                           (files.ec_chain, files.ec_key),
+                           (files.other_chain, files.other_key)]:
             ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(chain, key)
 
     def _handshake_as(self, chain, key, server_hostname):
-        pki = support.pki()
-        client_context = ssl.create_default_context(cafile=pki.ca_cert)
-        # As Python 3.13's default context does: the certificates must satisfy
-        # RFC 5280, not only OpenSSL's lenient defaults.
-        client_context.verify_flags |= ssl.VERIFY_X509_STRICT
+        files = pki()
         server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server_context.load_cert_chain(chain, key)
-        _handshake(server_context, client_context, server_hostname)
+        _handshake(server_context, client_context(files.ca_cert, strict=True),
+                   server_hostname)
 
     def test_client_accepts_rsa_certificate_for_localhost(self):
-        pki = support.pki()
-        self._handshake_as(pki.rsa_chain, pki.rsa_key, "localhost")
+        files = pki()
+        self._handshake_as(files.rsa_chain, files.rsa_key, "localhost")
 
     def test_client_accepts_ec_certificate_for_loopback_address(self):
-        pki = support.pki()
-        self._handshake_as(pki.ec_chain, pki.ec_key, "127.0.0.1")
+        files = pki()
+        self._handshake_as(files.ec_chain, files.ec_key, "127.0.0.1")
 
     def test_client_accepts_other_certificate_for_its_name(self):
-        pki = support.pki()
-        self._handshake_as(pki.other_chain, pki.other_key, "other.test")
+        files = pki()
+        self._handshake_as(files.other_chain, files.other_key, "other.test")
 
     def test_client_refuses_localhost_certificate_for_other_name(self):
-        pki = support.pki()
+        files = pki()
         self.assertRaises(ssl.SSLCertVerificationError, self._handshake_as,
-                          pki.ec_chain, pki.ec_key, "other.test")
+                          files.ec_chain, files.ec_key, "other.test")
 
     def test_one_pki_per_process(self):
-        self.assertIs(support.pki(), support.pki())
+        self.assertIs(pki(), pki())
 
 
 class _PortsOfAChild(ProcessProtocol):
@@ -171,7 +170,7 @@ NEEDS_A_DRIVER = (
 
 class SkipWithoutTests(TestCase):
     """
-    L{support.skip_without}: a test that needs a driver that is not
+    L{skip_without}: a test that needs a driver that is not
     installed is skipped with the reason, never an error.
     """
 
@@ -180,7 +179,7 @@ class SkipWithoutTests(TestCase):
         # A directory first on the path whose redis and psycopg packages
         # fail to import, as when they are not installed.
         hidden = os.path.abspath(self.mktemp())
-        for driver in support.SERVER_DRIVERS.values():
+        for driver in SERVER_DRIVERS.values():
             os.makedirs(os.path.join(hidden, driver))
             reason = f"no module {driver}"
             with open(os.path.join(hidden, driver, "__init__.py"), "w") as f:
@@ -195,6 +194,6 @@ class SkipWithoutTests(TestCase):
         output = output.decode()
         self.assertEqual(code, 0, output + error.decode())
         self.assertIn(f"PASSED (skips={len(NEEDS_A_DRIVER)})", output)
-        for kind, driver in support.SERVER_DRIVERS.items():
+        for kind, driver in SERVER_DRIVERS.items():
             self.assertIn(f"the {kind} driver is not installed (pip install "
                           f"'sslshare[{kind}]'): no module {driver}", output)
