@@ -15,7 +15,6 @@ import os
 import re
 import socket
 import sqlite3
-import ssl
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ from sslshare.dev.throwaway import free_port
 from sslshare.node import fired_within
 from sslshare.service import FIXED_AT_RUNTIME, RELOADABLE
 from sslshare.state import StateKeys
+from tests.support.clients import client_context
 from tests.support.cluster import LocalCluster
 from tests.support.files import write_private
 from tests.support.processes import accepted_on, open_descriptors
@@ -102,7 +102,7 @@ class BackendFailureTests(_LogCapture, TestCase):
         self.addCleanup(released.set)
 
         def silent_client():
-            context = ssl.create_default_context(cafile=cluster.ca_cert)
+            context = client_context(cluster.ca_cert)
             with socket.create_connection(("127.0.0.1", port)) as raw:
                 with context.wrap_socket(raw, server_hostname="localhost"):
                     # Never answers the close_notify, never closes.

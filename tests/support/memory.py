@@ -27,6 +27,7 @@ from sslshare.repository import ISessionRepository, RepositoryError, Taken
 from sslshare.state import StateKeys
 from sslshare.store import SessionStore
 from sslshare.tls import LookupRequest
+from tests.support.sessions import session_id_of
 
 CLUSTER = "test"
 SERVICE = "web"
@@ -306,8 +307,7 @@ class MemoryCluster:
         A session that node C{node_id} makes, as its engine reports one,
         with its copy where the cluster keeps it.
         """
-        session_id = sessionid.new_session_id(
-            sessionid.owner_tag(CLUSTER, node_id))
+        session_id = session_id_of(node_id, CLUSTER)
         made_for = SimpleNamespace(service=SimpleNamespace(id_context=CONTEXT))
         self[node_id].new_session(made_for, session_id,
                                   DER_HEADS[protocol] + bytes(64))
