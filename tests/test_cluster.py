@@ -187,16 +187,23 @@ class ClusterTestCase(TestCase):
                 if text in (event.get("log_format") or "")]
 
 
-class FetchTests(ClusterTestCase):
+class LinkedTestCase(ClusterTestCase):
     """
-    A node fetches sessions from its peer through a L{PeerLink}.
+    node2's link to node1 is up (C{link2}) when each test starts.
     """
 
     @inlineCallbacks
     def setUp(self):
         super().setUp()
         self.server = yield self.node("node1")
-        self.link2 = yield self.connected_link("node2", "node1", self.server.endpoint)
+        self.link2 = yield self.connected_link("node2", "node1",
+                                               self.server.endpoint)
+
+
+class FetchTests(LinkedTestCase):
+    """
+    A node fetches sessions from its peer through a L{PeerLink}.
+    """
 
     @inlineCallbacks
     def test_node_fetches_a_sealed_session_from_its_peer(self):
@@ -280,16 +287,10 @@ class FetchTests(ClusterTestCase):
         failure.trap(PeerUnavailable)
 
 
-class BadRequestTests(ClusterTestCase):
+class BadRequestTests(LinkedTestCase):
     """
     Arguments out of bounds are refused before the handler sees them.
     """
-
-    @inlineCallbacks
-    def setUp(self):
-        super().setUp()
-        self.server = yield self.node("node1")
-        self.link2 = yield self.connected_link("node2", "node1", self.server.endpoint)
 
     @inlineCallbacks
     def test_session_id_of_31_bytes_is_a_bad_request(self):
