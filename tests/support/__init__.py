@@ -19,4 +19,5 @@ Helpers shared by the tests, one module per concern:
   - L{metrics}: a node's metrics page, scraped and parsed.
   - L{memory}: in-memory doubles of a node's peers and repository on one
     clock.
+  - L{suite}: which test modules are slow, for C{make test-quick}.
 """
