@@ -1,7 +1,8 @@
 """
 The test PKI: its files load into Python's C{ssl} and a stock client that
 trusts the CA accepts each server identity under its names.  Free ports,
-and the skip of the tests that need a Redis or PostgreSQL driver.
+the skip of the tests that need a Redis or PostgreSQL driver, L{until}, and
+which modules C{make test-quick} runs.
 """
 
 import os
@@ -11,8 +12,9 @@ import sys
 
 import attrs
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -20,6 +22,8 @@ from sslshare.dev.throwaway import free_port
 from tests.support.clients import client_context
 from tests.support.databases import SERVER_DRIVERS
 from tests.support.pki import make_pki, pki
+from tests.support.suite import SLOW, quick, slow
+from tests.support.waiting import until
 
 
 def _handshake(server_context: ssl.SSLContext, client_context: ssl.SSLContext,
@@ -197,3 +201,74 @@ class SkipWithoutTests(TestCase):
         for kind, driver in SERVER_DRIVERS.items():
             self.assertIn(f"the {kind} driver is not installed (pip install "
                           f"'sslshare[{kind}]'): no module {driver}", output)
+
+
+class UntilTests(TestCase):
+    """
+    L{until} fires once its predicate holds, and fails once its timeout has
+    passed.
+    """
+
+    def test_fires_once_the_predicate_holds(self):
+        clock = Clock()
+        holds = []
+        waiting = until(lambda: holds, clock=clock)
+        clock.advance(0.02)
+        self.assertNoResult(waiting)
+        holds.append(True)
+        clock.advance(0.02)
+        self.assertIsNone(self.successResultOf(waiting))
+
+    def test_fires_at_once_if_the_predicate_holds(self):
+        self.assertIsNone(self.successResultOf(
+            until(lambda: True, clock=Clock())))
+
+    def test_asks_every_interval(self):
+        clock = Clock()
+        asked = []
+        waiting = until(lambda: asked.append(clock.seconds()), clock=clock,
+                        interval=0.5)
+        clock.pump([0.5] * 3)
+        self.assertEqual(asked, [0.0, 0.5, 1.0, 1.5])
+        self.assertNoResult(waiting)
+        waiting.cancel()
+        self.failureResultOf(waiting)
+
+    def test_predicate_may_answer_with_a_deferred(self):
+        clock = Clock()
+        answers = iter([False, True])
+        waiting = until(lambda: succeed(next(answers)), clock=clock)
+        self.assertNoResult(waiting)
+        clock.advance(0.02)
+        self.assertIsNone(self.successResultOf(waiting))
+
+    def test_fails_after_its_timeout(self):
+        clock = Clock()
+        waiting = until(lambda: False, timeout=1.0, clock=clock,
+                        message="never")
+        clock.advance(0.9)
+        self.assertNoResult(waiting)
+        clock.advance(0.2)
+        failure = self.failureResultOf(waiting, AssertionError)
+        self.assertEqual(str(failure.value), "never")
+
+
+class SuiteSelectionTests(TestCase):
+    """
+    C{make test-quick} runs the quick modules, C{make test} all of them:
+    every test module is either quick or slow.
+    """
+
+    def _test_modules(self):
+        directory = os.path.dirname(os.path.abspath(__file__))
+        return {f"tests.{name[:-3]}" for name in os.listdir(directory)
+                if name.startswith("test_") and name.endswith(".py")}
+
+    def test_every_module_is_quick_or_slow_and_not_both(self):
+        self.assertEqual(set(quick()) | set(slow()), self._test_modules())
+        self.assertEqual(set(quick()) & set(slow()), set())
+        self.assertIn(__name__, quick())
+
+    def test_slow_modules_exist(self):
+        self.assertLessEqual(SLOW, self._test_modules())
+        self.assertEqual(set(slow()), SLOW)
