@@ -28,9 +28,9 @@ Every part is its own process on 127.0.0.1, as in a deployment:
 
     - two clusters of two nodes each, real C{twistd -n sslshare} processes
       from TOML files this script writes in a temporary directory (its own
-      small template: C{tests/support.LocalCluster}'s has no checkpoint
-      key), sharing one PKI made by L{sslshare.dev.pki.init_pki}.  Cluster
-      C{every-record} checkpoints every record, cluster C{off} none;
+      small template: C{tests.support.cluster.LocalCluster}'s has no
+      checkpoint key), sharing one PKI made by L{sslshare.dev.pki.init_pki}.
+      Cluster C{every-record} checkpoints every record, cluster C{off} none;
       everything else is the same.  With two nodes, each session's backup
       node is the other one, so node1's checkpoints leave the process: an
       AMP C{Checkpoint} command over mutual TLS to node2 (which keeps it in
@@ -332,7 +332,7 @@ class Cluster:
     """
 
     def __init__(self, directory: str, mode: str, backend_port: int) -> None:
-        from tests.support import NODE_CONFIG
+        from tests.support.cluster import NODE_CONFIG
 
         self.directory = directory
         self.mode = mode

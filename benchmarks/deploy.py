@@ -208,7 +208,7 @@ def start_sslshare(processes: Processes, directory: str, deployment: str,
     the certificate chain and key the nodes serve, when not the PKI's
     localhost pair.
     """
-    from tests.support import NODE_CONFIG
+    from tests.support.cluster import NODE_CONFIG
 
     client_ports = {node: free_port() for node in nodes}
     amp_ports = {node: free_port() for node in nodes}

@@ -53,7 +53,7 @@ def fill(count: int, template: bytes) -> dict[str, Any]:
     from sslshare import sessionid
     from sslshare.state import SessionState
     from sslshare.store import SessionStore
-    from tests.support import resident_bytes
+    from tests.support.processes import resident_bytes
 
     store = SessionStore(max_bytes=1 << 40, clock=Clock())
     id_context = sessionid.service_id_context("bench", "web")

@@ -33,8 +33,8 @@ running node:
       recovery finds them in its own L{SessionStore}.
     - C{peer}: three nodes built by L{sslshare.service.build_node} from
       temporary TOML files (the PKI's node certificates, AMP over mutual
-      TLS on 127.0.0.1, as C{tests/support.LocalCluster} does), in this
-      process and reactor: node 1 makes the sessions; a node that holds no
+      TLS on 127.0.0.1, as C{tests.support.cluster.LocalCluster} does), in
+      this process and reactor: node 1 makes the sessions; a node that holds no
       copy of them (not node 1's backup node, when the recovery chain keeps
       backup copies) resumes them, fetching each (moving it) from node 1
       over C{FetchSession}.  The owner's side of the fetch runs in the same

@@ -38,7 +38,7 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.support import python_client_round  # noqa: E402
+from tests.support.clients import python_client_round
 
 VERSIONS = ("TLSv1.2", "TLSv1.3")
 

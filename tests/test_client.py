@@ -46,7 +46,8 @@ from sslshare.client import (
     parse_target,
     probe,
 )
-from tests.support import LocalCluster, OneShotEcho
+from tests.support.cluster import LocalCluster
+from tests.support.servers import OneShotEcho
 
 # ---------------------------------------------------------------- helpers
 

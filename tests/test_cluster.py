@@ -7,6 +7,7 @@ certificate, a command the peer may not run, a peer that answers garbage.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import ssl
@@ -20,7 +21,7 @@ from twisted.internet.defer import (
     inlineCallbacks,
 )
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
@@ -28,8 +29,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from sslshare import cluster, sessionid
-from sslshare.dev import pki
+from sslshare import cluster
 from sslshare.cluster import (
     BATCH_WINDOW,
     MAX_ITEMS,
@@ -54,34 +54,25 @@ from sslshare.cluster import (
     stats_from,
 )
 from sslshare.cluster._commands import pack_item, unpack_items
-from sslshare.state import MAX_SEALED_LENGTH, StateKeys
+from sslshare.dev import pki
 from sslshare.dev.throwaway import free_port
-from tests.support import RoguePeerProtocol, held_amp_client
+from sslshare.state import MAX_SEALED_LENGTH, StateKeys
+from tests.support.clients import held_amp_client
+from tests.support.servers import RoguePeerProtocol
+from tests.support.sessions import session_id_of
+from tests.support.waiting import until
 
 NODES = ("node1", "node2", "node3")
 # Reconnect fast: the tests restart servers and wait for the links.
 FAST_RETRY = lambda attempt: 0.02  # noqa: E731
 
 
-def _session_id(owner="node1"):
-    return sessionid.new_session_id(sessionid.owner_tag("demo", owner))
+# Session ids of this module's cluster, "demo".
+_session_id = functools.partial(session_id_of, cluster="demo")
 
 
 def _allow_all(command, node_id):
     return True
-
-
-@inlineCallbacks
-def _wait_until(predicate, timeout=5.0):
-    """
-    Poll C{predicate} on the reactor until it holds; fail after C{timeout}.
-    """
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
-            raise AssertionError(f"condition not met in {timeout} s")
-        yield deferLater(reactor, 0.01, lambda: None)
-        waited += 0.01
 
 
 @implementer(cluster.ICommandHandler)
@@ -166,7 +157,7 @@ class Node:
             yield listening.stopListening()
             for protocol in list(self.wrapper.protocols):
                 protocol.abortConnection()
-            yield _wait_until(lambda: not self.wrapper.protocols)
+            yield until(lambda: not self.wrapper.protocols)
 
 
 class ClusterTestCase(TestCase):
@@ -216,16 +207,23 @@ class ClusterTestCase(TestCase):
                 if text in (event.get("log_format") or "")]
 
 
-class FetchTests(ClusterTestCase):
+class LinkedTestCase(ClusterTestCase):
     """
-    A node fetches sessions from its peer through a L{PeerLink}.
+    node2's link to node1 is up (C{link2}) when each test starts.
     """
 
     @inlineCallbacks
     def setUp(self):
         super().setUp()
         self.server = yield self.node("node1")
-        self.link2 = yield self.connected_link("node2", "node1", self.server.endpoint)
+        self.link2 = yield self.connected_link("node2", "node1",
+                                               self.server.endpoint)
+
+
+class FetchTests(LinkedTestCase):
+    """
+    A node fetches sessions from its peer through a L{PeerLink}.
+    """
 
     @inlineCallbacks
     def test_node_fetches_a_sealed_session_from_its_peer(self):
@@ -281,7 +279,7 @@ class FetchTests(ClusterTestCase):
     def test_cancelled_fetch_fails_with_cancelled_error(self):
         self.server.handler.pending = Deferred()
         fetching = fetch_from(self.link2, _session_id())
-        yield _wait_until(lambda: self.server.handler.calls)
+        yield until(lambda: self.server.handler.calls)
         fetching.cancel()
         yield self.assertFailure(fetching, CancelledError)
         # The late answer is dropped and the link stays usable.
@@ -536,16 +534,10 @@ class ItemTests(SynchronousTestCase):
         self.assertLessEqual(len(item) * 3, MAX_ITEMS_BYTES)
 
 
-class BadRequestTests(ClusterTestCase):
+class BadRequestTests(LinkedTestCase):
     """
     Arguments out of bounds are refused before the handler sees them.
     """
-
-    @inlineCallbacks
-    def setUp(self):
-        super().setUp()
-        self.server = yield self.node("node1")
-        self.link2 = yield self.connected_link("node2", "node1", self.server.endpoint)
 
     @inlineCallbacks
     def test_session_id_of_31_bytes_is_a_bad_request(self):
@@ -711,7 +703,7 @@ class RefusedConnectionTests(ClusterTestCase):
         intruder = self.cluster_tls("node2", files=other.node("node2"), ca=bundle)
         self.link("node2", "node1", self.server.endpoint, tls=intruder)
         counters = self.server.factory.counters
-        yield _wait_until(lambda: counters["refused_connections"] >= 1)
+        yield until(lambda: counters["refused_connections"] >= 1)
         self.assertEqual(counters["connections"], 0)
         self.assertEqual(self.server.handler.calls, [])
 
@@ -722,7 +714,7 @@ class RefusedConnectionTests(ClusterTestCase):
         other, bundle = self._intruder_files()
         intruder = self.cluster_tls("node2", files=other.node("node2"), ca=bundle)
         link = self.link("node2", "node1", self.server.endpoint, tls=intruder)
-        yield _wait_until(lambda: link.counters["failed_attempts"] >= 2)
+        yield until(lambda: link.counters["failed_attempts"] >= 2)
         self.assertFalse(link.connected)
 
     @inlineCallbacks
@@ -783,8 +775,8 @@ class RefusedConnectionTests(ClusterTestCase):
         node = yield self.node("node1", handshake_timeout=0.05)
         raw = socket.create_connection(("127.0.0.1", node.port))
         self.addCleanup(raw.close)
-        yield _wait_until(lambda: node.factory.counters["handshake_timeouts"] == 1)
-        yield _wait_until(lambda: not node.wrapper.protocols)
+        yield until(lambda: node.factory.counters["handshake_timeouts"] == 1)
+        yield until(lambda: not node.wrapper.protocols)
 
     @inlineCallbacks
     def test_link_refuses_a_server_that_names_another_node(self):
@@ -811,7 +803,7 @@ class AdmissionTests(ClusterTestCase):
         self.assertFalse(link.connected)
         self.assertIn("alert", str(failure))
         counters = server.factory.counters
-        yield _wait_until(lambda: counters["refused_nodes"] == 1)
+        yield until(lambda: counters["refused_nodes"] == 1)
         self.assertEqual((counters["connections"], counters["refused_connections"]),
                          (0, 0))
         [event] = self.logged("refused connection")
@@ -835,7 +827,7 @@ class AdmissionTests(ClusterTestCase):
         yield self.assertFailure(
             impostor.when_connected(fail_after_failures=1), PeerUnavailable)
         counters = server.factory.counters
-        yield _wait_until(lambda: counters["duplicate_nodes"] == 1)
+        yield until(lambda: counters["duplicate_nodes"] == 1)
         [event] = self.logged("refused connection")
         self.assertRegex(event["reason"],
                          r"^node node2 is connected from 127\.0\.0\.1:\d+ "
@@ -905,7 +897,7 @@ class BoxBoundTests(ClusterTestCase):
             self.server.port, self.cluster_tls("node2").client_options("node1"),
             box.serialize())
         client.read()
-        yield _wait_until(lambda: client.boxes == 1)
+        yield until(lambda: client.boxes == 1)
         client.transport.loseConnection()
         self.assertEqual(self.server.factory.counters["protocol_errors"], 0)
 
@@ -927,7 +919,7 @@ class RefusalLogTests(ClusterTestCase):
                                 session_id=_session_id()).serialize()
                      for i in range(count)))
         client.read()
-        yield _wait_until(lambda: client.boxes == count)
+        yield until(lambda: client.boxes == count)
         client.transport.loseConnection()
         self.assertEqual(server.factory.counters["refused_commands"], count)
         [event] = self.logged("refused {command}")
@@ -944,7 +936,7 @@ class RefusalLogTests(ClusterTestCase):
                      for i, command in enumerate([b"Purge"] * 50
                                                  + [b"Explode"] * 50)))
         client.read()
-        yield _wait_until(lambda: client.boxes == 100)
+        yield until(lambda: client.boxes == 100)
         client.transport.loseConnection()
         self.assertEqual((len(self.logged("refused {command}")),
                           len(self.logged("unknown command"))), (1, 1))
@@ -1041,7 +1033,7 @@ class LinkTests(ClusterTestCase):
         server = yield self.node("node1")
         link = yield self.connected_link("node2", "node1", server.endpoint)
         yield server.stop()
-        yield _wait_until(lambda: not link.connected)
+        yield until(lambda: not link.connected)
         self.failureResultOf(fetch_from(link, _session_id()), PeerUnavailable)
 
     @inlineCallbacks
@@ -1049,14 +1041,14 @@ class LinkTests(ClusterTestCase):
         server = yield self.node("node1")
         link = yield self.connected_link("node2", "node1", server.endpoint)
         yield server.listening.stopListening()
-        yield _wait_until(lambda: not link.connected)
+        yield until(lambda: not link.connected)
 
     @inlineCallbacks
     def test_link_reconnects_after_the_server_restarts(self):
         server = yield self.node("node1")
         link = yield self.connected_link("node2", "node1", server.endpoint)
         yield server.stop()
-        yield _wait_until(lambda: not link.connected)
+        yield until(lambda: not link.connected)
         yield server.start()
         yield link.when_connected()
         answer = yield fetch_from(link, _session_id())
@@ -1070,7 +1062,7 @@ class LinkTests(ClusterTestCase):
         server = yield self.node("node1", handler=handler)
         link = yield self.connected_link("node2", "node1", server.endpoint)
         fetching = fetch_from(link, _session_id())
-        yield _wait_until(lambda: handler.calls)
+        yield until(lambda: handler.calls)
         yield server.stop()
         yield self.assertFailure(fetching, PeerUnavailable)
 

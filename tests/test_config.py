@@ -22,10 +22,10 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, TestCase
 
 from sslshare import config
-from sslshare.dev import pki
 from sslshare.config import ConfigError
+from sslshare.dev import pki
 from sslshare.tls import DEFAULT_TLS12_CIPHERS
-from tests.support import write_private
+from tests.support.files import write_private
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "conf")

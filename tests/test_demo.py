@@ -19,7 +19,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from tests.support import free_port, skip_without
+from sslshare.dev.throwaway import free_port
+from tests.support.databases import skip_without
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf")
 DEMO_PORTS = (8441, 8442, 8443, 7441, 7442, 7443, 9441, 9442, 9443, 8080)

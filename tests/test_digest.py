@@ -37,7 +37,8 @@ from sslshare.digest import (
     verify_transcript,
 )
 from sslshare.store import SessionStore
-from tests.support import pki, session_state
+from tests.support.pki import pki
+from tests.support.sessions import session_state
 
 properties = settings(database=None, deadline=None, max_examples=60)
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import socket
-import ssl
 import struct
 import sys
 import time
@@ -33,16 +32,14 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
 from sslshare import node as node_module
-from sslshare import sessionid
 from sslshare.cluster import ClusterTLS, Peers, PeerUnavailable
+from sslshare.dev.throwaway import RedisServer, ServerUnavailable
 from sslshare.state import StateKeys
-from tests.support import (
-    LocalCluster,
-    RedisServer,
-    ServerUnavailable,
-    StallingHandler,
-    until,
-)
+from tests.support.clients import client_context
+from tests.support.cluster import LocalCluster
+from tests.support.servers import StallingHandler
+from tests.support.sessions import session_id_of
+from tests.support.waiting import until
 
 
 class _Echo(Protocol):
@@ -60,7 +57,7 @@ def _conversation(port, ca_cert, messages, session=None, before=None):
         (and waited for, if it returns a Deferred) before that message.
     @return: the client's session and the records, as (direction, bytes).
     """
-    context = _client_context(ca_cert)
+    context = client_context(ca_cert, "TLSv1.2")
     records = []
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -75,18 +72,6 @@ def _conversation(port, ca_cert, messages, session=None, before=None):
                     echo += client.recv(65536)
                 records += [(0, message), (1, echo)]
             return client.session, client.session_reused, records
-
-
-_contexts = {}
-
-
-def _client_context(ca_cert):
-    # Python's ssl resumes only with the context that made the session.
-    if ca_cert not in _contexts:
-        context = ssl.create_default_context(cafile=ca_cert)
-        context.maximum_version = ssl.TLSVersion.TLSv1_2
-        _contexts[ca_cert] = context
-    return _contexts[ca_cert]
 
 
 def _chain(start, records):
@@ -211,9 +196,9 @@ class DigestAcrossNodesTests(_ExporterRecording, TestCase):
         repository = cluster.nodes["node2"].repository
         # Killed once the repository holds a checkpoint of the last records
         # (the last one or two may still be on their way).
-        while ((yield repository.checkpoint_of(session.id))
-               or (0, b""))[0] < len(records1) - 2:
-            yield deferLater(reactor, 0.05, lambda: None)
+        yield until(lambda: repository.checkpoint_of(session.id).addCallback(
+            lambda checkpoint: (checkpoint or (0, b""))[0]
+            >= len(records1) - 2), interval=0.05)
         yield cluster.kill("node1")
         seq, sealed = yield repository.checkpoint_of(session.id)
         anchor = (seq, cluster.nodes["node2"].keys.open_checkpoint(
@@ -259,12 +244,14 @@ class DigestVerifyCommandTests(_ExporterRecording, TestCase):
             _conversation, cluster.ports["node1"], cluster.ca_cert,
             [b"audit me %d" % n for n in range(4)])
         node1 = cluster.nodes["node1"]
+        def last_stored():
+            last = (len(records), node1.keys.seal_checkpoint(
+                session.id, len(records), node1.store.get(session.id).digest))
+            return node1.repository.checkpoint_of(session.id).addCallback(
+                lambda checkpoint: checkpoint == last)
+
         # The last checkpoint travels after the last echo.
-        while (yield node1.repository.checkpoint_of(session.id)) != (
-                len(records), node1.keys.seal_checkpoint(
-                    session.id, len(records),
-                    node1.store.get(session.id).digest)):
-            yield deferLater(reactor, 0.05, lambda: None)
+        yield until(last_stored, interval=0.05)
         transcript = self.mktemp()
         _transcript(transcript, records)
         return cluster, session.id, transcript, records
@@ -528,8 +515,7 @@ class StalledTargetTests(TestCase):
         self.addCleanup(peers.stopService)
         link = peers.link("node2")
         yield link.when_connected()
-        session_id = sessionid.new_session_id(
-            sessionid.owner_tag("test", "node1"))
+        session_id = session_id_of()
         calls = [peers.backup_session("node2", session_id, b"sealed"),
                  peers.checkpoint_session("node2", session_id, 1, b"d" * 32),
                  peers.purge_session("node2", session_id)]

@@ -16,13 +16,9 @@ from twisted.trial.unittest import TestCase
 
 from sslshare.cluster import BadRequest
 from sslshare.state import MAX_SEQ, StateKeys
-from tests.support import (
-    LocalCluster,
-    client_hello,
-    psk_extension,
-    read_records,
-    write_private,
-)
+from tests.support.cluster import LocalCluster
+from tests.support.files import write_private
+from tests.support.wire import client_hello, psk_extension, read_records
 
 SQLITE = 'kind = "sqlite"\npath = "{directory}/s.sqlite3"\n'
 

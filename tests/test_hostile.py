@@ -20,26 +20,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from sslshare import config, sessionid
+from sslshare import config
 from sslshare.tools import ask_stats
-from tests.support import (
-    LocalCluster,
-    StallingHandler,
-    client_hello,
-    exchange,
-    fragment,
-    held_amp_client,
-    pki,
-    psk_extension,
-    python_client_round,
-    resident_bytes,
-    until,
-)
+from tests.support.clients import held_amp_client, python_client_round
+from tests.support.cluster import LocalCluster
+from tests.support.pki import pki
+from tests.support.processes import resident_bytes
+from tests.support.servers import StallingHandler
+from tests.support.sessions import session_id_of
+from tests.support.waiting import until
+from tests.support.wire import client_hello, exchange, fragment, psk_extension
 
 HANDSHAKE_TIMEOUT = 1.0
 # Far above anything a case should take: only a hang reaches it.
@@ -56,13 +51,6 @@ def report(what, outcomes, controls):
     print(f"\nhostile {what}: {len(outcomes)} cases ({tally}), "
           f"{outcomes.count('hung')} hung, node served {controls} control "
           f"clients", flush=True)
-
-
-def session_id_of(node, cluster="test"):
-    """
-    A session id that names C{node} as its owner, which nobody holds.
-    """
-    return sessionid.new_session_id(sessionid.owner_tag(cluster, node))
 
 
 def in_batches(cases, run, size=100):

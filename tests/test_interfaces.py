@@ -26,8 +26,10 @@ from sslshare.cluster import ClusterTLS, ICommandHandler
 from sslshare.protocol import _BackendSide, _Gate
 from sslshare.repository import ISessionRepository
 from sslshare.tls import ISessionLookupListener
-from tests.memory import MemoryRepository
-from tests.support import LocalCluster
+from tests.support.clients import _HeldAmpClient
+from tests.support.cluster import LocalCluster
+from tests.support.memory import MemoryRepository
+from tests.support.servers import StallingHandler
 
 _CLIENT = IPv4Address("TCP", "127.0.0.1", 50000)
 
@@ -89,3 +91,10 @@ class DoublesTests(TestCase):
 
     def test_memory_repository(self):
         verifyObject(ISessionRepository, MemoryRepository(Clock()))
+
+    def test_stalling_handler(self):
+        verifyObject(ICommandHandler, StallingHandler())
+        verifyObject(ICommandHandler, StallingHandler(everything=True))
+
+    def test_held_amp_client(self):
+        verifyObject(IHandshakeListener, _HeldAmpClient(b""))

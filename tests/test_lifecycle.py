@@ -15,7 +15,6 @@ import os
 import re
 import socket
 import sqlite3
-import ssl
 import sys
 import threading
 import time
@@ -29,6 +28,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sslshare.config import NodeConfig
+from sslshare.dev.throwaway import free_port
 from sslshare.node import fired_within
 from sslshare.service import (
     EXPIRY_INTERVAL,
@@ -37,16 +37,13 @@ from sslshare.service import (
     _RepositoryService,
 )
 from sslshare.state import StateKeys
-from tests.memory import MemoryRepository
-from tests.support import (
-    LocalCluster,
-    TrickleFactory,
-    accepted_on,
-    free_port,
-    open_descriptors,
-    until,
-    write_private,
-)
+from tests.support.clients import client_context
+from tests.support.cluster import LocalCluster
+from tests.support.files import write_private
+from tests.support.memory import MemoryRepository
+from tests.support.processes import accepted_on, open_descriptors
+from tests.support.servers import TrickleFactory
+from tests.support.waiting import until
 
 SQLITE = 'topology = "repository"\nkind = "sqlite"\npath = "{directory}/s.sqlite3"\n'
 
@@ -111,7 +108,7 @@ class BackendFailureTests(_LogCapture, TestCase):
         self.addCleanup(released.set)
 
         def silent_client():
-            context = ssl.create_default_context(cafile=cluster.ca_cert)
+            context = client_context(cluster.ca_cert)
             with socket.create_connection(("127.0.0.1", port)) as raw:
                 with context.wrap_socket(raw, server_hostname="localhost"):
                     # Never answers the close_notify, never closes.

@@ -19,11 +19,9 @@ from twisted.trial.unittest import TestCase
 
 from sslshare import sessionid, tls
 from sslshare.logs import json_lines_observer
-from tests.support import (
-    LocalCluster,
-    connect_without_certificate,
-    until,
-)
+from tests.support.clients import connect_without_certificate
+from tests.support.cluster import LocalCluster
+from tests.support.waiting import until
 
 # A run of this many bytes of a key is a leak, whatever surrounds it.
 WINDOW = 12

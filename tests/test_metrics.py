@@ -16,17 +16,15 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from sslshare import config, tools
-from sslshare.dev import pki
 from sslshare.cluster import ClusterTLS, PeerLink, PeerUnavailable
+from sslshare.dev import pki
 from sslshare.recovery import LOOKUP_SOURCES
-from sslshare.tls import SESSION_REFUSALS
 from sslshare.state import StateKeys
-from tests.support import (
-    LocalCluster,
-    connect_without_certificate,
-    scrape_metrics,
-    until,
-)
+from sslshare.tls import SESSION_REFUSALS
+from tests.support.clients import connect_without_certificate
+from tests.support.cluster import LocalCluster
+from tests.support.metrics import scrape_metrics
+from tests.support.waiting import until
 
 
 def _handshakes(samples, outcome):

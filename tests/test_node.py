@@ -26,13 +26,10 @@ from twisted.trial.unittest import TestCase
 from sslshare.cluster import Stats
 from sslshare.hooks import LookupRequest
 from sslshare.tls import session_fields
-from tests.support import (
-    LocalCluster,
-    RoguePeerProtocol,
-    SilentListener,
-    s_client_round,
-    scrape_metrics,
-)
+from tests.support.clients import client_context, s_client_round
+from tests.support.cluster import LocalCluster
+from tests.support.metrics import scrape_metrics
+from tests.support.servers import RoguePeerProtocol, SilentListener
 
 
 class MovingSessionTests(TestCase):
@@ -544,7 +541,7 @@ BULK = os.urandom(4 * 1024 * 1024)
 
 
 def _bulk_client(port, ca_cert, payload):
-    context = ssl.create_default_context(cafile=ca_cert)
+    context = client_context(ca_cert)
     with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
         with context.wrap_socket(raw, server_hostname="localhost") as client:
             if payload:

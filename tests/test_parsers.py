@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sslshare import sessionid, tls
 from sslshare.state import SealError, StateKeys
-from tests.support import psk_extension, session_state, session_states
+from tests.support.sessions import session_state, session_states
+from tests.support.wire import psk_extension
 from tests.test_state import properties
 
 

@@ -19,7 +19,8 @@ from twisted.trial.unittest import TestCase
 
 from sslshare.dev import pki
 from sslshare.state import StateKeys
-from tests.support import TLSServer, python_client_round
+from tests.support.clients import python_client_round
+from tests.support.servers import TLSServer
 
 
 def _certificates(path):
@@ -89,7 +90,9 @@ class InitPKITests(TestCase):
             store, crypto.X509.from_cryptography(leaf)).verify_certificate()
 
     def test_keys_are_p256(self):
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+        from cryptography.hazmat.primitives.serialization import (
+            load_pem_private_key,
+        )
         for path in [self.files.ca_key, self.files.server_key,
                      self.files.node("node1").key]:
             with open(path, "rb") as f:

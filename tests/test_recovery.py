@@ -3,7 +3,7 @@ The recovery chain (L{sslshare.recovery.Recovery}) on its own, in memory and
 on a L{Clock}: its budget, its joined lookups, the redirects it follows, its
 bounds, and what a cancelled lookup leaves behind; and the placement it asks
 where the copies are.  The nodes are real, the wire and the repository are
-the in-memory doubles of L{tests.memory}.
+the in-memory doubles of L{tests.support.memory}.
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from sslshare.recovery import MAX_REDIRECTS
 from sslshare.repository import Taken
 from sslshare.tls import LookupRequest
-from tests.memory import BUDGET, CONTEXT, MemoryCluster, MemoryRepository
+from tests.support.memory import (
+    BUDGET,
+    CONTEXT,
+    MemoryCluster,
+    MemoryRepository,
+)
 
 
 class MemoryRepositoryTests(SynchronousTestCase):

@@ -1,10 +1,11 @@
 """
 The central session repository (L{sslshare.repository}) against real
 storage: an SQLite file in a temporary directory, and a C{redis-server} and
-a PostgreSQL cluster started by the tests (L{tests.support.shared_server}
-shares one of each per test process; the tests that stop a server start
-one of their own).  A test whose driver or server is not installed is
-skipped, and says which and how to install it (L{tests.support.skip_without}).
+a PostgreSQL cluster started by the tests
+(L{tests.support.databases.shared_server} shares one of each per test
+process; the tests that stop a server start one of their own).  A test
+whose driver or server is not installed is skipped, and says which and how
+to install it (L{tests.support.databases.skip_without}).
 
 L{RepositoryBehaviour} holds what every backend must do; one subclass per
 backend says how to make a repository and how to reach under it to its
@@ -31,8 +32,8 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from sslshare import sessionid
 from sslshare.config import RepositoryConfig
+from sslshare.dev.throwaway import PostgresServer
 from sslshare.repository import (
     InOrder,
     ISessionRepository,
@@ -40,27 +41,25 @@ from sslshare.repository import (
     Taken,
     from_config,
 )
-from sslshare.state import MAX_SEALED_LENGTH, SEALED_CHECKPOINT_LENGTH, StateKeys
-from tests.support import (
-    PostgresServer,
-    file_mode,
-    pki,
-    session_state,
+from sslshare.state import (
+    MAX_SEALED_LENGTH,
+    SEALED_CHECKPOINT_LENGTH,
+    StateKeys,
+)
+from tests.support.databases import (
     shared_server,
     skip_without,
     throwaway_server,
-    umask_for_test,
 )
+from tests.support.files import file_mode, umask_for_test
+from tests.support.pki import pki
+from tests.support.sessions import session_id_of, session_state
 
 # Long enough to take a blob before it expires, short enough to wait out.
 SHORT_LIFETIME = 0.15
 # An operation on a repository whose server is gone must fail within this
 # many seconds (the driver timeouts are 2 s); it fails in milliseconds.
 FAILS_WITHIN = 5.0
-
-
-def new_id():
-    return sessionid.new_session_id(sessionid.owner_tag("test", "node1"))
 
 
 def blob(size=200):
@@ -122,7 +121,7 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_blob_is_taken_once(self):
-        session_id, sealed = new_id(), blob()
+        session_id, sealed = session_id_of(), blob()
         yield self.repository.put(session_id, sealed, self.expires())
         self.assertEqual((yield self.repository.take(session_id)),
                          Taken(sealed))
@@ -131,18 +130,19 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_take_of_unknown_session_is_none(self):
-        self.assertIsNone((yield self.repository.take(new_id())))
+        self.assertIsNone((yield self.repository.take(session_id_of())))
 
     @inlineCallbacks
     def test_largest_blob_round_trips(self):
-        session_id, sealed = new_id(), blob(MAX_SEALED_LENGTH)
+        session_id, sealed = session_id_of(), blob(MAX_SEALED_LENGTH)
         yield self.repository.put(session_id, sealed, self.expires())
         self.assertEqual((yield self.repository.take(session_id)),
                          Taken(sealed))
 
     @inlineCallbacks
     def test_put_replaces_the_blob_and_keeps_the_checkpoint(self):
-        session_id, digest = new_id(), os.urandom(SEALED_CHECKPOINT_LENGTH)
+        session_id = session_id_of()
+        digest = os.urandom(SEALED_CHECKPOINT_LENGTH)
         yield self.repository.put(session_id, blob(), self.expires())
         yield self.repository.checkpoint(session_id, 7, digest)
         newer = blob()
@@ -154,7 +154,8 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_take_gets_the_newest_checkpoint_beside_the_blob(self):
-        session_id, sealed, digest = new_id(), blob(), os.urandom(SEALED_CHECKPOINT_LENGTH)
+        session_id, sealed = session_id_of(), blob()
+        digest = os.urandom(SEALED_CHECKPOINT_LENGTH)
         yield self.repository.put(session_id, sealed, self.expires())
         yield self.repository.checkpoint(session_id, 5, digest)
         self.assertEqual((yield self.repository.take(session_id)),
@@ -166,7 +167,7 @@ class RepositoryBehaviour:
         # still run in the order a node asked for them.
         repository = yield self.started(self.make(threads=4))
         for _ in range(20):
-            session_id, sealed = new_id(), blob()
+            session_id, sealed = session_id_of(), blob()
             putting = repository.put(session_id, sealed, self.expires())
             checkpointing = repository.checkpoint(session_id, 1, b"")
             taken = yield repository.take(session_id)
@@ -180,7 +181,7 @@ class RepositoryBehaviour:
         other = yield self.started(self.make(threads=4))
         racers = [self.repository, other]
         for _ in range(3):
-            session_id, sealed = new_id(), blob()
+            session_id, sealed = session_id_of(), blob()
             yield self.repository.put(session_id, sealed, self.expires())
             results = yield gatherResults(
                 [racers[i % 2].take(session_id) for i in range(50)])
@@ -189,7 +190,7 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_expired_blob_is_never_served(self):
-        session_id = new_id()
+        session_id = session_id_of()
         yield self.repository.put(session_id, blob(),
                                   self.expires(SHORT_LIFETIME))
         yield later(SHORT_LIFETIME + 0.05)
@@ -198,13 +199,13 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_blob_put_already_expired_is_never_served(self):
-        session_id = new_id()
+        session_id = session_id_of()
         yield self.repository.put(session_id, blob(), self.expires(-1))
         self.assertIsNone((yield self.repository.take(session_id)))
 
     @inlineCallbacks
     def test_expire_removes_expired_blobs_only(self):
-        old, live = new_id(), new_id()
+        old, live = session_id_of(), session_id_of()
         yield self.repository.put(old, blob(), self.expires(SHORT_LIFETIME))
         yield self.repository.put(live, blob(), self.expires())
         yield later(SHORT_LIFETIME + 0.05)
@@ -216,14 +217,14 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_checkpoint_of_a_fresh_blob_is_zero(self):
-        session_id = new_id()
+        session_id = session_id_of()
         yield self.repository.put(session_id, blob(), self.expires())
         self.assertEqual((yield self.repository.checkpoint_of(session_id)),
                          (0, b""))
 
     @inlineCallbacks
     def test_only_a_higher_checkpoint_wins(self):
-        session_id = new_id()
+        session_id = session_id_of()
         d5, d3, other5, d6 = (os.urandom(SEALED_CHECKPOINT_LENGTH) for _ in range(4))
         yield self.repository.put(session_id, blob(), self.expires())
         self.assertTrue((yield self.repository.checkpoint(session_id, 5, d5)))
@@ -240,7 +241,7 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_concurrent_checkpoints_end_at_the_highest(self):
-        session_id = new_id()
+        session_id = session_id_of()
         yield self.repository.put(session_id, blob(), self.expires())
         digests = {seq: os.urandom(SEALED_CHECKPOINT_LENGTH) for seq in range(1, 41)}
         order = list(digests)
@@ -253,7 +254,7 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_largest_seq_is_compared_exactly(self):
-        session_id, top = new_id(), 2 ** 63 - 1
+        session_id, top = session_id_of(), 2 ** 63 - 1
         yield self.repository.put(session_id, blob(), self.expires())
         self.assertTrue(
             (yield self.repository.checkpoint(session_id, top - 1, b"")))
@@ -265,14 +266,14 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_checkpoint_without_a_blob_is_refused(self):
-        session_id = new_id()
+        session_id = session_id_of()
         self.assertFalse(
             (yield self.repository.checkpoint(session_id, 1, os.urandom(SEALED_CHECKPOINT_LENGTH))))
         self.assertIsNone((yield self.repository.checkpoint_of(session_id)))
 
     @inlineCallbacks
     def test_checkpoint_of_an_expired_blob_is_refused(self):
-        session_id = new_id()
+        session_id = session_id_of()
         yield self.repository.put(session_id, blob(),
                                   self.expires(SHORT_LIFETIME))
         yield later(SHORT_LIFETIME + 0.05)
@@ -281,7 +282,7 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_purge_removes_the_blob_once(self):
-        session_id = new_id()
+        session_id = session_id_of()
         yield self.repository.put(session_id, blob(), self.expires())
         self.assertTrue((yield self.repository.purge(session_id)))
         self.assertFalse((yield self.repository.purge(session_id)))
@@ -290,7 +291,7 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_oversized_blob_in_storage_is_discarded_and_counted(self):
-        session_id = new_id()
+        session_id = session_id_of()
         self.raw_put(session_id, blob(MAX_SEALED_LENGTH + 1), self.expires())
         self.assertIsNone((yield self.repository.take(session_id)))
         self.assertEqual(self.repository.counters["bad_rows"], 1)
@@ -298,14 +299,14 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_empty_blob_in_storage_is_discarded_and_counted(self):
-        session_id = new_id()
+        session_id = session_id_of()
         self.raw_put(session_id, b"", self.expires())
         self.assertIsNone((yield self.repository.take(session_id)))
         self.assertEqual(self.repository.counters["bad_rows"], 1)
 
     @inlineCallbacks
     def test_bad_digest_in_storage_is_discarded_by_a_take(self):
-        session_id = new_id()
+        session_id = session_id_of()
         self.raw_put(session_id, blob(), self.expires(), seq=3,
                      digest=b"short")
         self.assertIsNone((yield self.repository.take(session_id)))
@@ -314,7 +315,7 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_bad_digest_in_storage_is_discarded_and_counted(self):
-        session_id = new_id()
+        session_id = session_id_of()
         self.raw_put(session_id, blob(), self.expires(), seq=3,
                      digest=b"short")
         self.assertIsNone((yield self.repository.checkpoint_of(session_id)))
@@ -323,7 +324,7 @@ class RepositoryBehaviour:
 
     @inlineCallbacks
     def test_counters_count_takes_hits_and_misses(self):
-        session_id = new_id()
+        session_id = session_id_of()
         yield self.repository.put(session_id, blob(), self.expires())
         yield self.repository.take(session_id)
         yield self.repository.take(session_id)
@@ -339,17 +340,17 @@ class RepositoryBehaviour:
 
     def test_blob_over_the_bound_is_refused(self):
         failure = self.failureResultOf(self.repository.put(
-            new_id(), blob(MAX_SEALED_LENGTH + 1), self.expires()))
+            session_id_of(), blob(MAX_SEALED_LENGTH + 1), self.expires()))
         failure.trap(ValueError)
 
     def test_digest_of_another_length_is_refused(self):
         failure = self.failureResultOf(
-            self.repository.checkpoint(new_id(), 1, b"x" * 31))
+            self.repository.checkpoint(session_id_of(), 1, b"x" * 31))
         failure.trap(ValueError)
 
     def test_negative_seq_is_refused(self):
         failure = self.failureResultOf(
-            self.repository.checkpoint(new_id(), -1, b""))
+            self.repository.checkpoint(session_id_of(), -1, b""))
         failure.trap(ValueError)
 
 
@@ -371,11 +372,12 @@ class ServerOutageBehaviour:
     def test_operations_fail_quickly_while_the_server_is_down(self):
         server = self.own_server()
         repository = yield self.started(self.make_for(server))
-        yield repository.put(new_id(), blob(), self.expires())
+        yield repository.put(session_id_of(), blob(), self.expires())
         server.stop()
-        for call in [lambda: repository.take(new_id()),
-                     lambda: repository.put(new_id(), blob(), self.expires()),
-                     lambda: repository.checkpoint(new_id(), 1, b"")]:
+        for call in [lambda: repository.take(session_id_of()),
+                     lambda: repository.put(session_id_of(), blob(),
+                                            self.expires()),
+                     lambda: repository.checkpoint(session_id_of(), 1, b"")]:
             began = time.monotonic()
             attempt = call()
             attempt.addTimeout(FAILS_WITHIN, reactor)
@@ -388,16 +390,18 @@ class ServerOutageBehaviour:
         server = self.own_server()
         repository = yield self.started(self.make_for(server))
         # Connections from every worker thread, all broken by the restart.
-        yield gatherResults([repository.take(new_id()) for _ in range(8)])
+        yield gatherResults([repository.take(session_id_of())
+                             for _ in range(8)])
         server.stop()
-        yield self.assertFailure(repository.take(new_id()), RepositoryError)
+        yield self.assertFailure(repository.take(session_id_of()),
+                                 RepositoryError)
         server.start()
-        session_id, sealed = new_id(), blob()
+        session_id, sealed = session_id_of(), blob()
         yield repository.put(session_id, sealed, self.expires())
         self.assertEqual((yield repository.take(session_id)),
                          Taken(sealed))
         results = yield gatherResults(
-            [repository.take(new_id()) for _ in range(8)])
+            [repository.take(session_id_of()) for _ in range(8)])
         self.assertEqual(results, [None] * 8)
 
     @inlineCallbacks
@@ -406,7 +410,8 @@ class ServerOutageBehaviour:
         server = self.own_server()
         server.stop()
         repository = yield self.started(self.make_for(server))
-        yield self.assertFailure(repository.take(new_id()), RepositoryError)
+        yield self.assertFailure(repository.take(session_id_of()),
+                                 RepositoryError)
 
 
 class SQLiteRepositoryTests(RepositoryBehaviour, TestCase):
@@ -451,7 +456,7 @@ class SQLiteRepositoryTests(RepositoryBehaviour, TestCase):
             racer = self.make(threads=4)
             racer.returning = False
             racers.append((yield self.started(racer)))
-        session_id, sealed = new_id(), blob()
+        session_id, sealed = session_id_of(), blob()
         yield racers[0].put(session_id, sealed, self.expires())
         results = yield gatherResults(
             [racers[i % 2].take(session_id) for i in range(50)])
@@ -460,7 +465,7 @@ class SQLiteRepositoryTests(RepositoryBehaviour, TestCase):
 
     @inlineCallbacks
     def test_text_where_a_blob_belongs_is_discarded_and_counted(self):
-        session_id = new_id()
+        session_id = session_id_of()
         self.raw_put(session_id, "not bytes", self.expires())
         self.assertIsNone((yield self.repository.take(session_id)))
         self.assertEqual(self.repository.counters["bad_rows"], 1)
@@ -483,7 +488,7 @@ class SQLiteRepositoryTests(RepositoryBehaviour, TestCase):
         umask_for_test(self, 0)
         path = os.path.join(os.path.dirname(self.path), "new.sqlite3")
         repository = yield self.started(SQLiteRepository(path, reactor))
-        yield repository.put(new_id(), blob(), self.expires())
+        yield repository.put(session_id_of(), blob(), self.expires())
         # In WAL mode the -wal and -shm files stay while connections are
         # open.
         self.assertEqual(
@@ -562,7 +567,7 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
     def test_key_of_another_type_is_discarded_and_counted(self):
         from sslshare.repository.redis import key
 
-        session_id = new_id()
+        session_id = session_id_of()
         self.client.set(key(session_id), b"a string, not a hash")
         self.assertIsNone((yield self.repository.take(session_id)))
         self.assertEqual(self.repository.counters["bad_rows"], 1)
@@ -572,7 +577,7 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
     def test_key_lives_as_long_as_the_session(self):
         from sslshare.repository.redis import key
 
-        session_id = new_id()
+        session_id = session_id_of()
         yield self.repository.put(session_id, blob(), self.expires(30))
         self.assertApproximates(self.client.pttl(key(session_id)), 30000, 1000)
 
@@ -585,7 +590,7 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
         repository = yield self.started(from_config(
             RepositoryConfig(kind="redis", url=server.url,
                              password_file=password_file), reactor, "."))
-        session_id, sealed = new_id(), blob()
+        session_id, sealed = session_id_of(), blob()
         yield repository.put(session_id, sealed, self.expires())
         self.assertEqual((yield repository.take(session_id)),
                          Taken(sealed))
@@ -594,7 +599,7 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
     def test_missing_password_fails_calls_naming_the_server(self):
         server = throwaway_server(self, "redis", password="s3cret pass").start()
         repository = yield self.started(self.make_for(server))
-        failure = yield self.assertFailure(repository.take(new_id()),
+        failure = yield self.assertFailure(repository.take(session_id_of()),
                                            RepositoryError)
         self.assertIn(f"redis redis://127.0.0.1:{server.port}/0: take:",
                       str(failure))
@@ -608,7 +613,7 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
                f"?ssl_ca_certs={pki().ca_cert}")
         repository = yield self.started(from_config(
             RepositoryConfig(kind="redis", url=url, tls=True), reactor, "."))
-        session_id, sealed = new_id(), blob()
+        session_id, sealed = session_id_of(), blob()
         yield repository.put(session_id, sealed, self.expires())
         self.assertEqual((yield repository.take(session_id)),
                          Taken(sealed))
@@ -617,7 +622,8 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
     def test_tls_server_refuses_a_plain_connection(self):
         server = throwaway_server(self, "redis", tls=pki()).start()
         repository = yield self.started(self.make_for(_PlainURL(server.port)))
-        yield self.assertFailure(repository.take(new_id()), RepositoryError)
+        yield self.assertFailure(repository.take(session_id_of()),
+                                 RepositoryError)
 
 
 @attrs.frozen
@@ -664,7 +670,7 @@ class PostgresRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
 
     @inlineCallbacks
     def test_table_dropped_under_a_running_repository_is_made_again(self):
-        session_id, sealed = new_id(), blob()
+        session_id, sealed = session_id_of(), blob()
         self.server.execute("DROP TABLE sslshare_sessions")
         yield self.repository.put(session_id, sealed, self.expires())
         self.assertEqual((yield self.repository.take(session_id)),
@@ -688,7 +694,7 @@ class PostgresRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
             RepositoryConfig(kind="postgres",
                              dsn=self.server.dsn("sslshare_password"),
                              password_file=password_file), reactor, "."))
-        session_id, sealed = new_id(), blob()
+        session_id, sealed = session_id_of(), blob()
         yield repository.put(session_id, sealed, self.expires())
         self.assertEqual((yield repository.take(session_id)),
                          Taken(sealed))
@@ -697,7 +703,7 @@ class PostgresRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
     def test_wrong_password_fails_calls_naming_the_server(self):
         repository = yield self.started(self.make_for(
             _Role(self.server, "sslshare_password"), password="wrong"))
-        failure = yield self.assertFailure(repository.take(new_id()),
+        failure = yield self.assertFailure(repository.take(session_id_of()),
                                            RepositoryError)
         self.assertIn(f"postgres 127.0.0.1:{self.server.port}/postgres: take: "
                       f"cannot connect", str(failure))
@@ -710,7 +716,7 @@ class PostgresRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
         repository = yield self.started(from_config(
             RepositoryConfig(kind="postgres", dsn=dsn, tls=True), reactor,
             "."))
-        session_id, sealed = new_id(), blob()
+        session_id, sealed = session_id_of(), blob()
         yield repository.put(session_id, sealed, self.expires())
         self.assertEqual((yield repository.take(session_id)),
                          Taken(sealed))
@@ -720,7 +726,8 @@ class PostgresRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
         dsn = self.server.dsn("sslshare_tls") + " sslmode=disable"
         repository = yield self.started(from_config(
             RepositoryConfig(kind="postgres", dsn=dsn), reactor, "."))
-        yield self.assertFailure(repository.take(new_id()), RepositoryError)
+        yield self.assertFailure(repository.take(session_id_of()),
+                                 RepositoryError)
 
 
 @attrs.frozen

@@ -18,14 +18,10 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from sslshare.state import MAX_SEQ, SEALED_CHECKPOINT_LENGTH
-from tests.support import (
-    LocalCluster,
-    file_mode,
-    shared_server,
-    throwaway_server,
-    umask_for_test,
-    until,
-)
+from tests.support.cluster import LocalCluster
+from tests.support.databases import shared_server, throwaway_server
+from tests.support.files import file_mode, umask_for_test
+from tests.support.waiting import until
 
 
 class _RepositoryTopology:
@@ -56,14 +52,13 @@ class _RepositoryTopology:
             yield self._stored(node1, state.session_id)
         return first
 
-    @inlineCallbacks
     def _stored(self, node, session_id):
         """
         Wait until the repository holds C{session_id}'s row: a put is
         counted when it is asked for.
         """
-        while (yield node.repository.checkpoint_of(session_id)) is None:
-            yield deferLater(reactor, 0.02, lambda: None)
+        return until(lambda: node.repository.checkpoint_of(
+            session_id).addCallback(lambda checkpoint: checkpoint is not None))
 
     @inlineCallbacks
     def _resumes_with_node1_stopped(self, version):
@@ -154,8 +149,7 @@ class _RepositoryTopology:
         self.assertEqual(node1.recovery.counters["stale_copies"], 1)
         self.assertIsNone(node1.store.get(session_id))
         # node2's copy is back in the repository.
-        while (yield node2.repository.checkpoint_of(session_id)) is None:
-            yield deferLater(reactor, 0.02, lambda: None)
+        yield self._stored(node2, session_id)
         home = yield cluster.client_round("node2", "TLSv1.2", first.session)
         self.assertTrue(home.reused)
         self.assertEqual(node2.counters["resumed_local"], 1)

@@ -61,8 +61,8 @@ run.
 from __future__ import annotations
 
 import gc
-import os
 import json
+import os
 import signal
 import sys
 import time
@@ -77,15 +77,15 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.support import (
-    LocalCluster,
-    SilentListener,
+from tests.support.cluster import LocalCluster
+from tests.support.databases import throwaway_server
+from tests.support.processes import (
     connections_to,
     open_descriptors,
     resident_bytes,
-    throwaway_server,
-    until,
 )
+from tests.support.servers import SilentListener
+from tests.support.waiting import until
 
 SOAK_SECONDS = float(os.environ.get("SSLSHARE_SOAK_SECONDS", "12"))
 CYCLE_SECONDS = 30.0

@@ -23,7 +23,7 @@ from sslshare.state import (
     StateKeyError,
     StateKeys,
 )
-from tests.support import session_ids, session_state, session_states
+from tests.support.sessions import session_ids, session_state, session_states
 
 # No example database in the trial directory, and no deadline nor check
 # of how fast examples are made: the machine is shared (trial -j, other

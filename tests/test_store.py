@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from sslshare.state import MAX_SEQ
 from sslshare.store import ENTRY_OVERHEAD, TOMBSTONE_OVERHEAD, SessionStore
-from tests.support import session_state, session_states
+from tests.support.sessions import session_state, session_states
 from tests.test_state import properties
 
 DER_LENGTH = 135

@@ -1,7 +1,8 @@
 """
 The test PKI: its files load into Python's C{ssl} and a stock client that
 trusts the CA accepts each server identity under its names.  Free ports,
-and the skip of the tests that need a Redis or PostgreSQL driver.
+the skip of the tests that need a Redis or PostgreSQL driver, L{until}, and
+which modules C{make test-quick} runs.
 """
 
 import os
@@ -11,13 +12,18 @@ import sys
 
 import attrs
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
 from sslshare.dev.throwaway import free_port
-from tests import support
+from tests.support.clients import client_context
+from tests.support.databases import SERVER_DRIVERS
+from tests.support.pki import make_pki, pki
+from tests.support.suite import SLOW, quick, slow
+from tests.support.waiting import until
 
 
 def _handshake(server_context: ssl.SSLContext, client_context: ssl.SSLContext,
@@ -53,47 +59,44 @@ class MakePKITests(TestCase):
 
     def test_writes_every_file(self):
         directory = self.mktemp()
-        pki = support.make_pki(directory)
-        for path in attrs.astuple(pki):
+        files = make_pki(directory)
+        for path in attrs.astuple(files):
             self.assertEqual(os.path.dirname(path), directory)
             self.assertGreater(os.path.getsize(path), 0)
 
     def test_chains_load_with_their_keys(self):
-        pki = support.pki()
-        for chain, key in [(pki.rsa_chain, pki.rsa_key),
-                           (pki.ec_chain, pki.ec_key),
-                           (pki.other_chain, pki.other_key)]:
+        files = pki()
+        for chain, key in [(files.rsa_chain, files.rsa_key),
+                           (files.ec_chain, files.ec_key),
+                           (files.other_chain, files.other_key)]:
             ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(chain, key)
 
     def _handshake_as(self, chain, key, server_hostname):
-        pki = support.pki()
-        client_context = ssl.create_default_context(cafile=pki.ca_cert)
-        # As Python 3.13's default context does: the certificates must satisfy
-        # RFC 5280, not only OpenSSL's lenient defaults.
-        client_context.verify_flags |= ssl.VERIFY_X509_STRICT
+        files = pki()
         server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server_context.load_cert_chain(chain, key)
-        _handshake(server_context, client_context, server_hostname)
+        _handshake(server_context, client_context(files.ca_cert, strict=True),
+                   server_hostname)
 
     def test_client_accepts_rsa_certificate_for_localhost(self):
-        pki = support.pki()
-        self._handshake_as(pki.rsa_chain, pki.rsa_key, "localhost")
+        files = pki()
+        self._handshake_as(files.rsa_chain, files.rsa_key, "localhost")
 
     def test_client_accepts_ec_certificate_for_loopback_address(self):
-        pki = support.pki()
-        self._handshake_as(pki.ec_chain, pki.ec_key, "127.0.0.1")
+        files = pki()
+        self._handshake_as(files.ec_chain, files.ec_key, "127.0.0.1")
 
     def test_client_accepts_other_certificate_for_its_name(self):
-        pki = support.pki()
-        self._handshake_as(pki.other_chain, pki.other_key, "other.test")
+        files = pki()
+        self._handshake_as(files.other_chain, files.other_key, "other.test")
 
     def test_client_refuses_localhost_certificate_for_other_name(self):
-        pki = support.pki()
+        files = pki()
         self.assertRaises(ssl.SSLCertVerificationError, self._handshake_as,
-                          pki.ec_chain, pki.ec_key, "other.test")
+                          files.ec_chain, files.ec_key, "other.test")
 
     def test_one_pki_per_process(self):
-        self.assertIs(support.pki(), support.pki())
+        self.assertIs(pki(), pki())
 
 
 class _PortsOfAChild(ProcessProtocol):
@@ -171,7 +174,7 @@ NEEDS_A_DRIVER = (
 
 class SkipWithoutTests(TestCase):
     """
-    L{support.skip_without}: a test that needs a driver that is not
+    L{skip_without}: a test that needs a driver that is not
     installed is skipped with the reason, never an error.
     """
 
@@ -180,7 +183,7 @@ class SkipWithoutTests(TestCase):
         # A directory first on the path whose redis and psycopg packages
         # fail to import, as when they are not installed.
         hidden = os.path.abspath(self.mktemp())
-        for driver in support.SERVER_DRIVERS.values():
+        for driver in SERVER_DRIVERS.values():
             os.makedirs(os.path.join(hidden, driver))
             reason = f"no module {driver}"
             with open(os.path.join(hidden, driver, "__init__.py"), "w") as f:
@@ -195,6 +198,77 @@ class SkipWithoutTests(TestCase):
         output = output.decode()
         self.assertEqual(code, 0, output + error.decode())
         self.assertIn(f"PASSED (skips={len(NEEDS_A_DRIVER)})", output)
-        for kind, driver in support.SERVER_DRIVERS.items():
+        for kind, driver in SERVER_DRIVERS.items():
             self.assertIn(f"the {kind} driver is not installed (pip install "
                           f"'sslshare[{kind}]'): no module {driver}", output)
+
+
+class UntilTests(TestCase):
+    """
+    L{until} fires once its predicate holds, and fails once its timeout has
+    passed.
+    """
+
+    def test_fires_once_the_predicate_holds(self):
+        clock = Clock()
+        holds = []
+        waiting = until(lambda: holds, clock=clock)
+        clock.advance(0.02)
+        self.assertNoResult(waiting)
+        holds.append(True)
+        clock.advance(0.02)
+        self.assertIsNone(self.successResultOf(waiting))
+
+    def test_fires_at_once_if_the_predicate_holds(self):
+        self.assertIsNone(self.successResultOf(
+            until(lambda: True, clock=Clock())))
+
+    def test_asks_every_interval(self):
+        clock = Clock()
+        asked = []
+        waiting = until(lambda: asked.append(clock.seconds()), clock=clock,
+                        interval=0.5)
+        clock.pump([0.5] * 3)
+        self.assertEqual(asked, [0.0, 0.5, 1.0, 1.5])
+        self.assertNoResult(waiting)
+        waiting.cancel()
+        self.failureResultOf(waiting)
+
+    def test_predicate_may_answer_with_a_deferred(self):
+        clock = Clock()
+        answers = iter([False, True])
+        waiting = until(lambda: succeed(next(answers)), clock=clock)
+        self.assertNoResult(waiting)
+        clock.advance(0.02)
+        self.assertIsNone(self.successResultOf(waiting))
+
+    def test_fails_after_its_timeout(self):
+        clock = Clock()
+        waiting = until(lambda: False, timeout=1.0, clock=clock,
+                        message="never")
+        clock.advance(0.9)
+        self.assertNoResult(waiting)
+        clock.advance(0.2)
+        failure = self.failureResultOf(waiting, AssertionError)
+        self.assertEqual(str(failure.value), "never")
+
+
+class SuiteSelectionTests(TestCase):
+    """
+    C{make test-quick} runs the quick modules, C{make test} all of them:
+    every test module is either quick or slow.
+    """
+
+    def _test_modules(self):
+        directory = os.path.dirname(os.path.abspath(__file__))
+        return {f"tests.{name[:-3]}" for name in os.listdir(directory)
+                if name.startswith("test_") and name.endswith(".py")}
+
+    def test_every_module_is_quick_or_slow_and_not_both(self):
+        self.assertEqual(set(quick()) | set(slow()), self._test_modules())
+        self.assertEqual(set(quick()) & set(slow()), set())
+        self.assertIn(__name__, quick())
+
+    def test_slow_modules_exist(self):
+        self.assertLessEqual(SLOW, self._test_modules())
+        self.assertEqual(set(slow()), SLOW)

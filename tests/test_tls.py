@@ -21,16 +21,11 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from sslshare import sessionid, tls
-from tests import support
-from tests.support import (
-    SharingPair,
-    TLSServer,
-    client_hello,
-    psk_extension,
-    python_client_round,
-    read_records,
-    s_client_round,
-)
+from tests.support.clients import python_client_round, s_client_round
+from tests.support.cluster import NetworkLookup
+from tests.support.pki import pki
+from tests.support.servers import SharingPair, TLSServer
+from tests.support.wire import client_hello, psk_extension, read_records
 
 
 class CrossContextResumptionTests(TestCase):
@@ -41,7 +36,7 @@ class CrossContextResumptionTests(TestCase):
     """
 
     def setUp(self):
-        self.pki = support.pki()
+        self.pki = pki()
 
     @inlineCallbacks
     def _python_client_resumes(self, version, key):
@@ -102,7 +97,7 @@ class CrossContextResumptionTests(TestCase):
         server on 127.0.0.1.
         """
         pair = SharingPair(self, self.pki.ec_chain, self.pki.ec_key)
-        pair.second.lookup = support.NetworkLookup(self, pair.sessions).lookup
+        pair.second.lookup = NetworkLookup(self, pair.sessions).lookup
         first = yield deferToThread(
             python_client_round, pair.first.port, self.pki.ca_cert, "TLSv1.3")
         second = yield deferToThread(
@@ -146,7 +141,7 @@ class SessionTests(TestCase):
     """
 
     def setUp(self):
-        self.pki = support.pki()
+        self.pki = pki()
 
     @inlineCallbacks
     def _made_session(self, version):
@@ -195,7 +190,7 @@ class RefusedSessionTests(TestCase):
     """
 
     def setUp(self):
-        self.pki = support.pki()
+        self.pki = pki()
 
     @inlineCallbacks
     def _full_handshake_with_answer(self, corrupt, counter, version="TLSv1.2"):
@@ -277,7 +272,7 @@ class ForbiddenCipherTests(TestCase):
     """
 
     def setUp(self):
-        self.pki = support.pki()
+        self.pki = pki()
 
     @inlineCallbacks
     def _cipher_taken_out(self, version, cipher, **second_options):
@@ -318,7 +313,7 @@ class BadInputTests(TestCase):
     """
 
     def setUp(self):
-        self.pki = support.pki()
+        self.pki = pki()
         self.server = TLSServer(self, self.pki.ec_chain, self.pki.ec_key,
                                 owner="node1", sessions={})
 
@@ -474,7 +469,7 @@ class ContextConfigurationTests(TestCase):
     """
 
     def setUp(self):
-        self.pki = support.pki()
+        self.pki = pki()
 
     def _error(self, chain, key, **kwargs):
         service = tls.VirtualService("web", chain, key, b"ctx")
@@ -532,7 +527,7 @@ class ServerNameAndALPNTests(TestCase):
     """
 
     def setUp(self):
-        self.pki = support.pki()
+        self.pki = pki()
 
     def _server(self, **kwargs):
         services = [

@@ -22,8 +22,10 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from tests import support
-from tests.support import SharingPair, found_in, resident_bytes
+from tests.support.pki import pki
+from tests.support.processes import resident_bytes
+from tests.support.servers import SharingPair
+from tests.support.sessions import found_in
 
 HANDSHAKES_PER_VERSION = 10_000
 WARM_UP = 500
@@ -38,7 +40,7 @@ class LeakTests(TestCase):
     def _resume(self, pair, version, count):
         output, error, code = yield getProcessOutputAndValue(
             sys.executable,
-            [CLIENT, support.pki().ca_cert, version, str(count),
+            [CLIENT, pki().ca_cert, version, str(count),
              str(pair.first.port), str(pair.second.port)],
             env=os.environ)
         self.assertEqual(code, 0, error.decode())
@@ -47,10 +49,10 @@ class LeakTests(TestCase):
 
     @inlineCallbacks
     def test_20000_resumed_handshakes_do_not_grow_memory(self):
-        pki = support.pki()
+        files = pki()
         pairs = {}
         for version, take in (("TLSv1.2", dict.get), ("TLSv1.3", dict.pop)):
-            pair = SharingPair(self, pki.ec_chain, pki.ec_key)
+            pair = SharingPair(self, files.ec_chain, files.ec_key)
             # TLS 1.2 resumes one session again and again; a TLS 1.3 ticket
             # is used once and replaced, so its entry moves out of the dict.
             for server in (pair.first, pair.second):

@@ -27,6 +27,7 @@ from sslshare.repository import ISessionRepository, RepositoryError, Taken
 from sslshare.state import StateKeys
 from sslshare.store import SessionStore
 from sslshare.tls import LookupRequest
+from tests.support.sessions import session_id_of
 
 CLUSTER = "test"
 SERVICE = "web"
@@ -120,19 +121,22 @@ class MemoryPeers:
 
     @property
     def links(self) -> tuple[MemoryLink, ...]:
-        return tuple(self.link(node_id) for node_id in sorted(self.network.nodes)
+        return tuple(self.link(node_id)
+                     for node_id in sorted(self.network.nodes)
                      if node_id != self.node_id)
 
     def link(self, node_id: str) -> MemoryLink | None:
         if node_id == self.node_id or node_id not in self.network.nodes:
             return None
-        return self._links.setdefault(node_id, MemoryLink(node_id, self.network))
+        return self._links.setdefault(node_id,
+                                      MemoryLink(node_id, self.network))
 
     def connected_count(self) -> int:
         return sum(1 for link in self.links if link.connected)
 
     def fetch_session(self, node_id: str, session_id: bytes,
-                      terms: FetchTerms | None = None) -> Deferred[FetchAnswer]:
+                      terms: FetchTerms | None = None,
+                      ) -> Deferred[FetchAnswer]:
         return self.network.send(
             "fetch", self.node_id, node_id,
             lambda handler: handler.fetch_session(session_id, self.node_id,
@@ -209,8 +213,8 @@ class MemoryRepository:
             return refused
         self.counters["puts"] += 1
         kept = self._live(session_id)
-        self.rows[session_id] = _Row(sealed, expires,
-                                     *((kept.seq, kept.digest) if kept else ()))
+        self.rows[session_id] = _Row(
+            sealed, expires, *((kept.seq, kept.digest) if kept else ()))
         return succeed(None)
 
     def take(self, session_id: bytes) -> Deferred[Taken | None]:
@@ -303,8 +307,7 @@ class MemoryCluster:
         A session that node C{node_id} makes, as its engine reports one,
         with its copy where the cluster keeps it.
         """
-        session_id = sessionid.new_session_id(
-            sessionid.owner_tag(CLUSTER, node_id))
+        session_id = session_id_of(node_id, CLUSTER)
         made_for = SimpleNamespace(service=SimpleNamespace(id_context=CONTEXT))
         self[node_id].new_session(made_for, session_id,
                                   DER_HEADS[protocol] + bytes(64))
