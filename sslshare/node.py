@@ -114,7 +114,8 @@ class Node:
         C{fetches_refused} (a peer asked for a session its handshake
         cannot resume: kept here), C{refused_checkpoints} and
         C{refused_purges} (from a peer that
-        does not hold the session), C{purge_failures} (an old copy of a
+        does not hold the session), C{late_checkpoints} (from a former
+        holder, covered by the copy kept), C{purge_failures} (an old copy of a
         session at another node could not be dropped: given away, or
         replaced by a copy at a new backup node), C{chains_exhausted}
         (a digest chain at its bound, no longer digested).
@@ -506,11 +507,18 @@ class Node:
         """
         Record the checkpoint of a copy this node keeps for C{requester},
         its holder; the checkpoint of a session anyone else holds is not
-        C{requester}'s to write.
+        C{requester}'s to write.  One the copy already covers is a former
+        holder's, sent before the session moved and overtaken by the new
+        holder's copy, which carries it: it changes nothing and is counted,
+        not warned about.
         """
-        holder = self.store.held_by(session_id)
-        if holder is not None and holder != requester:
-            self._refused_peer("Checkpoint", session_id, requester, holder)
+        kept = self.store.holder_and_seq(session_id)
+        if kept is not None and kept[0] != requester:
+            if seq <= kept[1]:
+                self.counters["late_checkpoints"] += 1
+            else:
+                self._refused_peer("Checkpoint", session_id, requester,
+                                   kept[0])
             return False
         return self.store.update_checkpoint(session_id, seq, digest)
 

@@ -274,6 +274,17 @@ class SessionStore:
             return None
         return self._contexts[_HEAD.unpack_from(record)[3]][1]
 
+    def holder_and_seq(self, session_id: bytes) -> tuple[str, int] | None:
+        """
+        The holder a live session under C{session_id} names and how many
+        records its checkpoint covers, or C{None}; as cheap as L{held_by}.
+        """
+        record = self._live(session_id)
+        if record is None:
+            return None
+        head = _HEAD.unpack_from(record)
+        return self._contexts[head[3]][1], head[2]
+
     def sessions(self) -> list[SessionState]:
         """
         Every unexpired session held, least recently used first.

@@ -170,6 +170,20 @@ class ForeignCommandTests(TestCase):
         self.assertTrue(accepted)
 
     @inlineCallbacks
+    def test_checkpoint_the_copy_already_covers_is_late_not_refused(self):
+        # What a former holder's checkpoint looks like when the new
+        # holder's copy overtook it: no more records than the copy's.
+        kept = self.node2.store.get(self.session_id)
+        self.assertGreater(kept.seq, 0)
+        accepted = yield self.node3.peer_links.checkpoint_session(
+            "node2", self.session_id, kept.seq, os.urandom(32))
+        self.assertFalse(accepted)
+        self.assertEqual(self.node2.counters["late_checkpoints"], 1)
+        self.assertEqual(self.node2.counters["refused_checkpoints"], 0)
+        self.assertEqual(self.node2.store.get(self.session_id).digest,
+                         kept.digest)
+
+    @inlineCallbacks
     def test_purge_from_a_peer_that_does_not_hold_the_session(self):
         for target in ("node1", "node2"):
             removed = yield self.node3.peer_links.purge_session(
