@@ -66,6 +66,9 @@ it is given), asynchronously:
       ends after C{max_pause} seconds whatever the store does (counted as
       C{pauses_cut}); the pipeline pauses again only once the store has
       answered since;
+    - a flush (the connection is closing) hands the newest checkpoint,
+      if it waits behind a write in flight, to C{keep} at once: the
+      holder's own copy, which a peer may fetch before the store answers;
     - modes: C{every-record} writes as fast as the store answers;
       C{interval} writes the newest checkpoint once per period at most;
       C{off} writes nothing.
@@ -430,10 +433,16 @@ class CheckpointPipeline:
         resume: Callable[[], object] | None = None,
         counters: Counter[str] | None = None,
         failure_log: FailureLog | None = None,
+        keep: Callable[[bytes, int, bytes], object] | None = None,
     ) -> None:
         """
         @param write: called as C{write(session_id, seq, digest)}; returns
             (a L{Deferred} of) whether the store accepted it.
+        @param keep: called as C{keep(session_id, seq, digest)} with the
+            newest checkpoint when a flush finds it still waiting behind a
+            write in flight: the holder's own copy takes it at once, so
+            that a peer fetching the session before the store answers
+            continues the chain from the connection's last record.
         @param start: the checkpoint the cluster already holds for the
             session (a resumed session), or C{(0, b"")}.
         @param pause: called when the backlog passes the bound.
@@ -441,6 +450,7 @@ class CheckpointPipeline:
         """
         self.session_id = session_id
         self._write = write
+        self._keep = keep
         self._clock = clock
         self.policy = policy
         self._pause = pause
@@ -540,6 +550,8 @@ class CheckpointPipeline:
         waiter: Deferred[bool] = Deferred(cancel)
         self._flushes.append((target, waiter))
         if self._waiting is not None:
+            if self._keep is not None:
+                self._keep(self.session_id, *self._waiting)
             self._due_seq = target
             self._send_soon()
             self._check_pressure()

@@ -343,7 +343,8 @@ class Node:
             session_id, self._write_checkpoint, self.clock,
             self.settings.checkpoint, start=start, pause=pause, resume=resume,
             counters=self.checkpoint_counters,
-            failure_log=self._checkpoint_failures)
+            failure_log=self._checkpoint_failures,
+            keep=self.store.update_checkpoint)
         self._pipelines.add(pipeline)
         update, enqueue = chain.update, pipeline.enqueue
 

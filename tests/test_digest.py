@@ -552,6 +552,23 @@ class FlushTests(PipelineTestCase):
         self.assertTrue(self.successResultOf(done))
         self.assertEqual(self.slow.held(), steps[-1])
 
+    def test_flush_hands_the_waiting_checkpoint_to_keep_at_once(self):
+        kept = []
+        pipeline = CheckpointPipeline(
+            self.slow.session_id, self.slow.write, self.clock,
+            keep=lambda *checkpoint: kept.append(checkpoint))
+        steps = checkpoints(3)
+        pipeline.enqueue(*steps[0])
+        pipeline.flush()
+        # Nothing waits behind the write in flight: the store's answer is
+        # the one to wait for.
+        self.assertEqual(kept, [])
+        for step in steps[1:]:
+            pipeline.enqueue(*step)
+        pipeline.flush()
+        self.assertEqual(kept, [(self.slow.session_id, *steps[-1])])
+        self.assertEqual(self.slow.held(), (0, b""))
+
     def test_flush_with_nothing_owed_fires_at_once(self):
         pipeline = self.pipeline()
         self.assertTrue(self.successResultOf(pipeline.flush()))
