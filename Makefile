@@ -58,9 +58,13 @@ system-deps:
 demo: system-deps venv
 	$(VENV)/bin/sslshare demo
 
-# Quick by default (under three minutes); `make bench BENCH_ARGS=` for the
+# Quick by default (about five minutes); `make bench BENCH_ARGS=` for the
 # full run (under twenty).  Writes benchmarks/RESULTS.md and results.json.
 BENCH_ARGS ?= --quick
+# The references the benchmarks set sslshare beside: system-deps, run for
+# bench, installs them too.
+BENCH_PACKAGES := haproxy nginx
+bench: APT_PACKAGES += $(BENCH_PACKAGES)
 bench: system-deps venv
 	$(VENV)/bin/python benchmarks/run.py $(BENCH_ARGS)
 

@@ -33,9 +33,10 @@ Every part is its own process on 127.0.0.1, as in a deployment:
       Cluster C{every-record} checkpoints every record, cluster C{off} none;
       everything else is the same.  With two nodes, each session's backup
       node is the other one, so node1's checkpoints leave the process: an
-      AMP C{Checkpoint} command over mutual TLS to node2 (which keeps it in
-      its store), one in flight per connection, newer ones coalesced
-      meanwhile, as L{sslshare.digest.CheckpointPipeline} does;
+      item of an AMP C{Deliver} command over mutual TLS to node2 (which
+      keeps it in its store; the items node1 has for node2 within one
+      window share a command), one in flight per connection, newer ones
+      coalesced meanwhile, as L{sslshare.digest.CheckpointPipeline} does;
     - the backend both clusters proxy to: a B{sink} (this file, role
       C{_sink}; stdlib C{socketserver}, a thread per connection) that
       reads a 16-byte header naming a byte count, answers C{R}, discards

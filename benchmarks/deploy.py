@@ -306,13 +306,15 @@ HANDSHAKE_COUNTERS = ("full", "resumed_local", "resumed_peer",
 # What a node counts of the commands its peers sent it: the cluster's
 # messages, each counted once, where it arrived.
 COMMAND_COUNTER = "cluster.commands:"
+ITEM_COUNTER = "cluster.items:"
 
 
 def handshake_counters(nodes: list[Node]) -> dict[str, int]:
     """
     The handshake outcomes (L{HANDSHAKE_COUNTERS}) summed over C{nodes}:
     the servers' side of the clients' counts; and, as C{commands:Name},
-    the cluster commands the nodes received.
+    the cluster commands the nodes received (as C{items:Name}, the items
+    of the Deliver commands among them).
     """
     total = dict.fromkeys(HANDSHAKE_COUNTERS, 0)
     for node in nodes:
@@ -324,9 +326,11 @@ def handshake_counters(nodes: list[Node]) -> dict[str, int]:
         for key in HANDSHAKE_COUNTERS:
             total[key] += stats.get(key, 0)
         for key, value in stats.items():
-            if key.startswith(COMMAND_COUNTER):
-                name = "commands:" + key[len(COMMAND_COUNTER):]
-                total[name] = total.get(name, 0) + value
+            for counter, name in ((COMMAND_COUNTER, "commands:"),
+                                  (ITEM_COUNTER, "items:")):
+                if key.startswith(counter):
+                    name += key[len(counter):]
+                    total[name] = total.get(name, 0) + value
     return total
 
 

@@ -166,13 +166,24 @@ def measure(deployment: Deployment, load: Load, ca_certificate: str,
         "errors": counts["errors"],
         "error_reasons": counts.get("error_reasons", {}),
         "server_counts": {key: value for key, value in changed.items()
-                          if not key.startswith("commands:")},
-        "messages_per_connection": {
-            key[len("commands:"):]: value / served
-            for key, value in sorted(changed.items())
-            if key.startswith("commands:")
-            and key[len("commands:"):] not in TOOL_COMMANDS and served},
+                          if not key.startswith(("commands:", "items:"))},
+        "messages_per_connection": _per_connection(changed, "commands:",
+                                                   served),
+        "items_per_connection": _per_connection(changed, "items:", served),
     }
+
+
+def _per_connection(counts: dict[str, int], prefix: str, served: int
+                    ) -> dict[str, float]:
+    """
+    The counters under C{prefix} (the cluster commands the kind's nodes
+    received, or the items those carried) per connection served, without
+    the ones a measuring tool sends itself.
+    """
+    return {key[len(prefix):]: value / served
+            for key, value in sorted(counts.items())
+            if key.startswith(prefix)
+            and key[len(prefix):] not in TOOL_COMMANDS and served}
 
 
 def _repository_settings(kind: str, directory: str,
@@ -328,7 +339,8 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     per connection of a peer resumption over a full handshake (C{peer_vs_full},
     also with the RSA certificate); what the cluster adds to a lone node's
     resumption (C{cluster_overhead_us}: local minus alone_resumed) and what
-    the fetch adds (C{fetch_us}: peer minus local), in µs per connection;
+    the fetch adds (C{fetch_us}: peer minus local, also with the RSA
+    certificate), in µs per connection;
     and the lone node's server CPU per connection over HAProxy's and
     nginx's, full and resumed.
     """
@@ -346,13 +358,16 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             mine["peer_vs_local_rate"] = (kinds["peer"]["handshakes_per_s"]
                                           / kinds["local"]["handshakes_per_s"])
         for prefix in ("", "rsa_"):
-            mine.update({prefix + key: value for key, value in _ratio(
-                kinds, prefix + "peer", prefix + "full", cpu).items()})
+            if prefix + "peer" in kinds and prefix + "full" in kinds:
+                mine[prefix + "peer_vs_full"] = (kinds[prefix + "peer"][cpu]
+                                                 / kinds[prefix + "full"][cpu])
         if "local" in kinds and "alone_resumed" in kinds:
             mine["cluster_overhead_us"] = (kinds["local"][cpu]
                                            - kinds["alone_resumed"][cpu])
-        if "peer" in kinds and "local" in kinds:
-            mine["fetch_us"] = kinds["peer"][cpu] - kinds["local"][cpu]
+        for prefix in ("", "rsa_"):
+            if prefix + "peer" in kinds and prefix + "local" in kinds:
+                mine[prefix + "fetch_us"] = (kinds[prefix + "peer"][cpu]
+                                             - kinds[prefix + "local"][cpu])
         for name in ("full", "resumed"):
             for reference in ("haproxy", "nginx"):
                 mine.update(_ratio(kinds, f"alone_{name}",
