@@ -326,10 +326,10 @@ def handshake_counters(nodes: list[Node]) -> dict[str, int]:
         for key in HANDSHAKE_COUNTERS:
             total[key] += stats.get(key, 0)
         for key, value in stats.items():
-            for counter, name in ((COMMAND_COUNTER, "commands:"),
-                                  (ITEM_COUNTER, "items:")):
+            for counter, label in ((COMMAND_COUNTER, "commands:"),
+                                   (ITEM_COUNTER, "items:")):
                 if key.startswith(counter):
-                    name += key[len(counter):]
+                    name = label + key[len(counter):]
                     total[name] = total.get(name, 0) + value
     return total
 

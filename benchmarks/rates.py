@@ -358,16 +358,16 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             mine["peer_vs_local_rate"] = (kinds["peer"]["handshakes_per_s"]
                                           / kinds["local"]["handshakes_per_s"])
         for prefix in ("", "rsa_"):
-            if prefix + "peer" in kinds and prefix + "full" in kinds:
-                mine[prefix + "peer_vs_full"] = (kinds[prefix + "peer"][cpu]
+            peer = kinds.get(prefix + "peer")
+            if peer is not None and prefix + "full" in kinds:
+                mine[prefix + "peer_vs_full"] = (peer[cpu]
                                                  / kinds[prefix + "full"][cpu])
+            if peer is not None and prefix + "local" in kinds:
+                mine[prefix + "fetch_us"] = (peer[cpu]
+                                             - kinds[prefix + "local"][cpu])
         if "local" in kinds and "alone_resumed" in kinds:
             mine["cluster_overhead_us"] = (kinds["local"][cpu]
                                            - kinds["alone_resumed"][cpu])
-        for prefix in ("", "rsa_"):
-            if prefix + "peer" in kinds and prefix + "local" in kinds:
-                mine[prefix + "fetch_us"] = (kinds[prefix + "peer"][cpu]
-                                             - kinds[prefix + "local"][cpu])
         for name in ("full", "resumed"):
             for reference in ("haproxy", "nginx"):
                 mine.update(_ratio(kinds, f"alone_{name}",

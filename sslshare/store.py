@@ -269,15 +269,13 @@ class SessionStore:
         The holder a live session under C{session_id} names, or C{None}:
         cheaper than L{get}, which rebuilds the whole state.
         """
-        record = self._live(session_id)
-        if record is None:
-            return None
-        return self._contexts[_HEAD.unpack_from(record)[3]][1]
+        kept = self.holder_and_seq(session_id)
+        return None if kept is None else kept[0]
 
     def holder_and_seq(self, session_id: bytes) -> tuple[str, int] | None:
         """
         The holder a live session under C{session_id} names and how many
-        records its checkpoint covers, or C{None}; as cheap as L{held_by}.
+        records its checkpoint covers, or C{None}: cheaper than L{get}.
         """
         record = self._live(session_id)
         if record is None:
