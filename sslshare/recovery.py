@@ -693,9 +693,13 @@ class Recovery:
     def _purge_elsewhere(self, session_id: bytes, nodes: set[str]) -> None:
         """
         Tell C{nodes} (this node left out) to drop their copy of
-        C{session_id}.
+        C{session_id}.  A node that is not a peer cannot be told, and need
+        not be: nodes that share only a repository take from it before they
+        serve a copy of their own, and that take is what moved the session.
         """
-        for node in sorted(nodes - {self.node_id}):
+        peers = self.placement.peers
+        for node in sorted(node for node in nodes - {self.node_id}
+                           if peers.link(node) is not None):
             self._peer_write("purge", node, self.placement.peers.purge_session(
                 node, session_id))
 

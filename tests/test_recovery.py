@@ -335,6 +335,25 @@ class RepositoryTests(SynchronousTestCase):
                                                 "TLSv1.3")))
         self.assertEqual(cluster["node1"].recovery.counters["stale_copies"], 1)
 
+    def test_nodes_sharing_only_the_repository_tell_no_peer(self):
+        """
+        Nodes with a repository and no peers configured: the one that takes
+        another's session from the repository has no link to tell its
+        former holder, and need not, since that node takes from the
+        repository before it serves its copy again.  Nothing is counted
+        as a failed purge.
+        """
+        cluster = MemoryCluster(repository=True, linked=False)
+        session_id = cluster.new_session("node1")
+        found = self.successResultOf(cluster.lookup("node2", session_id))
+        self.assertEqual(found.source, "repository")
+        self.assertNotIn("purge", [call[0] for call in cluster.network.sent])
+        self.assertEqual(
+            cluster["node2"].recovery.counters["peer_purge_failures"], 0)
+        self.assertIsNone(self.successResultOf(cluster.lookup("node1",
+                                                              session_id)))
+        self.assertEqual(cluster["node1"].recovery.counters["stale_copies"], 1)
+
 
 class PlacementTests(SynchronousTestCase):
     """

@@ -65,13 +65,17 @@ class MemoryNetwork:
         every command to them fails (a holder alive but not answering).
     @ivar stalled: nodes that take every command and never answer.
     @ivar latency: seconds on the clock before each answer arrives.
+    @ivar linked: C{False}: the nodes share only a repository, each with no
+        peer configured, so every command is refused as the real
+        L{sslshare.cluster.Peers} refuses one to a node that is not a peer.
     @ivar sent: C{(command, from, to)} for every command sent.
     @ivar cancelled: C{(command, from, to)} for every command whose
         caller gave up before it was answered.
     """
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, linked: bool = True) -> None:
         self.clock = clock
+        self.linked = linked
         self.nodes: dict[str, Node] = {}
         self.down: set[str] = set()
         self.unreachable: set[str] = set()
@@ -88,6 +92,8 @@ class MemoryNetwork:
         """
         call = (command, sender, receiver)
         self.sent.append(call)
+        if not self.linked:
+            return fail(PeerUnavailable(receiver, "not a peer of this node"))
         if (receiver not in self.nodes or receiver in self.down
                 or receiver in self.unreachable):
             return fail(PeerUnavailable(receiver, "not connected"))
@@ -121,12 +127,12 @@ class MemoryPeers:
 
     @property
     def links(self) -> tuple[MemoryLink, ...]:
-        return tuple(self.link(node_id)
-                     for node_id in sorted(self.network.nodes)
-                     if node_id != self.node_id)
+        return tuple(link for link in map(self.link, sorted(self.network.nodes))
+                     if link is not None)
 
     def link(self, node_id: str) -> MemoryLink | None:
-        if node_id == self.node_id or node_id not in self.network.nodes:
+        if (not self.network.linked or node_id == self.node_id
+                or node_id not in self.network.nodes):
             return None
         return self._links.setdefault(node_id,
                                       MemoryLink(node_id, self.network))
@@ -273,14 +279,15 @@ class MemoryCluster:
     """
     Nodes of one cluster, each a real L{Node} with its L{Recovery}, on one
     L{Clock} and one L{MemoryNetwork}; with C{repository}, all share one
-    L{MemoryRepository}.
+    L{MemoryRepository}, and with C{linked=False} nothing else.
     """
 
     def __init__(self, nodes: tuple[str, ...] = ("node1", "node2", "node3"),
-                 repository: bool = False, **settings: object) -> None:
+                 repository: bool = False, linked: bool = True,
+                 **settings: object) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
-        self.network = MemoryNetwork(self.clock)
+        self.network = MemoryNetwork(self.clock, linked)
         self.keys = StateKeys([StateKeys.generate()])
         self.repository = MemoryRepository(self.clock) if repository else None
         ring = BackupRing({sessionid.owner_tag(CLUSTER, node_id): node_id
