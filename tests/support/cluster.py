@@ -211,13 +211,15 @@ class LocalCluster:
     def settled(self):
         """
         Fires once every command the in-process nodes have sent their peers
-        so far has been handled: a C{Stats} round trip on every link that
+        so far, and every item waiting in their outboxes, has been handled:
+        the outboxes flushed, then a C{Stats} round trip on every link that
         is up, since AMP answers a connection's commands in order.
         """
-        return gatherResults([stats_from(link)
-                              for node in self.nodes.values()
-                              for link in node.peer_links.links
-                              if link.connected])
+        links = [link for node in self.nodes.values()
+                 for link in node.peer_links.links if link.connected]
+        for link in links:
+            link.outbox.flush()
+        return gatherResults([stats_from(link) for link in links])
 
     def wait_linked_to(self, peer, timeout=10.0):
         """
