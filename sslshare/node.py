@@ -115,7 +115,9 @@ class Node:
         cannot resume: kept here), C{refused_checkpoints} and
         C{refused_purges} (from a peer that
         does not hold the session), C{late_checkpoints} (from a former
-        holder, covered by the copy kept), C{purge_failures} (an old copy of a
+        holder, covered by the copy kept), C{tombstones_moved} (a
+        tombstone that named the node a session went to, told by it where
+        the session went next), C{purge_failures} (an old copy of a
         session at another node could not be dropped: given away, or
         replaced by a copy at a new backup node), C{chains_exhausted}
         (a digest chain at its bound, no longer digested).
@@ -402,7 +404,8 @@ class Node:
         def given(kept: bool) -> bool:
             held = self.store.get(session_id)
             if kept and held is not None and held.holder == self.node_id:
-                self._purge_copies(session_id, self.node_id, {backup})
+                self._purge_copies(session_id, self.node_id, {backup},
+                                   self.node_id)
             return kept
 
         giving = self.placement.peers.backup_session(backup, session_id,
@@ -482,17 +485,20 @@ class Node:
             backup = self.placement.backup_node(session_id, requester)
             if backup is not None:
                 kept.add(backup)
-        self._purge_copies(session_id, given.holder, kept)
+        self._purge_copies(session_id, given.holder, kept, requester)
 
     def _purge_copies(self, session_id: bytes, holder: str,
-                      kept: set[str]) -> None:
+                      kept: set[str], successor: str) -> None:
         """
         Tell the nodes that may keep a backup copy of C{session_id} naming
-        C{holder}, but C{kept} and this node, to drop it.
+        C{holder}, but C{kept} and this node, to drop it: C{successor}
+        holds the session now.
         """
         others = self.placement.backup_nodes(session_id, holder)
+        named = None if successor == self.node_id else successor
         for other in sorted(others - kept):
-            purging = self.placement.peers.purge_session(other, session_id)
+            purging = self.placement.peers.purge_session(other, session_id,
+                                                         named)
             purging.addErrback(self._purge_failed, other)
 
     def _purge_failed(self, reason: Failure, peer: str) -> None:
@@ -523,19 +529,30 @@ class Node:
             return False
         return self.store.update_checkpoint(session_id, seq, digest)
 
-    def purge(self, session_id: bytes, requester: str) -> bool:
+    def purge(self, session_id: bytes, requester: str,
+              successor: str | None = None) -> bool:
         """
-        Drop this node's copy of a session C{requester} now holds, leaving
-        a tombstone that sends whoever asks here to it.  The copy's holder
-        may say so; anyone, for a backup copy whose holder is gone (it
-        would serve only then, and a session recovered from another copy
-        meanwhile would be served twice); never for a session this node
-        holds itself.  With a repository any peer may: the repository
-        decides who holds a session, and this node resumes its own only
-        once it has taken the repository's copy.
+        Drop this node's copy of a session C{successor} (C{None}:
+        C{requester}) now holds, leaving a tombstone that sends whoever
+        asks here to it.  The copy's holder may say so; anyone, for a
+        backup copy whose holder is gone (it would serve only then, and a
+        session recovered from another copy meanwhile would be served
+        twice); never for a session this node holds itself.  With a
+        repository any peer may: the repository decides who holds a
+        session, and this node resumes its own only once it has taken the
+        repository's copy.  Without a copy, a tombstone here that names
+        C{requester} (this node gave it the session, or was told it went
+        there) is moved to C{successor}: lookups that reach this node
+        (every node asks a session's owner first) are sent to where the
+        session is, not to where it was, one redirect fewer.
         """
+        successor = successor or requester
         holder = self.store.held_by(session_id)
         if holder is None:
+            if (successor != requester
+                    and self.store.move_tombstone(session_id, requester,
+                                                  successor)):
+                self.counters["tombstones_moved"] += 1
             return False
         if not (holder == requester or self.repository is not None
                 or (holder != self.node_id
@@ -545,7 +562,7 @@ class Node:
         state = self.store.take(session_id)
         if state is None:
             return False
-        self.store.tombstone(session_id, requester, state.expires, state.moves)
+        self.store.tombstone(session_id, successor, state.expires, state.moves)
         return True
 
     def _refused_peer(self, command: str, session_id: bytes, requester: str,

@@ -131,8 +131,8 @@ class PeerChannel(Protocol):
     def checkpoint_session(self, node_id: str, session_id: bytes, seq: int,
                            digest: bytes) -> Deferred[bool]: ...
 
-    def purge_session(self, node_id: str,
-                      session_id: bytes) -> Deferred[bool]: ...
+    def purge_session(self, node_id: str, session_id: bytes,
+                      holder: str | None = None) -> Deferred[bool]: ...
 
 
 class PeerServer(Protocol):

@@ -343,6 +343,22 @@ class SessionStore:
         self._add(session_id, _Tombstone.of(holder, until, moves))
         self.counters["tombstones"] += 1
 
+    def move_tombstone(self, session_id: bytes, holder: str,
+                       successor: str) -> bool:
+        """
+        Make the live tombstone that names C{holder} name C{successor}, the
+        node C{holder} gave the session to: whoever asks here is sent to
+        where the session is, not to where it was.
+
+        @return: whether there was such a tombstone.
+        """
+        entry = self._tombstone(session_id)
+        if entry is None or entry.holder != holder:
+            return False
+        self._entries[session_id] = _Tombstone.of(
+            successor, _ENDS.unpack_from(entry)[0], entry.moves)
+        return True
+
     def _tombstone(self, session_id: bytes) -> _Tombstone | None:
         entry = self._entries.get(session_id)
         if type(entry) is not _Tombstone:

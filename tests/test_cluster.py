@@ -102,8 +102,9 @@ class RecordingHandler:
         self.calls.append(("checkpoint", session_id, seq, digest, requester))
         return True
 
-    def purge(self, session_id, requester):
-        self.calls.append(("purge", session_id, requester))
+    def purge(self, session_id, requester, successor=None):
+        self.calls.append(("purge", session_id, requester)
+                          + (() if successor is None else (successor,)))
         return False
 
     def backup(self, session_id, sealed, requester):
@@ -266,6 +267,22 @@ class FetchTests(LinkedTestCase):
     def test_purge_answers_what_the_handler_says(self):
         response = yield self.link2.call(Purge, session_id=_session_id())
         self.assertEqual(response, {"removed": False})
+
+    @inlineCallbacks
+    def test_purge_names_the_holder_to_the_handler(self):
+        session_id = _session_id()
+        yield self.link2.call(Purge, session_id=session_id, holder="node3")
+        yield self.link2.outbox.add(Purge, session_id=session_id,
+                                    holder="node3")
+        self.assertEqual(self.server.handler.calls,
+                         [("purge", session_id, "node2", "node3")] * 2)
+
+    @inlineCallbacks
+    def test_purge_naming_no_node_is_a_bad_request(self):
+        yield self.assertFailure(
+            self.link2.call(Purge, session_id=_session_id(), holder="Node 3"),
+            BadRequest)
+        self.assertEqual(self.server.handler.calls, [])
 
     @inlineCallbacks
     def test_stats_carry_the_handler_counters_and_the_channel_counters(self):
@@ -516,7 +533,8 @@ class ItemTests(SynchronousTestCase):
                                "digest": b"d" * 32}),
                  (Checkpoint, {"session_id": session_id, "seq": 0,
                                "digest": b""}),
-                 (Purge, {"session_id": session_id})]
+                 (Purge, {"session_id": session_id, "holder": None}),
+                 (Purge, {"session_id": session_id, "holder": "node-3"})]
         packed = b"".join(pack_item(command, arguments)
                           for command, arguments in items)
         self.assertEqual(unpack_items(packed), items)
@@ -527,6 +545,14 @@ class ItemTests(SynchronousTestCase):
         with self.assertRaises(BadRequest) as raised:
             unpack_items(packed)
         self.assertIn("item 2 (Checkpoint)", str(raised.exception))
+
+    def test_a_holder_that_is_no_node_id_is_refused(self):
+        for holder in (b"N\xffde", b"-node", b"n" * 65):
+            packed = (b"P\x20" + _session_id() + bytes((len(holder),))
+                      + holder)
+            with self.assertRaises(BadRequest) as raised:
+                unpack_items(packed)
+            self.assertIn("item 1 (Purge): holder", str(raised.exception))
 
     def test_the_largest_items_fit_one_command(self):
         item = pack_item(Backup, {"session_id": _session_id(),

@@ -139,6 +139,24 @@ class RedirectTests(SynchronousTestCase):
         self.assertEqual(
             cluster["node4"].recovery.counters["redirects_followed"], 1)
 
+    def test_owner_asked_after_two_moves_sends_nobody_to_where_it_was(self):
+        """
+        node3's session goes to node2, then to node1 (node2 gives it and
+        tells node3, whose tombstone named node2, where it went): node3,
+        asked for it again, fetches it from node1 at once.
+        """
+        cluster = MemoryCluster()
+        session_id = cluster.new_session("node3")
+        for node_id in ("node2", "node1", "node3"):
+            found = self.successResultOf(cluster.lookup(node_id, session_id))
+            self.assertEqual(found.source, "peer")
+        fetches = [(sender, to) for command, sender, to in cluster.network.sent
+                   if command == "fetch"]
+        self.assertEqual(fetches, [("node2", "node3"), ("node1", "node2"),
+                                   ("node3", "node1")])
+        self.assertEqual(cluster["node3"].counters["tombstones_moved"], 1)
+        self.assertEqual(set(cluster.holders(session_id).values()), {"node3"})
+
     def test_redirect_back_to_a_node_asked_already_is_not_followed(self):
         cluster = MemoryCluster()
         session_id = cluster.new_session("node1")

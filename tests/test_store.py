@@ -355,6 +355,24 @@ class TombstoneTests(StoreTestCase):
     Tombstones say which node took a session, until they expire.
     """
 
+    def test_tombstone_moves_on_the_word_of_the_holder_it_names(self):
+        session_id = self.state().session_id
+        self.store.tombstone(session_id, "node2", 100, moves=3)
+        self.assertFalse(self.store.move_tombstone(session_id, "node4", "node5"))
+        self.assertTrue(self.store.move_tombstone(session_id, "node2", "node3"))
+        self.assertEqual((self.store.holder(session_id),
+                          self.store.moves_seen(session_id)), ("node3", 3))
+        self.clock.advance(100)
+        self.assertFalse(self.store.move_tombstone(session_id, "node3", "node1"))
+        self.assertIsNone(self.store.holder(session_id))
+
+    def test_no_tombstone_is_made_by_a_move(self):
+        s = self.state()
+        self.store.put(s)
+        self.assertFalse(self.store.move_tombstone(s.session_id, s.holder,
+                                                   "node3"))
+        self.assertEqual(self.store.get(s.session_id), s)
+
     def test_tombstone_names_the_holder(self):
         s = self.state()
         self.store.put(s)

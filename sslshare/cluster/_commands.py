@@ -100,10 +100,12 @@ class Backup(amp.Command):
 
 class Purge(amp.Command):
     """
-    Forget the session C{session_id}.
+    Forget the session C{session_id}, which C{holder} holds now (the
+    sender, when absent): whoever asks here later is sent there.
     """
 
-    arguments = [(b"session_id", amp.String())]
+    arguments = [(b"session_id", amp.String()),
+                 (b"holder", amp.Unicode(optional=True))]
     response = [(b"removed", amp.Boolean())]
     errors = _ERRORS
 
@@ -277,9 +279,11 @@ class ICommandHandler(Interface):
         Record a digest checkpoint; whether it was newer than the last one.
         """
 
-    def purge(session_id: bytes, requester: str) -> bool | Deferred[bool]:
+    def purge(session_id: bytes, requester: str,
+              holder: str | None = None) -> bool | Deferred[bool]:
         """
-        Forget a session; whether there was one.
+        Forget a session that C{holder} (C{None}: C{requester}) holds now;
+        whether there was one.
         """
 
     def backup(session_id: bytes, sealed: bytes,
@@ -357,9 +361,13 @@ def _backup_arguments(session_id: bytes, sealed: bytes) -> dict[str, Any]:
     return {"session_id": session_id, "sealed": sealed}
 
 
-def _purge_arguments(session_id: bytes) -> dict[str, Any]:
+def _purge_arguments(session_id: bytes,
+                     holder: str | None = None) -> dict[str, Any]:
     check_session_id(session_id)
-    return {"session_id": session_id}
+    if holder is not None and not identity.is_name(holder):
+        raise BadRequest(f"holder {holder!r:.80} is not a node id: "
+                         f"{identity.NAME_RULE}")
+    return {"session_id": session_id, "holder": holder}
 
 
 def _as_parsed(**arguments: Any) -> dict[str, Any]:
@@ -369,8 +377,8 @@ def _as_parsed(**arguments: Any) -> dict[str, Any]:
 # Delivered items.  Each is a kind byte, the session id (a length byte and
 # its bytes), then what the kind carries: a Backup the sealed state (a
 # 2-byte length and its bytes), a Checkpoint the seq (8 bytes) and the
-# digest (a length byte and its bytes), a Purge nothing.  Integers are
-# big-endian.
+# digest (a length byte and its bytes), a Purge its holder's node id (a
+# length byte and its ASCII, none for the sender).  Integers are big-endian.
 
 ITEM_COMMANDS: dict[bytes, type[amp.Command]] = {
     b"B": Backup, b"C": Checkpoint, b"P": Purge}
@@ -409,7 +417,8 @@ def pack_item(command: type[amp.Command], arguments: dict[str, Any]) -> bytes:
     if command is Checkpoint:
         digest = checked["digest"]
         return head + _SEQ.pack(checked["seq"]) + bytes((len(digest),)) + digest
-    return head
+    holder = (checked["holder"] or "").encode("ascii")
+    return head + bytes((len(holder),)) + holder
 
 
 def _take(data: bytes, at: int, length: int, what: str) -> tuple[bytes, int]:
@@ -450,6 +459,12 @@ def unpack_items(items: bytes) -> list[tuple[type[amp.Command], dict[str, Any]]]
             length, at = _take(items, at, 1, f"{where}'s digest length")
             arguments["digest"], at = _take(items, at, length[0],
                                             f"{where}'s digest")
+        else:
+            length, at = _take(items, at, 1, f"{where}'s holder length")
+            holder, at = _take(items, at, length[0], f"{where}'s holder")
+            if holder:
+                # The name rule is ASCII: whatever is not fails it.
+                arguments["holder"] = holder.decode("ascii", "replace")
         try:
             found.append((command, ARGUMENT_CHECKS[command](**arguments)))
         except BadRequest as e:

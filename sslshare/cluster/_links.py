@@ -691,10 +691,11 @@ class Peers(MultiService):
         return self._call(node_id, lambda link, sid: link.outbox.add(
             Checkpoint, session_id=sid, seq=seq, digest=digest), session_id)
 
-    def purge_session(self, node_id: str, session_id: bytes) -> Deferred[bool]:
+    def purge_session(self, node_id: str, session_id: bytes,
+                      holder: str | None = None) -> Deferred[bool]:
         """
-        Tell C{node_id} to drop C{session_id}; fires with whether it held
-        it.  A purge is what keeps a session in one place, so a peer whose
+        Tell C{node_id} to drop C{session_id}, which C{holder} (C{None}:
+        this node) holds now; fires with whether it held it.  A purge is what keeps a session in one place, so a peer whose
         link is down now (as right after it restarted) gets it once the
         link is back; L{PeerUnavailable} if it is not a peer, or if the link
         fails L{PURGE_CONNECT_ATTEMPTS} more times (a peer that stays down
@@ -704,7 +705,7 @@ class Peers(MultiService):
         if link is None:
             return fail(PeerUnavailable(node_id, "not a peer of this node"))
         return link.when_connected(PURGE_CONNECT_ATTEMPTS).addCallback(
-            lambda _: purge_on(link, session_id))
+            lambda _: purge_on(link, session_id, holder))
 
     def _call(self, node_id: str,
               operation: Callable[[PeerLink, bytes], Deferred[_Answer]],
@@ -717,12 +718,13 @@ class Peers(MultiService):
 
 # What the recovery chain and the CLI call.
 
-def purge_on(link: PeerLink, session_id: bytes) -> Deferred[bool]:
+def purge_on(link: PeerLink, session_id: bytes,
+             holder: str | None = None) -> Deferred[bool]:
     """
-    Ask the peer behind C{link} to drop C{session_id}; fires with whether
-    it held it.
+    Ask the peer behind C{link} to drop C{session_id}, which C{holder}
+    (C{None}: this node) holds now; fires with whether it held it.
     """
-    return link.outbox.add(Purge, session_id=session_id)
+    return link.outbox.add(Purge, session_id=session_id, holder=holder)
 
 
 def fetch_from(link: PeerLink, session_id: bytes,

@@ -346,7 +346,8 @@ class _PeerCommands:
             answer = handler.backup(arguments["session_id"],
                                     arguments["sealed"], requester)
         else:
-            answer = handler.purge(arguments["session_id"], requester)
+            answer = handler.purge(arguments["session_id"], requester,
+                                   arguments["holder"])
         if isinstance(answer, Deferred):
             answer = await answer
         return bool(answer)

@@ -161,10 +161,11 @@ class MemoryPeers:
             lambda handler: handler.checkpoint(session_id, seq, digest,
                                                self.node_id))
 
-    def purge_session(self, node_id: str, session_id: bytes) -> Deferred[bool]:
+    def purge_session(self, node_id: str, session_id: bytes,
+                      holder: str | None = None) -> Deferred[bool]:
         return self.network.send(
             "purge", self.node_id, node_id,
-            lambda handler: handler.purge(session_id, self.node_id))
+            lambda handler: handler.purge(session_id, self.node_id, holder))
 
 
 @attrs.define

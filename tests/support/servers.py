@@ -212,7 +212,7 @@ class StallingHandler:
     def checkpoint(self, session_id, seq, digest, requester):
         return self._answer(True)
 
-    def purge(self, session_id, requester):
+    def purge(self, session_id, requester, successor=None):
         return self._answer(False)
 
     def backup(self, session_id, sealed, requester):
