@@ -384,6 +384,13 @@ class NodeService(MultiService):
         self._reactor = reactor
         self._client_listeners: list[IService] = []
 
+    @property
+    def open_connections(self) -> int:
+        """
+        The client connections this node has open now.
+        """
+        return len(self._clients.protocols)
+
     def add_client_listener(self, listener: IService) -> None:
         """
         Add a listener for TLS clients: the one kind of child a stopping

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
@@ -208,18 +208,25 @@ class LocalCluster:
         return deferToThread(python_client_round, self.ports[node],
                              self.ca_cert, version, session, **options)
 
+    @inlineCallbacks
     def settled(self):
         """
-        Fires once every command the in-process nodes have sent their peers
-        so far, and every item waiting in their outboxes, has been handled:
-        the outboxes flushed, then a C{Stats} round trip on every link that
-        is up, since AMP answers a connection's commands in order.
+        Fires once the in-process nodes have closed every client connection
+        (the last records' checkpoints leave then) and every command they
+        have sent their peers, and every item waiting in their outboxes,
+        has been handled: the outboxes flushed, then a C{Stats} round trip
+        on every link that is up, since AMP answers a connection's commands
+        in order.
         """
+        yield until(lambda: not any(service.open_connections
+                                    for service in self.services.values()),
+                    10.0, interval=0.01,
+                    message="the nodes kept client connections open")
         links = [link for node in self.nodes.values()
                  for link in node.peer_links.links if link.connected]
         for link in links:
             link.outbox.flush()
-        return gatherResults([stats_from(link) for link in links])
+        yield gatherResults([stats_from(link) for link in links])
 
     def wait_linked_to(self, peer, timeout=10.0):
         """
