@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Set as AbstractSet
 from typing import TypeVar
 
 import attrs
@@ -269,6 +269,7 @@ class Node:
         copy = self.placement.write_copy(state)
         if copy is not None:
             where, writing = copy
+            self.store.note_copy(session_id, where)
             writing.addErrback(self._copy_failed, where)
 
     def _copy_failed(self, reason: Failure, where: str) -> None:
@@ -404,8 +405,11 @@ class Node:
         def given(kept: bool) -> bool:
             held = self.store.get(session_id)
             if kept and held is not None and held.holder == self.node_id:
+                # The purge of the copy before may not arrive (a node cut
+                # off, not down, keeps it): later purges go to every node.
+                self.store.note_copy(session_id, None)
                 self._purge_copies(session_id, self.node_id, {backup},
-                                   self.node_id)
+                                   self.node_id, None)
             return kept
 
         giving = self.placement.peers.backup_session(backup, session_id,
@@ -437,6 +441,7 @@ class Node:
                                     session=sessionid.describe(session_id))
                 return FetchAnswer("refused")
             key_id = self.keys.sealing_key_for(terms.key_ids)
+        written = self.store.copy_at(session_id)
         state = self.store.take(session_id)
         if state is not None:
             given = state.with_holder(requester)
@@ -448,7 +453,7 @@ class Node:
             self._log.debug("gave session {session} to {peer}",
                             session=sessionid.describe(session_id),
                             peer=requester)
-            self._purge_other_copy(state, requester)
+            self._purge_other_copy(state, requester, written)
             return FetchAnswer("found", self.keys.seal(given, key_id))
         holder = self.store.holder(session_id)
         if holder not in (None, requester, self.node_id):
@@ -470,31 +475,43 @@ class Node:
                     f"this node's ({', '.join(k.hex() for k in self.keys.key_ids)})")
         return None
 
-    def _purge_other_copy(self, given: SessionState, requester: str) -> None:
+    def _purge_other_copy(self, given: SessionState, requester: str,
+                          written: str | None) -> None:
         """
         What this node just gave away leaves the nodes that may keep a
         backup copy of it, told by this node: a session it held, as its
-        holder; a backup copy it kept, for a holder that could not answer
-        (that holder's own copy stays: a node drops its own sessions on
-        nobody's word).  A TLS 1.2 session whose new holder has the same
-        backup node is left there: the new holder's copy replaces it.
+        holder (its copy is where this node C{written} it, when it did);
+        a backup copy it kept, for a holder that could not answer (that
+        holder's own copy stays: a node drops its own sessions on nobody's
+        word).  A TLS 1.2 session whose new holder has the same backup node
+        is left there: the new holder's copy replaces it.  A TLS 1.2
+        session, resumed again and again, is looked for at its owner first:
+        the owner is told too, and its tombstone names the new holder.
         """
         session_id = given.session_id
         kept = {requester}
+        told: set[str] = set()
         if der_protocol(given.der) == "TLSv1.2":
             backup = self.placement.backup_node(session_id, requester)
             if backup is not None:
                 kept.add(backup)
-        self._purge_copies(session_id, given.holder, kept, requester)
+            owner = self.placement.owner(session_id)
+            if owner is not None:
+                told.add(owner)
+        self._purge_copies(session_id, given.holder, kept, requester, written,
+                           told)
 
-    def _purge_copies(self, session_id: bytes, holder: str,
-                      kept: set[str], successor: str) -> None:
+    def _purge_copies(self, session_id: bytes, holder: str, kept: set[str],
+                      successor: str, written: str | None,
+                      told: AbstractSet[str] = frozenset()) -> None:
         """
         Tell the nodes that may keep a backup copy of C{session_id} naming
-        C{holder}, but C{kept} and this node, to drop it: C{successor}
-        holds the session now.
+        C{holder} (L{Placement.copy_nodes}) and the nodes C{told}, but
+        C{kept} and this node, to drop it: C{successor} holds the session
+        now.
         """
-        others = self.placement.backup_nodes(session_id, holder)
+        others = (self.placement.copy_nodes(session_id, holder, written)
+                  | told) - {self.node_id}
         named = None if successor == self.node_id else successor
         for other in sorted(others - kept):
             purging = self.placement.peers.purge_session(other, session_id,

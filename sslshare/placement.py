@@ -220,6 +220,24 @@ class Placement:
         return (set(self.layout.ring.candidates(session_id, holder))
                 - {self.node_id})
 
+    def copy_nodes(self, session_id: bytes, holder: str,
+                   written: str | None) -> set[str]:
+        """
+        The peers that may keep a backup copy of C{session_id} naming
+        C{holder}: C{written}, the node the holder last wrote its copy to,
+        when the holder knows it, since only the holder writes one (a
+        backup node that stops takes what it keeps with it, and an earlier
+        holder's copies went when it gave the session away); else every
+        one of L{backup_nodes}.  The purges that keep a session in one
+        place go to these, one node instead of every other node of the
+        ring.
+        """
+        if written is None:
+            return self.backup_nodes(session_id, holder)
+        if self.repository is not None or written == REPOSITORY:
+            return set()
+        return {written} - {self.node_id}
+
     def write_copy(self, state: SessionState
                    ) -> tuple[str, Deferred[bool]] | None:
         """

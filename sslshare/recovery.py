@@ -344,12 +344,13 @@ class Recovery:
         if request.protocol == "TLSv1.2":
             return
         session_id = request.session_id
+        copies = self.placement.copy_nodes(session_id, self.node_id,
+                                           self.store.copy_at(session_id))
         self._used_up(state)
         repository = self.placement.repository
         if repository is not None:
             self._repository_write("purge", repository.purge(session_id))
-        self._purge_elsewhere(
-            session_id, self.placement.backup_nodes(session_id, self.node_id))
+        self._purge_elsewhere(session_id, copies)
 
     def _used_up(self, ticket: SessionState) -> None:
         """
@@ -676,6 +677,7 @@ class Recovery:
             copy = self.placement.write_copy(mine)
             if copy is not None:
                 where, writing = copy
+                self.store.note_copy(session_id, where)
                 # The new copy replaces the old one there.
                 others.discard(where)
                 if where == REPOSITORY:

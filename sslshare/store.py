@@ -85,30 +85,34 @@ class _Tombstone(bytes):
         return _TOMBSTONE_HEAD.unpack_from(self)[1]
 
 
+_Context = tuple[bytes, str, str | None]
+
+
 class _Contexts:
     """
-    The (session id context, holder) pairs of the sessions held, each
-    numbered once while a session uses it: a node has a few services and
-    knows a few nodes, so a few pairs serve every session.
+    The (session id context, holder, node its copy was written to) of the
+    sessions held, each numbered once while a session uses it: a node has
+    a few services and knows a few nodes, so a few serve every session.
     """
 
     def __init__(self) -> None:
-        self._numbers: dict[tuple[bytes, str], int] = {}
-        self._pairs: list[tuple[bytes, str]] = []
+        self._numbers: dict[_Context, int] = {}
+        self._pairs: list[_Context] = []
         self._uses: list[int] = []
         self._free: list[int] = []
 
-    def __getitem__(self, number: int) -> tuple[bytes, str]:
+    def __getitem__(self, number: int) -> _Context:
         return self._pairs[number]
 
     def __len__(self) -> int:
         return len(self._numbers)
 
-    def acquire(self, id_context: bytes, holder: str) -> int:
+    def acquire(self, id_context: bytes, holder: str,
+                copy_at: str | None = None) -> int:
         """
-        The number of the pair, counting one more session that uses it.
+        The number of the context, counting one more session that uses it.
         """
-        pair = (id_context, holder)
+        pair = (id_context, holder, copy_at)
         number = self._numbers.get(pair)
         if number is None:
             if self._free:
@@ -124,8 +128,8 @@ class _Contexts:
 
     def release(self, number: int) -> None:
         """
-        Count one session less that uses pair C{number}; a pair no session
-        uses is forgotten.
+        Count one session less that uses context C{number}; a context no
+        session uses is forgotten.
         """
         self._uses[number] -= 1
         if not self._uses[number]:
@@ -221,7 +225,7 @@ class SessionStore:
         # The constructor checks every field again, as a decoder should.
         expires, created, seq, context, moves, digest_length = (
             _HEAD.unpack_from(record))
-        id_context, holder = self._contexts[context]
+        id_context, holder, _ = self._contexts[context]
         der_at = _DIGEST_AT + digest_length
         return SessionState(
             session_id=session_id, id_context=id_context, der=record[der_at:],
@@ -282,6 +286,31 @@ class SessionStore:
             return None
         head = _HEAD.unpack_from(record)
         return self._contexts[head[3]][1], head[2]
+
+    def note_copy(self, session_id: bytes, node_id: str | None) -> None:
+        """
+        Remember that this node, the session's holder, wrote its copy to
+        node C{node_id} (L{copy_at}); C{None}: it may be anywhere.
+        """
+        record = self._live(session_id)
+        if record is None:
+            return
+        head = list(_HEAD.unpack_from(record))
+        id_context, holder, _ = self._contexts[head[3]]
+        number = self._contexts.acquire(id_context, holder, node_id)
+        self._contexts.release(head[3])
+        head[3] = number
+        self._entries[session_id] = _HEAD.pack(*head) + record[_HEAD.size:]
+
+    def copy_at(self, session_id: bytes) -> str | None:
+        """
+        The node this node last wrote the live session's copy to
+        (L{note_copy}), or C{None}: unknown, or not written here.
+        """
+        record = self._live(session_id)
+        if record is None:
+            return None
+        return self._contexts[_HEAD.unpack_from(record)[3]][2]
 
     def sessions(self) -> list[SessionState]:
         """

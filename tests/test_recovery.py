@@ -122,6 +122,40 @@ class ChainTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(cluster.lookup("node3", session_id,
                                                 "TLSv1.3")))
 
+    def _purges(self, cluster):
+        return [(sender, to) for command, sender, to in cluster.network.sent
+                if command == "purge"]
+
+    def test_used_tls13_ticket_is_purged_where_its_copy_went_only(self):
+        cluster = MemoryCluster(("node1", "node2", "node3", "node4"))
+        session_id = cluster.new_session("node1", "TLSv1.3")
+        self.assertEqual(cluster.backup_of(session_id, "node1"), "node2")
+        self.successResultOf(cluster.lookup("node1", session_id, "TLSv1.3"))
+        self.assertEqual(self._purges(cluster), [("node1", "node2")])
+        self.assertEqual(cluster.holders(session_id), {})
+
+    def test_copy_written_past_a_node_that_was_down_is_purged_there(self):
+        cluster = MemoryCluster()
+        cluster.network.down.add("node2")
+        session_id = cluster.new_session("node1", "TLSv1.3")
+        cluster.network.down.clear()
+        self.assertEqual(cluster.backup_of(session_id, "node1"), "node3")
+        self.successResultOf(cluster.lookup("node1", session_id, "TLSv1.3"))
+        self.assertEqual(self._purges(cluster), [("node1", "node3")])
+        self.assertEqual(cluster.holders(session_id), {})
+
+    def test_giver_purges_the_copy_it_wrote_and_tells_the_owner(self):
+        # node4's backup node is node2, where node1's copy is: it stays
+        # there, replaced by node4's; node3 never had one.
+        cluster = MemoryCluster(("node1", "node2", "node3", "node4"))
+        session_id = cluster.new_session("node1")
+        self.successResultOf(cluster.lookup("node4", session_id))
+        self.assertEqual(self._purges(cluster), [])
+        self.assertEqual(set(cluster.holders(session_id).values()), {"node4"})
+        self.successResultOf(cluster.lookup("node3", session_id))
+        self.assertEqual(self._purges(cluster), [("node4", "node1")])
+        self.assertEqual(cluster["node1"].store.holder(session_id), "node3")
+
 
 class RedirectTests(SynchronousTestCase):
     """

@@ -355,6 +355,23 @@ class TombstoneTests(StoreTestCase):
     Tombstones say which node took a session, until they expire.
     """
 
+    def test_copy_at_is_what_was_noted_until_the_session_is_put_again(self):
+        s = self.state()
+        self.store.put(s)
+        self.assertIsNone(self.store.copy_at(s.session_id))
+        self.store.note_copy(s.session_id, "node2")
+        self.store.update_checkpoint(s.session_id, 3, b"d" * 32)
+        self.assertEqual(self.store.copy_at(s.session_id), "node2")
+        self.assertEqual(self.store.get(s.session_id),
+                         s.with_checkpoint(3, b"d" * 32))
+        self.store.note_copy(s.session_id, None)
+        self.assertIsNone(self.store.copy_at(s.session_id))
+        self.store.note_copy(s.session_id, "node3")
+        self.store.put(s)
+        self.assertIsNone(self.store.copy_at(s.session_id))
+        self.store.take(s.session_id)
+        self.assertEqual(len(self.store._contexts), 0)
+
     def test_tombstone_moves_on_the_word_of_the_holder_it_names(self):
         session_id = self.state().session_id
         self.store.tombstone(session_id, "node2", 100, moves=3)
