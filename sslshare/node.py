@@ -449,10 +449,9 @@ class Node:
             # sent there, and a copy of it from before is an old one.
             self.store.tombstone(session_id, requester, given.expires,
                                  given.moves)
+            # Counted, not logged: twistd writes debug events too, and
+            # this is one per peer resumption.
             self.counters["sessions_given"] += 1
-            self._log.debug("gave session {session} to {peer}",
-                            session=sessionid.describe(session_id),
-                            peer=requester)
             self._purge_other_copy(state, requester, written)
             return FetchAnswer("found", self.keys.seal(given, key_id))
         holder = self.store.holder(session_id)
