@@ -155,6 +155,24 @@ COUNTER_NAMES = ("checkpoint.written", "checkpoint.coalesced",
                  "checkpoint.failed", "checkpoint.rejected",
                  "checkpoint.pauses")
 
+
+def twistd_command(log: str, config: str,
+                   profile: str | None = None) -> list[str]:
+    """
+    The command that runs the node configured in C{config} in the
+    foreground, logging to C{log}; with C{profile}, under twistd's cProfile,
+    whose statistics it writes to that file when it stops (profiling slows
+    the node: its figures are not comparable with an unprofiled run).
+    """
+    command = [sys.executable, "-c",
+               "from twisted.scripts.twistd import run; run()",
+               "-n", "--pidfile=", "--logfile", log]
+    if profile is not None:
+        command += ["--profile", profile, "--profiler", "cprofile",
+                    "--savestats"]
+    return command + ["sslshare", "--config", config]
+
+
 class BenchmarkError(Exception):
     """
     A part of the benchmark did not start or misbehaved; the message says
@@ -360,13 +378,9 @@ class Cluster:
 
     def start(self, profile: str | None = None) -> None:
         for node in NODES:
-            command = [sys.executable, "-c",
-                       "from twisted.scripts.twistd import run; run()",
-                       "-n", "--pidfile=", "--logfile", self.logs[node]]
-            if profile is not None and node == "node1":
-                command += ["--profile", profile, "--profiler", "cprofile",
-                            "--savestats"]
-            command += ["sslshare", "--config", self.paths[node]]
+            command = twistd_command(
+                self.logs[node], self.paths[node],
+                profile if node == "node1" else None)
             with open(self.logs[node] + ".stderr", "w") as errors:
                 self.processes[node] = subprocess.Popen(
                     command, cwd=ROOT, env=environment(),

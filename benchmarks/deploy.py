@@ -28,6 +28,7 @@ from benchmarks.checkpoint import (
     cpu_seconds,
     environment,
     log_tail,
+    twistd_command,
     wait_for_port,
 )
 
@@ -197,7 +198,8 @@ def start_sslshare(processes: Processes, directory: str, deployment: str,
                    backend_port: int, nodes: tuple[str, ...], peers: bool,
                    repository: str = "", node_options: str = "",
                    tables: str = "",
-                   server: tuple[str, str] | None = None) -> list[Node]:
+                   server: tuple[str, str] | None = None,
+                   profile: str | None = None) -> list[Node]:
     """
     C{twistd -n sslshare} nodes from TOML files written into C{directory}
     (whose C{pki/} holds the PKI, from L{sslshare.dev.pki.init_pki}), named
@@ -206,7 +208,8 @@ def start_sslshare(processes: Processes, directory: str, deployment: str,
     table, or empty for none; C{node_options} are more lines of the
     C{[node]} table, C{tables} more TOML tables (C{[tls]}, ...); C{server}
     the certificate chain and key the nodes serve, when not the PKI's
-    localhost pair.
+    localhost pair; C{profile} a directory where each node leaves its
+    cProfile statistics, C{<deployment>-<node>.pstats}, when it stops.
     """
     from tests.support.cluster import NODE_CONFIG
 
@@ -228,11 +231,11 @@ def start_sslshare(processes: Processes, directory: str, deployment: str,
             if repository:
                 f.write(f"\n[repository]\n{repository}\n")
         log = os.path.join(directory, f"{deployment}-{node}.log")
-        process = processes.start(
-            f"{deployment} {node}",
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", "--logfile", log, "sslshare", "--config", path],
-            log + ".stderr")
+        statistics = (None if profile is None else
+                      os.path.join(profile, f"{deployment}-{node}.pstats"))
+        process = processes.start(f"{deployment} {node}",
+                                  twistd_command(log, path, statistics),
+                                  log + ".stderr")
         started.append(Node(node, client_ports[node], path, process))
     for node in started:
         processes.wait_for_port(node.process, node.port)

@@ -106,10 +106,16 @@ REFERENCE_KINDS = ("alone_full", "alone_resumed", "haproxy_full",
 
 @attrs.frozen
 class Settings:
+    """
+    What to measure; with C{profile}, a directory where every sslshare
+    node leaves its cProfile statistics (L{deploy.start_sslshare}).
+    """
+
     clients: int
     seconds: float
     versions: tuple[str, ...]
     kinds: tuple[str, ...] = tuple(KINDS)
+    profile: str | None = None
 
 
 QUICK = Settings(clients=6, seconds=2.0, versions=("tls1.2", "tls1.3"))
@@ -229,9 +235,11 @@ class _Started:
 
 
 def _start(name: str, directory: str, processes: deploy.Processes,
-           backend_port: int, servers: list[Any]) -> _Started:
+           backend_port: int, servers: list[Any],
+           profile: str | None = None) -> _Started:
     """
-    Start the deployment C{name} of L{DEPLOYMENTS}.
+    Start the deployment C{name} of L{DEPLOYMENTS}, its sslshare nodes
+    profiled into the directory C{profile} if given.
     """
     pki = os.path.join(directory, "pki")
     if name in ("cluster", "rsa_cluster"):
@@ -239,7 +247,7 @@ def _start(name: str, directory: str, processes: deploy.Processes,
                   if name == "rsa_cluster" else None)
         nodes = {node.name: node for node in deploy.start_sslshare(
             processes, directory, f"rate-{name}", backend_port, PEER_NODES,
-            peers=True, server=server)}
+            peers=True, server=server, profile=profile)}
         ordered = tuple(nodes[n] for n in PEER_ORDER)
         return _Started(tuple(n.port for n in ordered),
                         tuple(n.process for n in ordered), ordered,
@@ -248,13 +256,14 @@ def _start(name: str, directory: str, processes: deploy.Processes,
         repository = _repository_settings(name, directory, servers)
         started = tuple(deploy.start_sslshare(
             processes, directory, f"rate-{name}", backend_port,
-            REPOSITORY_NODES, peers=False, repository=repository))
+            REPOSITORY_NODES, peers=False, repository=repository,
+            profile=profile))
         return _Started(tuple(n.port for n in started),
                         tuple(n.process for n in started), started)
     if name == "alone":
         alone = tuple(deploy.start_sslshare(
             processes, directory, "rate-alone", backend_port, ("node1",),
-            peers=False))
+            peers=False, profile=profile))
         return _Started((alone[0].port,), (alone[0].process,), alone)
     start_reference = {"haproxy": deploy.start_haproxy_tls,
                        "nginx": deploy.start_nginx_stream}[name]
@@ -294,7 +303,8 @@ def run(directory: str, settings: Settings,
         order = list(dict.fromkeys(KINDS[k].deployment for k in settings.kinds))
         for name in order:
             servers: list[Any] = []
-            started = _start(name, directory, processes, backend_port, servers)
+            started = _start(name, directory, processes, backend_port, servers,
+                             settings.profile)
             try:
                 for kind_name in settings.kinds:
                     kind = KINDS[kind_name]
@@ -316,6 +326,10 @@ def run(directory: str, settings: Settings,
             finally:
                 for process in started.servers:
                     process.terminate()
+                if settings.profile is not None:
+                    # A node writes its statistics as it stops.
+                    for process in started.servers:
+                        process.wait(timeout=60)
                 for server in servers:
                     server.stop()
                     server.remove()
@@ -400,6 +414,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=FULL.clients)
     parser.add_argument("--json", action="store_true",
                         help="print the result as JSON on standard output")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="run every sslshare node under cProfile and "
+                             "leave <deployment>-<node>.pstats in DIR "
+                             "(profiled figures are not comparable with "
+                             "unprofiled ones)")
     options = parser.parse_args(argv)
     kinds = tuple(options.kinds.split(","))
     unknown = [k for k in kinds if k not in KINDS]
@@ -407,7 +426,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown kinds: {', '.join(unknown)}")
     settings = Settings(clients=options.clients, seconds=options.seconds,
                         versions=tuple(options.versions.split(",")),
-                        kinds=kinds)
+                        kinds=kinds,
+                        profile=(None if options.profile is None
+                                 else os.path.abspath(options.profile)))
+    if settings.profile is not None:
+        os.makedirs(settings.profile, exist_ok=True)
     deploy.stop_on_sigterm()
     directory = tempfile.mkdtemp(prefix="sslshare-rates-")
     try:
