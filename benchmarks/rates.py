@@ -107,8 +107,10 @@ REFERENCE_KINDS = ("alone_full", "alone_resumed", "haproxy_full",
 @attrs.frozen
 class Settings:
     """
-    What to measure; with C{profile}, a directory where every sslshare
-    node leaves its cProfile statistics (L{deploy.start_sslshare}).
+    What to measure: every kind for every version, C{rounds} times, each
+    window C{seconds} long; with C{profile}, a directory where every
+    sslshare node leaves its cProfile statistics
+    (L{deploy.start_sslshare}).
     """
 
     clients: int
@@ -116,10 +118,15 @@ class Settings:
     versions: tuple[str, ...]
     kinds: tuple[str, ...] = tuple(KINDS)
     profile: str | None = None
+    rounds: int = 1
 
 
-QUICK = Settings(clients=6, seconds=2.0, versions=("tls1.2", "tls1.3"))
-FULL = Settings(clients=6, seconds=8.0, versions=("tls1.2", "tls1.3"))
+# Three rounds: the kinds a ratio compares are measured minutes apart
+# otherwise, and this machine's load moves by a third in that time.
+QUICK = Settings(clients=6, seconds=2.0, versions=("tls1.2", "tls1.3"),
+                 rounds=3)
+FULL = Settings(clients=6, seconds=3.0, versions=("tls1.2", "tls1.3"),
+                rounds=3)
 
 
 @attrs.frozen
@@ -286,55 +293,75 @@ DEPLOYMENTS = {
 }
 
 
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    The figures of the round whose server CPU per handshake is the median
+    of C{rounds} (the lower middle one of an even number), whole, so that
+    they stay one window's, with every round's server CPU per handshake in
+    C{rounds_server_cpu_us}.
+    """
+    ordered = sorted(rounds, key=lambda r: r["server_cpu_us_per_handshake"])
+    return {**ordered[(len(ordered) - 1) // 2],
+            "rounds_server_cpu_us": [r["server_cpu_us_per_handshake"]
+                                     for r in rounds]}
+
+
 def run(directory: str, settings: Settings,
         progress: Callable[[str], None]) -> dict[str, Any]:
     """
-    Every kind of C{settings} for every TLS version of C{settings}, each
-    deployment started once for its kinds: per version, per kind, the
-    figures of L{measure}; and per version the ratios that judge the
-    cluster (L{ratios}).
+    Every kind of C{settings} for every TLS version of C{settings}, in
+    C{settings.rounds} rounds: every deployment is started first and runs
+    to the end (idle while another is measured), and each round measures
+    every kind once, so that the kinds a ratio compares are measured
+    within a round of one another.  Per version, per kind, the figures of
+    L{measure} of its median round (L{median_round}); and per version the
+    ratios that judge the cluster (L{ratios}).
     """
     ca_certificate = os.path.join(directory, "pki", "ca.pem")
-    results: dict[str, dict[str, Any]] = {v: {} for v in settings.versions}
+    measured: dict[tuple[str, str], list[dict[str, Any]]] = {}
     processes = deploy.Processes()
+    started: dict[str, _Started] = {}
+    servers: list[Any] = []
     try:
         backend_port, backend = deploy.start_nginx(
             processes, directory, "nginx-backend", tls=False)
-        order = list(dict.fromkeys(KINDS[k].deployment for k in settings.kinds))
-        for name in order:
-            servers: list[Any] = []
-            started = _start(name, directory, processes, backend_port, servers,
-                             settings.profile)
-            try:
-                for kind_name in settings.kinds:
-                    kind = KINDS[kind_name]
-                    if kind.deployment != name:
-                        continue
-                    deployment = started.for_kind(kind)
-                    for version in settings.versions:
-                        load = Load(ports=deployment.ports, version=version,
-                                    offer=kind.offer, seconds=settings.seconds)
-                        figures = measure(deployment, load, ca_certificate,
-                                          settings, backend)
-                        results[version][kind_name] = figures
-                        progress(
-                            f"  {kind_name} {version}: "
-                            f"{figures['handshakes_per_s']:.0f}/s, server "
-                            f"{figures['server_cpu_us_per_handshake']:.0f} "
-                            f"µs/handshake, busy {figures['server_busy']:.2f}, "
-                            f"resumed {figures['resumed_fraction']:.3f}")
-            finally:
-                for process in started.servers:
-                    process.terminate()
-                if settings.profile is not None:
-                    # A node writes its statistics as it stops.
-                    for process in started.servers:
-                        process.wait(timeout=60)
-                for server in servers:
-                    server.stop()
-                    server.remove()
+        for kind_name in settings.kinds:
+            name = KINDS[kind_name].deployment
+            if name not in started:
+                started[name] = _start(name, directory, processes,
+                                       backend_port, servers, settings.profile)
+        for number in range(1, settings.rounds + 1):
+            for kind_name in settings.kinds:
+                kind = KINDS[kind_name]
+                deployment = started[kind.deployment].for_kind(kind)
+                for version in settings.versions:
+                    load = Load(ports=deployment.ports, version=version,
+                                offer=kind.offer, seconds=settings.seconds)
+                    figures = measure(deployment, load, ca_certificate,
+                                      settings, backend)
+                    measured.setdefault((version, kind_name), []).append(figures)
+                    progress(
+                        f"  round {number}/{settings.rounds} {kind_name} "
+                        f"{version}: {figures['handshakes_per_s']:.0f}/s, "
+                        f"server {figures['server_cpu_us_per_handshake']:.0f} "
+                        f"µs/handshake, busy {figures['server_busy']:.2f}, "
+                        f"resumed {figures['resumed_fraction']:.3f}")
     finally:
+        for deployed in started.values():
+            for process in deployed.servers:
+                process.terminate()
+        if settings.profile is not None:
+            # A node writes its statistics as it stops.
+            for deployed in started.values():
+                for process in deployed.servers:
+                    process.wait(timeout=60)
+        for server in servers:
+            server.stop()
+            server.remove()
         processes.stop_all()
+    results: dict[str, dict[str, Any]] = {v: {} for v in settings.versions}
+    for (version, kind_name), rounds in measured.items():
+        results[version][kind_name] = median_round(rounds)
     return {"kinds": results, "ratios": ratios(results),
             "settings": attrs.asdict(settings)}
 
@@ -412,6 +439,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--versions", default="tls1.2,tls1.3")
     parser.add_argument("--seconds", type=float, default=FULL.seconds)
     parser.add_argument("--clients", type=int, default=FULL.clients)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every kind this many times, "
+                             "interleaved, and report each kind's median "
+                             "round")
     parser.add_argument("--json", action="store_true",
                         help="print the result as JSON on standard output")
     parser.add_argument("--profile", metavar="DIR",
@@ -424,7 +455,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         parser.error(f"unknown kinds: {', '.join(unknown)}")
+    if options.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {options.rounds}")
     settings = Settings(clients=options.clients, seconds=options.seconds,
+                        rounds=options.rounds,
                         versions=tuple(options.versions.split(",")),
                         kinds=kinds,
                         profile=(None if options.profile is None

@@ -494,7 +494,10 @@ def rates_section(measured: dict[str, Any], lookups: dict[str, Any]) -> list[str
         "## 2 and 3. Handshake rates, server side, against HAProxy and nginx",
         "",
         f"{settings['clients']} client processes for {settings['seconds']:g} s "
-        f"per kind and TLS version. *server µs* is the CPU time of every "
+        f"per kind and TLS version, in {settings['rounds']} rounds that each "
+        f"measure every kind once (every deployment runs throughout); each "
+        f"kind's figures are those of its median round by server µs, which "
+        f"the ratios use. *server µs* is the CPU time of every "
         f"server process of the kind per handshake (independent of the share "
         f"of the 2 cores the clients took); *capacity* its inverse; *busy* "
         f"the server CPU seconds per second (1.0 = one core saturated); "
