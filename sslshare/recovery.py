@@ -702,8 +702,8 @@ class Recovery:
         peers = self.placement.peers
         for node in sorted(node for node in nodes - {self.node_id}
                            if peers.link(node) is not None):
-            self._peer_write("purge", node, self.placement.peers.purge_session(
-                node, session_id))
+            self._peer_write("purge", node, peers.purge_session(node,
+                                                                session_id))
 
     def _peer_write(self, what: str, peer: str, writing: Deferred[_T]) -> None:
         # Best effort: a peer that cannot be told is usually a peer that is

@@ -695,11 +695,12 @@ class Peers(MultiService):
                       holder: str | None = None) -> Deferred[bool]:
         """
         Tell C{node_id} to drop C{session_id}, which C{holder} (C{None}:
-        this node) holds now; fires with whether it held it.  A purge is what keeps a session in one place, so a peer whose
-        link is down now (as right after it restarted) gets it once the
-        link is back; L{PeerUnavailable} if it is not a peer, or if the link
-        fails L{PURGE_CONNECT_ATTEMPTS} more times (a peer that stays down
-        lost what it held).
+        this node) holds now; fires with whether it held it.  A purge is
+        what keeps a session in one place, so a peer whose link is down now
+        (as right after it restarted) gets it once the link is back;
+        L{PeerUnavailable} if it is not a peer, or if the link fails
+        L{PURGE_CONNECT_ATTEMPTS} more times (a peer that stays down lost
+        what it held).
         """
         link = self.link(node_id)
         if link is None:
