@@ -310,14 +310,18 @@ HANDSHAKE_COUNTERS = ("full", "resumed_local", "resumed_peer",
 # messages, each counted once, where it arrived.
 COMMAND_COUNTER = "cluster.commands:"
 ITEM_COUNTER = "cluster.items:"
+# sslshare stats' lookup.<source>.count and lookup.<source>.seconds.
+LOOKUP_COUNTER = "lookup."
 
 
-def handshake_counters(nodes: list[Node]) -> dict[str, int]:
+def handshake_counters(nodes: list[Node]) -> dict[str, float]:
     """
     The handshake outcomes (L{HANDSHAKE_COUNTERS}) summed over C{nodes}:
-    the servers' side of the clients' counts; and, as C{commands:Name},
-    the cluster commands the nodes received (as C{items:Name}, the items
-    of the Deliver commands among them).
+    the servers' side of the clients' counts; as C{commands:Name}, the
+    cluster commands the nodes received (as C{items:Name}, the items of
+    the Deliver commands among them); and as C{lookup:<source>.count} and
+    C{lookup:<source>.seconds}, their session lookups by where each ended
+    and the seconds those took.
     """
     total = dict.fromkeys(HANDSHAKE_COUNTERS, 0)
     for node in nodes:
@@ -330,7 +334,8 @@ def handshake_counters(nodes: list[Node]) -> dict[str, int]:
             total[key] += stats.get(key, 0)
         for key, value in stats.items():
             for counter, label in ((COMMAND_COUNTER, "commands:"),
-                                   (ITEM_COUNTER, "items:")):
+                                   (ITEM_COUNTER, "items:"),
+                                   (LOOKUP_COUNTER, "lookup:")):
                 if key.startswith(counter):
                     name = label + key[len(counter):]
                     total[name] = total.get(name, 0) + value

@@ -39,7 +39,9 @@ deployment (or of nginx's master and worker) over the connections, which
 does not depend on how much CPU the clients took from the two cores; its
 I{capacity} is the inverse, handshakes per server CPU second.  The nodes'
 own counters (C{resumed_local}, C{resumed_peer}, C{resumed_repository})
-say where each resumption really came from.
+say where each resumption really came from, and their lookup counters
+the mean time of a lookup by where it ended (C{lookup_ms_mean}), each end
+of a peer fetch in its own process.
 """
 
 from __future__ import annotations
@@ -179,14 +181,32 @@ def measure(deployment: Deployment, load: Load, ca_certificate: str,
         "errors": counts["errors"],
         "error_reasons": counts.get("error_reasons", {}),
         "server_counts": {key: value for key, value in changed.items()
-                          if not key.startswith(("commands:", "items:"))},
+                          if not key.startswith(("commands:", "items:",
+                                                 "lookup:"))},
+        "lookup_ms_mean": lookup_means(changed),
         "messages_per_connection": _per_connection(changed, "commands:",
                                                    served),
         "items_per_connection": _per_connection(changed, "items:", served),
     }
 
 
-def _per_connection(counts: dict[str, int], prefix: str, served: int
+def lookup_means(changed: dict[str, float]) -> dict[str, float]:
+    """
+    The mean milliseconds of the nodes' session lookups in a window, by
+    where each ended, from the C{lookup:} counters of
+    L{deploy.handshake_counters} that changed in it: as deployed, each
+    end in its own process (L{benchmarks.repository} runs both in one).
+    """
+    means = {}
+    for key, count in changed.items():
+        if key.startswith("lookup:") and key.endswith(".count"):
+            source = key[len("lookup:"):-len(".count")]
+            means[source] = 1000 * changed.get(f"lookup:{source}.seconds",
+                                               0.0) / count
+    return means
+
+
+def _per_connection(counts: dict[str, float], prefix: str, served: int
                     ) -> dict[str, float]:
     """
     The counters under C{prefix} (the cluster commands the kind's nodes

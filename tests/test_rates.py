@@ -4,7 +4,7 @@ L{benchmarks.rates}' choice of the round that stands for a kind.
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from benchmarks.rates import median_round
+from benchmarks.rates import lookup_means, median_round
 
 
 class MedianRoundTests(SynchronousTestCase):
@@ -20,3 +20,15 @@ class MedianRoundTests(SynchronousTestCase):
         rounds = [{"server_cpu_us_per_handshake": cpu} for cpu in (5000, 3000)]
         self.assertEqual(median_round(rounds)["server_cpu_us_per_handshake"],
                          3000)
+
+
+class LookupMeansTests(SynchronousTestCase):
+
+    def test_mean_milliseconds_by_where_the_lookups_ended(self):
+        changed = {"lookup:peer.count": 4, "lookup:peer.seconds": 0.006,
+                   "lookup:local.count": 2, "lookup:local.seconds": 0.0001,
+                   "resumed_peer": 4, "commands:FetchSession": 4}
+        means = lookup_means(changed)
+        self.assertEqual(set(means), {"peer", "local"})
+        self.assertAlmostEqual(means["peer"], 1.5)
+        self.assertAlmostEqual(means["local"], 0.05)
