@@ -509,12 +509,10 @@ class Node:
         C{kept} and this node, to drop it: C{successor} holds the session
         now.
         """
-        others = (self.placement.copy_nodes(session_id, holder, written)
-                  | told) - {self.node_id}
+        others = self.placement.copy_nodes(session_id, holder, written) | told
         named = None if successor == self.node_id else successor
-        for other in sorted(others - kept):
-            purging = self.placement.peers.purge_session(other, session_id,
-                                                         named)
+        for other, purging in self.placement.purge_copies(
+                session_id, others - kept, named):
             purging.addErrback(self._purge_failed, other)
 
     def _purge_failed(self, reason: Failure, peer: str) -> None:

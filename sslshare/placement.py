@@ -18,6 +18,7 @@ and the recovery chain's.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -237,6 +238,22 @@ class Placement:
         if self.repository is not None or written == REPOSITORY:
             return set()
         return {written} - {self.node_id}
+
+    def purge_copies(self, session_id: bytes, nodes: AbstractSet[str],
+                     holder: str | None = None
+                     ) -> list[tuple[str, Deferred[bool]]]:
+        """
+        Tell each of C{nodes} (this node left out) to drop its copy of
+        C{session_id}, which C{holder} (C{None}: this node) holds now.  A
+        node that is not a peer cannot be told, and need not be: nodes
+        that share only a repository take from it before they serve a copy
+        of their own, and that take is what moved the session.
+
+        @return: each node told and whether it held a copy.
+        """
+        return [(node, self.peers.purge_session(node, session_id, holder))
+                for node in sorted(nodes - {self.node_id})
+                if self.peers.link(node) is not None]
 
     def write_copy(self, state: SessionState
                    ) -> tuple[str, Deferred[bool]] | None:

@@ -694,16 +694,11 @@ class Recovery:
 
     def _purge_elsewhere(self, session_id: bytes, nodes: set[str]) -> None:
         """
-        Tell C{nodes} (this node left out) to drop their copy of
-        C{session_id}.  A node that is not a peer cannot be told, and need
-        not be: nodes that share only a repository take from it before they
-        serve a copy of their own, and that take is what moved the session.
+        Tell C{nodes} to drop their copy of C{session_id}
+        (L{Placement.purge_copies}).
         """
-        peers = self.placement.peers
-        for node in sorted(node for node in nodes - {self.node_id}
-                           if peers.link(node) is not None):
-            self._peer_write("purge", node, peers.purge_session(node,
-                                                                session_id))
+        for node, purging in self.placement.purge_copies(session_id, nodes):
+            self._peer_write("purge", node, purging)
 
     def _peer_write(self, what: str, peer: str, writing: Deferred[_T]) -> None:
         # Best effort: a peer that cannot be told is usually a peer that is
