@@ -1,8 +1,9 @@
 """
 Handshakes per second over real sockets, server side, for measurements 2
 and 3 of C{benchmarks/run.py}: an sslshare node's full handshakes and its
-resumptions from each place it recovers sessions from, and one nginx
-worker's full and resumed handshakes with the same certificate and client.
+resumptions from each place it recovers sessions from, and the full and
+resumed handshakes of the servers an operator would pick instead (and of
+stock Twisted) with the same certificate, client and backend.
 
 Each I{kind} is a deployment and a load of L{benchmarks.load}: client
 processes all starting at one instant, each making connections for a
@@ -22,20 +23,26 @@ fixed time, and the servers' CPU seconds read before and after:
       repository;
     - C{alone_full}, C{alone_resumed}: one node with no peers (no backup
       copies, no checkpoints leave it), fresh and offering connections;
-    - C{nginx_full}, C{nginx_resumed}: one nginx worker with its own
-      session cache (tickets off), fresh and offering connections.
+    - C{haproxy_full}, C{haproxy_resumed}, C{nginx_full},
+      C{nginx_resumed}: one HAProxy thread, one nginx C{stream} worker,
+      each with its own session cache (tickets off), fresh and offering
+      connections;
+    - C{twisted_full}, C{twisted_resumed}: stock Twisted's TLS and port
+      forwarder in one process (L{benchmarks.twisted_tls}), OpenSSL's
+      session cache: what a server on Twisted's TLS transport costs before
+      it does anything of its own.
 
 In a cluster a node also sends each new session's backup copy and its
 checkpoints to its backup node; the server CPU of a cluster kind is that
 of all its nodes, so that C{local} and C{peer} pay for the same cluster
-work and differ by the fetch alone.  C{alone_*} against C{nginx_*} is one
-process against one worker.
+work and differ by the fetch alone.  C{alone_*} against each reference
+is one process against one process, thread or worker.
 
-The sslshare nodes proxy to one nginx worker answering plain HTTP, nginx
-answers C{200 ok} itself; the clients send the same GET to both.  A kind's
+Every server proxies to the same nginx worker answering plain HTTP; the
+clients send the same GET to each.  A kind's
 rate is the connections completed in the window over its length; its
 I{server CPU per handshake} is the CPU seconds of every node of the
-deployment (or of nginx's master and worker) over the connections, which
+deployment (or of the reference's processes) over the connections, which
 does not depend on how much CPU the clients took from the two cores; its
 I{capacity} is the inverse, handshakes per server CPU second.  The nodes'
 own counters (C{resumed_local}, C{resumed_peer}, C{resumed_repository})
@@ -100,10 +107,13 @@ KINDS: dict[str, Kind] = {
     "haproxy_resumed": Kind("haproxy", offer=True),
     "nginx_full": Kind("nginx", offer=False),
     "nginx_resumed": Kind("nginx", offer=True),
+    "twisted_full": Kind("twisted", offer=False),
+    "twisted_resumed": Kind("twisted", offer=True),
 }
 CLUSTER_KINDS = ("full", "local", "peer", "sqlite", "redis", "postgres")
 REFERENCE_KINDS = ("alone_full", "alone_resumed", "haproxy_full",
-                   "haproxy_resumed", "nginx_full", "nginx_resumed")
+                   "haproxy_resumed", "nginx_full", "nginx_resumed",
+                   "twisted_full", "twisted_resumed")
 
 
 @attrs.frozen
@@ -293,7 +303,8 @@ def _start(name: str, directory: str, processes: deploy.Processes,
             peers=False, profile=profile))
         return _Started((alone[0].port,), (alone[0].process,), alone)
     start_reference = {"haproxy": deploy.start_haproxy_tls,
-                       "nginx": deploy.start_nginx_stream}[name]
+                       "nginx": deploy.start_nginx_stream,
+                       "twisted": deploy.start_twisted_tls}[name]
     port, process = start_reference(
         processes, directory, f"{name}-tls", backend_port,
         os.path.join(pki, "localhost-chain.pem"),
@@ -310,6 +321,7 @@ DEPLOYMENTS = {
     "alone": "one node, no peers, no repository",
     "haproxy": "HAProxy, one thread, mode tcp, ssl crt (P-256)",
     "nginx": "nginx, one worker, stream ssl (P-256)",
+    "twisted": "stock Twisted: listenSSL and portforward, one process (P-256)",
 }
 
 
@@ -430,9 +442,12 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             mine["cluster_overhead_us"] = (kinds["local"][cpu]
                                            - kinds["alone_resumed"][cpu])
         for name in ("full", "resumed"):
-            for reference in ("haproxy", "nginx"):
+            for reference in ("haproxy", "nginx", "twisted"):
                 mine.update(_ratio(kinds, f"alone_{name}",
                                    f"{reference}_{name}", cpu))
+            # The floor of a server built on Twisted's TLS transport.
+            mine.update(_ratio(kinds, f"twisted_{name}", f"haproxy_{name}",
+                               cpu))
     return found
 
 

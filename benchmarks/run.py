@@ -28,8 +28,10 @@ The measurements, each made by the module named (whose docstring says how):
        latency, p50 and p99, per source (C{benchmarks/repository.py},
        which times each lookup inside one process).
     3. B{Against HAProxy and nginx stream} (L{benchmarks.rates}): a lone
-       sslshare node, one HAProxy thread (C{ssl crt}) and one nginx
-       C{stream} worker terminating TLS for the same backend, same
+       sslshare node, one HAProxy thread (C{ssl crt}), one nginx
+       C{stream} worker and stock Twisted's TLS with its port forwarder
+       (L{benchmarks.twisted_tls}: the floor under any server on Twisted's
+       TLS transport) terminating TLS for the same backend, same
        certificate, same clients: server CPU per full and resumed
        connection, and the lone node over each; what the cluster adds per
        connection and what a peer fetch adds; the cluster commands (and
@@ -261,6 +263,9 @@ def results_json(command: str, facts: dict[str, Any], measured: dict[str, Any],
         **by_certificate(measured["rates"]["ratios"]),
         "vs_haproxy": vs_reference(measured["rates"]["ratios"], "haproxy"),
         "vs_nginx": vs_reference(measured["rates"]["ratios"], "nginx"),
+        "vs_twisted": vs_reference(measured["rates"]["ratios"], "twisted"),
+        "twisted_vs_haproxy": vs_reference(measured["rates"]["ratios"],
+                                           "haproxy", server="twisted"),
         "checkpoint_ratio": measured["checkpoint"]["checkpoint_ratio"],
         "checkpoint_cpu_ratio": checkpoint_cpu_ratio(measured["checkpoint"]),
         "messages_per_connection": {
@@ -299,15 +304,16 @@ def by_certificate(ratios: dict[str, dict[str, Any]]
     return found
 
 
-def vs_reference(ratios: dict[str, dict[str, Any]], reference: str
-                 ) -> dict[str, dict[str, float]]:
+def vs_reference(ratios: dict[str, dict[str, Any]], reference: str,
+                 server: str = "alone") -> dict[str, dict[str, float]]:
     """
-    Per TLS version, the lone node's server CPU per connection over
-    C{reference}'s, C{full} and C{resumed}.
+    Per TLS version, C{server}'s (the lone node's, or another reference
+    kind's) server CPU per connection over C{reference}'s, C{full} and
+    C{resumed}.
     """
-    return {version: {name: mine[f"alone_{name}_vs_{reference}_{name}"]
+    return {version: {name: mine[f"{server}_{name}_vs_{reference}_{name}"]
                       for name in ("full", "resumed")
-                      if f"alone_{name}_vs_{reference}_{name}" in mine}
+                      if f"{server}_{name}_vs_{reference}_{name}" in mine}
             for version, mine in ratios.items()}
 
 
@@ -371,6 +377,8 @@ def headline(measured: dict[str, Any]) -> list[str]:
     cpu_ratio = checkpoint_cpu_ratio(measured["checkpoint"])
     certificate = by_certificate(ratios)
     haproxy = vs_reference(ratios, "haproxy")
+    twisted = vs_reference(ratios, "haproxy", server="twisted")
+    over_twisted = vs_reference(ratios, "twisted")
     per_session = measured["memory"]["bytes_per_session"]
     worst_share = min(value for value in resumption["sslshare"].values()
                       if value is not None)
@@ -424,6 +432,13 @@ def headline(measured: dict[str, Any]) -> list[str]:
          ", ".join(f"{v}: {r['full']:.2f} / {r['resumed']:.2f}"
                    for v, r in vs_reference(ratios, "nginx").items()),
          "stated, no goal" + _unsaturated(kinds[version])),
+        ("Stock Twisted TLS proxy / HAProxy, server CPU per connection: "
+         "full / resumed (lone node / stock Twisted)",
+         ", ".join(f"{v}: {r['full']:.2f} / {r['resumed']:.2f} ("
+                   f"{over_twisted[v]['full']:.2f} / "
+                   f"{over_twisted[v]['resumed']:.2f})"
+                   for v, r in twisted.items()),
+         "the floor under a server on Twisted's TLS transport: no goal"),
         ("Lookup p50 / p99 ms: local, peer, sqlite, redis, postgres",
          ", ".join(f"{lookups[source]['p50']:.2f}/{lookups[source]['p99']:.2f}"
                    for source in lookups),

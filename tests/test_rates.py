@@ -1,10 +1,20 @@
 """
-L{benchmarks.rates}' choice of the round that stands for a kind.
+L{benchmarks.rates}: the round that stands for a kind, the ratios, and
+the stock Twisted reference server.
 """
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThread
+from twisted.protocols import portforward
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from benchmarks.rates import lookup_means, median_round
+from benchmarks import twisted_tls
+from benchmarks.rates import lookup_means, median_round, ratios
+from tests.support.clients import python_client_round
+from tests.support.pki import pki
+from tests.support.servers import OneShotEcho
 
 
 class MedianRoundTests(SynchronousTestCase):
@@ -32,3 +42,52 @@ class LookupMeansTests(SynchronousTestCase):
         self.assertEqual(set(means), {"peer", "local"})
         self.assertAlmostEqual(means["peer"], 1.5)
         self.assertAlmostEqual(means["local"], 0.05)
+
+
+class RatiosTests(SynchronousTestCase):
+
+    def test_the_lone_node_and_stock_twisted_over_each_reference(self):
+        cpu = {"alone_full": 2000.0, "haproxy_full": 500.0,
+               "twisted_full": 1000.0, "alone_resumed": 1500.0,
+               "haproxy_resumed": 300.0, "twisted_resumed": 750.0}
+        found = ratios({"tls1.2": {
+            kind: {"server_cpu_us_per_handshake": value}
+            for kind, value in cpu.items()}})["tls1.2"]
+        self.assertEqual(found, {
+            "alone_full_vs_haproxy_full": 4.0,
+            "alone_full_vs_twisted_full": 2.0,
+            "twisted_full_vs_haproxy_full": 2.0,
+            "alone_resumed_vs_haproxy_resumed": 5.0,
+            "alone_resumed_vs_twisted_resumed": 2.0,
+            "twisted_resumed_vs_haproxy_resumed": 2.5})
+
+
+class TwistedReferenceTests(TestCase):
+    """
+    L{benchmarks.twisted_tls}, over real sockets: a reference that resumed
+    no session would measure only full handshakes in its resumed kind.
+    """
+
+    @inlineCallbacks
+    def test_stock_python_clients_resume(self):
+        backend = reactor.listenTCP(0, Factory.forProtocol(OneShotEcho),
+                                    interface="127.0.0.1")
+        self.addCleanup(backend.stopListening)
+        factory = portforward.ProxyFactory("127.0.0.1",
+                                           backend.getHost().port)
+        factory.protocol = twisted_tls.ProxyServer
+        files = pki()
+        port = reactor.listenSSL(
+            0, factory, twisted_tls.ContextFactory(files.ec_chain,
+                                                   files.ec_key),
+            interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        for version in ("TLSv1.2", "TLSv1.3"):
+            first = yield deferToThread(
+                python_client_round, port.getHost().port, files.ca_cert,
+                version)
+            second = yield deferToThread(
+                python_client_round, port.getHost().port, files.ca_cert,
+                version, first.session)
+            self.assertEqual((first.echo, first.reused, second.reused),
+                             (b"hello", False, True), version)
