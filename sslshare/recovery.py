@@ -267,8 +267,11 @@ class Recovery:
         repository = self.placement.repository
         if local is not None and local.holder == self.node_id:
             if repository is not None:
-                return await self._own_session_taken_from_repository(
+                own = await self._own_session_taken_from_repository(
                     request, context, local, repository)
+                if own is not None and own.source == "repository":
+                    self._hold(own, request)
+                return own
             self._used_here(request, local)
             return Recovered(local, "local")
         if not self._admit(request.client):
@@ -368,17 +371,22 @@ class Recovery:
         """
         A session this node holds, with a repository.  Other nodes take
         sessions from the repository, and the purge of this node's copy
-        that should follow can be lost (the taker may die first), so this
-        node resumes the session only once it has taken the repository's
-        copy and found its own name in it (another node's copy goes back
-        as it was): a TLS 1.3 ticket is used up; a TLS 1.2 session, which
-        is resumed again and again under its id, goes back to the
-        repository at once (the repository runs this node's operations on
-        a session in order, so the put lands after the take).  When the
-        repository cannot answer, a full handshake: never the same session
-        served twice.  The checkpoint kept beside
-        the repository's copy may be newer than this node's: the digest
-        continues from the newest.
+        that should follow can be lost (the taker may die first) or never
+        be sent (nodes that share only a repository have no link), so
+        every node resumes a session it holds only once it has taken the
+        repository's copy: the copy is the session, and whoever takes it
+        holds it.  With this node's name in it: a TLS 1.3 ticket is used
+        up; a TLS 1.2 session, which is resumed again and again under its
+        id, goes back to the repository at once (the repository runs this
+        node's operations on a session in order, so the put lands after
+        the take).  With another node's name in it, that node took the
+        session since and put it back: this node's copy is stale, and the
+        repository's is resumed as one taken from it (L{_hold} makes this
+        node the holder).  A copy that does not open, or cannot resume
+        this handshake, goes back as it was.  When the repository cannot
+        answer, a full handshake: never the same session served twice.
+        The checkpoint kept beside the repository's copy may be newer than
+        this node's: the digest continues from the newest.
         """
         session_id = request.session_id
         tls12 = request.protocol == "TLSv1.2"
@@ -395,11 +403,18 @@ class Recovery:
         if taken is not None and still_here:
             opened = self._open(taken.sealed, request, context, "repository",
                                 None, "repository")
+        if (taken is not None and opened is not None
+                and opened.state.holder != self.node_id
+                and self._resumable(opened.state, request, context)):
+            self.counters["stale_copies"] += 1
+            self.store.take(session_id)
+            return Recovered(
+                self._with_repository_checkpoint(opened.state, taken),
+                "repository")
         if taken is None or opened is None or opened.state.holder != self.node_id:
             if taken is not None:
-                # Another node took the session and stored it again under
-                # its name, or sealed it under a key this node lacks: its
-                # copy goes back as it was.
+                # Sealed under a key this node lacks, or not for this
+                # handshake: its copy goes back as it was.
                 self._give_back(session_id, taken, repository)
             self.counters["stale_copies"] += 1
             self.store.take(session_id)

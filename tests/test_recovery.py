@@ -392,8 +392,8 @@ class RepositoryTests(SynchronousTestCase):
         Nodes with a repository and no peers configured: the one that takes
         another's session from the repository has no link to tell its
         former holder, and need not, since that node takes from the
-        repository before it serves its copy again.  Nothing is counted
-        as a failed purge.
+        repository before it serves its copy again, and finds the newer
+        copy there.  Nothing is counted as a failed purge.
         """
         cluster = MemoryCluster(repository=True, linked=False)
         session_id = cluster.new_session("node1")
@@ -402,8 +402,10 @@ class RepositoryTests(SynchronousTestCase):
         self.assertNotIn("purge", [call[0] for call in cluster.network.sent])
         self.assertEqual(
             cluster["node2"].recovery.counters["peer_purge_failures"], 0)
-        self.assertIsNone(self.successResultOf(cluster.lookup("node1",
-                                                              session_id)))
+        back = self.successResultOf(cluster.lookup("node1", session_id))
+        self.assertEqual(back.source, "repository")
+        self.assertEqual(cluster["node1"].store.get(session_id).holder,
+                         "node1")
         self.assertEqual(cluster["node1"].recovery.counters["stale_copies"], 1)
 
 

@@ -127,12 +127,13 @@ class _RepositoryTopology:
         self.assertIsNone(node1.store.get(first.session.id))
 
     @inlineCallbacks
-    def test_tls12_copy_of_a_session_another_node_holds_is_not_served(self):
+    def test_tls12_stale_copy_gives_way_to_the_one_in_the_repository(self):
         """
         node2 took the session and stored it again under its name, and the
         purge of node1's copy was lost: node1 takes node2's copy from the
-        repository, sees node2's name in it, puts it back and gives a full
-        handshake; node2 still resumes it.
+        repository, sees node2's name in it, and resumes that copy, not its
+        own; it holds the session now, and node2, whose copy is stale in
+        turn, takes node1's from the repository when the client comes back.
         """
         cluster = self._cluster()
         first = yield self._made_on_node1(cluster, "TLSv1.2")
@@ -145,14 +146,36 @@ class _RepositoryTopology:
         yield until(lambda: node2.repository.counters["puts"] >= 1)
         node1.store.put(stale)
         again = yield cluster.client_round("node1", "TLSv1.2", first.session)
-        self.assertFalse(again.reused)
+        self.assertTrue(again.reused)
         self.assertEqual(node1.recovery.counters["stale_copies"], 1)
-        self.assertIsNone(node1.store.get(session_id))
-        # node2's copy is back in the repository.
-        yield self._stored(node2, session_id)
-        home = yield cluster.client_round("node2", "TLSv1.2", first.session)
-        self.assertTrue(home.reused)
-        self.assertEqual(node2.counters["resumed_local"], 1)
+        self.assertEqual(node1.counters["resumed_repository"], 1)
+        self.assertEqual(node1.store.get(session_id).holder, "node1")
+        yield self._stored(node1, session_id)
+        back = yield cluster.client_round("node2", "TLSv1.2", first.session)
+        self.assertTrue(back.reused)
+        self.assertEqual(node2.counters["resumed_repository"], 2)
+
+    @inlineCallbacks
+    def test_tls12_session_follows_the_client_between_unlinked_nodes(self):
+        """
+        Nodes that share only the repository (no peers): a TLS 1.2 session
+        keeps its id, so each node that resumed it keeps a copy no purge
+        reaches; the session resumes at every connection, whichever node
+        it goes to.  (A node gave a full handshake when its stale copy
+        named it and the repository's another node.)
+        """
+        cluster = LocalCluster(
+            self, nodes=("node1", "node2"), peers=False,
+            repository=f'topology = "{self.topology}"\n' + self.section())
+        yield cluster.start_all()
+        session = (yield cluster.client_round("node1", "TLSv1.2")).session
+        for node in ("node2", "node1", "node2", "node1"):
+            yield self._stored(cluster.nodes["node1"], session.id)
+            result = yield cluster.client_round(node, "TLSv1.2", session)
+            self.assertTrue(result.reused, node)
+        self.assertEqual(
+            [cluster.nodes[node].counters["resumed_repository"]
+             for node in ("node1", "node2")], [2, 2])
 
     @inlineCallbacks
     def test_tls12_session_resumed_at_home_stays_in_the_repository(self):

@@ -121,9 +121,11 @@ class LocalCluster:
 
     def __init__(self, testcase, nodes=("node1", "node2", "node3"),
                  budget_ms=300, backend=OneShotEcho, repository=None,
-                 metrics=False, node_options=""):
+                 metrics=False, node_options="", peers=True):
         """
         @param backend: the backend's protocol class, or its factory.
+        @param peers: every node is a peer of every other; C{False}: none
+            is (nodes that share only the repository).
         @param repository: the body of a C{[repository]} section, or
             C{None}; C{{directory}} in it names the cluster's directory.
         @param metrics: serve each node's metrics on a free port of its
@@ -131,6 +133,7 @@ class LocalCluster:
         @param node_options: more lines of each node's C{[node]} table.
         """
         self._testcase = testcase
+        self.peers = peers
         self.directory = os.path.abspath(testcase.mktemp())
         os.makedirs(self.directory)
         self.pki = pki_files.init_pki(os.path.join(self.directory, "pki"),
@@ -147,9 +150,9 @@ class LocalCluster:
                               if metrics else {})
         self.paths = {}
         for node in nodes:
-            peers = "\n".join(
+            named = "\n".join(
                 f'{peer} = "tcp:host=127.0.0.1:port={amp_ports[peer]}"'
-                for peer in nodes if peer != node)
+                for peer in nodes if peer != node and peers)
             options = f"lookup_budget_ms = {budget_ms}\n{node_options}"
             if metrics:
                 options += (f'\nmetrics_listen = '
@@ -162,7 +165,7 @@ class LocalCluster:
                     backend_port=backend.getHost().port,
                     state_dir=f"state/{node}",
                     node_options=options,
-                    amp_port=amp_ports[node], peers=peers))
+                    amp_port=amp_ports[node], peers=named))
                 if repository is not None:
                     f.write("\n[repository]\n"
                             + repository.format(directory=self.directory))
@@ -193,7 +196,7 @@ class LocalCluster:
         Wait until every node started in this process has its links up to
         all the others but those named in C{down}, which do not run.
         """
-        links = len(self.paths) - 1 - len(set(down))
+        links = (len(self.paths) - 1 - len(set(down))) if self.peers else 0
         return until(lambda: all(node.peer_links.connected_count() == links
                                  for name, node in self.nodes.items()
                                  if name in self.services),
