@@ -57,12 +57,25 @@ from twisted.logger import Logger
 
 from sslshare import cluster, identity, tls
 from sslshare.digest import MODES, CheckpointPolicy
+from sslshare.redis_targets import (
+    MAX_WAIT_REPLICAS,
+    SENTINEL_PORT,
+    RedisTargetError,
+    cluster_seeds,
+    host_port,
+    is_cluster_url,
+    url_scheme_problem,
+)
 
 # The AMP commands a peer may be allowed to send: the channel's own list.
 COMMANDS = tuple(sorted(cluster.COMMANDS))
 
 TLS_VERSIONS = ("1.2", "1.3")
 REPOSITORY_KINDS = ("sqlite", "postgres", "redis")
+# What a redis repository takes: one server or a cluster by its URL, or
+# the master that sentinels name.
+_REDIS_KEYS = ("url", "cluster", "sentinels", "service", "wait_replicas",
+               "password_file", "tls")
 REPOSITORY_TOPOLOGIES = ("repository", "both")
 LOG_FORMATS = ("text", "json")
 LOOSE_KEY_PERMISSIONS = ("refuse", "warn")
@@ -101,7 +114,8 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
         "authorize"}),
     "cluster.authorize": frozenset(COMMANDS),
     "repository": frozenset({
-        "kind", "topology", "path", "dsn", "url", "password_file", "tls"}),
+        "kind", "topology", "path", "dsn", "password_file", "tls",
+        *_REDIS_KEYS}),
 }
 
 CHECKPOINT_MODES = MODES
@@ -246,10 +260,17 @@ class RepositoryConfig:
         repository; C{"repository"}: from the repository only.
     @ivar path: absolute path of the SQLite file (sqlite only).
     @ivar dsn: the libpq connection string (postgres only).
-    @ivar url: C{redis://}, C{rediss://} or C{unix://} URL (redis only).
+    @ivar url: C{redis://}, C{rediss://}, C{unix://}, C{redis+cluster://}
+        or C{rediss+cluster://} URL (redis only; see
+        L{sslshare.redis_targets}).
     @ivar password_file: absolute path of a file holding the password
         (postgres and redis).
     @ivar tls: connect to the server over TLS (postgres and redis).
+    @ivar cluster: C{url} is a seed of a Redis Cluster (redis only).
+    @ivar sentinels: (host, port) of each Redis Sentinel, instead of
+        C{url}; C{service} names the master they watch (redis only).
+    @ivar wait_replicas: replicas each Redis write waits for; C{None}: one
+        with sentinels, none otherwise (redis only).
     """
 
     kind: str
@@ -259,6 +280,10 @@ class RepositoryConfig:
     url: str | None = attrs.field(default=None, repr=_redact_password)
     password_file: str | None = None
     tls: bool = False
+    cluster: bool = False
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
+    wait_replicas: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -844,32 +869,88 @@ class _Reader:
         takes = {
             "sqlite": ("path",),
             "postgres": ("dsn", "password_file", "tls"),
-            "redis": ("url", "password_file", "tls"),
+            "redis": _REDIS_KEYS,
         }[kind]
-        for name in ("path", "dsn", "url", "password_file", "tls"):
+        for name in ("path", "dsn", "password_file", "tls", *_REDIS_KEYS):
             if name in table.data and name not in takes:
                 raise self.error(table.child(name),
                                  f"not used by kind {kind!r} (it takes "
                                  f"{', '.join(takes)})")
-        path = dsn = url = None
+        path = dsn = None
+        redis: dict[str, Any] = {}
         if kind == "sqlite":
             path = table.value("path", self.file_path, required=True)
         elif kind == "postgres":
             dsn = table.value("dsn", self.string, required=True)
         else:
-            url = table.value("url", self.redis_url, required=True)
+            redis = self.redis_target(table)
         return RepositoryConfig(
-            kind=kind, topology=topology, path=path, dsn=dsn, url=url,
+            kind=kind, topology=topology, path=path, dsn=dsn,
             password_file=table.value("password_file", self.secret_file),
-            tls=table.value("tls", self.boolean, default=False))
+            tls=table.value("tls", self.boolean, default=False), **redis)
+
+    def redis_target(self, table: _Table) -> dict[str, Any]:
+        """
+        Where a Redis repository is: C{url} (with C{cluster}), or
+        C{sentinels} and C{service}; and C{wait_replicas}.
+        """
+        if ("url" in table.data) == ("sentinels" in table.data):
+            raise self.error(table.key, "give either url (a server or a "
+                                        "cluster) or sentinels, not both "
+                                        "or neither")
+        found: dict[str, Any] = {"wait_replicas": table.value(
+            "wait_replicas", self.integer(0, MAX_WAIT_REPLICAS))}
+        if "sentinels" in table.data:
+            if "cluster" in table.data:
+                raise self.error(table.child("cluster"),
+                                 "not used with sentinels")
+            found["sentinels"] = tuple(
+                self.address(item_key, item, SENTINEL_PORT) for item_key, item
+                in table.value("sentinels", self.strings))
+            if not found["sentinels"]:
+                raise self.error(table.child("sentinels"), "names no sentinel")
+            found["service"] = table.value("service", self.string,
+                                           required=True)
+            return found
+        if "service" in table.data:
+            raise self.error(table.child("service"), "used with sentinels "
+                                                     "only")
+        url = found["url"] = table.value("url", self.redis_url, required=True)
+        cluster = table.value("cluster", self.boolean, default=False)
+        if is_cluster_url(url):
+            if "cluster" in table.data and not cluster:
+                raise self.error(table.child("cluster"),
+                                 "false, but the url names a cluster")
+            cluster = False
+        elif cluster and url.startswith("unix:"):
+            raise self.error(table.child("cluster"),
+                             "a cluster is not reached by a unix socket")
+        found["cluster"] = cluster
+        return found
+
+    def address(self, key: str, value: str, default_port: int
+                ) -> tuple[str, int]:
+        """
+        C{host:port} (an IPv6 address in brackets), the port
+        C{default_port} when none is given.
+        """
+        try:
+            return host_port(value, default_port)
+        except RedisTargetError as e:
+            raise self.error(key, str(e)) from None
 
     def redis_url(self, key: str, value: Any) -> str:
         self.string(key, value)
-        try:
-            scheme = urlsplit(value).scheme
-        except ValueError as e:
-            raise self.error(key, f"not a URL: {e}") from None
-        if scheme not in ("redis", "rediss", "unix"):
-            raise self.error(key, f"{_redact_password(value)} is not a "
-                                  f"redis://, rediss:// or unix:// URL")
+        problem = url_scheme_problem(value)
+        if problem is None:
+            try:
+                if is_cluster_url(value):
+                    cluster_seeds(value)
+                else:
+                    urlsplit(value).port
+            except ValueError as e:
+                # RedisTargetError is one.
+                problem = str(e)
+        if problem is not None:
+            raise self.error(key, f"{_redact_password(value)}: {problem}")
         return value

@@ -323,6 +323,28 @@ tls = true
         node = self.load(extra='[repository]\nkind = "redis"\n'
                                'url = "rediss://cache:6380/0"\n')
         self.assertEqual(node.repository.url, "rediss://cache:6380/0")
+        self.assertEqual((node.repository.cluster, node.repository.sentinels,
+                          node.repository.wait_replicas), (False, (), None))
+
+    def test_redis_cluster_by_its_seeds_or_one_seed(self):
+        node = self.load(extra='[repository]\nkind = "redis"\n'
+                               'url = "redis+cluster://a:7000,[::1]:7001"\n'
+                               'wait_replicas = 1\n')
+        self.assertEqual((node.repository.url, node.repository.cluster,
+                          node.repository.wait_replicas),
+                         ("redis+cluster://a:7000,[::1]:7001", False, 1))
+        node = self.load(extra='[repository]\nkind = "redis"\n'
+                               'url = "redis://a:7000"\ncluster = true\n')
+        self.assertTrue(node.repository.cluster)
+
+    def test_redis_sentinels(self):
+        node = self.load(extra='[repository]\nkind = "redis"\n'
+                               'sentinels = ["s1:5000", "s2", "[::1]:5001"]\n'
+                               'service = "mymaster"\n')
+        self.assertEqual(
+            (node.repository.url, node.repository.sentinels,
+             node.repository.service),
+            (None, (("s1", 5000), ("s2", 26379), ("::1", 5001)), "mymaster"))
 
     def test_passwords_in_dsn_or_url_stay_out_of_repr(self):
         postgres = config.RepositoryConfig(
@@ -980,7 +1002,96 @@ class RepositoryErrorTests(_ConfigTestCase):
             self.error(extra='[repository]\nkind = "redis"\n'
                              'url = "http://u:hunter2@cache/"\n'),
             "repository.url",
-            "http://u:***@cache/ is not a redis://, rediss:// or unix:// URL")
+            "http://u:***@cache/: not a redis://, rediss://, unix://, "
+            "redis+cluster:// or rediss+cluster:// URL")
+
+    def test_redis_url_and_sentinels(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'
+                             'url = "redis://x"\nsentinels = ["s:1"]\n'
+                             'service = "m"\n'),
+            "repository", "give either url (a server or a cluster) or "
+                          "sentinels, not both or neither")
+
+    def test_redis_with_neither_url_nor_sentinels(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'),
+            "repository", "give either url (a server or a cluster) or "
+                          "sentinels, not both or neither")
+
+    def test_sentinels_without_service(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'
+                             'sentinels = ["s:1"]\n'),
+            "repository.service", "missing required key")
+
+    def test_service_without_sentinels(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'
+                             'url = "redis://x"\nservice = "m"\n'),
+            "repository.service", "used with sentinels only")
+
+    def test_cluster_with_sentinels(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'
+                             'sentinels = ["s:1"]\nservice = "m"\n'
+                             'cluster = true\n'),
+            "repository.cluster", "not used with sentinels")
+
+    def test_empty_sentinels(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'
+                             'sentinels = []\nservice = "m"\n'),
+            "repository.sentinels", "names no sentinel")
+
+    def test_sentinel_with_a_bad_port(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'
+                             'sentinels = ["s:1", "t:99999"]\n'
+                             'service = "m"\n'),
+            "repository.sentinels[1]",
+            "'t:99999': the port is not from 1 to 65535")
+
+    def test_cluster_url_with_no_seed(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'
+                             'url = "redis+cluster://u:pw@/"\n'),
+            "repository.url",
+            "redis+cluster://u:***@/: the URL names no seed node")
+
+    def test_cluster_url_with_a_database(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'
+                             'url = "redis+cluster://a:1,b:2/3"\n'),
+            "repository.url",
+            "redis+cluster://a:1,b:2/3: a Redis Cluster has database 0 only")
+
+    def test_cluster_false_with_a_cluster_url(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'
+                             'url = "redis+cluster://a:1"\ncluster = false\n'),
+            "repository.cluster", "false, but the url names a cluster")
+
+    def test_cluster_through_a_unix_socket(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'
+                             'url = "unix:///run/redis.sock"\n'
+                             'cluster = true\n'),
+            "repository.cluster", "a cluster is not reached by a unix socket")
+
+    def test_wait_replicas_out_of_range(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "redis"\n'
+                             'url = "redis://x"\nwait_replicas = 17\n'),
+            "repository.wait_replicas",
+            "17 is out of range: must be from 0 to 16")
+
+    def test_sentinel_keys_with_another_kind(self):
+        self.assertError(
+            self.error(extra='[repository]\nkind = "sqlite"\npath = "x"\n'
+                             'sentinels = ["s:1"]\n'),
+            "repository.sentinels", "not used by kind 'sqlite' (it takes "
+                                    "path)")
 
 
 def demo_tree(testcase):

@@ -29,7 +29,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from sslshare.config import RepositoryConfig
@@ -47,6 +47,7 @@ from sslshare.state import (
     StateKeys,
 )
 from tests.support.databases import (
+    shared_redis_group,
     shared_server,
     skip_without,
     throwaway_server,
@@ -54,6 +55,7 @@ from tests.support.databases import (
 from tests.support.files import file_mode, umask_for_test
 from tests.support.pki import pki
 from tests.support.sessions import session_id_of, session_state
+from tests.support.waiting import until
 
 # Long enough to take a blob before it expires, short enough to wait out.
 SHORT_LIFETIME = 0.15
@@ -626,6 +628,145 @@ class RedisRepositoryTests(RepositoryBehaviour, ServerOutageBehaviour,
                                  RepositoryError)
 
 
+class RedisClusterRepositoryTests(RepositoryBehaviour, TestCase):
+    """
+    The Redis backend on a Redis Cluster of three masters shared by the
+    module, named by its seeds.
+    """
+
+    expires_by_itself = True
+
+    def make(self, **options):
+        from sslshare.repository.redis import RedisRepository
+
+        return RedisRepository(self.group.url, reactor, **options)
+
+    def clear(self):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        self.group = shared_redis_group("cluster")
+        self.client = RedisCluster(startup_nodes=[
+            ClusterNode("127.0.0.1", server.port)
+            for server in self.group.servers])
+        self.addCleanup(self.client.close)
+        self.client.flushall()
+
+    raw_put = RedisRepositoryTests.raw_put
+    raw_exists = RedisRepositoryTests.raw_exists
+
+    @inlineCallbacks
+    def test_sessions_spread_over_every_master(self):
+        import redis
+
+        for _ in range(30):
+            yield self.repository.put(session_id_of(), blob(), self.expires())
+        sizes = []
+        for server in self.group.servers:
+            with redis.Redis(port=server.port) as master:
+                sizes.append(master.dbsize())
+        self.assertEqual(sum(sizes), 30)
+        self.assertNotIn(0, sizes)
+
+    @inlineCallbacks
+    def test_one_seed_with_cluster_finds_every_master(self):
+        from sslshare.repository.redis import RedisRepository
+
+        seed = self.group.servers[0].port
+        repository = yield self.started(RedisRepository(
+            f"redis://127.0.0.1:{seed}", reactor, cluster=True))
+        self.assertEqual(repository.describe(),
+                         f"redis cluster 127.0.0.1:{seed}")
+        session_ids = [session_id_of() for _ in range(20)]
+        for session_id in session_ids:
+            yield repository.put(session_id, blob(), self.expires())
+        taken = yield gatherResults([repository.take(session_id)
+                                     for session_id in session_ids])
+        self.assertNotIn(None, taken)
+
+
+class RedisSentinelRepositoryTests(RepositoryBehaviour, TestCase):
+    """
+    The Redis backend on a master and a replica watched by three sentinels,
+    shared by the module, named by the sentinels (the shared deployment
+    never fails over; a test that kills its master has its own).
+    """
+
+    expires_by_itself = True
+
+    def make(self, **options):
+        from sslshare.repository.redis import RedisRepository
+
+        sentinels = [("127.0.0.1", port) for port in self.group.sentinel_ports]
+        return RedisRepository(None, reactor, sentinels=sentinels,
+                               service=self.group.service, **options)
+
+    def clear(self):
+        import redis
+
+        self.group = shared_redis_group("sentinel")
+        self.client = redis.Redis(port=self.group.master.port)
+        self.addCleanup(self.client.close)
+        self.client.flushdb()
+
+    raw_put = RedisRepositoryTests.raw_put
+    raw_exists = RedisRepositoryTests.raw_exists
+
+    @inlineCallbacks
+    def test_each_write_is_on_the_replica_when_it_counts(self):
+        import redis
+
+        from sslshare.repository.redis import key
+
+        self.assertEqual(self.repository.wait_replicas, 1)
+        session_id = session_id_of()
+        yield self.repository.put(session_id, blob(), self.expires())
+        with redis.Redis(port=self.group.replicas[0].port) as replica:
+            self.assertEqual(replica.exists(key(session_id)), 1)
+            yield self.repository.take(session_id)
+            self.assertEqual(replica.exists(key(session_id)), 0)
+
+
+class RedisReplicationTests(TestCase):
+    """
+    C{wait_replicas} with a master and a replica of the test's own.
+    """
+
+    @inlineCallbacks
+    def test_a_take_no_replica_acknowledged_is_not_used(self):
+        """
+        A take whose delete no replica acknowledged in time fails, and its
+        blob is not handed out: a replica promoted now would still hold
+        it.  The master deleted it all the same: it is not served later.
+        """
+        import signal
+
+        from sslshare.repository.redis import RedisRepository
+
+        master = throwaway_server(self, "redis").start()
+        replica = throwaway_server(
+            self, "redis",
+            arguments=["--replicaof", "127.0.0.1", str(master.port)]).start()
+        repository = RedisRepository(master.url, reactor, wait_replicas=1,
+                                     timeout=0.5)
+        yield repository.start()
+        self.addCleanup(repository.close)
+        session_id = session_id_of()
+        # The first put that succeeds: the replica is in sync.
+        yield until(lambda: repository.put(
+            session_id, blob(), reactor.seconds() + 60).addCallbacks(
+                lambda _: True, lambda _: False))
+        replica.process.send_signal(signal.SIGSTOP)
+        self.addCleanup(replica.process.send_signal, signal.SIGCONT)
+        failure = yield self.assertFailure(repository.take(session_id),
+                                           RepositoryError)
+        self.assertIn("0 of 1 replicas acknowledged", str(failure))
+        yield self.assertFailure(
+            repository.put(session_id_of(), blob(), reactor.seconds() + 60),
+            RepositoryError)
+        replica.process.send_signal(signal.SIGCONT)
+        self.assertIsNone((yield repository.take(session_id)))
+
+
 @attrs.frozen
 class _PlainURL:
     port: int
@@ -861,3 +1002,40 @@ class InOrderTests(TestCase):
             (self.successResultOf(first), self.successResultOf(second)),
             (1, "at once"))
         self.assertEqual(len(self.lines), 0)
+
+
+class RedisTargetsTests(SynchronousTestCase):
+    """
+    L{sslshare.redis_targets}: addresses and cluster URLs.
+    """
+
+    def test_host_port_forms(self):
+        from sslshare.redis_targets import host_port
+
+        self.assertEqual(
+            [host_port(text, 26379) for text in
+             ("s1", "s1:5000", "[::1]", "[::1]:5000", "10.0.0.1:1")],
+            [("s1", 26379), ("s1", 5000), ("::1", 26379), ("::1", 5000),
+             ("10.0.0.1", 1)])
+
+    def test_bad_addresses(self):
+        from sslshare.redis_targets import (
+            RedisTargetError,
+            host_port,
+        )
+
+        for text in (":5000", "s1:0", "s1:x", "[::1", "[::1]5000", ""):
+            self.assertRaises(RedisTargetError, host_port, text, 6379)
+
+    def test_cluster_seeds_and_credentials(self):
+        from sslshare.redis_targets import (
+            ClusterSeeds,
+            cluster_seeds,
+        )
+
+        self.assertEqual(
+            cluster_seeds("rediss+cluster://app:s%40cret@a:7000,b,[::1]:7002/"),
+            ClusterSeeds((("a", 7000), ("b", 6379), ("::1", 7002)), True,
+                         "app", "s@cret"))
+        self.assertNotIn("cret", repr(cluster_seeds(
+            "redis+cluster://app:s3cret@a:7000")))

@@ -261,7 +261,8 @@ class RedisServer(_ServerProcess):
 
     With C{tls} (a L{PKI}), it listens with TLS only (C{--port 0
     --tls-port <port>}), with the PKI's EC localhost certificate, and does
-    not ask clients for certificates.
+    not ask clients for certificates.  C{arguments} go after these (a
+    cluster's or a replica's).
 
     @ivar port: its TCP port; the same across L{stop} and L{start}.
     """
@@ -270,11 +271,12 @@ class RedisServer(_ServerProcess):
     stop_signal = signal.SIGKILL
     stop_wait = 10.0
 
-    def __init__(self, password=None, tls=None):
+    def __init__(self, password=None, tls=None, arguments=()):
         self.binary = redis_server_binary()
         super().__init__("sslshare-redis-")
         self.password = password
         self.tls = tls
+        self.extra_arguments = list(arguments)
 
     @property
     def url(self):
@@ -299,7 +301,7 @@ class RedisServer(_ServerProcess):
                           "--tls-auth-clients", "no"]
         if self.password is not None:
             arguments += ["--requirepass", self.password]
-        return arguments
+        return arguments + self.extra_arguments
 
     def start(self):
         """
@@ -321,6 +323,207 @@ class RedisServer(_ServerProcess):
         except OSError:
             return False
 
+
+
+def redis_cli(*arguments, timeout=20.0):
+    """
+    Run C{redis-cli} (beside C{redis-server}) with C{arguments}; its
+    output.  Blocking.
+
+    @raise ServerFailed: it failed.
+    """
+    binary = os.path.join(os.path.dirname(redis_server_binary()), "redis-cli")
+    done = subprocess.run([binary, *arguments], capture_output=True,
+                          text=True, timeout=timeout)
+    if done.returncode != 0 or done.stdout.startswith("(error)"):
+        raise ServerFailed(f"redis-cli {' '.join(arguments)}: "
+                           f"{(done.stdout + done.stderr)[-2000:]}")
+    return done.stdout
+
+
+def _info(port, section):
+    """
+    The fields of C{INFO section} of the server on C{port}.
+    """
+    try:
+        text = redis_cli("-p", str(port), "info", section, timeout=5)
+    except (ServerFailed, subprocess.TimeoutExpired):
+        return {}
+    return dict(line.split(":", 1) for line in text.splitlines()
+                if ":" in line and not line.startswith("#"))
+
+
+class RedisClusterServers:
+    """
+    A Redis Cluster of C{masters} C{redis-server} masters with no replicas
+    on 127.0.0.1, each as L{RedisServer} with C{--cluster-enabled yes},
+    joined by C{redis-cli --cluster create}; the slots spread evenly.
+    """
+
+    def __init__(self, masters=3):
+        # The bus port is the port + 10000 unless named: it may be taken,
+        # or past 65535.
+        self.servers = [
+            RedisServer(arguments=["--cluster-enabled", "yes",
+                                   "--cluster-port", str(free_port()),
+                                   "--cluster-node-timeout", "2000"])
+            for _ in range(masters)]
+
+    @property
+    def url(self):
+        """
+        The C{redis+cluster://} URL naming every master as a seed.
+        """
+        return "redis+cluster://" + ",".join(
+            f"127.0.0.1:{server.port}" for server in self.servers)
+
+    def start(self):
+        """
+        Start the masters, create the cluster, and wait until every master
+        says it is up.  Blocking.
+        """
+        for server in self.servers:
+            server.start()
+        redis_cli("--cluster", "create",
+                  *(f"127.0.0.1:{server.port}" for server in self.servers),
+                  "--cluster-replicas", "0", "--cluster-yes", timeout=60)
+        for server in self.servers:
+            _wait_until(
+                lambda: _info(server.port, "cluster").get(
+                    "cluster_enabled") == "1" and "cluster_state:ok"
+                in redis_cli("-p", str(server.port), "cluster", "info"),
+                server.process, "redis cluster")
+        return self
+
+    def remove(self):
+        for server in self.servers:
+            server.remove()
+
+
+SENTINEL_CONFIG = """\
+port {port}
+bind 127.0.0.1
+dir {directory}
+logfile {directory}/sentinel.log
+sentinel monitor {service} 127.0.0.1 {master_port} {quorum}
+sentinel down-after-milliseconds {service} {down_after_ms}
+sentinel failover-timeout {service} {failover_timeout_ms}
+sentinel parallel-syncs {service} 1
+"""
+
+
+class RedisSentinels:
+    """
+    A master, C{replicas} replicas and C{sentinels} sentinels (each a
+    C{redis-server --sentinel}, quorum a majority) watching the master as
+    C{service}, on 127.0.0.1.  A master the sentinels cannot reach for
+    C{down_after} seconds is replaced by a replica.
+
+    @ivar master: the L{RedisServer} that was master at the start.
+    @ivar replicas: the L{RedisServer}s that replicated it then.
+    @ivar sentinel_ports: the sentinels' ports.
+    """
+
+    service = "sslshare"
+
+    def __init__(self, replicas=1, sentinels=3, down_after=1.0):
+        self.master = RedisServer()
+        self.replicas = [
+            RedisServer(arguments=["--replicaof", "127.0.0.1",
+                                   str(self.master.port)])
+            for _ in range(replicas)]
+        self.down_after = down_after
+        self._sentinels = [_ServerProcess("sslshare-sentinel-")
+                           for _ in range(sentinels)]
+        self.sentinel_ports = [s.port for s in self._sentinels]
+
+    @property
+    def sentinels(self):
+        """
+        The sentinels as C{host:port} strings, as a node's configuration
+        names them.
+        """
+        return [f"127.0.0.1:{port}" for port in self.sentinel_ports]
+
+    def start(self):
+        """
+        Start the master, its replicas (until each is in sync) and the
+        sentinels (until each sees every replica and the other sentinels).
+        Blocking.
+        """
+        self.master.start()
+        for replica in self.replicas:
+            replica.start()
+            _wait_until(lambda: _info(replica.port, "replication").get(
+                "master_link_status") == "up", replica.process,
+                "redis replica")
+        quorum = len(self._sentinels) // 2 + 1
+        for sentinel in self._sentinels:
+            configuration = os.path.join(sentinel.directory, "sentinel.conf")
+            with open(configuration, "w") as f:
+                f.write(SENTINEL_CONFIG.format(
+                    port=sentinel.port, directory=sentinel.directory,
+                    service=self.service, master_port=self.master.port,
+                    quorum=quorum,
+                    down_after_ms=int(self.down_after * 1000),
+                    failover_timeout_ms=int(self.down_after * 4000)))
+            sentinel.process = subprocess.Popen(
+                [redis_server_binary(), configuration, "--sentinel"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+        for sentinel in self._sentinels:
+            _wait_until(lambda: self._sees_everyone(sentinel.port),
+                        sentinel.process, "redis sentinel",
+                        os.path.join(sentinel.directory, "sentinel.log"))
+        return self
+
+    def _sees_everyone(self, port):
+        try:
+            text = redis_cli("-p", str(port), "sentinel", "master",
+                             self.service, timeout=5)
+        except (ServerFailed, subprocess.TimeoutExpired):
+            return False
+        lines = text.splitlines()
+        fields = dict(zip(lines[::2], lines[1::2]))
+        return (fields.get("num-slaves") == str(len(self.replicas))
+                and fields.get("num-other-sentinels")
+                == str(len(self._sentinels) - 1))
+
+    def master_port(self):
+        """
+        The port of the master the first sentinel names now.
+        """
+        text = redis_cli("-p", str(self.sentinel_ports[0]), "sentinel",
+                         "get-master-addr-by-name", self.service)
+        return int(text.split()[1])
+
+    def replicas_of_master(self):
+        """
+        How many replicas of the master the sentinels name now are online
+        (in sync, taking its writes).
+        """
+        fields = _info(self.master_port(), "replication")
+        return sum(1 for name, value in fields.items()
+                   if name.startswith("slave") and "state=online" in value)
+
+    def restart_old_master(self):
+        """
+        Start the first master again after L{master} was stopped, as a
+        replica of the master the sentinels promoted (what the sentinels
+        would make it too, some seconds after it came back).  Blocking.
+        """
+        self.master.extra_arguments = ["--replicaof", "127.0.0.1",
+                                       str(self.master_port())]
+        self.master.start()
+
+    def remove(self):
+        for sentinel in self._sentinels:
+            if sentinel.process is not None and sentinel.process.poll() is None:
+                sentinel.process.kill()
+                sentinel.process.wait(10)
+            shutil.rmtree(sentinel.directory, ignore_errors=True)
+        for server in (self.master, *self.replicas):
+            server.remove()
 
 
 def _unprivileged_user():

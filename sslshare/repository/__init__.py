@@ -151,6 +151,9 @@ def from_config(config: RepositoryConfig, reactor: Any, state_dir: str
     if config.kind == "redis":
         with _needs_driver("redis", "redis-py"):
             from sslshare.repository.redis import RedisRepository
-        return RedisRepository(_server(config.kind, config.url), reactor,
-                               password=password, tls=config.tls)
+        return RedisRepository(config.url, reactor, password=password,
+                               tls=config.tls, cluster=config.cluster,
+                               sentinels=config.sentinels,
+                               service=config.service,
+                               wait_replicas=config.wait_replicas)
     raise RepositoryError(f"unknown repository kind {config.kind!r}")

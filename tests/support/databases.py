@@ -13,6 +13,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from sslshare.dev.throwaway import (
     PostgresServer,
+    RedisClusterServers,
+    RedisSentinels,
     RedisServer,
     ServerUnavailable,
     postgres_binaries,
@@ -24,6 +26,10 @@ from tests.support.pki import pki
 SERVER_DRIVERS = {"redis": "redis", "postgres": "psycopg"}
 
 _shared_servers: dict[str, RedisServer | PostgresServer] = {}
+_shared_redis_groups: dict[str, RedisClusterServers | RedisSentinels] = {}
+
+# The Redis deployments of several servers, by the name a test asks for.
+REDIS_GROUPS = {"cluster": RedisClusterServers, "sentinel": RedisSentinels}
 
 
 def skip_without(kind: str, server: bool = True) -> None:
@@ -91,3 +97,35 @@ def throwaway_server(testcase: TestCase, kind: str,
     server = _made_or_skipped(kind, **options)
     testcase.addCleanup(server.remove)
     return server
+
+
+def shared_redis_group(name: str) -> RedisClusterServers | RedisSentinels:
+    """
+    The Redis deployment C{name} of L{REDIS_GROUPS} (a 3-master Redis
+    Cluster, or a master, a replica and three sentinels) that every test
+    of this process may use, as L{shared_server}: started on first use,
+    removed when the process exits, never stopped by a test.
+
+    @raise SkipTest: as L{skip_without} says.
+    """
+    if name not in _shared_redis_groups:
+        skip_without("redis")
+        group = REDIS_GROUPS[name]()
+        atexit.register(group.remove)
+        _shared_redis_groups[name] = group.start()
+    return _shared_redis_groups[name]
+
+
+def throwaway_redis_group(testcase: TestCase, name: str,
+                          **options: object
+                          ) -> RedisClusterServers | RedisSentinels:
+    """
+    A Redis deployment C{name} of L{REDIS_GROUPS} of C{testcase}'s own,
+    made with C{options}, started, and removed when the test ends.
+
+    @raise SkipTest: as L{skip_without} says.
+    """
+    skip_without("redis")
+    group = REDIS_GROUPS[name](**options)
+    testcase.addCleanup(group.remove)
+    return group.start()
