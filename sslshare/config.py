@@ -57,12 +57,11 @@ from twisted.logger import Logger
 
 from sslshare import cluster, identity, tls
 from sslshare.digest import MODES, CheckpointPolicy
+from sslshare.addresses import AddressError, host_port
 from sslshare.redis_targets import (
     MAX_WAIT_REPLICAS,
     SENTINEL_PORT,
-    RedisTargetError,
     cluster_seeds,
-    host_port,
     is_cluster_url,
     url_scheme_problem,
 )
@@ -936,7 +935,7 @@ class _Reader:
         """
         try:
             return host_port(value, default_port)
-        except RedisTargetError as e:
+        except AddressError as e:
             raise self.error(key, str(e)) from None
 
     def redis_url(self, key: str, value: Any) -> str:

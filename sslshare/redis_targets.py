@@ -11,7 +11,7 @@ the backend connects with them.
                                                  seed nodes
     "host:port" (each of C{sentinels})           a Sentinel
 
-A host is a name, an IPv4 address or an IPv6 address in brackets; the port
+A host and port are read by L{sslshare.addresses.host_port}; the port
 defaults to 6379 for a server and 26379 for a sentinel.
 """
 
@@ -20,6 +20,8 @@ from __future__ import annotations
 from urllib.parse import unquote, urlsplit
 
 import attrs
+
+from sslshare.addresses import AddressError, host_port
 
 SERVER_PORT = 6379
 SENTINEL_PORT = 26379
@@ -32,10 +34,10 @@ MAX_WAIT_REPLICAS = 16
 """The most replicas a write may wait for (C{wait_replicas})."""
 
 
-class RedisTargetError(ValueError):
+class RedisTargetError(AddressError):
     """
-    An address or URL that names no Redis server; the message says why and
-    never holds a password.
+    A URL that names no Redis server; the message says why and never holds
+    a password.
     """
 
 
@@ -51,32 +53,6 @@ class ClusterSeeds:
     tls: bool
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
-
-
-def host_port(text: str, default_port: int) -> tuple[str, int]:
-    """
-    C{host}, C{host:port}, C{[v6 address]} or C{[v6 address]:port}.
-
-    @raise RedisTargetError: no host, or a port that is not one.
-    """
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise RedisTargetError(f"{text!r} is not [address]:port")
-        port_text = rest[1:] if rest else None
-    else:
-        host, colon, port_text_found = text.rpartition(":")
-        if not colon:
-            host, port_text = text, None
-        else:
-            port_text = port_text_found
-    if not host:
-        raise RedisTargetError(f"{text!r} names no host")
-    if port_text is None:
-        return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise RedisTargetError(f"{text!r}: the port is not from 1 to 65535")
-    return host, int(port_text)
 
 
 def is_cluster_url(url: str) -> bool:

@@ -1006,11 +1006,12 @@ class InOrderTests(TestCase):
 
 class RedisTargetsTests(SynchronousTestCase):
     """
-    L{sslshare.redis_targets}: addresses and cluster URLs.
+    L{sslshare.addresses} and L{sslshare.redis_targets}: addresses and
+    cluster URLs.
     """
 
     def test_host_port_forms(self):
-        from sslshare.redis_targets import host_port
+        from sslshare.addresses import host_port
 
         self.assertEqual(
             [host_port(text, 26379) for text in
@@ -1019,13 +1020,10 @@ class RedisTargetsTests(SynchronousTestCase):
              ("10.0.0.1", 1)])
 
     def test_bad_addresses(self):
-        from sslshare.redis_targets import (
-            RedisTargetError,
-            host_port,
-        )
+        from sslshare.addresses import AddressError, host_port
 
         for text in (":5000", "s1:0", "s1:x", "[::1", "[::1]5000", ""):
-            self.assertRaises(RedisTargetError, host_port, text, 6379)
+            self.assertRaises(AddressError, host_port, text, 6379)
 
     def test_cluster_seeds_and_credentials(self):
         from sslshare.redis_targets import (
