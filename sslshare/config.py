@@ -56,6 +56,7 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 
 from sslshare import cluster, identity, tls
+from sslshare.cluster import PeerSource
 from sslshare.digest import MODES, CheckpointPolicy
 from sslshare.addresses import AddressError, host_port
 from sslshare.redis_targets import (
@@ -71,6 +72,10 @@ COMMANDS = tuple(sorted(cluster.COMMANDS))
 
 TLS_VERSIONS = ("1.2", "1.3")
 REPOSITORY_KINDS = ("sqlite", "postgres", "redis")
+ANY_MEMBER = "*"
+"""In a C{[cluster.authorize]} list: every node the channel admits (the
+peers listed, or with C{peers_from} any node of the cluster)."""
+DEFAULT_PEERS_REFRESH = (5.0, 300.0)
 # What a redis repository takes: one server or a cluster by its URL, or
 # the master that sentinels name.
 _REDIS_KEYS = ("url", "cluster", "sentinels", "service", "wait_replicas",
@@ -110,7 +115,8 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
     "tls.service": frozenset({"name", "certificate", "key", "server_names"}),
     "cluster": frozenset({
         "listen", "ca", "certificate", "key", "state_key", "peers",
-        "authorize"}),
+        "peers_from", "dns_servers", "peers_refresh_min_s",
+        "peers_refresh_max_s", "authorize"}),
     "cluster.authorize": frozenset(COMMANDS),
     "repository": frozenset({
         "kind", "topology", "path", "dsn", "password_file", "tls",
@@ -200,9 +206,16 @@ class ClusterConfig:
     @ivar certificate: absolute path of this node's certificate (and chain).
     @ivar key: absolute path of this node's private key.
     @ivar state_key: absolute path of the cluster state key file.
-    @ivar peers: (node id, client endpoint string) pairs, sorted by id.
+    @ivar peers: (node id, client endpoint string) pairs, sorted by id;
+        none with C{peers_from}.
     @ivar authorize: (command, node ids allowed to send it) for every
-        command of L{COMMANDS}, sorted by command.
+        command of L{COMMANDS}, sorted by command; L{ANY_MEMBER} among
+        them lets every node the channel admits send it.
+    @ivar peers_from: where DNS names the peers, instead of C{peers}.
+    @ivar dns_servers: (host, port) of the DNS servers to ask; none: the
+        system's (C{/etc/resolv.conf}).
+    @ivar peers_refresh: seconds between lookups of C{peers_from}, at
+        least and at most, whatever the records' TTL says.
     """
 
     listen: str | None
@@ -212,6 +225,9 @@ class ClusterConfig:
     state_key: str
     peers: tuple[tuple[str, str], ...]
     authorize: tuple[tuple[str, frozenset[str]], ...]
+    peers_from: PeerSource | None = None
+    dns_servers: tuple[tuple[str, int], ...] = ()
+    peers_refresh: tuple[float, float] = DEFAULT_PEERS_REFRESH
 
     def peer_endpoint(self, node_id: str) -> str:
         """
@@ -231,7 +247,7 @@ class ClusterConfig:
         """
         for name, nodes in self.authorize:
             if name == command:
-                return node_id in nodes
+                return node_id in nodes or ANY_MEMBER in nodes
         return False
 
 
@@ -836,29 +852,74 @@ class _Reader:
                                            f"own peer")
             peers.append((peer, endpoint(peer_key, description)))
         peers.sort()
+        peers_from = table.value("peers_from", self.peer_source)
+        if peers_from is not None and peers:
+            raise self.error(table.child("peers_from"),
+                             "give either cluster.peers or "
+                             "cluster.peers_from, not both")
+        discovery: dict[str, Any] = {}
+        if peers_from is not None:
+            discovery = dict(
+                peers_from=peers_from,
+                dns_servers=tuple(
+                    self.address(item_key, item, 53) for item_key, item
+                    in table.value("dns_servers", self.strings, default=[])),
+                peers_refresh=self.refresh_bounds(table))
+        else:
+            for name in ("dns_servers", "peers_refresh_min_s",
+                         "peers_refresh_max_s"):
+                if name in table.data:
+                    raise self.error(table.child(name),
+                                     "used with cluster.peers_from only")
         peer_ids = frozenset(peer for peer, _ in peers)
+        # Peers found in DNS cannot be named in advance: any member.
+        members = (frozenset({ANY_MEMBER}) if peers_from is not None
+                   else peer_ids)
         # The `sslshare stats` command connects with the node's own
         # certificate, so Stats is open to the node itself by default.
-        authorize = {command: peer_ids for command in COMMANDS}
-        authorize["Stats"] = peer_ids | {node_id}
+        authorize = {command: members for command in COMMANDS}
+        authorize["Stats"] = members | {node_id}
         authorize_table = table.table("authorize", COMMANDS, noun="command")
         if authorize_table is not None:
-            known = peer_ids | {node_id}
+            known = peer_ids | {node_id, ANY_MEMBER}
             for command in COMMANDS:
                 nodes = authorize_table.value(command, self.strings)
                 if nodes is None:
                     continue
                 for item_key, named in nodes:
-                    if named not in known:
+                    if peers_from is not None and named != ANY_MEMBER:
+                        self.name(item_key, named)
+                    elif named not in known:
                         raise self.error(
                             item_key, f"{named!r} is neither a peer "
-                                      f"(cluster.peers) nor this node "
-                                      f"({node_id!r})")
+                                      f"(cluster.peers), this node "
+                                      f"({node_id!r}), nor "
+                                      f"{ANY_MEMBER!r} (any peer)")
                 authorize[command] = frozenset(named for _, named in nodes)
         return ClusterConfig(
             listen=listen, ca=ca, certificate=certificate, key=private_key,
             state_key=state_key, peers=tuple(peers),
-            authorize=tuple(sorted(authorize.items())))
+            authorize=tuple(sorted(authorize.items())), **discovery)
+
+    def peer_source(self, key: str, value: Any) -> PeerSource:
+        """
+        C{dns-srv:NAME} or C{dns:NAME:PORT}.
+        """
+        self.string(key, value)
+        try:
+            return cluster.peer_source(value)
+        except AddressError as e:
+            raise self.error(key, str(e)) from None
+
+    def refresh_bounds(self, table: _Table) -> tuple[float, float]:
+        low = table.value("peers_refresh_min_s", self.seconds(0, 3600),
+                          default=DEFAULT_PEERS_REFRESH[0])
+        high = table.value("peers_refresh_max_s", self.seconds(0, 86400),
+                           default=DEFAULT_PEERS_REFRESH[1])
+        if high < low:
+            raise self.error(table.child("peers_refresh_max_s"),
+                             f"{high} is below peers_refresh_min_s ({low})")
+        return low, high
 
     def repository(self, table: _Table) -> RepositoryConfig:
         kind = table.value("kind", self.choice(REPOSITORY_KINDS), required=True)

@@ -71,6 +71,13 @@ _COUNTERS = (
      "not authorized to send them.", "cluster.refused_commands"),
     ("sslshare_peer_bad_requests", "Peer commands with invalid arguments.",
      "cluster.bad_requests"),
+    ("sslshare_peer_dns_lookups", "Lookups of the peers in DNS "
+     "(cluster.peers_from).", "discovery.lookups"),
+    ("sslshare_peer_dns_lookup_failures", "Lookups of the peers in DNS that "
+     "failed (the peers stayed as they were).", "discovery.lookup_failures"),
+    ("sslshare_peer_dns_identify_failures", "Addresses DNS named whose "
+     "server presented no certificate of a node of the cluster.",
+     "discovery.identify_failures"),
 )
 
 

@@ -123,6 +123,8 @@ class Node:
         (a digest chain at its bound, no longer digested).
     @ivar checkpoint_counters: the checkpoint pipelines' C{written},
         C{rejected}, C{coalesced}, C{failed}, C{pauses}.
+    @ivar discovery_counters: the counters of the peers' lookups in DNS
+        (L{sslshare.cluster.PeerDiscovery}), when the peers are found so.
     @ivar placement: where the node's sessions and checkpoints go.
     @ivar settings: the node's settings in force; a reload replaces them
         whole.
@@ -140,6 +142,7 @@ class Node:
         self.settings = settings
         self.counters: Counter[str] = Counter()
         self.checkpoint_counters: Counter[str] = Counter()
+        self.discovery_counters: Counter[str] | None = None
         self.context: ServerContext | None = None
         self._warnings = RateLimitedWarning(clock)
         # Apart: a backend outage must not hide the cluster's warnings.
@@ -619,8 +622,9 @@ class Node:
         and total seconds of the lookups that ended at each of
         L{LOOKUP_SOURCES} (C{lookup.<source>.count}, C{.seconds}), whether
         each peer is connected (C{peers.<node id>.connected}, 0 or 1) and
-        how many calls it did not answer in time (C{.call_timeouts}), and
-        the peer channel's (C{cluster.}).  C{sslshare stats} and the
+        how many calls it did not answer in time (C{.call_timeouts}), the
+        peer channel's (C{cluster.}), and the peers' lookups in DNS
+        (C{discovery.}) when they are found so.  C{sslshare stats} and the
         metrics page both show these numbers.
         """
         numbers: dict[str, int | float] = dict(self.counters)
@@ -640,6 +644,8 @@ class Node:
                 numbers[f"repository.{name}"] = count
         for name, count in self.checkpoint_counters.items():
             numbers[f"checkpoint.{name}"] = count
+        for name, count in (self.discovery_counters or {}).items():
+            numbers[f"discovery.{name}"] = count
         numbers["store.sessions"] = len(self.store)
         numbers["store.bytes"] = self.store.bytes_used
         for source in LOOKUP_SOURCES:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any
 
 import attrs
@@ -112,7 +112,8 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
     if node_config.repository is not None:
         repository = from_config(node_config.repository, reactor,
                                  node_config.state_dir)
-    placement = Placement(node_config.node_id, _layout(node_config, keys),
+    placement = Placement(node_config.node_id,
+                          _layout(node_config, keys, cluster_config.peers),
                           peers, repository)
     recovery = Recovery(
         store, placement, _lookup_settings(node_config, services), reactor,
@@ -146,6 +147,11 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
             Listener(reactor, node_config.path, key, endpoint,
                      metrics.metrics_site(node)).setServiceParent(top)
     peers.setServiceParent(top)
+    if cluster_config.peers_from is not None:
+        top.discovery = _discovery(cluster_config, node_config.node_id,
+                                   channel, peers, top.adopt_peers, reactor)
+        top.discovery.setServiceParent(top)
+        node.discovery_counters = top.discovery.counters
     TimerService(EXPIRY_INTERVAL, store.expire).setServiceParent(top)
     if repository is not None:
         _RepositoryService(repository, reactor).setServiceParent(top)
@@ -216,12 +222,13 @@ class Listener(StreamServerEndpointService):
                 self.path, self.key, self.endpoint_description, e)) from None
 
 
-def _layout(node_config: config.NodeConfig, keys: StateKeys) -> Layout:
+def _layout(node_config: config.NodeConfig, keys: StateKeys,
+            peers: Iterable[tuple[str, str]]) -> Layout:
     """
-    The state keys, and the ring of this node and its peers by owner tag.
+    The state keys, and the ring of this node and its C{peers} by owner
+    tag.
     """
-    node_ids = [node_config.node_id,
-                *(node_id for node_id, _ in node_config.cluster.peers)]
+    node_ids = [node_config.node_id, *(node_id for node_id, _ in peers)]
     return Layout(keys, BackupRing(
         {sessionid.owner_tag(node_config.cluster_name, node_id): node_id
          for node_id in node_ids}))
@@ -256,8 +263,46 @@ def _virtual_services(node_config: config.NodeConfig) -> list[tls.VirtualService
     ]
 
 
-def _peer_ids(node_config: config.NodeConfig) -> frozenset[str]:
+def _peer_ids(node_config: config.NodeConfig) -> frozenset[str] | None:
+    """
+    The nodes the peer server admits besides this one: the peers listed,
+    or with peers found in DNS, C{None}: any node of the cluster.
+    """
+    if node_config.cluster.peers_from is not None:
+        return None
     return frozenset(node_id for node_id, _ in node_config.cluster.peers)
+
+
+def _discovery(cluster_config: config.ClusterConfig, node_id: str,
+               channel: cluster.ClusterTLS, peers: cluster.Peers,
+               apply: Callable[[Sequence[tuple[str, str]]], None],
+               reactor: Any) -> cluster.PeerDiscovery:
+    """
+    The service that keeps C{peers} what C{cluster_config.peers_from}
+    names, asking C{cluster_config.dns_servers}, or when none the system's
+    resolver (C{/etc/resolv.conf}, read again as it changes, and
+    C{/etc/hosts}).
+    """
+    from twisted.names import client
+    from twisted.names.common import ResolverBase
+
+    assert cluster_config.peers_from is not None
+    resolver: ResolverBase
+    if cluster_config.dns_servers:
+        resolver = client.Resolver(
+            servers=list(cluster_config.dns_servers), reactor=reactor)
+    else:
+        resolver = client.createResolver()
+
+    def linked(peer: str) -> bool:
+        link = peers.link(peer)
+        return link is not None and link.connected
+
+    return cluster.PeerDiscovery(
+        cluster_config.peers_from, resolver, node_id,
+        lambda host, port: cluster.identify(channel, reactor, reactor, host,
+                                            port),
+        apply, linked, reactor, refresh=cluster_config.peers_refresh)
 
 
 def _channel(node_config: config.NodeConfig) -> cluster.ClusterTLS:
@@ -298,6 +343,9 @@ FIXED_AT_RUNTIME = {
     "node.metrics_listen": "metrics_listen",
     "node.log_format": "log_format",
     "cluster.listen": "cluster.listen",
+    "cluster.peers_from": "cluster.peers_from",
+    "cluster.dns_servers": "cluster.dns_servers",
+    "cluster.peers_refresh_min_s": "cluster.peers_refresh",
     "repository": "repository",
 }
 
@@ -344,9 +392,16 @@ def _keep_fixed(running: config.NodeConfig, loaded: config.NodeConfig,
                if _attribute(running, path) != _attribute(loaded, path)]
     top = {path: getattr(running, path)
            for path in FIXED_AT_RUNTIME.values() if "." not in path}
-    kept = attrs.evolve(
-        loaded, cluster=attrs.evolve(loaded.cluster,
-                                     listen=running.cluster.listen), **top)
+    kept_cluster = attrs.evolve(loaded.cluster, listen=running.cluster.listen)
+    if {"cluster.peers_from", "cluster.dns_servers",
+            "cluster.peers_refresh_min_s"} & set(changed):
+        # Found in DNS or listed: the peers stay found as they were.
+        kept_cluster = attrs.evolve(
+            kept_cluster, peers=running.cluster.peers,
+            peers_from=running.cluster.peers_from,
+            dns_servers=running.cluster.dns_servers,
+            peers_refresh=running.cluster.peers_refresh)
+    kept = attrs.evolve(loaded, cluster=kept_cluster, **top)
     return kept, changed
 
 
@@ -383,6 +438,7 @@ class NodeService(MultiService):
         self._peer_server = peer_server
         self._reactor = reactor
         self._client_listeners: list[IService] = []
+        self.discovery: cluster.PeerDiscovery | None = None
 
     @property
     def open_connections(self) -> int:
@@ -390,6 +446,22 @@ class NodeService(MultiService):
         The client connections this node has open now.
         """
         return len(self._clients.protocols)
+
+    def adopt_peers(self, peers: Sequence[tuple[str, str]]) -> None:
+        """
+        Make C{peers} (node id, client endpoint string) the node's peers:
+        links start and stop to match, and the ring of backup nodes is
+        theirs and this node's (what L{cluster.PeerDiscovery} found).
+        """
+        added, removed = self._peers.reconfigure(peers)
+        placement = self.node.placement
+        placement.layout = _layout(self.config, placement.keys, peers)
+        self._log.info("peers from {source}: {peers}; links started: "
+                       "{added}, stopped: {removed}",
+                       source=str(self.config.cluster.peers_from),
+                       peers=", ".join(node_id for node_id, _ in peers)
+                       or "none", added=", ".join(added) or "none",
+                       removed=", ".join(removed) or "none")
 
     def add_client_listener(self, listener: IService) -> None:
         """
@@ -441,8 +513,9 @@ class NodeService(MultiService):
                 value=_attribute(new, FIXED_AT_RUNTIME[key]))
         self._log.info("reloaded {path}: peers {peers}; links started: "
                        "{added}, stopped: {removed}", path=new.path,
-                       peers=", ".join(node_id for node_id, _ in
-                                       new.cluster.peers) or "none",
+                       peers=", ".join(sorted(
+                           link.peer_node_id for link in self._peers))
+                       or "none",
                        added=", ".join(added) or "none",
                        removed=", ".join(removed) or "none")
         return True
@@ -458,7 +531,9 @@ class NodeService(MultiService):
         mix of the old and the new.
         """
         node = self.node
-        added, removed = self._peers.reconfigure(new.cluster.peers)
+        peers = (new.cluster.peers if self.discovery is None
+                 else self.discovery.peers)
+        added, removed = self._peers.reconfigure(peers)
         self._channel.adopt(channel)
         if self._peer_server is not None:
             # A node no longer listed connects no more; a connection it
@@ -469,7 +544,7 @@ class NodeService(MultiService):
         # old context.
         context.counters = self._clients.context.counters
         self._clients.context = node.context = context
-        node.placement.layout = _layout(new, keys)
+        node.placement.layout = _layout(new, keys, peers)
         node.recovery.settings = _lookup_settings(new, services)
         node.settings = _node_settings(new)
         self._proxy.settings = _proxy_settings(new, self._reactor)

@@ -21,7 +21,7 @@ import attrs
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, TestCase
 
-from sslshare import config
+from sslshare import cluster, config
 from sslshare.config import ConfigError
 from sslshare.dev import pki
 from sslshare.tls import DEFAULT_TLS12_CIPHERS
@@ -57,6 +57,9 @@ state_key = "pki/state.key"
 node3 = "tcp:host=127.0.0.1:port=7443"
 node2 = "tcp:host=127.0.0.1:port=7442"
 """
+
+DISCOVERED = CLUSTER.split("[cluster.peers]")[0] + (
+    'peers_from = "dns-srv:_sslshare._tcp.x.example"\n')
 
 # Secret files are private to their owner, as the configuration requires.
 PLACEHOLDERS = ("web.pem", "other.pem", "ca.pem", "node1.pem")
@@ -874,7 +877,63 @@ class ClusterErrorTests(_ConfigTestCase):
             self.error(cluster=CLUSTER + '[cluster.authorize]\n'
                                          'Purge = ["node2", "node4"]\n'),
             "cluster.authorize.Purge[1]",
-            "'node4' is neither a peer (cluster.peers) nor this node ('node1')")
+            "'node4' is neither a peer (cluster.peers), this node ('node1'), "
+            "nor '*' (any peer)")
+
+    def test_peers_and_peers_from(self):
+        self.assertError(
+            self.error(cluster=CLUSTER.replace(
+                "[cluster.peers]", 'peers_from = "dns-srv:_s._tcp.x"\n'
+                                   '[cluster.peers]')),
+            "cluster.peers_from",
+            "give either cluster.peers or cluster.peers_from, not both")
+
+    def test_peers_from_that_is_not_one(self):
+        self.assertError(
+            self.error(cluster=DISCOVERED.replace(
+                "dns-srv:_sslshare._tcp.x.example", "dns:x.example")),
+            "cluster.peers_from",
+            "'dns:x.example': dns takes NAME:PORT, the port of the nodes' "
+            "cluster listener")
+
+    def test_dns_servers_without_peers_from(self):
+        self.assertError(
+            self.error(cluster=CLUSTER.replace(
+                "[cluster.peers]", 'dns_servers = ["10.0.0.2"]\n'
+                                   '[cluster.peers]')),
+            "cluster.dns_servers", "used with cluster.peers_from only")
+
+    def test_refresh_bounds_the_wrong_way_round(self):
+        self.assertError(
+            self.error(cluster=DISCOVERED + 'peers_refresh_min_s = 30\n'
+                                            'peers_refresh_max_s = 10\n'),
+            "cluster.peers_refresh_max_s",
+            "10.0 is below peers_refresh_min_s (30.0)")
+
+    def test_peers_from_admits_any_member_by_default(self):
+        found = self.load(cluster=DISCOVERED + 'dns_servers = ["10.0.0.2", '
+                                               '"[::1]:5353"]\n').cluster
+        self.assertEqual((found.peers, found.peers_from, found.dns_servers,
+                          found.peers_refresh),
+                         ((), cluster.PeerSource(
+                             "dns-srv", "_sslshare._tcp.x.example"),
+                          (("10.0.0.2", 53), ("::1", 5353)), (5.0, 300.0)))
+        self.assertTrue(found.allowed("FetchSession", "node9"))
+        self.assertTrue(found.allowed("Stats", "node1"))
+
+    def test_peers_from_takes_ids_not_known_yet_and_any_member(self):
+        found = self.load(cluster=DISCOVERED + '[cluster.authorize]\n'
+                                               'Purge = ["node7"]\n'
+                                               'Stats = ["*"]\n').cluster
+        self.assertEqual((found.allowed("Purge", "node7"),
+                          found.allowed("Purge", "node8"),
+                          found.allowed("Stats", "node8")),
+                         (True, False, True))
+
+    def test_peers_from_refuses_an_id_that_breaks_the_name_rule(self):
+        error = self.error(cluster=DISCOVERED + '[cluster.authorize]\n'
+                                                'Purge = ["no de"]\n')
+        self.assertEqual(error.key, "cluster.authorize.Purge[0]")
 
     def test_authorize_naming_an_unknown_command(self):
         self.assertError(

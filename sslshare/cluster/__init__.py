@@ -108,6 +108,12 @@ Reload.  L{Peers.reconfigure} starts and stops links to match a new peer
 list, leaving the others up; L{ClusterTLS.adopt} gives the connections made
 from then on, in both directions, a new certificate and key.
 
+Discovery.  Instead of a list, the peers may be what DNS names
+(L{PeerDiscovery}, module C{_discovery}: SRV records, or A and AAAA records
+with a port), looked up again as their TTL runs out; each address's node
+id is read from the certificate it presents (L{identify}), never from DNS.
+The server then admits any node of the cluster (C{peers=None}).
+
 This package never speaks TLS to clients, never reads configuration files
 other than the PEM files it is given, and never sees a session in clear: it
 carries sealed blobs.
@@ -134,6 +140,12 @@ from sslshare.cluster._commands import (
     KeyCheck,
     Purge,
     Stats,
+)
+from sslshare.cluster._discovery import (
+    PeerDiscovery,
+    PeerSource,
+    identify,
+    peer_source,
 )
 from sslshare.cluster._errors import (
     BadRequest,
@@ -191,10 +203,12 @@ __all__ = [
     "OUTCOMES",
     "Outbox",
     "PURGE_CONNECT_ATTEMPTS",
+    "PeerDiscovery",
     "PeerIdentityError",
     "PeerLink",
     "PeerProtocolError",
     "PeerServerFactory",
+    "PeerSource",
     "PeerUnavailable",
     "Peers",
     "Purge",
@@ -202,7 +216,9 @@ __all__ = [
     "certificate_uris",
     "default_retry_policy",
     "fetch_from",
+    "identify",
     "node_identity",
+    "peer_source",
     "purge_on",
     "stats_from",
 ]

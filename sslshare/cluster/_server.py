@@ -434,7 +434,8 @@ class PeerServerFactory(Factory["_PeerServerProtocol"]):
         peer's answers waited), and C{commands:<name>} for each command
         let through.
     @ivar peers: the node ids of the peers, which may connect (and this
-        node, which may ask for its own L{Stats}).
+        node, which may ask for its own L{Stats}); C{None}: any node of the
+        cluster may.
 
     Stopping the last listener that uses the factory also closes the
     connections it accepted: a node that stops listening answers no one.
@@ -444,7 +445,7 @@ class PeerServerFactory(Factory["_PeerServerProtocol"]):
 
     def __init__(self, handler: ICommandHandler, cluster: str, node_id: str,
                  allowed: Callable[[str, str], bool], *,
-                 peers: Iterable[str], keys: Callable[[], StateKeys],
+                 peers: Iterable[str] | None, keys: Callable[[], StateKeys],
                  clock: IReactorTime | None = None,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
         """
@@ -453,7 +454,8 @@ class PeerServerFactory(Factory["_PeerServerProtocol"]):
         @param node_id: this node's id (for the log and error messages).
         @param allowed: C{(command name, requester node id) -> bool}, asked
             before every command (names are the keys of L{COMMANDS}).
-        @param peers: the node ids that may connect, besides this node.
+        @param peers: the node ids that may connect, besides this node;
+            C{None}: every node of the cluster (peers found in DNS).
         @param keys: the node's state keys now, for L{KeyCheck}.
         @param handshake_timeout: seconds a connection may take to finish
             its TLS handshake.
@@ -467,7 +469,7 @@ class PeerServerFactory(Factory["_PeerServerProtocol"]):
         self.cluster = cluster
         self.node_id = node_id
         self.allowed = allowed
-        self.peers = frozenset(peers)
+        self.peers = None if peers is None else frozenset(peers)
         self.keys = keys
         self.clock = clock
         self.handshake_timeout = handshake_timeout
@@ -493,7 +495,8 @@ class PeerServerFactory(Factory["_PeerServerProtocol"]):
 
         @raise NodeRefused: it may not, and why.
         """
-        if node_id != self.node_id and node_id not in self.peers:
+        if (node_id != self.node_id and self.peers is not None
+                and node_id not in self.peers):
             raise NodeRefused(
                 "refused_nodes", f"node {node_id} is not a peer of "
                                  f"{self.node_id} (cluster.peers)")

@@ -179,14 +179,14 @@ class _ServerCreator:
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _ClientCreator:
-    def __init__(self, tls: ClusterTLS, peer: str) -> None:
+    def __init__(self, tls: ClusterTLS, peer: str | None) -> None:
         self._tls = tls
         self._cluster = tls.cluster
         self._peer = peer
 
     def _check(self, leaf: x509.Certificate) -> None:
         found = node_identity(leaf, self._cluster)
-        if found != self._peer:
+        if self._peer is not None and found != self._peer:
             raise PeerIdentityError(
                 f"certificate {_subject(leaf)} names "
                 f"{identity.node_uri(self._cluster, found)}, not "
@@ -290,13 +290,17 @@ class ClusterTLS:
         """
         return _ServerCreator(self, admit)
 
-    def client_options(self, peer_node_id: str) -> IOpenSSLClientConnectionCreator:
+    def client_options(self, peer_node_id: str | None
+                       ) -> IOpenSSLClientConnectionCreator:
         """
         What a connection to C{peer_node_id} takes: it presents this node's
         certificate and accepts only a server certificate from the cluster
-        CA naming C{sslshare://<cluster>/<peer_node_id>}.
+        CA naming C{sslshare://<cluster>/<peer_node_id>}; with C{None},
+        naming any node of the cluster (to learn which one answers at an
+        address, L{sslshare.cluster._discovery.identify}).
         """
-        identity.validate_name("node id", peer_node_id)
+        if peer_node_id is not None:
+            identity.validate_name("node id", peer_node_id)
         return _ClientCreator(self, peer_node_id)
 
     def adopt(self, other: ClusterTLS) -> None:

@@ -121,11 +121,15 @@ class LocalCluster:
 
     def __init__(self, testcase, nodes=("node1", "node2", "node3"),
                  budget_ms=300, backend=OneShotEcho, repository=None,
-                 metrics=False, node_options="", peers=True):
+                 metrics=False, node_options="", peers=True,
+                 cluster_options=""):
         """
         @param backend: the backend's protocol class, or its factory.
         @param peers: every node is a peer of every other; C{False}: none
-            is (nodes that share only the repository).
+            is listed (nodes that share only the repository, or find their
+            peers in DNS).
+        @param cluster_options: more lines of each node's C{[cluster]}
+            table; C{{node}} in them names the node.
         @param repository: the body of a C{[repository]} section, or
             C{None}; C{{directory}} in it names the cluster's directory.
         @param metrics: serve each node's metrics on a free port of its
@@ -165,7 +169,10 @@ class LocalCluster:
                     backend_port=backend.getHost().port,
                     state_dir=f"state/{node}",
                     node_options=options,
-                    amp_port=amp_ports[node], peers=named))
+                    amp_port=amp_ports[node], peers=named).replace(
+                        "\n[cluster.peers]\n",
+                        cluster_options.format(node=node)
+                        + "\n[cluster.peers]\n"))
                 if repository is not None:
                     f.write("\n[repository]\n"
                             + repository.format(directory=self.directory))
