@@ -139,7 +139,14 @@ def run_clients(load: Load, ca_certificate: str, clients: int,
     return total
 
 
+USAGE = ("usage: python benchmarks/load.py PORTS CA_CERTIFICATE VERSION "
+         "CONNECTIONS SECONDS START offer|fresh\n(one client process of "
+         "run_clients, which starts it; prints its counts as JSON)")
+
+
 def main(argv: list[str]) -> None:
+    if len(argv) != 7:
+        raise SystemExit(USAGE)
     ports, ca_certificate, version, connections, seconds, start, offer = argv
     load = Load(ports=tuple(int(port) for port in ports.split(",")),
                 version=version, offer=offer == "offer",

@@ -101,7 +101,15 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["_fill"]:
         print(json.dumps(fill(int(argv[1]), bytes.fromhex(argv[2]))))
         return
-    counts = tuple(int(count) for count in argv) or COUNTS
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Bytes per stored session in a node's store, as one "
+                    "JSON object.")
+    parser.add_argument("counts", nargs="*", type=int, metavar="COUNT",
+                        help="sessions to store, one measurement each "
+                             "(default: 100000 1000000)")
+    counts = tuple(parser.parse_args(argv).counts) or COUNTS
     print(json.dumps(measure(counts), indent=2))
 
 
