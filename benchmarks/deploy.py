@@ -194,12 +194,17 @@ class Node:
     process: subprocess.Popen
 
 
+CHANNELS = ("tcp", "unix")
+"""What the cluster channel of L{start_sslshare}'s nodes may run on."""
+
+
 def start_sslshare(processes: Processes, directory: str, deployment: str,
                    backend_port: int, nodes: tuple[str, ...], peers: bool,
                    repository: str = "", node_options: str = "",
                    tables: str = "",
                    server: tuple[str, str] | None = None,
-                   profile: str | None = None) -> list[Node]:
+                   profile: str | None = None,
+                   channel: str = "tcp") -> list[Node]:
     """
     C{twistd -n sslshare} nodes from TOML files written into C{directory}
     (whose C{pki/} holds the PKI, from L{sslshare.dev.pki.init_pki}), named
@@ -209,25 +214,40 @@ def start_sslshare(processes: Processes, directory: str, deployment: str,
     C{[node]} table, C{tables} more TOML tables (C{[tls]}, ...); C{server}
     the certificate chain and key the nodes serve, when not the PKI's
     localhost pair; C{profile} a directory where each node leaves its
-    cProfile statistics, C{<deployment>-<node>.pstats}, when it stops.
+    cProfile statistics, C{<deployment>-<node>.pstats}, when it stops;
+    C{channel} what the cluster channel runs on: C{"tcp"} on 127.0.0.1,
+    or C{"unix"} sockets in C{directory} (as the nodes of one host could).
     """
     from tests.support.cluster import NODE_CONFIG
 
     client_ports = {node: free_port() for node in nodes}
     amp_ports = {node: free_port() for node in nodes}
     started = []
+    if channel not in CHANNELS:
+        raise BenchmarkError(f"channel {channel!r} is not one of {CHANNELS}")
+    sockets = {node: os.path.join(directory, f"{deployment}-{node}.amp")
+               for node in nodes}
     for node in nodes:
         peer_lines = "\n".join(
             f'{peer} = "tcp:host=127.0.0.1:port={amp_ports[peer]}"'
+            if channel == "tcp" else f'{peer} = "unix:path={sockets[peer]}"'
             for peer in nodes if peer != node and peers)
         path = os.path.join(directory, f"{deployment}-{node}.toml")
+        configuration = NODE_CONFIG.format(
+            node=node, cluster=CLUSTER, client_port=client_ports[node],
+            backend_port=backend_port,
+            state_dir=f"state/{deployment}/{node}",
+            node_options=node_options, amp_port=amp_ports[node],
+            peers=peer_lines)
+        if channel == "unix":
+            tcp_listen = f'listen = "tcp:{amp_ports[node]}:interface=127.0.0.1"'
+            if tcp_listen not in configuration:
+                raise BenchmarkError("NODE_CONFIG no longer has the cluster "
+                                     "listen line this replaces")
+            configuration = configuration.replace(
+                tcp_listen, f'listen = "unix:{sockets[node]}"')
         with open(path, "w") as f:
-            f.write(_serving(NODE_CONFIG.format(
-                node=node, cluster=CLUSTER, client_port=client_ports[node],
-                backend_port=backend_port,
-                state_dir=f"state/{deployment}/{node}",
-                node_options=node_options, amp_port=amp_ports[node],
-                peers=peer_lines), server) + tables)
+            f.write(_serving(configuration, server) + tables)
             if repository:
                 f.write(f"\n[repository]\n{repository}\n")
         log = os.path.join(directory, f"{deployment}-{node}.log")

@@ -121,7 +121,8 @@ class Settings:
     """
     What to measure: every kind for every version, C{rounds} times, each
     window C{seconds} long; with C{profile}, a directory where every
-    sslshare node leaves its cProfile statistics
+    sslshare node leaves its cProfile statistics; what the clusters'
+    channel runs on (C{channel}, one of L{deploy.CHANNELS})
     (L{deploy.start_sslshare}).
     """
 
@@ -131,6 +132,7 @@ class Settings:
     kinds: tuple[str, ...] = tuple(KINDS)
     profile: str | None = None
     rounds: int = 1
+    channel: str = "tcp"
 
 
 # Three rounds: the kinds a ratio compares are measured minutes apart
@@ -273,10 +275,11 @@ class _Started:
 
 def _start(name: str, directory: str, processes: deploy.Processes,
            backend_port: int, servers: list[Any],
-           profile: str | None = None) -> _Started:
+           profile: str | None = None, channel: str = "tcp") -> _Started:
     """
     Start the deployment C{name} of L{DEPLOYMENTS}, its sslshare nodes
-    profiled into the directory C{profile} if given.
+    profiled into the directory C{profile} if given, a cluster's channel on
+    C{channel}.
     """
     pki = os.path.join(directory, "pki")
     if name in ("cluster", "rsa_cluster"):
@@ -284,7 +287,7 @@ def _start(name: str, directory: str, processes: deploy.Processes,
                   if name == "rsa_cluster" else None)
         nodes = {node.name: node for node in deploy.start_sslshare(
             processes, directory, f"rate-{name}", backend_port, PEER_NODES,
-            peers=True, server=server, profile=profile)}
+            peers=True, server=server, profile=profile, channel=channel)}
         ordered = tuple(nodes[n] for n in PEER_ORDER)
         return _Started(tuple(n.port for n in ordered),
                         tuple(n.process for n in ordered), ordered,
@@ -361,7 +364,8 @@ def run(directory: str, settings: Settings,
             name = KINDS[kind_name].deployment
             if name not in started:
                 started[name] = _start(name, directory, processes,
-                                       backend_port, servers, settings.profile)
+                                       backend_port, servers, settings.profile,
+                                       settings.channel)
         for number in range(1, settings.rounds + 1):
             for kind_name in settings.kinds:
                 kind = KINDS[kind_name]
@@ -485,6 +489,9 @@ def main(argv: list[str] | None = None) -> None:
                              "leave <deployment>-<node>.pstats in DIR "
                              "(profiled figures are not comparable with "
                              "unprofiled ones)")
+    parser.add_argument("--channel", choices=deploy.CHANNELS, default="tcp",
+                        help="what the clusters' channel runs on: TCP on "
+                             "127.0.0.1, or unix sockets (default: tcp)")
     options = parser.parse_args(argv)
     kinds = tuple(options.kinds.split(","))
     unknown = [k for k in kinds if k not in KINDS]
@@ -495,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(clients=options.clients, seconds=options.seconds,
                         rounds=options.rounds,
                         versions=tuple(options.versions.split(",")),
-                        kinds=kinds,
+                        kinds=kinds, channel=options.channel,
                         profile=(None if options.profile is None
                                  else os.path.abspath(options.profile)))
     if settings.profile is not None:

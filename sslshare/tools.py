@@ -79,12 +79,20 @@ def node_endpoint(node_config: config.NodeConfig, target: str) -> str:
 
 def client_endpoint_for(listen: str) -> str:
     """
-    The client endpoint that reaches a C{tcp:} server endpoint on this host.
+    The client endpoint that reaches a C{tcp:} or C{unix:} server endpoint
+    on this host.
     """
     kind, _, rest = listen.partition(":")
+    if kind == "unix":
+        for index, part in enumerate(rest.split(":")):
+            key, equals, value = part.partition("=")
+            if (not equals and index == 0) or key == "address":
+                return f"unix:path={value if equals else key}"
+        raise CommandError(f"listen endpoint {listen!r} names no socket")
     if kind != "tcp":
         raise CommandError(f"cannot reach listen endpoint {listen!r} from "
-                           "here: only tcp: endpoints are supported")
+                           "here: only tcp: and unix: endpoints are "
+                           "supported")
     port, interface = None, "127.0.0.1"
     for index, part in enumerate(rest.split(":")):
         key, equals, value = part.partition("=")

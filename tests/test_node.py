@@ -21,7 +21,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sslshare.cluster import Stats
 from sslshare.hooks import LookupRequest
@@ -574,3 +574,28 @@ class ProxyTests(TestCase):
                                        cluster.ca_cert, b"")
         self.assertEqual(len(received), len(BULK))
         self.assertEqual(received, BULK)
+
+
+class OwnEndpointTests(SynchronousTestCase):
+    """
+    L{sslshare.tools.client_endpoint_for}: how C{sslshare stats} reaches a
+    node's own cluster listener.
+    """
+
+    def test_tcp_and_unix_listeners(self):
+        from sslshare.tools import client_endpoint_for
+
+        self.assertEqual(
+            [client_endpoint_for(listen) for listen in (
+                "tcp:7441", "tcp:port=7441:interface=10.0.0.1",
+                "tcp:7441:interface=0.0.0.0", "unix:/run/s/amp.sock",
+                "unix:address=/run/s/amp.sock:mode=600")],
+            ["tcp:host=127.0.0.1:port=7441", "tcp:host=10.0.0.1:port=7441",
+             "tcp:host=127.0.0.1:port=7441", "unix:path=/run/s/amp.sock",
+             "unix:path=/run/s/amp.sock"])
+
+    def test_other_kinds_are_refused(self):
+        from sslshare.tools import CommandError, client_endpoint_for
+
+        self.assertRaises(CommandError, client_endpoint_for, "ssl:7441")
+        self.assertRaises(CommandError, client_endpoint_for, "unix:mode=600")
