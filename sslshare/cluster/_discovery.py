@@ -22,7 +22,12 @@ from collections.abc import Callable, Sequence
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+)
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -51,6 +56,9 @@ DEFAULT_REFRESH = (5.0, 300.0)
 
 IDENTIFY_TIMEOUT = 5.0
 """Seconds an address has to finish the TLS handshake that names its node."""
+
+IDENTIFY_AT_ONCE = 16
+"""Addresses dialled at once to learn their node ids."""
 
 
 @attrs.frozen
@@ -296,23 +304,28 @@ class PeerDiscovery(Service):
             return low
         known = {address: node_id for address, node_id in self._known.items()
                  if address in addresses}
-        for address in addresses:
-            node_id = known.get(address)
-            if node_id is not None and (node_id == self._own_node_id
-                                        or self._linked(node_id)):
-                continue
-            try:
-                known[address] = await self._identify(*address)
+        unknown = [address for address in addresses
+                   if known.get(address) is None
+                   or not (known[address] == self._own_node_id
+                           or self._linked(known[address]))]
+        # At once, a bounded number at a time: an address that does not
+        # answer costs its timeout, not everybody's.
+        limit = DeferredSemaphore(IDENTIFY_AT_ONCE)
+        answers = await DeferredList(
+            [limit.run(self._identify, *address) for address in unknown],
+            consumeErrors=True)
+        for address, (_, answer) in zip(unknown, answers):
+            if not isinstance(answer, Failure):
+                known[address] = answer
                 self.counters["identified"] += 1
-            except CancelledError:
-                raise
-            except Exception as e:
-                known.pop(address, None)
-                self.counters["identify_failures"] += 1
-                self._warnings.warn(
-                    "peer address {address} from {source} named no node of "
-                    "the cluster: {why}", address=f"{address[0]}:{address[1]}",
-                    source=str(self.source), why=str(e) or type(e).__name__)
+                continue
+            known.pop(address, None)
+            self.counters["identify_failures"] += 1
+            self._warnings.warn(
+                "peer address {address} from {source} named no node of the "
+                "cluster: {why}", address=f"{address[0]}:{address[1]}",
+                source=str(self.source),
+                why=answer.getErrorMessage() or answer.type.__name__)
         self._known = known
         peers = _peers_of(known, self._own_node_id)
         if peers != self.peers:
