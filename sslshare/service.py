@@ -41,7 +41,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
-from sslshare import cluster, config, metrics, sessionid, tls
+from sslshare import cluster, config, metrics, sessionid, systemd, tls
 from sslshare.errors import FileError
 from sslshare.logs import RateLimitedWarning, json_lines_observer
 from sslshare.node import Node, NodeSettings, fired_within
@@ -699,6 +699,8 @@ def makeService(options: Options) -> IService:
             RepositoryError) as e:
         raise SystemExit(f"sslshare: {e}") from None
     _ReloadOnHangup(service, reactor).setServiceParent(service)
+    # Last: it says READY once everything else has started.
+    systemd.ReadinessNotice(node_config.path).setServiceParent(service)
     # options.parent: twistd's own options, when twistd runs us.
     twistd_options = options.parent
     daemon = twistd_options is not None and not twistd_options.get("nodaemon")
@@ -756,7 +758,14 @@ class _ReloadOnHangup(Service):
     def _hangup(self, number: int, frame: Any) -> None:
         # A signal handler runs between any two bytecodes of the reactor's
         # thread: the reload waits for the reactor's next turn.
-        self._reactor.callFromThread(self._node.reload)
+        self._reactor.callFromThread(self._reload)
+
+    def _reload(self) -> None:
+        path = self._node.config.path
+        systemd.notify(systemd.reloading(f"reloading {path}"))
+        applied = self._node.reload()
+        systemd.notify(f"READY=1\nSTATUS=serving {path}" + (
+            "" if applied else " (the reload failed: see the log)"))
 
     def stopService(self) -> None:
         super().stopService()

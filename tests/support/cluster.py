@@ -338,19 +338,25 @@ class LocalCluster:
                 text += f.read()
         return text
 
-    def spawn(self, node):
+    def spawn(self, node, environment=None, child_fds=None, wrapper=()):
         """
         Run C{node} as a C{twistd -n sslshare} process; fires once it
         listens for clients.
+
+        @param environment: more environment variables for it.
+        @param child_fds: its file descriptors, as for C{spawnProcess}.
+        @param wrapper: a command line that runs it (its arguments
+            follow), such as a shell setting what only the child knows.
         """
         process = NodeProcess()
-        command = [sys.executable, "-c",
+        command = [*wrapper, sys.executable, "-c",
                    "from twisted.scripts.twistd import run; run()",
                    "-n", "--pidfile=", "--logfile",
                    os.path.join(self.directory, f"{node}.log"),
                    "sslshare", "--config", self.paths[node]]
         self.processes[node] = reactor.spawnProcess(
-            process, command[0], command, env=os.environ)
+            process, command[0], command,
+            env={**os.environ, **(environment or {})}, childFDs=child_fds)
         return Deferred.fromCoroutine(
             wait_for_port(self.ports[node], process.ended))
 
