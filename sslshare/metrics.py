@@ -18,7 +18,7 @@ This module never changes a counter and holds no session data.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -29,8 +29,9 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from sslshare.node import Node
 from sslshare.recovery import LOOKUP_SOURCES
@@ -180,12 +181,55 @@ class MetricsSite(Site):
         """
 
 
-def metrics_site(node: Node) -> MetricsSite:
+class _Alive(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"ok\n"
+
+
+class _Ready(Resource):
     """
-    The web site serving C{/metrics} for C{node}.
+    200 when C{readiness} fires with C{None}, else 503 and the reason.
+    """
+
+    isLeaf = True
+
+    def __init__(self, readiness: Callable[[], Deferred[str | None]]) -> None:
+        super().__init__()
+        self._readiness = readiness
+
+    def render_GET(self, request: Request) -> int:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        gone: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: gone.append(True))
+
+        def answer(reason: str | None) -> None:
+            if gone:
+                return
+            if reason is not None:
+                request.setResponseCode(503)
+            request.write(b"ready\n" if reason is None
+                          else f"not ready: {reason}\n".encode("utf-8"))
+            request.finish()
+
+        self._readiness().addCallback(answer)
+        return NOT_DONE_YET
+
+
+def metrics_site(node: Node, readiness: Callable[[], Deferred[str | None]]
+                 ) -> MetricsSite:
+    """
+    The web site serving C{/metrics} for C{node}, C{/healthz} (200 while
+    the process runs) and C{/readyz} (200 while C{readiness} says the
+    node serves, 503 and why otherwise), for load balancers and
+    Kubernetes probes.
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
     root = Resource()
     root.putChild(b"metrics", _MetricsPage(registry))
+    root.putChild(b"healthz", _Alive())
+    root.putChild(b"readyz", _Ready(readiness))
     return MetricsSite(root)

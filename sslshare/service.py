@@ -30,7 +30,7 @@ from typing import IO, Any
 import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
@@ -145,7 +145,8 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
                      ).setServiceParent(top)
         else:
             Listener(reactor, node_config.path, key, endpoint,
-                     metrics.metrics_site(node)).setServiceParent(top)
+                     metrics.metrics_site(node, top.readiness)
+                     ).setServiceParent(top)
     peers.setServiceParent(top)
     if cluster_config.peers_from is not None:
         top.discovery = _discovery(cluster_config, node_config.node_id,
@@ -462,6 +463,26 @@ class NodeService(MultiService):
                        peers=", ".join(node_id for node_id, _ in peers)
                        or "none", added=", ".join(added) or "none",
                        removed=", ".join(removed) or "none")
+
+    def readiness(self) -> Deferred[str | None]:
+        """
+        Whether the node serves clients: C{None} when it does, else why
+        not (stopping, a client listener not listening, or with the
+        repository topology a repository that does not answer).
+        """
+        if not self.running:
+            return succeed("the node is stopping")
+        for listener in self._client_listeners:
+            if not listener.running:
+                return succeed(f"{listener.name or 'a client listener'} is "
+                               f"not listening")
+        repository = self.node.placement.repository
+        if self.config.topology != "repository" or repository is None:
+            return succeed(None)
+        return repository.ping().addCallbacks(
+            lambda _: None,
+            lambda reason: f"the repository does not answer: "
+                           f"{reason.getErrorMessage()}")
 
     def add_client_listener(self, listener: IService) -> None:
         """

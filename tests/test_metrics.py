@@ -23,7 +23,8 @@ from sslshare.state import StateKeys
 from sslshare.tls import SESSION_REFUSALS
 from tests.support.clients import connect_without_certificate
 from tests.support.cluster import LocalCluster
-from tests.support.metrics import scrape_metrics
+from tests.support.databases import throwaway_server
+from tests.support.metrics import probe, scrape_metrics
 from tests.support.waiting import until
 
 
@@ -278,3 +279,52 @@ class MetricsPageTests(TestCase):
         with socket.socket() as probe:
             self.assertNotEqual(probe.connect_ex(
                 ("127.0.0.1", cluster.metrics_ports["node1"])), 0)
+
+
+class ProbeTests(TestCase):
+    """
+    C{/healthz} and C{/readyz} on the metrics listener, fetched with
+    C{curl} as a load balancer's or Kubernetes' probe would.
+    """
+
+    @inlineCallbacks
+    def test_alive_and_ready_while_serving(self):
+        cluster = LocalCluster(self, nodes=("node1",), metrics=True)
+        yield cluster.start_all()
+        port = cluster.metrics_ports["node1"]
+        self.assertEqual((yield Deferred.fromCoroutine(probe(port, "/healthz"))),
+                         (200, "ok\n"))
+        self.assertEqual((yield Deferred.fromCoroutine(probe(port, "/readyz"))),
+                         (200, "ready\n"))
+
+    @inlineCallbacks
+    def test_not_ready_while_the_repository_does_not_answer(self):
+        server = throwaway_server(self, "redis").start()
+        cluster = LocalCluster(
+            self, nodes=("node1",), metrics=True,
+            repository=f'topology = "repository"\nkind = "redis"\n'
+                       f'url = "{server.url}"\n')
+        yield cluster.start_all()
+        port = cluster.metrics_ports["node1"]
+        self.assertEqual(
+            (yield Deferred.fromCoroutine(probe(port, "/readyz")))[0], 200)
+        server.stop()
+        status, body = yield Deferred.fromCoroutine(probe(port, "/readyz"))
+        self.assertEqual(status, 503)
+        self.assertTrue(body.startswith(
+            "not ready: the repository does not answer: redis "), body)
+        self.assertEqual(
+            (yield Deferred.fromCoroutine(probe(port, "/healthz")))[0], 200)
+        server.start()
+        yield until(lambda: Deferred.fromCoroutine(probe(port, "/readyz"))
+                    .addCallback(lambda answer: answer[0] == 200))
+
+    @inlineCallbacks
+    def test_not_ready_once_stopping(self):
+        cluster = LocalCluster(self, nodes=("node1",), metrics=True)
+        yield cluster.start_all()
+        service = cluster.services["node1"]
+        self.assertIsNone((yield service.readiness()))
+        stopping = service.stopService()
+        self.assertEqual((yield service.readiness()), "the node is stopping")
+        yield stopping

@@ -112,6 +112,12 @@ class RepositoryBehaviour:
         self.assertTrue(verifyObject(ISessionRepository, self.repository))
 
     @inlineCallbacks
+    def test_ping_answers_and_changes_nothing(self):
+        before = dict(self.repository.counters)
+        yield self.repository.ping()
+        self.assertEqual(dict(self.repository.counters), before)
+
+    @inlineCallbacks
     def test_taken_blob_opens_to_the_state_put(self):
         keys = StateKeys([StateKeys.generate()])
         state = session_state()
@@ -405,6 +411,14 @@ class ServerOutageBehaviour:
         results = yield gatherResults(
             [repository.take(session_id_of()) for _ in range(8)])
         self.assertEqual(results, [None] * 8)
+
+    @inlineCallbacks
+    def test_ping_fails_while_the_server_is_down(self):
+        server = self.own_server()
+        repository = yield self.started(self.make_for(server))
+        yield repository.ping()
+        server.stop()
+        yield self.assertFailure(repository.ping(), RepositoryError)
 
     @inlineCallbacks
     def test_start_with_the_server_down_succeeds_and_calls_fail(self):

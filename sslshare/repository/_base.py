@@ -88,6 +88,13 @@ class ISessionRepository(Interface):
         worker threads.
         """
 
+    def ping() -> Deferred[None]:
+        """
+        Fires once the storage has answered a question that changes
+        nothing; fails with L{RepositoryError} when it cannot answer now
+        (what a readiness probe asks).
+        """
+
     def put(session_id: bytes, sealed: bytes, expires: float) -> Deferred[None]:
         """
         Store the sealed blob of C{session_id} until C{expires} (unix
@@ -542,6 +549,9 @@ class ThreadedRepository(Generic[Connection]):
     def _now(self) -> float:
         return float(self._reactor.seconds())
 
+    def ping(self) -> Deferred[None]:
+        return self._call("ping", self._do_ping)
+
     def put(self, session_id: bytes, sealed: bytes,
             expires: float) -> Deferred[None]:
         problem = _argument_problem(session_id) or sealed_problem(sealed)
@@ -633,6 +643,12 @@ class ThreadedRepository(Generic[Connection]):
     def _do_start(self, connection: Connection) -> None:
         """
         Prepare the storage: make the schema if it is missing.
+        """
+        raise NotImplementedError
+
+    def _do_ping(self, connection: Connection) -> None:
+        """
+        Ask the storage a question that changes nothing.
         """
         raise NotImplementedError
 

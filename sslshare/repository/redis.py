@@ -368,6 +368,9 @@ class RedisRepository(ThreadedRepository[_Client]):
     def _do_start(self, connection: _Client) -> None:
         connection.client.ping()
 
+    def _do_ping(self, connection: _Client) -> None:
+        connection.client.ping()
+
     def _do_put(self, connection: _Client, session_id: bytes, sealed: bytes,
                 expires: float, now: float) -> None:
         # A lifetime of 0 or less makes PEXPIRE delete the key at once.

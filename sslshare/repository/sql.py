@@ -131,6 +131,9 @@ class SQLRepository(ThreadedRepository[C]):
         """
         return connection.execute(statement, parameters)
 
+    def _do_ping(self, connection: C) -> None:
+        self._execute(connection, "SELECT 1", ()).fetchall()
+
     def _take_rows(self, connection: C,
                    session_id: bytes) -> list[Any]:
         """

@@ -213,6 +213,9 @@ class MemoryRepository:
     def close(self) -> Deferred[None]:
         return succeed(None)
 
+    def ping(self) -> Deferred[None]:
+        return self._refused("ping") or succeed(None)
+
     def put(self, session_id: bytes, sealed: bytes,
             expires: float) -> Deferred[None]:
         refused = self._refused("put")

@@ -30,3 +30,18 @@ async def scrape_metrics(port: int) -> Samples:
             samples.setdefault(sample.name, {})[
                 frozenset(sample.labels.items())] = sample.value
     return samples
+
+
+async def probe(port: int, path: str) -> tuple[int, str]:
+    """
+    C{curl} C{path} on C{port} of 127.0.0.1, as a load balancer's or
+    Kubernetes' probe does: the HTTP status and the body.
+    """
+    output, error, code = await getProcessOutputAndValue(
+        "curl", ["--silent", "--show-error", "--max-time", "10",
+                 "--write-out", "\n%{http_code}",
+                 f"http://127.0.0.1:{port}{path}"], env=os.environ)
+    if code != 0:
+        raise AssertionError(f"curl failed ({code}): {error.decode()}")
+    body, _, status = output.decode("utf-8").rpartition("\n")
+    return int(status), body
