@@ -63,8 +63,15 @@ class JSONLogTests(TestCase):
         self.assertTrue(lines)
         events = [json.loads(line) for line in lines]
         for event in events:
-            self.assertIn("log_format", event)
-            self.assertIn("log_text", event)
+            self.assertEqual(
+                [key for key in ("time", "level", "namespace", "message")
+                 if not isinstance(event.get(key), str)], [], event)
+            self.assertRegex(event["time"],
+                             r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+            self.assertIn(event["level"],
+                          ("debug", "info", "warn", "error", "critical"))
+            self.assertEqual([key for key in event
+                              if key.startswith("log_")], [], event)
         return events
 
     def _assert_no_secret(self, text, whole, keys):
@@ -133,7 +140,7 @@ class JSONLogTests(TestCase):
                 self.assertEqual(len(event["session"]),
                                  len(sessionid.describe(bytes(32))))
         refused = [event for event in events
-                   if event["log_format"].startswith("refused connection")]
+                   if event["message"].startswith("refused connection")]
         self.assertEqual(len(refused), 1)
         self.assertRegex(refused[0]["address"], r"^127\.0\.0\.1:\d+$")
 
@@ -161,10 +168,12 @@ class JSONLogTests(TestCase):
                                 *_state_keys(cluster)])
         events = self._events(text)
         connected = [event for event in events
-                     if event["log_format"] == "peer {peer} connected from "
-                                               "{address}"]
-        self.assertEqual([event["peer"] for event in connected], ["node2"])
-        self.assertTrue(any(event["log_namespace"].startswith("sslshare.")
+                     if event["message"].startswith("peer node2 connected "
+                                                    "from ")]
+        self.assertEqual([(event["peer"], event["namespace"])
+                          for event in connected],
+                         [("node2", "sslshare.cluster._server")])
+        self.assertTrue(any(event["namespace"].startswith("sslshare.")
                             for event in events))
 
     @inlineCallbacks
@@ -211,3 +220,60 @@ class QuietConnectionsTests(TestCase):
                 self.assertTrue(result.reused)
         yield cluster.settled()
         self.assertEqual(logged, [])
+
+
+class FlatEventTests(TestCase):
+    """
+    One event as L{json_lines_observer} writes it.
+    """
+
+    def _line(self, log):
+        out = io.StringIO()
+        observer = json_lines_observer(out)
+        globalLogPublisher.addObserver(observer)
+        try:
+            log()
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        (line,) = out.getvalue().splitlines()
+        return json.loads(line)
+
+    def test_fields_by_name_and_others_as_text(self):
+        from twisted.logger import Logger
+
+        event = self._line(lambda: Logger(namespace="sslshare.x").info(
+            "peer {peer} answered {count} of {items}", peer="node2",
+            count=3, items=[1, 2], handle=object()))
+        self.assertEqual(
+            {key: event[key] for key in ("level", "namespace", "message",
+                                         "peer", "count", "items")},
+            {"level": "info", "namespace": "sslshare.x",
+             "message": "peer node2 answered 3 of [1, 2]", "peer": "node2",
+             "count": 3, "items": [1, 2]})
+        self.assertTrue(event["handle"].startswith("<object object at"))
+
+    def test_a_failure_gives_its_error_and_traceback(self):
+        from twisted.logger import Logger
+
+        def failing():
+            try:
+                raise ValueError("bad thing")
+            except ValueError:
+                Logger(namespace="sslshare.x").failure("it failed")
+
+        event = self._line(failing)
+        self.assertEqual((event["level"], event["error"]),
+                         ("critical", "bad thing"))
+        self.assertIn("ValueError: bad thing", event["traceback"])
+        self.flushLoggedErrors(ValueError)
+
+    def test_rate_limited_warnings_keep_the_namespace_that_warned(self):
+        from twisted.internet.task import Clock
+
+        from sslshare.logs import RateLimitedWarning
+
+        warnings = RateLimitedWarning(Clock())
+        event = self._line(lambda: warnings.warn("peer {peer} is down",
+                                                 peer="node2"))
+        self.assertEqual((event["namespace"], event["level"]),
+                         (__name__, "warn"))
