@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sslshare import config
+from sslshare import __version__, config
 from sslshare.dev import pki
 from sslshare.errors import FileError
 from sslshare.state import SealError, StateKeyError, StateKeys
@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sslshare",
         description="Share TLS sessions across a cluster of TLS servers.")
+    parser.add_argument("--version", action="version",
+                        version=f"sslshare {__version__}")
     commands = parser.add_subparsers(metavar="COMMAND")
 
     pki_parser = commands.add_parser(
@@ -202,6 +204,8 @@ def _stats(arguments: argparse.Namespace) -> None:
     if arguments.json:
         print(json.dumps(results, sort_keys=True))
         return
+    # The channel checked that the node answering is the one asked.
+    print(f"node {target}")
     width = max((len(name) for name in results), default=0)
     for name, value in sorted(results.items()):
         print(f"{name:<{width}}  {value}")

@@ -21,18 +21,24 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     Metric,
 )
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from sslshare import __version__
 from sslshare.node import Node
 from sslshare.recovery import LOOKUP_SOURCES
 from sslshare.tls import SESSION_REFUSALS
@@ -106,6 +112,8 @@ class NodeCollector:
 
     def collect(self) -> Iterator[Metric]:
         stats = self.node.stats()
+        yield InfoMetricFamily("sslshare_build", "The sslshare release this "
+                               "node runs.", value={"version": __version__})
         yield _counted_by(
             "sslshare_handshakes", "Client TLS handshakes by outcome: full, "
             "resumed with the session from this node, a peer or the "
@@ -228,6 +236,8 @@ def metrics_site(node: Node, readiness: Callable[[], Deferred[str | None]]
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
+    # CPU seconds, resident memory, open file descriptors, start time.
+    ProcessCollector(registry=registry)
     root = Resource()
     root.putChild(b"metrics", _MetricsPage(registry))
     root.putChild(b"healthz", _Alive())

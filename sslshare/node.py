@@ -97,6 +97,18 @@ class NodeSettings:
     checkpoint: CheckpointPolicy = CheckpointPolicy()
 
 
+COUNTERS = (
+    "full", "resumed_local", "resumed_peer", "resumed_repository",
+    "handshake_timeouts", "sessions_made", "sessions_unstorable",
+    "sessions_given", "repository_put_failures", "backups_kept",
+    "backups_refused", "backup_failures", "backups_moved", "copies_withheld",
+    "sessions_handed_over", "handover_failures", "reloads",
+    "reload_failures", "backend_failures", "fetches_refused",
+    "refused_checkpoints", "refused_purges", "late_checkpoints",
+    "tombstones_moved", "purge_failures", "chains_exhausted")
+"""Every counter of L{Node.counters}: the stats show each, zero included."""
+
+
 @implementer(ICommandHandler)
 class Node:
     """
@@ -140,7 +152,7 @@ class Node:
         self.recovery = recovery
         self.clock = clock
         self.settings = settings
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self.checkpoint_counters: Counter[str] = Counter()
         self.discovery_counters: Counter[str] | None = None
         self.context: ServerContext | None = None

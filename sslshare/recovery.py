@@ -178,6 +178,19 @@ class LookupSettings:
     max_lookups_per_client: int | None = None
 
 
+COUNTERS = (
+    *(f"recovered_{source}" for source in SOURCES), "misses", "timeouts",
+    "joined", "lookups_shed", "lookups_shed_per_client", "peer_errors",
+    "repository_errors", "unsealable", "redirects_followed",
+    "backups_asked", "copies_withheld", "stale_copies", "bad_checkpoints",
+    "unresumable", "replays_refused", "given_back",
+    *(f"peer_{what}_failures" for what in ("backup", "purge")),
+    *(f"repository_{what}_failures"
+      for what in ("put", "checkpoint", "purge")))
+"""Every counter of L{Recovery.counters}: the stats show each, zero
+included."""
+
+
 class Recovery:
     """
     The recovery chain of one node.
@@ -217,7 +230,7 @@ class Recovery:
         self.ask_peers = ask_peers
         self._warnings = RateLimitedWarning(clock)
         self._shed_warnings = RateLimitedWarning(clock)
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self.latency = LatencyHistogram()
         self._in_flight: dict[bytes, list[Deferred[Recovered | None]]] = {}
         # Chains past the store, in all and by client address.

@@ -147,6 +147,12 @@ def _cost(entry: bytes) -> int:
     return _der_length(entry) + ENTRY_OVERHEAD
 
 
+COUNTERS = ("stored", "taken", "expired", "evicted", "discarded",
+            "tombstones")
+"""Every counter of L{SessionStore.counters}: the stats show each, zero
+included."""
+
+
 class SessionStore:
     """
     The node's own sessions: LRU + TTL, bounded in bytes, with tombstones
@@ -167,7 +173,7 @@ class SessionStore:
         self._contexts = _Contexts()
         self._sessions = 0
         self._bytes = 0
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
 
     def __len__(self) -> int:
         """

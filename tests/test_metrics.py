@@ -13,7 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sslshare import config, tools
 from sslshare.cluster import ClusterTLS, PeerLink, PeerUnavailable
@@ -328,3 +328,51 @@ class ProbeTests(TestCase):
         stopping = service.stopService()
         self.assertEqual((yield service.readiness()), "the node is stopping")
         yield stopping
+
+
+class BuildAndProcessTests(TestCase):
+
+    @inlineCallbacks
+    def test_the_release_and_the_process_are_on_the_page(self):
+        from sslshare import __version__
+
+        cluster = LocalCluster(self, nodes=("node1",), metrics=True)
+        yield cluster.start_all()
+        samples = yield Deferred.fromCoroutine(
+            scrape_metrics(cluster.metrics_ports["node1"]))
+        self.assertEqual(samples["sslshare_build_info"],
+                         {frozenset({("version", __version__)}): 1.0})
+        for name in ("process_cpu_seconds_total",
+                     "process_resident_memory_bytes", "process_open_fds"):
+            self.assertGreater(samples[name][frozenset()], 0, name)
+
+
+class EveryCounterTests(SynchronousTestCase):
+    """
+    The counters the node, its recovery chain and its store keep are
+    listed (their C{COUNTERS}), so that the stats and the metrics page show
+    each from the start, zero included.
+    """
+
+    def test_every_counter_the_code_counts_is_listed(self):
+        import re
+
+        from sslshare import node, recovery, store
+
+        for module in (node, recovery, store):
+            with open(module.__file__) as f:
+                counted = set(re.findall(r'self\.counters\["(\w+)"\]',
+                                         f.read()))
+            self.assertEqual(sorted(counted - set(module.COUNTERS)), [],
+                             module.__name__)
+
+    def test_a_fresh_node_shows_every_counter_at_zero(self):
+        from sslshare import node, recovery, store
+        from tests.support.memory import MemoryCluster
+
+        stats = MemoryCluster()["node1"].stats()
+        for module, prefix in ((node, ""), (recovery, "recovery."),
+                               (store, "store.")):
+            for name in module.COUNTERS:
+                self.assertEqual(stats.get(prefix + name), 0,
+                                 prefix + name)

@@ -455,6 +455,25 @@ class OperatorToolTests(TestCase):
         self.assertEqual(counters["peers.connected"], 1)
 
     @inlineCallbacks
+    def test_stats_as_text_names_the_node_that_answered(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        yield cluster.start_all()
+        output, error, code = yield self._sslshare(
+            "stats", "--config", cluster.paths["node2"], "--node", "node1")
+        self.assertEqual(code, 0, error.decode())
+        lines = output.decode().splitlines()
+        self.assertEqual(lines[0], "node node1")
+        self.assertIn("full", [line.split()[0] for line in lines[1:]])
+
+    @inlineCallbacks
+    def test_version(self):
+        from sslshare import __version__
+
+        output, error, code = yield self._sslshare("--version")
+        self.assertEqual((code, output.decode()),
+                         (0, f"sslshare {__version__}\n"))
+
+    @inlineCallbacks
     def test_stats_of_a_node_that_is_down_is_one_line(self):
         cluster = LocalCluster(self, nodes=("node1", "node2"))
         output, error, code = yield self._sslshare(
