@@ -1,0 +1,104 @@
+"""
+A load balancer in front of a node that speaks the PROXY protocol: the
+node listens through Twisted's C{haproxy:} endpoint prefix, and the client
+address it bounds lookups by is the one the header carries, not the load
+balancer's.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.support.cluster import LocalCluster
+from tests.support.waiting import until
+
+CLIENT = "203.0.113.7"
+
+
+def _v1(port):
+    return f"PROXY TCP4 {CLIENT} 127.0.0.1 40001 {port}\r\n".encode("ascii")
+
+
+def _v2(port):
+    signature = b"\r\n\r\n\x00\r\nQUIT\n"
+    addresses = (socket.inet_aton(CLIENT) + socket.inet_aton("127.0.0.1")
+                 + struct.pack("!HH", 40002, port))
+    # Version 2, PROXY; TCP over IPv4.
+    return signature + b"\x21\x11" + struct.pack("!H", len(addresses)) \
+        + addresses
+
+
+def _handshake_behind_a_header(port, ca_cert, header, hold):
+    """
+    Send C{header}, then a TLS handshake, over one connection; returns the
+    TLS socket, still open, once C{hold} (a threading event) is set, after
+    which it is closed.
+    """
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw.sendall(header)
+    context = ssl.create_default_context(cafile=ca_cert)
+    with context.wrap_socket(raw, server_hostname="localhost") as client:
+        version = client.version()
+        hold.wait(10)
+        return version
+
+
+class ProxyProtocolListenerTests(TestCase):
+
+    def _cluster(self):
+        cluster = LocalCluster(self, nodes=("node1",))
+        path = cluster.paths["node1"]
+        with open(path) as f:
+            text = f.read()
+        listen = f'listen = "tcp:{cluster.ports["node1"]}:interface=127.0.0.1"'
+        self.assertIn(listen, text)
+        with open(path, "w") as f:
+            f.write(text.replace(listen, f'listen = "haproxy:tcp:'
+                                         f'{cluster.ports["node1"]}:'
+                                         f'interface=127.0.0.1"'))
+        return cluster
+
+    @inlineCallbacks
+    def _client_address_seen(self, header):
+        import threading
+
+        cluster = self._cluster()
+        yield cluster.start_all()
+        hold = threading.Event()
+        done = deferToThread(_handshake_behind_a_header,
+                             cluster.ports["node1"], cluster.ca_cert,
+                             header(cluster.ports["node1"]), hold)
+        protocols = cluster.services["node1"]._clients.protocols
+        try:
+            yield until(lambda: len(protocols) == 1)
+            (protocol,) = protocols
+            peer = protocol.transport.getPeer()
+        finally:
+            hold.set()
+        version = yield done
+        self.assertIsNotNone(version)
+        return peer
+
+    @inlineCallbacks
+    def test_the_address_of_a_v1_header(self):
+        peer = yield self._client_address_seen(_v1)
+        self.assertEqual((peer.host, peer.port), (CLIENT, 40001))
+
+    @inlineCallbacks
+    def test_the_address_of_a_v2_header(self):
+        peer = yield self._client_address_seen(_v2)
+        self.assertEqual((peer.host, peer.port), (CLIENT, 40002))
+
+    @inlineCallbacks
+    def test_a_connection_without_a_header_is_dropped(self):
+        cluster = self._cluster()
+        yield cluster.start_all()
+        attempt = cluster.client_round("node1", "TLSv1.3")
+        yield self.assertFailure(attempt, ssl.SSLError, ConnectionError,
+                                 OSError)
