@@ -9,8 +9,9 @@ TESTS ?= tests
 TRIAL_ARGS ?=
 
 # The tests drive stock clients (openssl s_client, curl) and start their own
-# redis-server and PostgreSQL; CI has them all so that nothing is skipped.
-APT_PACKAGES := openssl curl redis-server postgresql
+# redis-server, PostgreSQL and HAProxy (a backend that reads the PROXY
+# protocol); CI has them all so that nothing is skipped.
+APT_PACKAGES := openssl curl redis-server postgresql haproxy
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: test test-quick venv system-deps demo bench tlsfuzzer clean
@@ -63,7 +64,7 @@ demo: system-deps venv
 BENCH_ARGS ?= --quick
 # The references the benchmarks set sslshare beside: system-deps, run for
 # bench, installs them too.
-BENCH_PACKAGES := haproxy nginx
+BENCH_PACKAGES := nginx
 bench: APT_PACKAGES += $(BENCH_PACKAGES)
 bench: system-deps venv
 	$(VENV)/bin/python benchmarks/run.py $(BENCH_ARGS)

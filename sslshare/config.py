@@ -55,7 +55,7 @@ import attrs
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 
-from sslshare import cluster, identity, tls
+from sslshare import cluster, identity, proxyheader, tls
 from sslshare.cluster import PeerSource
 from sslshare.digest import MODES, CheckpointPolicy
 from sslshare.addresses import AddressError, host_port
@@ -109,7 +109,7 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
         "metrics_listen", "log_format", "checkpoint", "checkpoint_period_ms",
         "checkpoint_bound", "checkpoint_max_pause", "max_concurrent_lookups",
         "max_lookups_per_client", "drain_timeout_s",
-        "loose_key_permissions"}),
+        "loose_key_permissions", "backend_proxy_protocol"}),
     "tls": frozenset({"min_version", "max_version", "alpn", "alpn_mismatch",
                       "tls12_ciphers", "service"}),
     "tls.service": frozenset({"name", "certificate", "key", "server_names"}),
@@ -311,6 +311,8 @@ class NodeConfig:
     @ivar cluster_name: the cluster's name, as in the certificates' URIs.
     @ivar listen: server endpoint strings for TLS clients (at least one).
     @ivar backend: client endpoint string of the plaintext backend.
+    @ivar backend_proxy_protocol: the PROXY protocol header (C{"v1"} or
+        C{"v2"}) written to the backend before the plaintext, or C{None}.
     @ivar state_dir: absolute path of the node's own directory; the service
         creates it.
     @ivar lookup_budget: seconds a paused handshake may wait for a session.
@@ -340,6 +342,7 @@ class NodeConfig:
     listen: tuple[str, ...]
     backend: str
     state_dir: str
+    backend_proxy_protocol: str | None = None
     lookup_budget: float = DEFAULT_LOOKUP_BUDGET_MS / 1000
     max_concurrent_lookups: int = DEFAULT_MAX_CONCURRENT_LOOKUPS
     max_lookups_per_client: int = DEFAULT_MAX_LOOKUPS_PER_CLIENT
@@ -712,6 +715,8 @@ class _Reader:
             cluster_name=cluster_name,
             listen=listen,
             backend=backend,
+            backend_proxy_protocol=node.value(
+                "backend_proxy_protocol", self.choice(proxyheader.VERSIONS)),
             state_dir=state_dir,
             lookup_budget=budget_ms / 1000,
             max_concurrent_lookups=max_lookups,

@@ -52,13 +52,14 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITransport,
 )
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sslshare import sessionid
+from sslshare import proxyheader, sessionid
 from sslshare.digest import CheckpointPipeline
 from sslshare.hooks import LookupRequest
 from sslshare.recovery import Recovered
@@ -242,6 +243,10 @@ class BackendProxy(Protocol):
             backend.transport.loseConnection()
             return
         self._backend = backend
+        version = self.factory.settings.proxy_protocol
+        if version is not None:
+            backend.transport.write(proxyheader.header(version,
+                                                       self._proxied()))
         for data in self._pending:
             backend.transport.write(data)
         self._pending = []
@@ -251,6 +256,23 @@ class BackendProxy(Protocol):
         backend.transport.registerProducer(client, True)
         self._linked = True
         client.resumeProducing()
+
+    def _proxied(self) -> proxyheader.Connection:
+        """
+        What the PROXY protocol header says of this connection.
+        """
+        tls = self.transport
+        connection = tls.getHandle()
+        server_name = connection.get_servername()
+        recovered = tls.recovered
+        return proxyheader.Connection(
+            client=_ip_end(tls.getPeer()), server=_ip_end(tls.getHost()),
+            tls_version=connection.get_protocol_version_name(),
+            cipher=connection.get_cipher_name(),
+            server_name=(None if server_name is None
+                         else server_name.decode("ascii")),
+            alpn=connection.get_alpn_proto_negotiated() or None,
+            resumed="full" if recovered is None else recovered.source)
 
     def _backendFailed(self, reason: Failure) -> None:
         client = self.transport.getPeer()
@@ -311,6 +333,15 @@ class BackendProxy(Protocol):
             self._linked = False
             self.transport.unregisterProducer()
             self._backend.transport.unregisterProducer()
+
+
+def _ip_end(address: IAddress) -> tuple[str, int] | None:
+    """
+    (host, port) of an IP socket's end, or C{None} for another kind.
+    """
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host, address.port
+    return None
 
 
 @implementer(IPushProducer)
@@ -420,11 +451,14 @@ class ProxySettings:
     @ivar backend_name: how the configuration names C{backend}, for the
         log.
     @ivar handshake_timeout: seconds a client has to finish its handshake.
+    @ivar proxy_protocol: the PROXY protocol header written to the backend
+        first (L{sslshare.proxyheader.VERSIONS}), or C{None}.
     """
 
     backend: IStreamClientEndpoint
     backend_name: str
     handshake_timeout: float
+    proxy_protocol: str | None = None
 
 
 class BackendProxyFactory(Factory[BackendProxy]):

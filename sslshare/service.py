@@ -251,7 +251,8 @@ def _node_settings(node_config: config.NodeConfig) -> NodeSettings:
 def _proxy_settings(node_config: config.NodeConfig,
                     reactor: Any) -> ProxySettings:
     return ProxySettings(clientFromString(reactor, node_config.backend),
-                         node_config.backend, node_config.handshake_timeout)
+                         node_config.backend, node_config.handshake_timeout,
+                         node_config.backend_proxy_protocol)
 
 
 def _virtual_services(node_config: config.NodeConfig) -> list[tls.VirtualService]:
@@ -358,6 +359,7 @@ FIXED_AT_RUNTIME = {
 # settings, the drain of a stop).
 RELOADABLE = frozenset({
     "backend",
+    "backend_proxy_protocol",
     "lookup_budget",
     "max_concurrent_lookups",
     "max_lookups_per_client",

@@ -844,6 +844,15 @@ class EndpointErrorTests(_ConfigTestCase):
     def test_log_format_is_text_by_default(self):
         self.assertEqual(self.load().log_format, "text")
 
+    def test_backend_proxy_protocol(self):
+        self.assertIsNone(self.load().backend_proxy_protocol)
+        self.assertEqual(self.load(node=NODE + 'backend_proxy_protocol = '
+                                              '"v2"\n').backend_proxy_protocol,
+                         "v2")
+        self.assertError(
+            self.error(node=NODE + 'backend_proxy_protocol = "v3"\n'),
+            "node.backend_proxy_protocol", "'v3' is not one of 'v1', 'v2'")
+
     def test_unknown_log_format(self):
         self.assertError(self.error(node=NODE + 'log_format = "xml"\n'),
                          "node.log_format", "'xml' is not one of 'text', 'json'")

@@ -7,6 +7,7 @@ balancer's.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import struct
@@ -16,7 +17,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.support.cluster import LocalCluster
-from tests.support.waiting import until
+from tests.support.waiting import until, wait_for_port
 
 CLIENT = "203.0.113.7"
 
@@ -102,3 +103,107 @@ class ProxyProtocolListenerTests(TestCase):
         attempt = cluster.client_round("node1", "TLSv1.3")
         yield self.assertFailure(attempt, ssl.SSLError, ConnectionError,
                                  OSError)
+
+
+# An HTTP backend behind the PROXY protocol: it answers every request with
+# what the header told it.
+HAPROXY_BACKEND = """\
+global
+    maxconn 64
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 10s
+    timeout server 10s
+frontend backend
+    bind 127.0.0.1:{port} accept-proxy
+    http-request return status 200 content-type text/plain lf-string "src=%[src] port=%[src_port] sni=%[fc_pp_authority]\\n"
+"""
+
+
+def haproxy_backend(testcase, port):
+    """
+    HAProxy on C{port} of 127.0.0.1 reading the PROXY protocol; stopped
+    when the test ends.
+    """
+    import shutil
+    import subprocess
+
+    from twisted.trial.unittest import SkipTest
+
+    binary = shutil.which("haproxy") or shutil.which("/usr/sbin/haproxy")
+    if binary is None:
+        raise SkipTest("haproxy is not installed (Debian: apt-get install "
+                       "haproxy; make test installs it)")
+    directory = testcase.mktemp()
+    os.makedirs(directory)
+    configuration = os.path.join(directory, "haproxy.cfg")
+    with open(configuration, "w") as f:
+        f.write(HAPROXY_BACKEND.format(port=port))
+    process = subprocess.Popen([binary, "-f", configuration, "-db"],
+                               stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    testcase.addCleanup(process.wait, 10)
+    testcase.addCleanup(process.terminate)
+    return process
+
+
+def _request_behind_a_header(port, ca_cert, header):
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw.sendall(header)
+    context = ssl.create_default_context(cafile=ca_cert)
+    with context.wrap_socket(raw, server_hostname="localhost") as client:
+        client.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        answer = b""
+        while chunk := client.recv(4096):
+            answer += chunk
+    return answer.decode("latin-1")
+
+
+class BackendProxyProtocolTests(TestCase):
+    """
+    C{backend_proxy_protocol}: the node writes the header, and a real
+    HAProxy backend (C{accept-proxy}) reads the client's address, and with
+    v2 the server name, from it.
+    """
+
+    @inlineCallbacks
+    def _answer(self, version):
+        from sslshare.dev.throwaway import free_port
+
+        cluster = LocalCluster(
+            self, nodes=("node1",),
+            node_options=f'backend_proxy_protocol = "{version}"')
+        backend_port = free_port()
+        haproxy_backend(self, backend_port)
+        yield wait_for_port(backend_port)
+        path = cluster.paths["node1"]
+        with open(path) as f:
+            text = f.read()
+        backend = [line for line in text.splitlines()
+                   if line.startswith("backend = ")]
+        self.assertEqual(len(backend), 1)
+        listen = f'listen = "tcp:{cluster.ports["node1"]}:interface=127.0.0.1"'
+        with open(path, "w") as f:
+            f.write(text.replace(backend[0], f'backend = "tcp:host=127.0.0.1:'
+                                             f'port={backend_port}"')
+                    .replace(listen, f'listen = "haproxy:tcp:'
+                                     f'{cluster.ports["node1"]}:'
+                                     f'interface=127.0.0.1"'))
+        yield cluster.start_all()
+        answer = yield deferToThread(
+            _request_behind_a_header, cluster.ports["node1"], cluster.ca_cert,
+            _v1(cluster.ports["node1"]))
+        return answer
+
+    @inlineCallbacks
+    def test_v1_carries_the_client_address(self):
+        answer = yield self._answer("v1")
+        self.assertIn("200", answer.splitlines()[0])
+        self.assertIn(f"src={CLIENT} port=40001 sni=\n", answer)
+
+    @inlineCallbacks
+    def test_v2_carries_the_client_address_and_the_server_name(self):
+        answer = yield self._answer("v2")
+        self.assertIn(f"src={CLIENT} port=40001 sni=localhost\n", answer)
