@@ -292,3 +292,34 @@ class StatsTests(TestCase):
         node = cluster_.nodes["node1"]
         yield until(lambda: node.stats().get("discovery.lookup_failures"))
         self.assertEqual(node.stats()["discovery.lookups"], 1)
+
+
+class SlowAddressTests(TestCase):
+    """
+    Addresses that do not answer cost their timeout once, not one after
+    another.
+    """
+
+    def test_unanswered_addresses_are_dialled_at_once(self):
+        from twisted.internet.task import Clock, deferLater
+
+        clock = Clock()
+        records = _Records()
+        records.records[("peers.test.example", dns.A)] = [
+            dns.Record_A(f"10.0.0.{host}") for host in (2, 3, 4, 5)]
+
+        def identify(host, port):
+            if host == "10.0.0.5":
+                return succeed("node5")
+            return deferLater(clock, 5, lambda: (_ for _ in ()).throw(
+                ConnectionRefusedError(host)))
+
+        applied = []
+        discovery = cluster.PeerDiscovery(
+            PeerSource("dns", "peers.test.example", 7441), records, "node1",
+            identify, applied.append, lambda node_id: False, clock)
+        refreshing = Deferred.fromCoroutine(discovery.refresh())
+        clock.advance(5)
+        self.successResultOf(refreshing)
+        self.assertEqual(applied, [(("node5", "tcp:host=10.0.0.5:port=7441"),)])
+        self.assertEqual(discovery.counters["identify_failures"], 3)
