@@ -76,6 +76,9 @@ ANY_MEMBER = "*"
 """In a C{[cluster.authorize]} list: every node the channel admits (the
 peers listed, or with C{peers_from} any node of the cluster)."""
 DEFAULT_PEERS_REFRESH = (5.0, 300.0)
+MAX_CONNECTIONS = 1_000_000
+# As nginx stream's proxy_timeout.
+DEFAULT_IDLE_TIMEOUT = 600.0
 # What a redis repository takes: one server or a cluster by its URL, or
 # the master that sentinels name.
 _REDIS_KEYS = ("url", "cluster", "sentinels", "service", "wait_replicas",
@@ -109,7 +112,8 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
         "metrics_listen", "log_format", "checkpoint", "checkpoint_period_ms",
         "checkpoint_bound", "checkpoint_max_pause", "max_concurrent_lookups",
         "max_lookups_per_client", "drain_timeout_s",
-        "loose_key_permissions", "backend_proxy_protocol"}),
+        "loose_key_permissions", "backend_proxy_protocol", "max_connections",
+        "idle_timeout_s"}),
     "tls": frozenset({"min_version", "max_version", "alpn", "alpn_mismatch",
                       "tls12_ciphers", "service"}),
     "tls.service": frozenset({"name", "certificate", "key", "server_names"}),
@@ -313,6 +317,10 @@ class NodeConfig:
     @ivar backend: client endpoint string of the plaintext backend.
     @ivar backend_proxy_protocol: the PROXY protocol header (C{"v1"} or
         C{"v2"}) written to the backend before the plaintext, or C{None}.
+    @ivar max_connections: client connections open at once at most, or
+        C{None}.
+    @ivar idle_timeout: seconds a connection may be silent both ways after
+        its handshake before it is closed.
     @ivar state_dir: absolute path of the node's own directory; the service
         creates it.
     @ivar lookup_budget: seconds a paused handshake may wait for a session.
@@ -343,6 +351,8 @@ class NodeConfig:
     backend: str
     state_dir: str
     backend_proxy_protocol: str | None = None
+    max_connections: int | None = None
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     lookup_budget: float = DEFAULT_LOOKUP_BUDGET_MS / 1000
     max_concurrent_lookups: int = DEFAULT_MAX_CONCURRENT_LOOKUPS
     max_lookups_per_client: int = DEFAULT_MAX_LOOKUPS_PER_CLIENT
@@ -717,6 +727,10 @@ class _Reader:
             backend=backend,
             backend_proxy_protocol=node.value(
                 "backend_proxy_protocol", self.choice(proxyheader.VERSIONS)),
+            max_connections=node.value("max_connections",
+                                       self.integer(1, MAX_CONNECTIONS)),
+            idle_timeout=node.value("idle_timeout_s", self.seconds(0, 86400),
+                                    default=DEFAULT_IDLE_TIMEOUT),
             state_dir=state_dir,
             lookup_budget=budget_ms / 1000,
             max_concurrent_lookups=max_lookups,

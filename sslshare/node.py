@@ -105,7 +105,8 @@ COUNTERS = (
     "sessions_handed_over", "handover_failures", "reloads",
     "reload_failures", "backend_failures", "fetches_refused",
     "refused_checkpoints", "refused_purges", "late_checkpoints",
-    "tombstones_moved", "purge_failures", "chains_exhausted")
+    "tombstones_moved", "purge_failures", "chains_exhausted",
+    "connections_refused", "idle_timeouts")
 """Every counter of L{Node.counters}: the stats show each, zero included."""
 
 
@@ -132,7 +133,9 @@ class Node:
         the session went next), C{purge_failures} (an old copy of a
         session at another node could not be dropped: given away, or
         replaced by a copy at a new backup node), C{chains_exhausted}
-        (a digest chain at its bound, no longer digested).
+        (a digest chain at its bound, no longer digested),
+        C{connections_refused} (clients past C{max_connections}),
+        C{idle_timeouts} (connections closed for their silence).
     @ivar checkpoint_counters: the checkpoint pipelines' C{written},
         C{rejected}, C{coalesced}, C{failed}, C{pauses}.
     @ivar discovery_counters: the counters of the peers' lookups in DNS

@@ -33,6 +33,7 @@ sessions come from.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 from typing import Protocol as TypingProtocol
@@ -149,16 +150,33 @@ class SessionResumingTLSFactory(TLSMemoryBIOFactory):
         (a reload) leaves the connections already open on the old one.
     @ivar lookup: called with a L{LookupRequest}; returns a
         L{sslshare.recovery.Recovered}, C{None}, or a Deferred of either.
+    @ivar max_connections: client connections open at once at most
+        (C{None}: no bound); one past it is closed as it arrives, counted
+        in C{counters["connections_refused"]}.
     """
 
     protocol = SessionResumingTLSProtocol
 
     def __init__(self, context: ServerContext, lookup: Lookup,
-                 wrappedFactory: IProtocolFactory) -> None:
+                 wrappedFactory: IProtocolFactory,
+                 counters: Counter[str] | None = None,
+                 max_connections: int | None = None) -> None:
         super().__init__(self, False, wrappedFactory)
         self.context = context
         self.lookup = lookup
+        self.counters: Counter[str] = Counter() if counters is None else counters
+        self.max_connections = max_connections
         self._closed_waiters: list[Deferred[None]] = []
+
+    # A factory may build no protocol (Twisted then closes the
+    # connection), which WrappingFactory's annotation leaves out.
+    def buildProtocol(  # type: ignore[override]
+            self, addr: IAddress | None) -> TLSMemoryBIOProtocol | None:
+        if (self.max_connections is not None
+                and len(self.protocols) >= self.max_connections):
+            self.counters["connections_refused"] += 1
+            return None
+        return super().buildProtocol(addr)
 
     # Twisted types the interface's answer as pyOpenSSL's Connection; what
     # TLSMemoryBIOProtocol calls of it, sslshare.tls.Connection has.
@@ -213,6 +231,7 @@ class BackendProxy(Protocol):
     _linked = False
     _checkpoints: CheckpointPipeline | None = None
     _abort_call: IDelayedCall | None = None
+    _idle: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self._pending: list[bytes] = []
@@ -243,6 +262,8 @@ class BackendProxy(Protocol):
             backend.transport.loseConnection()
             return
         self._backend = backend
+        self._idle = self.factory.clock.callLater(
+            self.factory.settings.idle_timeout, self._idle_timed_out)
         version = self.factory.settings.proxy_protocol
         if version is not None:
             backend.transport.write(proxyheader.header(version,
@@ -292,12 +313,29 @@ class BackendProxy(Protocol):
         if self._backend is None:
             self._pending.append(data)
         else:
+            self.busy()
             self._backend.transport.write(data)
+
+    def busy(self) -> None:
+        """
+        A byte went one way or the other: the idle timeout starts again.
+        """
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.factory.settings.idle_timeout)
+
+    def _idle_timed_out(self) -> None:
+        self._idle = None
+        self.factory.idle_timed_out()
+        self.transport.loseConnection()
+        self._abort_call = self.factory.clock.callLater(
+            self.factory.close_timeout, self.transport.abortConnection)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timeout is not None:
             self._timeout.cancel()
             self._timeout = None
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         if self._backend is not None:
@@ -408,6 +446,7 @@ class _BackendSide(Protocol):
         self.client = client
 
     def dataReceived(self, data: bytes) -> None:
+        self.client.busy()
         self.client.transport.write(data)
 
     def readConnectionLost(self) -> None:
@@ -451,6 +490,8 @@ class ProxySettings:
     @ivar backend_name: how the configuration names C{backend}, for the
         log.
     @ivar handshake_timeout: seconds a client has to finish its handshake.
+    @ivar idle_timeout: seconds a connection may pass, after its handshake,
+        with no byte either way; then it is closed.
     @ivar proxy_protocol: the PROXY protocol header written to the backend
         first (L{sslshare.proxyheader.VERSIONS}), or C{None}.
     """
@@ -458,6 +499,7 @@ class ProxySettings:
     backend: IStreamClientEndpoint
     backend_name: str
     handshake_timeout: float
+    idle_timeout: float
     proxy_protocol: str | None = None
 
 
@@ -476,6 +518,7 @@ class BackendProxyFactory(Factory[BackendProxy]):
     @param backend_failed: told of each client whose backend connection
         failed, as C{backend_failed(backend_name, client, reason)} with the
         client's C{host:port}; the client connection is closed.
+    @param counters: where C{idle_timeouts} is counted (the node's).
     """
 
     protocol = BackendProxy
@@ -487,9 +530,16 @@ class BackendProxyFactory(Factory[BackendProxy]):
 
     def __init__(self, handshake_done: HandshakeDone, clock: IReactorTime,
                  settings: ProxySettings,
-                 backend_failed: Callable[[str, str, Failure], object]
-                 ) -> None:
+                 backend_failed: Callable[[str, str, Failure], object],
+                 counters: Counter[str] | None = None) -> None:
         self.handshake_done = handshake_done
         self.clock = clock
         self.settings = settings
         self.backend_failed = backend_failed
+        self.counters: Counter[str] = Counter() if counters is None else counters
+
+    def idle_timed_out(self) -> None:
+        """
+        A connection passed the idle timeout with no byte either way.
+        """
+        self.counters["idle_timeouts"] += 1

@@ -124,8 +124,10 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
     node.context = _server_context(node_config, services, node)
     proxy = BackendProxyFactory(node.handshake_done, reactor,
                                 _proxy_settings(node_config, reactor),
-                                node.backend_failed)
-    clients = SessionResumingTLSFactory(node.context, node.lookup, proxy)
+                                node.backend_failed, node.counters)
+    clients = SessionResumingTLSFactory(
+        node.context, node.lookup, proxy, node.counters,
+        node_config.max_connections)
     amp = None
     if cluster_config.listen is not None:
         amp = placement.peer_server = cluster.PeerServerFactory(
@@ -252,6 +254,7 @@ def _proxy_settings(node_config: config.NodeConfig,
                     reactor: Any) -> ProxySettings:
     return ProxySettings(clientFromString(reactor, node_config.backend),
                          node_config.backend, node_config.handshake_timeout,
+                         node_config.idle_timeout,
                          node_config.backend_proxy_protocol)
 
 
@@ -360,6 +363,8 @@ FIXED_AT_RUNTIME = {
 RELOADABLE = frozenset({
     "backend",
     "backend_proxy_protocol",
+    "max_connections",
+    "idle_timeout",
     "lookup_budget",
     "max_concurrent_lookups",
     "max_lookups_per_client",
@@ -567,6 +572,7 @@ class NodeService(MultiService):
         # old context.
         context.counters = self._clients.context.counters
         self._clients.context = node.context = context
+        self._clients.max_connections = new.max_connections
         node.placement.layout = _layout(new, keys, peers)
         node.recovery.settings = _lookup_settings(new, services)
         node.settings = _node_settings(new)

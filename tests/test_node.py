@@ -30,6 +30,7 @@ from tests.support.clients import client_context, s_client_round
 from tests.support.cluster import LocalCluster
 from tests.support.metrics import scrape_metrics
 from tests.support.servers import RoguePeerProtocol, SilentListener
+from tests.support.waiting import until
 
 
 class MovingSessionTests(TestCase):
@@ -618,3 +619,58 @@ class OwnEndpointTests(SynchronousTestCase):
 
         self.assertRaises(CommandError, client_endpoint_for, "ssl:7441")
         self.assertRaises(CommandError, client_endpoint_for, "unix:mode=600")
+
+
+class ConnectionLimitTests(TestCase):
+    """
+    C{max_connections} and C{idle_timeout_s}, over real sockets.
+    """
+
+    @inlineCallbacks
+    def test_a_client_past_max_connections_is_closed_and_counted(self):
+        import socket
+        import ssl
+
+        cluster = LocalCluster(self, nodes=("node1",),
+                               node_options="max_connections = 1")
+        yield cluster.start_all()
+        held = yield deferToThread(socket.create_connection,
+                                   ("127.0.0.1", cluster.ports["node1"]))
+        self.addCleanup(held.close)
+        factory = cluster.services["node1"]._clients
+        yield until(lambda: len(factory.protocols) == 1)
+        refused = cluster.client_round("node1", "TLSv1.3")
+        yield self.assertFailure(refused, ssl.SSLError, ConnectionError,
+                                 OSError)
+        self.assertEqual(cluster.nodes["node1"].counters[
+            "connections_refused"], 1)
+        held.close()
+        yield until(lambda: not factory.protocols)
+        served = yield cluster.client_round("node1", "TLSv1.3")
+        self.assertEqual(served.echo, b"hello")
+
+    @inlineCallbacks
+    def test_a_silent_connection_is_closed_after_the_idle_timeout(self):
+        import socket
+        import ssl
+        import time
+
+        cluster = LocalCluster(self, nodes=("node1",),
+                               node_options="idle_timeout_s = 0.3")
+        yield cluster.start_all()
+
+        def silent_client():
+            context = ssl.create_default_context(cafile=cluster.ca_cert)
+            raw = socket.create_connection(
+                ("127.0.0.1", cluster.ports["node1"]), timeout=10)
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                began = time.monotonic()
+                # The handshake is done; say nothing and wait for the close.
+                closed = tls.recv(1024)
+                return closed, time.monotonic() - began
+
+        closed, waited = yield deferToThread(silent_client)
+        self.assertEqual(closed, b"")
+        self.assertGreater(waited, 0.25)
+        self.assertLess(waited, 5)
+        self.assertEqual(cluster.nodes["node1"].counters["idle_timeouts"], 1)
