@@ -20,6 +20,7 @@ from tests.support.cluster import LocalCluster
 from tests.support.waiting import until, wait_for_port
 
 CLIENT = "203.0.113.7"
+HAPROXY_LISTEN = "haproxy:tcp:{port}:interface=127.0.0.1"
 
 
 def _v1(port):
@@ -53,17 +54,7 @@ def _handshake_behind_a_header(port, ca_cert, header, hold):
 class ProxyProtocolListenerTests(TestCase):
 
     def _cluster(self):
-        cluster = LocalCluster(self, nodes=("node1",))
-        path = cluster.paths["node1"]
-        with open(path) as f:
-            text = f.read()
-        listen = f'listen = "tcp:{cluster.ports["node1"]}:interface=127.0.0.1"'
-        self.assertIn(listen, text)
-        with open(path, "w") as f:
-            f.write(text.replace(listen, f'listen = "haproxy:tcp:'
-                                         f'{cluster.ports["node1"]}:'
-                                         f'interface=127.0.0.1"'))
-        return cluster
+        return LocalCluster(self, nodes=("node1",), listen=HAPROXY_LISTEN)
 
     @inlineCallbacks
     def _client_address_seen(self, header):
@@ -172,25 +163,14 @@ class BackendProxyProtocolTests(TestCase):
     def _answer(self, version):
         from sslshare.dev.throwaway import free_port
 
-        cluster = LocalCluster(
-            self, nodes=("node1",),
-            node_options=f'backend_proxy_protocol = "{version}"')
         backend_port = free_port()
         haproxy_backend(self, backend_port)
         yield wait_for_port(backend_port)
-        path = cluster.paths["node1"]
-        with open(path) as f:
-            text = f.read()
-        backend = [line for line in text.splitlines()
-                   if line.startswith("backend = ")]
-        self.assertEqual(len(backend), 1)
-        listen = f'listen = "tcp:{cluster.ports["node1"]}:interface=127.0.0.1"'
-        with open(path, "w") as f:
-            f.write(text.replace(backend[0], f'backend = "tcp:host=127.0.0.1:'
-                                             f'port={backend_port}"')
-                    .replace(listen, f'listen = "haproxy:tcp:'
-                                     f'{cluster.ports["node1"]}:'
-                                     f'interface=127.0.0.1"'))
+        cluster = LocalCluster(
+            self, nodes=("node1",),
+            node_options=f'backend_proxy_protocol = "{version}"',
+            listen=HAPROXY_LISTEN,
+            backend_endpoint=f"tcp:host=127.0.0.1:port={backend_port}")
         yield cluster.start_all()
         answer = yield deferToThread(
             _request_behind_a_header, cluster.ports["node1"], cluster.ca_cert,

@@ -111,15 +111,8 @@ class NodeNotificationsTests(TestCase):
         C{LISTEN_FDNAMES}, C{LISTEN_PID} its own pid, as systemd sets
         them), so a restart that keeps the socket refuses no client.
         """
-        cluster = LocalCluster(self, nodes=("node1",))
-        path = cluster.paths["node1"]
-        with open(path) as f:
-            text = f.read()
-        listen = f'listen = "tcp:{cluster.ports["node1"]}:interface=127.0.0.1"'
-        self.assertIn(listen, text)
-        with open(path, "w") as f:
-            f.write(text.replace(listen,
-                                 'listen = "systemd:domain=INET:index=0"'))
+        cluster = LocalCluster(self, nodes=("node1",),
+                               listen="systemd:domain=INET:index=0")
         inherited = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(inherited.close)
         inherited.bind(("127.0.0.1", cluster.ports["node1"]))

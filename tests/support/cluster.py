@@ -110,6 +110,12 @@ C{[node]} table.  Also used by C{benchmarks/checkpoint.py}.
 """
 
 
+# The lines of NODE_CONFIG that LocalCluster's listen and backend_endpoint
+# replace.
+_LISTEN = 'listen = "tcp:{port}:interface=127.0.0.1"'
+_BACKEND = 'backend = "tcp:host=127.0.0.1:port={port}"'
+
+
 class LocalCluster:
     """
     A cluster of nodes of the test's own: a PKI made by
@@ -122,7 +128,7 @@ class LocalCluster:
     def __init__(self, testcase, nodes=("node1", "node2", "node3"),
                  budget_ms=300, backend=OneShotEcho, repository=None,
                  metrics=False, node_options="", peers=True,
-                 cluster_options=""):
+                 cluster_options="", listen=None, backend_endpoint=None):
         """
         @param backend: the backend's protocol class, or its factory.
         @param peers: every node is a peer of every other; C{False}: none
@@ -130,6 +136,10 @@ class LocalCluster:
             peers in DNS).
         @param cluster_options: more lines of each node's C{[cluster]}
             table; C{{node}} in them names the node.
+        @param listen: the client listen endpoint instead of C{tcp:} on
+            127.0.0.1; C{{port}} in it is the node's port (C{ports}).
+        @param backend_endpoint: the backend's client endpoint string, for
+            a backend the test runs itself (C{backend} is then unused).
         @param repository: the body of a C{[repository]} section, or
             C{None}; C{{directory}} in it names the cluster's directory.
         @param metrics: serve each node's metrics on a free port of its
@@ -162,17 +172,28 @@ class LocalCluster:
                 options += (f'\nmetrics_listen = '
                             f'"tcp:{self.metrics_ports[node]}:'
                             f'interface=127.0.0.1"')
+            text = NODE_CONFIG.format(
+                node=node, cluster="test", client_port=self.ports[node],
+                backend_port=backend.getHost().port,
+                state_dir=f"state/{node}", node_options=options,
+                amp_port=amp_ports[node], peers=named)
+            replaced = [("\n[cluster.peers]\n",
+                         cluster_options.format(node=node)
+                         + "\n[cluster.peers]\n")]
+            if listen is not None:
+                replaced.append((_LISTEN.format(port=self.ports[node]),
+                                 f'listen = "{listen}"'.format(
+                                     port=self.ports[node])))
+            if backend_endpoint is not None:
+                replaced.append((_BACKEND.format(port=backend.getHost().port),
+                                 f'backend = "{backend_endpoint}"'))
+            for line, replacement in replaced:
+                if line not in text:
+                    raise AssertionError(f"NODE_CONFIG has no {line!r}")
+                text = text.replace(line, replacement)
             path = os.path.join(self.directory, f"{node}.toml")
             with open(path, "w") as f:
-                f.write(NODE_CONFIG.format(
-                    node=node, cluster="test", client_port=self.ports[node],
-                    backend_port=backend.getHost().port,
-                    state_dir=f"state/{node}",
-                    node_options=options,
-                    amp_port=amp_ports[node], peers=named).replace(
-                        "\n[cluster.peers]\n",
-                        cluster_options.format(node=node)
-                        + "\n[cluster.peers]\n"))
+                f.write(text)
                 if repository is not None:
                     f.write("\n[repository]\n"
                             + repository.format(directory=self.directory))
