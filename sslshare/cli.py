@@ -84,6 +84,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="print one JSON object")
     stats.set_defaults(run=_stats)
 
+    config_command = commands.add_parser(
+        "config", help="node configuration files")
+    config_commands = config_command.add_subparsers(metavar="ACTION")
+    check = config_commands.add_parser(
+        "check", help="read a node's configuration file and every file it "
+        "names, as the node's start would, without starting one")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(run=_config_check)
+
     digest = commands.add_parser(
         "digest", help="audit a session's running digest of records")
     digest_commands = digest.add_subparsers(metavar="ACTION")
@@ -183,6 +192,20 @@ def _pki_init(arguments: argparse.Namespace) -> None:
         print(f"  node {node.node_id:<12} {node.certificate}, {node.key}")
     print(f"  server chain, key {files.server_chain}, {files.server_key}")
     print(f"  state key         {files.state_key}")
+
+
+def _config_check(arguments: argparse.Namespace) -> None:
+    from twisted.internet import reactor
+
+    from sslshare import service, tls
+    from sslshare.repository import RepositoryError
+
+    try:
+        node_config = service.check(arguments.file, reactor)
+    except (tls.TLSConfigurationError, RepositoryError) as e:
+        raise CommandError(str(e)) from None
+    print(f"{node_config.path}: node {node_config.node_id} of cluster "
+          f"{node_config.cluster_name}: ok")
 
 
 def _key_new(arguments: argparse.Namespace) -> None:

@@ -121,7 +121,7 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
         ask_peers=node_config.topology != "repository")
     node = Node(store, placement, recovery, reactor,
                 _node_settings(node_config))
-    node.context = _server_context(node_config, services, node)
+    node.context = _server_context(node_config, services, node.new_session)
     proxy = BackendProxyFactory(node.handshake_done, reactor,
                                 _proxy_settings(node_config, reactor),
                                 node.backend_failed, node.counters)
@@ -319,15 +319,17 @@ def _channel(node_config: config.NodeConfig) -> cluster.ClusterTLS:
 
 def _server_context(node_config: config.NodeConfig,
                     services: list[tls.VirtualService],
-                    node: Node) -> tls.ServerContext:
+                    on_new_session: Callable[[tls.Connection, bytes, bytes],
+                                             None]) -> tls.ServerContext:
     """
-    The client-facing engine.  Its session id contexts come from the
-    cluster and service names only, so a context built again (a reload)
-    resumes every session the previous one made.
+    The client-facing engine, telling C{on_new_session} (the node's) of
+    each session it makes.  Its session id contexts come from the cluster
+    and service names only, so a context built again (a reload) resumes
+    every session the previous one made.
     """
     return tls.ServerContext(
         services, sessionid.owner_tag(node_config.cluster_name, node_config.node_id),
-        on_new_session=node.new_session,
+        on_new_session=on_new_session,
         alpn=node_config.tls.alpn,
         alpn_mismatch=node_config.tls.alpn_mismatch,
         tls12_ciphers=node_config.tls.tls12_ciphers,
@@ -524,7 +526,7 @@ class NodeService(MultiService):
             new, changed = _keep_fixed(self.config, loaded)
             keys = StateKeys.from_file(new.cluster.state_key)
             services = _virtual_services(new)
-            context = _server_context(new, services, self.node)
+            context = _server_context(new, services, self.node.new_session)
             channel = _channel(new)
         except (config.ConfigError, tls.TLSConfigurationError,
                 FileError) as e:
@@ -712,6 +714,33 @@ def _twistd_log_file(node_config: config.NodeConfig,
             raise SystemExit(f"{where}: a daemon cannot log to stdout")
         return sys.stdout
     return LogFile.fromFullPath(path or "twistd.log")
+
+
+def check(path: str, reactor: Any) -> config.NodeConfig:
+    """
+    Everything a node's start would read of the file at C{path}, without
+    starting one: the file itself, the state key file, every certificate
+    and key (client-facing and the cluster's), the repository's driver and
+    password file.  Nothing is written, no socket is opened.
+
+    @raise config.ConfigError: the file, with the key and the reason.
+    @raise tls.TLSConfigurationError: a certificate or key is unusable.
+    @raise FileError: another file is unusable.
+    @raise RepositoryError: the repository's driver or password file.
+    """
+    node_config = config.load(path, reactor)
+    StateKeys.from_file(node_config.cluster.state_key)
+
+    def made_by_a_check(connection: tls.Connection, session_id: bytes,
+                        der: bytes) -> None:
+        raise AssertionError("a checked context made a session")
+
+    _server_context(node_config, _virtual_services(node_config),
+                    made_by_a_check)
+    _channel(node_config)
+    if node_config.repository is not None:
+        from_config(node_config.repository, reactor, node_config.state_dir)
+    return node_config
 
 
 def makeService(options: Options) -> IService:

@@ -467,6 +467,30 @@ class OperatorToolTests(TestCase):
         self.assertIn("full", [line.split()[0] for line in lines[1:]])
 
     @inlineCallbacks
+    def test_config_check_reads_every_file_without_starting_a_node(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        state_dir = os.path.join(cluster.directory, "state", "node1")
+        output, error, code = yield self._sslshare(
+            "config", "check", cluster.paths["node1"])
+        self.assertEqual((code, output.decode()),
+                         (0, f"{cluster.paths['node1']}: node node1 of "
+                             f"cluster test: ok\n"), error.decode())
+        # Nothing written: the state directory is the node's to make.
+        self.assertFalse(os.path.exists(state_dir))
+
+    @inlineCallbacks
+    def test_config_check_names_the_file_that_is_wrong_in_one_line(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        state_key = os.path.join(cluster.directory, "pki", "state.key")
+        with open(state_key, "w") as f:
+            f.write("not a key\n")
+        output, error, code = yield self._sslshare(
+            "config", "check", cluster.paths["node1"])
+        lines = error.decode().strip().splitlines()
+        self.assertEqual((code, output, len(lines)), (2, b"", 1), lines)
+        self.assertIn(state_key, lines[0])
+
+    @inlineCallbacks
     def test_version(self):
         from sslshare import __version__
 
