@@ -524,10 +524,8 @@ class NodeService(MultiService):
         try:
             loaded = config.load(self.config.path, self._reactor)
             new, changed = _keep_fixed(self.config, loaded)
-            keys = StateKeys.from_file(new.cluster.state_key)
-            services = _virtual_services(new)
-            context = _server_context(new, services, self.node.new_session)
-            channel = _channel(new)
+            keys, services, context, channel = _readied(
+                new, self.node.new_session)
         except (config.ConfigError, tls.TLSConfigurationError,
                 FileError) as e:
             counters["reload_failures"] += 1
@@ -716,6 +714,24 @@ def _twistd_log_file(node_config: config.NodeConfig,
     return LogFile.fromFullPath(path or "twistd.log")
 
 
+def _readied(node_config: config.NodeConfig,
+             on_new_session: Callable[[tls.Connection, bytes, bytes], None],
+             ) -> tuple[StateKeys, list[tls.VirtualService], tls.ServerContext,
+                        cluster.ClusterTLS]:
+    """
+    What a configuration puts in force that reads files: the state keys,
+    the virtual services, the client-facing context and the cluster's
+    channel; what a reload applies, and what C{check} reads.
+
+    @raise tls.TLSConfigurationError: a certificate or key is unusable.
+    @raise FileError: the state key file or a node certificate or key.
+    """
+    keys = StateKeys.from_file(node_config.cluster.state_key)
+    services = _virtual_services(node_config)
+    context = _server_context(node_config, services, on_new_session)
+    return keys, services, context, _channel(node_config)
+
+
 def check(path: str, reactor: Any) -> config.NodeConfig:
     """
     Everything a node's start would read of the file at C{path}, without
@@ -729,15 +745,12 @@ def check(path: str, reactor: Any) -> config.NodeConfig:
     @raise RepositoryError: the repository's driver or password file.
     """
     node_config = config.load(path, reactor)
-    StateKeys.from_file(node_config.cluster.state_key)
 
     def made_by_a_check(connection: tls.Connection, session_id: bytes,
                         der: bytes) -> None:
         raise AssertionError("a checked context made a session")
 
-    _server_context(node_config, _virtual_services(node_config),
-                    made_by_a_check)
-    _channel(node_config)
+    _readied(node_config, made_by_a_check)
     if node_config.repository is not None:
         from_config(node_config.repository, reactor, node_config.state_dir)
     return node_config
