@@ -518,21 +518,24 @@ def start_haproxy_tls(processes: Processes, directory: str, name: str,
     return port, process
 
 
-def start_twisted_tls(processes: Processes, directory: str, name: str,
-                      backend_port: int, certificate: str, key: str
-                      ) -> tuple[int, subprocess.Popen]:
+def start_python_tls(processes: Processes, directory: str, name: str,
+                     backend_port: int, certificate: str, key: str,
+                     module: str = "benchmarks.twisted_tls"
+                     ) -> tuple[int, subprocess.Popen]:
     """
-    L{benchmarks.twisted_tls}: stock Twisted's TLS and port forwarder,
-    terminating TLS with C{certificate} (a chain) and C{key}, OpenSSL's
-    session cache on and tickets off, passing the plaintext to
-    C{backend_port}; its port and process.
+    A reference proxy written in Python, C{python -m module PORT
+    BACKEND_PORT CHAIN KEY}: L{benchmarks.twisted_tls} (stock Twisted's
+    TLS and port forwarder) or L{benchmarks.owned_tls} (OpenSSL reading
+    and writing the client's socket), terminating TLS with C{certificate}
+    (a chain) and C{key}, OpenSSL's session cache on and tickets off,
+    passing the plaintext to C{backend_port}; its port and process.
     """
     prefix = os.path.join(directory, name)
     os.makedirs(prefix, exist_ok=True)
     port = free_port()
     process = processes.start(
-        name, [sys.executable, "-m", "benchmarks.twisted_tls", str(port),
-               str(backend_port), certificate, key],
+        name, [sys.executable, "-m", module, str(port), str(backend_port),
+               certificate, key],
         os.path.join(prefix, "stderr.log"))
     processes.wait_for_port(process, port)
     return port, process

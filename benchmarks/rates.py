@@ -30,7 +30,11 @@ fixed time, and the servers' CPU seconds read before and after:
     - C{twisted_full}, C{twisted_resumed}: stock Twisted's TLS and port
       forwarder in one process (L{benchmarks.twisted_tls}), OpenSSL's
       session cache: what a server on Twisted's TLS transport costs before
-      it does anything of its own.
+      it does anything of its own;
+    - C{owned_full}, C{owned_resumed}: the same proxy with OpenSSL
+      reading and writing the client's socket itself
+      (L{benchmarks.owned_tls}): what a server on Twisted's reactor would
+      cost if its TLS record path left Python.
 
 In a cluster a node also sends each new session's backup copy and its
 checkpoints to its backup node; the server CPU of a cluster kind is that
@@ -53,6 +57,7 @@ of a peer fetch in its own process.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -109,11 +114,14 @@ KINDS: dict[str, Kind] = {
     "nginx_resumed": Kind("nginx", offer=True),
     "twisted_full": Kind("twisted", offer=False),
     "twisted_resumed": Kind("twisted", offer=True),
+    "owned_full": Kind("owned", offer=False),
+    "owned_resumed": Kind("owned", offer=True),
 }
 CLUSTER_KINDS = ("full", "local", "peer", "sqlite", "redis", "postgres")
 REFERENCE_KINDS = ("alone_full", "alone_resumed", "haproxy_full",
                    "haproxy_resumed", "nginx_full", "nginx_resumed",
-                   "twisted_full", "twisted_resumed")
+                   "twisted_full", "twisted_resumed", "owned_full",
+                   "owned_resumed")
 
 
 @attrs.frozen
@@ -307,7 +315,10 @@ def _start(name: str, directory: str, processes: deploy.Processes,
         return _Started((alone[0].port,), (alone[0].process,), alone)
     start_reference = {"haproxy": deploy.start_haproxy_tls,
                        "nginx": deploy.start_nginx_stream,
-                       "twisted": deploy.start_twisted_tls}[name]
+                       "twisted": deploy.start_python_tls,
+                       "owned": functools.partial(
+                           deploy.start_python_tls,
+                           module="benchmarks.owned_tls")}[name]
     port, process = start_reference(
         processes, directory, f"{name}-tls", backend_port,
         os.path.join(pki, "localhost-chain.pem"),
@@ -325,6 +336,8 @@ DEPLOYMENTS = {
     "haproxy": "HAProxy, one thread, mode tcp, ssl crt (P-256)",
     "nginx": "nginx, one worker, stream ssl (P-256)",
     "twisted": "stock Twisted: listenSSL and portforward, one process (P-256)",
+    "owned": "Twisted's reactor, OpenSSL reading and writing the client's "
+             "socket, one process (P-256)",
 }
 
 
@@ -446,12 +459,14 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             mine["cluster_overhead_us"] = (kinds["local"][cpu]
                                            - kinds["alone_resumed"][cpu])
         for name in ("full", "resumed"):
-            for reference in ("haproxy", "nginx", "twisted"):
+            for reference in ("haproxy", "nginx", "twisted", "owned"):
                 mine.update(_ratio(kinds, f"alone_{name}",
                                    f"{reference}_{name}", cpu))
-            # The floor of a server built on Twisted's TLS transport.
-            mine.update(_ratio(kinds, f"twisted_{name}", f"haproxy_{name}",
-                               cpu))
+            # The floor of a server built on Twisted's TLS transport, and
+            # of one whose record path leaves Python.
+            for floor in ("twisted", "owned"):
+                mine.update(_ratio(kinds, f"{floor}_{name}",
+                                   f"haproxy_{name}", cpu))
     return found
 
 

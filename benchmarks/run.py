@@ -31,7 +31,10 @@ The measurements, each made by the module named (whose docstring says how):
        sslshare node, one HAProxy thread (C{ssl crt}), one nginx
        C{stream} worker and stock Twisted's TLS with its port forwarder
        (L{benchmarks.twisted_tls}: the floor under any server on Twisted's
-       TLS transport) terminating TLS for the same backend, same
+       TLS transport), and the same proxy with OpenSSL reading and writing
+       the client's socket itself (L{benchmarks.owned_tls}: the floor if
+       the TLS record path left Python) terminating TLS for the same
+       backend, same
        certificate, same clients: server CPU per full and resumed
        connection, and the lone node over each; what the cluster adds per
        connection and what a peer fetch adds; the cluster commands (and
@@ -266,6 +269,9 @@ def results_json(command: str, facts: dict[str, Any], measured: dict[str, Any],
         "vs_twisted": vs_reference(measured["rates"]["ratios"], "twisted"),
         "twisted_vs_haproxy": vs_reference(measured["rates"]["ratios"],
                                            "haproxy", server="twisted"),
+        "vs_owned": vs_reference(measured["rates"]["ratios"], "owned"),
+        "owned_vs_haproxy": vs_reference(measured["rates"]["ratios"],
+                                         "haproxy", server="owned"),
         "checkpoint_ratio": measured["checkpoint"]["checkpoint_ratio"],
         "checkpoint_cpu_ratio": checkpoint_cpu_ratio(measured["checkpoint"]),
         "messages_per_connection": {
@@ -379,6 +385,8 @@ def headline(measured: dict[str, Any]) -> list[str]:
     haproxy = vs_reference(ratios, "haproxy")
     twisted = vs_reference(ratios, "haproxy", server="twisted")
     over_twisted = vs_reference(ratios, "twisted")
+    owned = vs_reference(ratios, "haproxy", server="owned")
+    over_owned = vs_reference(ratios, "owned")
     per_session = measured["memory"]["bytes_per_session"]
     worst_share = min(value for value in resumption["sslshare"].values()
                       if value is not None)
@@ -439,6 +447,13 @@ def headline(measured: dict[str, Any]) -> list[str]:
                    f"{over_twisted[v]['resumed']:.2f})"
                    for v, r in twisted.items()),
          "the floor under a server on Twisted's TLS transport: no goal"),
+        ("Twisted with OpenSSL owning the client socket / HAProxy, server "
+         "CPU per connection: full / resumed (lone node / that proxy)",
+         ", ".join(f"{v}: {r['full']:.2f} / {r['resumed']:.2f} ("
+                   f"{over_owned[v]['full']:.2f} / "
+                   f"{over_owned[v]['resumed']:.2f})"
+                   for v, r in owned.items()),
+         "the floor if the TLS record path left Python: no goal"),
         ("Lookup p50 / p99 ms: local, peer, sqlite, redis, postgres",
          ", ".join(f"{lookups[source]['p50']:.2f}/{lookups[source]['p99']:.2f}"
                    for source in lookups),

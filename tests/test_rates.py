@@ -10,7 +10,7 @@ from twisted.internet.threads import deferToThread
 from twisted.protocols import portforward
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from benchmarks import twisted_tls
+from benchmarks import owned_tls, twisted_tls
 from benchmarks.rates import lookup_means, median_round, ratios
 from tests.support.clients import python_client_round
 from tests.support.pki import pki
@@ -62,19 +62,32 @@ class RatiosTests(SynchronousTestCase):
             "twisted_resumed_vs_haproxy_resumed": 2.5})
 
 
-class TwistedReferenceTests(TestCase):
+class ReferenceServerTests(TestCase):
     """
-    L{benchmarks.twisted_tls}, over real sockets: a reference that resumed
-    no session would measure only full handshakes in its resumed kind.
+    The Python reference servers, over real sockets: a reference that
+    resumed no session would measure only full handshakes in its resumed
+    kind.
     """
 
-    @inlineCallbacks
-    def test_stock_python_clients_resume(self):
+    def _backend_port(self) -> int:
         backend = reactor.listenTCP(0, Factory.forProtocol(OneShotEcho),
                                     interface="127.0.0.1")
         self.addCleanup(backend.stopListening)
-        factory = portforward.ProxyFactory("127.0.0.1",
-                                           backend.getHost().port)
+        return backend.getHost().port
+
+    @inlineCallbacks
+    def _assert_resumes(self, port, files):
+        for version in ("TLSv1.2", "TLSv1.3"):
+            first = yield deferToThread(
+                python_client_round, port, files.ca_cert, version)
+            second = yield deferToThread(
+                python_client_round, port, files.ca_cert, version,
+                first.session)
+            self.assertEqual((first.echo, first.reused, second.reused),
+                             (b"hello", False, True), version)
+
+    def test_stock_twisted_resumes_python_clients(self):
+        factory = portforward.ProxyFactory("127.0.0.1", self._backend_port())
         factory.protocol = twisted_tls.ProxyServer
         files = pki()
         port = reactor.listenSSL(
@@ -82,12 +95,13 @@ class TwistedReferenceTests(TestCase):
                                                    files.ec_key),
             interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        for version in ("TLSv1.2", "TLSv1.3"):
-            first = yield deferToThread(
-                python_client_round, port.getHost().port, files.ca_cert,
-                version)
-            second = yield deferToThread(
-                python_client_round, port.getHost().port, files.ca_cert,
-                version, first.session)
-            self.assertEqual((first.echo, first.reused, second.reused),
-                             (b"hello", False, True), version)
+        return self._assert_resumes(port.getHost().port, files)
+
+    def test_openssl_owned_sockets_resume_python_clients(self):
+        files = pki()
+        context = twisted_tls.ContextFactory(files.ec_chain,
+                                             files.ec_key).getContext()
+        listener = owned_tls.Listener(reactor, reactor, 0, context,
+                                      self._backend_port())
+        self.addCleanup(listener.stop)
+        return self._assert_resumes(listener.port, files)
