@@ -128,6 +128,7 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
     clients = SessionResumingTLSFactory(
         node.context, node.lookup, proxy, node.counters,
         node_config.max_connections)
+    node.open_connections = lambda: len(clients.protocols)
     amp = None
     if cluster_config.listen is not None:
         amp = placement.peer_server = cluster.PeerServerFactory(
@@ -455,7 +456,7 @@ class NodeService(MultiService):
         """
         The client connections this node has open now.
         """
-        return len(self._clients.protocols)
+        return self.node.open_connections()
 
     def adopt_peers(self, peers: Sequence[tuple[str, str]]) -> None:
         """

@@ -96,6 +96,10 @@ MAX_INPUT_WHILE_PAUSED = 64 * 1024
 # node that made it allows more).
 SESSION_REFUSALS = ("bad_der", "wrong_session", "context_mismatch",
                     "version_mismatch", "expired", "cipher_not_allowed")
+COUNTERS = ("full", "resumed", "lookups", "lookup_misses", *SESSION_REFUSALS,
+            "not_resumed", "foreign_session_id", "malformed_psk")
+"""Every counter of L{ServerContext.counters} but the C{failed:<reason>}
+ones: the stats show each, zero included."""
 
 # TLS extension numbers (RFC 6066, RFC 8446).
 _EXTENSION_SERVER_NAME = 0
@@ -240,7 +244,7 @@ class ServerContext:
         self.alpn = tuple(alpn)
         self.alpn_mismatch = alpn_mismatch
         self.session_lifetime = session_lifetime
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self._services: list[tuple[VirtualService, _openssl.NativeContext]] = []
         self._by_name: dict[str, int] = {}
         seen_services = set()

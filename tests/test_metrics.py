@@ -349,30 +349,107 @@ class BuildAndProcessTests(TestCase):
 
 class EveryCounterTests(SynchronousTestCase):
     """
-    The counters the node, its recovery chain and its store keep are
-    listed (their C{COUNTERS}), so that the stats and the metrics page show
-    each from the start, zero included.
+    The counters the node, its engine, recovery chain, store, checkpoint
+    pipelines, peer channel and DNS discovery keep are listed (their
+    C{COUNTERS}), so that the stats and the metrics page show each from the
+    start, zero included.
     """
 
     def test_every_counter_the_code_counts_is_listed(self):
         import re
 
-        from sslshare import node, recovery, store
+        from sslshare import digest, node, recovery, store, tls
+        from sslshare.cluster import _discovery, _server
 
-        for module in (node, recovery, store):
+        # Counters named as a literal; the labelled ones (failed:<reason>)
+        # are built with an f-string.
+        for module, counting in (
+                (node, r'self\.counters\["(\w+)"\]'),
+                (recovery, r'self\.counters\["(\w+)"\]'),
+                (store, r'self\.counters\["(\w+)"\]'),
+                (digest, r'self\.counters\["(\w+)"\]'),
+                (_discovery, r'self\.counters\["(\w+)"\]'),
+                (tls, r'counters\[\s*"(\w+)"\]'),
+                (_server, r'counters\[\s*"(\w+)"\]')):
             with open(module.__file__) as f:
-                counted = set(re.findall(r'self\.counters\["(\w+)"\]',
-                                         f.read()))
+                counted = set(re.findall(counting, f.read()))
+            self.assertTrue(counted, module.__name__)
             self.assertEqual(sorted(counted - set(module.COUNTERS)), [],
                              module.__name__)
 
     def test_a_fresh_node_shows_every_counter_at_zero(self):
-        from sslshare import node, recovery, store
+        from sslshare import digest, node, recovery, store
         from tests.support.memory import MemoryCluster
 
         stats = MemoryCluster()["node1"].stats()
         for module, prefix in ((node, ""), (recovery, "recovery."),
-                               (store, "store.")):
+                               (store, "store."), (digest, "checkpoint.")):
             for name in module.COUNTERS:
                 self.assertEqual(stats.get(prefix + name), 0,
                                  prefix + name)
+
+
+class StatsOnThePageTests(TestCase):
+    """
+    The metrics page of a real node carries every number C{sslshare stats}
+    shows, each once and with the same value, and nothing else of
+    sslshare's but the build.
+    """
+
+    def _assert_page_is_stats(self, samples, stats):
+        from sslshare.metrics import sample_of
+
+        expected = {}
+        for stat, value in stats.items():
+            sample = sample_of(stat)
+            expected.setdefault(sample.name, {})[
+                frozenset(sample.labels)] = value
+        shown = {name: values for name, values in samples.items()
+                 if name.startswith("sslshare_")
+                 and name != "sslshare_build_info"
+                 and not name.endswith("_bucket")}
+        self.assertEqual(sorted(set(shown) - set(expected)), [],
+                         "on the page, not in the stats")
+        self.assertEqual(sorted(set(expected) - set(shown)), [],
+                         "in the stats, not on the page")
+        for name, values in expected.items():
+            self.assertEqual(shown[name], values, name)
+
+    @inlineCallbacks
+    def test_every_stat_is_on_the_page_and_nothing_else(self):
+        cluster = LocalCluster(
+            self, nodes=("node1", "node2"), metrics=True,
+            repository='kind = "sqlite"\npath = "{directory}/s.sqlite3"\n')
+        yield cluster.start_all()
+        first = yield cluster.client_round("node1", "TLSv1.2")
+        resumed = yield cluster.client_round("node2", "TLSv1.2", first.session)
+        self.assertTrue(resumed.reused)
+        yield cluster.settled()
+        for node in ("node1", "node2"):
+            stats = yield _stats(cluster, node)
+            for name in ("reloads", "reload_failures", "recovery.lookups_shed",
+                         "recovery.unsealable", "backend_failures",
+                         "cluster.refused_nodes", "engine.lookups",
+                         "engine.malformed_psk", "cluster.commands:Stats",
+                         "checkpoint.pauses_cut", "repository.puts",
+                         "connections_open", "received_bytes", "sent_bytes"):
+                self.assertIn(name, stats, node)
+            self.assertGreater(stats["received_bytes"], 0, node)
+            self.assertGreater(stats["sent_bytes"], 0, node)
+            samples = yield _scrape(cluster, node)
+            self._assert_page_is_stats(samples, stats)
+        self.assertEqual(samples["sslshare_reloads_total"][frozenset()], 0)
+        self.assertEqual(samples["sslshare_handshakes_total"][
+            frozenset({("outcome", "resumed_peer")})], 1)
+
+    @inlineCallbacks
+    def test_open_client_connections(self):
+        cluster = LocalCluster(self, nodes=("node1",), metrics=True)
+        yield cluster.start_all()
+        samples = yield _scrape(cluster, "node1")
+        self.assertEqual(samples["sslshare_connections_open"][frozenset()], 0)
+        held = socket.create_connection(("127.0.0.1", cluster.ports["node1"]))
+        self.addCleanup(held.close)
+        yield until(lambda: cluster.services["node1"].open_connections == 1)
+        samples = yield _scrape(cluster, "node1")
+        self.assertEqual(samples["sslshare_connections_open"][frozenset()], 1)
