@@ -4,6 +4,8 @@ The C{sslshare} command: operator tools around a cluster.
     sslshare pki init DIR --cluster NAME --nodes node1,node2,node3
     sslshare key new
     sslshare stats --config FILE [--node NODE] [--json]
+    sslshare config check FILE
+    sslshare config example
     sslshare digest verify TRANSCRIPT ... (see --help)
     sslshare demo [--json] [--clients N] [--rounds N]
                   [--repository sqlite|redis|postgres]
@@ -90,8 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser(
         "check", help="read a node's configuration file and every file it "
         "names, as the node's start would, without starting one")
-    check.add_argument("file", metavar="FILE")
+    check.add_argument("file", metavar="FILE",
+                       help="the node's TOML file")
     check.set_defaults(run=_config_check)
+    example = config_commands.add_parser(
+        "example", help="print a node's configuration with every key "
+        "explained (node1 of the demo cluster), to start a file from")
+    example.set_defaults(run=_config_example)
 
     digest = commands.add_parser(
         "digest", help="audit a session's running digest of records")
@@ -136,8 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--directory", default="demo",
                       help="where the demo keeps its PKI, state and logs "
                       "(default ./demo)")
-    demo.add_argument("--conf", default="conf",
-                      help="directory of node1.toml..node3.toml (default ./conf)")
+    demo.add_argument("--conf", metavar="DIR",
+                      help="directory of node1.toml..node3.toml (default: "
+                      "the examples installed with sslshare, written into "
+                      "DIRECTORY/conf at each run; with --repository, its "
+                      "files are copied there too, and their relative "
+                      "paths taken from there)")
     demo.add_argument("--repository", choices=("sqlite", "redis", "postgres"),
                       help="share sessions through a central repository of "
                       "this kind instead of asking peers (redis and postgres: "
@@ -206,6 +217,12 @@ def _config_check(arguments: argparse.Namespace) -> None:
         raise CommandError(str(e)) from None
     print(f"{node_config.path}: node {node_config.node_id} of cluster "
           f"{node_config.cluster_name}: ok")
+
+
+def _config_example(arguments: argparse.Namespace) -> None:
+    from sslshare import examples
+
+    sys.stdout.write(examples.text("example.toml"))
 
 
 def _key_new(arguments: argparse.Namespace) -> None:

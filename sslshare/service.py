@@ -68,7 +68,8 @@ class Options(usage.Options):
     synopsis = "--config FILE"
     longdesc = ("Run one sslshare node: a TLS server that shares its "
                 "sessions with the other nodes of its cluster.  Everything "
-                "the node needs is in the TOML file (see conf/example.toml).")
+                "the node needs is in the TOML file (`sslshare config example` "
+                "prints one with every key explained).")
     optParameters = [
         ["config", "c", None, "The node's TOML configuration file."],
     ]
