@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     init = pki_commands.add_parser(
         "init", help="write a CA, node certificates, a server certificate "
         "and a state key into DIR")
-    init.add_argument("directory", metavar="DIR")
+    init.add_argument("directory", metavar="DIR",
+                      help="where to write the files (made if missing)")
     init.add_argument("--cluster", required=True, help="the cluster's name")
     init.add_argument("--nodes", required=True,
                       help="comma-separated node ids, e.g. node1,node2,node3")
@@ -79,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser(
         "stats", help="print a node's counters, asked over the cluster "
         "channel with the node's own certificate")
-    stats.add_argument("--config", required=True, metavar="FILE")
+    stats.add_argument("--config", required=True, metavar="FILE",
+                       help="the TOML file of a node of the cluster, whose "
+                       "certificate asks")
     stats.add_argument("--node", help="ask this peer instead of the node "
                        "of the configuration file")
     stats.add_argument("--json", action="store_true",

@@ -1223,6 +1223,23 @@ class ShippedConfigTests(TestCase):
                 for peer in DEMO_NODES if peer != node_id)
             self.assertEqual(node.cluster.peers, expected)
 
+    def test_demo_writes_the_installed_node_files_beside_its_pki(self):
+        from sslshare import examples
+        from sslshare.dev import demo
+
+        directory = os.path.join(self.root, "elsewhere")
+        pki.init_pki(os.path.join(directory, "pki"), "demo", DEMO_NODES)
+        conf = demo._node_files(directory, None, None)
+        for node_id in DEMO_NODES:
+            path = os.path.join(conf, f"{node_id}.toml")
+            with open(path, encoding="utf-8") as f:
+                self.assertEqual(f.read(), examples.text(f"{node_id}.toml"))
+            node = config.load(path)
+            self.assertEqual(node.cluster.ca,
+                             os.path.join(directory, "pki", "ca.pem"))
+            self.assertEqual(node.state_dir,
+                             os.path.join(directory, "state", node_id))
+
     def test_example_loads(self):
         example = self.load("example.toml")
         node1 = self.load("node1.toml")

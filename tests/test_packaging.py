@@ -166,3 +166,13 @@ class WheelTests(TestCase):
                   encoding="utf-8") as f:
             self.assertEqual(self.assertRuns("sslshare", "config", "example"),
                              f.read())
+
+    def test_twistd_sslshare_without_config_prints_its_usage(self):
+        result = self.installed.run(
+            "python", "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "sslshare")
+        output = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0, output)
+        self.assertIn("Usage: ", output)
+        self.assertIn("--config FILE is required", output)
+        self.assertNotIn("Traceback", output)
