@@ -2,6 +2,7 @@
 The C{sslshare} command: operator tools around a cluster.
 
     sslshare pki init DIR --cluster NAME --nodes node1,node2,node3
+    sslshare pki add-node DIR NAME [--cluster NAME]
     sslshare key new
     sslshare stats --config FILE [--node NODE] [--json]
     sslshare config check FILE
@@ -65,10 +66,20 @@ def _parser() -> argparse.ArgumentParser:
                       help="comma-separated node ids, e.g. node1,node2,node3")
     init.add_argument("--server-name", action="append", dest="server_names",
                       help="a name the server certificate answers for "
-                      "(repeatable; default: localhost)")
+                      "(repeatable; default: localhost); its files are named "
+                      "after the first: NAME-chain.pem, NAME-key.pem")
     init.add_argument("--force", action="store_true",
                       help="overwrite files that exist")
     init.set_defaults(run=_pki_init)
+    add_node = pki_commands.add_parser(
+        "add-node", help="issue a certificate for one more node from the CA "
+        "that pki init wrote into DIR")
+    add_node.add_argument("directory", metavar="DIR",
+                          help="the directory pki init wrote")
+    add_node.add_argument("node", metavar="NAME", help="the new node's id")
+    add_node.add_argument("--cluster", help="the cluster's name (default: "
+                          "the one the CA was made for)")
+    add_node.set_defaults(run=_pki_add_node)
 
     key = commands.add_parser("key", help="cluster state keys")
     key_commands = key.add_subparsers(metavar="ACTION")
@@ -206,6 +217,11 @@ def _pki_init(arguments: argparse.Namespace) -> None:
         print(f"  node {node.node_id:<12} {node.certificate}, {node.key}")
     print(f"  server chain, key {files.server_chain}, {files.server_key}")
     print(f"  state key         {files.state_key}")
+
+
+def _pki_add_node(arguments: argparse.Namespace) -> None:
+    node = pki.add_node(arguments.directory, arguments.cluster, arguments.node)
+    print(f"wrote node {node.node_id}: {node.certificate}, {node.key}")
 
 
 def _config_check(arguments: argparse.Namespace) -> None:
