@@ -7,7 +7,9 @@ over the cluster channel: the two views agree, and move by what happened.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -18,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from sslshare import config, tools
 from sslshare.cluster import ClusterTLS, PeerLink, PeerUnavailable
 from sslshare.dev import pki
+from sslshare.dev.throwaway import free_port
 from sslshare.recovery import LOOKUP_SOURCES
 from sslshare.state import StateKeys
 from sslshare.tls import SESSION_REFUSALS
@@ -25,6 +28,7 @@ from tests.support.clients import connect_without_certificate
 from tests.support.cluster import LocalCluster
 from tests.support.databases import throwaway_server
 from tests.support.metrics import probe, scrape_metrics
+from tests.support.servers import haproxy
 from tests.support.waiting import until
 
 
@@ -281,6 +285,53 @@ class MetricsPageTests(TestCase):
                 ("127.0.0.1", cluster.metrics_ports["node1"])), 0)
 
 
+HAPROXY_HEALTH_CHECKS = """\
+global
+    maxconn 64
+    stats socket {stats} level admin
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10s
+    timeout server 10s
+frontend tls
+    bind 127.0.0.1:{port}
+    default_backend sslshare
+backend sslshare
+    balance roundrobin
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server inter 200ms fall 1 rise 1
+    server node1 127.0.0.1:{node_port} check port {metrics_port}
+"""
+
+
+def _haproxy_status(stats, server):
+    """
+    The status (C{UP}, C{DOWN}, ...) HAProxy's stats socket C{stats} gives
+    C{server} of the backend, or C{None} while it does not answer.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX) as control:
+            control.settimeout(5)
+            control.connect(stats)
+            control.sendall(b"show stat\n")
+            answer = b""
+            while chunk := control.recv(65536):
+                answer += chunk
+    except OSError:
+        return None
+    lines = answer.decode().splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return None
+    columns = lines[0][2:].split(",")
+    for line in lines[1:]:
+        row = dict(zip(columns, line.split(",")))
+        if row.get("pxname") == "sslshare" and row.get("svname") == server:
+            return row["status"].split()[0]
+    return None
+
+
 class ProbeTests(TestCase):
     """
     C{/healthz} and C{/readyz} on the metrics listener, fetched with
@@ -318,6 +369,32 @@ class ProbeTests(TestCase):
         server.start()
         yield until(lambda: Deferred.fromCoroutine(probe(port, "/readyz"))
                     .addCallback(lambda answer: answer[0] == 200))
+
+    @inlineCallbacks
+    def test_haproxy_takes_a_node_out_while_it_is_not_ready(self):
+        # README's load balancer: HAProxy in TCP mode, checking /readyz
+        # on the metrics port of each node.
+        server = throwaway_server(self, "redis").start()
+        cluster = LocalCluster(
+            self, nodes=("node1",), metrics=True,
+            repository=f'topology = "repository"\nkind = "redis"\n'
+                       f'url = "{server.url}"\n')
+        yield cluster.start_all()
+        # Short: a unix socket's path is at most 107 bytes.
+        directory = tempfile.mkdtemp(prefix="haproxy-")
+        self.addCleanup(shutil.rmtree, directory)
+        stats = os.path.join(directory, "stats")
+        haproxy(self, HAPROXY_HEALTH_CHECKS.format(
+            stats=stats, port=free_port(), node_port=cluster.ports["node1"],
+            metrics_port=cluster.metrics_ports["node1"]))
+        yield until(lambda: deferToThread(_haproxy_status, stats, "node1")
+                    .addCallback(lambda status: status == "UP"))
+        server.stop()
+        yield until(lambda: deferToThread(_haproxy_status, stats, "node1")
+                    .addCallback(lambda status: status == "DOWN"))
+        server.start()
+        yield until(lambda: deferToThread(_haproxy_status, stats, "node1")
+                    .addCallback(lambda status: status == "UP"))
 
     @inlineCallbacks
     def test_not_ready_once_stopping(self):
