@@ -349,13 +349,22 @@ class ProbeTests(TestCase):
                          (200, "ready\n"))
 
     @inlineCallbacks
-    def test_not_ready_while_the_repository_does_not_answer(self):
+    def _node_of_a_redis_repository(self):
+        """
+        A started node of the repository topology with a Redis server of
+        its own: fires with both.
+        """
         server = throwaway_server(self, "redis").start()
         cluster = LocalCluster(
             self, nodes=("node1",), metrics=True,
             repository=f'topology = "repository"\nkind = "redis"\n'
                        f'url = "{server.url}"\n')
         yield cluster.start_all()
+        return server, cluster
+
+    @inlineCallbacks
+    def test_not_ready_while_the_repository_does_not_answer(self):
+        server, cluster = yield self._node_of_a_redis_repository()
         port = cluster.metrics_ports["node1"]
         self.assertEqual(
             (yield Deferred.fromCoroutine(probe(port, "/readyz")))[0], 200)
@@ -374,12 +383,7 @@ class ProbeTests(TestCase):
     def test_haproxy_takes_a_node_out_while_it_is_not_ready(self):
         # README's load balancer: HAProxy in TCP mode, checking /readyz
         # on the metrics port of each node.
-        server = throwaway_server(self, "redis").start()
-        cluster = LocalCluster(
-            self, nodes=("node1",), metrics=True,
-            repository=f'topology = "repository"\nkind = "redis"\n'
-                       f'url = "{server.url}"\n')
-        yield cluster.start_all()
+        server, cluster = yield self._node_of_a_redis_repository()
         # Short: a unix socket's path is at most 107 bytes.
         directory = tempfile.mkdtemp(prefix="haproxy-")
         self.addCleanup(shutil.rmtree, directory)
@@ -387,14 +391,17 @@ class ProbeTests(TestCase):
         haproxy(self, HAPROXY_HEALTH_CHECKS.format(
             stats=stats, port=free_port(), node_port=cluster.ports["node1"],
             metrics_port=cluster.metrics_ports["node1"]))
-        yield until(lambda: deferToThread(_haproxy_status, stats, "node1")
-                    .addCallback(lambda status: status == "UP"))
+
+        def status_becomes(status):
+            return until(lambda: deferToThread(_haproxy_status, stats, "node1")
+                         .addCallback(lambda now: now == status),
+                         message=f"HAProxy never saw node1 {status}")
+
+        yield status_becomes("UP")
         server.stop()
-        yield until(lambda: deferToThread(_haproxy_status, stats, "node1")
-                    .addCallback(lambda status: status == "DOWN"))
+        yield status_becomes("DOWN")
         server.start()
-        yield until(lambda: deferToThread(_haproxy_status, stats, "node1")
-                    .addCallback(lambda status: status == "UP"))
+        yield status_becomes("UP")
 
     @inlineCallbacks
     def test_not_ready_once_stopping(self):

@@ -27,16 +27,17 @@ from sslshare import __version__
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(command, cwd, env=None):
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-def _clean_environment():
+def _run(command, cwd):
+    """
+    C{command} in C{cwd}, with neither this venv nor the checkout on its
+    path: trial's workers get the test process's path as C{PYTHONPATH},
+    and pip would find this venv's sslshare through it and install none.
+    """
     environment = dict(os.environ)
     environment.pop("PYTHONPATH", None)
     environment.pop("VIRTUAL_ENV", None)
-    return environment
+    return subprocess.run(command, cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=300)
 
 
 class _Installed:
@@ -89,8 +90,7 @@ class _Installed:
         """
         program = (self.python if command[0] == "python"
                    else os.path.join(self.bin, command[0]))
-        return _run([program, *command[1:]], self.elsewhere,
-                    _clean_environment())
+        return _run([program, *command[1:]], self.elsewhere)
 
 
 _installed: list[_Installed] = []
