@@ -64,10 +64,10 @@ def _ports_conf(root):
     return os.path.join(root, "demo", "ports")
 
 
-def _run_demo(root, *options):
+def _run_demo(root, *options, output="--json"):
     return getProcessOutputAndValue(
         sys.executable,
-        ["-c", "from sslshare.cli import main; main()", "demo", "--json",
+        ["-c", "from sslshare.cli import main; main()", "demo", *([output] if output else []),
          "--clients", "4", "--rounds", "10",
          "--directory", os.path.join(root, "demo"),
          "--conf", _ports_conf(root), *options],
@@ -135,6 +135,20 @@ class DemoTests(TestCase):
         self.assertIn(f"{node2}: node.listen: 127.0.0.1:{port}: "
                       f"address already in use", error.decode())
         self.assertEqual(output, b"")
+
+    @inlineCallbacks
+    def test_demo_table_says_where_to_curl_metrics_and_readiness(self):
+        root = os.path.abspath(self.mktemp())
+        ports = _conf_with_free_ports(root)
+        output, error, code = yield _run_demo(root, output=None)
+        self.assertEqual(code, 0, error.decode())
+        lines = output.decode().splitlines()
+        for number, node in enumerate(("node1", "node2", "node3"), 1):
+            base = f"http://127.0.0.1:{ports[9440 + number]}"
+            self.assertIn(f"{node} metrics, while the demo runs: curl "
+                          f"{base}/metrics; readiness: curl {base}/readyz",
+                          lines)
+        self.assertIn("40 connections by 4 clients", output.decode())
 
     @inlineCallbacks
     def test_the_demo_does_not_import_the_command(self):

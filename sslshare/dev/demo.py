@@ -344,8 +344,9 @@ async def _run_cluster(reactor: Any, arguments: Any,
                 if (url := metrics_url(configs[node])) is not None}
         if not arguments.json:
             for node, url in urls.items():
-                print(f"{node} metrics, while the demo runs: curl {url}",
-                      flush=True)
+                ready = url.removesuffix("/metrics") + "/readyz"
+                print(f"{node} metrics, while the demo runs: curl {url}; "
+                      f"readiness: curl {ready}", flush=True)
         ca = configs["node1"].cluster.ca
         clients = [
             deferToThread(_client, ca, "TLSv1.2" if index % 2 == 0 else "TLSv1.3",
