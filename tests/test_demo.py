@@ -64,10 +64,11 @@ def _ports_conf(root):
     return os.path.join(root, "demo", "ports")
 
 
-def _run_demo(root, *options, output="--json"):
+def _run_demo(root, *options, json_output=True):
     return getProcessOutputAndValue(
         sys.executable,
-        ["-c", "from sslshare.cli import main; main()", "demo", *([output] if output else []),
+        ["-c", "from sslshare.cli import main; main()", "demo",
+         *(["--json"] if json_output else []),
          "--clients", "4", "--rounds", "10",
          "--directory", os.path.join(root, "demo"),
          "--conf", _ports_conf(root), *options],
@@ -140,7 +141,7 @@ class DemoTests(TestCase):
     def test_demo_table_says_where_to_curl_metrics_and_readiness(self):
         root = os.path.abspath(self.mktemp())
         ports = _conf_with_free_ports(root)
-        output, error, code = yield _run_demo(root, output=None)
+        output, error, code = yield _run_demo(root, json_output=False)
         self.assertEqual(code, 0, error.decode())
         lines = output.decode().splitlines()
         for number, node in enumerate(("node1", "node2", "node3"), 1):
