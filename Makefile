@@ -16,7 +16,8 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: test test-quick venv system-deps demo bench tlsfuzzer clean
 
-# The tests, then mypy over the whole package (settings: [mypy] in setup.cfg).
+# The tests, then mypy over the whole package (settings: [tool.mypy] in
+# pyproject.toml).
 test: system-deps venv
 	$(VENV)/bin/python -m twisted.trial $(TRIAL_ARGS) $(TESTS)
 	$(VENV)/bin/python -m mypy
@@ -34,8 +35,10 @@ venv: $(STAMP)
 $(VENV)/bin/python: | system-deps
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): setup.cfg setup.py | $(VENV)/bin/python
-	$(VENV)/bin/python -m pip install --upgrade pip
+# setuptools too: the tests build the wheel with the venv's own
+# (pyproject.toml's build-system), offline.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install --upgrade pip setuptools
 	$(VENV)/bin/python -m pip install -e '.[test,postgres,redis]'
 	touch $@
 
@@ -55,7 +58,8 @@ system-deps:
 	        apt-get install -y --no-install-recommends $$missing; \
 	fi
 
-# Makes demo/pki on first use, then runs three twistd nodes from conf/.
+# Makes demo/pki on first use, writes demo/conf/ from sslshare/examples/,
+# then runs three twistd nodes from it.
 demo: system-deps venv
 	$(VENV)/bin/sslshare demo
 

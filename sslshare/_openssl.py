@@ -225,6 +225,12 @@ class NativeError(Exception):
         super().__init__(f"{what}: {reasons}")
 
 
+class NativeKeyMismatch(NativeError):
+    """
+    A private key is not the key of the certificate it was loaded for.
+    """
+
+
 def _load() -> tuple[FFI, Any]:
     ffi = FFI()
     ffi.cdef(_CDEF)
@@ -613,12 +619,23 @@ class NativeContext:
             self._ctx, path.encode("utf-8")) == 1, "certificate chain")
 
     def load_private_key(self, path: str) -> None:
+        """
+        @raise NativeKeyMismatch: the key is not that of the certificate
+            loaded before it.
+        @raise NativeError: it cannot be read.
+        """
         _lib.ERR_clear_error()
-        _check(_lib.SSL_CTX_use_PrivateKey_file(
-            self._ctx, path.encode("utf-8"), _SSL_FILETYPE_PEM) == 1,
-            "private key")
-        _check(_lib.SSL_CTX_check_private_key(self._ctx) == 1,
-               "private key does not match the certificate")
+        if _lib.SSL_CTX_use_PrivateKey_file(
+                self._ctx, path.encode("utf-8"), _SSL_FILETYPE_PEM) != 1:
+            errors = take_errors()
+            # OpenSSL checks a key against the certificate already loaded.
+            mismatch = any(reason == "key values mismatch"
+                           for _, reason in errors)
+            raise (NativeKeyMismatch if mismatch else NativeError)(
+                "private key", errors)
+        if _lib.SSL_CTX_check_private_key(self._ctx) != 1:
+            raise NativeKeyMismatch(
+                "private key does not match the certificate", take_errors())
 
     def set_versions(self, minimum: int, maximum: int) -> None:
         _check(_lib.SSL_CTX_ctrl(self._ctx, _SSL_CTRL_SET_MIN_PROTO_VERSION,

@@ -2,8 +2,11 @@
 The C{sslshare} command: operator tools around a cluster.
 
     sslshare pki init DIR --cluster NAME --nodes node1,node2,node3
+    sslshare pki add-node DIR NAME [--cluster NAME]
     sslshare key new
     sslshare stats --config FILE [--node NODE] [--json]
+    sslshare config check FILE
+    sslshare config example
     sslshare digest verify TRANSCRIPT ... (see --help)
     sslshare demo [--json] [--clients N] [--rounds N]
                   [--repository sqlite|redis|postgres]
@@ -56,16 +59,27 @@ def _parser() -> argparse.ArgumentParser:
     init = pki_commands.add_parser(
         "init", help="write a CA, node certificates, a server certificate "
         "and a state key into DIR")
-    init.add_argument("directory", metavar="DIR")
+    init.add_argument("directory", metavar="DIR",
+                      help="where to write the files (made if missing)")
     init.add_argument("--cluster", required=True, help="the cluster's name")
     init.add_argument("--nodes", required=True,
                       help="comma-separated node ids, e.g. node1,node2,node3")
     init.add_argument("--server-name", action="append", dest="server_names",
                       help="a name the server certificate answers for "
-                      "(repeatable; default: localhost)")
+                      "(repeatable; default: localhost); its files are named "
+                      "after the first: NAME-chain.pem, NAME-key.pem")
     init.add_argument("--force", action="store_true",
                       help="overwrite files that exist")
     init.set_defaults(run=_pki_init)
+    add_node = pki_commands.add_parser(
+        "add-node", help="issue a certificate for one more node from the CA "
+        "that pki init wrote into DIR")
+    add_node.add_argument("directory", metavar="DIR",
+                          help="the directory pki init wrote")
+    add_node.add_argument("node", metavar="NAME", help="the new node's id")
+    add_node.add_argument("--cluster", help="the cluster's name (default: "
+                          "the one the CA was made for)")
+    add_node.set_defaults(run=_pki_add_node)
 
     key = commands.add_parser("key", help="cluster state keys")
     key_commands = key.add_subparsers(metavar="ACTION")
@@ -77,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser(
         "stats", help="print a node's counters, asked over the cluster "
         "channel with the node's own certificate")
-    stats.add_argument("--config", required=True, metavar="FILE")
+    stats.add_argument("--config", required=True, metavar="FILE",
+                       help="the TOML file of a node of the cluster, whose "
+                       "certificate asks")
     stats.add_argument("--node", help="ask this peer instead of the node "
                        "of the configuration file")
     stats.add_argument("--json", action="store_true",
@@ -90,8 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser(
         "check", help="read a node's configuration file and every file it "
         "names, as the node's start would, without starting one")
-    check.add_argument("file", metavar="FILE")
+    check.add_argument("file", metavar="FILE",
+                       help="the node's TOML file")
     check.set_defaults(run=_config_check)
+    example = config_commands.add_parser(
+        "example", help="print a node's configuration with every key "
+        "explained (node1 of the demo cluster), to start a file from")
+    example.set_defaults(run=_config_example)
 
     digest = commands.add_parser(
         "digest", help="audit a session's running digest of records")
@@ -136,8 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--directory", default="demo",
                       help="where the demo keeps its PKI, state and logs "
                       "(default ./demo)")
-    demo.add_argument("--conf", default="conf",
-                      help="directory of node1.toml..node3.toml (default ./conf)")
+    demo.add_argument("--conf", metavar="DIR",
+                      help="directory of node1.toml..node3.toml (default: "
+                      "the examples installed with sslshare, written into "
+                      "DIRECTORY/conf at each run; with --repository, its "
+                      "files are copied there too, and their relative "
+                      "paths taken from there)")
     demo.add_argument("--repository", choices=("sqlite", "redis", "postgres"),
                       help="share sessions through a central repository of "
                       "this kind instead of asking peers (redis and postgres: "
@@ -194,6 +219,11 @@ def _pki_init(arguments: argparse.Namespace) -> None:
     print(f"  state key         {files.state_key}")
 
 
+def _pki_add_node(arguments: argparse.Namespace) -> None:
+    node = pki.add_node(arguments.directory, arguments.cluster, arguments.node)
+    print(f"wrote node {node.node_id}: {node.certificate}, {node.key}")
+
+
 def _config_check(arguments: argparse.Namespace) -> None:
     from twisted.internet import reactor
 
@@ -206,6 +236,12 @@ def _config_check(arguments: argparse.Namespace) -> None:
         raise CommandError(str(e)) from None
     print(f"{node_config.path}: node {node_config.node_id} of cluster "
           f"{node_config.cluster_name}: ok")
+
+
+def _config_example(arguments: argparse.Namespace) -> None:
+    from sslshare import examples
+
+    sys.stdout.write(examples.text("example.toml"))
 
 
 def _key_new(arguments: argparse.Namespace) -> None:

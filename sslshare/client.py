@@ -59,6 +59,8 @@ from typing import Any
 
 import attrs
 from OpenSSL import SSL
+from service_identity import VerificationError
+from service_identity.exceptions import IPAddressMismatch
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import (
@@ -628,12 +630,14 @@ async def probe(reactor: Any, targets: Sequence[str], policy: SessionSharingPoli
             if protocol.connected:
                 protocol.transport.abortConnection()
             if protocol.report is None:
-                results.append(ProbeResult(target, error=_describe(e)))
+                results.append(ProbeResult(
+                    target, error=_describe(e, name, server_name is None)))
                 continue
         report = protocol.report
         if report is None:
             why = ("the handshake did not complete" if protocol.reason is None
-                   else _describe(protocol.reason.value))
+                   else _describe(protocol.reason.value, name,
+                                  server_name is None))
             results.append(ProbeResult(target, error=why))
             continue
         results.append(ProbeResult(
@@ -642,7 +646,18 @@ async def probe(reactor: Any, targets: Sequence[str], policy: SessionSharingPoli
     return results
 
 
-def _describe(error: BaseException) -> str:
+def _describe(error: BaseException, name: str, name_from_address: bool) -> str:
+    """
+    Why a probe of the server named C{name} failed, in words; C{name} was
+    the address's host when C{name_from_address}.
+    """
+    if isinstance(error, VerificationError):
+        kind = ("address" if any(isinstance(mismatch, IPAddressMismatch)
+                                 for mismatch in error.errors) else "name")
+        why = f"the certificate is not for {name}: none of its names is that {kind}"
+        if name_from_address:
+            why += "; give the name it was issued for with --server-name"
+        return why
     if isinstance(error, SSL.Error) and error.args:
         return f"TLS error: {error.args[0]}"
     text = str(error) or type(error).__name__

@@ -7,7 +7,7 @@ can get wrong is checked here, before a socket is opened, and reported as a
 L{ConfigError} whose message is one line naming the file, the dotted key and
 the reason::
 
-    conf/node1.toml: cluster.peers.node4: endpoint 'tcp:host=x' is invalid: ...
+    demo/conf/node1.toml: cluster.peers.node4: endpoint 'tcp:host=x' is invalid: ...
 
 Elements of arrays are named by their index from 0 (C{node.listen[1]},
 C{tls.service[0].certificate}).  What is checked:
@@ -101,7 +101,7 @@ DEFAULT_DRAIN_TIMEOUT_S = 10
 MAX_DRAIN_TIMEOUT_S = 600
 MIN_STORE_MAX_BYTES = 64 * 1024
 
-# The keys each table accepts.  conf/example.toml documents every one of them
+# The keys each table accepts.  sslshare/examples/example.toml documents each
 # (a test holds it to that).  [cluster.peers] is not here: its keys are node
 # ids.
 TABLE_KEYS: Mapping[str, frozenset[str]] = {

@@ -106,6 +106,10 @@ SESSION_ID_LENGTH = sessionid.SESSION_ID_LENGTH
 MAX_RECORD_LENGTH = 2 ** 14
 DIRECTION_NAMES = {"c2s": CLIENT_TO_SERVER, "s2c": SERVER_TO_CLIENT}
 MODES = ("every-record", "interval", "off")
+COUNTERS = ("written", "rejected", "coalesced", "failed", "pauses",
+            "pauses_cut")
+"""Every counter of L{CheckpointPipeline.counters}: the stats show each,
+zero included."""
 
 _START_PREFIX = b"sslshare digest v1\0"
 _STEP = struct.Struct("!BQI")

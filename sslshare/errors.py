@@ -35,3 +35,15 @@ def read_bytes(path: str, error: type[FileError] = FileError) -> bytes:
             return f.read()
     except OSError as e:
         raise error(path, f"cannot read ({e.strerror})") from None
+
+
+class CertificateKeyMismatch(FileError):
+    """
+    A private key file does not hold the key of its certificate file.
+
+    @ivar certificate: the certificate file.
+    """
+
+    def __init__(self, path: str, certificate: str) -> None:
+        super().__init__(path, f"does not match {certificate}")
+        self.certificate = certificate

@@ -18,9 +18,10 @@ This module never changes a counter and holds no session data.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import attrs
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     ProcessCollector,
@@ -46,65 +47,185 @@ from sslshare.tls import SESSION_REFUSALS
 # Handshake outcomes, as Node.stats() names them.
 HANDSHAKE_OUTCOMES = ("full", "resumed_local", "resumed_peer",
                       "resumed_repository", "failed")
-# The checkpoint pipelines' counters (sslshare.digest.CheckpointPipeline).
-CHECKPOINT_EVENTS = ("written", "rejected", "coalesced", "failed", "pauses",
-                     "pauses_cut")
+
+# The prefix of a stat (Node.stats: "recovery.misses") -> the prefix of its
+# metric's name, and whose counter it is (for the metric's help).
+_GROUPS = {
+    "": ("", "the node's"),
+    "engine": ("engine_", "the TLS engine's"),
+    "recovery": ("recovery_", "the recovery chain's"),
+    "store": ("store_", "the node's memory store's"),
+    "repository": ("repository_", "the central repository's"),
+    "cluster": ("peer_", "the peer channel's (connections and commands from "
+                "peers)"),
+    "discovery": ("peer_dns_", "the peers' lookups in DNS (cluster.peers_from)"),
+}
+_GAUGES = ("store.sessions", "store.bytes", "connections_open",
+           "peers.connected")
+# What an operator reads on the page for the stats whose metric says more
+# than the counter's name.
+_HELP = {
+    "store.sessions": "Sessions in this node's memory store.",
+    "store.bytes": "Bytes used by this node's memory store.",
+    "connections_open": "Client connections open now.",
+    "peers.connected": "Peers whose link is up.",
+    "received_bytes": "Plaintext bytes from clients to their backend.",
+    "sent_bytes": "Plaintext bytes from the backend to clients.",
+    "backend_failures": "Client connections closed because their backend "
+                        "connection failed.",
+    "reloads": "Configuration reloads (SIGHUP) that took effect.",
+    "reload_failures": "Configuration reloads refused: the node runs on "
+                       "with the configuration it had.",
+    "connections_refused": "Client connections closed as they arrived: "
+                           "max_connections were open.",
+    "idle_timeouts": "Client connections closed after idle_timeout_s "
+                     "without a byte either way.",
+    "recovery.lookups_shed": "Lookups not made: max_concurrent_lookups "
+                             "were out (a full handshake each).",
+    "recovery.unsealable": "Sessions found that did not unseal with the "
+                           "cluster's state keys (a full handshake each).",
+    "cluster.refused_connections": "Connections to the peer channel refused "
+                                   "at TLS (no or a foreign certificate).",
+    "cluster.refused_nodes": "Connections to the peer channel refused at "
+                             "TLS: the certificate names a node of the "
+                             "cluster that is not a peer.",
+    "cluster.duplicate_nodes": "Connections to the peer channel refused at "
+                               "TLS: the node id is connected from another "
+                               "host already.",
+    "cluster.key_mismatches": "Peer links refused at setup: the peer seals "
+                              "with a state key this node does not hold.",
+    "cluster.refused_commands": "Peer commands refused: the peer is not "
+                                "authorized to send them.",
+    "cluster.bad_requests": "Peer commands with invalid arguments.",
+    "discovery.lookups": "Lookups of the peers in DNS (cluster.peers_from).",
+    "discovery.lookup_failures": "Lookups of the peers in DNS that failed "
+                                 "(the peers stayed as they were).",
+    "discovery.identify_failures": "Addresses DNS named whose server "
+                                   "presented no certificate of a node of "
+                                   "the cluster.",
+}
 
 
-# (metric, documentation, the stat it reads) of each gauge and counter
-# without labels.
-_GAUGES = (
-    ("sslshare_store_sessions", "Sessions in this node's memory store.",
-     "store.sessions"),
-    ("sslshare_store_bytes", "Bytes used by this node's memory store.",
-     "store.bytes"),
-)
-_COUNTERS = (
-    ("sslshare_backend_failures", "Client connections closed because "
-     "their backend connection failed.", "backend_failures"),
-    ("sslshare_peer_refused_connections", "Connections to the peer channel "
-     "refused at TLS (no or a foreign certificate).",
-     "cluster.refused_connections"),
-    ("sslshare_peer_refused_nodes", "Connections to the peer channel "
-     "refused at TLS: the certificate names a node of the cluster that is "
-     "not a peer.", "cluster.refused_nodes"),
-    ("sslshare_peer_duplicate_nodes", "Connections to the peer channel "
-     "refused at TLS: the node id is connected from another host already.",
-     "cluster.duplicate_nodes"),
-    ("sslshare_peer_key_mismatches", "Peer links refused at setup: the peer "
-     "seals with a state key this node does not hold.",
-     "cluster.key_mismatches"),
-    ("sslshare_peer_refused_commands", "Peer commands refused: the peer is "
-     "not authorized to send them.", "cluster.refused_commands"),
-    ("sslshare_peer_bad_requests", "Peer commands with invalid arguments.",
-     "cluster.bad_requests"),
-    ("sslshare_peer_dns_lookups", "Lookups of the peers in DNS "
-     "(cluster.peers_from).", "discovery.lookups"),
-    ("sslshare_peer_dns_lookup_failures", "Lookups of the peers in DNS that "
-     "failed (the peers stayed as they were).", "discovery.lookup_failures"),
-    ("sslshare_peer_dns_identify_failures", "Addresses DNS named whose "
-     "server presented no certificate of a node of the cluster.",
-     "discovery.identify_failures"),
-)
-
-
-def _counted_by(name: str, documentation: str, label: str,
-                values: Iterable[str], stats: Mapping[str, int | float],
-                stat: str) -> CounterMetricFamily:
+@attrs.frozen
+class _Labelled:
     """
-    A counter with one sample per value of C{label}, read from the stat
-    C{stat.format(value)} (0 when the node has not counted it yet).
+    The stats C{<prefix><value><suffix>} as one family, labelled
+    C{label=<value>}.
     """
-    family = CounterMetricFamily(name, documentation, labels=[label])
-    for value in values:
-        family.add_metric([value], stats.get(stat.format(value), 0))
-    return family
+
+    prefix: str
+    suffix: str
+    name: str
+    kind: str
+    label: str
+    documentation: str
+
+    def value_of(self, stat: str) -> str | None:
+        if stat.startswith(self.prefix) and stat.endswith(self.suffix):
+            value = stat[len(self.prefix):len(stat) - len(self.suffix)]
+            # peers.<id>.connected, never peers.connected.
+            if value and "." not in value:
+                return value
+        return None
+
+
+_LABELLED = (
+    _Labelled("engine.failed:", "", "sslshare_handshake_failures", "counter",
+              "reason", "Client TLS handshakes that ended in an error, by "
+              "OpenSSL's reason."),
+    _Labelled("checkpoint.", "", "sslshare_checkpoints", "counter", "event",
+              "Record digest checkpoints: written, rejected by the store, "
+              "coalesced, failed, pauses of connections while the store "
+              "lagged, and those pauses cut at checkpoint_max_pause."),
+    _Labelled("peers.", ".connected", "sslshare_peer_connected", "gauge",
+              "peer", "Whether the link to each peer is up (1) or not (0)."),
+    _Labelled("peers.", ".call_timeouts", "sslshare_peer_call_timeouts",
+              "counter", "peer", "Calls to each peer it did not answer in "
+              "time."),
+    _Labelled("cluster.commands:", "", "sslshare_peer_commands", "counter",
+              "command", "Commands peers sent this node, by command."),
+    _Labelled("cluster.items:", "", "sslshare_peer_items", "counter",
+              "command", "Items of the batches peers delivered, by the "
+              "command each names."),
+)
+_HANDSHAKES = ("sslshare_handshakes", "Client TLS handshakes by outcome: "
+               "full, resumed with the session from this node, a peer or "
+               "the repository, or failed (errors and timeouts).")
+_REFUSALS = ("sslshare_sessions_refused", "Sessions found for a client that "
+             "could not resume here, by reason (the session does not parse, "
+             "is another one, belongs to another service or version, has "
+             "expired, or its cipher is not allowed); each one is a full "
+             "handshake.")
+_LATENCY = ("sslshare_lookup_duration_seconds", "Time to look up the session "
+            "a client offered, by where the lookup ended: this node's store "
+            "(with the backup copies it keeps), the owner peer, the owner's "
+            "backup node, the repository, or miss (nothing found, or the "
+            "budget ran out).")
+
+
+@attrs.frozen
+class Sample:
+    """
+    Where one stat of L{Node.stats} is on the metrics page.
+
+    @ivar family: the metric family's name (a counter's without C{_total}).
+    @ivar kind: C{counter}, C{gauge} or C{histogram}.
+    @ivar name: the sample's name.
+    @ivar labels: the sample's labels.
+    @ivar documentation: the family's help.
+    """
+
+    family: str
+    kind: str
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    documentation: str
+
+
+def _sample(family: str, kind: str, documentation: str,
+            labels: tuple[tuple[str, str], ...] = ()) -> Sample:
+    suffix = "_total" if kind == "counter" else ""
+    return Sample(family, kind, family + suffix, labels, documentation)
+
+
+def sample_of(stat: str) -> Sample:
+    """
+    The sample that shows C{stat} (a key of L{Node.stats}) on the metrics
+    page.
+
+    Every stat has one: the handshakes by outcome, the lookups' histogram
+    and the families of L{_LABELLED} by rule, the rest one counter (or a
+    gauge of L{_GAUGES}) each, named after the stat: C{recovery.misses} is
+    C{sslshare_recovery_misses_total}.
+    """
+    if stat in HANDSHAKE_OUTCOMES:
+        return _sample(_HANDSHAKES[0], "counter", _HANDSHAKES[1],
+                       (("outcome", stat),))
+    group, _, name = stat.rpartition(".")
+    if group == "engine" and name in SESSION_REFUSALS:
+        return _sample(_REFUSALS[0], "counter", _REFUSALS[1],
+                       (("reason", name),))
+    if group.startswith("lookup.") and name in ("count", "seconds"):
+        return Sample(_LATENCY[0], "histogram",
+                      _LATENCY[0] + ("_count" if name == "count" else "_sum"),
+                      (("source", group[len("lookup."):]),), _LATENCY[1])
+    for rule in _LABELLED:
+        value = rule.value_of(stat)
+        if value is not None:
+            return _sample(rule.name, rule.kind, rule.documentation,
+                           ((rule.label, value),))
+    prefix, whose = _GROUPS.get(group, (group.replace(".", "_") + "_",
+                                        "sslshare's"))
+    return _sample(f"sslshare_{prefix}{name}",
+                   "gauge" if stat in _GAUGES else "counter",
+                   _HELP.get(stat, f"The count of {name} among {whose} "
+                                   f"counters (sslshare stats: {stat})."))
 
 
 class NodeCollector:
     """
     A prometheus_client collector of one node's numbers, read at each
-    scrape.
+    scrape: every stat of L{Node.stats}, each as L{sample_of} says.
     """
 
     def __init__(self, node: Node) -> None:
@@ -114,18 +235,23 @@ class NodeCollector:
         stats = self.node.stats()
         yield InfoMetricFamily("sslshare_build", "The sslshare release this "
                                "node runs.", value={"version": __version__})
-        yield _counted_by(
-            "sslshare_handshakes", "Client TLS handshakes by outcome: full, "
-            "resumed with the session from this node, a peer or the "
-            "repository, or failed (errors and timeouts).",
-            "outcome", HANDSHAKE_OUTCOMES, stats, "{}")
+        families: dict[str, Metric] = {}
+        for stat, value in sorted(stats.items()):
+            sample = sample_of(stat)
+            if sample.kind == "histogram":
+                continue
+            if sample.family not in families:
+                make = (CounterMetricFamily if sample.kind == "counter"
+                        else GaugeMetricFamily)
+                families[sample.family] = make(
+                    sample.family, sample.documentation,
+                    labels=[label for label, _ in sample.labels])
+            families[sample.family].add_sample(
+                sample.name, dict(sample.labels), value)
+        yield from families.values()
 
-        latency = HistogramMetricFamily(
-            "sslshare_lookup_duration_seconds", "Time to look up the session "
-            "a client offered, by where the lookup ended: this node's store "
-            "(with the backup copies it keeps), the owner peer, the owner's "
-            "backup node, the repository, or miss (nothing found, or the "
-            "budget ran out).", labels=["source"])
+        latency = HistogramMetricFamily(_LATENCY[0], _LATENCY[1],
+                                        labels=["source"])
         histogram = self.node.recovery.latency
         for source in LOOKUP_SOURCES:
             latency.add_metric(
@@ -134,35 +260,6 @@ class NodeCollector:
                  for bound, count in histogram.cumulative(source)],
                 stats[f"lookup.{source}.seconds"])
         yield latency
-
-        peers = GaugeMetricFamily(
-            "sslshare_peer_connected", "Whether the link to each peer is up "
-            "(1) or not (0).", labels=["peer"])
-        prefix, suffix = "peers.", ".connected"
-        for name, value in sorted(stats.items()):
-            if name.startswith(prefix) and name.endswith(suffix) \
-                    and name != "peers.connected":
-                peers.add_metric([name[len(prefix):-len(suffix)]], value)
-        yield peers
-
-        yield _counted_by(
-            "sslshare_checkpoints", "Record digest checkpoints: written, "
-            "rejected by the store, coalesced, failed, pauses of "
-            "connections while the store lagged, and those pauses cut at "
-            "checkpoint_max_pause.", "event", CHECKPOINT_EVENTS, stats,
-            "checkpoint.{}")
-
-        for name, documentation, stat in _GAUGES:
-            yield GaugeMetricFamily(name, documentation, value=stats[stat])
-        yield _counted_by(
-            "sslshare_sessions_refused", "Sessions found for a client that "
-            "could not resume here, by reason (the session does not parse, "
-            "is another one, belongs to another service or version, has "
-            "expired, or its cipher is not allowed); each one is a full "
-            "handshake.", "reason", SESSION_REFUSALS, stats, "engine.{}")
-        for name, documentation, stat in _COUNTERS:
-            yield CounterMetricFamily(name, documentation,
-                                      value=stats.get(stat, 0))
 
 
 class _MetricsPage(Resource):

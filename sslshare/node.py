@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from sslshare import sessionid
 from sslshare.cluster import FetchAnswer, FetchTerms, ICommandHandler
+from sslshare.digest import COUNTERS as CHECKPOINT_COUNTERS
 from sslshare.digest import (
     ChainExhausted,
     CheckpointPipeline,
@@ -106,7 +107,7 @@ COUNTERS = (
     "reload_failures", "backend_failures", "fetches_refused",
     "refused_checkpoints", "refused_purges", "late_checkpoints",
     "tombstones_moved", "purge_failures", "chains_exhausted",
-    "connections_refused", "idle_timeouts")
+    "connections_refused", "idle_timeouts", "received_bytes", "sent_bytes")
 """Every counter of L{Node.counters}: the stats show each, zero included."""
 
 
@@ -135,11 +136,14 @@ class Node:
         replaced by a copy at a new backup node), C{chains_exhausted}
         (a digest chain at its bound, no longer digested),
         C{connections_refused} (clients past C{max_connections}),
-        C{idle_timeouts} (connections closed for their silence).
+        C{idle_timeouts} (connections closed for their silence),
+        C{received_bytes} and C{sent_bytes} (plaintext from clients to their
+        backend, and back).
     @ivar checkpoint_counters: the checkpoint pipelines' C{written},
         C{rejected}, C{coalesced}, C{failed}, C{pauses}.
     @ivar discovery_counters: the counters of the peers' lookups in DNS
         (L{sslshare.cluster.PeerDiscovery}), when the peers are found so.
+    @ivar open_connections: the number of client connections open now.
     @ivar placement: where the node's sessions and checkpoints go.
     @ivar settings: the node's settings in force; a reload replaces them
         whole.
@@ -156,9 +160,11 @@ class Node:
         self.clock = clock
         self.settings = settings
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
-        self.checkpoint_counters: Counter[str] = Counter()
+        self.checkpoint_counters: Counter[str] = Counter(
+            dict.fromkeys(CHECKPOINT_COUNTERS, 0))
         self.discovery_counters: Counter[str] | None = None
         self.context: ServerContext | None = None
+        self.open_connections: Callable[[], int] = lambda: 0
         self._warnings = RateLimitedWarning(clock)
         # Apart: a backend outage must not hide the cluster's warnings.
         self._backend_warnings = RateLimitedWarning(clock)
@@ -631,7 +637,8 @@ class Node:
 
     def stats(self) -> dict[str, int | float]:
         """
-        Every counter of this node, flat: the node's own, then the engine's
+        Every counter of this node, flat: the node's own and its open
+        client connections (C{connections_open}), then the engine's
         (C{engine.}), the recovery chain's (C{recovery.}), the store's
         (C{store.}), the repository's, the checkpoint pipelines', the count
         and total seconds of the lookups that ended at each of
@@ -643,6 +650,7 @@ class Node:
         metrics page both show these numbers.
         """
         numbers: dict[str, int | float] = dict(self.counters)
+        numbers["connections_open"] = self.open_connections()
         failed = 0
         if self.context is not None:
             for name, count in self.context.counters.items():

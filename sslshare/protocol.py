@@ -310,6 +310,7 @@ class BackendProxy(Protocol):
             self.factory.close_timeout, self.transport.abortConnection)
 
     def dataReceived(self, data: bytes) -> None:
+        self.factory.counters["received_bytes"] += len(data)
         if self._backend is None:
             self._pending.append(data)
         else:
@@ -446,6 +447,7 @@ class _BackendSide(Protocol):
         self.client = client
 
     def dataReceived(self, data: bytes) -> None:
+        self.client.factory.counters["sent_bytes"] += len(data)
         self.client.busy()
         self.client.transport.write(data)
 
@@ -518,7 +520,8 @@ class BackendProxyFactory(Factory[BackendProxy]):
     @param backend_failed: told of each client whose backend connection
         failed, as C{backend_failed(backend_name, client, reason)} with the
         client's C{host:port}; the client connection is closed.
-    @param counters: where C{idle_timeouts} is counted (the node's).
+    @param counters: where C{idle_timeouts}, C{received_bytes} and
+        C{sent_bytes} are counted (the node's).
     """
 
     protocol = BackendProxy

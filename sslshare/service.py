@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
 from sslshare import cluster, config, metrics, sessionid, systemd, tls
-from sslshare.errors import FileError
+from sslshare.errors import CertificateKeyMismatch, FileError
 from sslshare.logs import RateLimitedWarning, json_lines_observer
 from sslshare.node import Node, NodeSettings, fired_within
 from sslshare.placement import BackupRing, Layout, Placement
@@ -68,7 +68,8 @@ class Options(usage.Options):
     synopsis = "--config FILE"
     longdesc = ("Run one sslshare node: a TLS server that shares its "
                 "sessions with the other nodes of its cluster.  Everything "
-                "the node needs is in the TOML file (see conf/example.toml).")
+                "the node needs is in the TOML file (`sslshare config example` "
+                "prints one with every key explained).")
     optParameters = [
         ["config", "c", None, "The node's TOML configuration file."],
     ]
@@ -128,6 +129,7 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
     clients = SessionResumingTLSFactory(
         node.context, node.lookup, proxy, node.counters,
         node_config.max_connections)
+    node.open_connections = lambda: len(clients.protocols)
     amp = None
     if cluster_config.listen is not None:
         amp = placement.peer_server = cluster.PeerServerFactory(
@@ -455,7 +457,7 @@ class NodeService(MultiService):
         """
         The client connections this node has open now.
         """
-        return len(self._clients.protocols)
+        return self.node.open_connections()
 
     def adopt_peers(self, peers: Sequence[tuple[str, str]]) -> None:
         """
@@ -723,13 +725,42 @@ def _readied(node_config: config.NodeConfig,
     the virtual services, the client-facing context and the cluster's
     channel; what a reload applies, and what C{check} reads.
 
-    @raise tls.TLSConfigurationError: a certificate or key is unusable.
-    @raise FileError: the state key file or a node certificate or key.
+    @raise config.ConfigError: a file the configuration names is unusable:
+        the configuration file, the key that names it and why.
+    @raise tls.TLSConfigurationError: the TLS settings are unusable.
     """
-    keys = StateKeys.from_file(node_config.cluster.state_key)
-    services = _virtual_services(node_config)
-    context = _server_context(node_config, services, on_new_session)
-    return keys, services, context, _channel(node_config)
+    try:
+        keys = StateKeys.from_file(node_config.cluster.state_key)
+        services = _virtual_services(node_config)
+        context = _server_context(node_config, services, on_new_session)
+        return keys, services, context, _channel(node_config)
+    except FileError as e:
+        raise _named(node_config, e) from None
+
+
+def _named(node_config: config.NodeConfig, error: FileError) -> config.ConfigError:
+    """
+    C{error}, about a file C{node_config} names, as the error of the key
+    that names it: C{a.toml: tls.service[0].key: does not match
+    tls.service[0].certificate}.
+    """
+    cluster_config = node_config.cluster
+    keys = {cluster_config.ca: "cluster.ca",
+            cluster_config.certificate: "cluster.certificate",
+            cluster_config.key: "cluster.key",
+            cluster_config.state_key: "cluster.state_key"}
+    for index, service in enumerate(node_config.tls.services):
+        keys[service.certificate] = f"tls.service[{index}].certificate"
+        keys[service.key] = f"tls.service[{index}].key"
+    key = keys.get(error.path)
+    if key is None:
+        return config.ConfigError(node_config.path, "", str(error))
+    if isinstance(error, CertificateKeyMismatch):
+        return config.ConfigError(
+            node_config.path, key,
+            f"does not match {keys.get(error.certificate, error.certificate)}")
+    return config.ConfigError(node_config.path, key,
+                              f"{error.path}: {error.reason}")
 
 
 def check(path: str, reactor: Any) -> config.NodeConfig:

@@ -59,6 +59,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import Interface, implementer
 
 from sslshare import _openssl, sessionid
+from sslshare.errors import CertificateKeyMismatch, FileError
 from sslshare.hooks import CLIENT_TO_SERVER, SERVER_TO_CLIENT, LookupRequest
 
 TLS_1_2 = _openssl.TLS_1_2
@@ -96,6 +97,10 @@ MAX_INPUT_WHILE_PAUSED = 64 * 1024
 # node that made it allows more).
 SESSION_REFUSALS = ("bad_der", "wrong_session", "context_mismatch",
                     "version_mismatch", "expired", "cipher_not_allowed")
+COUNTERS = ("full", "resumed", "lookups", "lookup_misses", *SESSION_REFUSALS,
+            "not_resumed", "foreign_session_id", "malformed_psk")
+"""Every counter of L{ServerContext.counters} but the C{failed:<reason>}
+ones: the stats show each, zero included."""
 
 # TLS extension numbers (RFC 6066, RFC 8446).
 _EXTENSION_SERVER_NAME = 0
@@ -108,6 +113,18 @@ class TLSConfigurationError(Exception):
     """
     A server context could not be built; the message names the file or
     setting and the reason.
+    """
+
+
+class TLSFileError(FileError, TLSConfigurationError):
+    """
+    A service's certificate chain or private key file is unusable.
+    """
+
+
+class TLSKeyMismatch(CertificateKeyMismatch, TLSConfigurationError):
+    """
+    A service's private key is not the key of its certificate.
     """
 
 
@@ -240,7 +257,7 @@ class ServerContext:
         self.alpn = tuple(alpn)
         self.alpn_mismatch = alpn_mismatch
         self.session_lifetime = session_lifetime
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self._services: list[tuple[VirtualService, _openssl.NativeContext]] = []
         self._by_name: dict[str, int] = {}
         seen_services = set()
@@ -274,11 +291,18 @@ class ServerContext:
                 f"service {service.name!r}: session id context must be 1 to "
                 f"{sessionid.ID_CONTEXT_LENGTH} bytes")
         native = _openssl.NativeContext()
+        try:
+            native.load_certificate_chain(service.certificate_chain)
+        except _openssl.NativeError as e:
+            raise TLSFileError(service.certificate_chain, str(e)) from None
+        try:
+            native.load_private_key(service.private_key)
+        except _openssl.NativeError as e:
+            if isinstance(e, _openssl.NativeKeyMismatch):
+                raise TLSKeyMismatch(service.private_key,
+                                     service.certificate_chain) from None
+            raise TLSFileError(service.private_key, str(e)) from None
         steps: list[tuple[str, Callable[[], None]]] = [
-            (service.certificate_chain,
-             lambda: native.load_certificate_chain(service.certificate_chain)),
-            (service.private_key,
-             lambda: native.load_private_key(service.private_key)),
             ("versions", lambda: native.set_versions(
                 self.minimum_version, self.maximum_version)),
             ("ciphers", lambda: native.set_ciphers(tls12_ciphers, tls13_suites)),

@@ -16,7 +16,11 @@ import os
 import struct
 import sys
 
-from OpenSSL import SSL
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from OpenSSL import SSL, crypto
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import (
@@ -34,6 +38,7 @@ from twisted.internet.ssl import (
 from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.protocols import portforward
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
@@ -46,6 +51,7 @@ from sslshare.client import (
     parse_target,
     probe,
 )
+from sslshare.dev import pki
 from tests.support.cluster import LocalCluster
 from tests.support.servers import OneShotEcho
 
@@ -166,6 +172,28 @@ def stranger_server(testcase, cluster):
     options = CertificateOptions(privateKey=certificate.privateKey.original,
                                  certificate=certificate.original,
                                  enableSessions=False)
+    listening = reactor.listenSSL(0, Factory.forProtocol(OneShotEcho), options,
+                                  interface="127.0.0.1")
+    testcase.addCleanup(listening.stopListening)
+    return listening
+
+
+def named_server(testcase, cluster, name):
+    """
+    A stock Twisted TLS echo server on 127.0.0.1 whose certificate, from
+    the cluster's CA, names the DNS name C{name} only.
+    """
+    ca = x509.load_pem_x509_certificate(
+        FilePath(cluster.pki.ca_certificate).getContent())
+    ca_key = serialization.load_pem_private_key(
+        FilePath(cluster.pki.ca_key).getContent(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = pki.issue_certificate(
+        ca, ca_key, key, name, [x509.DNSName(name)],
+        [ExtendedKeyUsageOID.SERVER_AUTH])
+    options = CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(certificate))
     listening = reactor.listenSSL(0, Factory.forProtocol(OneShotEcho), options,
                                   interface="127.0.0.1")
     testcase.addCleanup(listening.stopListening)
@@ -471,6 +499,22 @@ class ProbeTests(TestCase):
         lines = json.loads(out)
         self.assertEqual([line["resumed"] for line in lines], [False, True, True])
         self.assertEqual(lines[1]["version"], "TLSv1.3")
+
+    @inlineCallbacks
+    def test_probe_without_server_name_explains_the_name_mismatch(self):
+        # Without --server-name the probe verifies the address it dialled,
+        # 127.0.0.1, which the certificate does not name.
+        cluster = LocalCluster(self, nodes=("node1",))
+        server = named_server(self, cluster, "www.example.com")
+        out, err, code = yield self._sslshare(
+            "probe", "--json", "--ca", cluster.ca_cert,
+            f"127.0.0.1:{server.getHost().port}")
+        self.assertEqual(code, 1, err)
+        (line,) = json.loads(out)
+        self.assertEqual(
+            line["error"],
+            "the certificate is not for 127.0.0.1: none of its names is that "
+            "address; give the name it was issued for with --server-name")
 
     @inlineCallbacks
     def test_probe_command_exits_1_when_a_related_server_does_not_resume(self):

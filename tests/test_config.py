@@ -4,7 +4,8 @@ each kind of mistake gets.
 
 Certificate and key files are empty placeholders here: L{sslshare.config}
 checks only that they exist and can be read, and the TLS layer parses them
-later.  The demo configurations (conf/node1..3.toml, conf/example.toml) are
+later.  The demo configurations (node1..3.toml, example.toml in
+sslshare/examples) are
 loaded against a real demo PKI, made by L{sslshare.dev.pki.init_pki} as
 C{sslshare pki init} makes it.
 """
@@ -28,7 +29,7 @@ from sslshare.tls import DEFAULT_TLS12_CIPHERS
 from tests.support.files import write_private
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                    "conf")
+                    "sslshare", "examples")
 
 NODE = """\
 [node]
@@ -1164,26 +1165,27 @@ class RepositoryErrorTests(_ConfigTestCase):
 
 def demo_tree(testcase):
     """
-    A copy of conf/ beside a demo/pki/ made as C{sslshare pki init demo/pki
-    --cluster demo --nodes node1,node2,node3} makes it, in a new directory.
-    Returns that directory.
+    A copy of the examples in demo/conf/, as C{sslshare demo} writes them,
+    beside a demo/pki/ made as C{sslshare pki init demo/pki --cluster demo
+    --nodes node1,node2,node3} makes it, in a new directory.  Returns that
+    directory.
     """
     root = os.path.abspath(testcase.mktemp())
-    shutil.copytree(CONF, os.path.join(root, "conf"))
+    shutil.copytree(CONF, os.path.join(root, "demo", "conf"))
     pki.init_pki(os.path.join(root, "demo", "pki"), "demo", DEMO_NODES)
     return root
 
 
 class ShippedConfigTests(TestCase):
     """
-    conf/node1..3.toml and conf/example.toml load against the demo PKI.
+    The examples' node1..3.toml and example.toml load against the demo PKI.
     """
 
     def setUp(self):
         self.root = demo_tree(self)
 
     def load(self, name):
-        return config.load(os.path.join(self.root, "conf", name))
+        return config.load(os.path.join(self.root, "demo", "conf", name))
 
     def test_demo_pki_files_exist_under_the_expected_names(self):
         self.assertEqual(
@@ -1220,6 +1222,23 @@ class ShippedConfigTests(TestCase):
                  nodes[peer].cluster.listen.split(":")[1])
                 for peer in DEMO_NODES if peer != node_id)
             self.assertEqual(node.cluster.peers, expected)
+
+    def test_demo_writes_the_installed_node_files_beside_its_pki(self):
+        from sslshare import examples
+        from sslshare.dev import demo
+
+        directory = os.path.join(self.root, "elsewhere")
+        pki.init_pki(os.path.join(directory, "pki"), "demo", DEMO_NODES)
+        conf = demo._node_files(directory, None, None)
+        for node_id in DEMO_NODES:
+            path = os.path.join(conf, f"{node_id}.toml")
+            with open(path, encoding="utf-8") as f:
+                self.assertEqual(f.read(), examples.text(f"{node_id}.toml"))
+            node = config.load(path)
+            self.assertEqual(node.cluster.ca,
+                             os.path.join(directory, "pki", "ca.pem"))
+            self.assertEqual(node.state_dir,
+                             os.path.join(directory, "state", node_id))
 
     def test_example_loads(self):
         example = self.load("example.toml")

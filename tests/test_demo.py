@@ -1,6 +1,7 @@
 """
-C{sslshare demo} end to end, as C{make demo} runs it: the shipped
-C{conf/node*.toml}, a PKI made on first use, three C{twistd} nodes.  The
+C{sslshare demo} end to end, as C{make demo} runs it: the node files
+installed with sslshare (L{sslshare.examples}), a PKI made on first use,
+three C{twistd} nodes.  The
 files' fixed ports (8441-8443, 7441-7443, 9441-9443, 8080) are replaced by
 free ones in the test's copy, so that a test never meets a port in use, and
 its lookup budget is one a busy machine keeps to.
@@ -22,7 +23,8 @@ from twisted.trial.unittest import TestCase
 from sslshare.dev.throwaway import free_port
 from tests.support.databases import skip_without
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf")
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "sslshare", "examples")
 DEMO_PORTS = (8441, 8442, 8443, 7441, 7442, 7443, 9441, 9442, 9443, 8080)
 
 
@@ -34,13 +36,15 @@ LOOKUP_BUDGET_MS = 2000
 
 def _conf_with_free_ports(root: str) -> dict[int, int]:
     """
-    Copy the shipped files to C{root}/conf with every demo port replaced by
-    a free one, and the node files with a lookup budget of
-    L{LOOKUP_BUDGET_MS}; return the replacements.
+    Copy the shipped files to C{root}/demo/ports (beside the demo's
+    C{conf}, so that their relative paths name the demo's PKI and state)
+    with every demo port replaced by a free one, and the node files with a
+    lookup budget of L{LOOKUP_BUDGET_MS}; return the replacements.
     """
     ports = {port: free_port() for port in DEMO_PORTS}
-    target = os.path.join(root, "conf")
-    shutil.copytree(CONF, target)
+    target = _ports_conf(root)
+    shutil.copytree(CONF, target, ignore=shutil.ignore_patterns(
+        "__init__.py", "__pycache__"))
     for name in os.listdir(target):
         path = os.path.join(target, name)
         with open(path) as f:
@@ -56,13 +60,18 @@ def _conf_with_free_ports(root: str) -> dict[int, int]:
     return ports
 
 
-def _run_demo(root, *options):
+def _ports_conf(root):
+    return os.path.join(root, "demo", "ports")
+
+
+def _run_demo(root, *options, json_output=True):
     return getProcessOutputAndValue(
         sys.executable,
-        ["-c", "from sslshare.cli import main; main()", "demo", "--json",
+        ["-c", "from sslshare.cli import main; main()", "demo",
+         *(["--json"] if json_output else []),
          "--clients", "4", "--rounds", "10",
          "--directory", os.path.join(root, "demo"),
-         "--conf", os.path.join(root, "conf"), *options],
+         "--conf", _ports_conf(root), *options],
         env=os.environ, path=root)
 
 
@@ -123,10 +132,24 @@ class DemoTests(TestCase):
             holder.listen()
             output, error, code = yield _run_demo(root)
         self.assertNotEqual(code, 0)
-        node2 = os.path.join(root, "conf", "node2.toml")
+        node2 = os.path.join(_ports_conf(root), "node2.toml")
         self.assertIn(f"{node2}: node.listen: 127.0.0.1:{port}: "
                       f"address already in use", error.decode())
         self.assertEqual(output, b"")
+
+    @inlineCallbacks
+    def test_demo_table_says_where_to_curl_metrics_and_readiness(self):
+        root = os.path.abspath(self.mktemp())
+        ports = _conf_with_free_ports(root)
+        output, error, code = yield _run_demo(root, json_output=False)
+        self.assertEqual(code, 0, error.decode())
+        lines = output.decode().splitlines()
+        for number, node in enumerate(("node1", "node2", "node3"), 1):
+            base = f"http://127.0.0.1:{ports[9440 + number]}"
+            self.assertIn(f"{node} metrics, while the demo runs: curl "
+                          f"{base}/metrics; readiness: curl {base}/readyz",
+                          lines)
+        self.assertIn("40 connections by 4 clients", output.decode())
 
     @inlineCallbacks
     def test_the_demo_does_not_import_the_command(self):

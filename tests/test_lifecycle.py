@@ -333,7 +333,8 @@ class ReloadTests(_LogCapture, TestCase):
         return self._invalid_reload_keeps_everything(
             lambda cluster: cluster.edit("node1", "pki/localhost-key.pem",
                                          "pki/node2-key.pem"),
-            r"pki/node2-key\.pem: service 'web'")
+            r"node1\.toml: tls\.service\[0\]\.key: does not match "
+            r"tls\.service\[0\]\.certificate")
 
     def test_bad_state_key_file_keeps_the_running_configuration(self):
         def break_it(cluster):

@@ -7,7 +7,9 @@ over the cluster channel: the two views agree, and move by what happened.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -18,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from sslshare import config, tools
 from sslshare.cluster import ClusterTLS, PeerLink, PeerUnavailable
 from sslshare.dev import pki
+from sslshare.dev.throwaway import free_port
 from sslshare.recovery import LOOKUP_SOURCES
 from sslshare.state import StateKeys
 from sslshare.tls import SESSION_REFUSALS
@@ -25,6 +28,7 @@ from tests.support.clients import connect_without_certificate
 from tests.support.cluster import LocalCluster
 from tests.support.databases import throwaway_server
 from tests.support.metrics import probe, scrape_metrics
+from tests.support.servers import haproxy
 from tests.support.waiting import until
 
 
@@ -281,6 +285,53 @@ class MetricsPageTests(TestCase):
                 ("127.0.0.1", cluster.metrics_ports["node1"])), 0)
 
 
+HAPROXY_HEALTH_CHECKS = """\
+global
+    maxconn 64
+    stats socket {stats} level admin
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10s
+    timeout server 10s
+frontend tls
+    bind 127.0.0.1:{port}
+    default_backend sslshare
+backend sslshare
+    balance roundrobin
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server inter 200ms fall 1 rise 1
+    server node1 127.0.0.1:{node_port} check port {metrics_port}
+"""
+
+
+def _haproxy_status(stats, server):
+    """
+    The status (C{UP}, C{DOWN}, ...) HAProxy's stats socket C{stats} gives
+    C{server} of the backend, or C{None} while it does not answer.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX) as control:
+            control.settimeout(5)
+            control.connect(stats)
+            control.sendall(b"show stat\n")
+            answer = b""
+            while chunk := control.recv(65536):
+                answer += chunk
+    except OSError:
+        return None
+    lines = answer.decode().splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return None
+    columns = lines[0][2:].split(",")
+    for line in lines[1:]:
+        row = dict(zip(columns, line.split(",")))
+        if row.get("pxname") == "sslshare" and row.get("svname") == server:
+            return row["status"].split()[0]
+    return None
+
+
 class ProbeTests(TestCase):
     """
     C{/healthz} and C{/readyz} on the metrics listener, fetched with
@@ -298,13 +349,22 @@ class ProbeTests(TestCase):
                          (200, "ready\n"))
 
     @inlineCallbacks
-    def test_not_ready_while_the_repository_does_not_answer(self):
+    def _node_of_a_redis_repository(self):
+        """
+        A started node of the repository topology with a Redis server of
+        its own: fires with both.
+        """
         server = throwaway_server(self, "redis").start()
         cluster = LocalCluster(
             self, nodes=("node1",), metrics=True,
             repository=f'topology = "repository"\nkind = "redis"\n'
                        f'url = "{server.url}"\n')
         yield cluster.start_all()
+        return server, cluster
+
+    @inlineCallbacks
+    def test_not_ready_while_the_repository_does_not_answer(self):
+        server, cluster = yield self._node_of_a_redis_repository()
         port = cluster.metrics_ports["node1"]
         self.assertEqual(
             (yield Deferred.fromCoroutine(probe(port, "/readyz")))[0], 200)
@@ -318,6 +378,30 @@ class ProbeTests(TestCase):
         server.start()
         yield until(lambda: Deferred.fromCoroutine(probe(port, "/readyz"))
                     .addCallback(lambda answer: answer[0] == 200))
+
+    @inlineCallbacks
+    def test_haproxy_takes_a_node_out_while_it_is_not_ready(self):
+        # README's load balancer: HAProxy in TCP mode, checking /readyz
+        # on the metrics port of each node.
+        server, cluster = yield self._node_of_a_redis_repository()
+        # Short: a unix socket's path is at most 107 bytes.
+        directory = tempfile.mkdtemp(prefix="haproxy-")
+        self.addCleanup(shutil.rmtree, directory)
+        stats = os.path.join(directory, "stats")
+        haproxy(self, HAPROXY_HEALTH_CHECKS.format(
+            stats=stats, port=free_port(), node_port=cluster.ports["node1"],
+            metrics_port=cluster.metrics_ports["node1"]))
+
+        def status_becomes(status):
+            return until(lambda: deferToThread(_haproxy_status, stats, "node1")
+                         .addCallback(lambda now: now == status),
+                         message=f"HAProxy never saw node1 {status}")
+
+        yield status_becomes("UP")
+        server.stop()
+        yield status_becomes("DOWN")
+        server.start()
+        yield status_becomes("UP")
 
     @inlineCallbacks
     def test_not_ready_once_stopping(self):
@@ -349,30 +433,107 @@ class BuildAndProcessTests(TestCase):
 
 class EveryCounterTests(SynchronousTestCase):
     """
-    The counters the node, its recovery chain and its store keep are
-    listed (their C{COUNTERS}), so that the stats and the metrics page show
-    each from the start, zero included.
+    The counters the node, its engine, recovery chain, store, checkpoint
+    pipelines, peer channel and DNS discovery keep are listed (their
+    C{COUNTERS}), so that the stats and the metrics page show each from the
+    start, zero included.
     """
 
     def test_every_counter_the_code_counts_is_listed(self):
         import re
 
-        from sslshare import node, recovery, store
+        from sslshare import digest, node, recovery, store, tls
+        from sslshare.cluster import _discovery, _server
 
-        for module in (node, recovery, store):
+        # Counters named as a literal; the labelled ones (failed:<reason>)
+        # are built with an f-string.
+        for module, counting in (
+                (node, r'self\.counters\["(\w+)"\]'),
+                (recovery, r'self\.counters\["(\w+)"\]'),
+                (store, r'self\.counters\["(\w+)"\]'),
+                (digest, r'self\.counters\["(\w+)"\]'),
+                (_discovery, r'self\.counters\["(\w+)"\]'),
+                (tls, r'counters\[\s*"(\w+)"\]'),
+                (_server, r'counters\[\s*"(\w+)"\]')):
             with open(module.__file__) as f:
-                counted = set(re.findall(r'self\.counters\["(\w+)"\]',
-                                         f.read()))
+                counted = set(re.findall(counting, f.read()))
+            self.assertTrue(counted, module.__name__)
             self.assertEqual(sorted(counted - set(module.COUNTERS)), [],
                              module.__name__)
 
     def test_a_fresh_node_shows_every_counter_at_zero(self):
-        from sslshare import node, recovery, store
+        from sslshare import digest, node, recovery, store
         from tests.support.memory import MemoryCluster
 
         stats = MemoryCluster()["node1"].stats()
         for module, prefix in ((node, ""), (recovery, "recovery."),
-                               (store, "store.")):
+                               (store, "store."), (digest, "checkpoint.")):
             for name in module.COUNTERS:
                 self.assertEqual(stats.get(prefix + name), 0,
                                  prefix + name)
+
+
+class StatsOnThePageTests(TestCase):
+    """
+    The metrics page of a real node carries every number C{sslshare stats}
+    shows, each once and with the same value, and nothing else of
+    sslshare's but the build.
+    """
+
+    def _assert_page_is_stats(self, samples, stats):
+        from sslshare.metrics import sample_of
+
+        expected = {}
+        for stat, value in stats.items():
+            sample = sample_of(stat)
+            expected.setdefault(sample.name, {})[
+                frozenset(sample.labels)] = value
+        shown = {name: values for name, values in samples.items()
+                 if name.startswith("sslshare_")
+                 and name != "sslshare_build_info"
+                 and not name.endswith("_bucket")}
+        self.assertEqual(sorted(set(shown) - set(expected)), [],
+                         "on the page, not in the stats")
+        self.assertEqual(sorted(set(expected) - set(shown)), [],
+                         "in the stats, not on the page")
+        for name, values in expected.items():
+            self.assertEqual(shown[name], values, name)
+
+    @inlineCallbacks
+    def test_every_stat_is_on_the_page_and_nothing_else(self):
+        cluster = LocalCluster(
+            self, nodes=("node1", "node2"), metrics=True,
+            repository='kind = "sqlite"\npath = "{directory}/s.sqlite3"\n')
+        yield cluster.start_all()
+        first = yield cluster.client_round("node1", "TLSv1.2")
+        resumed = yield cluster.client_round("node2", "TLSv1.2", first.session)
+        self.assertTrue(resumed.reused)
+        yield cluster.settled()
+        for node in ("node1", "node2"):
+            stats = yield _stats(cluster, node)
+            for name in ("reloads", "reload_failures", "recovery.lookups_shed",
+                         "recovery.unsealable", "backend_failures",
+                         "cluster.refused_nodes", "engine.lookups",
+                         "engine.malformed_psk", "cluster.commands:Stats",
+                         "checkpoint.pauses_cut", "repository.puts",
+                         "connections_open", "received_bytes", "sent_bytes"):
+                self.assertIn(name, stats, node)
+            self.assertGreater(stats["received_bytes"], 0, node)
+            self.assertGreater(stats["sent_bytes"], 0, node)
+            samples = yield _scrape(cluster, node)
+            self._assert_page_is_stats(samples, stats)
+        self.assertEqual(samples["sslshare_reloads_total"][frozenset()], 0)
+        self.assertEqual(samples["sslshare_handshakes_total"][
+            frozenset({("outcome", "resumed_peer")})], 1)
+
+    @inlineCallbacks
+    def test_open_client_connections(self):
+        cluster = LocalCluster(self, nodes=("node1",), metrics=True)
+        yield cluster.start_all()
+        samples = yield _scrape(cluster, "node1")
+        self.assertEqual(samples["sslshare_connections_open"][frozenset()], 0)
+        held = socket.create_connection(("127.0.0.1", cluster.ports["node1"]))
+        self.addCleanup(held.close)
+        yield until(lambda: cluster.services["node1"].open_connections == 1)
+        samples = yield _scrape(cluster, "node1")
+        self.assertEqual(samples["sslshare_connections_open"][frozenset()], 1)

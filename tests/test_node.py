@@ -491,6 +491,35 @@ class OperatorToolTests(TestCase):
         self.assertIn(state_key, lines[0])
 
     @inlineCallbacks
+    def test_config_check_names_the_key_of_a_mismatched_key_file(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        path = cluster.paths["node1"]
+        for old, new, message in (
+                ("pki/localhost-key.pem", "pki/node2-key.pem",
+                 "tls.service[0].key: does not match "
+                 "tls.service[0].certificate"),
+                ("pki/node1-key.pem", "pki/node2-key.pem",
+                 "cluster.key: does not match cluster.certificate")):
+            cluster.edit("node1", old, new)
+            output, error, code = yield self._sslshare("config", "check", path)
+            self.assertEqual((code, output, error.decode()),
+                             (2, b"", f"sslshare: {path}: {message}\n"))
+            cluster.edit("node1", new, old)
+
+    @inlineCallbacks
+    def test_config_check_names_the_key_of_an_unusable_certificate(self):
+        cluster = LocalCluster(self, nodes=("node1", "node2"))
+        path = cluster.paths["node1"]
+        state_key = os.path.join(cluster.directory, "pki", "state.key")
+        cluster.edit("node1", "pki/localhost-chain.pem", "pki/state.key")
+        output, error, code = yield self._sslshare("config", "check", path)
+        self.assertEqual((code, output), (2, b""))
+        self.assertTrue(error.decode().startswith(
+            f"sslshare: {path}: tls.service[0].certificate: {state_key}: "),
+            error)
+        self.assertEqual(error.count(b"\n"), 1, error)
+
+    @inlineCallbacks
     def test_version(self):
         from sslshare import __version__
 

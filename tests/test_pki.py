@@ -243,6 +243,20 @@ class AddNodeTests(TestCase):
                                   self.files.directory, "demo", "node1")
         self.assertEqual(error.path, self.files.node("node1").certificate)
 
+    def test_the_cluster_is_read_from_the_ca(self):
+        node = pki.add_node(self.files.directory, None, "node4")
+        uris = _extension(_certificates(node.certificate)[0],
+                          x509.SubjectAlternativeName).get_values_for_type(
+            x509.UniformResourceIdentifier)
+        self.assertEqual(uris, ["sslshare://demo/node4"])
+
+    def test_a_node_named_as_the_server_certificate_is_refused(self):
+        for node_id in ("localhost", "localhost-chain", "ca"):
+            error = self.assertRaises(ValueError, pki.add_node,
+                                      self.files.directory, None, node_id,
+                                      force=True)
+            self.assertIn("overwrite", str(error))
+
     def test_missing_ca_is_an_error_naming_it(self):
         error = self.assertRaises(pki.PKIError, pki.add_node, self.mktemp(),
                                   "demo", "node1")

@@ -7,7 +7,6 @@ balancer's.
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import struct
@@ -18,6 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.support.cluster import LocalCluster
 from tests.support.waiting import until, wait_for_port
+from tests.support.servers import haproxy
 
 CLIENT = "203.0.113.7"
 HAPROXY_LISTEN = "haproxy:tcp:{port}:interface=127.0.0.1"
@@ -117,27 +117,7 @@ def haproxy_backend(testcase, port):
     HAProxy on C{port} of 127.0.0.1 reading the PROXY protocol; stopped
     when the test ends.
     """
-    import shutil
-    import subprocess
-
-    from twisted.trial.unittest import SkipTest
-
-    binary = shutil.which("haproxy") or shutil.which("/usr/sbin/haproxy")
-    if binary is None:
-        raise SkipTest("haproxy is not installed (Debian: apt-get install "
-                       "haproxy; make test installs it)")
-    directory = testcase.mktemp()
-    os.makedirs(directory)
-    configuration = os.path.join(directory, "haproxy.cfg")
-    with open(configuration, "w") as f:
-        f.write(HAPROXY_BACKEND.format(port=port))
-    process = subprocess.Popen([binary, "-f", configuration, "-db"],
-                               stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    testcase.addCleanup(process.wait, 10)
-    testcase.addCleanup(process.terminate)
-    return process
+    return haproxy(testcase, HAPROXY_BACKEND.format(port=port))
 
 
 def _request_behind_a_header(port, ca_cert, header):

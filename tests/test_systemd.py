@@ -2,7 +2,7 @@
 systemd: the readiness notifications (L{sslshare.systemd}), received on a
 datagram socket standing in for systemd's, from a real C{twistd} node; a
 node started with a listening socket handed down as systemd's socket
-activation does; and the unit file shipped in C{conf/}.
+activation does; and the unit file shipped in C{sslshare/examples/}.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def _seen(receiver, seen, count):
 
 class UnitFileTests(SynchronousTestCase):
     """
-    C{conf/sslshare@.service}, as systemd reads it: notify type, reload by
+    C{sslshare/examples/sslshare@.service}, as systemd reads it: notify type, reload by
     SIGHUP, and the node's own config file per instance.
     """
 
@@ -148,7 +148,7 @@ class UnitFileTests(SynchronousTestCase):
         self.unit = configparser.ConfigParser(interpolation=None,
                                               strict=False)
         self.unit.optionxform = str
-        self.unit.read(os.path.join(ROOT, "conf", "sslshare@.service"))
+        self.unit.read(os.path.join(ROOT, "sslshare", "examples", "sslshare@.service"))
 
     def test_it_is_a_notify_service_reloaded_by_sighup(self):
         service = self.unit["Service"]

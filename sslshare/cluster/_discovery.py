@@ -60,6 +60,10 @@ IDENTIFY_TIMEOUT = 5.0
 IDENTIFY_AT_ONCE = 16
 """Addresses dialled at once to learn their node ids."""
 
+COUNTERS = ("lookups", "lookup_failures", "identified", "identify_failures")
+"""Every counter of L{PeerDiscovery.counters}: the stats show each, zero
+included."""
+
 
 @attrs.frozen
 class PeerSource:
@@ -250,9 +254,7 @@ class PeerDiscovery(Service):
         self._known: dict[tuple[str, int], str] = {}
         self._next: IDelayedCall | None = None
         self._running: Deferred[float] | None = None
-        self.counters: Counter[str] = Counter(
-            {name: 0 for name in ("lookups", "lookup_failures", "identified",
-                                  "identify_failures")})
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self._warnings = RateLimitedWarning(clock, log=_log)
 
     def startService(self) -> None:

@@ -4,7 +4,7 @@ The errors of the cluster channel.
 
 from __future__ import annotations
 
-from sslshare.errors import FileError
+from sslshare.errors import CertificateKeyMismatch, FileError
 
 
 class NotAuthorized(Exception):
@@ -79,4 +79,10 @@ class HandlerFault(Exception):
 class ClusterTLSError(FileError):
     """
     A node's own CA, certificate or key file is unusable.
+    """
+
+
+class ClusterKeyMismatch(CertificateKeyMismatch, ClusterTLSError):
+    """
+    A node's key file does not hold the key of its certificate.
     """

@@ -25,6 +25,8 @@ from sslshare import identity
 from sslshare.cluster._commands import (
     ARGUMENT_CHECKS,
     BY_WIRE_NAME,
+    COMMANDS,
+    ITEM_COMMANDS,
     OUTCOMES,
     Backup,
     Checkpoint,
@@ -59,6 +61,16 @@ from sslshare.logs import RateLimitedWarning
 from sslshare.state import StateKeys
 
 _log = Logger()
+
+COUNTERS = (
+    "connections", "reading_paused", "handshake_timeouts",
+    "refused_connections", "refused_nodes", "duplicate_nodes",
+    "protocol_errors", "unknown_commands", "refused_commands",
+    "bad_requests", "key_mismatches",
+    *(f"commands:{name}" for name in (*COMMANDS, Deliver.__name__)),
+    *(f"items:{command.__name__}" for command in ITEM_COMMANDS.values()))
+"""Every counter of L{PeerServerFactory.counters}: the stats show each,
+zero included."""
 
 
 def _shown_address(address: IAddress) -> str:
@@ -473,7 +485,7 @@ class PeerServerFactory(Factory["_PeerServerProtocol"]):
         self.keys = keys
         self.clock = clock
         self.handshake_timeout = handshake_timeout
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self._protocols: set[_PeerServerProtocol] = set()
         self._warnings: dict[str, RateLimitedWarning] = {}
 

@@ -29,7 +29,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sslshare import identity
-from sslshare.cluster._errors import ClusterTLSError, PeerIdentityError
+from sslshare.cluster._errors import (
+    ClusterKeyMismatch,
+    ClusterTLSError,
+    PeerIdentityError,
+)
 from sslshare.errors import read_bytes
 
 _log = Logger()
@@ -238,7 +242,7 @@ class ClusterTLS:
                 key_path, f"not an unencrypted PEM private key ({e})") from None
         leaf = chain[0]
         if key.public_key() != leaf.public_key():
-            raise ClusterTLSError(key_path, f"is not the key of {certificate_path}")
+            raise ClusterKeyMismatch(key_path, certificate_path)
         try:
             found = node_identity(leaf, cluster)
         except PeerIdentityError as e:

@@ -3,7 +3,9 @@ C{sslshare demo}: a 3-node cluster on 127.0.0.1 resuming sessions across
 nodes, with stock clients.
 
 What it does, in order: make the demo PKI if it is missing; start a small
-HTTP backend in this process; start the nodes of C{conf/node1.toml} to
+HTTP backend in this process; write the demo's node files (the examples
+installed with sslshare, L{sslshare.examples}) into C{<directory>/conf},
+unless C{--conf} names others; start the nodes of C{node1.toml} to
 C{node3.toml} as three real C{twistd sslshare} processes; let clients
 (Python's C{ssl}, half TLS 1.2 and half TLS 1.3) connect round-robin
 across the nodes, each offering the session of its previous connection;
@@ -36,7 +38,7 @@ from twisted.internet.threads import deferToThread
 from twisted.web import resource, server
 from twisted.web.client import Agent, readBody
 
-from sslshare import config, metrics
+from sslshare import config, examples, metrics
 from sslshare.dev import pki, throwaway
 from sslshare.service import configured_listeners, listen_problem
 from sslshare.tools import CommandError, ask_stats, client_endpoint_for, run_in_reactor
@@ -247,22 +249,30 @@ def _repository_section(kind: str, directory: str,
     return f'kind = "postgres"\ndsn = "{server.dsn()}"\n'
 
 
-def _with_repository(conf: str, directory: str, section: str) -> str:
+def _node_files(directory: str, source: str | None,
+                repository: str | None) -> str:
     """
-    Copies of the demo's node files with a repository section, in
-    C{<directory>/conf}; the shipped files name their PKI and state as
-    C{../demo/...}, which the copies name absolutely.
+    The directory of the demo's node files: C{source} as it is, or
+    C{<directory>/conf} written from the installed examples (their relative
+    paths name C{<directory>/pki} and C{<directory>/state}), or from
+    C{source}, with C{repository} as their C{[repository]} section.
     """
+    if source is not None and repository is None:
+        return source
     target = os.path.join(directory, "conf")
     os.makedirs(target, exist_ok=True)
-    demo = os.path.abspath(directory) + os.sep
     for node in NODES:
-        with open(os.path.join(conf, f"{node}.toml"), encoding="utf-8") as f:
-            text = f.read().replace('"../demo/', '"' + demo)
+        if source is None:
+            text = examples.text(f"{node}.toml")
+        else:
+            with open(os.path.join(source, f"{node}.toml"),
+                      encoding="utf-8") as f:
+                text = f.read()
+        if repository is not None:
+            text += '\n[repository]\ntopology = "repository"\n' + repository
         with open(os.path.join(target, f"{node}.toml"), "w",
                   encoding="utf-8") as f:
-            f.write(text + '\n[repository]\ntopology = "repository"\n'
-                    + section)
+            f.write(text)
     return target
 
 
@@ -274,12 +284,11 @@ async def demo(reactor: Any, arguments: Any) -> dict[str, Any]:
     os.makedirs(arguments.directory, exist_ok=True)
     servers: list[Any] = []
     try:
-        conf = arguments.conf
-        if arguments.repository is not None:
-            conf = _with_repository(conf, arguments.directory,
-                                    _repository_section(arguments.repository,
-                                                        arguments.directory,
-                                                        servers))
+        conf = _node_files(
+            arguments.directory, arguments.conf,
+            None if arguments.repository is None else
+            _repository_section(arguments.repository, arguments.directory,
+                                servers))
         for node in NODES:
             configs[node] = config.load(
                 os.path.join(conf, f"{node}.toml"), reactor)
@@ -335,8 +344,9 @@ async def _run_cluster(reactor: Any, arguments: Any,
                 if (url := metrics_url(configs[node])) is not None}
         if not arguments.json:
             for node, url in urls.items():
-                print(f"{node} metrics, while the demo runs: curl {url}",
-                      flush=True)
+                ready = url.removesuffix("/metrics") + "/readyz"
+                print(f"{node} metrics, while the demo runs: curl {url}; "
+                      f"readiness: curl {ready}", flush=True)
         ca = configs["node1"].cluster.ca
         clients = [
             deferToThread(_client, ca, "TLSv1.2" if index % 2 == 0 else "TLSv1.3",

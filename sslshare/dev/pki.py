@@ -11,10 +11,12 @@ needs, as PEM files in one directory:
                                 (L{sslshare.identity}), its extended key usage
                                 both clientAuth and serverAuth, since a
                                 node dials its peers and answers them
-    localhost-chain.pem,        the certificate clients see, for the server
-    localhost-key.pem           names given (DNS names, and IP 127.0.0.1
+    <name>-chain.pem,           the certificate clients see, for the server
+    <name>-key.pem              names given (DNS names, and IP 127.0.0.1
                                 when C{localhost} is one of them), then the
-                                CA
+                                CA; the files are named after the first
+                                name (L{server_files}): localhost-chain.pem
+                                by default
     state.key                   the cluster state key: one line of 64 hex
                                 digits (L{sslshare.state.StateKeys})
 
@@ -62,9 +64,10 @@ _DNS_NAME = re.compile(
 
 CA_CERTIFICATE = "ca.pem"
 CA_KEY = "ca-key.pem"
-SERVER_CHAIN = "localhost-chain.pem"
-SERVER_KEY = "localhost-key.pem"
 STATE_KEY = "state.key"
+# What ca_certificate names a CA; add_node reads the cluster back from it.
+_CA_NAME = "sslshare cluster {cluster} CA {tag}"
+_CA_NAME_PATTERN = re.compile(r"sslshare cluster (\S+) CA [0-9a-f]{6}")
 
 
 class PKIError(FileError):
@@ -138,8 +141,9 @@ def init_pki(directory: str, cluster: str, nodes: Sequence[str],
     if len(set(nodes)) != len(nodes):
         raise ValueError(f"node ids listed twice: {sorted(_duplicates(nodes))}")
     san = _server_names(server_names)
+    server_chain, server_key_file = server_files(server_names[0])
 
-    names = [CA_CERTIFICATE, CA_KEY, SERVER_CHAIN, SERVER_KEY, STATE_KEY]
+    names = [CA_CERTIFICATE, CA_KEY, server_chain, server_key_file, STATE_KEY]
     for node_id in nodes:
         names += _node_file_names(node_id)
     collisions = _duplicates(names)
@@ -167,8 +171,8 @@ def init_pki(directory: str, cluster: str, nodes: Sequence[str],
     server_key = _new_key()
     server = issue_certificate(ca, ca_key, server_key, server_names[0], san,
                    [ExtendedKeyUsageOID.SERVER_AUTH])
-    _write(paths[SERVER_CHAIN], _certificate_pem(server) + ca_pem, 0o644, force)
-    _write(paths[SERVER_KEY], _key_pem(server_key), 0o600, force)
+    _write(paths[server_chain], _certificate_pem(server) + ca_pem, 0o644, force)
+    _write(paths[server_key_file], _key_pem(server_key), 0o600, force)
 
     _write(paths[STATE_KEY], (StateKeys.generate().hex() + "\n").encode("ascii"),
            0o600, force)
@@ -176,11 +180,21 @@ def init_pki(directory: str, cluster: str, nodes: Sequence[str],
         directory=directory, cluster=cluster,
         ca_certificate=paths[CA_CERTIFICATE], ca_key=paths[CA_KEY],
         nodes=tuple(node_files),
-        server_chain=paths[SERVER_CHAIN], server_key=paths[SERVER_KEY],
+        server_chain=paths[server_chain], server_key=paths[server_key_file],
         state_key=paths[STATE_KEY])
 
 
-def add_node(directory: str, cluster: str, node_id: str, *,
+def server_files(name: str) -> tuple[str, str]:
+    """
+    The names of the files of the server certificate for C{name} (its
+    chain, its key): C{<name>-chain.pem} and C{<name>-key.pem}, a wildcard
+    C{*} written as C{wildcard}.
+    """
+    stem = name.replace("*", "wildcard")
+    return f"{stem}-chain.pem", f"{stem}-key.pem"
+
+
+def add_node(directory: str, cluster: str | None, node_id: str, *,
              force: bool = False) -> NodeFiles:
     """
     Issue a certificate for C{node_id} of C{cluster} from the CA that
@@ -190,16 +204,22 @@ def add_node(directory: str, cluster: str, node_id: str, *,
     The CA does not restrict which cluster it signs for: a CA shared by two
     clusters is allowed, and the nodes tell the clusters apart by the URI.
 
+    @param cluster: the cluster's name; C{None}: the one the CA was made
+        for by L{init_pki}.
     @raise ValueError: a name is invalid or collides with a PKI file.
     @raise PKIError: the CA files are unusable, or a node file exists (and
         not C{force}).
     """
-    validate_name("cluster name", cluster)
     validate_name("node id", node_id)
     names = _node_file_names(node_id)
-    if set(names) & {CA_CERTIFICATE, CA_KEY, SERVER_CHAIN, SERVER_KEY, STATE_KEY}:
-        raise ValueError(f"node id {node_id!r} would overwrite a file of the PKI")
     directory = os.path.abspath(directory)
+    # A server certificate's files are <name>-chain.pem and <name>-key.pem:
+    # a node of that name, or of a name ending -chain, would overwrite one.
+    if (set(names) & {CA_CERTIFICATE, CA_KEY, STATE_KEY}
+            or node_id.endswith("-chain")
+            or os.path.exists(os.path.join(directory,
+                                           f"{node_id}-chain.pem"))):
+        raise ValueError(f"node id {node_id!r} would overwrite a file of the PKI")
     ca_path = os.path.join(directory, CA_CERTIFICATE)
     ca_key_path = os.path.join(directory, CA_KEY)
     ca_pem = read_bytes(ca_path, PKIError)
@@ -213,10 +233,23 @@ def add_node(directory: str, cluster: str, node_id: str, *,
         raise PKIError(ca_key_path, f"not an unencrypted PEM private key ({e})") from None
     if ca_key.public_key() != ca.public_key():
         raise PKIError(ca_key_path, f"is not the key of {ca_path}")
+    if cluster is None:
+        cluster = _cluster_of(ca, ca_path)
+    validate_name("cluster name", cluster)
     if not force:
         _refuse_existing(os.path.join(directory, name) for name in names)
     return _issue_node(directory, cluster, node_id, ca, ca_key,
                        _certificate_pem(ca), force)
+
+
+def _cluster_of(ca: x509.Certificate, ca_path: str) -> str:
+    common_names = ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    found = (None if len(common_names) != 1 else
+             _CA_NAME_PATTERN.fullmatch(str(common_names[0].value)))
+    if found is None:
+        raise PKIError(ca_path, "names no sslshare cluster (not made by "
+                                "sslshare pki init): give the cluster's name")
+    return found.group(1)
 
 
 def _node_file_names(node_id: str) -> list[str]:
@@ -352,7 +385,7 @@ def ca_certificate(cluster: str, key: ec.EllipticCurvePrivateKey) -> x509.Certif
     A self-signed CA certificate for C{cluster}, signed by C{key}.
     """
     # A random tag tells two CAs of the same cluster name apart in logs.
-    name = f"sslshare cluster {cluster} CA {secrets.token_hex(3)}"
+    name = _CA_NAME.format(cluster=cluster, tag=secrets.token_hex(3))
     return (
         _builder(name, _name(name), key.public_key(), _CA_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)

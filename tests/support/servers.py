@@ -7,6 +7,9 @@ real one never would).
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import weakref
 
 from twisted.internet import reactor
@@ -239,3 +242,29 @@ class SilentListener:
     def stop(self):
         _abort_all(self.accepted)
         return self.listening.stopListening()
+
+
+def haproxy(testcase, configuration):
+    """
+    HAProxy running C{configuration} (the text of its file) in the
+    foreground; stopped when the test ends.  Skips the test when HAProxy
+    is not installed.
+    """
+    from twisted.trial.unittest import SkipTest
+
+    binary = shutil.which("haproxy") or shutil.which("/usr/sbin/haproxy")
+    if binary is None:
+        raise SkipTest("haproxy is not installed (Debian: apt-get install "
+                       "haproxy; make test installs it)")
+    directory = testcase.mktemp()
+    os.makedirs(directory)
+    path = os.path.join(directory, "haproxy.cfg")
+    with open(path, "w") as f:
+        f.write(configuration)
+    process = subprocess.Popen([binary, "-f", path, "-db"],
+                               stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    testcase.addCleanup(process.wait, 10)
+    testcase.addCleanup(process.terminate)
+    return process

@@ -1,0 +1,7 @@
+"""
+C{python -m sslshare}: the C{sslshare} command.
+"""
+
+from sslshare.cli import main
+
+main()
