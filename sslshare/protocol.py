@@ -472,15 +472,16 @@ class BackendProxy(Protocol):
 
 def _handshake_failure(reason: Failure) -> str:
     """
-    Why a handshake failed, in words: OpenSSL's reasons, or the
-    connection's end.
+    Why a handshake failed, in words: OpenSSL's reasons, or how the
+    connection ended before it finished (a TCP health check that only
+    connects, a port scan).
     """
     error = reason.value
     if isinstance(error, SSL.Error) and error.args \
             and isinstance(error.args[0], list):
         return "; ".join(str(item[-1]) for item in error.args[0]
                          if isinstance(item, tuple)) or "TLS error"
-    return reason.getErrorMessage()
+    return f"closed before the handshake finished ({reason.getErrorMessage()})"
 
 
 def _ip_end(address: IAddress) -> tuple[str, int] | None:
