@@ -47,7 +47,8 @@ FIELDS = (
     "tls_version",     # "TLSv1.2", "TLSv1.3"; null: no handshake
     "cipher",          # the cipher suite's OpenSSL name, or null
     "alpn",            # the ALPN protocol agreed, or null
-    "resumed",         # "full", or where the session came from (SOURCES)
+    "resumed",         # "full", or where the session came from: one of
+                       # recovery.LOOKUP_SOURCES but "miss"
     "lookup_ms",       # how long the handshake waited for it, or null
     "session",         # the owner part of the session id, in hex, or null
     "bytes_in",        # plaintext bytes from the client to the backend
@@ -56,10 +57,6 @@ FIELDS = (
     "end",             # how it ended (ENDS)
     "reason",          # why, for handshake_failure and backend_unreachable
 )
-
-# Where a resumed session came from: the node's store, the owner (or the
-# node a redirect named), the owner's backup node, the repository.
-SOURCES = ("local", "peer", "backup", "repository")
 
 ENDS = (
     "client_close",         # the client closed (or went away) first

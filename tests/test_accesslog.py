@@ -24,6 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from sslshare import accesslog, sessionid
 from sslshare.accesslog import AccessLogFile
+from sslshare.recovery import LOOKUP_SOURCES
 from tests.support.clients import client_context
 from tests.support.cluster import LocalCluster
 from tests.support.waiting import until
@@ -376,12 +377,23 @@ class BufferedFileTests(TestCase):
 
 class DocumentationTests(TestCase):
     """
-    README.rst and conf/example.toml name every field and every end.
+    README.rst and conf/example.toml name every field, every value of
+    C{resumed} and every end; the protocol ends connections only as
+    C{ENDS} lists.
     """
 
     def test_every_field_and_end_is_documented(self):
+        resumed = ("full",) + tuple(source for source in LOOKUP_SOURCES
+                                    if source != "miss")
         for name in ("README.rst", "conf/example.toml"):
             with open(os.path.join(ROOT, name), encoding="utf-8") as f:
                 text = f.read()
-            for word in accesslog.FIELDS + accesslog.ENDS + accesslog.SOURCES:
-                self.assertIn(word, text, name)
+            for word in accesslog.FIELDS + accesslog.ENDS + resumed:
+                self.assertRegex(text, rf"\b{word}\b" if name.endswith(
+                    ".toml") else f"``{word}``", name)
+
+    def test_every_end_the_protocol_gives_is_listed(self):
+        with open(os.path.join(ROOT, "sslshare", "protocol.py"),
+                  encoding="utf-8") as f:
+            ends = set(re.findall(r'ended\(\s*"([a-z_]+)"', f.read()))
+        self.assertEqual(ends, set(accesslog.ENDS))
