@@ -160,6 +160,40 @@ class ConnectionLinesTests(TestCase):
                 self.assertGreaterEqual(entry["lookup_ms"], 0)
 
     @inlineCallbacks
+    def test_resumed_from_the_owners_backup_node(self):
+        cluster = _access_log_cluster(self, nodes=("node1", "node2", "node3"))
+        yield cluster.start_all()
+        first = yield cluster.client_round("node1", "TLSv1.2")
+        # node2 keeps the backup copy of node1's sessions (the ring after
+        # node1).
+        yield cluster.settled()
+        yield cluster.stop("node1")
+        yield until(lambda: not cluster.nodes["node3"].peer_links
+                     .link("node1").connected)
+        resumed = yield cluster.client_round("node3", "TLSv1.2", first.session)
+        self.assertTrue(resumed.reused)
+        (entry,) = yield _wait_entries(_path(cluster, "node3"), 1)
+        self.assertEntry(entry, resumed="backup", tls_version="TLSv1.2",
+                         server_name="localhost")
+        self.assertGreaterEqual(entry["lookup_ms"], 0)
+
+    @inlineCallbacks
+    def test_resumed_from_the_repository(self):
+        cluster = _access_log_cluster(
+            self, nodes=("node1", "node2"), peers=False,
+            repository='topology = "repository"\nkind = "sqlite"\n'
+                       'path = "{directory}/sessions.sqlite3"\n')
+        yield cluster.start_all()
+        first = yield cluster.client_round("node1", "TLSv1.2")
+        node1 = cluster.nodes["node1"]
+        yield until(lambda: node1.repository.checkpoint_of(
+            first.session.id).addCallback(lambda found: found is not None))
+        resumed = yield cluster.client_round("node2", "TLSv1.2", first.session)
+        self.assertTrue(resumed.reused)
+        (entry,) = yield _wait_entries(_path(cluster, "node2"), 1)
+        self.assertEntry(entry, resumed="repository", tls_version="TLSv1.2")
+
+    @inlineCallbacks
     def test_no_whole_session_id_and_no_secret(self):
         cluster = _access_log_cluster(self)
         node = cluster.start("node1")
