@@ -65,6 +65,7 @@ ENDS = (
     "handshake_failure",    # the TLS handshake failed (reason says why)
     "handshake_timeout",    # the handshake took longer than allowed
     "idle_timeout",         # silent both ways past idle_timeout_s
+    "drain_timeout",        # still open when a stopping node's drain ended
 )
 
 # An entry in the node's log: the event's own time is the entry's (and

@@ -140,6 +140,14 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
         if self._answerArrivesLater:
             self.dataReceived(b"")
 
+    def cut_off(self, end: str) -> None:
+        """
+        Close the connection at once, for C{end} (L{accesslog.ENDS}).
+        """
+        if isinstance(self.wrappedProtocol, BackendProxy):
+            self.wrappedProtocol.ended(end)
+        self.abortConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # The TLS connection is marked lost first, so that the answer a
         # cancellation delivers is dropped rather than supplied.

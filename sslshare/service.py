@@ -51,6 +51,7 @@ from sslshare.protocol import (
     BackendProxyFactory,
     ProxySettings,
     SessionResumingTLSFactory,
+    SessionResumingTLSProtocol,
 )
 from sslshare.recovery import LookupSettings, Recovery
 from sslshare.repository import ISessionRepository, RepositoryError, from_config
@@ -646,7 +647,8 @@ class NodeService(MultiService):
             self._log.warn("closing {count} client connections still open "
                            "at the drain deadline", count=len(still_open))
             for protocol in still_open:
-                protocol.abortConnection()
+                assert isinstance(protocol, SessionResumingTLSProtocol)
+                protocol.cut_off("drain_timeout")
 
 
 def handover_summary(moved: Mapping[str, int]) -> str:

@@ -269,6 +269,25 @@ class ConnectionLinesTests(TestCase):
                          bytes_out=0, tls_version="TLSv1.3")
 
     @inlineCallbacks
+    def test_still_open_when_the_drain_ends(self):
+        cluster = _access_log_cluster(self, node_options="drain_timeout_s = 0.3",
+                                      backend=Echo)
+        cluster.start("node1")
+        silent = deferToThread(_silent_after_handshake,
+                               cluster.ports["node1"], cluster.ca_cert)
+        yield until(lambda: cluster.services["node1"].open_connections == 1
+                    and all(protocol.wrappedProtocol._linked for protocol
+                            in cluster.services["node1"]._clients.protocols))
+        yield cluster.stop("node1")
+        try:
+            yield silent
+        except OSError:
+            # Cut off without a close_notify.
+            pass
+        (entry,) = _entries(_path(cluster))
+        self.assertEntry(entry, end="drain_timeout", tls_version="TLSv1.3")
+
+    @inlineCallbacks
     def test_the_address_a_proxy_protocol_header_gave(self):
         from tests.test_proxy_protocol import (
             CLIENT,
@@ -412,8 +431,8 @@ class BufferedFileTests(TestCase):
 class DocumentationTests(TestCase):
     """
     README.rst and conf/example.toml name every field, every value of
-    C{resumed} and every end; the protocol ends connections only as
-    C{ENDS} lists.
+    C{resumed} and every end; the code ends connections only as C{ENDS}
+    lists.
     """
 
     def test_every_field_and_end_is_documented(self):
@@ -426,8 +445,11 @@ class DocumentationTests(TestCase):
                 self.assertRegex(text, rf"\b{word}\b" if name.endswith(
                     ".toml") else f"``{word}``", name)
 
-    def test_every_end_the_protocol_gives_is_listed(self):
-        with open(os.path.join(ROOT, "sslshare", "protocol.py"),
-                  encoding="utf-8") as f:
-            ends = set(re.findall(r'ended\(\s*"([a-z_]+)"', f.read()))
+    def test_every_end_the_code_gives_is_listed(self):
+        ends = set()
+        for name in ("protocol.py", "service.py"):
+            with open(os.path.join(ROOT, "sslshare", name),
+                      encoding="utf-8") as f:
+                ends.update(re.findall(r'(?:ended|cut_off)\(\s*"([a-z_]+)"',
+                                       f.read()))
         self.assertEqual(ends, set(accesslog.ENDS))
