@@ -162,15 +162,7 @@ class ConnectionLinesTests(TestCase):
     @inlineCallbacks
     def test_resumed_from_the_owners_backup_node(self):
         cluster = _access_log_cluster(self, nodes=("node1", "node2", "node3"))
-        yield cluster.start_all()
-        first = yield cluster.client_round("node1", "TLSv1.2")
-        # node2 keeps the backup copy of node1's sessions (the ring after
-        # node1).
-        yield cluster.settled()
-        yield cluster.stop("node1")
-        yield until(lambda: not cluster.nodes["node3"].peer_links
-                     .link("node1").connected)
-        resumed = yield cluster.client_round("node3", "TLSv1.2", first.session)
+        resumed = yield cluster.resume_from_the_backup_node()
         self.assertTrue(resumed.reused)
         (entry,) = yield _wait_entries(_path(cluster, "node3"), 1)
         self.assertEntry(entry, resumed="backup", tls_version="TLSv1.2",
