@@ -23,6 +23,9 @@ fixed time, and the servers' CPU seconds read before and after:
       repository;
     - C{alone_full}, C{alone_resumed}: one node with no peers (no backup
       copies, no checkpoints leave it), fresh and offering connections;
+    - C{logged_full}, C{logged_resumed}: the same node writing its access
+      log to a file (C{access_log}), against C{alone_*} the cost of the
+      log; measured only when named (C{--kinds}), not in C{run.py}'s runs;
     - C{haproxy_full}, C{haproxy_resumed}, C{nginx_full},
       C{nginx_resumed}: one HAProxy thread, one nginx C{stream} worker,
       each with its own session cache (tickets off), fresh and offering
@@ -108,6 +111,8 @@ KINDS: dict[str, Kind] = {
     "postgres": Kind("postgres", offer=True),
     "alone_full": Kind("alone", offer=False),
     "alone_resumed": Kind("alone", offer=True),
+    "logged_full": Kind("logged", offer=False),
+    "logged_resumed": Kind("logged", offer=True),
     "haproxy_full": Kind("haproxy", offer=False),
     "haproxy_resumed": Kind("haproxy", offer=True),
     "nginx_full": Kind("nginx", offer=False),
@@ -118,6 +123,8 @@ KINDS: dict[str, Kind] = {
     "owned_resumed": Kind("owned", offer=True),
 }
 CLUSTER_KINDS = ("full", "local", "peer", "sqlite", "redis", "postgres")
+# Measured only when named.
+OPTIONAL_KINDS = ("logged_full", "logged_resumed")
 REFERENCE_KINDS = ("alone_full", "alone_resumed", "haproxy_full",
                    "haproxy_resumed", "nginx_full", "nginx_resumed",
                    "twisted_full", "twisted_resumed", "owned_full",
@@ -137,7 +144,8 @@ class Settings:
     clients: int
     seconds: float
     versions: tuple[str, ...]
-    kinds: tuple[str, ...] = tuple(KINDS)
+    kinds: tuple[str, ...] = tuple(kind for kind in KINDS
+                                   if kind not in OPTIONAL_KINDS)
     profile: str | None = None
     rounds: int = 1
     channel: str = "tcp"
@@ -308,10 +316,13 @@ def _start(name: str, directory: str, processes: deploy.Processes,
             profile=profile))
         return _Started(tuple(n.port for n in started),
                         tuple(n.process for n in started), started)
-    if name == "alone":
+    if name in ("alone", "logged"):
+        access_log = os.path.join(directory, f"rate-{name}-access.log")
         alone = tuple(deploy.start_sslshare(
-            processes, directory, "rate-alone", backend_port, ("node1",),
-            peers=False, profile=profile))
+            processes, directory, f"rate-{name}", backend_port, ("node1",),
+            peers=False, profile=profile,
+            node_options=(f'access_log = "{access_log}"'
+                          if name == "logged" else "")))
         return _Started((alone[0].port,), (alone[0].process,), alone)
     start_reference = {"haproxy": deploy.start_haproxy_tls,
                        "nginx": deploy.start_nginx_stream,
@@ -333,6 +344,7 @@ DEPLOYMENTS = {
     "redis": "two nodes with no peers sharing Redis",
     "postgres": "two nodes with no peers sharing PostgreSQL",
     "alone": "one node, no peers, no repository",
+    "logged": "the same, writing its access log to a file",
     "haproxy": "HAProxy, one thread, mode tcp, ssl crt (P-256)",
     "nginx": "nginx, one worker, stream ssl (P-256)",
     "twisted": "stock Twisted: listenSSL and portforward, one process (P-256)",
@@ -432,7 +444,7 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     the fetch adds (C{fetch_us}: peer minus local, also with the RSA
     certificate), in µs per connection;
     and the lone node's server CPU per connection over HAProxy's and
-    nginx's, full and resumed.
+    nginx's, full and resumed, and with its access log over without.
     """
     cpu = "server_cpu_us_per_handshake"
     found: dict[str, dict[str, Any]] = {}
@@ -467,6 +479,8 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             for floor in ("twisted", "owned"):
                 mine.update(_ratio(kinds, f"{floor}_{name}",
                                    f"haproxy_{name}", cpu))
+            # What the access log costs a connection.
+            mine.update(_ratio(kinds, f"logged_{name}", f"alone_{name}", cpu))
     return found
 
 
@@ -488,8 +502,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Handshake rates and server CPU per handshake of the "
         "kinds named, over real sockets (see the module docstring).")
-    parser.add_argument("--kinds", default=",".join(KINDS),
-                        help="comma-separated, of: " + ", ".join(KINDS))
+    parser.add_argument("--kinds", default=",".join(FULL.kinds),
+                        help="comma-separated, of: " + ", ".join(KINDS)
+                        + " (by default all but " + ", ".join(OPTIONAL_KINDS)
+                        + ")")
     parser.add_argument("--versions", default="tls1.2,tls1.3")
     parser.add_argument("--seconds", type=float, default=FULL.seconds)
     parser.add_argument("--clients", type=int, default=FULL.clients)

@@ -85,6 +85,9 @@ _REDIS_KEYS = ("url", "cluster", "sentinels", "service", "wait_replicas",
                "password_file", "tls")
 REPOSITORY_TOPOLOGIES = ("repository", "both")
 LOG_FORMATS = ("text", "json")
+# The access_log values that name no file.
+ACCESS_LOG_TO_NODE_LOG = "-"
+ACCESS_LOG_OFF = "off"
 LOOSE_KEY_PERMISSIONS = ("refuse", "warn")
 DEFAULT_LOOSE_KEY_PERMISSIONS = "refuse"
 # The mode bits that let anyone but the owner at a secret file.
@@ -113,7 +116,7 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
         "checkpoint_bound", "checkpoint_max_pause", "max_concurrent_lookups",
         "max_lookups_per_client", "drain_timeout_s",
         "loose_key_permissions", "backend_proxy_protocol", "max_connections",
-        "idle_timeout_s"}),
+        "idle_timeout_s", "access_log"}),
     "tls": frozenset({"min_version", "max_version", "alpn", "alpn_mismatch",
                       "tls12_ciphers", "service"}),
     "tls.service": frozenset({"name", "certificate", "key", "server_names"}),
@@ -335,6 +338,9 @@ class NodeConfig:
     @ivar metrics_listen: server endpoint string for metrics, or C{None}.
     @ivar log_format: how C{twistd} writes the node's log: C{"text"}
         lines, or C{"json"}, one JSON object per line.
+    @ivar access_log: where each client connection is logged as it ends
+        (L{sslshare.accesslog}): the absolute path of a file,
+        L{ACCESS_LOG_TO_NODE_LOG} for the node's own log, or C{None} (off).
     @ivar loose_key_permissions: what becomes of a secret file (a private
         key, the state key, the repository's password file) that group or
         other may open: C{"refuse"}d, or accepted with a C{"warn"}ing.
@@ -366,6 +372,7 @@ class NodeConfig:
     repository: RepositoryConfig | None = None
     metrics_listen: str | None = None
     log_format: str = "text"
+    access_log: str | None = None
     loose_key_permissions: str = DEFAULT_LOOSE_KEY_PERMISSIONS
 
     @property
@@ -624,6 +631,41 @@ class _Reader:
                  f"\"warn\"")))
         return path
 
+    def access_log(self, key: str, value: Any) -> str | None:
+        """
+        C{None} for C{"off"}, C{"-"} as it is, else the absolute path of
+        a file the node can append to: one that exists and is a regular
+        file, or one it can make in a directory that exists.  Nothing is
+        made here (C{sslshare config check} writes nothing).
+        """
+        self.string(key, value)
+        if value == ACCESS_LOG_OFF:
+            return None
+        if value == ACCESS_LOG_TO_NODE_LOG:
+            return value
+        path = self.file_path(key, value)
+        shown = repr(value) if path == value else f"{value!r} ({path})"
+        if os.path.exists(path):
+            mode = os.stat(path).st_mode
+            if stat.S_ISDIR(mode):
+                raise self.error(key, f"cannot write {shown}: a directory")
+            # A FIFO would hang the node's start until a reader came.
+            if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+                raise self.error(key, f"cannot write {shown}: not a regular "
+                                      f"file")
+            if not os.access(path, os.W_OK):
+                raise self.error(key, f"cannot write {shown}: permission "
+                                      f"denied")
+            return path
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            raise self.error(key, f"cannot write {shown}: no directory "
+                                  f"{directory}")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise self.error(key, f"cannot write {shown}: cannot make files "
+                                  f"in {directory}")
+        return path
+
     # Endpoints.
 
     def _endpoint(self, key: str, value: Any, build: Callable[[Any, str], Any],
@@ -699,6 +741,7 @@ class _Reader:
                                     self.server_endpoint(plain=False))
         log_format = node.value("log_format", self.choice(LOG_FORMATS),
                                 default="text")
+        access_log = node.value("access_log", self.access_log)
         self.loose_key_permissions = node.value(
             "loose_key_permissions", self.choice(LOOSE_KEY_PERMISSIONS),
             default=DEFAULT_LOOSE_KEY_PERMISSIONS)
@@ -741,6 +784,7 @@ class _Reader:
             drain_timeout=drain_timeout,
             metrics_listen=metrics_listen,
             log_format=log_format,
+            access_log=access_log,
             loose_key_permissions=self.loose_key_permissions,
             checkpoint=checkpoint,
             tls=self.tls(tls_table),

@@ -45,11 +45,19 @@ def json_lines_observer(out: IO[Any]) -> ILogObserver:
     return FileLogObserver(out, _json_line)
 
 
+def iso_time(seconds: float) -> str:
+    """
+    C{seconds} since the epoch in ISO 8601, UTC, to the microsecond:
+    C{2026-12-07T23:10:00.123456Z}.
+    """
+    return datetime.datetime.fromtimestamp(
+        seconds, datetime.timezone.utc).isoformat(
+            timespec="microseconds").replace("+00:00", "Z")
+
+
 def _json_line(event: LogEvent) -> str:
     line: dict[str, Any] = {
-        "time": datetime.datetime.fromtimestamp(
-            event.get("log_time") or 0, datetime.timezone.utc).isoformat(
-                timespec="microseconds").replace("+00:00", "Z"),
+        "time": iso_time(event.get("log_time") or 0),
         "level": getattr(event.get("log_level"), "name", "info"),
         "namespace": event.get("log_namespace", "-"),
         "message": formatEvent(event),

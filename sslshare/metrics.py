@@ -45,6 +45,10 @@ from sslshare.recovery import LOOKUP_SOURCES
 from sslshare.tls import SESSION_REFUSALS
 
 # Handshake outcomes, as Node.stats() names them.
+# The pages of the metrics listener: the Prometheus page, the liveness
+# and the readiness probes.
+METRICS_PAGE, LIVENESS_PAGE, READINESS_PAGE = "metrics", "healthz", "readyz"
+
 HANDSHAKE_OUTCOMES = ("full", "resumed_local", "resumed_peer",
                       "resumed_repository", "failed")
 
@@ -336,7 +340,7 @@ def metrics_site(node: Node, readiness: Callable[[], Deferred[str | None]]
     # CPU seconds, resident memory, open file descriptors, start time.
     ProcessCollector(registry=registry)
     root = Resource()
-    root.putChild(b"metrics", _MetricsPage(registry))
-    root.putChild(b"healthz", _Alive())
-    root.putChild(b"readyz", _Ready(readiness))
+    root.putChild(METRICS_PAGE.encode("ascii"), _MetricsPage(registry))
+    root.putChild(LIVENESS_PAGE.encode("ascii"), _Alive())
+    root.putChild(READINESS_PAGE.encode("ascii"), _Ready(readiness))
     return MetricsSite(root)

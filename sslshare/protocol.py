@@ -58,11 +58,13 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from OpenSSL import SSL
 from zope.interface import implementer
 
-from sslshare import proxyheader, sessionid
+from sslshare import accesslog, proxyheader, sessionid
 from sslshare.digest import CheckpointPipeline
 from sslshare.hooks import LookupRequest
+from sslshare.logs import iso_time
 from sslshare.recovery import Recovered
 from sslshare.tls import Connection, ISessionLookupListener, ServerContext
 
@@ -78,6 +80,8 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
     offers.
 
     @ivar recovered: what the lookup found for the handshake, or C{None}.
+    @ivar lookup_seconds: how long the handshake waited for its lookup,
+        or C{None} when it asked none.
     """
 
     _log = Logger()
@@ -87,6 +91,8 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
     _pendingLookup: Deferred[None] | None = None
     _answerArrivesLater = False
     recovered: Recovered | None = None
+    lookup_seconds: float | None = None
+    _lookup_started = 0.0
 
     def makeConnection(self, transport: ITransport) -> None:
         # A handshake is a few small flights each way: Nagle's algorithm
@@ -102,6 +108,7 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
         # opening many connections is one client.
         client = getattr(self.transport.getPeer(), "host", None)
         request = attrs.evolve(request, client=client)
+        self._lookup_started = self.factory.clock.seconds()
         # maybeDeferred waits for a Deferred answer, which its stubs cannot
         # say of a lookup that may answer either way.
         found = cast("Deferred[Recovered | None]",
@@ -122,6 +129,7 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
     def _supply(self, found: Recovered | None,
                 connection: Connection) -> None:
         self._pendingLookup = None
+        self.lookup_seconds = self.factory.clock.seconds() - self._lookup_started
         if self._lostTLSConnection:
             return
         if found is None:
@@ -131,6 +139,14 @@ class SessionResumingTLSProtocol(TLSMemoryBIOProtocol):
             connection.supply(found.der)
         if self._answerArrivesLater:
             self.dataReceived(b"")
+
+    def cut_off(self, end: str) -> None:
+        """
+        Close the connection at once, for C{end} (L{accesslog.ENDS}).
+        """
+        if isinstance(self.wrappedProtocol, BackendProxy):
+            self.wrappedProtocol.ended(end)
+        self.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # The TLS connection is marked lost first, so that the answer a
@@ -153,6 +169,7 @@ class SessionResumingTLSFactory(TLSMemoryBIOFactory):
     @ivar max_connections: client connections open at once at most
         (C{None}: no bound); one past it is closed as it arrives, counted
         in C{counters["connections_refused"]}.
+    @ivar clock: what lookups are timed by.
     """
 
     protocol = SessionResumingTLSProtocol
@@ -160,8 +177,13 @@ class SessionResumingTLSFactory(TLSMemoryBIOFactory):
     def __init__(self, context: ServerContext, lookup: Lookup,
                  wrappedFactory: IProtocolFactory,
                  counters: Counter[str] | None = None,
-                 max_connections: int | None = None) -> None:
+                 max_connections: int | None = None,
+                 clock: IReactorTime | None = None) -> None:
         super().__init__(self, False, wrappedFactory)
+        if clock is None:
+            from twisted.internet import reactor
+            clock = cast(IReactorTime, reactor)
+        self.clock = clock
         self.context = context
         self.lookup = lookup
         self.counters: Counter[str] = Counter() if counters is None else counters
@@ -232,14 +254,29 @@ class BackendProxy(Protocol):
     _checkpoints: CheckpointPipeline | None = None
     _abort_call: IDelayedCall | None = None
     _idle: IDelayedCall | None = None
+    # What the handshake settled, when the access log or the PROXY
+    # protocol header needs it; then also how the session was found, and
+    # the owner part of its id.
+    _settled: proxyheader.Connection | None = None
+    _resumed: str | None = None
+    _session: str | None = None
+    _service: str | None = None
+    # How the connection ended (accesslog.ENDS) and why, once known: the
+    # first cause wins.
+    _end: str | None = None
+    _why: str | None = None
+    bytes_in = 0
+    bytes_out = 0
 
     def connectionMade(self) -> None:
+        self._started = self.factory.clock.seconds()
         self._pending: list[bytes] = []
         self._timeout = self.factory.clock.callLater(
             self.factory.settings.handshake_timeout, self._handshakeTimedOut)
 
     def _handshakeTimedOut(self) -> None:
         self._timeout = None
+        self.ended("handshake_timeout")
         self.factory.handshake_done(None)
         self.transport.abortConnection()
 
@@ -248,6 +285,9 @@ class BackendProxy(Protocol):
             self._timeout.cancel()
             self._timeout = None
         tls = self.transport
+        if (self.factory.access_log is not None
+                or self.factory.settings.proxy_protocol is not None):
+            self._settle()
         self._gates = (_Gate(tls), _Gate(None))
         self._checkpoints = self.factory.handshake_done(
             tls.getHandle(), tls.recovered, self._hold, self._release)
@@ -266,8 +306,13 @@ class BackendProxy(Protocol):
             self.factory.settings.idle_timeout, self._idle_timed_out)
         version = self.factory.settings.proxy_protocol
         if version is not None:
+            if self._settled is None:
+                # The PROXY protocol came in with a reload since the
+                # handshake.
+                self._settle()
+            assert self._settled is not None
             backend.transport.write(proxyheader.header(version,
-                                                       self._proxied()))
+                                                       self._settled))
         for data in self._pending:
             backend.transport.write(data)
         self._pending = []
@@ -278,15 +323,26 @@ class BackendProxy(Protocol):
         self._linked = True
         client.resumeProducing()
 
-    def _proxied(self) -> proxyheader.Connection:
+    def _settle(self) -> None:
         """
-        What the PROXY protocol header says of this connection.
+        Keep what the handshake settled, for the PROXY protocol header and
+        the access log.
         """
         tls = self.transport
         connection = tls.getHandle()
         server_name = connection.get_servername()
         recovered = tls.recovered
-        return proxyheader.Connection(
+        session_id = connection.get_session_id()
+        if not connection.session_reused():
+            self._resumed = "full"
+        else:
+            self._resumed = ("local" if recovered is None
+                             else recovered.found_at)
+            request = connection.lookup_request
+            if request is not None:
+                session_id = request.session_id
+        self._session = accesslog.owner_part(session_id)
+        self._settled = proxyheader.Connection(
             client=_ip_end(tls.getPeer()), server=_ip_end(tls.getHost()),
             tls_version=connection.get_protocol_version_name(),
             cipher=connection.get_cipher_name(),
@@ -294,8 +350,10 @@ class BackendProxy(Protocol):
                          else server_name.decode("ascii")),
             alpn=connection.get_alpn_proto_negotiated() or None,
             resumed="full" if recovered is None else recovered.source)
+        self._service = connection.service.name
 
     def _backendFailed(self, reason: Failure) -> None:
+        self.ended("backend_unreachable", reason.getErrorMessage())
         client = self.transport.getPeer()
         self.factory.backend_failed(
             self.factory.settings.backend_name,
@@ -311,6 +369,7 @@ class BackendProxy(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.factory.counters["received_bytes"] += len(data)
+        self.bytes_in += len(data)
         if self._backend is None:
             self._pending.append(data)
         else:
@@ -326,12 +385,24 @@ class BackendProxy(Protocol):
 
     def _idle_timed_out(self) -> None:
         self._idle = None
+        self.ended("idle_timeout")
         self.factory.idle_timed_out()
         self.transport.loseConnection()
         self._abort_call = self.factory.clock.callLater(
             self.factory.close_timeout, self.transport.abortConnection)
 
+    def ended(self, end: str, why: str | None = None) -> None:
+        """
+        The connection is ending for C{end} (L{accesslog.ENDS}), because
+        of C{why}, unless it already was for another cause.
+        """
+        if self._end is None:
+            self._end, self._why = end, why
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        access_log = self.factory.access_log
+        if access_log is not None:
+            access_log.write(self._access_entry(reason))
         if self._timeout is not None:
             self._timeout.cancel()
             self._timeout = None
@@ -354,6 +425,40 @@ class BackendProxy(Protocol):
 
             flushing.addBoth(stop)
 
+    def _access_entry(self, reason: Failure) -> accesslog.Entry:
+        """
+        This connection's access log entry (L{accesslog.FIELDS}), as it
+        ends for C{reason}.
+        """
+        now = self.factory.clock.seconds()
+        settled = self._settled
+        if self._end is None:
+            if settled is None:
+                self.ended("handshake_failure", _handshake_failure(reason))
+            else:
+                self.ended("client_close")
+        client = _ip_end(self.transport.getPeer())
+        lookup = self.transport.lookup_seconds
+        entry: accesslog.Entry = {
+            "time": iso_time(now),
+            "client_address": None if client is None else client[0],
+            "client_port": None if client is None else client[1],
+            "server_name": None, "service": None, "tls_version": None,
+            "cipher": None, "alpn": None, "resumed": self._resumed,
+            "lookup_ms": None if lookup is None else round(lookup * 1000, 3),
+            "session": self._session,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "duration_ms": round((now - self._started) * 1000, 3),
+            "end": self._end, "reason": self._why,
+        }
+        if settled is not None:
+            entry.update(
+                server_name=settled.server_name, service=self._service,
+                tls_version=settled.tls_version, cipher=settled.cipher,
+                alpn=(None if settled.alpn is None
+                      else settled.alpn.decode("ascii", "replace")))
+        return entry
+
     def _hold(self) -> None:
         # The checkpoint store lags: both directions wait for it.
         for gate in self._gates:
@@ -372,6 +477,20 @@ class BackendProxy(Protocol):
             self._linked = False
             self.transport.unregisterProducer()
             self._backend.transport.unregisterProducer()
+
+
+def _handshake_failure(reason: Failure) -> str:
+    """
+    Why a handshake failed, in words: OpenSSL's reasons, or how the
+    connection ended before it finished (a TCP health check that only
+    connects, a port scan).
+    """
+    error = reason.value
+    if isinstance(error, SSL.Error) and error.args \
+            and isinstance(error.args[0], list):
+        return "; ".join(str(item[-1]) for item in error.args[0]
+                         if isinstance(item, tuple)) or "TLS error"
+    return f"closed before the handshake finished ({reason.getErrorMessage()})"
 
 
 def _ip_end(address: IAddress) -> tuple[str, int] | None:
@@ -448,11 +567,13 @@ class _BackendSide(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.client.factory.counters["sent_bytes"] += len(data)
+        self.client.bytes_out += len(data)
         self.client.busy()
         self.client.transport.write(data)
 
     def readConnectionLost(self) -> None:
         # The backend has said all it will say: close TLS once it is sent.
+        self.client.ended("backend_close")
         self.client.unlink()
         self.client.transport.loseConnection()
 
@@ -462,6 +583,7 @@ class _BackendSide(Protocol):
         """
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.client.ended("backend_close")
         self.client.unlink()
         self.client.transport.loseConnection()
 
@@ -522,6 +644,8 @@ class BackendProxyFactory(Factory[BackendProxy]):
         client's C{host:port}; the client connection is closed.
     @param counters: where C{idle_timeouts}, C{received_bytes} and
         C{sent_bytes} are counted (the node's).
+    @param access_log: where each connection is logged when it ends, or
+        C{None}.
     """
 
     protocol = BackendProxy
@@ -534,8 +658,10 @@ class BackendProxyFactory(Factory[BackendProxy]):
     def __init__(self, handshake_done: HandshakeDone, clock: IReactorTime,
                  settings: ProxySettings,
                  backend_failed: Callable[[str, str, Failure], object],
-                 counters: Counter[str] | None = None) -> None:
+                 counters: Counter[str] | None = None,
+                 access_log: accesslog.IAccessLog | None = None) -> None:
         self.handshake_done = handshake_done
+        self.access_log = access_log
         self.clock = clock
         self.settings = settings
         self.backend_failed = backend_failed

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
 from sslshare import cluster, config, metrics, sessionid, systemd, tls
+from sslshare.accesslog import AccessLogFile, AccessLogToNodeLog, IAccessLog
 from sslshare.errors import CertificateKeyMismatch, FileError
 from sslshare.logs import RateLimitedWarning, json_lines_observer
 from sslshare.node import Node, NodeSettings, fired_within
@@ -50,6 +51,7 @@ from sslshare.protocol import (
     BackendProxyFactory,
     ProxySettings,
     SessionResumingTLSFactory,
+    SessionResumingTLSProtocol,
 )
 from sslshare.recovery import LookupSettings, Recovery
 from sslshare.repository import ISessionRepository, RepositoryError, from_config
@@ -123,12 +125,13 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
     node = Node(store, placement, recovery, reactor,
                 _node_settings(node_config))
     node.context = _server_context(node_config, services, node.new_session)
+    access_log = _access_log(node_config, reactor)
     proxy = BackendProxyFactory(node.handshake_done, reactor,
                                 _proxy_settings(node_config, reactor),
-                                node.backend_failed, node.counters)
+                                node.backend_failed, node.counters, access_log)
     clients = SessionResumingTLSFactory(
         node.context, node.lookup, proxy, node.counters,
-        node_config.max_connections)
+        node_config.max_connections, reactor)
     node.open_connections = lambda: len(clients.protocols)
     amp = None
     if cluster_config.listen is not None:
@@ -138,6 +141,10 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
             keys=lambda: placement.keys)
     top = NodeService(node_config, node, clients, proxy, channel, peers, amp,
                       reactor)
+    top.access_log = access_log
+    if isinstance(access_log, AccessLogFile):
+        # The first child stops last: after the connections it logs.
+        access_log.setServiceParent(top)
     for key, endpoint in configured_listeners(node_config):
         if key.startswith("node.listen"):
             top.add_client_listener(
@@ -161,6 +168,20 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
     if repository is not None:
         _RepositoryService(repository, reactor).setServiceParent(top)
     return top, node
+
+
+def _access_log(node_config: config.NodeConfig,
+                reactor: IReactorTime) -> IAccessLog | None:
+    """
+    Where the node logs its connections, if it does.
+
+    @raise FileError: the access log file cannot be opened.
+    """
+    if node_config.access_log is None:
+        return None
+    if node_config.access_log == config.ACCESS_LOG_TO_NODE_LOG:
+        return AccessLogToNodeLog()
+    return AccessLogFile(node_config.access_log, reactor)
 
 
 def configured_listeners(node_config: config.NodeConfig
@@ -351,6 +372,7 @@ FIXED_AT_RUNTIME = {
     "node.store_max_bytes": "store_max_bytes",
     "node.metrics_listen": "metrics_listen",
     "node.log_format": "log_format",
+    "node.access_log": "access_log",
     "cluster.listen": "cluster.listen",
     "cluster.peers_from": "cluster.peers_from",
     "cluster.dns_servers": "cluster.dns_servers",
@@ -451,6 +473,7 @@ class NodeService(MultiService):
         self._reactor = reactor
         self._client_listeners: list[IService] = []
         self.discovery: cluster.PeerDiscovery | None = None
+        self.access_log: IAccessLog | None = None
 
     @property
     def open_connections(self) -> int:
@@ -503,6 +526,14 @@ class NodeService(MultiService):
         listener.setServiceParent(self)
         self._client_listeners.append(listener)
 
+    def reopen_logs(self) -> None:
+        """
+        Open the access log file again, as logrotate expects after it
+        renamed it (SIGUSR1, and every reload).
+        """
+        if self.access_log is not None:
+            self.access_log.reopen()
+
     # Reload.
 
     def reload(self) -> bool:
@@ -510,7 +541,8 @@ class NodeService(MultiService):
         Read the configuration file again and apply it: certificates and
         keys (client-facing and the cluster's, for connections made from
         now on), peers, authorizations, the state keys and the other
-        settings that can change while the node runs.  Established
+        settings that can change while the node runs; the access log is
+        reopened, whatever the file says.  Established
         connections go on untouched, and stored sessions stay resumable.
         A setting of L{FIXED_AT_RUNTIME} that changed keeps its running
         value, with a warning.  A file that does not load, or names a file
@@ -523,6 +555,7 @@ class NodeService(MultiService):
             self._log.warn("not reloading {path}: the node is stopping",
                            path=self.config.path)
             return False
+        self.reopen_logs()
         try:
             loaded = config.load(self.config.path, self._reactor)
             new, changed = _keep_fixed(self.config, loaded)
@@ -616,7 +649,8 @@ class NodeService(MultiService):
             self._log.warn("closing {count} client connections still open "
                            "at the drain deadline", count=len(still_open))
             for protocol in still_open:
-                protocol.abortConnection()
+                assert isinstance(protocol, SessionResumingTLSProtocol)
+                protocol.cut_off("drain_timeout")
 
 
 def handover_summary(moved: Mapping[str, int]) -> str:
@@ -800,7 +834,10 @@ def makeService(options: Options) -> IService:
     except (config.ConfigError, tls.TLSConfigurationError, FileError,
             RepositoryError) as e:
         raise SystemExit(f"sslshare: {e}") from None
-    _ReloadOnHangup(service, reactor).setServiceParent(service)
+    _OnSignal(signal.SIGHUP, lambda: _reload(service),
+              reactor).setServiceParent(service)
+    _OnSignal(signal.SIGUSR1, service.reopen_logs,
+              reactor).setServiceParent(service)
     # Last: it says READY once everything else has started.
     systemd.ReadinessNotice(node_config.path).setServiceParent(service)
     # options.parent: twistd's own options, when twistd runs us.
@@ -841,34 +878,41 @@ class _OneLineStartErrors(MultiService):
             raise SystemExit(1) from None
 
 
-class _ReloadOnHangup(Service):
+def _reload(node: NodeService) -> None:
     """
-    Reloads the node's configuration on SIGHUP.  Only C{twistd} installs
-    it (L{makeService}): nodes that tests run in their own process reload
-    when the test says so.
+    Reload C{node}, telling systemd (SIGHUP).
+    """
+    path = node.config.path
+    systemd.notify(systemd.reloading(f"reloading {path}"))
+    applied = node.reload()
+    systemd.notify(f"READY=1\nSTATUS=serving {path}" + (
+        "" if applied else " (the reload failed: see the log)"))
+
+
+class _OnSignal(Service):
+    """
+    Does C{action} on the signal C{number} (SIGHUP: reload, SIGUSR1:
+    reopen the access log).  Only C{twistd} installs these
+    (L{makeService}): nodes that tests run in their own process act when
+    the test says so.
     """
 
-    def __init__(self, node: NodeService, reactor: Any) -> None:
-        self._node = node
+    def __init__(self, number: signal.Signals, action: Callable[[], object],
+                 reactor: Any) -> None:
+        self._number = number
+        self._action = action
         self._reactor = reactor
         self._previous: Any = signal.SIG_DFL
 
     def startService(self) -> None:
         super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        self._previous = signal.signal(self._number, self._received)
 
-    def _hangup(self, number: int, frame: Any) -> None:
+    def _received(self, number: int, frame: Any) -> None:
         # A signal handler runs between any two bytecodes of the reactor's
-        # thread: the reload waits for the reactor's next turn.
-        self._reactor.callFromThread(self._reload)
-
-    def _reload(self) -> None:
-        path = self._node.config.path
-        systemd.notify(systemd.reloading(f"reloading {path}"))
-        applied = self._node.reload()
-        systemd.notify(f"READY=1\nSTATUS=serving {path}" + (
-            "" if applied else " (the reload failed: see the log)"))
+        # thread: the action waits for the reactor's next turn.
+        self._reactor.callFromThread(self._action)
 
     def stopService(self) -> None:
         super().stopService()
-        signal.signal(signal.SIGHUP, self._previous)
+        signal.signal(self._number, self._previous)

@@ -374,6 +374,7 @@ class Connection:
         self._notified = False
         self._supplied: _openssl.NativeSession | None = None
         self._handshake_done = False
+        self._hello_server_name: str | None = None
 
     # What Twisted's TLS protocol calls, as pyOpenSSL spells it.
 
@@ -469,7 +470,16 @@ class Connection:
         return self._native.alpn_selected()
 
     def get_servername(self) -> bytes | None:
-        return self._native.server_name()
+        """
+        The server name the client asked for.  OpenSSL answers from the
+        session on a TLS 1.2 resumption, where it kept none (it keeps the
+        name only when a server-name callback accepted it): the name the
+        ClientHello carried is kept for that case.
+        """
+        name = self._native.server_name()
+        if name is None and self._hello_server_name is not None:
+            return self._hello_server_name.encode("ascii")
+        return name
 
     def get_protocol_version_name(self) -> str:
         return _VERSION_NAMES.get(self._native.protocol_version(), "unknown")
@@ -602,6 +612,7 @@ class Connection:
             except MalformedExtension:
                 # OpenSSL parses it again and answers with decode_error.
                 return _openssl.HELLO_SUCCESS
+            self._hello_server_name = server_name
             self._service_index = context._select(server_name)
             if self._service_index:
                 self._native.use_context(
@@ -610,6 +621,15 @@ class Connection:
         if request is None or not ISessionLookupListener.providedBy(
                 self._app_data):
             return _openssl.HELLO_SUCCESS
+        # OpenSSL forgets the server name on a TLS 1.2 resumption
+        # (get_servername).
+        if request.protocol == "TLSv1.2" and len(context._services) == 1:
+            try:
+                self._hello_server_name = _server_name(
+                    self._native.client_hello_extension(
+                        _EXTENSION_SERVER_NAME))
+            except MalformedExtension:
+                return _openssl.HELLO_SUCCESS
         context.counters["lookups"] += 1
         self._request = request
         return _openssl.HELLO_RETRY

@@ -677,6 +677,55 @@ class FileReferenceErrorTests(_ConfigTestCase):
             f"No such file or directory")
 
 
+class AccessLogConfigTests(_ConfigTestCase):
+    """
+    C{access_log}: a file the node can append to, C{"-"}, or C{"off"};
+    nothing is made while the file is read.
+    """
+
+    def _access_log(self, value):
+        return NODE + f'access_log = "{value}"\n'
+
+    def test_off_by_default_and_off(self):
+        self.assertIsNone(self.load().access_log)
+        self.assertIsNone(self.load(node=self._access_log("off")).access_log)
+
+    def test_dash_is_the_nodes_log(self):
+        self.assertEqual(self.load(node=self._access_log("-")).access_log,
+                         config.ACCESS_LOG_TO_NODE_LOG)
+
+    def test_a_path_is_taken_from_the_files_directory_and_not_made(self):
+        node = self.load(node=self._access_log("access.log"))
+        path = os.path.join(self.directory, "access.log")
+        self.assertEqual(node.access_log, path)
+        self.assertFalse(os.path.exists(path))
+
+    def test_a_directory_that_does_not_exist(self):
+        missing = os.path.join(self.directory, "nope")
+        self.assertError(
+            self.error(node=self._access_log("nope/access.log")),
+            "node.access_log",
+            f"cannot write 'nope/access.log' ({missing}/access.log): no "
+            f"directory {missing}")
+
+    def test_a_directory(self):
+        self.assertError(
+            self.error(node=self._access_log("pki")), "node.access_log",
+            f"cannot write 'pki' ({os.path.join(self.directory, 'pki')}): "
+            f"a directory")
+
+    def test_a_fifo_does_not_hang(self):
+        os.mkfifo(os.path.join(self.directory, "fifo"))
+        self.assertError(
+            self.error(node=self._access_log("fifo")), "node.access_log",
+            f"cannot write 'fifo' ({os.path.join(self.directory, 'fifo')}): "
+            f"not a regular file")
+
+    def test_an_empty_string(self):
+        self.assertError(self.error(node=self._access_log("")),
+                         "node.access_log", "must not be empty")
+
+
 PASSWORD_FILE = ('[repository]\nkind = "redis"\nurl = "redis://x"\n'
                  'password_file = "pki/password"\n')
 

@@ -93,6 +93,23 @@ class DemoTests(TestCase):
                          {outcome: counts[outcome] for outcome in (
                              "full", "resumed_local", "resumed_peer",
                              "resumed_repository", "failed")})
+        # Each node's access log has a line per connection it served (and
+        # one for the demo's check that it listens, with no handshake).
+        self.assertEqual(sorted(counts["access_logs"]),
+                         ["node1", "node2", "node3"])
+        served = []
+        for node, log in counts["access_logs"].items():
+            self.assertEqual(log["path"],
+                             os.path.join(root, "demo", f"{node}-access.log"))
+            with open(log["path"]) as f:
+                entries = [json.loads(line) for line in f]
+            self.assertEqual(len(entries), log["lines"])
+            served += [entry for entry in entries if entry["tls_version"]]
+        self.assertEqual(len(served), 40)
+        resumed = [entry["resumed"] for entry in served]
+        self.assertEqual(resumed.count("full"), counts["full"])
+        self.assertEqual(resumed.count("peer") + resumed.count("backup"),
+                         counts["resumed_peer"])
         return counts
 
     @inlineCallbacks
@@ -146,9 +163,9 @@ class DemoTests(TestCase):
         lines = output.decode().splitlines()
         for number, node in enumerate(("node1", "node2", "node3"), 1):
             base = f"http://127.0.0.1:{ports[9440 + number]}"
-            self.assertIn(f"{node} metrics, while the demo runs: curl "
-                          f"{base}/metrics; readiness: curl {base}/readyz",
-                          lines)
+            for page in ("metrics", "readyz"):
+                self.assertIn(f"{node}, while the demo runs: curl "
+                              f"{base}/{page}", lines)
         self.assertIn("40 connections by 4 clients", output.decode())
 
     @inlineCallbacks

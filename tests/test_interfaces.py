@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface.verify import verifyObject
 
+from sslshare.accesslog import AccessLogFile, AccessLogToNodeLog, IAccessLog
 from sslshare.client import SessionSharingPolicy
 from sslshare.cluster import ClusterTLS, ICommandHandler
 from sslshare.protocol import _BackendSide, _Gate
@@ -73,6 +74,16 @@ class NodePartsTests(TestCase):
                      channel.server_options(lambda node, address: None))
         verifyObject(IOpenSSLClientConnectionCreator,
                      channel.client_options("node2"))
+
+
+class AccessLogTests(TestCase):
+
+    def test_both_destinations(self):
+        import os
+
+        verifyObject(IAccessLog, AccessLogToNodeLog())
+        verifyObject(IAccessLog, AccessLogFile(os.path.abspath(self.mktemp()),
+                                               Clock()))
 
 
 class ClientPartsTests(TestCase):

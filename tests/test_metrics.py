@@ -180,15 +180,7 @@ class MetricsPageTests(TestCase):
     @inlineCallbacks
     def test_session_from_the_owners_backup_node_is_counted_as_backup(self):
         cluster = LocalCluster(self, metrics=True)
-        yield cluster.start_all()
-        first = yield cluster.client_round("node1", "TLSv1.2")
-        # node2 keeps the backup copy of node1's sessions (the ring after
-        # node1); it arrives asynchronously.
-        yield cluster.settled()
-        yield cluster.stop("node1")
-        yield until(lambda: not cluster.nodes["node3"].peer_links
-                     .link("node1").connected)
-        resumed = yield cluster.client_round("node3", "TLSv1.2", first.session)
+        resumed = yield cluster.resume_from_the_backup_node()
         self.assertTrue(resumed.reused)
         samples = yield _scrape(cluster, "node3")
         self.assertEqual(_lookups(samples, "backup"), 1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -92,15 +93,34 @@ def _listen_port(node_config: config.NodeConfig) -> int:
     return int(client_endpoint_for(node_config.listen[0]).rsplit("=", 1)[1])
 
 
-def metrics_url(node_config: config.NodeConfig) -> str | None:
+def metrics_url(node_config: config.NodeConfig,
+                page: str = metrics.METRICS_PAGE) -> str | None:
     """
-    The URL of the node's metrics page, if it serves one.
+    The URL of a page of the node's metrics listener (the Prometheus page
+    by default), if it serves them.
     """
     if node_config.metrics_listen is None:
         return None
     fields = dict(part.split("=", 1) for part in client_endpoint_for(
         node_config.metrics_listen).split(":")[1:])
-    return f"http://{fields['host']}:{fields['port']}/metrics"
+    return f"http://{fields['host']}:{fields['port']}/{page}"
+
+
+def _curl_lines(node_config: config.NodeConfig) -> list[str]:
+    """
+    The commands that ask a running node for its metrics and readiness.
+    """
+    return [f"curl {url}" for page in (metrics.METRICS_PAGE,
+                                       metrics.READINESS_PAGE)
+            if (url := metrics_url(node_config, page)) is not None]
+
+
+def _lines_in(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
 
 
 async def _scraped_handshakes(reactor: Any, url: str) -> dict[str, int]:
@@ -326,6 +346,11 @@ async def _run_cluster(reactor: Any, arguments: Any,
                             _backend_listen(configs["node1"]),
                             server.Site(_Hello()))
     processes = []
+    # The files are appended to, run after run: this run's lines follow
+    # these.
+    logged_before = {node: _lines_in(path) for node in NODES
+                     if (path := configs[node].access_log) is not None
+                     and path != config.ACCESS_LOG_TO_NODE_LOG}
     try:
         for node in NODES:
             process = _NodeProcess(node)
@@ -343,10 +368,9 @@ async def _run_cluster(reactor: Any, arguments: Any,
         urls = {node: url for node in NODES
                 if (url := metrics_url(configs[node])) is not None}
         if not arguments.json:
-            for node, url in urls.items():
-                ready = url.removesuffix("/metrics") + "/readyz"
-                print(f"{node} metrics, while the demo runs: curl {url}; "
-                      f"readiness: curl {ready}", flush=True)
+            for node in NODES:
+                for line in _curl_lines(configs[node]):
+                    print(f"{node}, while the demo runs: {line}", flush=True)
         ca = configs["node1"].cluster.ca
         clients = [
             deferToThread(_client, ca, "TLSv1.2" if index % 2 == 0 else "TLSv1.3",
@@ -364,7 +388,13 @@ async def _run_cluster(reactor: Any, arguments: Any,
     finally:
         await _stop(reactor, processes)
         await backend.stopListening()
-    return _report(visits, counters, scraped, arguments.clients)
+    report = _report(visits, counters, scraped, arguments.clients)
+    report["configs"] = configs
+    report["access_logs"] = {
+        node: {"path": configs[node].access_log,
+               "lines": _lines_in(str(configs[node].access_log)) - before}
+        for node, before in logged_before.items()}
+    return report
 
 
 def _report(visits: list[Visit], counters: dict[str, dict[str, Any]],
@@ -398,7 +428,7 @@ def run(arguments: Any) -> None:
     if arguments.json:
         print(json.dumps({key: report[key] for key in (
             "connections", "full", "resumed_local", "resumed_peer",
-            "resumed_repository", "failed", "from_metrics")}))
+            "resumed_repository", "failed", "from_metrics", "access_logs")}))
         return
     print(f"{'node':<8}" + "".join(f"{name:>20}" for name in OUTCOMES))
     for node, row in report["per_node"].items():
@@ -415,3 +445,19 @@ def run(arguments: Any) -> None:
                       if name.startswith("resumed"))
         print(f"per the nodes' metrics pages: {counted['full']} full, "
               f"{resumed} resumed, {counted['failed']} failed handshakes")
+    if report["access_logs"]:
+        print("\nthe access logs, one JSON line per connection "
+              "(README.rst, \"Access log\"):")
+        for node, log in report["access_logs"].items():
+            print(f"  {node}: {os.path.relpath(log['path'])} "
+                  f"({log['lines']} lines this run)")
+    probes = {node: _curl_lines(node_config)
+              for node, node_config in report["configs"].items()}
+    if any(probes.values()):
+        print("\nthe nodes have stopped; to run one and ask it:")
+        for node, lines in probes.items():
+            if lines:
+                print(f"  {shlex.join(_twistd())} -n sslshare --config "
+                      f"{os.path.relpath(report['configs'][node].path)}")
+                for line in lines:
+                    print(f"    {line}")

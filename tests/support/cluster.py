@@ -259,6 +259,24 @@ class LocalCluster:
             link.outbox.flush()
         yield gatherResults([stats_from(link) for link in links])
 
+    @inlineCallbacks
+    def resume_from_the_backup_node(self):
+        """
+        Make a TLS 1.2 session on node1, stop node1, and resume the session
+        on node3, which finds it at node1's backup node, node2 (the ring
+        after node1): started nodes node1 to node3; fires with the last
+        round's L{ClientResult}.
+        """
+        yield self.start_all()
+        first = yield self.client_round("node1", "TLSv1.2")
+        # The backup copy arrives asynchronously.
+        yield self.settled()
+        yield self.stop("node1")
+        yield until(lambda: not self.nodes["node3"].peer_links
+                    .link("node1").connected)
+        resumed = yield self.client_round("node3", "TLSv1.2", first.session)
+        return resumed
+
     def wait_linked_to(self, peer, timeout=10.0):
         """
         Wait until every node started in this process has its link to
