@@ -59,7 +59,10 @@ any descriptor of the table drops the process's locks on it.  A process
 therefore opens the table once (the worker's service holds it).
 
 A put into a full bucket replaces the slot that expires first (counted as
-C{evicted}); an expired slot is free for any put.  A blob larger than a slot
+C{evicted}); an expired slot is free for any put.  Buckets fill unevenly
+(the ids' random tails spread them): with half the table's slots in use,
+about 2% of the buckets are full, so a table is sized for about twice the
+sessions it must hold.  A blob larger than a slot
 holds is not stored (C{too_large}).  Everything read from the table is
 checked, since every worker can write it: a slot whose fields are out of
 bounds is freed and counted as C{bad_slots}, and reads as absent.
@@ -76,6 +79,8 @@ import mmap
 import os
 import struct
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -317,6 +322,31 @@ class HostStore:
         return Entry(self._map[start:start + length], expires, seq,
                      digest if seq else b"")
 
+    @contextmanager
+    def _locked(self, session_id: bytes) -> Iterator[int]:
+        """
+        The offset of C{session_id}'s bucket, locked while the block runs.
+
+        @raise HostStoreBusy: the bucket stayed locked by another process.
+        @raise ValueError: C{session_id} is not a session id.
+        """
+        bucket = self._bucket(session_id)
+        self._lock(bucket)
+        try:
+            yield bucket
+        finally:
+            self._unlock(bucket)
+
+    def _entry(self, bucket: int, session_id: bytes
+               ) -> tuple[int, Entry] | None:
+        """
+        The slot of the locked bucket holding C{session_id} and what it
+        holds, or C{None}.
+        """
+        slot = self._find(bucket, session_id)
+        entry = None if slot is None else self._read(slot)
+        return None if slot is None or entry is None else (slot, entry)
+
     def put(self, session_id: bytes, sealed: bytes, expires: float) -> bool:
         """
         Store the sealed blob of C{session_id} until C{expires} (unix time),
@@ -327,7 +357,6 @@ class HostStore:
             expired, or its bucket stayed locked).
         @raise ValueError: C{session_id} is not a session id.
         """
-        bucket = self._bucket(session_id)
         self.counters["puts"] += 1
         if not 0 < len(sealed) <= self.shape.max_blob:
             self.counters["too_large"] += 1
@@ -337,26 +366,19 @@ class HostStore:
             self.counters["expired"] += 1
             return False
         try:
-            self._lock(bucket)
+            with self._locked(session_id) as bucket:
+                found = self._entry(bucket, session_id)
+                if found is None:
+                    slot, seq, digest = self._place(bucket, now), 0, _NO_DIGEST
+                else:
+                    slot, kept = found
+                    seq, digest = kept.seq, kept.digest or _NO_DIGEST
+                _SLOT.pack_into(self._map, slot, session_id, expires,
+                                len(sealed), seq, digest)
+                start = slot + SLOT_HEAD
+                self._map[start:start + len(sealed)] = sealed
         except HostStoreBusy:
             return False
-        try:
-            slot = self._find(bucket, session_id)
-            seq, digest = 0, _NO_DIGEST
-            if slot is not None:
-                kept = self._read(slot)
-                if kept is not None:
-                    seq, digest = kept.seq, kept.digest or _NO_DIGEST
-                else:
-                    slot = None
-            if slot is None:
-                slot = self._place(bucket, now)
-            _SLOT.pack_into(self._map, slot, session_id, expires,
-                            len(sealed), seq, digest)
-            start = slot + SLOT_HEAD
-            self._map[start:start + len(sealed)] = sealed
-        finally:
-            self._unlock(bucket)
         return True
 
     def _place(self, bucket: int, now: float) -> int:
@@ -378,6 +400,20 @@ class HostStore:
         self.counters["evicted"] += 1
         return soonest_at
 
+    def _remove(self, session_id: bytes) -> Entry | None:
+        """
+        Read and free the slot of C{session_id} under one lock: what it
+        held, expired or not, or C{None}.
+
+        @raise HostStoreBusy: the bucket stayed locked.
+        """
+        with self._locked(session_id) as bucket:
+            found = self._entry(bucket, session_id)
+            if found is None:
+                return None
+            self._free(found[0])
+            return found[1]
+
     def take(self, session_id: bytes) -> Entry | None:
         """
         Read and free the slot of C{session_id} under one lock.
@@ -386,19 +422,11 @@ class HostStore:
             its bucket stayed locked.
         @raise ValueError: C{session_id} is not a session id.
         """
-        bucket = self._bucket(session_id)
         self.counters["takes"] += 1
         try:
-            self._lock(bucket)
+            entry = self._remove(session_id)
         except HostStoreBusy:
             return None
-        try:
-            slot = self._find(bucket, session_id)
-            entry = None if slot is None else self._read(slot)
-            if slot is not None and entry is not None:
-                self._free(slot)
-        finally:
-            self._unlock(bucket)
         if entry is None:
             self.counters["misses"] += 1
             return None
@@ -414,47 +442,35 @@ class HostStore:
         beside the live blob of C{session_id}, if C{seq} is above the one
         stored.
 
-        @return: whether it was recorded.
+        @return: whether it was recorded (not when its bucket stayed
+            locked).
         @raise ValueError: an argument is out of bounds.
         """
         if not 0 < seq < 2 ** 63 or len(digest) != SEALED_CHECKPOINT_LENGTH:
             raise ValueError(f"a checkpoint is a seq in 1..2**63-1 and "
                              f"{SEALED_CHECKPOINT_LENGTH} bytes")
-        bucket = self._bucket(session_id)
         try:
-            self._lock(bucket)
+            with self._locked(session_id) as bucket:
+                found = self._entry(bucket, session_id)
+                recorded = (found is not None and found[1].seq < seq
+                            and found[1].expires > self._clock.seconds())
+                if found is not None and recorded:
+                    _CHECKPOINT.pack_into(
+                        self._map, found[0] + _CHECKPOINT_AT, seq, digest)
         except HostStoreBusy:
             return False
-        try:
-            slot = self._find(bucket, session_id)
-            entry = None if slot is None else self._read(slot)
-            recorded = (entry is not None and entry.seq < seq
-                        and entry.expires > self._clock.seconds())
-            if recorded:
-                assert slot is not None
-                _CHECKPOINT.pack_into(self._map, slot + _CHECKPOINT_AT, seq,
-                                      digest)
-        finally:
-            self._unlock(bucket)
         self.counters["checkpoints" if recorded else "stale_checkpoints"] += 1
         return recorded
 
     def purge(self, session_id: bytes) -> bool:
         """
-        Free the slot of C{session_id}; whether there was one.
+        Free the slot of C{session_id}; whether there was one (not when
+        its bucket stayed locked).
         """
-        bucket = self._bucket(session_id)
         try:
-            self._lock(bucket)
+            if self._remove(session_id) is None:
+                return False
         except HostStoreBusy:
-            return False
-        try:
-            slot = self._find(bucket, session_id)
-            if slot is not None:
-                self._free(slot)
-        finally:
-            self._unlock(bucket)
-        if slot is None:
             return False
         self.counters["purges"] += 1
         return True

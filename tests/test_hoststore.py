@@ -266,7 +266,7 @@ class ProcessTests(TestCase):
     """
 
     def setUp(self):
-        self.table = HostStore(hoststore.create_table(Shape(buckets=1024)),
+        self.table = HostStore(hoststore.create_table(Shape(buckets=4096)),
                                Clock())
         self.addCleanup(self.table.close)
 
@@ -278,6 +278,7 @@ class ProcessTests(TestCase):
         ids = [session_id_of() for _ in range(2000)]
         for session_id in ids:
             self.assertTrue(self.table.put(session_id, SEALED, 2 ** 40))
+        self.assertEqual(self.table.counters["evicted"], 0)
         line = " ".join(i.hex() for i in ids) + "\n"
         takers = [child(_TAKER, self.table.fileno()) for _ in range(3)]
         for taker in takers:
