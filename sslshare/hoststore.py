@@ -34,10 +34,11 @@ and one slot:
                   sslshare session id starts with its format byte, 1)
     32      8     expires, unix time, binary64
     40      4     blob length
-    44      4     zeros
+    44      3     zeros
+    47      1     length of the sealed digest, 0 or SEALED_CHECKPOINT_LENGTH
     48      8     seq of the checkpoint stored beside the blob, 0 before
                   the first
-    56      48    its sealed digest (zeros before the first)
+    56      48    its sealed digest, zeros past its length
     104     ...   blob, up to slot size - SLOT_HEAD
 
 A session id's bucket is its last 8 bytes (random) modulo the number of
@@ -86,7 +87,11 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from sslshare import sessionid
-from sslshare.state import MAX_SEALED_LENGTH, SEALED_CHECKPOINT_LENGTH
+from sslshare.state import (
+    MAX_SEALED_LENGTH,
+    SEALED_CHECKPOINT_LENGTH,
+    checkpoint_problem,
+)
 
 MAGIC = b"sslshare hosts\0\0"
 FORMAT = 1
@@ -97,13 +102,12 @@ SLOTS_PER_BUCKET = 8
 LOCK_ATTEMPTS = 1000
 
 _HEADER = struct.Struct("<16sIIII")
-_SLOT = struct.Struct(f"<32sdI4xQ{SEALED_CHECKPOINT_LENGTH}s")
+_SLOT = struct.Struct(f"<32sdI3xBQ{SEALED_CHECKPOINT_LENGTH}s")
 _EXPIRES = struct.Struct("<d")
-_CHECKPOINT_AT = 48
-_CHECKPOINT = struct.Struct(f"<Q{SEALED_CHECKPOINT_LENGTH}s")
+_CHECKPOINT_AT = 47
+_CHECKPOINT = struct.Struct(f"<BQ{SEALED_CHECKPOINT_LENGTH}s")
 _ID_LENGTH = sessionid.SESSION_ID_LENGTH
 _FREE = bytes(_ID_LENGTH)
-_NO_DIGEST = bytes(SEALED_CHECKPOINT_LENGTH)
 
 COUNTERS = ("puts", "takes", "hits", "misses", "expired", "evicted",
             "too_large", "busy", "bad_slots", "checkpoints",
@@ -312,15 +316,16 @@ class HostStore:
         The entry in C{slot}, or C{None} when its fields are out of bounds
         (the slot is freed and counted).
         """
-        _, expires, length, seq, digest = _SLOT.unpack_from(self._map, slot)
+        _, expires, length, digest_length, seq, digest = _SLOT.unpack_from(
+            self._map, slot)
+        digest = digest[:digest_length]
         if (math.isnan(expires) or not 0 < length <= self.shape.max_blob
-                or seq >= 2 ** 63):
+                or checkpoint_problem(seq, digest, SEALED_CHECKPOINT_LENGTH)):
             self._free(slot)
             self.counters["bad_slots"] += 1
             return None
         start = slot + SLOT_HEAD
-        return Entry(self._map[start:start + length], expires, seq,
-                     digest if seq else b"")
+        return Entry(self._map[start:start + length], expires, seq, digest)
 
     @contextmanager
     def _locked(self, session_id: bytes) -> Iterator[int]:
@@ -369,12 +374,12 @@ class HostStore:
             with self._locked(session_id) as bucket:
                 found = self._entry(bucket, session_id)
                 if found is None:
-                    slot, seq, digest = self._place(bucket, now), 0, _NO_DIGEST
+                    slot, seq, digest = self._place(bucket, now), 0, b""
                 else:
                     slot, kept = found
-                    seq, digest = kept.seq, kept.digest or _NO_DIGEST
+                    seq, digest = kept.seq, kept.digest
                 _SLOT.pack_into(self._map, slot, session_id, expires,
-                                len(sealed), seq, digest)
+                                len(sealed), len(digest), seq, digest)
                 start = slot + SLOT_HEAD
                 self._map[start:start + len(sealed)] = sealed
         except HostStoreBusy:
@@ -446,17 +451,17 @@ class HostStore:
             locked).
         @raise ValueError: an argument is out of bounds.
         """
-        if not 0 < seq < 2 ** 63 or len(digest) != SEALED_CHECKPOINT_LENGTH:
-            raise ValueError(f"a checkpoint is a seq in 1..2**63-1 and "
-                             f"{SEALED_CHECKPOINT_LENGTH} bytes")
+        problem = checkpoint_problem(seq, digest, SEALED_CHECKPOINT_LENGTH)
+        if problem is not None:
+            raise ValueError(problem)
         try:
             with self._locked(session_id) as bucket:
                 found = self._entry(bucket, session_id)
                 recorded = (found is not None and found[1].seq < seq
                             and found[1].expires > self._clock.seconds())
                 if found is not None and recorded:
-                    _CHECKPOINT.pack_into(
-                        self._map, found[0] + _CHECKPOINT_AT, seq, digest)
+                    _CHECKPOINT.pack_into(self._map, found[0] + _CHECKPOINT_AT,
+                                          len(digest), seq, digest)
         except HostStoreBusy:
             return False
         self.counters["checkpoints" if recorded else "stale_checkpoints"] += 1

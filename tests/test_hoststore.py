@@ -146,11 +146,18 @@ class CheckpointTests(HostStoreTestCase):
     def test_checkpoint_of_absent_session_is_not_recorded(self):
         self.assertFalse(self.table.checkpoint(session_id_of(), 1, digest(1)))
 
+    def test_checkpoint_before_the_first_record_has_no_digest(self):
+        session_id = session_id_of()
+        self.table.put(session_id, SEALED, LATER)
+        self.assertTrue(self.table.checkpoint(session_id, 2, b""))
+        entry = self.table.take(session_id)
+        self.assertEqual((entry.seq, entry.digest), (2, b""))
+
     def test_malformed_checkpoint_is_refused(self):
         session_id = session_id_of()
         self.table.put(session_id, SEALED, LATER)
-        self.assertRaises(ValueError, self.table.checkpoint, session_id, 0,
-                          digest(0))
+        self.assertRaises(ValueError, self.table.checkpoint, session_id, -1,
+                          digest(1))
         self.assertRaises(ValueError, self.table.checkpoint, session_id, 1,
                           b"short")
 
@@ -193,6 +200,15 @@ class RoomTests(HostStoreTestCase):
         self.assertEqual(self.table.counters["bad_slots"], 1)
         self.assertTrue(self.table.put(session_id, SEALED, LATER))
         self.assertEqual(self.table.take(session_id).sealed, SEALED)
+
+
+    def test_digest_length_out_of_bounds_reads_as_absent(self):
+        session_id = session_id_of()
+        self.table.put(session_id, SEALED, LATER)
+        # The sealed digest length of the first slot: neither 0 nor 48.
+        os.pwrite(self.table.fileno(), bytes((7,)), hoststore.HEADER_SIZE + 47)
+        self.assertIsNone(self.table.take(session_id))
+        self.assertEqual(self.table.counters["bad_slots"], 1)
 
 
 class TableTests(TestCase):
