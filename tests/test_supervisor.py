@@ -15,13 +15,19 @@ import sys
 import textwrap
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from sslshare import hoststore
-from sslshare.supervisor import Inherited, WorkerSupervisor, reuseport_sockets
+from sslshare.supervisor import (
+    MAX_RESTART_DELAY,
+    STABLE_AFTER,
+    Inherited,
+    WorkerSupervisor,
+    reuseport_sockets,
+)
 from tests.support.waiting import until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +130,20 @@ class SupervisorTests(TestCase):
         self.assertEqual(self.supervisor.counters["restarts"], 1)
 
     @inlineCallbacks
+    def test_connections_wait_while_a_worker_starts_again(self):
+        """
+        The supervisor keeps a dead worker's socket open: the connections
+        the kernel gives it while it is started again wait and are served,
+        none is refused.
+        """
+        killed = self.supervisor.pids[1]
+        os.kill(killed, signal.SIGKILL)
+        answers = yield gatherResults(
+            [deferToThread(ask, self.port) for _ in range(20)])
+        self.assertEqual({index for index, _, _, _ in answers}, {0, 1})
+        self.assertNotIn(killed, {pid for _, pid, _, _ in answers})
+
+    @inlineCallbacks
     def test_signal_reaches_every_worker(self):
         self.supervisor.signal("HUP")
         seen = yield self.answers(
@@ -141,6 +161,54 @@ class SupervisorTests(TestCase):
         self.assertEqual(self.supervisor.pids, {})
         self.assertEqual(self.supervisor.counters["restarts"], 0)
 
+
+
+class RestartDelayTests(TestCase):
+    """
+    A worker that dies young is started again later each time, up to a
+    bound; restarts are timed on the clock given.
+    """
+
+    def test_delay_doubles_while_the_worker_dies_young(self):
+        clock = Clock()
+        supervisor = WorkerSupervisor(reactor, clock, ("/bin/false",), 1,
+                                      environment={}, restart_delay=1.0)
+        supervisor.startService()
+        self.addCleanup(supervisor.stopService)
+        delays = []
+
+        @inlineCallbacks
+        def one_death():
+            exits = supervisor.counters["exits"]
+            yield until(lambda: supervisor.counters["exits"] > exits)
+            (call,) = clock.getDelayedCalls()
+            delays.append(call.getTime() - clock.seconds())
+            clock.advance(delays[-1])
+
+        @inlineCallbacks
+        def deaths():
+            for _ in range(7):
+                yield one_death()
+
+        return deaths().addCallback(lambda _: self.assertEqual(
+            delays, [2.0, 4.0, 8.0, 16.0, MAX_RESTART_DELAY,
+                     MAX_RESTART_DELAY, MAX_RESTART_DELAY]))
+
+    def test_delay_starts_again_once_a_worker_lived(self):
+        clock = Clock()
+        supervisor = WorkerSupervisor(reactor, clock, ("/bin/false",), 1,
+                                      environment={}, restart_delay=1.0)
+        supervisor.startService()
+        self.addCleanup(supervisor.stopService)
+        # It lived long enough before it died.
+        clock.advance(STABLE_AFTER + 1)
+
+        def delay():
+            (call,) = clock.getDelayedCalls()
+            return call.getTime() - clock.seconds()
+
+        return until(lambda: supervisor.counters["exits"] == 1).addCallback(
+            lambda _: self.assertEqual(delay(), 1.0))
 
 
 class ArgumentTests(TestCase):
