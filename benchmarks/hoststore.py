@@ -15,9 +15,26 @@ with, measured in one run:
       between two Twisted processes (no AMP, no TLS); the taker asks,
       waits for the answer and opens it.  Both ends pay per resumption.
 
+and, in a second part, what the table adds to a whole resumption: server
+time per TLS handshake (P-256, TLS 1.2 and 1.3) of the engine of
+C{benchmarks/engine.py}, full and resumed, with two stores in alternate
+rounds: C{same worker}, engine.py's dict of DER bytes (a stand-in cheaper
+than a node's store, so the ratio is an upper bound); and C{host table},
+every new session built into a L{SessionState}, sealed and put into the
+table inside the handshake that made it, every offered one taken, opened
+and supplied.  What the table adds per resumption (host table minus same
+worker) is the figure to hold against the goal, a resumption across workers
+at most 1.2 times one on the same worker: at a node a TLS 1.2 resumption
+costs about 1,400 µs of server CPU (Twisted, sockets, the protocol and the
+engine; C{benchmarks/RESULTS.md}), so about 280 µs may be added.  The
+engine-level ratio is printed too, but its denominator is the engine's
+part alone (a tenth of the node's for TLS 1.2), so it overstates the
+relative cost many times.
+
 Usage, from the root of a checkout::
 
-    .venv/bin/python benchmarks/hoststore.py [--sessions N] [--json]
+    .venv/bin/python benchmarks/hoststore.py [--sessions N] [--rounds R]
+        [--batch B] [--json]
 
 Each design runs the same N sessions (default 5000; TLS 1.2-sized DERs of
 135 random bytes, as C{tests/support/sessions.py} makes), one at a time,
@@ -41,8 +58,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# Run as a script from a checkout: import the sslshare next to this
+# directory, ahead of any installed copy.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet.task import Clock  # noqa: E402
 
@@ -205,19 +223,96 @@ def _figures(count: int, maker_cpu: float, taker_cpu: float,
             "wall_us": round(wall * per, 1)}
 
 
+def _handshakes(rounds: int, batch: int) -> dict[str, dict[str, float]]:
+    """
+    Median over C{rounds} rounds (after a warm-up) of the mean server
+    microseconds per handshake, by TLS version, store and handshake type.
+    """
+    import statistics
+    import tempfile
+
+    from zope.interface import implementer
+
+    from benchmarks import engine
+    from sslshare import hooks, tls
+
+    keys = StateKeys([_KEY])
+    clock = _wall_clock()
+
+    @implementer(tls.ISessionLookupListener)
+    class TableLookup:
+        def __init__(self, table: hoststore.HostStore,
+                     id_context: bytes) -> None:
+            self.table = table
+            self.id_context = id_context
+
+        def lookup_requested(self, connection: tls.Connection,
+                             request: hooks.LookupRequest) -> None:
+            entry = self.table.take(request.session_id)
+            connection.supply(None if entry is None else keys.open(
+                entry.sealed, request.session_id, self.id_context).der)
+
+    class TableKind(engine.Kind):
+        def __init__(self, version: str, directory: str) -> None:
+            shape = hoststore.Shape.for_bytes(4 * (rounds + 1) * batch * 2048)
+            self.table = hoststore.HostStore(hoststore.create_table(shape),
+                                             clock)
+            self.id_context = sessionid.service_id_context(engine.CLUSTER,
+                                                           engine.SERVICE)
+            super().__init__(version, "p256", directory)
+            self.listener = TableLookup(self.table, self.id_context)
+
+        def _store(self, connection: tls.Connection, session_id: bytes,
+                   der: bytes) -> None:
+            now = clock.seconds()
+            state = SessionState(
+                session_id=session_id, id_context=self.id_context, der=der,
+                holder="worker0", created=now, expires=now + 3600)
+            self.table.put(session_id, keys.seal(state), state.expires)
+
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory() as directory:
+        kinds = [(version, store, kind)
+                 for version in engine.VERSIONS
+                 for store, kind in (
+                     ("same_worker", engine.Kind(version, "p256", directory)),
+                     ("host_table", TableKind(version, directory)))]
+        for round_number in range(rounds + 1):
+            for version, store, kind in kinds:
+                measured = kind.measure("engine", batch, round_number > 0)
+                if round_number:
+                    for handshake, ns in measured.items():
+                        samples.setdefault((version, store, handshake),
+                                           []).append(ns / 1000)
+    figures: dict[str, dict[str, float]] = {}
+    for (version, store, handshake), values in samples.items():
+        figures.setdefault(f"tls{version}", {})[f"{store}_{handshake}_us"] = \
+            round(statistics.median(values), 1)
+    for row in figures.values():
+        for handshake in engine.HANDSHAKES:
+            table_us = row[f"host_table_{handshake}_us"]
+            same_us = row[f"same_worker_{handshake}_us"]
+            row[f"{handshake}_added_us"] = round(table_us - same_us, 1)
+            row[f"{handshake}_ratio"] = round(table_us / same_us, 3)
+    return figures
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="benchmarks/hoststore.py",
         description="CPU per session taken across two worker processes: "
                     "a shared table against a socketpair channel.")
     parser.add_argument("--sessions", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=200)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--maker", choices=("table", "channel"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.sessions < 1:
-        parser.error("--sessions must be at least 1")
+    for name in ("sessions", "rounds", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     if args.maker == "table":
         _table_maker(args.fd, args.sessions)
         return
@@ -225,7 +320,8 @@ def main(argv: list[str]) -> None:
         _channel_maker(args.fd, args.sessions)
         return
     results = {"sessions": args.sessions, "table": _table(args.sessions),
-               "channel": _channel(args.sessions)}
+               "channel": _channel(args.sessions),
+               "handshakes": _handshakes(args.rounds, args.batch)}
     if args.json:
         print(json.dumps(results))
         return
@@ -237,6 +333,18 @@ def main(argv: list[str]) -> None:
         print(f"{design:10} {row['maker_cpu_us']:10.1f} "
               f"{row['taker_cpu_us']:10.1f} {row['host_cpu_us']:10.1f} "
               f"{row['wall_us']:10.1f}")
+    print(f"\nserver microseconds per handshake, P-256, median of "
+          f"{args.rounds} rounds of {args.batch}")
+    print(f"{'version':8} {'store':12} {'full':>8} {'resumed':>8}")
+    for version, row in results["handshakes"].items():
+        for store in ("same_worker", "host_table"):
+            print(f"{version:8} {store:12} {row[store + '_full_us']:8.1f} "
+                  f"{row[store + '_resumed_us']:8.1f}")
+        print(f"{version:8} {'added':12} {row['full_added_us']:8.1f} "
+              f"{row['resumed_added_us']:8.1f}  (budget at a node: about "
+              f"280 per resumption)")
+        print(f"{version:8} {'ratio':12} {row['full_ratio']:8.3f} "
+              f"{row['resumed_ratio']:8.3f}  (engine's part only)")
 
 
 if __name__ == "__main__":
