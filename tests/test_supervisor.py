@@ -138,6 +138,8 @@ class SupervisorTests(TestCase):
         """
         killed = self.supervisor.pids[1]
         os.kill(killed, signal.SIGKILL)
+        # Once it has ended: a connection it had accepted would be reset.
+        yield until(lambda: self.supervisor.counters["exits"] == 1)
         answers = yield gatherResults(
             [deferToThread(ask, self.port) for _ in range(20)])
         self.assertEqual({index for index, _, _, _ in answers}, {0, 1})
@@ -162,53 +164,65 @@ class SupervisorTests(TestCase):
         self.assertEqual(self.supervisor.counters["restarts"], 0)
 
 
-
 class RestartDelayTests(TestCase):
     """
     A worker that dies young is started again later each time, up to a
     bound; restarts are timed on the clock given.
     """
 
+    def setUp(self):
+        self.clock = Clock()
+        self.supervisor = WorkerSupervisor(
+            reactor, self.clock, ("/bin/false",), 1, environment={},
+            restart_delay=1.0)
+        self.supervisor.startService()
+        self.addCleanup(self.supervisor.stopService)
+
+    @inlineCallbacks
+    def next_delay(self):
+        """
+        The delay before the worker starts again, once it has ended.
+        """
+        exits = self.supervisor.counters["exits"]
+        yield until(lambda: self.supervisor.counters["exits"] > exits)
+        (call,) = self.clock.getDelayedCalls()
+        return call.getTime() - self.clock.seconds()
+
+    @inlineCallbacks
     def test_delay_doubles_while_the_worker_dies_young(self):
-        clock = Clock()
-        supervisor = WorkerSupervisor(reactor, clock, ("/bin/false",), 1,
-                                      environment={}, restart_delay=1.0)
-        supervisor.startService()
-        self.addCleanup(supervisor.stopService)
         delays = []
+        for _ in range(7):
+            delays.append((yield self.next_delay()))
+            self.clock.advance(delays[-1])
+        self.assertEqual(delays, [2.0, 4.0, 8.0, 16.0, MAX_RESTART_DELAY,
+                                  MAX_RESTART_DELAY, MAX_RESTART_DELAY])
 
-        @inlineCallbacks
-        def one_death():
-            exits = supervisor.counters["exits"]
-            yield until(lambda: supervisor.counters["exits"] > exits)
-            (call,) = clock.getDelayedCalls()
-            delays.append(call.getTime() - clock.seconds())
-            clock.advance(delays[-1])
-
-        @inlineCallbacks
-        def deaths():
-            for _ in range(7):
-                yield one_death()
-
-        return deaths().addCallback(lambda _: self.assertEqual(
-            delays, [2.0, 4.0, 8.0, 16.0, MAX_RESTART_DELAY,
-                     MAX_RESTART_DELAY, MAX_RESTART_DELAY]))
-
+    @inlineCallbacks
     def test_delay_starts_again_once_a_worker_lived(self):
-        clock = Clock()
-        supervisor = WorkerSupervisor(reactor, clock, ("/bin/false",), 1,
-                                      environment={}, restart_delay=1.0)
-        supervisor.startService()
-        self.addCleanup(supervisor.stopService)
         # It lived long enough before it died.
-        clock.advance(STABLE_AFTER + 1)
+        self.clock.advance(STABLE_AFTER + 1)
+        self.assertEqual((yield self.next_delay()), 1.0)
 
-        def delay():
-            (call,) = clock.getDelayedCalls()
-            return call.getTime() - clock.seconds()
 
-        return until(lambda: supervisor.counters["exits"] == 1).addCallback(
-            lambda _: self.assertEqual(delay(), 1.0))
+class StopDeadlineTests(TestCase):
+    @inlineCallbacks
+    def test_worker_that_ignores_sigterm_is_killed_at_the_deadline(self):
+        ready = self.mktemp()
+        worker = textwrap.dedent(f"""
+            import signal, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            open({ready!r}, "w").close()
+            time.sleep(60)
+        """)
+        supervisor = WorkerSupervisor(
+            reactor, reactor, (sys.executable, "-c", worker), 1,
+            environment={}, stop_timeout=0.5)
+        supervisor.startService()
+        yield until(lambda: os.path.exists(ready))
+        (pid,) = supervisor.pids.values()
+        yield supervisor.stopService()
+        self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+        self.assertEqual(supervisor.counters["restarts"], 0)
 
 
 class ArgumentTests(TestCase):
