@@ -10,10 +10,11 @@ another worker of the host must cost about what one on the same worker
 does, not a round trip over a channel (see C{benchmarks/hoststore.py} for
 the measurement that chose this over a socket between workers).
 
-The table is a memfd (C{memfd_create}) that the supervisor makes and hands
-to each worker as an inherited file descriptor: it is in no directory,
-nothing but the supervisor's children can reach it, it is never written to
-disk, and it goes when the last process that maps it exits.  It holds
+The table is a memfd (C{memfd_create}, L{create_table}) that the process
+which starts the workers makes and hands to each as an inherited file
+descriptor (L{sslshare.supervisor.Inherited}): it is in no directory, only
+the processes given it can reach it, it is never written to disk, and it
+goes when the last process that holds it exits.  It holds
 sealed blobs (L{sslshare.state.StateKeys.seal}), as a repository does, with
 the checkpoint beside each blob; sealing and opening are the caller's job.
 
@@ -57,16 +58,16 @@ operation leaves no bucket locked.
 C{fcntl} locks belong to a process, not to a file descriptor: two
 L{HostStore} objects of one process never exclude each other, and closing
 any descriptor of the table drops the process's locks on it.  A process
-therefore opens the table once (the worker's service holds it).
+therefore opens the table once.
 
 A put into a full bucket replaces the slot that expires first (counted as
 C{evicted}); an expired slot is free for any put.  Buckets fill unevenly
 (the ids' random tails spread them): with half the table's slots in use,
 about 2% of the buckets are full, so a table is sized for about twice the
-sessions it must hold.  A blob larger than a slot
-holds is not stored (C{too_large}).  Everything read from the table is
-checked, since every worker can write it: a slot whose fields are out of
-bounds is freed and counted as C{bad_slots}, and reads as absent.
+sessions it must hold.  A blob larger than a slot holds is not stored
+(C{too_large}).  Everything read from the table is checked, since every
+worker can write it: a slot whose fields are out of bounds is freed and
+counted as C{bad_slots}, and reads as absent.
 
 This module makes no network calls and logs nothing; its only I/O is the
 shared mapping.

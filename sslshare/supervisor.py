@@ -3,30 +3,31 @@ Worker processes of one host, kept running: L{WorkerSupervisor}.
 
 The supervisor starts C{count} copies of one command, each with the file
 descriptors C{inherited} names for its index (its own listening socket on
-the host's one address, and the host's shared session table,
-L{sslshare.hoststore}) and its index in C{SSLSHARE_WORKER}.  The
-supervisor binds one socket per worker with C{SO_REUSEPORT}
-(L{reuseport_sockets}), so that the kernel spreads connections over the
-workers by a hash of each connection's addresses: the workers sharing one
-listening socket do not share the load (Linux wakes the waiter that waited
-last, so one worker takes nearly every connection; measured here: one
-worker of two answered 200 connections out of 200).  The supervisor keeps
-every socket open, so a connection that arrives while its worker is
-being started again waits in that socket's backlog rather than being
-refused.  A descriptor handed down as a listening socket is
-described to the worker as systemd describes one (C{LISTEN_FDS},
-C{LISTEN_FDNAMES}, and C{LISTEN_PID} set to the worker's own pid by a shell
-that then execs the command), so a worker reads it with Twisted's
-C{systemd:} endpoint.
+the host's one address, the host's shared session table,
+L{sslshare.hoststore}) and its index in C{SSLSHARE_WORKER}.  The caller
+owns those descriptors and keeps them open while the supervisor runs.
 
-A worker that dies is started again under the same index: after
-C{restart_delay} seconds, doubled (up to C{MAX_RESTART_DELAY}) each time a
-worker of that index dies within C{STABLE_AFTER} seconds of its start, so
-that a command that cannot start does not spin.  L{WorkerSupervisor.signal}
-passes a signal on to every worker (the service assembly sends SIGHUP that
-way); stopping the service sends SIGTERM to every worker, restarts none,
-and fires once all have ended, sending SIGKILL to any still running after
-C{stop_timeout} seconds.
+Each worker gets a socket of its own, bound with C{SO_REUSEPORT}
+(L{reuseport_sockets}), so that the kernel spreads connections over the
+workers by a hash of each connection's addresses.  Workers that share one
+listening socket do not share the load: Linux wakes the waiter that waited
+last, so one worker takes nearly every connection (measured here: one
+worker of two answered 200 connections out of 200).  Since the caller
+keeps every socket open, a connection that arrives while its worker is
+being started again waits in that socket's backlog rather than being
+refused.  A descriptor handed down as a listening socket is described to
+the worker as systemd describes one (C{LISTEN_FDS}, C{LISTEN_FDNAMES}, and
+C{LISTEN_PID} set to the worker's own pid by a shell that then execs the
+command), so a worker reads it with Twisted's C{systemd:} endpoint.
+
+A worker that dies is started again under the same index after
+C{restart_delay} seconds; one that dies within C{STABLE_AFTER} seconds of
+its start waits twice as long as the one before it of its index (up to
+C{MAX_RESTART_DELAY}), so that a command that cannot start does not spin.
+L{WorkerSupervisor.signal} passes a signal on to every worker; stopping the
+service sends SIGTERM to every worker, restarts none, and fires once all
+have ended, sending SIGKILL to any still running after C{stop_timeout}
+seconds.
 
 This module knows nothing of sessions, TLS or configuration: it runs
 processes.
@@ -62,7 +63,7 @@ COUNTERS = ("started", "restarts", "exits")
 @attrs.frozen
 class Inherited:
     """
-    A file descriptor every worker inherits: C{fd} in the supervisor, and
+    A file descriptor a worker inherits: C{fd} in the supervisor, and
     C{name}, its C{LISTEN_FDNAMES} entry when C{listening}.
     """
 
