@@ -52,7 +52,12 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.endpoints import (
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    clientFromString,
+    serverFromString,
+)
 from twisted.logger import Logger
 
 from sslshare import cluster, identity, proxyheader, tls
@@ -77,6 +82,8 @@ ANY_MEMBER = "*"
 peers listed, or with C{peers_from} any node of the cluster)."""
 DEFAULT_PEERS_REFRESH = (5.0, 300.0)
 MAX_CONNECTIONS = 1_000_000
+MAX_WORKERS = 1024
+WORKERS_AUTO = "auto"
 # As nginx stream's proxy_timeout.
 DEFAULT_IDLE_TIMEOUT = 600.0
 # What a redis repository takes: one server or a cluster by its URL, or
@@ -116,7 +123,7 @@ TABLE_KEYS: Mapping[str, frozenset[str]] = {
         "checkpoint_bound", "checkpoint_max_pause", "max_concurrent_lookups",
         "max_lookups_per_client", "drain_timeout_s",
         "loose_key_permissions", "backend_proxy_protocol", "max_connections",
-        "idle_timeout_s", "access_log"}),
+        "idle_timeout_s", "access_log", "workers"}),
     "tls": frozenset({"min_version", "max_version", "alpn", "alpn_mismatch",
                       "tls12_ciphers", "service"}),
     "tls.service": frozenset({"name", "certificate", "key", "server_names"}),
@@ -348,6 +355,10 @@ class NodeConfig:
         is checkpointed outside the node (C{every-record}, C{interval}
         with its period, or C{off}), how many unacknowledged records
         pause a connection, and for how long at most.
+    @ivar workers: how many worker processes serve the node's addresses
+        (C{"auto"} in the file: the CPUs this process may run on).
+    @ivar worker: which of them this process is (set by the service that
+        runs it, never by the file), or C{None}.
     """
 
     path: str
@@ -374,6 +385,19 @@ class NodeConfig:
     log_format: str = "text"
     access_log: str | None = None
     loose_key_permissions: str = DEFAULT_LOOSE_KEY_PERMISSIONS
+    workers: int = 1
+    worker: int | None = None
+
+    @property
+    def member_id(self) -> str:
+        """
+        The name this process's sessions give as their holder and owner:
+        the node id, or for one of its workers the node id, a dot and the
+        worker's index.
+        """
+        if self.worker is None:
+            return self.node_id
+        return f"{self.node_id}.{self.worker}"
 
     @property
     def topology(self) -> str:
@@ -382,6 +406,19 @@ class NodeConfig:
         else the repository's topology.
         """
         return "peers" if self.repository is None else self.repository.topology
+
+
+def tcp_address(reactor: Any, endpoint: str) -> tuple[str, int, int] | None:
+    """
+    The host, port and backlog a C{tcp:} or C{tcp6:} server endpoint
+    string listens on, or C{None} for any other kind of endpoint.
+    """
+    parsed = serverFromString(reactor, endpoint)
+    if not isinstance(parsed, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+        return None
+    # Twisted keeps them private; they are what the string said.
+    default = "::" if isinstance(parsed, TCP6ServerEndpoint) else "0.0.0.0"
+    return parsed._interface or default, parsed._port, parsed._backlog
 
 
 def load(path: str, reactor: Any = None) -> NodeConfig:
@@ -762,6 +799,10 @@ class _Reader:
                                   required=True)
         assert cluster_table is not None
         repository_table = top.table("repository", TABLE_KEYS["repository"])
+        workers = node.value("workers", self.workers, default=1)
+        if workers > 1:
+            self.workers_allowed(node, listen, metrics_listen, cluster_table,
+                                 repository_table)
         return NodeConfig(
             path=os.path.abspath(self.path),
             node_id=node_id,
@@ -786,12 +827,55 @@ class _Reader:
             log_format=log_format,
             access_log=access_log,
             loose_key_permissions=self.loose_key_permissions,
+            workers=workers,
             checkpoint=checkpoint,
             tls=self.tls(tls_table),
             cluster=self.cluster(cluster_table, node_id),
             repository=(None if repository_table is None
                         else self.repository(repository_table)),
         )
+
+    def workers(self, key: str, value: Any) -> int:
+        if value == WORKERS_AUTO:
+            return len(os.sched_getaffinity(0))
+        if isinstance(value, str):
+            raise self.error(key, f"{value!r} is neither {WORKERS_AUTO!r} "
+                                  f"nor a number")
+        return self.integer(1, MAX_WORKERS)(key, value)
+
+    def workers_allowed(self, node: _Table, listen: tuple[str, ...],
+                        metrics_listen: str | None, cluster_table: _Table,
+                        repository_table: _Table | None) -> None:
+        """
+        Refuse what a node of several worker processes does not do: its
+        workers share their sessions through the host's table, and serve
+        TCP addresses only; it has no repository, no peers and no metrics
+        page.
+        """
+        why = ("with workers above 1, the workers share their sessions "
+               "through the host's table only")
+        key = node.child("workers")
+        if repository_table is not None:
+            raise self.error(key, f"{why}: remove [repository] or set "
+                                  f"workers = 1")
+        for other in ("listen", "peers", "peers_from"):
+            if cluster_table.data.get(other):
+                raise self.error(key, f"{why}: remove cluster.{other} or set "
+                                      f"workers = 1")
+        if metrics_listen is not None:
+            raise self.error(key, "with workers above 1 there is no metrics "
+                                  "page: remove node.metrics_listen or set "
+                                  "workers = 1")
+        longest = identity.MAX_NAME_LENGTH - len(f".{MAX_WORKERS}")
+        if len(node.data["id"]) > longest:
+            raise self.error(key, f"with workers above 1, node.id is at most "
+                                  f"{longest} characters: each worker's id "
+                                  f"is the node's, a dot and its index")
+        for endpoint in listen:
+            if tcp_address(self.reactor, endpoint) is None:
+                raise self.error(key, f"with workers above 1, every "
+                                      f"node.listen is a tcp: or tcp6: "
+                                      f"endpoint, not {endpoint!r}")
 
     def listen(self, key: str, value: Any) -> tuple[str, ...]:
         check = self.server_endpoint()

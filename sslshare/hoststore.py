@@ -468,6 +468,48 @@ class HostStore:
         self.counters["checkpoints" if recorded else "stale_checkpoints"] += 1
         return recorded
 
+    def checkpoint_of(self, session_id: bytes) -> tuple[int, bytes] | None:
+        """
+        The checkpoint stored beside the live blob of C{session_id}
+        (C{(0, b"")} before the first), or C{None} when there is no live
+        blob or its bucket stayed locked.
+        """
+        try:
+            with self._locked(session_id) as bucket:
+                found = self._entry(bucket, session_id)
+        except HostStoreBusy:
+            return None
+        if found is None or not found[1].expires > self._clock.seconds():
+            return None
+        return found[1].seq, found[1].digest
+
+    def expire(self) -> int:
+        """
+        Free every slot whose session has expired, one bucket locked at a
+        time; how many (a bucket that stayed locked is left for the next
+        time).
+        """
+        now = self._clock.seconds()
+        view = self._map
+        freed = 0
+        for bucket in range(HEADER_SIZE, self.shape.size,
+                            self.shape.bucket_bytes):
+            try:
+                self._lock(bucket)
+            except HostStoreBusy:
+                continue
+            try:
+                for slot in range(bucket, bucket + self.shape.bucket_bytes,
+                                  self.shape.slot_size):
+                    if view[slot] != 0 and not _EXPIRES.unpack_from(
+                            view, slot + _ID_LENGTH)[0] > now:
+                        self._free(slot)
+                        freed += 1
+            finally:
+                self._unlock(bucket)
+        self.counters["expired"] += freed
+        return freed
+
     def purge(self, session_id: bytes) -> bool:
         """
         Free the slot of C{session_id}; whether there was one (not when

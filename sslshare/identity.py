@@ -22,7 +22,9 @@ import re
 
 URI_SCHEME = "sslshare"
 
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+MAX_NAME_LENGTH = 64
+
+NAME_PATTERN = re.compile(rf"[a-z0-9][a-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}")
 """
 What a cluster name or node id may be.
 """

@@ -54,11 +54,23 @@ from sslshare.protocol import (
     SessionResumingTLSProtocol,
 )
 from sslshare.recovery import LookupSettings, Recovery
+from sslshare.hoststore import HostStore, HostStoreError, Shape, create_table
 from sslshare.repository import ISessionRepository, RepositoryError, from_config
+from sslshare.repository.table import TableRepository
 from sslshare.state import StateKeys
 from sslshare.store import SessionStore
+from sslshare.supervisor import (
+    WORKER_VARIABLE,
+    Inherited,
+    WorkerSupervisor,
+    reuseport_sockets,
+)
 
 EXPIRY_INTERVAL = 30.0
+# The descriptor number of the host's table in a worker process.
+TABLE_VARIABLE = "SSLSHARE_TABLE_FD"
+# What a stopping worker gets beyond its drain timeout before it is killed.
+WORKER_STOP_MARGIN = 10.0
 STATE_DIR_MODE = 0o700
 
 # The share of the drain timeout kept for the handover of sessions: open
@@ -69,7 +81,9 @@ HANDOVER_SHARE = 0.25
 class Options(usage.Options):
     synopsis = "--config FILE"
     longdesc = ("Run one sslshare node: a TLS server that shares its "
-                "sessions with the other nodes of its cluster.  Everything "
+                "sessions with the other nodes of its cluster (with "
+                "workers above 1 in [node], a supervisor and that many "
+                "worker processes sharing one table of sessions).  Everything "
                 "the node needs is in the TOML file (`sslshare config example` "
                 "prints one with every key explained).")
     optParameters = [
@@ -81,9 +95,13 @@ class Options(usage.Options):
             raise usage.UsageError("--config FILE is required")
 
 
-def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeService, Node]:
+def build_node(node_config: config.NodeConfig, reactor: Any,
+               table: HostStore | None = None) -> tuple[NodeService, Node]:
     """
     The node's service and its L{Node}, from a loaded configuration.
+
+    @param table: the host's table of sessions, when the node is one of
+        the host's worker processes (L{as_worker}): its repository.
 
     @raise tls.TLSConfigurationError: a certificate or key is unusable.
     @raise FileError: the state key file, a node certificate or key, or
@@ -111,17 +129,20 @@ def build_node(node_config: config.NodeConfig, reactor: Any) -> tuple[NodeServic
         # A peer that never answers holds no more questions than the
         # node may have lookups out.
         max_unanswered_fetches=node_config.max_concurrent_lookups)
-    repository = None
-    if node_config.repository is not None:
+    repository: ISessionRepository | None = None
+    if table is not None:
+        repository = TableRepository(table)
+    elif node_config.repository is not None:
         repository = from_config(node_config.repository, reactor,
                                  node_config.state_dir)
-    placement = Placement(node_config.node_id,
+    placement = Placement(node_config.member_id,
                           _layout(node_config, keys, cluster_config.peers),
                           peers, repository)
     recovery = Recovery(
         store, placement, _lookup_settings(node_config, services), reactor,
-        # The repository topology asks the repository only.
-        ask_peers=node_config.topology != "repository")
+        # The repository topology asks the repository only; so do the
+        # workers of a host, which have no peers.
+        ask_peers=node_config.topology != "repository" and table is None)
     node = Node(store, placement, recovery, reactor,
                 _node_settings(node_config))
     node.context = _server_context(node_config, services, node.new_session)
@@ -254,7 +275,7 @@ def _layout(node_config: config.NodeConfig, keys: StateKeys,
     The state keys, and the ring of this node and its C{peers} by owner
     tag.
     """
-    node_ids = [node_config.node_id, *(node_id for node_id, _ in peers)]
+    node_ids = [node_config.member_id, *(node_id for node_id, _ in peers)]
     return Layout(keys, BackupRing(
         {sessionid.owner_tag(node_config.cluster_name, node_id): node_id
          for node_id in node_ids}))
@@ -351,7 +372,8 @@ def _server_context(node_config: config.NodeConfig,
     every session the previous one made.
     """
     return tls.ServerContext(
-        services, sessionid.owner_tag(node_config.cluster_name, node_config.node_id),
+        services, sessionid.owner_tag(node_config.cluster_name,
+                                      node_config.member_id),
         on_new_session=on_new_session,
         alpn=node_config.tls.alpn,
         alpn_mismatch=node_config.tls.alpn_mismatch,
@@ -373,6 +395,7 @@ FIXED_AT_RUNTIME = {
     "node.metrics_listen": "metrics_listen",
     "node.log_format": "log_format",
     "node.access_log": "access_log",
+    "node.workers": "workers",
     "cluster.listen": "cluster.listen",
     "cluster.peers_from": "cluster.peers_from",
     "cluster.dns_servers": "cluster.dns_servers",
@@ -474,6 +497,9 @@ class NodeService(MultiService):
         self._client_listeners: list[IService] = []
         self.discovery: cluster.PeerDiscovery | None = None
         self.access_log: IAccessLog | None = None
+        # What the node makes of the file it reads: a worker's own version.
+        self.adapt: Callable[[config.NodeConfig], config.NodeConfig] = (
+            lambda loaded: loaded)
 
     @property
     def open_connections(self) -> int:
@@ -557,7 +583,7 @@ class NodeService(MultiService):
             return False
         self.reopen_logs()
         try:
-            loaded = config.load(self.config.path, self._reactor)
+            loaded = self.adapt(config.load(self.config.path, self._reactor))
             new, changed = _keep_fixed(self.config, loaded)
             keys, services, context, channel = _readied(
                 new, self.node.new_session)
@@ -821,23 +847,139 @@ def check(path: str, reactor: Any) -> config.NodeConfig:
     return node_config
 
 
+def as_worker(node_config: config.NodeConfig,
+              index: int) -> config.NodeConfig:
+    """
+    What worker C{index} of a node of several workers runs with: a name of
+    its own (L{config.NodeConfig.member_id}), so that the sessions it makes
+    name it as their holder and owner; and, for each C{node.listen},
+    the socket the supervisor handed down, in the same order (Twisted's
+    C{systemd:} endpoint reads it).
+    """
+    listen = []
+    for number, endpoint in enumerate(node_config.listen):
+        address = config.tcp_address(None, endpoint)
+        assert address is not None, "config.load accepts TCP only"
+        domain = "INET6" if ":" in address[0] else "INET"
+        listen.append(f"systemd:domain={domain}:index={number}")
+    return attrs.evolve(node_config, worker=index, listen=tuple(listen))
+
+
+def _worker_table(reactor: Any) -> HostStore:
+    """
+    The host's table, whose descriptor the supervisor handed this worker.
+
+    @raise HostStoreError: there is none.
+    """
+    number = os.environ.get(TABLE_VARIABLE, "")
+    if not number.isdigit():
+        raise HostStoreError(f"host store: {TABLE_VARIABLE} is "
+                             f"{number!r}: this worker was not started by "
+                             f"an sslshare supervisor")
+    return HostStore(int(number), reactor)
+
+
+class Workers(MultiService):
+    """
+    The process C{twistd sslshare} runs for a node of several workers: it
+    owns the host's listening sockets and session table and keeps the
+    worker processes running (L{WorkerSupervisor}), each a C{twistd
+    sslshare} of the same file told its index.  A signal it gets for the
+    node (SIGHUP, SIGUSR1) goes on to every worker; its stop stops them
+    all, each gracefully.
+    """
+
+    def __init__(self, node_config: config.NodeConfig, reactor: Any) -> None:
+        super().__init__()
+        self.config = node_config
+        count = node_config.workers
+        # Each socket stays open here: a connection that arrives while its
+        # worker starts again waits in the socket's backlog.
+        self.sockets = []
+        for key, endpoint in configured_listeners(node_config):
+            address = config.tcp_address(reactor, endpoint)
+            if not key.startswith("node.listen") or address is None:
+                continue
+            host, port, backlog = address
+            try:
+                self.sockets.append(reuseport_sockets(host, port, count,
+                                                      backlog))
+            except OSError as e:
+                raise ListenError(listen_problem(
+                    node_config.path, key, endpoint,
+                    CannotListenError(host, port, e))) from None
+        self.table = create_table(Shape.for_bytes(
+            2 * node_config.store_max_bytes))
+        environment = {name: value for name, value in os.environ.items()
+                       # systemd hears from this process, not the workers.
+                       if name != systemd.NOTIFY_SOCKET}
+        environment[TABLE_VARIABLE] = str(3 + len(self.sockets))
+        self.supervisor = WorkerSupervisor(
+            reactor, reactor, _worker_command(node_config),
+            count, self._inherited, environment,
+            stop_timeout=node_config.drain_timeout + WORKER_STOP_MARGIN)
+        self.supervisor.setServiceParent(self)
+
+    def _inherited(self, index: int) -> list[Inherited]:
+        return [*(Inherited(sockets[index].fileno(), f"listen{number}")
+                  for number, sockets in enumerate(self.sockets)),
+                Inherited(self.table, "table", listening=False)]
+
+    def signal(self, name: str) -> None:
+        self.supervisor.signal(name)
+
+
+def _worker_command(node_config: config.NodeConfig) -> list[str]:
+    """
+    The command of a worker: C{twistd} in the foreground, without a pid
+    file (the supervisor has the node's), logging to its standard output,
+    which the supervisor logs (L{WorkerSupervisor}), running the node's
+    file.
+    """
+    return [sys.executable, "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--nodaemon", "--pidfile=", "--logfile=-",
+            "sslshare", "--config", node_config.path]
+
+
 def makeService(options: Options) -> IService:
     """
-    The service C{twistd sslshare} runs.  A configuration the node cannot
-    use ends the command with one line naming the file, key and reason.
+    The service C{twistd sslshare} runs: the node, or with C{workers}
+    above 1 the supervisor of its workers (L{Workers}), or one of those
+    workers when the supervisor started this process.  A configuration the
+    node cannot use ends the command with one line naming the file, key
+    and reason.
     """
     from twisted.internet import reactor
 
+    service: NodeService | Workers
     try:
         node_config = config.load(options["config"], reactor)
-        service, _ = build_node(node_config, reactor)
+        worker = os.environ.get(WORKER_VARIABLE)
+        if node_config.workers == 1:
+            service, _ = build_node(node_config, reactor)
+        elif worker is None:
+            service = Workers(node_config, reactor)
+        else:
+            index = int(worker)
+            service, _ = build_node(as_worker(node_config, index), reactor,
+                                    _worker_table(reactor))
+            service.adapt = lambda loaded: as_worker(loaded, index)
     except (config.ConfigError, tls.TLSConfigurationError, FileError,
-            RepositoryError) as e:
+            RepositoryError, HostStoreError, ListenError) as e:
         raise SystemExit(f"sslshare: {e}") from None
-    _OnSignal(signal.SIGHUP, lambda: _reload(service),
-              reactor).setServiceParent(service)
-    _OnSignal(signal.SIGUSR1, service.reopen_logs,
-              reactor).setServiceParent(service)
+    if isinstance(service, Workers):
+        workers = service
+        _OnSignal(signal.SIGHUP, lambda: workers.signal("HUP"),
+                  reactor).setServiceParent(service)
+        _OnSignal(signal.SIGUSR1, lambda: workers.signal("USR1"),
+                  reactor).setServiceParent(service)
+    else:
+        node = service
+        _OnSignal(signal.SIGHUP, lambda: _reload(node),
+                  reactor).setServiceParent(service)
+        _OnSignal(signal.SIGUSR1, node.reopen_logs,
+                  reactor).setServiceParent(service)
     # Last: it says READY once everything else has started.
     systemd.ReadinessNotice(node_config.path).setServiceParent(service)
     # options.parent: twistd's own options, when twistd runs us.

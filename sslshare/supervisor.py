@@ -24,6 +24,10 @@ A worker that dies is started again under the same index after
 C{restart_delay} seconds; one that dies within C{STABLE_AFTER} seconds of
 its start waits twice as long as the one before it of its index (up to
 C{MAX_RESTART_DELAY}), so that a command that cannot start does not spin.
+What a worker writes to its standard output and error, its log, the
+supervisor logs line by line, each line naming the worker: the host's log
+is one, written by one process (processes that share a log file would
+write over each other's lines).
 L{WorkerSupervisor.signal} passes a signal on to every worker; stopping the
 service sends SIGTERM to every worker, restarts none, and fires once all
 have ended, sending SIGKILL to any still running after C{stop_timeout}
@@ -55,6 +59,10 @@ STABLE_AFTER = 10.0
 _FIRST_INHERITED = 3
 # The pid is only known in the child: a shell sets it, then execs.
 _WITH_LISTEN_PID = ("/bin/sh", "-c", 'LISTEN_PID=$$ exec "$0" "$@"')
+
+# Bytes of a worker's output kept while its line goes on: past it, the
+# line is logged in pieces.
+MAX_LINE = 64 * 1024
 
 COUNTERS = ("started", "restarts", "exits")
 """Every counter of L{WorkerSupervisor.counters}."""
@@ -105,8 +113,21 @@ class _Worker(ProcessProtocol):
         self.index = index
         self.started = started
         self.ended: Deferred[None] = Deferred()
+        self._partial = {1: b"", 2: b""}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        *lines, rest = (self._partial.get(childFD, b"") + data).split(b"\n")
+        if len(rest) > MAX_LINE:
+            lines.append(rest)
+            rest = b""
+        self._partial[childFD] = rest
+        for line in lines:
+            self.supervisor._relay(self.index, childFD, line)
 
     def processEnded(self, reason: Failure) -> None:
+        for childFD, rest in self._partial.items():
+            if rest:
+                self.supervisor._relay(self.index, childFD, rest)
         self.supervisor._ended(self, reason)
         self.ended.callback(None)
 
@@ -164,7 +185,7 @@ class WorkerSupervisor(Service):
         self._pending.pop(index, None)
         environment = dict(self._environment)
         environment[WORKER_VARIABLE] = str(index)
-        child_fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
+        child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         inherited = tuple(self._inherited(index))
         listening = [item for item in inherited if item.listening]
         # systemd's rule: the listening sockets come first, from fd 3.
@@ -183,6 +204,15 @@ class WorkerSupervisor(Service):
         self._reactor.spawnProcess(worker, command[0], command,
                                    env=environment, childFDs=child_fds)
         self.counters["started"] += 1
+
+    def _relay(self, index: int, childFD: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip()
+        if not text:
+            return
+        if childFD == 2:
+            self.log.warn("worker {index}: {line}", index=index, line=text)
+        else:
+            self.log.info("worker {index}: {line}", index=index, line=text)
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         self.counters["exits"] += 1

@@ -1319,3 +1319,83 @@ class ShippedConfigTests(TestCase):
             {table: sorted(keys - found.get(table, set()))
              for table, keys in config.TABLE_KEYS.items()},
             {table: [] for table in config.TABLE_KEYS})
+
+
+class WorkersConfigTests(_ConfigTestCase):
+    """
+    C{node.workers}: a number or C{"auto"}, and above 1 only for a node
+    that shares sessions among its workers alone.
+    """
+
+    ALONE = edited(CLUSTER.split("[cluster.peers]")[0],
+                   'listen = "tcp:7441:interface=127.0.0.1"\n', "")
+
+    def test_default_is_one_worker(self):
+        self.assertEqual(self.load().workers, 1)
+
+    def test_auto_is_the_usable_cpus(self):
+        node = self.load(node=NODE + 'workers = "auto"\n', cluster=self.ALONE)
+        self.assertEqual(node.workers, len(os.sched_getaffinity(0)))
+
+    def test_two_workers_of_a_node_alone(self):
+        node = self.load(node=NODE + "workers = 2\n", cluster=self.ALONE)
+        self.assertEqual((node.workers, node.worker, node.member_id),
+                         (2, None, "node1"))
+
+    def test_a_word_other_than_auto(self):
+        self.assertError(self.error(node=NODE + 'workers = "all"\n',
+                                    cluster=self.ALONE),
+                         "node.workers", "'all' is neither 'auto' nor a number")
+
+    def test_zero_workers(self):
+        self.assertError(self.error(node=NODE + "workers = 0\n",
+                                    cluster=self.ALONE),
+                         "node.workers",
+                         "0 is out of range: must be from 1 to 1024")
+
+    def test_workers_with_peers(self):
+        self.assertError(
+            self.error(node=NODE + "workers = 2\n",
+                       cluster=CLUSTER.replace('listen = "tcp:7441:interface='
+                                               '127.0.0.1"\n', "")),
+            "node.workers", "with workers above 1, the workers share their "
+            "sessions through the host's table only: remove cluster.peers or "
+            "set workers = 1")
+
+    def test_workers_with_a_cluster_listener(self):
+        self.assertError(
+            self.error(node=NODE + "workers = 2\n",
+                       cluster=CLUSTER.split("[cluster.peers]")[0]),
+            "node.workers", "with workers above 1, the workers share their "
+            "sessions through the host's table only: remove cluster.listen "
+            "or set workers = 1")
+
+    def test_workers_with_a_repository(self):
+        self.assertError(
+            self.error(node=NODE + "workers = 2\n", cluster=self.ALONE,
+                       extra='[repository]\nkind = "sqlite"\n'),
+            "node.workers", "with workers above 1, the workers share their "
+            "sessions through the host's table only: remove [repository] or "
+            "set workers = 1")
+
+    def test_workers_with_a_metrics_page(self):
+        self.assertError(
+            self.error(node=NODE + "workers = 2\nmetrics_listen = "
+                       '"tcp:9100:interface=127.0.0.1"\n', cluster=self.ALONE),
+            "node.workers", "with workers above 1 there is no metrics page: "
+            "remove node.metrics_listen or set workers = 1")
+
+    def test_workers_on_a_unix_socket(self):
+        self.assertError(
+            self.error(node=edited(NODE, '"tcp:8441:interface=127.0.0.1"',
+                                   '"unix:/tmp/n.sock"') + "workers = 2\n",
+                       cluster=self.ALONE),
+            "node.workers", "with workers above 1, every node.listen is a "
+            "tcp: or tcp6: endpoint, not 'unix:/tmp/n.sock'")
+
+    def test_node_id_too_long_for_its_workers_ids(self):
+        self.assertError(
+            self.error(node=edited(NODE, '"node1"', '"' + "n" * 60 + '"')
+                       + "workers = 2\n", cluster=self.ALONE),
+            "node.workers", "with workers above 1, node.id is at most 59 "
+            "characters: each worker's id is the node's, a dot and its index")

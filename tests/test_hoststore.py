@@ -19,6 +19,8 @@ from twisted.trial.unittest import TestCase
 
 from sslshare import hoststore
 from sslshare.hoststore import HostStore, HostStoreError, Shape
+from sslshare.repository import RepositoryError, Taken
+from sslshare.repository.table import TableRepository
 from sslshare.state import SEALED_CHECKPOINT_LENGTH
 from tests.support.sessions import session_id_of
 
@@ -160,6 +162,78 @@ class CheckpointTests(HostStoreTestCase):
                           digest(1))
         self.assertRaises(ValueError, self.table.checkpoint, session_id, 1,
                           b"short")
+
+
+class ReadAndExpireTests(HostStoreTestCase):
+    """
+    The checkpoint of a live blob read without taking it, and the expired
+    slots freed.
+    """
+
+    def test_checkpoint_of_a_live_blob_leaves_it(self):
+        session_id = session_id_of()
+        self.table.put(session_id, SEALED, LATER)
+        self.assertEqual(self.table.checkpoint_of(session_id), (0, b""))
+        self.table.checkpoint(session_id, 4, digest(4))
+        self.assertEqual(self.table.checkpoint_of(session_id), (4, digest(4)))
+        self.assertEqual(self.table.take(session_id).sealed, SEALED)
+
+    def test_checkpoint_of_an_expired_or_absent_blob_is_none(self):
+        session_id = session_id_of()
+        self.table.put(session_id, SEALED, LATER)
+        self.clock.advance(LATER)
+        self.assertIsNone(self.table.checkpoint_of(session_id))
+        self.assertIsNone(self.table.checkpoint_of(session_id_of()))
+
+    def test_expire_frees_the_expired_slots_only(self):
+        old, young = session_id_of(), session_id_of()
+        self.table.put(old, SEALED, 10.0)
+        self.table.put(young, SEALED, LATER)
+        self.clock.advance(10.0)
+        self.assertEqual(self.table.expire(), 1)
+        self.assertEqual(self.table.expire(), 0)
+        self.assertIsNone(self.table.take(old))
+        self.assertEqual(self.table.counters["misses"], 1)
+        self.assertEqual(self.table.take(young).sealed, SEALED)
+
+
+class TableRepositoryTests(HostStoreTestCase):
+    """
+    L{TableRepository}: the table as a worker's repository, every answer
+    already there.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.repository = TableRepository(self.table)
+
+    def test_put_then_take_with_the_checkpoint(self):
+        session_id = session_id_of()
+        self.successResultOf(self.repository.put(session_id, SEALED, LATER))
+        self.assertTrue(self.successResultOf(
+            self.repository.checkpoint(session_id, 3, digest(3))))
+        self.assertEqual(self.successResultOf(
+            self.repository.checkpoint_of(session_id)), (3, digest(3)))
+        self.assertEqual(self.successResultOf(self.repository.take(session_id)),
+                         Taken(SEALED, 3, digest(3), LATER))
+        self.assertIsNone(self.successResultOf(
+            self.repository.take(session_id)))
+        self.assertEqual(self.repository.counters["hits"], 1)
+
+    def test_put_the_table_cannot_keep_fails(self):
+        failure = self.failureResultOf(self.repository.put(
+            session_id_of(), b"\x01" * (self.table.shape.max_blob + 1), LATER),
+            RepositoryError)
+        self.assertIn("host table: put: not stored", failure.getErrorMessage())
+
+    def test_purge_and_expire(self):
+        purged, expired = session_id_of(), session_id_of()
+        self.repository.put(purged, SEALED, LATER)
+        self.repository.put(expired, SEALED, 10.0)
+        self.assertTrue(self.successResultOf(self.repository.purge(purged)))
+        self.assertFalse(self.successResultOf(self.repository.purge(purged)))
+        self.clock.advance(10.0)
+        self.assertEqual(self.successResultOf(self.repository.expire()), 1)
 
 
 class RoomTests(HostStoreTestCase):

@@ -86,6 +86,17 @@ class AccessLogTests(TestCase):
                                                Clock()))
 
 
+class HostTableRepositoryTests(TestCase):
+
+    def test_table_repository(self):
+        from sslshare.hoststore import HostStore, Shape, create_table
+        from sslshare.repository.table import TableRepository
+
+        table = HostStore(create_table(Shape(buckets=1)), Clock())
+        self.addCleanup(table.close)
+        verifyObject(ISessionRepository, TableRepository(table))
+
+
 class ClientPartsTests(TestCase):
 
     def test_policy_and_its_creators(self):

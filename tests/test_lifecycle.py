@@ -401,8 +401,10 @@ class SettingsAtReloadTests(SynchronousTestCase):
                 else:
                     yield path
 
-        # The path is no setting: it names the file a reload reads again.
-        self.assertEqual(set(settings(NodeConfig, "")) - {"path"}, listed)
+        # The path is no setting: it names the file a reload reads again;
+        # nor is the worker's index, which the service sets.
+        self.assertEqual(set(settings(NodeConfig, "")) - {"path", "worker"},
+                         listed)
 
 
 class HandoverTests(_LogCapture, TestCase):
