@@ -43,6 +43,10 @@ The measurements, each made by the module named (whose docstring says how):
        with checkpoints every record against off.
     5. B{Memory} (L{benchmarks.memory}): bytes per stored session at 100k
        and 1M sessions.
+    6. B{Worker processes} (C{benchmarks/workers.py}): a node of two
+       workers against a node of one, handshakes per second and server CPU
+       per handshake, full and resumed (on the same worker or across
+       workers, through the host's table).
 
 The full run also measures the TLS engine against plain OpenSSL
 (C{benchmarks/engine.py}).  The load generator's CPU is reported
@@ -285,6 +289,7 @@ def results_json(command: str, facts: dict[str, Any], measured: dict[str, Any],
                       if figures["items_per_connection"]}
             for version, kinds in handshake_rates.items()},
         "bytes_per_session": measured["memory"]["bytes_per_session"],
+        "workers": measured["workers"]["ratios"],
         "detail": measured,
     }
     return results
@@ -360,6 +365,11 @@ def report(command: str, facts: dict[str, Any], measured: dict[str, Any],
               f"`{checkpoint['command']}`:", "", "```",
               table_of(checkpoint_script.print_table, checkpoint), "```"]
     lines += ["", *memory_section(measured["memory"])]
+    from benchmarks import workers
+
+    lines += ["", "## 6. Worker processes", "",
+              f"`{measured['workers']['command']}`:", "", "```",
+              table_of(workers.print_table, measured["workers"]), "```"]
     if "engine" in measured:
         from benchmarks import engine
 
@@ -612,6 +622,9 @@ def measure_all(directory: str, quick: bool) -> dict[str, Any]:
                                          ["--quick"] if quick else [])
     progress("5. memory per stored session")
     measured["memory"] = memory.measure()
+    progress("6. worker processes (benchmarks/workers.py)")
+    measured["workers"] = script_json(
+        "workers.py", ["--rounds", "1" if quick else "2"])
     if not quick:
         progress("TLS engine against plain OpenSSL (benchmarks/engine.py)")
         measured["engine"] = script_json("engine.py", [])
