@@ -84,11 +84,19 @@ def reuseport_sockets(host: str, port: int, count: int,
                       backlog: int = 511) -> list[socket.socket]:
     """
     C{count} TCP sockets listening on C{host}:C{port} together, each with
-    C{SO_REUSEPORT}: port 0 picks one free port for all of them.
+    C{SO_REUSEPORT}: port 0 picks one free port for all of them.  An
+    address that another process's sockets of C{SO_REUSEPORT} listen on
+    already (a second copy of the same node, say) is refused, as a plain
+    listener's is: the kernel would let the two groups share the
+    connections.
 
     @raise OSError: the address cannot be bound.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        with socket.socket(family, socket.SOCK_STREAM) as alone:
+            alone.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            alone.bind((host, port))
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):

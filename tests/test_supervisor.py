@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from sslshare import hoststore
@@ -223,6 +224,41 @@ class StopDeadlineTests(TestCase):
         yield supervisor.stopService()
         self.assertRaises(ProcessLookupError, os.kill, pid, 0)
         self.assertEqual(supervisor.counters["restarts"], 0)
+
+
+class OutputTests(TestCase):
+    """
+    What a worker writes to its standard output and error is logged by the
+    supervisor, a line at a time, naming the worker.
+    """
+
+    @inlineCallbacks
+    def test_each_line_of_a_worker_is_logged_with_its_index(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        worker = textwrap.dedent("""
+            import sys
+            sys.stdout.write("first line\\nsecond ")
+            sys.stdout.flush()
+            sys.stdout.write("line\\nno newline at the end")
+            sys.stderr.write("trouble\\n")
+        """)
+        supervisor = WorkerSupervisor(
+            reactor, reactor, (sys.executable, "-c", worker), 1,
+            environment={}, restart_delay=60)
+        supervisor.startService()
+        self.addCleanup(supervisor.stopService)
+        yield until(lambda: supervisor.counters["exits"] == 1)
+        logged = [(event["log_level"].name, formatEvent(event))
+                  for event in events
+                  if event.get("log_namespace", "").endswith("WorkerSupervisor")
+                  and "line" in event.get("log_format", "")]
+        self.assertEqual(sorted(logged), sorted([
+            ("info", "worker 0: first line"),
+            ("info", "worker 0: second line"),
+            ("info", "worker 0: no newline at the end"),
+            ("warn", "worker 0: trouble")]))
 
 
 class ArgumentTests(TestCase):

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import sys
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from sslshare import accesslog, sessionid
@@ -128,6 +131,41 @@ class WorkerProcessTests(TestCase):
         result = yield deferToThread(python_client_round, cluster.ports["node1"],
                                      cluster.ca_cert, "TLSv1.3")
         self.assertEqual(result.echo, b"hello")
+
+
+class WorkerStartTests(TestCase):
+    """
+    What stops a node of several workers at its start says so in one line.
+    """
+
+    def test_busy_client_port_stops_the_supervisor(self):
+        cluster = worker_node(self)
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", cluster.ports["node1"]))
+        holder.listen()
+        return self.refused_at_start(cluster)
+
+    @inlineCallbacks
+    def test_second_copy_of_a_running_node_is_refused(self):
+        cluster = worker_node(self)
+        yield cluster.spawn("node1")
+        yield self.refused_at_start(cluster)
+
+    @inlineCallbacks
+    def refused_at_start(self, cluster):
+        port = cluster.ports["node1"]
+        path = cluster.paths["node1"]
+        output, error, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from twisted.scripts.twistd import run; run()", "-n",
+             "--pidfile=", "--logfile",
+             os.path.join(cluster.directory, "n.log"), "sslshare",
+             "--config", path], env=os.environ)
+        self.assertNotEqual(code, 0)
+        self.assertEqual(error.decode().strip(),
+                         f"sslshare: {path}: node.listen: 127.0.0.1:{port}: "
+                         f"address already in use")
 
 
 def workers_of(supervisor: int) -> list[int]:
