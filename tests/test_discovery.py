@@ -116,6 +116,15 @@ class ResolveTests(TestCase):
         yield self.assertFailure(attempt, error.DNSNameError)
 
 
+def _no_dns_query_in_flight() -> bool:
+    """
+    Whether no DNS query of twisted.names waits for its answer (each holds
+    a timeout call until then).
+    """
+    return not any(getattr(call.func, "__name__", None) == "_clearFailed"
+                   for call in reactor.getDelayedCalls())
+
+
 class DiscoveredClusterTests(TestCase):
     """
     Three nodes whose only peer list is an SRV name on the test's DNS
@@ -124,6 +133,12 @@ class DiscoveredClusterTests(TestCase):
 
     def setUp(self):
         self.records, port = dns_server(self)
+        # Runs once the nodes have stopped, while the DNS server still
+        # answers: a lookup a node sent just before it stopped is answered
+        # (its UDP port closed) within milliseconds, but not within the
+        # turn in which the cluster stopped.
+        self.addCleanup(until, _no_dns_query_in_flight,
+                        message="a node's DNS query is still in flight")
         self.cluster = LocalCluster(
             self, peers=False, cluster_options=(
                 f'peers_from = "dns-srv:{SERVICE}"\n'

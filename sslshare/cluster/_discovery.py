@@ -174,14 +174,22 @@ class _Identify(Protocol):
             node_id = node_identity(certificate.to_cryptography(),
                                     self._cluster)
         except PeerIdentityError as e:
-            self._done.errback(e)
+            self._settle(Failure(e))
         else:
-            self._done.callback(node_id)
+            self._settle(node_id)
         self.transport.loseConnection()
 
+    def _settle(self, outcome: str | Failure) -> None:
+        # The caller may have given up already (a timeout, a stop).
+        if self._done.called:
+            return
+        if isinstance(outcome, Failure):
+            self._done.errback(outcome)
+        else:
+            self._done.callback(outcome)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self._done.called:
-            self._done.errback(reason)
+        self._settle(reason)
 
 
 def identify(tls: ClusterTLS, reactor: IReactorTCP, clock: IReactorTime,
@@ -196,12 +204,25 @@ def identify(tls: ClusterTLS, reactor: IReactorTCP, clock: IReactorTime,
         certificate of another cluster or none, with a connection error,
         or with a timeout.
     """
-    done: Deferred[str] = Deferred()
+    def give_up(_: Deferred[str]) -> None:
+        # A timeout or a stop ends the dial too, whatever stage it is at:
+        # nothing of it outlives the question.
+        connecting.cancel()
+        for protocol in built:
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+
+    done: Deferred[str] = Deferred(give_up)
+    built: list[_Identify] = []
+
+    def build() -> _Identify:
+        built.append(_Identify(tls.cluster, done))
+        return built[-1]
+
     endpoint = wrapClientTLS(tls.client_options(None),
                              HostnameEndpoint(reactor, host, port,
                                               timeout=timeout))
-    connecting = endpoint.connect(Factory.forProtocol(
-        lambda: _Identify(tls.cluster, done)))
+    connecting = endpoint.connect(Factory.forProtocol(build))
 
     def failed(reason: Failure) -> None:
         if not done.called:
