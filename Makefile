@@ -63,7 +63,7 @@ system-deps:
 demo: system-deps venv
 	$(VENV)/bin/sslshare demo
 
-# Quick by default (about five minutes); `make bench BENCH_ARGS=` for the
+# Quick by default (about 13 minutes); `make bench BENCH_ARGS=` for the
 # full run (under twenty).  Writes benchmarks/RESULTS.md and results.json.
 BENCH_ARGS ?= --quick
 # The references the benchmarks set sslshare beside: system-deps, run for
