@@ -338,3 +338,43 @@ class SlowAddressTests(TestCase):
         self.successResultOf(refreshing)
         self.assertEqual(applied, [(("node5", "tcp:host=10.0.0.5:port=7441"),)])
         self.assertEqual(discovery.counters["identify_failures"], 3)
+
+
+class IdentifyTests(TestCase):
+    """
+    L{cluster.identify} over real sockets.
+    """
+
+    @inlineCallbacks
+    def test_a_question_given_up_ends_its_connection(self):
+        """
+        A dial whose answer is no longer wanted (its timeout, or the node
+        stopping) is closed, not left waiting for a handshake that a
+        silent address never answers.
+        """
+        from twisted.internet.defer import CancelledError
+        from twisted.internet.protocol import Factory, Protocol
+
+        accepted = []
+        lost: Deferred[None] = Deferred()
+
+        class Silent(Protocol):
+            def connectionMade(self):
+                accepted.append(self)
+
+            def connectionLost(self, reason):
+                lost.callback(None)
+
+        silent = reactor.listenTCP(0, Factory.forProtocol(Silent),
+                                   interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        nodes = LocalCluster(self, peers=False)
+        files = nodes.pki.node("node1")
+        channel = cluster.ClusterTLS(nodes.ca_cert, files.certificate,
+                                     files.key, "test", "node1")
+        asking = cluster.identify(channel, reactor, reactor, "127.0.0.1",
+                                  silent.getHost().port)
+        yield until(lambda: accepted, message="the dial did not arrive")
+        asking.cancel()
+        yield self.assertFailure(asking, CancelledError)
+        yield lost.addTimeout(5, reactor)
