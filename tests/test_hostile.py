@@ -720,6 +720,7 @@ class ChannelBoundTests(TestCase):
         warm.read()
         yield until(lambda: warm.boxes == 1)
         warm.transport.loseConnection()
+        yield warm.closed
         self.before = resident_bytes(self.pid)
 
     def _connect(self, data, tls=None):
@@ -781,7 +782,10 @@ class ChannelBoundTests(TestCase):
         # Nothing is lost: once the peer reads, every question is answered.
         client.read()
         yield until(lambda: client.boxes == count, timeout=120)
+        # The TLS close waits for the node's close_notify: the test ends
+        # once the connection has.
         client.transport.loseConnection()
+        yield client.closed
 
     @inlineCallbacks
     def test_refused_commands_are_logged_at_a_bounded_rate(self):
@@ -794,7 +798,10 @@ class ChannelBoundTests(TestCase):
             for i in range(count)), _client_tls(node1.certificate, node1.key))
         client.read()
         yield until(lambda: client.boxes == count, timeout=120)
+        # The TLS close waits for the node's close_notify: the test ends
+        # once the connection has.
         client.transport.loseConnection()
+        yield client.closed
         stats = yield self._stats()
         lines = self.cluster.log("node1").count("refused Purge")
         print(f"\nhostile channel log, {count} refused commands "
